@@ -1,0 +1,136 @@
+"""Composition root: config -> pools, registry, listener and janitor; signals; shutdown.
+
+Owns process-wide tables (clients, cancel keys) and their lifecycle. It holds no protocol
+logic; clients and pools do the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import time
+
+from .client import ClientConnection
+from .config import Config
+from .identity.registry import Registry
+from .pool import Pool
+from .server import send_cancel
+
+__all__ = ["App", "serve"]
+
+log = logging.getLogger("pgtenant")
+_JANITOR_INTERVAL = 0.25
+
+
+class App:
+    """The running proxy."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.pools = {name: Pool(db, config) for name, db in config.databases.items()}
+        self.registry = Registry(config.control_dsn, config.token_cache_ttl)
+        self.clients: dict[ClientConnection, None] = {}
+        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.auth_failures = 0
+        self._server: asyncio.Server | None = None
+        self._janitor: asyncio.Task[None] | None = None
+        self.stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ client table
+
+    def client_connected(self, client: ClientConnection) -> bool:
+        """Returns: False when ``max_client_conn`` is reached (the client is refused)."""
+        if len(self.clients) >= self.config.max_client_conn:
+            return False
+        self.clients[client] = None
+        return True
+
+    def client_disconnected(self, client: ClientConnection) -> None:
+        self.clients.pop(client, None)
+        if client.cancel_key is not None:
+            self.cancel_keys.pop(client.cancel_key, None)
+
+    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        """Returns: a fresh (pid, secret) pair the client will present to cancel."""
+        while True:
+            key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
+            if key not in self.cancel_keys:
+                self.cancel_keys[key] = client
+                return key
+
+    def cancel(self, pid: int, secret: int) -> None:
+        """Forward a CancelRequest to the backend the client is using right now, if any."""
+        client = self.cancel_keys.get((pid, secret))
+        server = client.server if client is not None else None
+        if server is None or server.login is None:
+            return  # unknown key or idle client: Postgres also ignores such requests
+        login = server.login
+        task = asyncio.ensure_future(
+            send_cancel(server.dsn, login.backend_pid, login.backend_secret)
+        )
+        task.add_done_callback(lambda t: t.exception())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        host, port = self.config.listen
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True
+        )
+        self._janitor = asyncio.ensure_future(self._janitor_loop())
+        log.info("pgtenant: listening on %s:%d (databases: %s)", host, port,
+                 ", ".join(self.pools))
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _janitor_loop(self) -> None:
+        """One sweep for every timeout; no timer per connection."""
+        while True:
+            await asyncio.sleep(_JANITOR_INTERVAL)
+            now = time.monotonic()
+            for pool in self.pools.values():
+                pool.tick(now)
+            for client in list(self.clients):
+                client.check_login_timeout(now)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._janitor is not None:
+            self._janitor.cancel()
+        for client in list(self.clients):
+            client._disconnect("proxy shutting down")
+        for pool in self.pools.values():
+            await pool.close()
+        await self.registry.close()
+        self.stopped.set()
+
+
+def serve(config: Config) -> None:
+    """Run the proxy until SIGINT/SIGTERM (uvloop when available)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+
+    async def main() -> None:
+        app = App(config)
+        await app.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(_shutdown(app, s)))
+        await app.stopped.wait()
+
+    async def _shutdown(app: App, sig: int) -> None:
+        log.info("pgtenant: %s received, shutting down", signal.Signals(sig).name)
+        await app.stop()
+
+    runner(main())

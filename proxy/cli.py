@@ -1,0 +1,188 @@
+"""The ``pgtenant`` command: serve, init, tenant, token and demo.
+
+Owns argument parsing and exit codes only; the work lives in ``app`` and ``control``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from uuid import UUID
+
+from .config import Config, load_config
+from .errors import ConfigError
+
+__all__ = ["main"]
+
+_DEFAULT_CONFIG = os.environ.get("PGTENANT_CONFIG", "config/pgtenant.toml")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(path: str) -> Config:
+    return load_config(path)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    config = _load(args.config)
+    _setup_logging(config.log_level)
+    serve(config)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(f"{args.config}: ok ({len(config.databases)} database(s), "
+          f"{len(config.tenant_types)} tenant type(s))")
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .control.init import init_database
+
+    tenant_types = None
+    role, password = args.proxy_role, args.proxy_password
+    if args.config:
+        config = _load(args.config)
+        tenant_types = config.tenant_types
+        db = next(iter(config.databases.values()))
+        role = args.proxy_role or db.dsn.user
+        password = password or db.dsn.password
+    result = asyncio.run(init_database(
+        args.dsn, proxy_role=role or "pgtenant_proxy", proxy_password=password,
+        tenant_types=tenant_types,
+    ))
+    print(f"initialised: proxy role {result.proxy_role!r}; tenant roles: "
+          f"{', '.join(result.created_roles) or 'none new'}")
+    if result.proxy_password and not password:
+        print("proxy role password (store it in the dsn of [databases.*]):")
+        print(result.proxy_password)
+    return 0
+
+
+def _cmd_tenant_create(args: argparse.Namespace) -> int:
+    from .control.tenants import create_tenant
+
+    config = _load(args.config)
+    tenant_type = config.tenant_types.get(args.type)
+    if tenant_type is None:
+        raise ConfigError(
+            f"tenant type {args.type!r} is not in {args.config}; "
+            f"known: {', '.join(sorted(config.tenant_types))}"
+        )
+    db = next(iter(config.databases.values()))
+    org_id = asyncio.run(create_tenant(
+        args.dsn, slug=args.slug, tenant_type=tenant_type, proxy_role=db.dsn.user,
+        schema=args.schema,
+    ))
+    print(org_id)
+    return 0
+
+
+def _cmd_token_issue(args: argparse.Namespace) -> int:
+    from .control.tenants import issue_token
+
+    expires = timedelta(seconds=args.expires_in) if args.expires_in else None
+    token_id, token = asyncio.run(issue_token(
+        args.dsn, tenant_slug=args.tenant,
+        entity_id=UUID(args.entity) if args.entity else None,
+        expires_in=expires, label=args.label,
+    ))
+    print(f"token id: {token_id} (shown once; only its hash is stored)")
+    print(token)
+    return 0
+
+
+def _cmd_token_revoke(args: argparse.Namespace) -> int:
+    from .control.tenants import revoke_token
+
+    if asyncio.run(revoke_token(args.dsn, UUID(args.token_id))):
+        print(f"revoked {args.token_id}")
+        return 0
+    print(f"no active token {args.token_id}", file=sys.stderr)
+    return 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .control.demo import run_demo
+
+    _setup_logging("info")
+    return run_demo(Path(args.dir), port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns: the argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="pgtenant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the proxy")
+    p.add_argument("--config", default=_DEFAULT_CONFIG)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file and exit")
+    p.add_argument("--config", default=_DEFAULT_CONFIG)
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("init", help="install the control schema, roles and fail-closed defaults")
+    p.add_argument("--dsn", required=True, help="admin (owner/superuser) URL of the database")
+    p.add_argument("--config", help="take tenant types and the proxy role from this config")
+    p.add_argument("--proxy-role", help="login role the proxy uses (default pgtenant_proxy)")
+    p.add_argument("--proxy-password", help="password for the proxy role (generated if new)")
+    p.set_defaults(func=_cmd_init)
+
+    tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(
+        dest="tenant_command", required=True
+    )
+    p = tenant.add_parser("create", help="create an organization; prints its id")
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--slug", required=True)
+    p.add_argument("--type", required=True, help="a [tenant_types.<type>] of the config")
+    p.add_argument("--schema", help="schema for schema-per-tenant types (default t_<slug>)")
+    p.add_argument("--config", default=_DEFAULT_CONFIG)
+    p.set_defaults(func=_cmd_tenant_create)
+
+    token = sub.add_parser("token", help="manage tokens").add_subparsers(
+        dest="token_command", required=True
+    )
+    p = token.add_parser("issue", help="issue a token; prints it once (last line)")
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--tenant", required=True, help="tenant slug")
+    p.add_argument("--entity", help="bind the token to a workspace entity id")
+    p.add_argument("--expires-in", type=int, help="lifetime in seconds")
+    p.add_argument("--label")
+    p.set_defaults(func=_cmd_token_issue)
+    p = token.add_parser("revoke", help="revoke a token by id")
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--token-id", required=True)
+    p.set_defaults(func=_cmd_token_revoke)
+
+    p = sub.add_parser("demo", help="embedded Postgres + demo tenants + proxy, in the foreground")
+    p.add_argument("--dir", default=".demo", help="where the demo cluster and config live")
+    p.add_argument("--port", type=int, default=6432)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Returns: the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"pgtenant: config error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

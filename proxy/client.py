@@ -1,0 +1,492 @@
+"""One client connection: startup, token auth, then the transaction loop.
+
+Owns the client socket, the startup/auth state machine and the glue between the client's
+``Link`` (protocol/tracker.py) and the server attached for the current transaction. This is
+the one place where exceptions become an ErrorResponse for the client (STYLE rule 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from .config import is_loopback
+from .errors import (
+    AuthFailed,
+    AuthRefused,
+    ClientProtocolError,
+    LoginTimeout,
+    ProxyError,
+    ServerUnavailable,
+    UnknownDatabase,
+    UnsupportedProtocol,
+)
+from .identity.context import TenantContext, build_context
+from .protocol import codec
+from .protocol.constants import (
+    AUTH_CLEARTEXT,
+    AUTH_OK,
+    CANCEL_REQUEST_CODE,
+    GSSENC_REQUEST_CODE,
+    PROTOCOL_3_0,
+    SSL_REQUEST_CODE,
+)
+from .protocol.inject import Injection
+from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
+from .server import ServerConnection
+
+if TYPE_CHECKING:
+    from .app import App
+    from .pool import Pool
+
+__all__ = ["ClientConnection", "ClientState"]
+
+log = logging.getLogger("pgtenant.client")
+_unpack_i32 = struct.Struct("!i").unpack_from
+_unpack_header = codec.HEADER.unpack_from
+# A startup packet is small; anything bigger is an attack or a confused client.
+_MAX_STARTUP = 10_000
+# Stop reading from a client whose unhandled bytes pile up while it waits or holds.
+_CLIENT_BUFFER_HIGH = 1 << 20
+# Parameters reported to clients from the server's set, as Postgres reports them at login.
+_REPORTED = (
+    "server_version", "server_encoding", "client_encoding", "DateStyle", "IntervalStyle",
+    "TimeZone", "integer_datetimes", "standard_conforming_strings", "in_hot_standby",
+    "default_transaction_read_only", "scram_iterations",
+)
+
+
+class ClientState(Enum):
+    STARTUP = "startup"  # waiting for SSLRequest/StartupMessage/CancelRequest
+    PASSWORD = "password"  # AuthenticationCleartextPassword sent
+    AUTHENTICATING = "authenticating"  # token lookup in flight
+    READY = "ready"  # transaction loop (attached, waiting or idle)
+    CLOSED = "closed"
+
+
+class ClientConnection(asyncio.Protocol):
+    """A client of the proxy; see the module docstring."""
+
+    def __init__(self, app: App):
+        self.app = app
+        self.state = ClientState.STARTUP
+        self.transport: asyncio.Transport | None = None
+        self.peer_host = ""
+        self.user = ""
+        self.database = ""
+        self.startup_params: dict[str, str] = {}
+        self.context: TenantContext | None = None
+        self.link: Link | None = None
+        self.pool: Pool | None = None
+        self.server: ServerConnection | None = None
+        self.waiting = False
+        self.connected_at = time.monotonic()
+        self.cancel_key: tuple[int, int] | None = None
+        self._buf = bytearray()
+        self._paused = False
+        self._writing_paused = False
+        self._auth_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        tenant = self.context.identity.slug if self.context else "-"
+        return f"<Client {self.peer_host} user={self.user} tenant={tenant} db={self.database}>"
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop transports are not asyncio.Transport subclasses, but speak its interface.
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer_host = peer[0] if isinstance(peer, tuple) else "unix"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.app.client_connected(self):
+            self._fail(
+                ProxyError("too many client connections (max_client_conn)"), sqlstate="53300"
+            )
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is ClientState.READY:
+            link = self.link
+            assert link is not None
+            link.cbuf += data
+            if self.server is not None:
+                self._pump()
+            elif not self.waiting:
+                self._pump()
+            elif len(link.cbuf) > _CLIENT_BUFFER_HIGH:
+                self._pause_reading()
+            return
+        if self.state is ClientState.CLOSED:
+            return
+        self._buf += data
+        try:
+            if self.state is ClientState.STARTUP:
+                self._handle_startup()
+            elif self.state is ClientState.PASSWORD:
+                self._handle_password()
+            elif len(self._buf) > _MAX_STARTUP:
+                raise ClientProtocolError("unexpected data while authenticating")
+        except ProxyError as exc:
+            self._fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disconnect("client closed the connection")
+
+    def pause_writing(self) -> None:
+        # The client reads slower than its server writes: stop reading from the server.
+        self._writing_paused = True
+        if self.server is not None:
+            self.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.server is not None:
+            self.server.resume_reading()
+
+    # ------------------------------------------------------------------ startup and auth
+
+    def _handle_startup(self) -> None:
+        buf = self._buf
+        while self.state is ClientState.STARTUP and len(buf) >= 8:
+            (length,) = _unpack_i32(buf, 0)
+            if length < 8 or length > _MAX_STARTUP:
+                raise ClientProtocolError(f"invalid startup packet length {length}")
+            if len(buf) < length:
+                return
+            (code,) = _unpack_i32(buf, 4)
+            body = bytes(buf[8:length])
+            del buf[:length]
+            if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
+                if buf:  # bytes after the request before our answer: a buffer-stuffing attack
+                    raise ClientProtocolError("unexpected data after encryption request")
+                self._write(b"N")
+            elif code == CANCEL_REQUEST_CODE:
+                self._handle_cancel(body)
+                return
+            elif code == PROTOCOL_3_0:
+                self._startup(codec.parse_startup_params(body))
+            elif code >> 16 == 3:
+                raise UnsupportedProtocol(
+                    f"unsupported frontend protocol 3.{code & 0xFFFF}: pgtenant speaks 3.0"
+                )
+            else:
+                raise UnsupportedProtocol(
+                    f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                    "pgtenant speaks 3.0"
+                )
+        if buf and self.state is ClientState.PASSWORD:
+            self._handle_password()
+
+    def _handle_cancel(self, body: bytes) -> None:
+        if len(body) == 8:
+            pid, secret = struct.unpack("!ii", body)
+            self.app.cancel(pid, secret)
+        self.state = ClientState.CLOSED
+        if self.transport is not None:
+            self.transport.close()
+
+    def _startup(self, params: dict[str, str]) -> None:
+        user = params.get("user")
+        if not user:
+            raise ClientProtocolError("no user name in the startup packet")
+        self.user = user
+        self.database = params.get("database") or user
+        self.startup_params = params
+        if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+            raise UnsupportedProtocol("replication connections are not supported by pgtenant")
+        pool = self.app.pools.get(self.database)
+        if pool is None:
+            raise UnknownDatabase(
+                f'database "{self.database}" is not configured in pgtenant',
+                hint=f"configured databases: {', '.join(sorted(self.app.pools))}",
+            )
+        self.pool = pool
+        if not self.app.config.allow_plaintext_remote and not self._on_loopback():
+            raise AuthRefused(
+                "pgtenant refuses cleartext tokens over an unencrypted connection from "
+                f"{self.peer_host}",
+                hint="connect over loopback, or set allow_plaintext_remote = true",
+            )
+        self.state = ClientState.PASSWORD
+        self._write(codec.auth_request(AUTH_CLEARTEXT))
+
+    def _on_loopback(self) -> bool:
+        return self.peer_host == "unix" or is_loopback(self.peer_host)
+
+    def _handle_password(self) -> None:
+        buf = self._buf
+        if len(buf) < 5:
+            return
+        msg_type, length = _unpack_header(buf, 0)
+        if msg_type != ord("p"):
+            raise ClientProtocolError(f"expected a password message, got {chr(msg_type)!r}")
+        if length < 5 or length > 4096:
+            raise ClientProtocolError(f"invalid password message length {length}")
+        if len(buf) < length + 1:
+            return
+        raw, _ = codec.read_cstring(bytes(buf[5 : length + 1]), 0)
+        del buf[: length + 1]
+        self.state = ClientState.AUTHENTICATING
+        self._auth_task = asyncio.ensure_future(self._authenticate(raw.decode("utf-8", "replace")))
+
+    async def _authenticate(self, token: str) -> None:
+        try:
+            identity = await self.app.registry.resolve(token)
+            if identity is None:
+                self.app.auth_failures += 1
+                raise AuthFailed(
+                    f'password authentication failed for user "{self.user}"',
+                    hint="pgtenant expects a valid, unexpired, unrevoked token as the password",
+                )
+            tenant_type = self.app.config.tenant_types.get(identity.tenant_type)
+            if tenant_type is None:
+                raise AuthRefused(
+                    f"tenant {identity.slug!r} has tenant type {identity.tenant_type!r}, "
+                    "which this proxy has no [tenant_types] entry for"
+                )
+            self.context = build_context(identity, tenant_type)
+            assert self.pool is not None
+            params = await self.pool.startup_parameters()
+        except ProxyError as exc:
+            if self.state is not ClientState.CLOSED:
+                self._fail(exc)
+            return
+        except Exception as exc:  # never let a task die silently with a client hanging
+            log.exception("unexpected error authenticating %r", self)
+            if self.state is not ClientState.CLOSED:
+                self._fail(ProxyError(f"internal error during authentication: {exc}"))
+            return
+        if self.state is ClientState.CLOSED:
+            return
+        self.link = Link(Injection(self.context), self.app.config.max_message_size)
+        pid, secret = self.app.register_cancel_key(self)
+        self.cancel_key = (pid, secret)
+        out = [codec.auth_request(AUTH_OK)]
+        for name in _REPORTED:
+            if name in params:
+                out.append(codec.parameter_status(name, params[name]))
+        out.append(codec.parameter_status(
+            "application_name", self.startup_params.get("application_name", "")
+        ))
+        out.append(codec.parameter_status("is_superuser", "off"))
+        out.append(codec.parameter_status("session_authorization", self.user))
+        out.append(codec.backend_key_data(pid, secret))
+        out.append(codec.ready_for_query(b"I"))
+        self._write(b"".join(out))
+        self.state = ClientState.READY
+        ident = self.context.identity
+        log.info("login: client=%s user=%s db=%s tenant=%s type=%s org=%s", self.peer_host,
+                 self.user, self.database, ident.slug, ident.tenant_type, ident.org_id)
+        if self._buf:  # pipelined bytes after the password
+            self.link.cbuf += self._buf
+            self._buf.clear()
+            self._pump()
+
+    # ------------------------------------------------------------------ transaction loop
+
+    def _pump(self) -> None:
+        link = self.link
+        assert link is not None
+        while True:
+            try:
+                to_server, to_client, outcome = link.pump_client()
+            except ProxyError as exc:
+                self._fail(exc)
+                return
+            except Exception as exc:  # a bug must cost one client, never the proxy
+                log.exception("%r: internal error handling client data", self)
+                self._fail(ProxyError(f"pgtenant internal error: {exc!r}"))
+                return
+            if to_server:
+                assert self.server is not None
+                self.server.write(to_server)
+            if to_client:
+                self._write(to_client)
+            if outcome == NEED_SERVER:
+                if self._request_server():
+                    continue
+                return
+            if outcome == TERMINATE:
+                self._disconnect("client sent Terminate")
+                return
+            if outcome == HOLD and len(link.cbuf) > _CLIENT_BUFFER_HIGH:
+                self._pause_reading()
+            elif self._paused:
+                self._resume_reading()
+            self._maybe_release()
+            return
+
+    def _request_server(self) -> bool:
+        """Returns: True when a server is attached now; False when we wait (or failed)."""
+        assert self.pool is not None
+        try:
+            server = self.pool.acquire(self)
+        except ProxyError as exc:
+            self._fail(exc)
+            return False
+        if server is None:
+            self.waiting = True
+            self._pause_reading()
+            return False
+        self._attach(server)
+        return True
+
+    def _attach(self, server: ServerConnection) -> None:
+        assert self.link is not None
+        self.server = server
+        server.peer = self
+        self.link.attach(server.ctx_state)
+        if self._writing_paused:
+            server.pause_reading()
+        else:
+            server.resume_reading()
+
+    def server_assigned(self, server: ServerConnection) -> None:
+        """Pool callback: a waited-for server is ours (synchronous handoff, always accepted)."""
+        self.waiting = False
+        if self.state is not ClientState.READY:
+            assert self.pool is not None
+            self.pool.release(server)
+            return
+        self._attach(server)
+        self._resume_reading()
+        self._pump()
+
+    def pool_failed(self, error: ProxyError) -> None:
+        """Pool callback: no server will come for us."""
+        self.waiting = False
+        self._fail(error)
+
+    def _maybe_release(self) -> None:
+        link, server = self.link, self.server
+        if server is None or link is None or not link.can_release:
+            return
+        server.ctx_state = link.detach()
+        self.server = None
+        assert self.pool is not None
+        self.pool.release(server)
+
+    def server_data(self, data: bytes) -> None:
+        link = self.link
+        assert link is not None
+        try:
+            chunks, resume = link.feed_server(data)
+        except Exception as exc:  # ServerProtocolError, or a bug: cost one client only
+            log.exception("%r: error handling backend data", self)
+            self._drop_server(out_of_sync=True)
+            self._fail(ServerUnavailable(f"server connection lost: {exc}"))
+            return
+        if chunks and self.transport is not None:
+            self.transport.writelines(chunks)
+        if resume:
+            self._pump()
+        else:
+            self._maybe_release()
+
+    def server_lost(self, exc: Exception | None) -> None:
+        """The attached server's socket closed under us."""
+        self.server = None
+        if self.link is not None:
+            self.link.detach()
+        self._fail(ServerUnavailable(
+            "server connection lost in the middle of a transaction; its outcome is unknown"
+        ))
+
+    def server_pause_writing(self) -> None:
+        self._pause_reading()
+
+    def server_resume_writing(self) -> None:
+        self._resume_reading()
+
+    # ------------------------------------------------------------------ ending
+
+    def _drop_server(self, *, out_of_sync: bool) -> None:
+        server, self.server = self.server, None
+        if server is None:
+            return
+        assert self.link is not None and self.pool is not None
+        state = self.link.detach()
+        server.ctx_state = state
+        self.pool.discard(server, out_of_sync=out_of_sync)
+
+    def _leave_server(self) -> None:
+        """Apply the release rule for a client that is going away (ARCHITECTURE §4)."""
+        server, link = self.server, self.link
+        if server is None or link is None:
+            return
+        assert self.pool is not None
+        if link.can_release:
+            self._maybe_release()
+        elif not link.pending and not link.open_extended and not link.held:
+            # Open transaction block, nothing in flight: roll it back, then reuse.
+            self.server = None
+            server.ctx_state = link.detach()
+            self.pool.release_dirty(server)
+        else:
+            log.warning("%r left with requests in flight; closing its server", self)
+            self._drop_server(out_of_sync=True)
+
+    def _fail(self, error: ProxyError, *, sqlstate: str | None = None) -> None:
+        """Send ``error`` as a FATAL ErrorResponse and end this client only."""
+        if self.state is ClientState.CLOSED:
+            return
+        code = sqlstate or error.sqlstate
+        if self.server is not None and self.link is not None and self.link.in_transaction:
+            self._drop_server(out_of_sync=True)
+        self._write(codec.error_response(
+            code, error.message, severity="FATAL", detail=error.detail, hint=error.hint
+        ))
+        log_fn = log.info if isinstance(error, AuthFailed) else log.warning
+        log_fn("disconnect: client=%s user=%s db=%s reason=%s sqlstate=%s: %s", self.peer_host,
+               self.user, self.database, error.reason, code, error.message)
+        self._disconnect(error.reason, logged=True)
+
+    def _disconnect(self, reason: str, *, logged: bool = False) -> None:
+        if self.state is ClientState.CLOSED:
+            return
+        was_ready = self.state is ClientState.READY
+        self.state = ClientState.CLOSED
+        if self.pool is not None and self.waiting:
+            self.pool.cancel_wait(self)
+            self.waiting = False
+        self._leave_server()
+        if self._auth_task is not None and not self._auth_task.done():
+            self._auth_task.cancel()
+        self.app.client_disconnected(self)
+        if was_ready and not logged:
+            tenant = self.context.identity.slug if self.context else "-"
+            log.info("disconnect: client=%s user=%s db=%s tenant=%s reason=%s", self.peer_host,
+                     self.user, self.database, tenant, reason)
+        if self.transport is not None:
+            self.transport.close()
+
+    def check_login_timeout(self, now: float) -> None:
+        """Janitor: end clients that did not finish startup in ``client_login_timeout``."""
+        if self.state in (ClientState.STARTUP, ClientState.PASSWORD, ClientState.AUTHENTICATING):
+            if now - self.connected_at > self.app.config.client_login_timeout:
+                self._fail(LoginTimeout("client did not complete login in time "
+                                        "(client_login_timeout)"))
+
+    # ------------------------------------------------------------------ I/O helpers
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _pause_reading(self) -> None:
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = False
+            self.transport.resume_reading()
+

@@ -1,0 +1,332 @@
+"""pgtenant's configuration: TOML in, frozen dataclasses out, strictly validated.
+
+Owns parsing, validation (unknown keys are refused with a did-you-mean hint, every error
+names its key) and the backend DSN parser. It does not own reloading (``app.py``) or any I/O
+beyond reading the file it is given. Key names follow PgBouncer where PgBouncer has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import re
+import string
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .errors import ConfigError
+
+__all__ = [
+    "TEMPLATE_FIELDS",
+    "Config",
+    "ControlConfig",
+    "DatabaseConfig",
+    "Dsn",
+    "TenantTypeConfig",
+    "is_loopback",
+    "load_config",
+    "parse_config",
+    "parse_dsn",
+]
+
+# Placeholders a tenant-type template may use; anything else is refused at load time.
+TEMPLATE_FIELDS = frozenset({"slug", "org_id", "schema"})
+
+
+def _doc(doc: str, *, unit: str = "", reload: bool = True) -> dict[str, Any]:
+    return {"doc": doc, "unit": unit, "reload": reload}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dsn:
+    """A parsed ``postgresql://user:password@host:port/dbname?key=value`` URL."""
+
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "postgres"
+    password: str | None = None
+    dbname: str = "postgres"
+    # Extra startup parameters sent to the backend (e.g. application_name).
+    params: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def unix_socket(self) -> str | None:
+        """Path of the Unix socket when ``host`` is a directory, as libpq does."""
+        if self.host.startswith("/"):
+            return f"{self.host.rstrip('/')}/.s.PGSQL.{self.port}"
+        return None
+
+    def to_url(self) -> str:
+        """Returns: the DSN as a URL asyncpg and psycopg accept."""
+        from urllib.parse import quote
+
+        auth = quote(self.user, safe="")
+        if self.password is not None:
+            auth += ":" + quote(self.password, safe="")
+        if self.unix_socket:
+            return f"postgresql://{auth}@/{quote(self.dbname)}?host={quote(self.host)}&port={self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"postgresql://{auth}@{host}:{self.port}/{quote(self.dbname)}"
+
+
+def parse_dsn(url: str, *, key: str = "dsn") -> Dsn:
+    """Parse a libpq-style URL.
+
+    Returns: the ``Dsn``.
+    Raises: ConfigError naming ``key`` when the URL is not ``postgres(ql)://``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ConfigError(f"{key}: expected a postgresql:// URL, got {url!r}")
+    query = dict(parse_qsl(parts.query))
+    host = query.pop("host", None) or parts.hostname or "127.0.0.1"
+    try:
+        port = int(query.pop("port", None) or parts.port or 5432)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: bad port in {url!r}") from exc
+    user = unquote(parts.username) if parts.username else query.pop("user", "postgres")
+    password = query.pop("password", None)
+    if parts.password is not None:
+        password = unquote(parts.password)
+    dbname = unquote(parts.path.lstrip("/")) or query.pop("dbname", None) or user
+    # libpq options that only matter to a client library are not startup parameters.
+    for libpq_only in ("sslmode", "connect_timeout", "sslrootcert", "target_session_attrs"):
+        query.pop(libpq_only, None)
+    return Dsn(
+        host=host, port=port, user=user, password=password, dbname=dbname,
+        params=tuple(sorted(query.items())),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatabaseConfig:
+    """``[databases.<name>]``: clients connect with ``dbname=<name>``."""
+
+    name: str
+    dsn: Dsn = field(metadata=_doc("backend URL; its user is the proxy's login role", reload=True))
+    pool_size: int = field(
+        default=20,
+        metadata=_doc("server connections for all tenants together (pgbouncer default_pool_size)"),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantTypeConfig:
+    """``[tenant_types.<type>]``: how a tenant of this type is confined."""
+
+    name: str
+    role: str = field(metadata=_doc("non-login role template for SET LOCAL ROLE"))
+    search_path: tuple[str, ...] = field(
+        default=("public",), metadata=_doc("schema templates, in order")
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlConfig:
+    """``[control]``: where tokens and organizations live."""
+
+    dsn: Dsn | None = field(
+        default=None,
+        metadata=_doc("control-schema URL; defaults to the (single) database's dsn"),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole configuration. Pass it explicitly; never keep it in a global."""
+
+    listen: tuple[str, int] = field(
+        default=("127.0.0.1", 6432), metadata=_doc("host:port to accept clients on", reload=False)
+    )
+    allow_plaintext_remote: bool = field(
+        default=False,
+        metadata=_doc("accept cleartext tokens over plain TCP from non-loopback peers"),
+    )
+    max_client_conn: int = field(
+        default=10000, metadata=_doc("client connections accepted at once (pgbouncer name)")
+    )
+    max_message_size: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_doc("largest protocol message accepted from a client", unit="bytes"),
+    )
+    query_wait_timeout: float = field(
+        default=120.0,
+        metadata=_doc("how long a transaction waits for a server (pgbouncer default)", unit="s"),
+    )
+    client_login_timeout: float = field(
+        default=60.0, metadata=_doc("time allowed for startup and auth (pgbouncer)", unit="s")
+    )
+    server_connect_timeout: float = field(
+        default=15.0, metadata=_doc("time allowed for a backend connect and login", unit="s")
+    )
+    token_cache_ttl: float = field(
+        default=5.0, metadata=_doc("how long a token lookup is reused", unit="s")
+    )
+    log_level: str = field(default="info", metadata=_doc("debug, info, warning or error"))
+    control: ControlConfig = field(default_factory=ControlConfig)
+    databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
+    tenant_types: Mapping[str, TenantTypeConfig] = field(default_factory=dict)
+
+    @property
+    def control_dsn(self) -> Dsn:
+        """Returns: the DSN used for token lookups."""
+        if self.control.dsn is not None:
+            return self.control.dsn
+        return next(iter(self.databases.values())).dsn
+
+
+# --------------------------------------------------------------------------- validation
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _reject_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+            suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+            loc = f"{where}.{key}" if where else key
+            raise ConfigError(f"unknown config key {loc!r}{suffix}")
+
+
+def _typed(value: Any, kind: type, key: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _positive(value: float, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
+
+
+def _parse_listen(value: Any) -> tuple[str, int]:
+    text = _typed(value, str, "listen")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen: expected 'host:port', got {text!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _check_template(text: str, key: str) -> None:
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as exc:
+        raise ConfigError(f"{key}: bad template {text!r}: {exc}") from exc
+    unknown = names - TEMPLATE_FIELDS
+    if unknown:
+        raise ConfigError(
+            f"{key}: unknown placeholder {{{sorted(unknown)[0]}}} in {text!r}; "
+            f"allowed: {', '.join('{' + n + '}' for n in sorted(TEMPLATE_FIELDS))}"
+        )
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Build a ``Config`` from a parsed TOML document.
+
+    Returns: the frozen ``Config``.
+    Raises: ConfigError naming the offending key.
+    """
+    top_fields = {f.name: f for f in dataclasses.fields(Config)}
+    _reject_unknown(data, set(top_fields), "")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in ("control", "databases", "tenant_types"):
+            continue
+        if name == "listen":
+            kwargs[name] = _parse_listen(value)
+            continue
+        kind = {"bool": bool, "int": int, "float": float, "str": str}[str(top_fields[name].type)]
+        kwargs[name] = _typed(value, kind, name)
+    for key in ("max_client_conn", "max_message_size", "query_wait_timeout",
+                "client_login_timeout", "server_connect_timeout", "token_cache_ttl"):
+        if key in kwargs:
+            _positive(kwargs[key], key)
+    if kwargs.get("log_level", "info") not in _LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}")
+    if kwargs.get("max_message_size", 1 << 20) < 8192:
+        raise ConfigError("max_message_size: must be at least 8192 bytes")
+
+    databases: dict[str, DatabaseConfig] = {}
+    raw_dbs = _typed(data.get("databases", {}), dict, "databases")
+    for db_name, table in raw_dbs.items():
+        where = f"databases.{db_name}"
+        table = _typed(table, dict, where)
+        _reject_unknown(table, {"dsn", "pool_size"}, where)
+        if "dsn" not in table:
+            raise ConfigError(f"{where}.dsn: required")
+        dsn = parse_dsn(_typed(table["dsn"], str, f"{where}.dsn"), key=f"{where}.dsn")
+        pool_size = _typed(table.get("pool_size", 20), int, f"{where}.pool_size")
+        _positive(pool_size, f"{where}.pool_size")
+        databases[db_name] = DatabaseConfig(name=db_name, dsn=dsn, pool_size=pool_size)
+    if not databases:
+        raise ConfigError("databases: at least one [databases.<name>] section is required")
+    if "pgtenant" in databases:
+        raise ConfigError("databases.pgtenant: the name is reserved for the admin console")
+
+    tenant_types: dict[str, TenantTypeConfig] = {}
+    raw_types = _typed(data.get("tenant_types", {}), dict, "tenant_types")
+    for type_name, table in raw_types.items():
+        where = f"tenant_types.{type_name}"
+        if not _IDENT.match(type_name):
+            raise ConfigError(f"{where}: tenant type names must be identifiers")
+        table = _typed(table, dict, where)
+        _reject_unknown(table, {"role", "search_path"}, where)
+        if "role" not in table:
+            raise ConfigError(f"{where}.role: required (the non-login role tenants run as)")
+        role = _typed(table["role"], str, f"{where}.role")
+        _check_template(role, f"{where}.role")
+        path = _typed(table.get("search_path", ["public"]), list, f"{where}.search_path")
+        for i, item in enumerate(path):
+            _check_template(_typed(item, str, f"{where}.search_path[{i}]"), f"{where}.search_path")
+        if not path:
+            raise ConfigError(f"{where}.search_path: must name at least one schema")
+        tenant_types[type_name] = TenantTypeConfig(
+            name=type_name, role=role, search_path=tuple(path)
+        )
+    if not tenant_types:
+        raise ConfigError("tenant_types: at least one [tenant_types.<type>] section is required")
+
+    raw_control = _typed(data.get("control", {}), dict, "control")
+    _reject_unknown(raw_control, {"dsn"}, "control")
+    control = ControlConfig(
+        dsn=parse_dsn(_typed(raw_control["dsn"], str, "control.dsn"), key="control.dsn")
+        if "dsn" in raw_control else None
+    )
+    if control.dsn is None and len(databases) > 1:
+        raise ConfigError("control.dsn: required when more than one database is configured")
+    return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file.
+
+    Returns: the ``Config``.
+    Raises: ConfigError (file missing, TOML syntax, or validation).
+    """
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {str(path)!r} not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_config(data)
+
+
+def is_loopback(host: str) -> bool:
+    """Returns: whether a peer address is on the loopback range."""
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,138 @@
+"""One exception tree for pgtenant; every error carries the SQLSTATE the client will see.
+
+Exceptions become an ErrorResponse in exactly one place per session (``client.py``). This
+module owns the classes and the SQLSTATE table; it does no I/O.
+
+| class                 | SQLSTATE | meaning                                              |
+|-----------------------|----------|------------------------------------------------------|
+| ClientProtocolError   | 08P01    | protocol_violation: the client sent malformed bytes  |
+| ServerProtocolError   | 08P01    | the backend sent something we cannot follow          |
+| UnsupportedProtocol   | 0A000    | feature_not_supported: protocol version/request kind |
+| MessageTooLarge       | 08P01    | a frame above ``max_message_size``                   |
+| AuthFailed            | 28P01    | invalid_password: wrong, expired or revoked token    |
+| AuthRefused           | 28000    | invalid_authorization_specification (policy refusal) |
+| UnknownDatabase       | 3D000    | invalid_catalog_name: dbname not in the config       |
+| ContextError          | 42501    | the tenant's context cannot be rendered: fail closed |
+| PoolTimeout           | 53300    | too_many_connections: pool exhausted past the wait   |
+| PoolClosed            | 57P01    | admin_shutdown: the pool or proxy is going away      |
+| ServerUnavailable     | 08006    | connection_failure: backend unreachable/lost         |
+| ServerLoginFailed     | 08004    | sqlserver_rejected_establishment_of_sqlconnection    |
+| LoginTimeout          | 08P01    | client did not finish startup in time                |
+| ConfigError           | F0000    | config_file_error (never sent to a client)           |
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "AuthFailed",
+    "AuthRefused",
+    "ClientProtocolError",
+    "ConfigError",
+    "ContextError",
+    "LoginTimeout",
+    "MessageTooLarge",
+    "PoolClosed",
+    "PoolError",
+    "PoolTimeout",
+    "ProtocolError",
+    "ProxyError",
+    "ServerLoginFailed",
+    "ServerProtocolError",
+    "ServerUnavailable",
+    "UnknownDatabase",
+    "UnsupportedProtocol",
+]
+
+
+class ProxyError(Exception):
+    """Base of every error pgtenant raises on purpose.
+
+    ``sqlstate`` is what the client sees in the ErrorResponse ``C`` field; ``reason`` is the
+    short grep-able disconnect reason for logs (defaults to the class name).
+    """
+
+    sqlstate: str = "XX000"
+    severity: str = "FATAL"
+
+    def __init__(self, message: str, *, detail: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+
+    @property
+    def reason(self) -> str:
+        return type(self).__name__
+
+
+class ProtocolError(ProxyError):
+    sqlstate = "08P01"
+
+
+class ClientProtocolError(ProtocolError):
+    """The client broke the wire protocol; only that client is ended."""
+
+
+class ServerProtocolError(ProtocolError):
+    """The backend sent bytes we cannot follow; its connection is closed, never pooled."""
+
+
+class MessageTooLarge(ClientProtocolError):
+    pass
+
+
+class UnsupportedProtocol(ProtocolError):
+    sqlstate = "0A000"
+
+
+class LoginTimeout(ProtocolError):
+    pass
+
+
+class AuthError(ProxyError):
+    sqlstate = "28000"
+
+
+class AuthFailed(AuthError):
+    """Wrong, expired or revoked token: one message for all three, on purpose."""
+
+    sqlstate = "28P01"
+
+
+class AuthRefused(AuthError):
+    sqlstate = "28000"
+
+
+class UnknownDatabase(ProxyError):
+    sqlstate = "3D000"
+
+
+class ContextError(ProxyError):
+    """The tenant context cannot be proven; the transaction must not run."""
+
+    sqlstate = "42501"
+
+
+class PoolError(ProxyError):
+    pass
+
+
+class PoolTimeout(PoolError):
+    sqlstate = "53300"
+
+
+class PoolClosed(PoolError):
+    sqlstate = "57P01"
+
+
+class ServerUnavailable(PoolError):
+    sqlstate = "08006"
+
+
+class ServerLoginFailed(PoolError):
+    sqlstate = "08004"
+
+
+class ConfigError(ProxyError):
+    sqlstate = "F0000"

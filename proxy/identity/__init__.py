@@ -1,0 +1,1 @@
+"""Identity: tokens, the tenant registry, and identity -> tenant context."""

@@ -1,0 +1,116 @@
+"""Identity -> TenantContext: what a tenant's transactions run as.
+
+Owns the two value types (who the caller is, and what the database must enforce for it)
+and the rendering of a tenant type's templates. It does not own lookups (``registry.py``)
+or the wire encoding of the context (``protocol/inject.py``). No I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from uuid import UUID
+
+from ..config import TenantTypeConfig
+from ..errors import ContextError
+
+__all__ = [
+    "TenantContext",
+    "TenantIdentity",
+    "build_context",
+    "default_schema_name",
+    "quote_ident",
+    "quote_literal",
+    "render_template",
+]
+
+# Rendered role and schema names must be plain lower-case identifiers: they are spliced into
+# SQL text (quoted, but we also want them ASCII so error positions shift by bytes == chars).
+_SAFE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantIdentity:
+    """Who the caller is, as resolved from its token. Never from the client's user name."""
+
+    org_id: UUID
+    slug: str
+    tenant_type: str
+    token_id: UUID
+    entity_id: UUID | None = None
+    schema: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TenantContext:
+    """What every transaction of this tenant must run under."""
+
+    identity: TenantIdentity
+    role: str
+    search_path: tuple[str, ...]
+
+    @property
+    def gucs(self) -> tuple[tuple[str, str], ...]:
+        """Returns: the ``app.*`` settings, in injection order (entity only when present)."""
+        ident = self.identity
+        items = [("app.tenant_id", str(ident.org_id)), ("app.tenant_type", ident.tenant_type)]
+        items.append(("app.entity_id", str(ident.entity_id) if ident.entity_id else ""))
+        return tuple(items)
+
+    @property
+    def search_path_value(self) -> str:
+        """Returns: the search_path as Postgres prints it (identifiers quoted)."""
+        return ", ".join(quote_ident(s) for s in self.search_path)
+
+
+def quote_ident(name: str) -> str:
+    """Returns: ``name`` as a double-quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """Returns: ``value`` as a standard-conforming SQL string literal.
+
+    Raises: ContextError for NUL bytes, which no Postgres text can hold.
+    """
+    if "\x00" in value:
+        raise ContextError("tenant context value contains a NUL byte")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def default_schema_name(slug: str) -> str:
+    """Returns: the schema a schema-per-tenant organization gets unless one is given."""
+    return "t_" + re.sub(r"[^a-z0-9_]", "_", slug.lower())
+
+
+def render_template(template: str, identity: TenantIdentity, *, what: str) -> str:
+    """Render one role/schema template for ``identity``.
+
+    Returns: a safe lower-case identifier.
+    Raises: ContextError when the template needs ``{schema}`` and the organization has none,
+    or the result is not a safe identifier (fail closed: the transaction must not run).
+    """
+    if "{schema}" in template and not identity.schema:
+        raise ContextError(
+            f"tenant {identity.slug!r} has no schema, but its tenant type's {what} "
+            f"template {template!r} needs one"
+        )
+    value = template.format(
+        slug=identity.slug, org_id=str(identity.org_id), schema=identity.schema or ""
+    )
+    if not _SAFE_NAME.match(value):
+        raise ContextError(
+            f"tenant {identity.slug!r}: {what} {value!r} rendered from {template!r} is not a "
+            "lower-case identifier"
+        )
+    return value
+
+
+def build_context(identity: TenantIdentity, tenant_type: TenantTypeConfig) -> TenantContext:
+    """Returns: the ``TenantContext`` for ``identity`` under its tenant type's templates.
+
+    Raises: ContextError (see ``render_template``).
+    """
+    role = render_template(tenant_type.role, identity, what="role")
+    path = tuple(render_template(t, identity, what="search_path") for t in tenant_type.search_path)
+    return TenantContext(identity=identity, role=role, search_path=path)

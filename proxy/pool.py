@@ -1,0 +1,259 @@
+"""One pool per ``[databases.<name>]``, shared by every tenant (context is per transaction).
+
+Herding server connections between containers happens here: a connection's state is the
+container holding it, and only ``_set_state`` moves it (pgbouncer's ``objects.c``). The
+decisions (who gets which server, when to open one) are synchronous and run on the event
+loop thread, so a handoff cannot be interrupted half-way; the only awaits are the backend
+connects and rollbacks, which run in tasks the pool owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from .config import Config, DatabaseConfig
+from .errors import PoolClosed, PoolTimeout, ProxyError, ServerUnavailable
+from .protocol.tracker import CTX_NONE
+from .server import ServerConnection, ServerState
+
+__all__ = ["Pool", "Waiter"]
+
+log = logging.getLogger("pgtenant.pool")
+
+
+class Waiter(Protocol):
+    """A client waiting for a server. ``server_assigned`` must accept synchronously."""
+
+    def server_assigned(self, server: ServerConnection) -> None: ...
+    def pool_failed(self, error: ProxyError) -> None: ...
+
+
+class Pool:
+    """Server connections for one database entry and the clients waiting for them."""
+
+    def __init__(self, db: DatabaseConfig, config: Config,
+                 clock: Callable[[], float] = time.monotonic):
+        self.db = db
+        self.config = config
+        self.clock = clock
+        # Critical invariant: every live ServerConnection is in exactly one container.
+        self.containers: dict[ServerState, dict[ServerConnection, None]] = {
+            state: {} for state in ServerState if state is not ServerState.CLOSED
+        }
+        self.waiting: dict[Waiter, float] = {}  # insertion order = FIFO; value = deadline
+        self.server_params: dict[str, str] = {}
+        self.out_of_sync = 0  # servers closed because a client left them mid-protocol
+        self.connect_errors = 0
+        self.closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._params_ready: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        c = {s.value: len(d) for s, d in self.containers.items()}
+        return (
+            f"<Pool {self.db.name} [waiting: {len(self.waiting)} | servers: {c['active']} "
+            f"active, {c['idle']} idle, {c['login']} login, {c['reset']} reset]>"
+        )
+
+    # ------------------------------------------------------------------ containers
+
+    def _set_state(self, server: ServerConnection, new: ServerState) -> None:
+        """The only place that moves a server between containers."""
+        old = server.state
+        if old is not ServerState.CLOSED:
+            self.containers[old].pop(server, None)
+        server.state = new
+        if new is not ServerState.CLOSED:
+            self.containers[new][server] = None
+
+    @property
+    def total(self) -> int:
+        return sum(len(d) for d in self.containers.values())
+
+    # ------------------------------------------------------------------ acquire / release
+
+    def acquire(self, waiter: Waiter) -> ServerConnection | None:
+        """Take an idle server for ``waiter`` now, or queue it (FIFO).
+
+        Returns: the server (now ACTIVE), or None when the waiter was queued.
+        Raises: PoolClosed when the pool is shutting down.
+        """
+        if self.closed:
+            raise PoolClosed(f"database {self.db.name!r} is shutting down")
+        idle = self.containers[ServerState.IDLE]
+        if idle and not self.waiting:
+            server = next(reversed(idle))  # LIFO: the warmest connection
+            self._set_state(server, ServerState.ACTIVE)
+            server.last_used = self.clock()
+            return server
+        self.waiting[waiter] = self.clock() + self.config.query_wait_timeout
+        self._dispatch()
+        return None
+
+    def cancel_wait(self, waiter: Waiter) -> None:
+        """The waiter went away before being served."""
+        self.waiting.pop(waiter, None)
+
+    def release(self, server: ServerConnection) -> None:
+        """An attached client is done with a provably idle server."""
+        server.peer = None
+        if server.closed or self.closed:
+            self.discard(server)
+            return
+        server.last_used = self.clock()
+        self._set_state(server, ServerState.IDLE)
+        self._dispatch()
+
+    def discard(self, server: ServerConnection, *, out_of_sync: bool = False) -> None:
+        """Close a server and forget it."""
+        if out_of_sync:
+            self.out_of_sync += 1
+        server.peer = None
+        self._set_state(server, ServerState.CLOSED)
+        server.close()
+        self._dispatch()
+
+    def release_dirty(self, server: ServerConnection) -> None:
+        """A client left with a transaction open and nothing in flight: roll back, then reuse.
+
+        Any failure closes the server; it never returns to the pool unclean (STYLE rule 5).
+        """
+        server.peer = None
+        self._set_state(server, ServerState.RESET)
+        self._spawn(self._rollback(server))
+
+    async def _rollback(self, server: ServerConnection) -> None:
+        clean = await server.rollback(timeout=self.config.server_connect_timeout)
+        if server.state is not ServerState.RESET:
+            return  # lost meanwhile
+        if clean and not server.closed:
+            self.release(server)
+        else:
+            self.discard(server, out_of_sync=True)
+
+    def server_lost(self, server: ServerConnection) -> None:
+        """Callback from ServerConnection.connection_lost."""
+        if server.state is not ServerState.CLOSED:
+            self._set_state(server, ServerState.CLOSED)
+        if not self.closed:
+            self._dispatch()
+
+    # ------------------------------------------------------------------ decisions
+
+    def _dispatch(self) -> None:
+        """Hand idle servers to waiters, in FIFO order, and open servers when allowed."""
+        idle = self.containers[ServerState.IDLE]
+        while idle and self.waiting:
+            waiter = next(iter(self.waiting))
+            del self.waiting[waiter]
+            server = next(reversed(idle))
+            self._set_state(server, ServerState.ACTIVE)
+            server.last_used = self.clock()
+            waiter.server_assigned(server)
+        if self.closed:
+            return
+        want = len(self.waiting) - len(self.containers[ServerState.LOGIN])
+        room = self.db.pool_size - self.total
+        for _ in range(max(0, min(want, room))):
+            self._open()
+
+    def _open(self) -> ServerConnection:
+        server = ServerConnection(self.db.dsn, self.server_lost)
+        self._set_state(server, ServerState.LOGIN)
+        self._spawn(self._connect(server))
+        return server
+
+    async def _connect(self, server: ServerConnection) -> None:
+        try:
+            await server.connect(self.config.server_connect_timeout)
+        except ProxyError as exc:
+            self.connect_errors += 1
+            log.error("database=%s server connect failed: %s", self.db.name, exc.message)
+            self._set_state(server, ServerState.CLOSED)
+            self._fail_waiters(exc)
+            return
+        assert server.login is not None
+        if not self.server_params:
+            self.server_params = dict(server.login.parameters)
+        if self._params_ready is not None and not self._params_ready.done():
+            self._params_ready.set_result(None)
+        server.ctx_state = CTX_NONE
+        if server.state is ServerState.LOGIN:  # not lost meanwhile
+            self.release(server)
+
+    def _fail_waiters(self, exc: ProxyError) -> None:
+        """A connect failed. Waiters that no live server can serve get the error now."""
+        if self._params_ready is not None and not self._params_ready.done():
+            self._params_ready.set_exception(exc)
+            self._params_ready.exception()  # mark retrieved; callers re-raise their own copy
+            self._params_ready = None
+        busy = len(self.containers[ServerState.ACTIVE]) + len(self.containers[ServerState.RESET])
+        logins = len(self.containers[ServerState.LOGIN])
+        # Keep as many waiters as servers that may still come free; fail the rest.
+        keep = busy + logins
+        waiters = list(self.waiting)
+        for waiter in waiters[keep:]:
+            del self.waiting[waiter]
+            waiter.pool_failed(exc)
+
+    def tick(self, now: float) -> None:
+        """Janitor sweep: expire waiters past ``query_wait_timeout``."""
+        expired = [w for w, deadline in self.waiting.items() if deadline <= now]
+        for waiter in expired:
+            del self.waiting[waiter]
+            waiter.pool_failed(
+                PoolTimeout(
+                    f"pool for database {self.db.name!r} is exhausted: no server connection "
+                    f"came free within {self.config.query_wait_timeout:g}s "
+                    f"(pool_size={self.db.pool_size}, query_wait_timeout)",
+                    hint="raise pool_size or query_wait_timeout, or shorten transactions",
+                )
+            )
+
+    async def startup_parameters(self) -> dict[str, str]:
+        """Returns: the backend's ParameterStatus set, connecting once if none is known.
+
+        Raises: ServerUnavailable / ServerLoginFailed when no server can be opened.
+        """
+        if self.server_params:
+            return self.server_params
+        if self._params_ready is None:
+            self._params_ready = asyncio.get_running_loop().create_future()
+            if self.total < self.db.pool_size:
+                self._open()
+            elif not self.containers[ServerState.LOGIN]:
+                raise ServerUnavailable(f"database {self.db.name!r}: no server parameters yet")
+        fut = self._params_ready
+        try:
+            await asyncio.shield(fut)
+        except ProxyError as exc:
+            raise type(exc)(exc.message) from None
+        return self.server_params
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Close every server and fail every waiter."""
+        self.closed = True
+        for waiter in list(self.waiting):
+            del self.waiting[waiter]
+            waiter.pool_failed(PoolClosed(f"database {self.db.name!r} is shutting down"))
+        for state, container in self.containers.items():
+            if state is ServerState.ACTIVE:
+                continue  # their clients close them
+            for server in list(container):
+                self._set_state(server, ServerState.CLOSED)
+                server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,457 @@
+"""The per-client link tracker: framing both directions, segments, injection and release.
+
+Theory of operation
+-------------------
+A *segment* is the unit the backend answers with exactly one ReadyForQuery: a simple
+``Query``, or a run of extended-protocol messages closed by ``Sync``. The tracker keeps the
+segments sent to the current server in ``pending`` (FIFO); each ``Z`` pops one. Replies of a
+segment arrive in order, so the head of ``pending`` describes the frames now arriving.
+
+Client -> server (``pump_client``): complete frames are cut from the client buffer. The first
+frame of a segment decides three things:
+
+* **server**: with no server attached, the pump stops with ``NEED_SERVER``; the caller
+  attaches one (``attach``) and pumps again. Transaction mode: servers are taken per segment
+  and given back when idle.
+* **injection**: the context is injected iff the server is *known* to be outside a
+  transaction block when the segment starts. That is the last ``Z`` status when nothing is
+  in flight; with segments in flight it is still that status unless one of them may change
+  the transaction state (BEGIN/COMMIT/... found in its SQL). Then the pump stops with
+  ``HOLD`` until their replies are in: injecting into an aborted transaction would make the
+  client's ROLLBACK fail, and not injecting into a fresh one would run without context.
+* **drop count**: how many leading replies of the segment belong to the injection.
+
+Server -> client (``feed_server``): frames are forwarded in contiguous spans; only ``Z``,
+``E`` and ``S`` are decoded, plus every frame while the head segment still has injected
+replies to drop. An ``E`` during the drop phase (a syntax error in the client's text, or a
+failed injection) ends the drop phase; its position is shifted back by the prefix length.
+A simple Query whose text held no statement gets the EmptyQueryResponse Postgres would have
+sent, since the prefix made the text non-empty.
+
+Invariants: a server may be released only when ``pending`` is empty, the last status is
+``I`` and no extended batch is open (``can_release``). ``unsure`` counts pending segments
+that may change the transaction state. Injected replies never reach the client.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import deque
+from typing import Final
+
+from ..errors import ClientProtocolError, MessageTooLarge, ServerProtocolError, UnsupportedProtocol
+from . import codec
+from .inject import CTX_CLOSE, CTX_PARSE, EXECUTE_UNNAMED, EXT_DROP, Q_DROP, Injection
+
+__all__ = [
+    "CTX_NONE",
+    "CTX_READY",
+    "CTX_UNKNOWN",
+    "HOLD",
+    "IDLE",
+    "NEED_SERVER",
+    "TERMINATE",
+    "Link",
+    "Segment",
+]
+
+_unpack_i32 = struct.Struct("!i").unpack_from
+_pack_header = codec.HEADER.pack
+
+# Client pump outcomes.
+IDLE: Final = 0  # everything complete was handled
+NEED_SERVER: Final = 1  # a segment starts and no server is attached
+HOLD: Final = 2  # waiting for in-flight replies before the next segment can be judged
+TERMINATE: Final = 3  # the client sent Terminate
+
+# State of the proxy's context statement on the attached server.
+CTX_NONE: Final = 0  # never parsed on this server
+CTX_READY: Final = 1  # parsed and believed alive
+CTX_UNKNOWN: Final = 2  # may have been deallocated: Close + Parse before use
+
+# Type bytes as plain ints for the loops.
+_Q = ord("Q")
+_S = ord("S")
+_X = ord("X")
+_P = ord("P")
+_B = ord("B")
+_E = ord("E")
+_F = ord("F")
+_H = ord("H")
+_Z = ord("Z")
+_N = ord("N")
+_A = ord("A")
+_C = ord("C")
+_I = ord("I")
+_CLIENT_COPY = frozenset(b"dcf")  # CopyData/CopyDone/CopyFail: part of the running segment
+_CLIENT_EXTENDED = frozenset(b"PBDECH")
+# Backend frames that always need a look: ReadyForQuery, ErrorResponse, ParameterStatus.
+_SERVER_SPECIAL = frozenset(b"ZES")
+# Frames that are neither counted nor dropped while dropping injected replies.
+_SERVER_ASYNC = frozenset(b"NSA")
+# ParameterStatus names the client must not see change: they reflect the injected context.
+HIDDEN_PARAMETERS: Final = frozenset({"search_path"})
+
+# SQL that may move the transaction status (I <-> T/E); false positives only cost pipelining.
+_TXN_CONTROL = re.compile(rb"(?i)\b(begin|start|commit|end|rollback|abort|prepare|call|do)\b")
+# SQL that may drop the proxy's context statement on the server.
+_DROPS_STATEMENTS = re.compile(rb"(?i)\b(deallocate|discard)\b")
+
+
+class Segment:
+    """One request the server will close with one ReadyForQuery."""
+
+    __slots__ = ("await_first", "ctx_parse", "drop", "shift", "txn_control")
+
+    def __init__(self, drop: int, shift: int, await_first: bool, ctx_parse: bool):
+        self.drop = drop  # leading injected replies still to drop
+        self.shift = shift  # ErrorResponse position shift (simple-query prefix length)
+        self.await_first = await_first  # injected Query: no client reply seen yet
+        self.ctx_parse = ctx_parse  # the injection parsed the context statement
+        self.txn_control = False
+
+
+class Link:
+    """Client session protocol state plus the state of the link to the attached server.
+
+    The owner (``client.py``) feeds bytes in and writes what comes out; this class never
+    touches a socket.
+    """
+
+    def __init__(self, injection: Injection, max_message_size: int):
+        self.injection = injection
+        self.max_message_size = max_message_size
+        self.cbuf = bytearray()  # client bytes not yet handled
+        # Server link state: valid while attached, reset by attach().
+        self.attached = False
+        self.pending: deque[Segment] = deque()
+        self.status = _I  # transaction status from the last ReadyForQuery
+        self.unsure = 0  # pending segments that may change the transaction status
+        self.ctx_state = CTX_NONE
+        self.drops_statements = False  # a segment may have deallocated our statement
+        self.open_extended = False  # an extended batch was started and not yet synced
+        self.held = False  # pump_client stopped with HOLD
+        self._sleftover = b""  # incomplete server frame
+        self._sremaining = 0  # bytes of a large pass-through frame still to forward
+        self._slow = False  # head segment needs frame-by-frame handling
+        # Client session state that outlives servers.
+        self._stmt_txn: dict[bytes, bool] = {}
+        self._portal_txn: dict[bytes, bool] = {}
+
+    # ------------------------------------------------------------------ attachment
+
+    def attach(self, ctx_state: int) -> None:
+        """A server was attached; it is idle and clean (pool invariant)."""
+        self.attached = True
+        self.pending.clear()
+        self.status = _I
+        self.unsure = 0
+        self.ctx_state = ctx_state
+        self.drops_statements = False
+        self._sleftover = b""
+        self._sremaining = 0
+        self._slow = False
+
+    def detach(self) -> int:
+        """The server goes away (released or closed). Returns: its context-statement state."""
+        self.attached = False
+        state = CTX_UNKNOWN if self.drops_statements and self.ctx_state else self.ctx_state
+        self.ctx_state = CTX_NONE
+        return state
+
+    @property
+    def can_release(self) -> bool:
+        """Whether the attached server is provably idle: the release rule of §4."""
+        return (
+            self.attached
+            and not self.pending
+            and self.status == _I
+            and not self.open_extended
+            and not self._sleftover
+            and not self._sremaining
+        )
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the link has work in flight or an open transaction block."""
+        return bool(self.pending) or self.status != _I or self.open_extended
+
+    # ------------------------------------------------------------------ client -> server
+
+    def _inject_decision(self) -> bool | None:
+        if self.unsure:
+            return None
+        return self.status == _I
+
+    def _ext_injection(self, out: bytearray) -> Segment:
+        drop = EXT_DROP
+        ctx_parse = False
+        if self.ctx_state != CTX_READY:
+            if self.ctx_state == CTX_UNKNOWN:
+                out += CTX_CLOSE
+                drop += 1
+            out += CTX_PARSE
+            drop += 1
+            ctx_parse = True
+            self.ctx_state = CTX_READY
+        out += self.injection.ext_bind
+        out += EXECUTE_UNNAMED
+        return Segment(drop, 0, False, ctx_parse)
+
+    def _push(self, seg: Segment) -> None:
+        self.pending.append(seg)
+        if len(self.pending) == 1:
+            self._slow = seg.drop > 0 or seg.await_first
+
+    def _mark_txn(self, seg: Segment) -> None:
+        if not seg.txn_control:
+            seg.txn_control = True
+            self.unsure += 1
+
+    def pump_client(self) -> tuple[bytes, bytes, int]:
+        """Handle the complete client frames buffered in ``cbuf``.
+
+        Returns: (bytes for the server, bytes for the client, outcome) where outcome is
+        IDLE, NEED_SERVER, HOLD or TERMINATE. Unhandled bytes stay in ``cbuf``.
+        Raises: ClientProtocolError / MessageTooLarge / UnsupportedProtocol.
+        """
+        buf = self.cbuf
+        n = len(buf)
+        pos = 0
+        span = 0
+        out = bytearray()
+        reply = b""
+        outcome = IDLE
+        self.held = False
+        while n - pos >= 5:
+            t = buf[pos]
+            (length,) = _unpack_i32(buf, pos + 1)
+            if length < 4:
+                raise ClientProtocolError(f"invalid length {length} in message {chr(t)!r}")
+            if length > self.max_message_size:
+                raise MessageTooLarge(
+                    f"message {chr(t)!r} of {length} bytes exceeds max_message_size "
+                    f"({self.max_message_size})"
+                )
+            end = pos + 1 + length
+            if end > n:
+                break
+            if t in _CLIENT_COPY:
+                if not self.attached:  # Postgres ignores stray copy messages too
+                    out += buf[span:pos]
+                    span = end
+                pos = end
+                continue
+            if t == _Q and not self.open_extended:
+                if not self.attached:
+                    outcome = NEED_SERVER
+                    break
+                inject = self._inject_decision()
+                if inject is None:
+                    outcome = HOLD
+                    self.held = True
+                    break
+                text = bytes(buf[pos + 5 : end])
+                if inject:
+                    seg = Segment(Q_DROP, self.injection.q_shift, True, False)
+                    out += buf[span:pos]
+                    out += _pack_header(_Q, length + len(self.injection.q_prefix))
+                    out += self.injection.q_prefix
+                    out += text
+                    span = end
+                else:
+                    seg = Segment(0, 0, False, False)
+                self._push(seg)
+                if _TXN_CONTROL.search(text):
+                    self._mark_txn(seg)
+                if _DROPS_STATEMENTS.search(text):
+                    self.drops_statements = True
+                pos = end
+                continue
+            if t == _Q:  # a Query inside an unsynced extended batch shares its ReadyForQuery
+                self.open_extended = False
+                seg = self.pending[-1]
+                self._mark_txn(seg)
+                if _DROPS_STATEMENTS.search(bytes(buf[pos + 5 : end])):
+                    self.drops_statements = True
+                pos = end
+                continue
+            if t in _CLIENT_EXTENDED:
+                if not self.open_extended:
+                    if not self.attached:
+                        if t == _H:  # Flush with nothing in flight: nothing to do
+                            out += buf[span:pos]
+                            span = pos = end
+                            continue
+                        outcome = NEED_SERVER
+                        break
+                    inject = self._inject_decision()
+                    if inject is None:
+                        outcome = HOLD
+                        self.held = True
+                        break
+                    out += buf[span:pos]
+                    span = pos
+                    seg = self._ext_injection(out) if inject else Segment(0, 0, False, False)
+                    self._push(seg)
+                    self.open_extended = True
+                seg = self.pending[-1]
+                if t == _P:
+                    name, npos = codec.read_cstring(buf, pos + 5)
+                    sql, _ = codec.read_cstring(buf, npos)
+                    self._stmt_txn[name] = bool(_TXN_CONTROL.search(sql))
+                    if _DROPS_STATEMENTS.search(sql):
+                        self.drops_statements = True
+                elif t == _B:
+                    portal, npos = codec.read_cstring(buf, pos + 5)
+                    stmt, _ = codec.read_cstring(buf, npos)
+                    self._portal_txn[portal] = self._stmt_txn.get(stmt, True)
+                elif t == _E:
+                    portal, _ = codec.read_cstring(buf, pos + 5)
+                    if self._portal_txn.get(portal, True):
+                        self._mark_txn(seg)
+                elif t == _C and end - pos > 6 and buf[pos + 5] == ord("S"):
+                    name, _ = codec.read_cstring(buf, pos + 6)
+                    self._stmt_txn.pop(name, None)
+                pos = end
+                continue
+            if t == _S:
+                if self.open_extended:
+                    self.open_extended = False
+                elif self.attached:  # a bare Sync still earns a ReadyForQuery
+                    self._push(Segment(0, 0, False, False))
+                else:  # no server, no transaction: answer it ourselves
+                    out += buf[span:pos]
+                    span = end
+                    reply += codec.ready_for_query(b"I")
+                pos = end
+                continue
+            if t == _X:
+                out += buf[span:pos]
+                span = pos = end
+                outcome = TERMINATE
+                break
+            if t == _F:
+                raise UnsupportedProtocol(
+                    "FunctionCall messages are not supported through pgtenant; "
+                    "call the function with SELECT instead"
+                )
+            raise ClientProtocolError(f"unexpected message type {chr(t)!r} from client")
+        out += buf[span:pos]
+        del buf[:pos]
+        return bytes(out), reply, outcome
+
+    # ------------------------------------------------------------------ server -> client
+
+    def feed_server(self, data: bytes) -> tuple[list[bytes | memoryview], bool]:
+        """Handle bytes from the attached server.
+
+        Returns: (chunks for the client, whether a held client segment may now proceed).
+        Raises: ServerProtocolError when the server breaks the protocol.
+        """
+        if self._sleftover:
+            data = self._sleftover + data
+            self._sleftover = b""
+        mv = memoryview(data)
+        n = len(data)
+        pos = 0
+        chunks: list[bytes | memoryview] = []
+        resume = False
+        if self._sremaining:
+            take = min(self._sremaining, n)
+            self._sremaining -= take
+            pos = take
+        span = 0
+        special = _SERVER_SPECIAL
+        while n - pos >= 5:
+            t = data[pos]
+            (length,) = _unpack_i32(data, pos + 1)
+            end = pos + 1 + length
+            if not self._slow and t not in special:
+                if end > n:
+                    if length < 4:
+                        raise ServerProtocolError(f"invalid length {length} from server")
+                    self._sremaining = end - n
+                    pos = n
+                    break
+                pos = end
+                continue
+            if length < 4:
+                raise ServerProtocolError(f"invalid length {length} in {chr(t)!r} from server")
+            if end > n:
+                break
+            if pos > span:
+                chunks.append(mv[span:pos])
+            span = end
+            replacement = self._special(t, data, pos, end)
+            if replacement is not None:
+                chunks.append(replacement)
+            if t == _Z and self.held and not self.unsure:
+                resume = True
+            pos = end
+        if pos > span:
+            chunks.append(mv[span:pos])
+        if pos < n:
+            self._sleftover = bytes(data[pos:])
+        return chunks, resume
+
+    def _special(self, t: int, data: bytes, pos: int, end: int) -> bytes | memoryview | None:
+        """One frame that needs a look. Returns: what to send the client for it, if anything."""
+        head = self.pending[0] if self.pending else None
+        frame = memoryview(data)[pos:end]
+        if t == _Z:
+            if head is None:
+                raise ServerProtocolError("ReadyForQuery with no request outstanding")
+            if end - pos != 6:
+                raise ServerProtocolError("malformed ReadyForQuery")
+            self.pending.popleft()
+            if head.txn_control:
+                self.unsure -= 1
+            self.status = data[pos + 5]
+            nxt = self.pending[0] if self.pending else None
+            self._slow = nxt is not None and (nxt.drop > 0 or nxt.await_first)
+            if head.await_first and head.drop == 0:
+                return codec.empty_query_response() + bytes(frame)
+            return frame
+        if t == _E:
+            if head is not None:
+                if head.drop and head.ctx_parse:
+                    self.ctx_state = CTX_UNKNOWN
+                head.drop = 0
+                head.await_first = False
+                self._slow = False
+                if head.shift:
+                    return self._shift_error(bytes(frame[5:]), head.shift)
+            return frame
+        if t == _S:
+            name, _ = codec.parse_parameter_status(bytes(frame[5:]))
+            return None if name in HIDDEN_PARAMETERS else frame
+        # Slow path for ordinary frames: the head segment is dropping or awaiting a reply.
+        assert head is not None
+        if head.drop:
+            if t in _SERVER_ASYNC:
+                return frame if t == _A else None
+            head.drop -= 1
+            self._slow = head.drop > 0 or head.await_first
+            return None
+        if t not in _SERVER_ASYNC:
+            head.await_first = False
+            self._slow = False
+        return frame
+
+    @staticmethod
+    def _shift_error(body: bytes, shift: int) -> bytes:
+        fields = codec.parse_error_fields(body)
+        out: list[tuple[int, bytes]] = []
+        for code, value in fields:
+            if code == ord("P"):
+                try:
+                    position = int(value) - shift
+                except ValueError:
+                    continue
+                if position < 1:
+                    continue  # inside the injected prefix: the client has no such position
+                value = str(position).encode()
+            out.append((code, value))
+        return codec.frame(_E, codec.encode_error_fields(out))

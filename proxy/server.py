@@ -1,0 +1,284 @@
+"""One backend connection: connect, log in, carry an attached client's bytes, reset, close.
+
+Owns the socket to Postgres and the one coroutine that drives login handshakes. It does not
+decide who gets the connection (``pool.py``) nor interpret the client's protocol
+(``protocol/tracker.py``); while a client is attached, bytes go straight to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
+
+from .config import Dsn
+from .errors import ServerProtocolError, ServerUnavailable
+from .protocol import codec
+from .protocol.handshake import Frame, Handshake, LoginResult, Send, server_login
+from .protocol.tracker import CTX_NONE
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = ["ServerConnection", "ServerPeer", "ServerState", "send_cancel"]
+
+log = logging.getLogger("pgtenant.server")
+_unpack_header = codec.HEADER.unpack_from
+_Z = ord("Z")
+_E = ord("E")
+_N = ord("N")
+_S = ord("S")
+
+
+class ServerState(Enum):
+    """Which pool container holds the connection (pgbouncer's SV_* states)."""
+
+    LOGIN = "login"
+    IDLE = "idle"
+    ACTIVE = "active"
+    RESET = "reset"  # rolling back after a client left mid-transaction
+    CLOSED = "closed"
+
+
+class ServerPeer(Protocol):
+    """What an attached client must accept from its server."""
+
+    def server_data(self, data: bytes) -> None: ...
+    def server_lost(self, exc: Exception | None) -> None: ...
+    def server_pause_writing(self) -> None: ...
+    def server_resume_writing(self) -> None: ...
+
+
+class ServerConnection(asyncio.Protocol):
+    """A logged-in backend connection; the pool moves it between containers."""
+
+    _next_id = 0
+
+    def __init__(self, dsn: Dsn, on_lost: Callable[[ServerConnection], None]):
+        ServerConnection._next_id += 1
+        self.id = ServerConnection._next_id
+        self.dsn = dsn
+        self.state = ServerState.LOGIN  # only Pool._set_state assigns this
+        self.transport: asyncio.Transport | None = None
+        self.peer: ServerPeer | None = None
+        self.ctx_state = CTX_NONE
+        self.login: LoginResult | None = None
+        self.created_at = time.monotonic()
+        self.last_used = self.created_at
+        self._on_lost = on_lost
+        self._buf = bytearray()
+        self._frame_waiter: asyncio.Future[None] | None = None
+        self._reset_done: asyncio.Future[bool] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Server #{self.id} {self.state.value} {self.dsn.host}:{self.dsn.port}>"
+
+    # ------------------------------------------------------------------ connect and login
+
+    async def connect(self, timeout: float, params: Iterable[tuple[str, str]] = ()) -> None:
+        """Open the socket and log in.
+
+        Raises: ServerUnavailable (unreachable, timeout) or ServerLoginFailed.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                if self.dsn.unix_socket:
+                    await loop.create_unix_connection(lambda: self, self.dsn.unix_socket)
+                else:
+                    await loop.create_connection(lambda: self, self.dsn.host, self.dsn.port)
+                self.login = await self._drive(
+                    server_login(self.dsn.user, self.dsn.password, self.dsn.dbname,
+                                 [*self.dsn.params, *params])
+                )
+        except TimeoutError as exc:
+            self.close()
+            raise ServerUnavailable(
+                f"backend {self.dsn.host}:{self.dsn.port} did not accept a login within "
+                f"{timeout:g}s (server_connect_timeout)"
+            ) from exc
+        except OSError as exc:
+            self.close()
+            raise ServerUnavailable(
+                f"cannot connect to backend {self.dsn.host}:{self.dsn.port}: {exc.strerror or exc}"
+            ) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    async def _drive(self, gen: Handshake) -> LoginResult:
+        """The only awaiting code for handshakes (STYLE rule 1)."""
+        assert self.transport is not None
+        try:
+            op = next(gen)
+            while True:
+                if isinstance(op, Send):
+                    self.transport.write(op.data)
+                    op = gen.send(None)
+                else:
+                    op = gen.send(await self._next_frame())
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def _next_frame(self) -> Frame:
+        while True:
+            if len(self._buf) >= 5:
+                msg_type, length = _unpack_header(self._buf, 0)
+                if length < 4 or length > 1 << 24:
+                    raise ServerProtocolError(f"invalid frame length {length} during login")
+                if len(self._buf) >= length + 1:
+                    body = bytes(self._buf[5 : length + 1])
+                    del self._buf[: length + 1]
+                    return msg_type, body
+            if self._closed:
+                raise ServerUnavailable("backend closed the connection during login")
+            self._frame_waiter = asyncio.get_running_loop().create_future()
+            await self._frame_waiter
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop transports are not asyncio.Transport subclasses, but speak its interface.
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.server_data(data)
+            return
+        if self.state is ServerState.LOGIN:
+            self._buf += data
+            self._wake()
+            return
+        if self.state is ServerState.RESET:
+            self._reset_data(data)
+            return
+        # Idle: Postgres says nothing to an idle session unless something is wrong (FATAL
+        # before termination) or session state leaked (NOTIFY from a LISTEN). Fail closed.
+        self._buf += data
+        kinds = self._frame_types()
+        if kinds - {_N, _S}:
+            log.warning("%r sent %r while idle; closing it", self, bytes(sorted(kinds)))
+            self.close()
+
+    def _frame_types(self) -> set[int]:
+        kinds: set[int] = set()
+        pos = 0
+        while len(self._buf) - pos >= 5:
+            msg_type, length = _unpack_header(self._buf, pos)
+            if pos + 1 + length > len(self._buf):
+                break
+            kinds.add(msg_type)
+            pos += 1 + length
+        del self._buf[:pos]
+        return kinds
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wake()
+        if self._reset_done is not None and not self._reset_done.done():
+            self._reset_done.set_result(False)
+        peer, self.peer = self.peer, None
+        self._on_lost(self)
+        if peer is not None:
+            peer.server_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.server_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.server_resume_writing()
+
+    def _wake(self) -> None:
+        waiter, self._frame_waiter = self._frame_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ------------------------------------------------------------------ data path helpers
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Terminate politely if we can, then drop the socket. Idempotent."""
+        if self.transport is not None and not self._closed:
+            self._closed = True
+            try:
+                self.transport.write(codec.terminate())
+            finally:
+                self.transport.close()
+
+    # ------------------------------------------------------------------ reset
+
+    async def rollback(self, timeout: float) -> bool:
+        """Roll back whatever transaction a departed client left open.
+
+        Returns: True when the server answered ReadyForQuery ``I`` (clean), else False.
+        """
+        assert self.state is ServerState.RESET
+        self._buf.clear()
+        self._reset_done = asyncio.get_running_loop().create_future()
+        self.resume_reading()
+        self.write(codec.query("ROLLBACK"))
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._reset_done
+        except TimeoutError:
+            return False
+        finally:
+            self._reset_done = None
+
+    def _reset_data(self, data: bytes) -> None:
+        self._buf += data
+        pos = 0
+        while len(self._buf) - pos >= 5:
+            msg_type, length = _unpack_header(self._buf, pos)
+            end = pos + 1 + length
+            if end > len(self._buf):
+                break
+            if msg_type == _Z and self._reset_done is not None and not self._reset_done.done():
+                self._reset_done.set_result(self._buf[pos + 5] == ord("I"))
+            elif msg_type == _E and self._reset_done is not None and not self._reset_done.done():
+                self._reset_done.set_result(False)
+            pos = end
+        del self._buf[:pos]
+
+
+async def send_cancel(dsn: Dsn, pid: int, secret: int, timeout: float = 5.0) -> None:
+    """Forward a CancelRequest to the backend that runs ``pid``; errors are swallowed."""
+    try:
+        async with asyncio.timeout(timeout):
+            if dsn.unix_socket:
+                reader, writer = await asyncio.open_unix_connection(dsn.unix_socket)
+            else:
+                reader, writer = await asyncio.open_connection(dsn.host, dsn.port)
+            writer.write(codec.cancel_request(pid, secret))
+            await writer.drain()
+            await reader.read()  # Postgres closes after reading the request
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        log.warning("cancel request to %s:%s failed: %s", dsn.host, dsn.port, exc)
+
