@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from uuid import UUID
 
+from pglast import keywords
+
 from ..config import TenantTypeConfig
 from ..errors import ContextError
 
@@ -20,6 +22,7 @@ __all__ = [
     "build_context",
     "default_schema_name",
     "quote_ident",
+    "quote_ident_if_needed",
     "quote_literal",
     "render_template",
 ]
@@ -27,6 +30,10 @@ __all__ = [
 # Rendered role and schema names must be plain lower-case identifiers: they are spliced into
 # SQL text (quoted, but we also want them ASCII so error positions shift by bytes == chars).
 _SAFE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_PLAIN_IDENT = re.compile(r"^[a-z_][a-z0-9_$]*$")
+# quote_identifier() (ruleutils.c) quotes every keyword that is not UNRESERVED.
+_NEEDS_QUOTES = frozenset(keywords.RESERVED_KEYWORDS | keywords.COL_NAME_KEYWORDS
+                          | keywords.TYPE_FUNC_NAME_KEYWORDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +66,25 @@ class TenantContext:
 
     @property
     def search_path_value(self) -> str:
-        """Returns: the search_path as Postgres prints it (identifiers quoted)."""
-        return ", ".join(quote_ident(s) for s in self.search_path)
+        """Returns: the search_path exactly as Postgres prints it after ``SET``.
+
+        ``SET`` normalises identifiers with quote_identifier(); ``set_config`` stores the
+        string verbatim. Using Postgres's own spelling makes both injection paths leave the
+        same ``current_setting('search_path')``.
+        """
+        return ", ".join(quote_ident_if_needed(s) for s in self.search_path)
 
 
 def quote_ident(name: str) -> str:
     """Returns: ``name`` as a double-quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def quote_ident_if_needed(name: str) -> str:
+    """Returns: ``name`` quoted only when Postgres's quote_identifier() would quote it."""
+    if _PLAIN_IDENT.match(name) and name not in _NEEDS_QUOTES:
+        return name
+    return quote_ident(name)
 
 
 def quote_literal(value: str) -> str:

@@ -102,13 +102,12 @@ _DROPS_STATEMENTS = re.compile(rb"(?i)\b(deallocate|discard)\b")
 class Segment:
     """One request the server will close with one ReadyForQuery."""
 
-    __slots__ = ("await_first", "ctx_parse", "drop", "shift", "txn_control")
+    __slots__ = ("await_first", "drop", "shift", "txn_control")
 
-    def __init__(self, drop: int, shift: int, await_first: bool, ctx_parse: bool):
+    def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
         self.shift = shift  # ErrorResponse position shift (simple-query prefix length)
         self.await_first = await_first  # injected Query: no client reply seen yet
-        self.ctx_parse = ctx_parse  # the injection parsed the context statement
         self.txn_control = False
 
 
@@ -186,18 +185,16 @@ class Link:
 
     def _ext_injection(self, out: bytearray) -> Segment:
         drop = EXT_DROP
-        ctx_parse = False
         if self.ctx_state != CTX_READY:
             if self.ctx_state == CTX_UNKNOWN:
                 out += CTX_CLOSE
                 drop += 1
             out += CTX_PARSE
             drop += 1
-            ctx_parse = True
             self.ctx_state = CTX_READY
         out += self.injection.ext_bind
         out += EXECUTE_UNNAMED
-        return Segment(drop, 0, False, ctx_parse)
+        return Segment(drop)
 
     def _push(self, seg: Segment) -> None:
         self.pending.append(seg)
@@ -254,14 +251,14 @@ class Link:
                     break
                 text = bytes(buf[pos + 5 : end])
                 if inject:
-                    seg = Segment(Q_DROP, self.injection.q_shift, True, False)
+                    seg = Segment(Q_DROP, self.injection.q_shift, True)
                     out += buf[span:pos]
                     out += _pack_header(_Q, length + len(self.injection.q_prefix))
                     out += self.injection.q_prefix
                     out += text
                     span = end
                 else:
-                    seg = Segment(0, 0, False, False)
+                    seg = Segment(0)
                 self._push(seg)
                 if _TXN_CONTROL.search(text):
                     self._mark_txn(seg)
@@ -293,7 +290,7 @@ class Link:
                         break
                     out += buf[span:pos]
                     span = pos
-                    seg = self._ext_injection(out) if inject else Segment(0, 0, False, False)
+                    seg = self._ext_injection(out) if inject else Segment(0)
                     self._push(seg)
                     self.open_extended = True
                 seg = self.pending[-1]
@@ -320,7 +317,7 @@ class Link:
                 if self.open_extended:
                     self.open_extended = False
                 elif self.attached:  # a bare Sync still earns a ReadyForQuery
-                    self._push(Segment(0, 0, False, False))
+                    self._push(Segment(0))
                 else:  # no server, no transaction: answer it ourselves
                     out += buf[span:pos]
                     span = end
@@ -416,7 +413,9 @@ class Link:
             return frame
         if t == _E:
             if head is not None:
-                if head.drop and head.ctx_parse:
+                if head.drop and not head.shift:
+                    # The extended injection failed: its statement may be gone (a client's
+                    # DEALLOCATE, a failed Parse). Close and re-Parse it next time.
                     self.ctx_state = CTX_UNKNOWN
                 head.drop = 0
                 head.await_first = False

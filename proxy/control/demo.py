@@ -1,0 +1,397 @@
+"""The demo environment: the schema-routing data model from the seed article, with tenants.
+
+Owns the demo DDL (SME tables in ``public``, agency tables in ``tenant_b``, the router function,
+the security-invoker view, schema-per-tenant ``enterprise`` tenants), demo rows and tokens,
+and the proxy config that serves them. Run once per fresh database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from uuid import UUID
+
+import asyncpg
+
+from ..config import TenantTypeConfig, parse_dsn
+from ..identity.context import quote_ident
+from . import ControlError
+from .init import init_database
+from .tenants import create_tenant, issue_token
+
+__all__ = [
+    "DEMO_MODEL_DDL",
+    "DEMO_TENANT_TYPES",
+    "DemoEnv",
+    "DemoTenant",
+    "build_demo",
+]
+
+DEMO_TENANT_TYPES: dict[str, TenantTypeConfig] = {
+    "sme": TenantTypeConfig(name="sme", role="tenant_sme", search_path=("public",)),
+    "agency": TenantTypeConfig(
+        name="agency", role="tenant_agency", search_path=("tenant_b", "public")
+    ),
+    "enterprise": TenantTypeConfig(
+        name="enterprise", role="{schema}", search_path=("{schema}", "public")
+    ),
+}
+
+_TENANT_FILTER = "nullif(current_setting('app.tenant_id', true), '')::uuid"
+
+
+def _rls(table: str, column: str) -> tuple[str, ...]:
+    # FORCE so even the table owner is filtered (superusers still bypass: admin tooling only).
+    policy = f"{column} = {_TENANT_FILTER}"
+    return (
+        f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY",
+        f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY",
+        f"DROP POLICY IF EXISTS tenant_isolation ON {table}",
+        f"CREATE POLICY tenant_isolation ON {table} USING ({policy}) WITH CHECK ({policy})",
+    )
+
+
+_ROUTER = f"""
+CREATE OR REPLACE FUNCTION public.save_resource_routed(
+    p_name text, p_data jsonb, p_entity_id uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, tenant_b, pg_temp
+AS $fn$
+DECLARE
+    -- The org comes only from the injected context, never from a parameter: a caller
+    -- cannot name another tenant.
+    v_org    uuid := {_TENANT_FILTER};
+    v_bound  uuid := nullif(current_setting('app.entity_id', true), '')::uuid;
+    v_entity uuid := coalesce(p_entity_id, v_bound);
+    v_type   text;
+    v_id     uuid;
+BEGIN
+    IF v_org IS NULL THEN
+        RAISE EXCEPTION 'save_resource_routed: no tenant context' USING ERRCODE = '42501';
+    END IF;
+    SELECT o.tenant_type INTO v_type FROM pgtenant.organizations o WHERE o.id = v_org;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'save_resource_routed: unknown organization' USING ERRCODE = '42501';
+    END IF;
+    IF v_type = 'sme' THEN
+        INSERT INTO public.brand_guidelines (org_id, name, guidelines)
+        VALUES (v_org, p_name, p_data) RETURNING id INTO v_id;
+        RETURN jsonb_build_object('schema', 'public', 'id', v_id);
+    ELSIF v_type = 'agency' THEN
+        IF v_entity IS NULL THEN
+            RAISE EXCEPTION 'save_resource_routed: agency tenants must name an entity'
+                USING ERRCODE = '22023';
+        END IF;
+        IF v_bound IS NOT NULL AND v_entity <> v_bound THEN
+            RAISE EXCEPTION 'save_resource_routed: token is bound to another entity'
+                USING ERRCODE = '42501';
+        END IF;
+        -- This function runs as the admin, which bypasses RLS: check ownership by hand.
+        PERFORM 1 FROM tenant_b.workspace_entities e
+          WHERE e.id = v_entity AND e.organization_id = v_org;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'save_resource_routed: entity % not found', v_entity
+                USING ERRCODE = '42501';
+        END IF;
+        INSERT INTO tenant_b.entity_data (organization_id, entity_id, data_type, content)
+        VALUES (v_org, v_entity, 'brand_guidelines',
+                jsonb_build_object('name', p_name) || coalesce(p_data, '{{}}'::jsonb))
+        RETURNING id INTO v_id;
+        RETURN jsonb_build_object('schema', 'tenant_b', 'id', v_id);
+    END IF;
+    RAISE EXCEPTION 'save_resource_routed: tenant type % has no resource routing', v_type
+        USING ERRCODE = '0A000';
+END
+$fn$
+"""
+
+DEMO_MODEL_DDL: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS public.brand_guidelines (
+        id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        org_id     uuid NOT NULL,
+        name       text,
+        guidelines jsonb,
+        created_at timestamptz NOT NULL DEFAULT now()
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS public.campaigns (
+        id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        org_id     uuid NOT NULL,
+        name       text,
+        budget     numeric,
+        created_at timestamptz NOT NULL DEFAULT now()
+    )
+    """,
+    "CREATE SCHEMA IF NOT EXISTS tenant_b AUTHORIZATION CURRENT_USER",
+    "REVOKE ALL ON SCHEMA tenant_b FROM PUBLIC",
+    # UNIQUE (organization_id, id) lets entity_data reference the entity *and* its org:
+    # foreign-key checks bypass RLS, so a plain FK would accept another agency's entity id.
+    """
+    CREATE TABLE IF NOT EXISTS tenant_b.workspace_entities (
+        id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        organization_id uuid NOT NULL,
+        name            text,
+        metadata        jsonb,
+        UNIQUE (organization_id, id)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS tenant_b.entity_data (
+        id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        organization_id uuid NOT NULL,
+        entity_id       uuid NOT NULL REFERENCES tenant_b.workspace_entities (id),
+        data_type       text NOT NULL,
+        content         jsonb,
+        FOREIGN KEY (organization_id, entity_id)
+            REFERENCES tenant_b.workspace_entities (organization_id, id)
+    )
+    """,
+    *_rls("public.brand_guidelines", "org_id"),
+    *_rls("public.campaigns", "org_id"),
+    *_rls("tenant_b.workspace_entities", "organization_id"),
+    *_rls("tenant_b.entity_data", "organization_id"),
+    _ROUTER,
+    """
+    CREATE OR REPLACE VIEW public.resources_unified WITH (security_invoker = on) AS
+        SELECT id, org_id AS organization_id, NULL::uuid AS entity_id, guidelines AS data,
+               'public'::text AS source
+          FROM public.brand_guidelines
+        UNION ALL
+        SELECT id, organization_id, entity_id, content AS data, 'tenant_b'::text AS source
+          FROM tenant_b.entity_data
+         WHERE data_type = 'brand_guidelines'
+    """,
+    # Privileges: SME writes only public tables, agency writes only tenant_b tables; each
+    # may read the other side only as far as the unified view needs (RLS hides the rows).
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON public.brand_guidelines, public.campaigns "
+    "TO tenant_sme",
+    "GRANT USAGE ON SCHEMA tenant_b TO tenant_sme, tenant_agency",
+    "GRANT SELECT ON tenant_b.entity_data TO tenant_sme",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON tenant_b.workspace_entities, tenant_b.entity_data "
+    "TO tenant_agency",
+    "GRANT SELECT ON public.brand_guidelines TO tenant_agency",
+    "GRANT SELECT ON public.resources_unified TO tenant_sme, tenant_agency",
+    "REVOKE EXECUTE ON FUNCTION public.save_resource_routed(text, jsonb, uuid) FROM PUBLIC",
+    "GRANT EXECUTE ON FUNCTION public.save_resource_routed(text, jsonb, uuid) "
+    "TO tenant_sme, tenant_agency",
+)
+
+# Demo rows per tenant. Every row name starts with "<slug>: " so tests can assert visibility
+# by prefix.
+_SME_ROWS: dict[str, dict[str, list[str]]] = {
+    "acme": {
+        "public.brand_guidelines": ["acme: primary palette", "acme: tone of voice"],
+        "public.campaigns": ["acme: spring launch", "acme: summer sale"],
+    },
+    "initech": {
+        "public.brand_guidelines": [
+            "initech: logo usage", "initech: typography", "initech: voice",
+        ],
+        "public.campaigns": ["initech: tps reports", "initech: q3 push"],
+    },
+}
+_AGENCY_SLUG = "umbrella"
+_AGENCY_ENTITIES = ("client_a", "client_b")
+_ENTERPRISE_ROWS: dict[str, list[str]] = {
+    "globex": ["globex: hammock district", "globex: magnet project"],
+    "hooli": ["hooli: nucleus", "hooli: box three"],
+}
+
+
+@dataclass(slots=True)
+class DemoTenant:
+    """One demo tenant, its token(s) and the rows it should (alone) see."""
+
+    slug: str
+    org_id: UUID
+    tenant_type: str
+    token: str
+    token_id: UUID
+    role: str
+    schema: str | None = None
+    entity_ids: list[UUID] = field(default_factory=list)
+    # entity name (client_a...) -> id, and -> a token bound to that entity.
+    entities: dict[str, UUID] = field(default_factory=dict)
+    entity_tokens: dict[str, str] = field(default_factory=dict)
+    # qualified table name -> sorted row names (``name`` or ``content->>'name'``).
+    rows: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class DemoEnv:
+    """A database prepared by ``build_demo``."""
+
+    admin_dsn: str
+    proxy_dsn: str
+    proxy_role: str
+    proxy_password: str
+    dbname: str
+    tenant_types: dict[str, TenantTypeConfig]
+    tenants: dict[str, DemoTenant]
+
+    def config_toml(self, listen_port: int, *, pool_size: int = 4, extra: str = "") -> str:
+        """Render a proxy config serving this database on ``127.0.0.1:listen_port``.
+
+        ``extra`` is inserted after ``listen`` and before the first table, so it may hold
+        top-level keys (``log_level = "debug"``) and/or whole tables (``[control]``).
+
+        Returns: TOML text accepted by ``proxy.config.parse_config``.
+        """
+        lines = [f"listen = {_toml_str(f'127.0.0.1:{listen_port}')}"]
+        if extra.strip():
+            lines.append(extra.strip())
+        lines += [
+            "",
+            f"[databases.{_toml_key(self.dbname)}]",
+            f"dsn = {_toml_str(self.proxy_dsn)}",
+            f"pool_size = {int(pool_size)}",
+        ]
+        for name, tenant_type in self.tenant_types.items():
+            path = ", ".join(_toml_str(p) for p in tenant_type.search_path)
+            lines += [
+                "",
+                f"[tenant_types.{_toml_key(name)}]",
+                f"role = {_toml_str(tenant_type.role)}",
+                f"search_path = [{path}]",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_str(value: str) -> str:
+    # JSON string escapes are a subset of TOML basic-string escapes.
+    return json.dumps(value)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+async def build_demo(admin_dsn: str, *, proxy_role: str = "pgtenant_proxy") -> DemoEnv:
+    """Install pgtenant and the demo data model, tenants and tokens into an existing database.
+
+    Sets a fresh password on the proxy role (roles are cluster-wide, so a second demo
+    database in the same cluster re-keys the role; earlier ``proxy_dsn`` values go stale).
+
+    Returns: the ``DemoEnv``.
+    Raises: ControlError when the database already has demo tenants;
+    asyncpg.PostgresError when a statement fails.
+    """
+    slugs = [*_SME_ROWS, _AGENCY_SLUG, *_ENTERPRISE_ROWS]
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        # Checked before init, which would otherwise re-key the proxy role for nothing.
+        if await conn.fetchval("SELECT to_regclass('pgtenant.organizations') IS NOT NULL"):
+            existing = await conn.fetch(
+                "SELECT slug FROM pgtenant.organizations WHERE slug = ANY($1::text[])", slugs
+            )
+            if existing:
+                raise ControlError(
+                    f"demo tenants already exist in this database: "
+                    f"{[r['slug'] for r in existing]}"
+                )
+        password = secrets.token_urlsafe(24)
+        await init_database(
+            admin_dsn, proxy_role=proxy_role, proxy_password=password,
+            tenant_types=DEMO_TENANT_TYPES,
+        )
+        async with conn.transaction():
+            for stmt in DEMO_MODEL_DDL:
+                await conn.execute(stmt)
+        dbname: str = await conn.fetchval("SELECT current_database()")
+    finally:
+        await conn.close()
+
+    tenants: dict[str, DemoTenant] = {}
+    for slug in slugs:
+        type_name = (
+            "sme" if slug in _SME_ROWS else "agency" if slug == _AGENCY_SLUG else "enterprise"
+        )
+        tenant_type = DEMO_TENANT_TYPES[type_name]
+        org_id = await create_tenant(
+            admin_dsn, slug=slug, tenant_type=tenant_type, proxy_role=proxy_role
+        )
+        schema = f"t_{slug}" if type_name == "enterprise" else None
+        token_id, token = await issue_token(admin_dsn, tenant_slug=slug, label="demo")
+        tenants[slug] = DemoTenant(
+            slug=slug, org_id=org_id, tenant_type=type_name, token=token, token_id=token_id,
+            role=schema or tenant_type.role, schema=schema,
+        )
+
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        async with conn.transaction():
+            await _insert_rows(conn, tenants)
+    finally:
+        await conn.close()
+    umbrella = tenants[_AGENCY_SLUG]
+    client_a = umbrella.entities["client_a"]
+    _, bound = await issue_token(
+        admin_dsn, tenant_slug=_AGENCY_SLUG, entity_id=client_a, label="demo client_a"
+    )
+    umbrella.entity_tokens["client_a"] = bound
+
+    proxy_dsn = dataclasses.replace(
+        parse_dsn(admin_dsn), user=proxy_role, password=password, params=()
+    ).to_url()
+    return DemoEnv(
+        admin_dsn=admin_dsn, proxy_dsn=proxy_dsn, proxy_role=proxy_role,
+        proxy_password=password, dbname=dbname, tenant_types=dict(DEMO_TENANT_TYPES),
+        tenants=tenants,
+    )
+
+
+async def _insert_rows(conn: asyncpg.Connection, tenants: Mapping[str, DemoTenant]) -> None:
+    # Runs as the admin (a superuser bypasses RLS), so org ids are written explicitly.
+    for slug, tables in _SME_ROWS.items():
+        tenant = tenants[slug]
+        for i, name in enumerate(tables["public.brand_guidelines"]):
+            await conn.execute(
+                "INSERT INTO public.brand_guidelines (org_id, name, guidelines) "
+                "VALUES ($1, $2, $3::jsonb)",
+                tenant.org_id, name, json.dumps({"name": name, "rank": i}),
+            )
+        for i, name in enumerate(tables["public.campaigns"]):
+            await conn.execute(
+                "INSERT INTO public.campaigns (org_id, name, budget) VALUES ($1, $2, $3)",
+                tenant.org_id, name, 1000 * (i + 1),
+            )
+        tenant.rows = {table: sorted(names) for table, names in tables.items()}
+
+    agency = tenants[_AGENCY_SLUG]
+    data_names: list[str] = []
+    for entity in _AGENCY_ENTITIES:
+        entity_id = await conn.fetchval(
+            "INSERT INTO tenant_b.workspace_entities (organization_id, name, metadata) "
+            "VALUES ($1, $2, $3::jsonb) RETURNING id",
+            agency.org_id, f"{agency.slug}: {entity}", json.dumps({"client": entity}),
+        )
+        agency.entities[entity] = entity_id
+        agency.entity_ids.append(entity_id)
+        for data_type in ("brand_guidelines", "persona"):
+            name = f"{agency.slug}: {entity} {data_type}"
+            await conn.execute(
+                "INSERT INTO tenant_b.entity_data (organization_id, entity_id, data_type, "
+                "content) VALUES ($1, $2, $3, $4::jsonb)",
+                agency.org_id, entity_id, data_type, json.dumps({"name": name}),
+            )
+            data_names.append(name)
+    agency.rows = {
+        "tenant_b.workspace_entities": sorted(f"{agency.slug}: {e}" for e in _AGENCY_ENTITIES),
+        "tenant_b.entity_data": sorted(data_names),
+    }
+
+    for slug, names in _ENTERPRISE_ROWS.items():
+        tenant = tenants[slug]
+        assert tenant.schema is not None
+        table = f"{quote_ident(tenant.schema)}.projects"
+        # Created after create_tenant, so the schema's default privileges give its role DML.
+        await conn.execute(f"CREATE TABLE {table} (id serial PRIMARY KEY, name text)")
+        await conn.executemany(f"INSERT INTO {table} (name) VALUES ($1)", [(n,) for n in names])
+        tenant.rows = {f"{tenant.schema}.projects": sorted(names)}

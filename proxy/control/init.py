@@ -1,0 +1,322 @@
+"""`pgtenant init` and its audit: the control schema, the proxy login role and tenant roles.
+
+Owns the fail-closed lockdown of one database (``init_database``) and the check that it still
+holds (``check_fail_closed``). Idempotent: re-running changes nothing that is already right.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from ..config import TenantTypeConfig
+from ..identity.context import quote_ident, quote_literal
+from .schema import (
+    CONTROL_DDL,
+    CONTROL_SCHEMA,
+    PROXY_ROLE_DEFAULTS,
+    RESOLVE_TOKEN_SIGNATURE,
+    resolve_token_ddl,
+)
+
+__all__ = [
+    "LOGIN_ROLE_OPTIONS",
+    "TENANT_ROLE_OPTIONS",
+    "InitResult",
+    "check_fail_closed",
+    "ensure_tenant_role",
+    "grant_role_to_proxy",
+    "init_database",
+    "scram_verifier",
+]
+
+LOGIN_ROLE_OPTIONS = (
+    "LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+)
+TENANT_ROLE_OPTIONS = (
+    "NOLOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InitResult:
+    """What ``init_database`` did."""
+
+    proxy_role: str
+    # Set only when a password was generated or given; None means the old one still holds.
+    proxy_password: str | None
+    created_roles: list[str] = field(default_factory=list)
+
+
+def scram_verifier(password: str, *, iterations: int = 4096) -> str:
+    """Compute a SCRAM-SHA-256 verifier as Postgres stores it in ``pg_authid``.
+
+    Sending the verifier instead of the password keeps the secret out of server logs and
+    ``pg_stat_statements``. Postgres SASLprep-normalises passwords; printable ASCII (what
+    ``secrets.token_urlsafe`` produces) is unchanged by it.
+
+    Returns: ``SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>``.
+    Raises: ValueError for passwords outside printable ASCII (SASLprep not implemented).
+    """
+    if not password or any(ch not in string.printable or ch in "\t\n\r\x0b\x0c" for ch in password):
+        raise ValueError("scram_verifier supports printable ASCII passwords only")
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _password_clause(password: str) -> str:
+    try:
+        return "PASSWORD " + quote_literal(scram_verifier(password))
+    except ValueError:
+        return "PASSWORD " + quote_literal(password)
+
+
+async def _role_exists(conn: asyncpg.Connection, role: str) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role))
+
+
+async def grant_role_to_proxy(conn: asyncpg.Connection, role: str, proxy_role: str) -> None:
+    """Let the proxy ``SET LOCAL ROLE`` to ``role`` without inheriting its privileges.
+
+    Returns: None.
+    Raises: asyncpg.PostgresError from the GRANT.
+    """
+    sql = f"GRANT {quote_ident(role)} TO {quote_ident(proxy_role)}"
+    if conn.get_server_version().major >= 16:
+        # PG16 made inheritance a property of the grant; NOINHERIT on the login role only
+        # sets the default, so say it explicitly.
+        sql += " WITH INHERIT FALSE, SET TRUE"
+    await conn.execute(sql)
+
+
+async def ensure_tenant_role(conn: asyncpg.Connection, role: str) -> bool:
+    """Create a NOLOGIN tenant role, or re-assert its safe attributes if it exists.
+
+    Returns: whether the role was created.
+    Raises: asyncpg.PostgresError from CREATE/ALTER ROLE.
+    """
+    created = not await _role_exists(conn, role)
+    verb = "CREATE" if created else "ALTER"
+    await conn.execute(f"{verb} ROLE {quote_ident(role)} {TENANT_ROLE_OPTIONS}")
+    return created
+
+
+def _static_role(tenant_type: TenantTypeConfig) -> str | None:
+    # A role template with a placeholder is rendered per tenant by create_tenant instead.
+    return None if "{" in tenant_type.role else tenant_type.role
+
+
+async def init_database(
+    admin_dsn: str,
+    *,
+    proxy_role: str = "pgtenant_proxy",
+    proxy_password: str | None = None,
+    tenant_types: Mapping[str, TenantTypeConfig] | None = None,
+) -> InitResult:
+    """Install pgtenant's control schema and fail-closed roles into the DSN's database.
+
+    Runs in one transaction as ``admin_dsn``'s user (a superuser, or the database owner with
+    CREATEROLE). Creates the proxy login role with a random password when it is new; an
+    existing role keeps its password unless ``proxy_password`` is given.
+
+    Returns: an ``InitResult``.
+    Raises: asyncpg.PostgresError when a statement fails (nothing is applied then).
+    """
+    created: list[str] = []
+    password_out: str | None = None
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        async with conn.transaction():
+            for stmt in CONTROL_DDL:
+                await conn.execute(stmt)
+            await conn.execute(resolve_token_ddl())
+            await conn.execute(f"ALTER FUNCTION {RESOLVE_TOKEN_SIGNATURE} OWNER TO CURRENT_USER")
+
+            proxy = quote_ident(proxy_role)
+            if await _role_exists(conn, proxy_role):
+                options = LOGIN_ROLE_OPTIONS
+                if proxy_password is not None:
+                    options += " " + _password_clause(proxy_password)
+                    password_out = proxy_password
+                await conn.execute(f"ALTER ROLE {proxy} {options}")
+            else:
+                password_out = proxy_password or secrets.token_urlsafe(24)
+                await conn.execute(
+                    f"CREATE ROLE {proxy} {LOGIN_ROLE_OPTIONS} {_password_clause(password_out)}"
+                )
+                created.append(proxy_role)
+            for guc, value in PROXY_ROLE_DEFAULTS:
+                # Role-wide (all databases): a session that escapes injection sees no tenant.
+                await conn.execute(f"ALTER ROLE {proxy} SET {guc} = {quote_literal(value)}")
+
+            await conn.execute(
+                f"REVOKE EXECUTE ON FUNCTION {RESOLVE_TOKEN_SIGNATURE} FROM PUBLIC"
+            )
+            await conn.execute(
+                f"GRANT EXECUTE ON FUNCTION {RESOLVE_TOKEN_SIGNATURE} TO {proxy}"
+            )
+            await conn.execute(f"GRANT USAGE ON SCHEMA {CONTROL_SCHEMA} TO {proxy}")
+
+            dbname = quote_ident(await conn.fetchval("SELECT current_database()"))
+            # Without PUBLIC's TEMP privilege no tenant role can create temp objects (which
+            # could shadow names in pg_temp) and only explicit grantees may connect.
+            await conn.execute(f"REVOKE ALL ON DATABASE {dbname} FROM PUBLIC")
+            await conn.execute(f"GRANT CONNECT ON DATABASE {dbname} TO {proxy}")
+            await conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+
+            for tenant_type in (tenant_types or {}).values():
+                role = _static_role(tenant_type)
+                if role is None:
+                    continue
+                if await ensure_tenant_role(conn, role):
+                    created.append(role)
+                await conn.execute(f"GRANT USAGE ON SCHEMA public TO {quote_ident(role)}")
+                await grant_role_to_proxy(conn, role, proxy_role)
+    finally:
+        await conn.close()
+    return InitResult(proxy_role=proxy_role, proxy_password=password_out, created_roles=created)
+
+
+_ROLE_FLAGS = (
+    ("rolsuper", "is a superuser"),
+    ("rolbypassrls", "has BYPASSRLS"),
+    ("rolinherit", "has INHERIT (privileges of granted tenant roles would flow to it)"),
+    ("rolcreaterole", "has CREATEROLE"),
+    ("rolcreatedb", "has CREATEDB"),
+    ("rolreplication", "has REPLICATION"),
+)
+
+
+async def check_fail_closed(admin_dsn: str, proxy_role: str) -> list[str]:
+    """Audit the proxy login role and the roles it may switch to, in the DSN's database.
+
+    Returns: human-readable problems; empty when the setup fails closed.
+    Raises: asyncpg.PostgresError when the catalogs cannot be read.
+    """
+    problems: list[str] = []
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        role = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", proxy_role)
+        if role is None:
+            return [f"role {proxy_role!r} does not exist (run pgtenant init)"]
+        for column, text in _ROLE_FLAGS:
+            if role[column]:
+                problems.append(f"role {proxy_role!r} {text}")
+
+        owned = await conn.fetch(
+            """
+            SELECT classid::regclass::text AS catalog, count(*) AS n
+              FROM pg_shdepend
+             WHERE refclassid = 'pg_authid'::regclass AND refobjid = $1 AND deptype = 'o'
+             GROUP BY 1 ORDER BY 1
+            """,
+            role["oid"],
+        )
+        for row in owned:
+            problems.append(f"role {proxy_role!r} owns {row['n']} object(s) in {row['catalog']}")
+
+        # Database-specific settings override role-wide ones: look at the effective value.
+        rows = await conn.fetch(
+            """
+            SELECT setdatabase <> 0 AS db_specific, setconfig FROM pg_db_role_setting
+             WHERE setrole = $1
+               AND setdatabase IN (0, (SELECT oid FROM pg_database
+                                        WHERE datname = current_database()))
+             ORDER BY setdatabase
+            """,
+            role["oid"],
+        )
+        effective: dict[str, str] = {}
+        for row in rows:
+            for item in row["setconfig"] or []:
+                key, _, value = item.partition("=")
+                effective[key] = value
+        for guc, want in PROXY_ROLE_DEFAULTS:
+            got = effective.get(guc)
+            ok = got is not None and (got == want or (guc == "search_path" and got == '""'))
+            if not ok:
+                shown = "unset" if got is None else repr(got)
+                problems.append(
+                    f"role {proxy_role!r} default {guc} is {shown}, expected {want!r} "
+                    f"(ALTER ROLE ... SET {guc} = {quote_literal(want)})"
+                )
+
+        readable = await conn.fetch(
+            """
+            SELECT format('%I.%I', n.nspname, c.relname) AS rel FROM pg_class c
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f')
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+               AND has_table_privilege($1, c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE')
+             ORDER BY 1 LIMIT 10
+            """,
+            proxy_role,
+        )
+        for row in readable:
+            problems.append(f"role {proxy_role!r} has privileges on table {row['rel']}")
+        if await conn.fetchval(
+            "SELECT has_database_privilege($1, current_database(), 'TEMP')", proxy_role
+        ):
+            problems.append(f"role {proxy_role!r} may create TEMP tables in this database")
+
+        fn = await conn.fetchval("SELECT to_regprocedure($1)::oid", RESOLVE_TOKEN_SIGNATURE)
+        if fn is None:
+            problems.append(f"function {RESOLVE_TOKEN_SIGNATURE} is missing")
+        else:
+            if await conn.fetchval(
+                "SELECT has_function_privilege('public', $1::oid, 'EXECUTE')", fn
+            ):
+                problems.append(f"PUBLIC may execute {RESOLVE_TOKEN_SIGNATURE}")
+            if not await conn.fetchval(
+                "SELECT has_function_privilege($1, $2::oid, 'EXECUTE')", proxy_role, fn
+            ):
+                problems.append(f"role {proxy_role!r} may not execute {RESOLVE_TOKEN_SIGNATURE}")
+
+        # Nobody but the owner (all) and the proxy (USAGE) may touch the control schema.
+        grants = await conn.fetch(
+            """
+            SELECT coalesce(r.rolname, 'PUBLIC') AS grantee, a.privilege_type
+              FROM pg_namespace n, aclexplode(n.nspacl) a
+              LEFT JOIN pg_roles r ON r.oid = a.grantee
+             WHERE n.nspname = $1 AND a.grantee <> n.nspowner
+            """,
+            CONTROL_SCHEMA,
+        )
+        for row in grants:
+            if not (row["grantee"] == proxy_role and row["privilege_type"] == "USAGE"):
+                problems.append(
+                    f"{row['grantee']} has {row['privilege_type']} on schema {CONTROL_SCHEMA}"
+                )
+
+        # The roles the proxy may become must not be able to escape RLS either.
+        members = await conn.fetch(
+            """
+            SELECT r.rolname, r.rolsuper, r.rolbypassrls, r.rolcanlogin
+              FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid
+             WHERE m.member = $1 ORDER BY 1
+            """,
+            role["oid"],
+        )
+        for row in members:
+            for column, text in (("rolsuper", "is a superuser"), ("rolbypassrls", "has BYPASSRLS"),
+                                 ("rolcanlogin", "can log in")):
+                if row[column]:
+                    problems.append(f"tenant role {row['rolname']!r} (granted to proxy) {text}")
+    finally:
+        await conn.close()
+    return problems

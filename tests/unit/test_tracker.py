@@ -1,0 +1,278 @@
+"""Step-by-step tests of the link tracker: injection, dropped replies, release, holds."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from proxy.config import TenantTypeConfig
+from proxy.errors import ClientProtocolError, MessageTooLarge, UnsupportedProtocol
+from proxy.identity.context import TenantIdentity, build_context
+from proxy.protocol import codec
+from proxy.protocol.inject import CTX_CLOSE, CTX_PARSE, EXECUTE_UNNAMED, Injection
+from proxy.protocol.tracker import (
+    CTX_NONE,
+    CTX_READY,
+    CTX_UNKNOWN,
+    HOLD,
+    IDLE,
+    NEED_SERVER,
+    TERMINATE,
+    Link,
+)
+
+ORG = uuid.UUID("11111111-2222-3333-4444-555555555555")
+
+
+def make_link() -> Link:
+    identity = TenantIdentity(org_id=ORG, slug="acme", tenant_type="sme", token_id=uuid.uuid4())
+    ctx = build_context(identity, TenantTypeConfig(name="sme", role="tenant_sme",
+                                                   search_path=("public",)))
+    return Link(Injection(ctx), max_message_size=1 << 20)
+
+
+def cc(tag: str) -> bytes:
+    return codec.command_complete(tag)
+
+
+SET5 = cc("SET") * 5
+ROWDESC = codec.frame(ord("T"), b"\x00\x00")  # zero columns is enough for the tracker
+ROW = codec.frame(ord("D"), b"\x00\x01\x00\x00\x00\x011")
+Z_I = codec.ready_for_query(b"I")
+Z_T = codec.ready_for_query(b"T")
+Z_E = codec.ready_for_query(b"E")
+PARSE_COMPLETE = codec.frame(ord("1"), b"")
+BIND_COMPLETE = codec.frame(ord("2"), b"")
+CLOSE_COMPLETE = codec.frame(ord("3"), b"")
+
+
+def client_sends(link: Link, data: bytes) -> tuple[bytes, bytes, int]:
+    link.cbuf += data
+    return link.pump_client()
+
+
+def server_sends(link: Link, data: bytes) -> bytes:
+    chunks, _ = link.feed_server(data)
+    return b"".join(bytes(c) for c in chunks)
+
+
+def start(link: Link, data: bytes, ctx_state: int = CTX_NONE) -> bytes:
+    """Send ``data`` from a client with no server, attach one, return what reaches it."""
+    out, _, outcome = client_sends(link, data)
+    assert (out, outcome) == (b"", NEED_SERVER)
+    link.attach(ctx_state)
+    out, reply, outcome = link.pump_client()
+    assert outcome in (IDLE, HOLD) and reply == b""
+    return out
+
+
+def test_simple_query_is_prefixed_and_set_replies_are_dropped() -> None:
+    link = make_link()
+    to_server = start(link, codec.query("SELECT 1"))
+    prefix = link.injection.q_prefix
+    assert to_server == codec.query(prefix + b"SELECT 1")
+    assert prefix.startswith(b"SET LOCAL app.tenant_id = '11111111-2222-3333-4444-555555555555';")
+    assert prefix.endswith(b'SET LOCAL ROLE "tenant_sme";')
+    assert not link.can_release
+    seen = server_sends(link, SET5 + ROWDESC + ROW + cc("SELECT 1") + Z_I)
+    assert seen == ROWDESC + ROW + cc("SELECT 1") + Z_I
+    assert link.can_release
+
+
+def test_replies_split_byte_by_byte_give_the_same_client_stream() -> None:
+    link = make_link()
+    start(link, codec.query("SELECT 1"))
+    stream = SET5 + codec.parameter_status("search_path", "public") + ROWDESC + ROW
+    stream += cc("SELECT 1") + Z_I
+    seen = b"".join(server_sends(link, stream[i : i + 1]) for i in range(len(stream)))
+    assert seen == ROWDESC + ROW + cc("SELECT 1") + Z_I
+    assert link.can_release
+
+
+def test_syntax_error_position_points_into_client_text() -> None:
+    link = make_link()
+    start(link, codec.query("selec 1"))
+    shift = link.injection.q_shift
+    err = codec.frame(ord("E"), codec.encode_error_fields(
+        [(ord("S"), b"ERROR"), (ord("C"), b"42601"), (ord("M"), b"syntax error"),
+         (ord("P"), str(shift + 1).encode())]
+    ))
+    seen = server_sends(link, err + Z_I)
+    fields = dict(codec.parse_error_fields(seen[5 : -len(Z_I)]))
+    assert fields[ord("P")] == b"1"
+    assert seen.endswith(Z_I)
+    assert link.can_release
+
+
+def test_empty_query_gets_empty_query_response() -> None:
+    link = make_link()
+    start(link, codec.query(""))
+    assert server_sends(link, SET5 + Z_I) == codec.empty_query_response() + Z_I
+
+
+def test_explicit_transaction_keeps_server_and_injects_once() -> None:
+    link = make_link()
+    start(link, codec.query("BEGIN"))
+    assert server_sends(link, SET5 + cc("BEGIN") + Z_T) == cc("BEGIN") + Z_T
+    assert not link.can_release
+    out, _, outcome = client_sends(link, codec.query("SELECT 1"))
+    assert (out, outcome) == (codec.query("SELECT 1"), IDLE)  # no second injection
+    server_sends(link, ROWDESC + ROW + cc("SELECT 1") + Z_T)
+    out, _, _ = client_sends(link, codec.query("COMMIT"))
+    assert out == codec.query("COMMIT")
+    assert server_sends(link, cc("COMMIT") + Z_I) == cc("COMMIT") + Z_I
+    assert link.can_release
+
+
+def test_aborted_transaction_gets_no_injection_so_rollback_works() -> None:
+    link = make_link()
+    start(link, codec.query("BEGIN; SELECT 1/0"))
+    server_sends(link, SET5 + cc("BEGIN") + codec.error_response("22012", "division by zero") + Z_E)
+    out, _, _ = client_sends(link, codec.query("ROLLBACK"))
+    assert out == codec.query("ROLLBACK")
+    server_sends(link, cc("ROLLBACK") + Z_I)
+    assert link.can_release
+
+
+def extended_batch(sql: str = "SELECT 1") -> bytes:
+    return (codec.parse("", sql) + codec.bind("", "", []) + codec.frame(ord("D"), b"P\x00")
+            + codec.execute("", 0) + codec.sync())
+
+
+def test_extended_batch_gets_parse_bind_execute_of_context_first() -> None:
+    link = make_link()
+    batch = extended_batch()
+    to_server = start(link, batch)
+    assert to_server == CTX_PARSE + link.injection.ext_bind + EXECUTE_UNNAMED + batch
+    injected = PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1")
+    replies = PARSE_COMPLETE + BIND_COMPLETE + ROWDESC + ROW + cc("SELECT 1") + Z_I
+    assert server_sends(link, injected + replies) == replies
+    assert link.can_release
+    assert link.detach() == CTX_READY
+
+
+def test_second_extended_batch_on_a_ready_server_only_binds() -> None:
+    link = make_link()
+    to_server = start(link, extended_batch(), ctx_state=CTX_READY)
+    first = codec.parse("", "SELECT 1")
+    assert to_server.startswith(link.injection.ext_bind + EXECUTE_UNNAMED + first)
+    replies = PARSE_COMPLETE + BIND_COMPLETE + ROWDESC + ROW + cc("SELECT 1") + Z_I
+    assert server_sends(link, BIND_COMPLETE + ROW + cc("SELECT 1") + replies) == replies
+
+
+def test_failed_injection_marks_context_statement_unknown_and_reparses() -> None:
+    link = make_link()
+    start(link, extended_batch(), ctx_state=CTX_READY)
+    err = codec.error_response("26000", 'prepared statement "__pgtenant_ctx" does not exist')
+    assert server_sends(link, err + Z_I) == err + Z_I  # the client learns its batch failed
+    assert link.detach() == CTX_UNKNOWN
+    to_server = start(link, extended_batch(), ctx_state=CTX_UNKNOWN)
+    assert to_server.startswith(CTX_CLOSE + CTX_PARSE + link.injection.ext_bind)
+    injected = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1")
+    assert server_sends(link, injected + cc("SELECT 1") + Z_I) == cc("SELECT 1") + Z_I
+
+
+def test_deallocate_all_makes_the_context_statement_unknown() -> None:
+    link = make_link()
+    start(link, codec.query("DEALLOCATE ALL"), ctx_state=CTX_READY)
+    server_sends(link, SET5 + cc("DEALLOCATE ALL") + Z_I)
+    assert link.detach() == CTX_UNKNOWN
+
+
+def test_pipelined_queries_without_transaction_control_are_each_injected() -> None:
+    link = make_link()
+    to_server = start(link, codec.query("SELECT 1") + codec.query("SELECT 2"))
+    prefix = link.injection.q_prefix
+    assert to_server == codec.query(prefix + b"SELECT 1") + codec.query(prefix + b"SELECT 2")
+    seen = server_sends(link, SET5 + cc("SELECT 1") + Z_I + SET5 + cc("SELECT 2") + Z_I)
+    assert seen == cc("SELECT 1") + Z_I + cc("SELECT 2") + Z_I
+    assert link.can_release
+
+
+def test_segment_after_in_flight_begin_is_held_until_its_reply() -> None:
+    link = make_link()
+    out, _, outcome = client_sends(link, codec.query("BEGIN") + codec.query("SELECT 2"))
+    assert outcome == NEED_SERVER
+    link.attach(CTX_NONE)
+    out, _, outcome = link.pump_client()
+    assert outcome == HOLD
+    assert out == codec.query(link.injection.q_prefix + b"BEGIN")
+    _, resume = link.feed_server(SET5 + cc("BEGIN") + Z_T)
+    assert resume
+    out, _, outcome = link.pump_client()
+    assert (out, outcome) == (codec.query("SELECT 2"), IDLE)  # inside BEGIN: no injection
+
+
+def test_parameter_status_for_search_path_is_hidden() -> None:
+    link = make_link()
+    start(link, codec.query("BEGIN"))
+    tz = codec.parameter_status("TimeZone", "UTC")
+    seen = server_sends(link, SET5 + cc("BEGIN") + codec.parameter_status("search_path", "x")
+                        + tz + Z_T)
+    assert seen == cc("BEGIN") + tz + Z_T
+
+
+def test_large_data_row_streams_before_it_is_complete() -> None:
+    link = make_link()
+    start(link, codec.query("SELECT big"))
+    server_sends(link, SET5)
+    row = codec.frame(ord("D"), b"\x00\x01" + (100_000).to_bytes(4, "big") + b"x" * 100_000)
+    assert server_sends(link, ROWDESC) == ROWDESC
+    first = server_sends(link, row[:50_000])
+    assert first == row[:50_000]
+    rest = row[50_000:] + cc("SELECT 1") + Z_I
+    assert server_sends(link, rest) == rest
+    assert link.can_release
+
+
+def test_bare_sync_without_server_is_answered_locally() -> None:
+    link = make_link()
+    out, reply, outcome = client_sends(link, codec.sync())
+    assert (out, reply, outcome) == (b"", Z_I, IDLE)
+    assert not link.attached
+
+
+def test_copy_data_without_server_is_ignored_and_terminate_ends() -> None:
+    link = make_link()
+    out, reply, outcome = client_sends(link, codec.frame(ord("d"), b"1\n") + codec.terminate())
+    assert (out, reply, outcome) == (b"", b"", TERMINATE)
+
+
+def test_partial_client_message_waits_for_the_rest() -> None:
+    link = make_link()
+    msg = codec.query("SELECT 1")
+    out, _, outcome = client_sends(link, msg[:7])
+    assert (out, outcome) == (b"", IDLE)
+    out, _, outcome = client_sends(link, msg[7:])
+    assert outcome == NEED_SERVER
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"Q\x00\x00\x00\x02", ClientProtocolError),  # length below 4
+        (b"Q\x7f\x00\x00\x00", MessageTooLarge),
+        (b"Q\xff\xff\xff\xff", ClientProtocolError),  # negative length
+        (codec.frame(ord("F"), b"\x00\x00\x00\x01"), UnsupportedProtocol),
+        (codec.frame(ord("p"), b"pw\x00"), ClientProtocolError),  # password after login
+        (codec.frame(ord("?"), b""), ClientProtocolError),
+    ],
+)
+def test_malformed_client_messages_raise_protocol_errors(data: bytes, error: type) -> None:
+    link = make_link()
+    link.attach(CTX_NONE)
+    with pytest.raises(error):
+        client_sends(link, data)
+
+
+def test_copy_in_messages_do_not_start_segments() -> None:
+    link = make_link()
+    start(link, codec.query("COPY t FROM STDIN"))
+    copy_in = codec.frame(ord("G"), b"\x00\x00\x00")
+    assert server_sends(link, SET5 + copy_in) == copy_in
+    data = codec.frame(ord("d"), b"1\n") + codec.frame(ord("c"), b"")
+    out, _, outcome = client_sends(link, data)
+    assert (out, outcome) == (data, IDLE)
+    assert server_sends(link, cc("COPY 1") + Z_I) == cc("COPY 1") + Z_I
+    assert link.can_release
