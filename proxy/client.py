@@ -360,9 +360,22 @@ class ClientConnection(asyncio.Protocol):
         self._pump()
 
     def pool_failed(self, error: ProxyError) -> None:
-        """Pool callback: no server will come for us."""
+        """Pool callback: no server will come for this transaction.
+
+        The waiting segment gets an ERROR (not FATAL): like a statement timeout, the client
+        keeps its connection and may retry.
+        """
         self.waiting = False
-        self._fail(error)
+        if self.state is not ClientState.READY or self.link is None:
+            self._fail(error)
+            return
+        log.warning("transaction refused: client=%s user=%s db=%s tenant=%s reason=%s: %s",
+                    self.peer_host, self.user, self.database, self.link.injection.context
+                    .identity.slug, error.reason, error.message)
+        self._write(self.link.fail_segment(codec.error_response(
+            error.sqlstate, error.message, detail=error.detail, hint=error.hint)))
+        self._resume_reading()
+        self._pump()
 
     def _maybe_release(self) -> None:
         link, server = self.link, self.server
@@ -395,6 +408,10 @@ class ClientConnection(asyncio.Protocol):
         self.server = None
         if self.link is not None:
             self.link.detach()
+            if self.link.unsolicited_fatal is not None:  # Postgres's own words, then close
+                self._write(self.link.unsolicited_fatal)
+                self._disconnect("server terminated the session")
+                return
         self._fail(ServerUnavailable(
             "server connection lost in the middle of a transaction; its outcome is unknown"
         ))

@@ -18,7 +18,7 @@ from typing import Protocol
 from .config import Config, DatabaseConfig
 from .errors import PoolClosed, PoolTimeout, ProxyError, ServerUnavailable
 from .protocol.tracker import CTX_NONE
-from .server import ServerConnection, ServerState
+from .server import ServerConnection, ServerState, send_cancel
 
 __all__ = ["Pool", "Waiter"]
 
@@ -51,6 +51,9 @@ class Pool:
         self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._params_ready: asyncio.Future[None] | None = None
+        # Name our backends in pg_stat_activity unless the dsn already does.
+        named = any(key == "application_name" for key, _ in db.dsn.params)
+        self._login_params = () if named else (("application_name", "pgtenant"),)
 
     def __repr__(self) -> str:
         c = {s.value: len(d) for s, d in self.containers.items()}
@@ -112,6 +115,11 @@ class Pool:
         """Close a server and forget it."""
         if out_of_sync:
             self.out_of_sync += 1
+            if server.login is not None and not server.closed:
+                # Work may still run on the backend (a long query): cancel it rather than
+                # leave it burning a backend until it next tries to write to us.
+                login = server.login
+                self._spawn(send_cancel(server.dsn, login.backend_pid, login.backend_secret))
         server.peer = None
         self._set_state(server, ServerState.CLOSED)
         server.close()
@@ -169,7 +177,7 @@ class Pool:
 
     async def _connect(self, server: ServerConnection) -> None:
         try:
-            await server.connect(self.config.server_connect_timeout)
+            await server.connect(self.config.server_connect_timeout, self._login_params)
         except ProxyError as exc:
             self.connect_errors += 1
             log.error("database=%s server connect failed: %s", self.db.name, exc.message)

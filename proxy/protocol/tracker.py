@@ -131,6 +131,10 @@ class Link:
         self.drops_statements = False  # a segment may have deallocated our statement
         self.open_extended = False  # an extended batch was started and not yet synced
         self.held = False  # pump_client stopped with HOLD
+        self.skip_to_sync = False  # a failed extended batch: discard until Sync, as Postgres does
+        # A FATAL the server sent while the client awaited nothing (pg_terminate_backend):
+        # kept until the socket closes, so the client gets error and close together.
+        self.unsolicited_fatal: bytes | None = None
         self._sleftover = b""  # incomplete server frame
         self._sremaining = 0  # bytes of a large pass-through frame still to forward
         self._slow = False  # head segment needs frame-by-frame handling
@@ -234,6 +238,18 @@ class Link:
             end = pos + 1 + length
             if end > n:
                 break
+            if self.skip_to_sync and not self.attached:
+                out += buf[span:pos]
+                span = end
+                if t == _S:
+                    self.skip_to_sync = False
+                    reply += codec.ready_for_query(b"I")
+                elif t == _X:
+                    span = pos
+                    outcome = TERMINATE
+                    break
+                pos = end
+                continue
             if t in _CLIENT_COPY:
                 if not self.attached:  # Postgres ignores stray copy messages too
                     out += buf[span:pos]
@@ -339,6 +355,23 @@ class Link:
         del buf[:pos]
         return bytes(out), reply, outcome
 
+    def fail_segment(self, error: bytes) -> bytes:
+        """The segment at the head of ``cbuf`` cannot get a server: answer it with ``error``.
+
+        A Query is consumed and answered with ``error`` + ReadyForQuery; an extended batch
+        gets ``error`` now and its ReadyForQuery when its Sync arrives (Postgres's own
+        error-recovery rule), so the client stays usable.
+
+        Returns: bytes for the client.
+        """
+        assert not self.attached
+        if len(self.cbuf) >= 5 and self.cbuf[0] == _Q:
+            (length,) = _unpack_i32(self.cbuf, 1)
+            del self.cbuf[: 1 + length]
+            return error + codec.ready_for_query(b"I")
+        self.skip_to_sync = True
+        return error
+
     # ------------------------------------------------------------------ server -> client
 
     def feed_server(self, data: bytes) -> tuple[list[bytes | memoryview], bool]:
@@ -412,6 +445,9 @@ class Link:
                 return codec.empty_query_response() + bytes(frame)
             return frame
         if t == _E:
+            if head is None and self._is_fatal(frame):
+                self.unsolicited_fatal = bytes(frame)
+                return None
             if head is not None:
                 if head.drop and not head.shift:
                     # The extended injection failed: its statement may be gone (a client's
@@ -438,6 +474,11 @@ class Link:
             head.await_first = False
             self._slow = False
         return frame
+
+    @staticmethod
+    def _is_fatal(frame: memoryview) -> bool:
+        fields = dict(codec.parse_error_fields(bytes(frame[5:])))
+        return fields.get(ord("V"), fields.get(ord("S"), b"")) in (b"FATAL", b"PANIC")
 
     @staticmethod
     def _shift_error(body: bytes, shift: int) -> bytes:

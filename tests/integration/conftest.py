@@ -35,11 +35,13 @@ def free_port() -> int:
 class ProxyProcess:
     """``python -m proxy serve`` as a subprocess."""
 
-    def __init__(self, env: DemoEnv, workdir: Path, *, pool_size: int = 4, extra: str = ""):
+    def __init__(self, env: DemoEnv, workdir: Path, *, pool_size: int = 4, extra: str = "",
+                 transform: Callable[[str], str] | None = None):
         self.env = env
         self.port = free_port()
         self.config_path = workdir / f"pgtenant-{self.port}.toml"
-        self.config_path.write_text(env.config_toml(self.port, pool_size=pool_size, extra=extra))
+        text = env.config_toml(self.port, pool_size=pool_size, extra=extra)
+        self.config_path.write_text(transform(text) if transform else text)
         self.log_path = workdir / f"pgtenant-{self.port}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -95,8 +97,10 @@ def start_proxy(demo_env: DemoEnv, tmp_path: Path) -> Iterator[Callable[..., Pro
     """Factory: start a proxy with custom pool_size/extra config; all stopped at teardown."""
     started: list[ProxyProcess] = []
 
-    def start(*, pool_size: int = 4, extra: str = "") -> ProxyProcess:
-        proxy = ProxyProcess(demo_env, tmp_path, pool_size=pool_size, extra=extra)
+    def start(*, pool_size: int = 4, extra: str = "",
+              transform: Callable[[str], str] | None = None) -> ProxyProcess:
+        proxy = ProxyProcess(demo_env, tmp_path, pool_size=pool_size, extra=extra,
+                             transform=transform)
         started.append(proxy)
         return proxy
 
