@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import psycopg
 import pytest
 
 from proxy.control.demo import DemoEnv
+from proxy.protocol import codec
 
 from .conftest import ProxyProcess
 
@@ -246,3 +248,61 @@ async def test_aiopg_sees_its_rows(proxy: ProxyProcess) -> None:
         await cur.execute("SELECT name FROM campaigns ORDER BY 1")
         assert [r[0] for r in await cur.fetchall()] == env.tenants["initech"].rows[
             "public.campaigns"]
+
+
+# ------------------------------------------------------------------------------ raw pipelining
+
+async def _raw_login(proxy: ProxyProcess, slug: str) -> tuple[asyncio.StreamReader,
+                                                              asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(codec.startup_message([("user", slug), ("database", "app")]))
+    await _read_until(reader, ord("R"))
+    writer.write(codec.password_message(proxy.env.tenants[slug].token.encode()))
+    await _read_until(reader, ord("Z"))
+    return reader, writer
+
+
+async def _read_until(reader: asyncio.StreamReader, last: int,
+                      count: int = 1) -> list[tuple[int, bytes]]:
+    frames: list[tuple[int, bytes]] = []
+    seen = 0
+    while seen < count:
+        header = await asyncio.wait_for(reader.readexactly(5), 10)
+        length = int.from_bytes(header[1:], "big")
+        body = await reader.readexactly(length - 4)
+        frames.append((header[0], body))
+        if header[0] == last:
+            seen += 1
+    return frames
+
+
+def _data_row_values(body: bytes) -> list[str]:
+    n = int.from_bytes(body[:2], "big")
+    pos, values = 2, []
+    for _ in range(n):
+        size = int.from_bytes(body[pos : pos + 4], "big", signed=True)
+        pos += 4
+        values.append(body[pos : pos + size].decode())
+        pos += size
+    return values
+
+
+async def test_pipelined_segments_in_one_write_are_each_injected(proxy: ProxyProcess) -> None:
+    """Five transactions sent before any reply: each runs in the tenant's context."""
+    org = str(proxy.env.tenants["acme"].org_id)
+    sql = "SELECT current_setting('app.tenant_id'), current_user"
+    ext = (codec.parse("", sql) + codec.bind("", "", []) + codec.execute("", 0)
+           + codec.sync())
+    reader, writer = await _raw_login(proxy, "acme")
+    try:
+        writer.write(codec.query(sql) + ext + codec.query(sql) + ext + ext
+                     + codec.query("BEGIN") + codec.query(sql) + codec.query("COMMIT")
+                     + codec.query(sql))
+        frames = await _read_until(reader, ord("Z"), count=9)
+    finally:
+        writer.close()
+    rows = [_data_row_values(body) for kind, body in frames if kind == ord("D")]
+    assert rows == [[org, "tenant_sme"]] * 7
+    statuses = [body for kind, body in frames if kind == ord("Z")]
+    assert statuses == [b"I"] * 5 + [b"T", b"T", b"I", b"I"]
+    assert not [body for kind, body in frames if kind == ord("E")]
