@@ -14,6 +14,7 @@ import time
 
 from .client import ClientConnection
 from .config import Config
+from .errors import ConfigError
 from .identity.registry import Registry
 from .pool import Pool
 from .server import send_cancel
@@ -77,9 +78,12 @@ class App:
     async def start(self) -> None:
         host, port = self.config.listen
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True
-        )
+        try:
+            self._server = await loop.create_server(
+                lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True
+            )
+        except OSError as exc:
+            raise ConfigError(f"listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._janitor = asyncio.ensure_future(self._janitor_loop())
         log.info("pgtenant: listening on %s:%d (databases: %s)", host, port,
                  ", ".join(self.pools))

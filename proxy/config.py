@@ -89,11 +89,12 @@ def parse_dsn(url: str, *, key: str = "dsn") -> Dsn:
         port = int(query.pop("port", None) or parts.port or 5432)
     except ValueError as exc:
         raise ConfigError(f"{key}: bad port in {url!r}") from exc
-    user = unquote(parts.username) if parts.username else query.pop("user", "postgres")
-    password = query.pop("password", None)
-    if parts.password is not None:
-        password = unquote(parts.password)
-    dbname = unquote(parts.path.lstrip("/")) or query.pop("dbname", None) or user
+    # Pop user/password/dbname from the query whatever the URL says, so they never end up
+    # twice in the backend StartupMessage; the URL's own parts win, as in libpq.
+    q_user, q_password, q_dbname = (query.pop(k, None) for k in ("user", "password", "dbname"))
+    user = unquote(parts.username) if parts.username else q_user or "postgres"
+    password = unquote(parts.password) if parts.password is not None else q_password
+    dbname = unquote(parts.path.lstrip("/")) or q_dbname or user
     # libpq options that only matter to a client library are not startup parameters.
     for libpq_only in ("sslmode", "connect_timeout", "sslrootcert", "target_session_attrs"):
         query.pop(libpq_only, None)
@@ -221,9 +222,16 @@ def _parse_listen(value: Any) -> tuple[str, int]:
 
 def _check_template(text: str, key: str) -> None:
     try:
-        names = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+        parts = list(string.Formatter().parse(text))
     except ValueError as exc:
         raise ConfigError(f"{key}: bad template {text!r}: {exc}") from exc
+    names = {f for _, f, _, _ in parts if f is not None}
+    for _, name, spec, conversion in parts:
+        if name is not None and (spec or conversion):
+            raise ConfigError(
+                f"{key}: placeholders take no conversion or format spec in {text!r}; "
+                "write plain {slug}, {org_id} or {schema}"
+            )
     unknown = names - TEMPLATE_FIELDS
     if unknown:
         raise ConfigError(

@@ -7,12 +7,15 @@ and the proxy config that serves them. Run once per fresh database.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
 import secrets
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from uuid import UUID
 
 import asyncpg
@@ -29,6 +32,7 @@ __all__ = [
     "DemoEnv",
     "DemoTenant",
     "build_demo",
+    "run_demo",
 ]
 
 DEMO_TENANT_TYPES: dict[str, TenantTypeConfig] = {
@@ -395,3 +399,60 @@ async def _insert_rows(conn: asyncpg.Connection, tenants: Mapping[str, DemoTenan
         await conn.execute(f"CREATE TABLE {table} (id serial PRIMARY KEY, name text)")
         await conn.executemany(f"INSERT INTO {table} (name) VALUES ($1)", [(n,) for n in names])
         tenant.rows = {f"{tenant.schema}.projects": sorted(names)}
+
+
+def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10) -> int:
+    """``make demo``: a throwaway cluster with the demo tenants, and the proxy in the foreground.
+
+    Prints one ready-to-paste ``psql`` line per tenant, then serves until Ctrl-C; the cluster
+    is stopped and deleted on the way out.
+
+    Returns: the process exit code.
+    """
+    import socket
+
+    from ..app import serve
+    from ..config import load_config
+    from .cluster import PostgresCluster
+
+    with socket.socket() as probe:  # fail before spending seconds on initdb
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            print(f"pgtenant demo: port {port} is busy ({exc.strerror}); pass --port",
+                  file=sys.stderr)
+            return 1
+    workdir.mkdir(parents=True, exist_ok=True)
+    cluster = PostgresCluster()
+    print(f"pgtenant demo: starting PostgreSQL from {cluster.bindir} ...", flush=True)
+    cluster.start()
+    try:
+        cluster.create_database("app")
+        env = asyncio.run(build_demo(cluster.admin_dsn("app")))
+        config_path = workdir / "pgtenant.toml"
+        config_path.write_text(env.config_toml(port, pool_size=pool_size))
+        (workdir / "tokens.json").write_text(json.dumps(
+            {slug: t.token for slug, t in env.tenants.items()}, indent=2) + "\n")
+        psql = cluster.tool("psql") or "psql"
+        lines = [
+            "",
+            f"pgtenant demo: PostgreSQL {cluster.host}:{cluster.port} (database app), "
+            f"proxy on 127.0.0.1:{port}, config {config_path}",
+            "Paste one of these; each tenant sees only its own rows:",
+        ]
+        for slug, tenant in env.tenants.items():
+            table = {"sme": "campaigns", "agency": "entity_data"}.get(tenant.tenant_type,
+                                                                      "projects")
+            lines.append(f"  # {slug} ({tenant.tenant_type}): try  TABLE {table};")
+            lines.append(f'  {psql} "host=127.0.0.1 port={port} dbname=app user={slug} '
+                         f'password={tenant.token}"')
+        lines.append("Directly, as the superuser (bypasses pgtenant):")
+        lines.append(f'  {psql} "{cluster.admin_dsn("app")}"')
+        lines.append("Ctrl-C stops the proxy and deletes the demo cluster.")
+        print("\n".join(lines), flush=True)
+        serve(load_config(config_path))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.destroy()
+    return 0

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from pglast import keywords
 
-from ..config import TenantTypeConfig
 from ..errors import ContextError
+
+if TYPE_CHECKING:  # config reads files; the protocol core must not import it
+    from ..config import TenantTypeConfig
 
 __all__ = [
     "TenantContext",
@@ -29,8 +32,8 @@ __all__ = [
 
 # Rendered role and schema names must be plain lower-case identifiers: they are spliced into
 # SQL text (quoted, but we also want them ASCII so error positions shift by bytes == chars).
-_SAFE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_PLAIN_IDENT = re.compile(r"^[a-z_][a-z0-9_$]*$")
+_SAFE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # always used with fullmatch
+_PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_]*")
 # quote_identifier() (ruleutils.c) quotes every keyword that is not UNRESERVED.
 _NEEDS_QUOTES = frozenset(keywords.RESERVED_KEYWORDS | keywords.COL_NAME_KEYWORDS
                           | keywords.TYPE_FUNC_NAME_KEYWORDS)
@@ -82,7 +85,7 @@ def quote_ident(name: str) -> str:
 
 def quote_ident_if_needed(name: str) -> str:
     """Returns: ``name`` quoted only when Postgres's quote_identifier() would quote it."""
-    if _PLAIN_IDENT.match(name) and name not in _NEEDS_QUOTES:
+    if _PLAIN_IDENT.fullmatch(name) and name not in _NEEDS_QUOTES:
         return name
     return quote_ident(name)
 
@@ -114,10 +117,15 @@ def render_template(template: str, identity: TenantIdentity, *, what: str) -> st
             f"tenant {identity.slug!r} has no schema, but its tenant type's {what} "
             f"template {template!r} needs one"
         )
-    value = template.format(
-        slug=identity.slug, org_id=str(identity.org_id), schema=identity.schema or ""
-    )
-    if not _SAFE_NAME.match(value):
+    try:
+        # {org_id} renders as 32 hex digits: a UUID's hyphens cannot be in a safe name.
+        value = template.format(
+            slug=identity.slug, org_id=identity.org_id.hex, schema=identity.schema or ""
+        )
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise ContextError(f"tenant {identity.slug!r}: bad {what} template {template!r}: "
+                           f"{exc}") from exc
+    if not _SAFE_NAME.fullmatch(value):
         raise ContextError(
             f"tenant {identity.slug!r}: {what} {value!r} rendered from {template!r} is not a "
             "lower-case identifier"

@@ -14,6 +14,7 @@ from .constants import PROTOCOL_3_0
 
 __all__ = [
     "HEADER",
+    "auth_request",
     "backend_key_data",
     "bind",
     "cancel_request",
@@ -214,6 +215,9 @@ def parse_error_fields(body: bytes, *, server: bool = True) -> list[tuple[int, b
     while pos < end:
         code = body[pos]
         if code == 0:
+            if pos != end - 1:
+                err = ServerProtocolError if server else ClientProtocolError
+                raise err("trailing bytes after ErrorResponse fields")
             return fields
         value, pos = read_cstring(body, pos + 1, server=server)
         fields.append((code, value))
@@ -227,7 +231,9 @@ def parse_parameter_status(body: bytes) -> tuple[str, str]:
     Raises: ServerProtocolError if malformed.
     """
     name, pos = read_cstring(body, 0, server=True)
-    value, _ = read_cstring(body, pos, server=True)
+    value, pos = read_cstring(body, pos, server=True)
+    if pos != len(body):
+        raise ServerProtocolError("trailing bytes after ParameterStatus")
     return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
 
 

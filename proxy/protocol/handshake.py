@@ -9,6 +9,7 @@ PostgreSQL implements it (channel binding not offered: "n,,").
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import secrets
@@ -116,7 +117,11 @@ class ScramClient:
         text = server_final.decode(errors="replace")
         if not text.startswith("v=") or self._server_signature is None:
             raise ServerLoginFailed(f"SCRAM authentication failed: {text}")
-        if not hmac.compare_digest(base64.b64decode(text[2:]), self._server_signature):
+        try:
+            signature = base64.b64decode(text[2:], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ServerLoginFailed("SCRAM server signature is not base64") from exc
+        if not hmac.compare_digest(signature, self._server_signature):
             raise ServerLoginFailed("SCRAM server signature does not verify")
 
 
@@ -153,6 +158,8 @@ def server_login(user: str, password: str | None, database: str,
         assert msg is not None
         msg_type, body = msg
         if msg_type == _R:
+            if len(body) < 4:
+                raise ServerProtocolError("short Authentication message from backend")
             (code,) = _unpack_i32(body, 0)
             if code == AUTH_OK:
                 continue
@@ -171,6 +178,8 @@ def server_login(user: str, password: str | None, database: str,
             if code == AUTH_CLEARTEXT:
                 yield Send(codec.password_message(password.encode()))
             elif code == AUTH_MD5:
+                if len(body) != 8:
+                    raise ServerProtocolError("md5 Authentication message without a 4-byte salt")
                 yield Send(codec.password_message(md5_password(user, password, body[4:8])))
             else:
                 mechanisms = body[4:].split(b"\x00")

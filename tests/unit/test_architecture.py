@@ -1,0 +1,156 @@
+"""The sans-I/O rule for ``proxy/protocol``: no I/O modules, no upward imports.
+
+Two checks: a static one (``ast``) over each module's own import statements, including
+relative ones and imports nested in functions; and a dynamic one that imports each module in
+a fresh interpreter and looks at what ended up in ``sys.modules`` (catches transitive pulls).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PROTOCOL = REPO / "proxy" / "protocol"
+MODULES = sorted(p for p in PROTOCOL.glob("*.py"))
+
+IO_MODULES = frozenset(
+    {"asyncio", "socket", "logging", "time", "select", "selectors", "ssl", "threading",
+     "subprocess"}
+)
+UPWARD = frozenset({"proxy.config", "proxy.server", "proxy.pool", "proxy.client", "proxy.app"})
+# What a fresh interpreter must not gain by importing a protocol module. ``time`` is left
+# out: CPython loads it at start-up, so its presence in sys.modules proves nothing.
+RUNTIME_IO = frozenset(IO_MODULES - {"time"} | {"asyncpg", "uvloop"})
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def imported_modules(source: str, module: str, *, is_package: bool = False) -> set[str]:
+    """Returns: every absolute module name ``source`` (the text of ``module``) imports.
+
+    ``from a import b`` gives both ``a`` and ``a.b``, since ``b`` may be a submodule.
+    """
+    package = module if is_package else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - (node.level - 1)])
+                name = f"{base}.{node.module}" if node.module else base
+            else:
+                name = node.module or ""
+            found.add(name)
+            found.update(f"{name}.{alias.name}" for alias in node.names)
+    return found
+
+
+def imports_of(path: Path) -> set[str]:
+    return imported_modules(
+        path.read_text(), _module_name(path), is_package=path.name == "__init__.py"
+    )
+
+
+def _violations(names: set[str], forbidden: frozenset[str]) -> set[str]:
+    return {n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden)}
+
+
+# ---------------------------------------------------------------------- the checker itself
+
+
+def test_relative_imports_are_resolved_against_the_package() -> None:
+    source = (
+        "from ..config import Config\n"
+        "from .. import pool\n"
+        "from . import codec\n"
+        "import asyncio.events\n"
+        "def f():\n    import socket\n"
+    )
+    names = imported_modules(source, "proxy.protocol.example")
+    assert _violations(names, UPWARD) == {"proxy.config", "proxy.config.Config", "proxy.pool"}
+    assert _violations(names, IO_MODULES) == {"asyncio.events", "socket"}
+    assert "proxy.protocol.codec" in names
+    assert "proxy.protocol.x" in imported_modules("from .x import y", "proxy.protocol",
+                                                  is_package=True)
+
+
+# ---------------------------------------------------------------------- static rule
+
+
+def test_protocol_package_has_the_expected_modules() -> None:
+    names = {p.stem for p in MODULES}
+    assert {"__init__", "codec", "constants", "handshake", "inject", "tracker"} <= names
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_protocol_module_imports_no_io_module(path: Path) -> None:
+    bad = _violations(imports_of(path), IO_MODULES)
+    assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_protocol_module_imports_nothing_above_it(path: Path) -> None:
+    bad = _violations(imports_of(path), UPWARD)
+    assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+# ---------------------------------------------------------------------- what actually loads
+
+_PROBE = """
+import json, sys
+before = set(sys.modules)
+import {module}
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def loaded_by(module: str) -> set[str]:
+    """Returns: the modules a fresh interpreter gains by importing ``module``."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(module=module)],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True, timeout=60,
+    )
+    return set(json.loads(out.stdout))
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict[str, set[str]]:
+    return {_module_name(p): loaded_by(_module_name(p)) for p in MODULES}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_importing_protocol_module_loads_no_io_module(
+    path: Path, loaded: dict[str, set[str]]
+) -> None:
+    bad = _violations(loaded[_module_name(path)], RUNTIME_IO)
+    assert not bad, f"importing {path.name} loads {sorted(bad)}"
+
+
+def test_codec_handshake_and_constants_load_nothing_above_them(
+    loaded: dict[str, set[str]]
+) -> None:
+    for name in ("codec", "constants", "handshake"):
+        assert not _violations(loaded[f"proxy.protocol.{name}"], UPWARD), name
+
+
+@pytest.mark.parametrize("name", ["inject", "tracker"])
+def test_inject_and_tracker_load_nothing_above_them(
+    name: str, loaded: dict[str, set[str]]
+) -> None:
+    bad = _violations(loaded[f"proxy.protocol.{name}"], UPWARD)
+    assert not bad, f"importing {name} loads {sorted(bad)}"

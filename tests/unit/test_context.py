@@ -1,0 +1,318 @@
+"""Tenant context rendering, SQL quoting, and the injection bytes built from a context."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+
+import pytest
+
+from proxy.config import TenantTypeConfig
+from proxy.errors import ContextError
+from proxy.identity.context import (
+    TenantContext,
+    TenantIdentity,
+    build_context,
+    default_schema_name,
+    quote_ident,
+    quote_ident_if_needed,
+    quote_literal,
+    render_template,
+)
+from proxy.protocol.inject import (
+    CTX_CLOSE,
+    CTX_PARSE,
+    CTX_SQL,
+    CTX_STATEMENT,
+    EXECUTE_UNNAMED,
+    Q_DROP,
+    Injection,
+)
+
+ORG = uuid.UUID("11111111-2222-3333-4444-555555555555")
+ENTITY = uuid.UUID("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee")
+TOKEN = uuid.UUID(int=1)
+
+
+def identity(slug: str = "acme", *, schema: str | None = None,
+             entity_id: uuid.UUID | None = None, tenant_type: str = "sme") -> TenantIdentity:
+    return TenantIdentity(org_id=ORG, slug=slug, tenant_type=tenant_type, token_id=TOKEN,
+                          entity_id=entity_id, schema=schema)
+
+
+def tenant_type(role: str, *search_path: str) -> TenantTypeConfig:
+    return TenantTypeConfig(name="sme", role=role, search_path=search_path or ("public",))
+
+
+# ---------------------------------------------------------------------- build_context
+
+
+def test_build_context_renders_role_and_search_path_templates() -> None:
+    ctx = build_context(
+        identity(schema="t_acme"), tenant_type("tenant_{slug}", "{schema}", "shared_{slug}")
+    )
+    assert ctx == TenantContext(
+        identity=identity(schema="t_acme"),
+        role="tenant_acme",
+        search_path=("t_acme", "shared_acme"),
+    )
+
+
+def test_build_context_with_plain_names_keeps_them() -> None:
+    ctx = build_context(identity(), tenant_type("tenant_sme"))
+    assert (ctx.role, ctx.search_path) == ("tenant_sme", ("public",))
+
+
+def test_schema_placeholder_without_a_schema_raises_context_error() -> None:
+    with pytest.raises(ContextError, match="has no schema") as info:
+        build_context(identity(schema=None), tenant_type("{schema}", "{schema}", "public"))
+    assert info.value.sqlstate == "42501"
+
+
+def test_schema_placeholder_in_search_path_only_still_needs_a_schema() -> None:
+    with pytest.raises(ContextError, match="search_path template"):
+        build_context(identity(schema=None), tenant_type("tenant_sme", "{schema}"))
+
+
+@pytest.mark.parametrize(
+    "slug",
+    [
+        "Acme",  # upper case
+        'ac"me',  # a double quote
+        "ac'me",  # a single quote
+        "a" * 64,  # longer than NAMEDATALEN - 1
+        "1acme",  # leading digit
+        "ac-me",  # hyphen
+        "ac me",  # space
+        "acm\u00e9",  # non-ASCII
+        "",  # empty
+    ],
+)
+def test_unsafe_rendered_role_raises_context_error(slug: str) -> None:
+    with pytest.raises(ContextError, match="not a lower-case identifier"):
+        build_context(identity(slug), tenant_type("{slug}"))
+
+
+def test_unsafe_rendered_schema_raises_context_error() -> None:
+    with pytest.raises(ContextError, match="search_path"):
+        build_context(identity(schema="T_Acme"), tenant_type("tenant_sme", "{schema}"))
+
+
+def test_longest_safe_name_is_63_characters() -> None:
+    assert render_template("{slug}", identity("a" * 63), what="role") == "a" * 63
+
+
+def test_rendered_name_with_trailing_newline_raises_context_error() -> None:
+    with pytest.raises(ContextError):
+        render_template("{slug}", identity("acme\n"), what="role")
+
+
+def test_org_id_placeholder_renders_a_safe_name() -> None:
+    ctx = build_context(identity(), tenant_type("t_{org_id}"))
+    assert ctx.role.startswith("t_")
+
+
+@pytest.mark.parametrize("template", ["{slug!z}", "{slug:d}"])
+def test_template_format_failure_raises_context_error(template: str) -> None:
+    with pytest.raises(ContextError):
+        render_template(template, identity(), what="role")
+
+
+def test_default_schema_name_is_t_and_sanitized_slug() -> None:
+    assert default_schema_name("acme") == "t_acme"
+    assert default_schema_name("Acme-Corp.eu") == "t_acme_corp_eu"
+
+
+# ---------------------------------------------------------------------- quoting
+
+
+@pytest.mark.parametrize(
+    ("name", "quoted"),
+    [("public", '"public"'), ('a"b', '"a""b"'), ('""', '""""""'), ("", '""'), ("a b", '"a b"')],
+)
+def test_quote_ident_doubles_double_quotes(name: str, quoted: str) -> None:
+    assert quote_ident(name) == quoted
+
+
+@pytest.mark.parametrize(
+    ("value", "quoted"),
+    [
+        ("sme", "'sme'"),
+        ("O'Brien", "'O''Brien'"),
+        ("''", "''''''"),
+        ("", "''"),
+        ("a\\b", "'a\\b'"),  # standard_conforming_strings: backslash is not special
+    ],
+)
+def test_quote_literal_doubles_single_quotes(value: str, quoted: str) -> None:
+    assert quote_literal(value) == quoted
+
+
+def test_quote_literal_refuses_nul() -> None:
+    with pytest.raises(ContextError, match="NUL"):
+        quote_literal("a\x00b")
+
+
+# ---------------------------------------------------------------------- context values
+
+
+def test_gucs_are_in_injection_order_with_empty_entity_when_absent() -> None:
+    ctx = build_context(identity(), tenant_type("tenant_sme"))
+    assert ctx.gucs == (
+        ("app.tenant_id", "11111111-2222-3333-4444-555555555555"),
+        ("app.tenant_type", "sme"),
+        ("app.entity_id", ""),
+    )
+
+
+def test_gucs_carry_the_entity_when_present() -> None:
+    ctx = build_context(identity(entity_id=ENTITY), tenant_type("tenant_sme"))
+    assert dict(ctx.gucs)["app.entity_id"] == "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+
+
+def test_search_path_value_is_spelled_as_postgres_prints_it() -> None:
+    ctx = build_context(identity(schema="t_acme"), tenant_type("r", "{schema}", "public"))
+    assert ctx.search_path_value == "t_acme, public"
+
+
+def test_search_path_value_quotes_keywords() -> None:
+    ctx = build_context(identity(), tenant_type("r", "user", "public"))
+    assert ctx.search_path_value == '"user", public'
+
+
+@pytest.mark.parametrize(
+    ("name", "spelled"),
+    [
+        ("public", "public"),
+        ("t_acme", "t_acme"),
+        ("_x1", "_x1"),
+        ("role", "role"),  # unreserved keyword
+        ("user", '"user"'),  # reserved
+        ("select", '"select"'),  # reserved
+        ("int", '"int"'),  # col_name keyword
+        ("authorization", '"authorization"'),  # type_func_name keyword
+        ("Acme", '"Acme"'),
+        ("1a", '"1a"'),
+        ('a"b', '"a""b"'),
+    ],
+)
+def test_quote_ident_if_needed_follows_postgres_quote_identifier(name: str, spelled: str) -> None:
+    assert quote_ident_if_needed(name) == spelled
+
+
+def test_quote_ident_if_needed_quotes_a_dollar_sign() -> None:
+    assert quote_ident_if_needed("a$b") == '"a$b"'
+
+
+# ---------------------------------------------------------------------- Injection
+
+
+def test_injection_prefix_without_entity_is_exact() -> None:
+    inj = Injection(build_context(identity(), tenant_type("tenant_sme")))
+    expected = (
+        "SET LOCAL app.tenant_id = '11111111-2222-3333-4444-555555555555'; "
+        "SET LOCAL app.tenant_type = 'sme'; "
+        "SET LOCAL app.entity_id = ''; "
+        "SET LOCAL search_path = public; "
+        'SET LOCAL ROLE "tenant_sme";'
+    )
+    assert inj.q_prefix == expected.encode()
+    assert inj.q_shift == len(inj.q_prefix) == len(expected)
+    assert inj.q_prefix.isascii()
+
+
+def test_injection_prefix_with_entity_and_schema_is_exact() -> None:
+    ctx = build_context(
+        identity(schema="t_acme", entity_id=ENTITY), tenant_type("{schema}", "{schema}", "public")
+    )
+    inj = Injection(ctx)
+    expected = (
+        "SET LOCAL app.tenant_id = '11111111-2222-3333-4444-555555555555'; "
+        "SET LOCAL app.tenant_type = 'sme'; "
+        "SET LOCAL app.entity_id = 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee'; "
+        "SET LOCAL search_path = t_acme, public; "
+        'SET LOCAL ROLE "t_acme";'
+    )
+    assert inj.q_prefix == expected.encode()
+    assert inj.q_shift == len(inj.q_prefix)
+    assert inj.q_prefix.isascii()
+
+
+def test_injection_prefix_escapes_quotes_in_values() -> None:
+    inj = Injection(build_context(identity(tenant_type="o'x"), tenant_type("tenant_sme")))
+    assert b"SET LOCAL app.tenant_type = 'o''x'; " in inj.q_prefix
+
+
+def test_injection_prefix_has_one_statement_per_dropped_reply() -> None:
+    inj = Injection(build_context(identity(entity_id=ENTITY), tenant_type("tenant_sme")))
+    assert inj.q_prefix.count(b"SET LOCAL ") == Q_DROP == 5
+    assert inj.q_prefix.count(b";") == Q_DROP
+
+
+def decode_bind(msg: bytes) -> tuple[str, str, list[int], list[bytes | None], list[int]]:
+    """Decode a Bind by hand: (portal, statement, param formats, values, result formats)."""
+    assert msg[:1] == b"B"
+    (length,) = struct.unpack_from("!i", msg, 1)
+    assert length == len(msg) - 1
+    body = msg[5:]
+    portal_end = body.index(b"\x00")
+    portal = body[:portal_end].decode()
+    stmt_end = body.index(b"\x00", portal_end + 1)
+    statement = body[portal_end + 1 : stmt_end].decode()
+    pos = stmt_end + 1
+    (n_formats,) = struct.unpack_from("!h", body, pos)
+    formats = list(struct.unpack_from(f"!{n_formats}h", body, pos + 2))
+    pos += 2 + 2 * n_formats
+    (n_params,) = struct.unpack_from("!h", body, pos)
+    pos += 2
+    values: list[bytes | None] = []
+    for _ in range(n_params):
+        (size,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if size < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + size])
+            pos += size
+    (n_results,) = struct.unpack_from("!h", body, pos)
+    results = list(struct.unpack_from(f"!{n_results}h", body, pos + 2))
+    pos += 2 + 2 * n_results
+    assert pos == len(body), "trailing bytes in Bind"
+    return portal, statement, formats, values, results
+
+
+@pytest.mark.parametrize("entity_id", [None, ENTITY], ids=["no entity", "entity"])
+def test_ext_bind_decodes_to_five_text_params_in_documented_order(
+    entity_id: uuid.UUID | None,
+) -> None:
+    ctx = build_context(
+        identity(schema="t_acme", entity_id=entity_id),
+        tenant_type("{schema}", "{schema}", "public"),
+    )
+    portal, statement, formats, values, results = decode_bind(Injection(ctx).ext_bind)
+    assert (portal, statement) == ("", CTX_STATEMENT)
+    assert formats == [] and results == []  # all text
+    assert values == [
+        b"11111111-2222-3333-4444-555555555555",  # $1 app.tenant_id
+        b"sme",  # $2 app.tenant_type
+        b"aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee" if entity_id else b"",  # $3 app.entity_id
+        b"t_acme, public",  # $4 search_path
+        b"t_acme",  # $5 role
+    ]
+
+
+def test_context_statement_sets_the_parameters_in_bind_order() -> None:
+    names = ["app.tenant_id", "app.tenant_type", "app.entity_id", "search_path", "role"]
+    positions = [CTX_SQL.index(f"set_config('{name}', ${i}, true)") for i, name in
+                 enumerate(names, start=1)]
+    assert positions == sorted(positions)
+    assert names[-1] == "role"  # the role switch comes last
+
+
+def test_context_parse_close_and_execute_bytes() -> None:
+    sql = CTX_SQL.encode()
+    body = b"__pgtenant_ctx\x00" + sql + b"\x00" + b"\x00\x05" + b"\x00\x00\x00\x19" * 5
+    assert body == CTX_PARSE[5:]
+    assert CTX_PARSE[:5] == b"P" + struct.pack("!i", len(body) + 4)
+    assert CTX_CLOSE == b"C\x00\x00\x00\x14S__pgtenant_ctx\x00"
+    assert EXECUTE_UNNAMED == b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"
