@@ -381,10 +381,16 @@ class ClientConnection(asyncio.Protocol):
         link, server = self.link, self.server
         if server is None or link is None or not link.can_release:
             return
+        dirty = link.session_dirty
         server.ctx_state = link.detach()
         self.server = None
         assert self.pool is not None
-        self.pool.release(server)
+        if dirty:
+            # Session state (LISTEN, WITH HOLD, temp objects, session SET, named statements...)
+            # would follow the server to the next tenant: close it instead (fail closed).
+            self.pool.discard(server)
+        else:
+            self.pool.release(server)
 
     def server_data(self, data: bytes) -> None:
         link = self.link
@@ -441,6 +447,8 @@ class ClientConnection(asyncio.Protocol):
         assert self.pool is not None
         if link.can_release:
             self._maybe_release()
+        elif link.session_dirty:
+            self._drop_server(out_of_sync=False)
         elif not link.pending and not link.open_extended and not link.held:
             # Open transaction block, nothing in flight: roll it back, then reuse.
             self.server = None

@@ -35,7 +35,6 @@ that may change the transaction state. Injected replies never reach the client.
 
 from __future__ import annotations
 
-import re
 import struct
 from collections import deque
 from typing import Final
@@ -43,6 +42,7 @@ from typing import Final
 from ..errors import ClientProtocolError, MessageTooLarge, ServerProtocolError, UnsupportedProtocol
 from . import codec
 from .inject import CTX_CLOSE, CTX_PARSE, EXECUTE_UNNAMED, EXT_DROP, Q_DROP, Injection
+from .sql import DROPS_STATEMENTS, SESSION_STATE, TXN_CONTROL, classify
 
 __all__ = [
     "CTX_NONE",
@@ -93,10 +93,6 @@ _SERVER_ASYNC = frozenset(b"NSA")
 # ParameterStatus names the client must not see change: they reflect the injected context.
 HIDDEN_PARAMETERS: Final = frozenset({"search_path"})
 
-# SQL that may move the transaction status (I <-> T/E); false positives only cost pipelining.
-_TXN_CONTROL = re.compile(rb"(?i)\b(begin|start|commit|end|rollback|abort|prepare|call|do)\b")
-# SQL that may drop the proxy's context statement on the server.
-_DROPS_STATEMENTS = re.compile(rb"(?i)\b(deallocate|discard)\b")
 
 
 class Segment:
@@ -129,6 +125,7 @@ class Link:
         self.unsure = 0  # pending segments that may change the transaction status
         self.ctx_state = CTX_NONE
         self.drops_statements = False  # a segment may have deallocated our statement
+        self.session_dirty = False  # a segment may have left session state: close, not pool
         self.open_extended = False  # an extended batch was started and not yet synced
         self.held = False  # pump_client stopped with HOLD
         self.skip_to_sync = False  # a failed extended batch: discard until Sync, as Postgres does
@@ -152,6 +149,7 @@ class Link:
         self.unsure = 0
         self.ctx_state = ctx_state
         self.drops_statements = False
+        self.session_dirty = False
         self._sleftover = b""
         self._sremaining = 0
         self._slow = False
@@ -204,6 +202,16 @@ class Link:
         self.pending.append(seg)
         if len(self.pending) == 1:
             self._slow = seg.drop > 0 or seg.await_first
+
+    def _note_sql(self, seg: Segment | None, sql: bytes) -> int:
+        flags = classify(sql)
+        if flags & TXN_CONTROL and seg is not None:
+            self._mark_txn(seg)
+        if flags & DROPS_STATEMENTS:
+            self.drops_statements = True
+        if flags & SESSION_STATE:
+            self.session_dirty = True
+        return flags
 
     def _mark_txn(self, seg: Segment) -> None:
         if not seg.txn_control:
@@ -265,29 +273,25 @@ class Link:
                     outcome = HOLD
                     self.held = True
                     break
-                text = bytes(buf[pos + 5 : end])
+                text = bytes(buf[pos + 5 : end - 1])  # without the NUL
                 if inject:
                     seg = Segment(Q_DROP, self.injection.q_shift, True)
                     out += buf[span:pos]
                     out += _pack_header(_Q, length + len(self.injection.q_prefix))
                     out += self.injection.q_prefix
-                    out += text
+                    out += buf[pos + 5 : end]
                     span = end
                 else:
                     seg = Segment(0)
                 self._push(seg)
-                if _TXN_CONTROL.search(text):
-                    self._mark_txn(seg)
-                if _DROPS_STATEMENTS.search(text):
-                    self.drops_statements = True
+                self._note_sql(seg, text)
                 pos = end
                 continue
             if t == _Q:  # a Query inside an unsynced extended batch shares its ReadyForQuery
                 self.open_extended = False
                 seg = self.pending[-1]
+                self._note_sql(seg, bytes(buf[pos + 5 : end - 1]))
                 self._mark_txn(seg)
-                if _DROPS_STATEMENTS.search(bytes(buf[pos + 5 : end])):
-                    self.drops_statements = True
                 pos = end
                 continue
             if t in _CLIENT_EXTENDED:
@@ -313,9 +317,10 @@ class Link:
                 if t == _P:
                     name, npos = codec.read_cstring(buf, pos + 5)
                     sql, _ = codec.read_cstring(buf, npos)
-                    self._stmt_txn[name] = bool(_TXN_CONTROL.search(sql))
-                    if _DROPS_STATEMENTS.search(sql):
-                        self.drops_statements = True
+                    flags = self._note_sql(None, sql)
+                    self._stmt_txn[name] = bool(flags & TXN_CONTROL)
+                    if name:  # a named statement outlives the transaction on this server
+                        self.session_dirty = True
                 elif t == _B:
                     portal, npos = codec.read_cstring(buf, pos + 5)
                     stmt, _ = codec.read_cstring(buf, npos)

@@ -276,3 +276,19 @@ def test_copy_in_messages_do_not_start_segments() -> None:
     assert (out, outcome) == (data, IDLE)
     assert server_sends(link, cc("COPY 1") + Z_I) == cc("COPY 1") + Z_I
     assert link.can_release
+
+
+def test_session_state_marks_the_link_dirty_until_the_next_attach() -> None:
+    link = make_link()
+    start(link, codec.query("LISTEN jobs"))
+    server_sends(link, SET5 + cc("LISTEN") + Z_I)
+    assert link.can_release and link.session_dirty
+    link.detach()
+    start(link, codec.query("SELECT 1"))
+    assert not link.session_dirty
+
+
+def test_named_parse_marks_the_link_dirty() -> None:
+    link = make_link()
+    start(link, codec.parse("s1", "SELECT 1") + codec.sync())
+    assert link.session_dirty

@@ -1,0 +1,101 @@
+"""What a client's SQL may do to the server session, as flags the tracker acts on.
+
+Owns the cheap classification of Query/Parse texts: may it change the transaction status
+(the tracker then waits before judging the next pipelined request), may it drop the proxy's
+context statement, and may it leave session state behind (then the server is closed instead
+of pooled: reuse only when provably clean). Regexes pre-filter; pglast (libpq_query, the
+server's own grammar) confirms session state; verdicts are cached by text. It does not
+decide what tenants may run at all (that is the statement guard, issue #3). No I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+from pglast.parser import ParseError, parse_sql_json
+
+__all__ = ["DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "classify"]
+
+TXN_CONTROL: Final = 1  # may move the transaction status between I and T/E
+DROPS_STATEMENTS: Final = 2  # may deallocate prepared statements (ours included)
+SESSION_STATE: Final = 4  # may leave state that outlives the transaction
+
+# False positives only cost a pipelining pause or a server reconnect; false negatives would
+# be bugs, so the patterns are generous (CASE ... END matches "end", for instance).
+_TXN_RE = re.compile(rb"(?i)\b(begin|start|commit|end|rollback|abort|prepare|call|do)\b")
+_DROPS_RE = re.compile(rb"(?i)\b(deallocate|discard)\b")
+_SESSION_RE = re.compile(
+    rb"(?i)advisory|\b(set|reset|listen|prepare|hold|temp|temporary|load|set_config|do|call"
+    rb"|into)\b"
+)
+_SESSION_LOCK_FUNCS = frozenset({
+    "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+})
+_CURSOR_OPT_HOLD: Final = 0x0020  # parsenodes.h
+_CACHE_MAX = 10_000
+_cache: dict[bytes, int] = {}
+
+
+def classify(sql: bytes) -> int:
+    """Returns: the TXN_CONTROL | DROPS_STATEMENTS | SESSION_STATE flags for ``sql``."""
+    flags = _cache.get(sql)
+    if flags is not None:
+        return flags
+    flags = 0
+    if _TXN_RE.search(sql):
+        flags |= TXN_CONTROL
+    if _DROPS_RE.search(sql):
+        flags |= DROPS_STATEMENTS
+    if _SESSION_RE.search(sql) and _leaves_session_state(sql):
+        flags |= SESSION_STATE
+    if len(_cache) >= _CACHE_MAX:
+        _cache.clear()
+    _cache[sql] = flags
+    return flags
+
+
+def _leaves_session_state(sql: bytes) -> bool:
+    try:
+        tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
+    except (ParseError, ValueError):
+        return True  # cannot prove it harmless: treat as dirty (fail closed)
+    return _walk(tree)
+
+
+def _walk(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_walk(item) for item in node)
+    if not isinstance(node, dict):
+        return False
+    for key, value in node.items():
+        if key == "VariableSetStmt":
+            # SET LOCAL and SET TRANSACTION end with the transaction; anything else stays.
+            if not value.get("is_local") and value.get("name") != "TRANSACTION":
+                return True
+        elif key in ("ListenStmt", "PrepareStmt", "LoadStmt", "DoStmt", "CallStmt"):
+            return True
+        elif key == "DeclareCursorStmt" and value.get("options", 0) & _CURSOR_OPT_HOLD:
+            return True
+        elif key == "relpersistence" and value == "t":  # temp table/view/sequence/SELECT INTO
+            return True
+        elif key == "FuncCall" and _session_func(value):
+            return True
+        if isinstance(value, (dict, list)) and _walk(value):
+            return True
+    return False
+
+
+def _session_func(call: dict[str, Any]) -> bool:
+    names = [part.get("String", {}).get("sval", "") for part in call.get("funcname", [])]
+    name = names[-1].lower() if names else ""
+    if name in _SESSION_LOCK_FUNCS:
+        return True
+    if name == "set_config":
+        args = call.get("args", [])
+        is_local = args[2] if len(args) == 3 else None
+        return not (isinstance(is_local, dict)
+                    and is_local.get("A_Const", {}).get("boolval", {}).get("boolval") is True)
+    return False

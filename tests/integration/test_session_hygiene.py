@@ -1,0 +1,81 @@
+"""Nothing a tenant does to its server session reaches the next tenant on that server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import asyncpg
+import pytest
+
+from .conftest import ProxyProcess
+
+
+async def connect(proxy: ProxyProcess, slug: str) -> asyncpg.Connection:
+    return await asyncpg.connect(proxy.dsn(slug), statement_cache_size=0, timeout=30)
+
+
+async def run_then_next_tenant(proxy: ProxyProcess, sql: str) -> tuple[int, asyncpg.Record]:
+    """Tenant acme runs ``sql`` on the only server; then initech takes the pool's server."""
+    first = await connect(proxy, "acme")
+    try:
+        pid = await first.fetchval("SELECT pg_backend_pid()")
+        await first.execute(sql)
+    finally:
+        await first.close()
+    second = await connect(proxy, "initech")
+    try:
+        row = await second.fetchrow(
+            "SELECT pg_backend_pid() AS pid, current_setting('statement_timeout') AS st, "
+            "current_setting('app.tenant_id') AS t, "
+            "(SELECT count(*) FROM pg_listening_channels()) AS listening, "
+            "(SELECT count(*) FROM pg_cursors WHERE is_holdable) AS cursors, "
+            "(SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql) AS proto_stmts, "
+            "(SELECT count(*) FROM pg_prepared_statements WHERE from_sql) AS sql_stmts, "
+            "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory') AS advisory"
+        )
+    finally:
+        await second.close()
+    return pid, row
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET statement_timeout = 1234",
+        "LISTEN tenant_news",
+        "PREPARE mine AS SELECT 1",
+        "BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+        "SELECT pg_advisory_lock(7)",
+        "SELECT set_config('statement_timeout', '999', false)",
+    ],
+)
+async def test_session_state_is_not_inherited_by_the_next_tenant(
+    start_proxy: Callable[..., ProxyProcess], sql: str,
+) -> None:
+    proxy = start_proxy(pool_size=1)
+    pid, row = await run_then_next_tenant(proxy, sql)
+    assert row["pid"] != pid  # the dirty server was closed, not pooled
+    assert row["t"] == str(proxy.env.tenants["initech"].org_id)
+    assert row["st"] == "0"
+    assert (row["listening"], row["cursors"], row["sql_stmts"], row["advisory"]) == (0, 0, 0, 0)
+
+
+async def test_clean_transactions_reuse_the_same_server(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    proxy = start_proxy(pool_size=1)
+    pid, row = await run_then_next_tenant(proxy, "SELECT count(*) FROM campaigns")
+    assert row["pid"] == pid
+    assert row["proto_stmts"] == 1  # only the proxy's own context statement
+
+
+async def test_tenants_cannot_create_temp_tables_that_could_shadow_shared_ones(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    proxy = start_proxy(pool_size=1)
+    conn = await connect(proxy, "acme")
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("CREATE TEMP TABLE campaigns(name text)")
+    finally:
+        await conn.close()
