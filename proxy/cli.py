@@ -14,7 +14,10 @@ from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
+import asyncpg
+
 from .config import Config, load_config
+from .control import ControlError
 from .errors import ConfigError
 
 __all__ = ["main"]
@@ -98,7 +101,7 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
     expires = timedelta(seconds=args.expires_in) if args.expires_in else None
     token_id, token = asyncio.run(issue_token(
         args.dsn, tenant_slug=args.tenant,
-        entity_id=UUID(args.entity) if args.entity else None,
+        entity_id=args.entity,
         expires_in=expires, label=args.label,
     ))
     print(f"token id: {token_id} (shown once; only its hash is stored)")
@@ -109,7 +112,7 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
 def _cmd_token_revoke(args: argparse.Namespace) -> int:
     from .control.tenants import revoke_token
 
-    if asyncio.run(revoke_token(args.dsn, UUID(args.token_id))):
+    if asyncio.run(revoke_token(args.dsn, args.token_id)):
         print(f"revoked {args.token_id}")
         return 0
     print(f"no active token {args.token_id}", file=sys.stderr)
@@ -160,13 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = token.add_parser("issue", help="issue a token; prints it once (last line)")
     p.add_argument("--dsn", required=True)
     p.add_argument("--tenant", required=True, help="tenant slug")
-    p.add_argument("--entity", help="bind the token to a workspace entity id")
+    p.add_argument("--entity", type=UUID, help="bind the token to a workspace entity id")
     p.add_argument("--expires-in", type=int, help="lifetime in seconds")
     p.add_argument("--label")
     p.set_defaults(func=_cmd_token_issue)
     p = token.add_parser("revoke", help="revoke a token by id")
     p.add_argument("--dsn", required=True)
-    p.add_argument("--token-id", required=True)
+    p.add_argument("--token-id", required=True, type=UUID)
     p.set_defaults(func=_cmd_token_revoke)
 
     p = sub.add_parser("demo", help="embedded Postgres + demo tenants + proxy, in the foreground")
@@ -184,5 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pgtenant: config error: {exc.message}", file=sys.stderr)
         return 2
+    except ControlError as exc:  # operator mistakes: unknown tenant, duplicate slug...
+        print(f"pgtenant: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"pgtenant: cannot complete the command against the database: {exc}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -170,12 +170,14 @@ class ClientConnection(asyncio.Protocol):
             elif code == CANCEL_REQUEST_CODE:
                 self._handle_cancel(body)
                 return
-            elif code == PROTOCOL_3_0:
-                self._startup(codec.parse_startup_params(body))
             elif code >> 16 == 3:
-                raise UnsupportedProtocol(
-                    f"unsupported frontend protocol 3.{code & 0xFFFF}: pgtenant speaks 3.0"
-                )
+                # Like Postgres (ProcessStartupPacket): a newer 3.x minor or _pq_.* options
+                # are negotiated down to 3.0 with NegotiateProtocolVersion, not refused.
+                params = codec.parse_startup_params(body)
+                unknown = sorted(k for k in params if k.startswith("_pq_."))
+                if code != PROTOCOL_3_0 or unknown:
+                    self._write(codec.negotiate_protocol_version(0, unknown))
+                self._startup({k: v for k, v in params.items() if not k.startswith("_pq_.")})
             else:
                 raise UnsupportedProtocol(
                     f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "

@@ -37,6 +37,7 @@ PG_HBA = (
 # them (e.g. a new port) without editing initdb's file twice.
 _OVERRIDES_FILE = "pgtenant.conf"
 _SERVER_USER = "postgres"
+_FALLBACK_USER = "pgtenant-pg"
 
 
 def find_bindir() -> Path:
@@ -86,6 +87,34 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def _ensure_server_user() -> str:
+    """Returns: an unprivileged OS user to run Postgres as when we are root.
+
+    ``postgres`` when it exists (Debian's packages make it); otherwise a system user
+    ``pgtenant-pg`` is created, so a fresh machine with only the pgserver wheel works too.
+    Raises: ControlError when no such user exists and none can be created.
+    """
+    for name in (_SERVER_USER, _FALLBACK_USER):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    useradd = shutil.which("useradd")
+    if useradd is not None:
+        subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        _FALLBACK_USER], check=False, capture_output=True)
+        try:
+            pwd.getpwnam(_FALLBACK_USER)
+            return _FALLBACK_USER
+        except KeyError:
+            pass
+    raise ControlError(
+        f"running as root needs an OS user ({_SERVER_USER!r}) to run postgres as, "
+        "and useradd could not create one"
+    )
+
+
 class PostgresCluster:
     """One local cluster under ``basedir`` (``data/``, ``sockets/``, ``postgres.log``).
 
@@ -110,12 +139,7 @@ class PostgresCluster:
         # Postgres refuses to run as root: then every server tool runs as the postgres user.
         self._as_user: str | None = _SERVER_USER if os.geteuid() == 0 else None
         if self._as_user is not None:
-            try:
-                pwd.getpwnam(self._as_user)
-            except KeyError as exc:
-                raise ControlError(
-                    f"running as root needs an OS user {self._as_user!r} to run postgres as"
-                ) from exc
+            self._as_user = _ensure_server_user()
 
     # ------------------------------------------------------------------ lifecycle
 

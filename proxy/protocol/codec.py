@@ -24,6 +24,7 @@ __all__ = [
     "error_response",
     "execute",
     "frame",
+    "negotiate_protocol_version",
     "notice_response",
     "parameter_status",
     "parse",
@@ -121,6 +122,12 @@ def parameter_status(name: str, value: str) -> bytes:
 def backend_key_data(pid: int, secret: int) -> bytes:
     """Returns: a BackendKeyData ('K') message (protocol 3.0: two int32)."""
     return frame(ord("K"), _pack_i32(pid) + _pack_i32(secret))
+
+
+def negotiate_protocol_version(newest_minor: int, unrecognized: Sequence[str]) -> bytes:
+    """Returns: a NegotiateProtocolVersion ('v') message."""
+    body = _pack_i32(newest_minor) + _pack_i32(len(unrecognized))
+    return frame(ord("v"), body + b"".join(_cstr(name) for name in unrecognized))
 
 
 def ready_for_query(status: bytes) -> bytes:

@@ -286,12 +286,24 @@ async def test_gssenc_request_is_declined(proxy: ProxyProcess) -> None:
         await login(raw, proxy.env, "initech")
 
 
-@pytest.mark.parametrize("version", [0x00020000, 0x00030005], ids=["2.0", "3.5"])
-async def test_unsupported_protocol_version_is_0A000(proxy: ProxyProcess, version: int) -> None:
+async def test_protocol_2_is_refused_with_0A000(proxy: ProxyProcess) -> None:
     async with raw_client(proxy) as raw:
-        await raw.send(versioned_startup(version))
+        await raw.send(versioned_startup(0x00020000))
         fields = await expect_fatal_and_close(raw, "0A000")
         assert "protocol" in fields["M"]
+
+
+async def test_newer_3x_minor_is_negotiated_down_to_3_0_as_postgres_does(
+    proxy: ProxyProcess,
+) -> None:
+    async with raw_client(proxy) as raw:
+        await raw.send(versioned_startup(0x00030005))
+        msg_type, body = await raw.read_message()
+        assert (msg_type, body) == ("v", struct.pack("!ii", 0, 0))  # newest minor 0, no options
+        msg_type, body = await raw.read_message()
+        assert (msg_type, body) == ("R", struct.pack("!i", 3))  # then auth goes on as 3.0
+        await raw.send(codec.password_message(proxy.env.tenants["acme"].token.encode()))
+        assert (await raw.read_until("Z"))[-1] == ("Z", b"I")
 
 
 @pytest.mark.parametrize("length", [4, 7, 10_001, 1 << 30], ids=["4", "7", "10001", "1GiB"])

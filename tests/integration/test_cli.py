@@ -166,8 +166,6 @@ def test_tenant_create_with_unknown_type_names_the_type(initialised: CliEnv) -> 
     assert_operator_error(out, "platinum", "sme")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: proxy/cli.py main() does not catch ControlError "
-                   "from proxy/control: a duplicate slug ends in a traceback")
 def test_tenant_create_with_a_duplicate_slug_fails_cleanly(
     initialised: CliEnv, sme_tenant: tuple[str, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -218,23 +216,17 @@ def test_token_revoke_once_then_reports_nothing_to_revoke(
     assert token_id in second.stderr and "Traceback" not in second.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: proxy/cli.py main() does not catch ControlError "
-                   "from proxy/control: an unknown tenant ends in a traceback")
 def test_token_issue_for_an_unknown_tenant_fails_cleanly(initialised: CliEnv) -> None:
     out = run_cli("token", "issue", "--dsn", initialised.admin_dsn, "--tenant", "no_such_tenant")
     assert_operator_error(out, "no_such_tenant")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: proxy/cli.py main() lets asyncpg/OSError "
-                   "connection errors escape: an unreachable --dsn ends in a traceback")
 def test_init_against_an_unreachable_database_fails_cleanly() -> None:
     dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/{DB}"
     out = run_cli("init", "--dsn", dsn, "--proxy-role", PROXY_ROLE, timeout=30)
     assert_operator_error(out, "127.0.0.1")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: proxy/cli.py parses --token-id with UUID() inside "
-                   "the command, so a malformed id ends in a ValueError traceback")
 def test_token_revoke_with_a_malformed_id_fails_cleanly(initialised: CliEnv) -> None:
     out = run_cli("token", "revoke", "--dsn", initialised.admin_dsn, "--token-id", "not-a-uuid")
     assert_operator_error(out, "not-a-uuid")
