@@ -165,7 +165,9 @@ class ServerConnection(asyncio.Protocol):
         # before termination) or session state leaked (NOTIFY from a LISTEN). Fail closed.
         self._buf += data
         kinds = self._frame_types()
-        if kinds - {_N, _S}:
+        if kinds - {_N, _S} or self._buf:
+            # Anything but a notice or a parameter report, or half a frame that would later
+            # be spliced in front of the next client's replies: this server is not clean.
             log.warning("%r sent %r while idle; closing it", self, bytes(sorted(kinds)))
             self.close()
 
@@ -250,6 +252,7 @@ class ServerConnection(asyncio.Protocol):
             return False
         finally:
             self._reset_done = None
+            self._buf.clear()
 
     def _reset_data(self, data: bytes) -> None:
         self._buf += data
@@ -260,7 +263,9 @@ class ServerConnection(asyncio.Protocol):
             if end > len(self._buf):
                 break
             if msg_type == _Z and self._reset_done is not None and not self._reset_done.done():
-                self._reset_done.set_result(self._buf[pos + 5] == ord("I"))
+                # Clean only if ReadyForQuery 'I' is the last thing the server sent.
+                idle = self._buf[pos + 5] == ord("I")
+                self._reset_done.set_result(idle and end == len(self._buf))
             elif msg_type == _E and self._reset_done is not None and not self._reset_done.done():
                 self._reset_done.set_result(False)
             pos = end

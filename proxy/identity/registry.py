@@ -41,7 +41,7 @@ class Registry:
         self.hits = 0
         self.misses = 0
         self._cache: dict[bytes, tuple[float, TenantIdentity | None]] = {}
-        self._inflight: dict[bytes, asyncio.Future[TenantIdentity | None]] = {}
+        self._inflight: dict[bytes, asyncio.Task[TenantIdentity | None]] = {}
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
 
@@ -76,24 +76,23 @@ class Registry:
             self.hits += 1
             return cached[1]
         self.misses += 1
-        fut = self._inflight.get(key)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._inflight[key] = fut
-            try:
-                identity = await self._query(key)
-            except BaseException as exc:
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: waiters get their own raise below
-                raise
-            finally:
-                self._inflight.pop(key, None)
-            fut.set_result(identity)
-            if len(self._cache) >= _MAX_CACHE:
-                self._cache.clear()
-            self._cache[key] = (self.clock() + self.ttl, identity)
-            return identity
-        return await asyncio.shield(fut)
+        task = self._inflight.get(key)
+        if task is None:
+            # One lookup per token however many clients ask at once. It runs in its own task,
+            # so a client that gives up (disconnects, times out) cannot cancel it for others.
+            task = asyncio.ensure_future(self._lookup(key))
+            self._inflight[key] = task
+        return await asyncio.shield(task)
+
+    async def _lookup(self, key: bytes) -> TenantIdentity | None:
+        try:
+            identity = await self._query(key)
+        finally:
+            self._inflight.pop(key, None)
+        if len(self._cache) >= _MAX_CACHE:
+            self._cache.clear()
+        self._cache[key] = (self.clock() + self.ttl, identity)
+        return identity
 
     async def _query(self, key: bytes) -> TenantIdentity | None:
         pool = await self._get_pool()

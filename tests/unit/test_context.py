@@ -210,11 +210,12 @@ def test_quote_ident_if_needed_quotes_a_dollar_sign() -> None:
 def test_injection_prefix_without_entity_is_exact() -> None:
     inj = Injection(build_context(identity(), tenant_type("tenant_sme")))
     expected = (
-        "SET LOCAL app.tenant_id = '11111111-2222-3333-4444-555555555555'; "
-        "SET LOCAL app.tenant_type = 'sme'; "
-        "SET LOCAL app.entity_id = ''; "
-        "SET LOCAL search_path = public; "
-        'SET LOCAL ROLE "tenant_sme";'
+        "SELECT pg_catalog.set_config('app.tenant_id', "
+        "'11111111-2222-3333-4444-555555555555', true), "
+        "pg_catalog.set_config('app.tenant_type', 'sme', true), "
+        "pg_catalog.set_config('app.entity_id', '', true), "
+        "pg_catalog.set_config('search_path', 'public', true), "
+        "pg_catalog.set_config('role', 'tenant_sme', true);"
     )
     assert inj.q_prefix == expected.encode()
     assert inj.q_shift == len(inj.q_prefix) == len(expected)
@@ -227,11 +228,12 @@ def test_injection_prefix_with_entity_and_schema_is_exact() -> None:
     )
     inj = Injection(ctx)
     expected = (
-        "SET LOCAL app.tenant_id = '11111111-2222-3333-4444-555555555555'; "
-        "SET LOCAL app.tenant_type = 'sme'; "
-        "SET LOCAL app.entity_id = 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee'; "
-        "SET LOCAL search_path = t_acme, public; "
-        'SET LOCAL ROLE "t_acme";'
+        "SELECT pg_catalog.set_config('app.tenant_id', "
+        "'11111111-2222-3333-4444-555555555555', true), "
+        "pg_catalog.set_config('app.tenant_type', 'sme', true), "
+        "pg_catalog.set_config('app.entity_id', 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee', true), "
+        "pg_catalog.set_config('search_path', 't_acme, public', true), "
+        "pg_catalog.set_config('role', 't_acme', true);"
     )
     assert inj.q_prefix == expected.encode()
     assert inj.q_shift == len(inj.q_prefix)
@@ -240,13 +242,14 @@ def test_injection_prefix_with_entity_and_schema_is_exact() -> None:
 
 def test_injection_prefix_escapes_quotes_in_values() -> None:
     inj = Injection(build_context(identity(tenant_type="o'x"), tenant_type("tenant_sme")))
-    assert b"SET LOCAL app.tenant_type = 'o''x'; " in inj.q_prefix
+    assert b"pg_catalog.set_config('app.tenant_type', 'o''x', true)" in inj.q_prefix
 
 
-def test_injection_prefix_has_one_statement_per_dropped_reply() -> None:
+def test_injection_prefix_is_one_statement_with_three_dropped_replies() -> None:
     inj = Injection(build_context(identity(entity_id=ENTITY), tenant_type("tenant_sme")))
-    assert inj.q_prefix.count(b"SET LOCAL ") == Q_DROP == 5
-    assert inj.q_prefix.count(b";") == Q_DROP
+    assert inj.q_prefix.count(b"set_config(") == 5
+    assert inj.q_prefix.count(b";") == 1 and inj.q_prefix.endswith(b";")
+    assert Q_DROP == 3  # RowDescription, DataRow, CommandComplete
 
 
 def decode_bind(msg: bytes) -> tuple[str, str, list[int], list[bytes | None], list[int]]:

@@ -36,7 +36,8 @@ def cc(tag: str) -> bytes:
     return codec.command_complete(tag)
 
 
-SET5 = cc("SET") * 5
+# The replies to the injected ``SELECT set_config(...)`` statement.
+INJECTED = codec.frame(ord("T"), b"\x00\x05") + codec.frame(ord("D"), b"\x00\x00") + cc("SELECT 1")
 ROWDESC = codec.frame(ord("T"), b"\x00\x00")  # zero columns is enough for the tracker
 ROW = codec.frame(ord("D"), b"\x00\x01\x00\x00\x00\x011")
 Z_I = codec.ready_for_query(b"I")
@@ -72,10 +73,11 @@ def test_simple_query_is_prefixed_and_set_replies_are_dropped() -> None:
     to_server = start(link, codec.query("SELECT 1"))
     prefix = link.injection.q_prefix
     assert to_server == codec.query(prefix + b"SELECT 1")
-    assert prefix.startswith(b"SET LOCAL app.tenant_id = '11111111-2222-3333-4444-555555555555';")
-    assert prefix.endswith(b'SET LOCAL ROLE "tenant_sme";')
+    assert prefix.startswith(b"SELECT pg_catalog.set_config('app.tenant_id', "
+                             b"'11111111-2222-3333-4444-555555555555', true), ")
+    assert prefix.endswith(b"pg_catalog.set_config('role', 'tenant_sme', true);")
     assert not link.can_release
-    seen = server_sends(link, SET5 + ROWDESC + ROW + cc("SELECT 1") + Z_I)
+    seen = server_sends(link, INJECTED + ROWDESC + ROW + cc("SELECT 1") + Z_I)
     assert seen == ROWDESC + ROW + cc("SELECT 1") + Z_I
     assert link.can_release
 
@@ -83,7 +85,7 @@ def test_simple_query_is_prefixed_and_set_replies_are_dropped() -> None:
 def test_replies_split_byte_by_byte_give_the_same_client_stream() -> None:
     link = make_link()
     start(link, codec.query("SELECT 1"))
-    stream = SET5 + codec.parameter_status("search_path", "public") + ROWDESC + ROW
+    stream = INJECTED + codec.parameter_status("search_path", "public") + ROWDESC + ROW
     stream += cc("SELECT 1") + Z_I
     seen = b"".join(server_sends(link, stream[i : i + 1]) for i in range(len(stream)))
     assert seen == ROWDESC + ROW + cc("SELECT 1") + Z_I
@@ -108,13 +110,13 @@ def test_syntax_error_position_points_into_client_text() -> None:
 def test_empty_query_gets_empty_query_response() -> None:
     link = make_link()
     start(link, codec.query(""))
-    assert server_sends(link, SET5 + Z_I) == codec.empty_query_response() + Z_I
+    assert server_sends(link, INJECTED + Z_I) == codec.empty_query_response() + Z_I
 
 
 def test_explicit_transaction_keeps_server_and_injects_once() -> None:
     link = make_link()
     start(link, codec.query("BEGIN"))
-    assert server_sends(link, SET5 + cc("BEGIN") + Z_T) == cc("BEGIN") + Z_T
+    assert server_sends(link, INJECTED + cc("BEGIN") + Z_T) == cc("BEGIN") + Z_T
     assert not link.can_release
     out, _, outcome = client_sends(link, codec.query("SELECT 1"))
     assert (out, outcome) == (codec.query("SELECT 1"), IDLE)  # no second injection
@@ -128,7 +130,8 @@ def test_explicit_transaction_keeps_server_and_injects_once() -> None:
 def test_aborted_transaction_gets_no_injection_so_rollback_works() -> None:
     link = make_link()
     start(link, codec.query("BEGIN; SELECT 1/0"))
-    server_sends(link, SET5 + cc("BEGIN") + codec.error_response("22012", "division by zero") + Z_E)
+    error = codec.error_response("22012", "division by zero")
+    server_sends(link, INJECTED + cc("BEGIN") + error + Z_E)
     out, _, _ = client_sends(link, codec.query("ROLLBACK"))
     assert out == codec.query("ROLLBACK")
     server_sends(link, cc("ROLLBACK") + Z_I)
@@ -176,7 +179,7 @@ def test_failed_injection_marks_context_statement_unknown_and_reparses() -> None
 def test_deallocate_all_makes_the_context_statement_unknown() -> None:
     link = make_link()
     start(link, codec.query("DEALLOCATE ALL"), ctx_state=CTX_READY)
-    server_sends(link, SET5 + cc("DEALLOCATE ALL") + Z_I)
+    server_sends(link, INJECTED + cc("DEALLOCATE ALL") + Z_I)
     assert link.detach() == CTX_UNKNOWN
 
 
@@ -185,7 +188,7 @@ def test_pipelined_queries_without_transaction_control_are_each_injected() -> No
     to_server = start(link, codec.query("SELECT 1") + codec.query("SELECT 2"))
     prefix = link.injection.q_prefix
     assert to_server == codec.query(prefix + b"SELECT 1") + codec.query(prefix + b"SELECT 2")
-    seen = server_sends(link, SET5 + cc("SELECT 1") + Z_I + SET5 + cc("SELECT 2") + Z_I)
+    seen = server_sends(link, INJECTED + cc("SELECT 1") + Z_I + INJECTED + cc("SELECT 2") + Z_I)
     assert seen == cc("SELECT 1") + Z_I + cc("SELECT 2") + Z_I
     assert link.can_release
 
@@ -198,7 +201,7 @@ def test_segment_after_in_flight_begin_is_held_until_its_reply() -> None:
     out, _, outcome = link.pump_client()
     assert outcome == HOLD
     assert out == codec.query(link.injection.q_prefix + b"BEGIN")
-    _, resume = link.feed_server(SET5 + cc("BEGIN") + Z_T)
+    _, resume = link.feed_server(INJECTED + cc("BEGIN") + Z_T)
     assert resume
     out, _, outcome = link.pump_client()
     assert (out, outcome) == (codec.query("SELECT 2"), IDLE)  # inside BEGIN: no injection
@@ -208,7 +211,7 @@ def test_parameter_status_for_search_path_is_hidden() -> None:
     link = make_link()
     start(link, codec.query("BEGIN"))
     tz = codec.parameter_status("TimeZone", "UTC")
-    seen = server_sends(link, SET5 + cc("BEGIN") + codec.parameter_status("search_path", "x")
+    seen = server_sends(link, INJECTED + cc("BEGIN") + codec.parameter_status("search_path", "x")
                         + tz + Z_T)
     assert seen == cc("BEGIN") + tz + Z_T
 
@@ -216,7 +219,7 @@ def test_parameter_status_for_search_path_is_hidden() -> None:
 def test_large_data_row_streams_before_it_is_complete() -> None:
     link = make_link()
     start(link, codec.query("SELECT big"))
-    server_sends(link, SET5)
+    server_sends(link, INJECTED)
     row = codec.frame(ord("D"), b"\x00\x01" + (100_000).to_bytes(4, "big") + b"x" * 100_000)
     assert server_sends(link, ROWDESC) == ROWDESC
     first = server_sends(link, row[:50_000])
@@ -270,7 +273,7 @@ def test_copy_in_messages_do_not_start_segments() -> None:
     link = make_link()
     start(link, codec.query("COPY t FROM STDIN"))
     copy_in = codec.frame(ord("G"), b"\x00\x00\x00")
-    assert server_sends(link, SET5 + copy_in) == copy_in
+    assert server_sends(link, INJECTED + copy_in) == copy_in
     data = codec.frame(ord("d"), b"1\n") + codec.frame(ord("c"), b"")
     out, _, outcome = client_sends(link, data)
     assert (out, outcome) == (data, IDLE)
@@ -281,7 +284,7 @@ def test_copy_in_messages_do_not_start_segments() -> None:
 def test_session_state_marks_the_link_dirty_until_the_next_attach() -> None:
     link = make_link()
     start(link, codec.query("LISTEN jobs"))
-    server_sends(link, SET5 + cc("LISTEN") + Z_I)
+    server_sends(link, INJECTED + cc("LISTEN") + Z_I)
     assert link.can_release and link.session_dirty
     link.detach()
     start(link, codec.query("SELECT 1"))
