@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint unit bench clean
+.PHONY: install demo test lint unit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,12 @@ demo: install
 
 lint: install
 	$(PY) -m ruff check proxy tests
+	$(PY) -m mypy
 
 unit: install
 	$(PY) -m pytest -q tests/unit
 
-test: install lint
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:

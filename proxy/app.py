@@ -129,8 +129,14 @@ def serve(config: Config) -> None:
         app = App(config)
         await app.start()
         loop = asyncio.get_running_loop()
+        shutdowns: set[asyncio.Task[None]] = set()
+
+        def on_signal(sig: int) -> None:
+            if not shutdowns:  # a second signal while stopping changes nothing
+                shutdowns.add(asyncio.ensure_future(_shutdown(app, sig)))
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(_shutdown(app, s)))
+            loop.add_signal_handler(sig, on_signal, sig)
         await app.stopped.wait()
 
     async def _shutdown(app: App, sig: int) -> None:
