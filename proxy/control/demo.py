@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 import secrets
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -433,7 +434,7 @@ def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10) -> int:
         config_path.write_text(env.config_toml(port, pool_size=pool_size))
         (workdir / "tokens.json").write_text(json.dumps(
             {slug: t.token for slug, t in env.tenants.items()}, indent=2) + "\n")
-        psql = cluster.tool("psql") or "psql"
+        psql = "psql" if shutil.which("psql") else (cluster.tool("psql") or "psql")
         lines = [
             "",
             f"pgtenant demo: PostgreSQL {cluster.host}:{cluster.port} (database app), "
