@@ -27,19 +27,23 @@ __all__ = [
     "ControlConfig",
     "DatabaseConfig",
     "Dsn",
+    "JwtConfig",
     "TenantTypeConfig",
+    "TlsConfig",
     "is_loopback",
     "load_config",
     "parse_config",
     "parse_dsn",
 ]
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
 # Placeholders a tenant-type template may use; anything else is refused at load time.
 TEMPLATE_FIELDS = frozenset({"slug", "org_id", "schema"})
 
 
-def _doc(doc: str, *, unit: str = "", reload: bool = True) -> dict[str, Any]:
-    return {"doc": doc, "unit": unit, "reload": reload}
+def _doc(doc: str, *, unit: str = "", reload: bool = True,
+         choices: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"doc": doc, "unit": unit, "reload": reload, "choices": choices}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +142,50 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TlsConfig:
+    """``[tls]``: TLS towards clients (cert + key) and towards the backend."""
+
+    cert_file: str | None = field(
+        default=None, metadata=_doc("PEM certificate offered to clients (with key_file)")
+    )
+    key_file: str | None = field(default=None, metadata=_doc("PEM private key of cert_file"))
+    server_tls: str = field(
+        default="disable",
+        metadata=_doc("TLS to the backend", choices=("disable", "prefer", "require",
+                                                     "verify-ca", "verify-full")),
+    )
+    server_ca_file: str | None = field(
+        default=None, metadata=_doc("CA bundle for verify-ca / verify-full to the backend")
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JwtConfig:
+    """``[jwt]``: JSON Web Tokens accepted as passwords besides opaque ``pgt_`` tokens."""
+
+    algorithms: tuple[str, ...] = field(
+        default=("HS256", "RS256", "ES256"), metadata=_doc("accepted signing algorithms")
+    )
+    secret: str | None = field(default=None, metadata=_doc("HS256 shared secret"))
+    public_key_file: str | None = field(
+        default=None, metadata=_doc("PEM public key for RS256/ES256")
+    )
+    jwks_file: str | None = field(default=None, metadata=_doc("JWKS file (keys by kid)"))
+    issuer: str | None = field(default=None, metadata=_doc("required iss claim"))
+    audience: str | None = field(default=None, metadata=_doc("required aud claim"))
+    org_claim: str = field(default="org_id", metadata=_doc("claim holding the org id"))
+    type_claim: str = field(
+        default="tenant_type", metadata=_doc("claim holding the tenant type (checked)")
+    )
+    entity_claim: str = field(default="entity_id", metadata=_doc("claim holding the entity id"))
+    leeway: float = field(default=0.0, metadata=_doc("clock skew allowed on exp/nbf", unit="s"))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret or self.public_key_file or self.jwks_file)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration. Pass it explicitly; never keep it in a global."""
 
@@ -168,8 +216,37 @@ class Config:
     token_cache_ttl: float = field(
         default=5.0, metadata=_doc("how long a token lookup is reused", unit="s")
     )
-    log_level: str = field(default="info", metadata=_doc("debug, info, warning or error"))
+    log_level: str = field(
+        default="info",
+        metadata=_doc("debug, info, warning or error", choices=_LOG_LEVELS),
+    )
+    protected_settings: tuple[str, ...] = field(
+        default=("app.",),
+        metadata=_doc("settings (a trailing '.' means a prefix) tenants may not SET, RESET "
+                      "or set_config; role, session_authorization and search_path always"),
+    )
+    lockdown_check: str = field(
+        default="refuse",
+        metadata=_doc("at start, check the database lockdown: refuse to start, warn, or off",
+                      choices=("refuse", "warn", "off")),
+    )
+    context_signing: str = field(
+        default="auto",
+        metadata=_doc("also set app.tenant_sig (HMAC): on when pgtenant init installed it",
+                      choices=("auto", "on", "off")),
+    )
+    auth_failure_limit: int = field(
+        default=5, metadata=_doc("failed logins per client address before slowing it down")
+    )
+    auth_failure_window: float = field(
+        default=60.0, metadata=_doc("window in which failures are counted", unit="s")
+    )
+    auth_failure_delay: float = field(
+        default=2.0, metadata=_doc("delay before answering an address over the limit", unit="s")
+    )
     control: ControlConfig = field(default_factory=ControlConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    jwt: JwtConfig = field(default_factory=JwtConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
     tenant_types: Mapping[str, TenantTypeConfig] = field(default_factory=dict)
 
@@ -184,7 +261,6 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _reject_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -246,23 +322,21 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     Returns: the frozen ``Config``.
     Raises: ConfigError naming the offending key.
     """
-    top_fields = {f.name: f for f in dataclasses.fields(Config)}
-    _reject_unknown(data, set(top_fields), "")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        if name in ("control", "databases", "tenant_types"):
-            continue
-        if name == "listen":
-            kwargs[name] = _parse_listen(value)
-            continue
-        kind = {"bool": bool, "int": int, "float": float, "str": str}[str(top_fields[name].type)]
-        kwargs[name] = _typed(value, kind, name)
+    top_fields = {f.name for f in dataclasses.fields(Config)}
+    _reject_unknown(data, top_fields, "")
+    simple = {k: v for k, v in data.items()
+              if k not in ("listen", "control", "databases", "tenant_types", "tls", "jwt")}
+    kwargs: dict[str, Any] = _parse_simple(simple, Config, "")
+    if "listen" in data:
+        kwargs["listen"] = _parse_listen(data["listen"])
     for key in ("max_client_conn", "max_message_size", "query_wait_timeout",
-                "client_login_timeout", "server_connect_timeout", "token_cache_ttl"):
+                "client_login_timeout", "server_connect_timeout", "token_cache_ttl",
+                "auth_failure_window"):
         if key in kwargs:
             _positive(kwargs[key], key)
-    if kwargs.get("log_level", "info") not in _LOG_LEVELS:
-        raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}")
+    for key in ("auth_failure_limit", "auth_failure_delay"):
+        if kwargs.get(key, 0) < 0:
+            raise ConfigError(f"{key}: must not be negative")
     if kwargs.get("max_message_size", 1 << 20) < 8192:
         raise ConfigError("max_message_size: must be at least 8192 bytes")
 
@@ -314,7 +388,50 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     )
     if control.dsn is None and len(databases) > 1:
         raise ConfigError("control.dsn: required when more than one database is configured")
-    return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types)
+    tls = TlsConfig(**_parse_simple(_typed(data.get("tls", {}), dict, "tls"), TlsConfig, "tls"))
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError("tls.cert_file and tls.key_file: give both or neither")
+    jwt = JwtConfig(**_parse_simple(_typed(data.get("jwt", {}), dict, "jwt"), JwtConfig, "jwt"))
+    unknown_algs = set(jwt.algorithms) - {"HS256", "RS256", "ES256"}
+    if unknown_algs:
+        raise ConfigError(f"jwt.algorithms: unsupported {sorted(unknown_algs)}; "
+                          "use HS256, RS256 or ES256")
+    return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types,
+                  tls=tls, jwt=jwt)
+
+
+_SIMPLE_TYPES: dict[str, tuple[type, bool]] = {
+    # annotation text -> (type, may be None)
+    "bool": (bool, False), "int": (int, False), "float": (float, False), "str": (str, False),
+    "str | None": (str, True), "tuple[str, ...]": (tuple, False),
+}
+
+
+def _parse_simple(table: Mapping[str, Any], cls: type, where: str) -> dict[str, Any]:
+    """Parse the scalar and list-of-string keys of one section by their annotations.
+
+    Returns: keyword arguments for ``cls``.
+    Raises: ConfigError naming the key (unknown key, wrong type, value not in choices).
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)
+              if str(f.type) in _SIMPLE_TYPES}
+    if where:  # top-level unknown keys were already checked against all of Config's fields
+        _reject_unknown(table, set(fields), where)
+    out: dict[str, Any] = {}
+    for name, value in table.items():
+        key = f"{where}.{name}" if where else name
+        kind, _ = _SIMPLE_TYPES[str(fields[name].type)]
+        if kind is tuple:
+            items = _typed(value, list, key)
+            for i, item in enumerate(items):
+                _typed(item, str, f"{key}[{i}]")
+            out[name] = tuple(items)
+            continue
+        out[name] = _typed(value, kind, key)
+        choices = fields[name].metadata.get("choices", ())
+        if choices and out[name] not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return out
 
 
 def load_config(path: str | Path) -> Config:

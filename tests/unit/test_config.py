@@ -15,7 +15,9 @@ from proxy.config import (
     ControlConfig,
     DatabaseConfig,
     Dsn,
+    JwtConfig,
     TenantTypeConfig,
+    TlsConfig,
     is_loopback,
     load_config,
     parse_config,
@@ -493,10 +495,48 @@ def _documented_keys(text: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "cls", [Config, ControlConfig, DatabaseConfig, TenantTypeConfig], ids=lambda c: c.__name__
+    "cls", [Config, ControlConfig, DatabaseConfig, TenantTypeConfig, TlsConfig, JwtConfig],
+    ids=lambda c: c.__name__,
 )
 def test_every_config_key_is_documented_in_the_example(cls: type) -> None:
     documented = _documented_keys(EXAMPLE.read_text())
     # ``name`` is the table's own key ([databases.<name>]), not a key inside it.
     missing = {f.name for f in dataclasses.fields(cls) if f.name != "name"} - documented
     assert not missing, f"add {sorted(missing)} to {EXAMPLE.name}"
+
+
+# ---------------------------------------------------------------------- security sections
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"lockdown_check": "maybe"}, "lockdown_check: expected one of refuse, warn, off"),
+        ({"context_signing": True}, "context_signing: expected str"),
+        ({"protected_settings": "app."}, "protected_settings: expected list"),
+        ({"protected_settings": ["app.", 3]}, "protected_settings[1]: expected str"),
+        ({"auth_failure_delay": -1}, "auth_failure_delay: must not be negative"),
+        ({"tls": {"cert_file": "a.crt"}}, "tls.cert_file and tls.key_file: give both"),
+        ({"tls": {"server_tls": "always"}}, "tls.server_tls: expected one of disable"),
+        ({"tls": {"certfile": "x"}},
+         "unknown config key 'tls.certfile' (did you mean 'cert_file'?)"),
+        ({"jwt": {"algorithms": ["none"]}}, "jwt.algorithms: unsupported ['none']"),
+        ({"jwt": {"leeway": "1"}}, "jwt.leeway: expected float"),
+    ],
+)
+def test_security_keys_are_validated_naming_the_key(data: dict[str, Any], key: str) -> None:
+    assert config_error(minimal(**data)).startswith(key)
+
+
+def test_security_sections_parse_with_defaults_and_values() -> None:
+    cfg = parse_config(minimal(
+        protected_settings=["app.", "myapp.tenant"],
+        tls={"cert_file": "c.pem", "key_file": "k.pem", "server_tls": "require"},
+        jwt={"secret": "s3", "algorithms": ["HS256"], "leeway": 2},
+    ))
+    assert cfg.protected_settings == ("app.", "myapp.tenant")
+    assert (cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.server_tls) == ("c.pem", "k.pem",
+                                                                          "require")
+    assert cfg.jwt.enabled and cfg.jwt.algorithms == ("HS256",) and cfg.jwt.leeway == 2.0
+    assert (cfg.lockdown_check, cfg.context_signing) == ("refuse", "auto")
+    assert not parse_config(minimal()).jwt.enabled
