@@ -12,12 +12,19 @@ import secrets
 import signal
 import time
 
+import asyncpg
+
 from .client import ClientConnection
 from .config import Config
-from .errors import ConfigError
+from .control.hardening import check_lockdown, fetch_signing_key
+from .errors import ConfigError, ContextError, ServerUnavailable
+from .guard import Guard
+from .identity.jwt import build_verifier
 from .identity.registry import Registry
+from .identity.throttle import AuthThrottle
 from .pool import Pool
 from .server import send_cancel
+from .tls import backend_tls, client_context
 
 __all__ = ["App", "serve"]
 
@@ -30,8 +37,17 @@ class App:
 
     def __init__(self, config: Config):
         self.config = config
-        self.pools = {name: Pool(db, config) for name, db in config.databases.items()}
-        self.registry = Registry(config.control_dsn, config.token_cache_ttl)
+        # Built once: a bad cert/key/CA path is a ConfigError at start, not at first client.
+        self.client_tls = client_context(config.tls)
+        self.server_tls = backend_tls(config.tls)
+        self.pools = {name: Pool(db, config, server_tls=self.server_tls)
+                      for name, db in config.databases.items()}
+        self.guard = Guard(config.protected_settings)
+        self.registry = Registry(config.control_dsn, config.token_cache_ttl,
+                                 jwt=build_verifier(config.jwt))
+        # One table for the whole proxy: failures are counted per client address.
+        self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window,
+                                          config.auth_failure_delay)
         self.clients: dict[ClientConnection, None] = {}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.auth_failures = 0
@@ -85,8 +101,55 @@ class App:
         except OSError as exc:
             raise ConfigError(f"listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._janitor = asyncio.ensure_future(self._janitor_loop())
+        for pool in self.pools.values():
+            pool.verifier = self._verify_database
+            try:
+                await pool.ensure_verified()
+            except ServerUnavailable as exc:  # verified at the first login instead
+                log.warning("%s; clients of it are refused until it can be verified", exc.message)
+        # Before "listening on": revocations must be heard from the first login on.
+        await self.registry.start()
         log.info("pgtenant: listening on %s:%d (databases: %s)", host, port,
                  ", ".join(self.pools))
+
+    async def _verify_database(self, pool: Pool) -> None:
+        """Check one database's lockdown and fetch its context-signing key (§5 layers 3, 4).
+
+        Raises: ServerUnavailable when it cannot be reached; ContextError when it is not
+        locked down (lockdown_check = "refuse") or has no signing key (context_signing = "on").
+        """
+        dsn = pool.db.dsn
+        try:
+            conn = await asyncpg.connect(dsn.to_url(), timeout=self.config.server_connect_timeout,
+                                         statement_cache_size=0)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise ServerUnavailable(
+                f"cannot connect to backend {dsn.host}:{dsn.port} to verify database "
+                f"{pool.db.name!r}: {exc}"
+            ) from exc
+        try:
+            if self.config.lockdown_check != "off":
+                roles = sorted({t.role for t in self.config.tenant_types.values()
+                                if "{" not in t.role})
+                problems = await check_lockdown(conn, dsn.user, roles)
+                if problems:
+                    text = f"database {pool.db.name!r} is not locked down: " + "; ".join(problems)
+                    if self.config.lockdown_check == "refuse":
+                        raise ContextError(text, hint="run `pgtenant init --config ...` on it, "
+                                           "or set lockdown_check = \"warn\"")
+                    log.warning("LOCKDOWN WARNING: %s", text)
+            if self.config.context_signing != "off":
+                pool.signing_key = await fetch_signing_key(conn)
+                if pool.signing_key is None:
+                    if self.config.context_signing == "on":
+                        raise ContextError(
+                            f"database {pool.db.name!r} has no context-signing key "
+                            "(context_signing = \"on\"); run `pgtenant init` on it"
+                        )
+                    log.warning("database %r has no signing key: app.tenant_sig is not set",
+                                pool.db.name)
+        finally:
+            await conn.close()
 
     @property
     def port(self) -> int:

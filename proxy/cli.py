@@ -18,7 +18,7 @@ import asyncpg
 
 from .config import Config, load_config
 from .control import ControlError
-from .errors import ConfigError
+from .errors import ConfigError, ProxyError
 
 __all__ = ["main"]
 
@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pgtenant: config error: {exc.message}", file=sys.stderr)
         return 2
+    except ProxyError as exc:  # e.g. a database that is not locked down, at start
+        print(f"pgtenant: {exc.message}" + (f"\nHINT: {exc.hint}" if exc.hint else ""),
+              file=sys.stderr)
+        return 1
     except ControlError as exc:  # operator mistakes: unknown tenant, duplicate slug...
         print(f"pgtenant: {exc}", file=sys.stderr)
         return 1

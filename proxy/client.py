@@ -39,6 +39,7 @@ from .protocol.constants import (
 from .protocol.inject import Injection
 from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
 from .server import ServerConnection
+from .tls import cleartext_token_allowed
 
 if TYPE_CHECKING:
     from .app import App
@@ -101,6 +102,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports are not asyncio.Transport subclasses, but speak its interface.
         self.transport = transport  # type: ignore[assignment]
+        self.tls = False  # True once the TLS handshake after SSLRequest succeeded
+        self._tls_upgrading = False  # between our 'S' and the end of the handshake
         peer = transport.get_extra_info("peername")
         self.peer_host = peer[0] if isinstance(peer, tuple) else "unix"
         sock = transport.get_extra_info("socket")
@@ -154,6 +157,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _handle_startup(self) -> None:
         buf = self._buf
+        if self._tls_upgrading:
+            # Only decrypted bytes reach us now, possibly before start_tls has handed us the
+            # TLS transport: keep them until _upgrade_to_tls resumes, so no reply goes out
+            # in cleartext.
+            if len(buf) > _MAX_STARTUP:
+                raise ClientProtocolError("too much data during the TLS handshake")
+            return
         while self.state is ClientState.STARTUP and len(buf) >= 8:
             (length,) = _unpack_i32(buf, 0)
             if length < 8 or length > _MAX_STARTUP:
@@ -166,6 +176,11 @@ class ClientConnection(asyncio.Protocol):
             if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
                 if buf:  # bytes after the request before our answer: a buffer-stuffing attack
                     raise ClientProtocolError("unexpected data after encryption request")
+                if self.tls:  # as Postgres: one negotiation per connection
+                    raise ClientProtocolError("encryption request on an encrypted connection")
+                if code == SSL_REQUEST_CODE and self.app.client_tls is not None:
+                    self._start_tls_upgrade()
+                    return
                 self._write(b"N")
             elif code == CANCEL_REQUEST_CODE:
                 self._handle_cancel(body)
@@ -210,17 +225,66 @@ class ClientConnection(asyncio.Protocol):
                 hint=f"configured databases: {', '.join(sorted(self.app.pools))}",
             )
         self.pool = pool
-        if not self.app.config.allow_plaintext_remote and not self._on_loopback():
+        if not cleartext_token_allowed(
+            encrypted=self.tls, loopback=self._on_loopback(),
+            allow_plaintext_remote=self.app.config.allow_plaintext_remote,
+        ):
             raise AuthRefused(
                 "pgtenant refuses cleartext tokens over an unencrypted connection from "
                 f"{self.peer_host}",
-                hint="connect over loopback, or set allow_plaintext_remote = true",
+                hint="connect with sslmode=require (or verify-full)"
+                if self.app.client_tls is not None
+                else "configure [tls] cert_file and key_file and connect with TLS, connect "
+                     "over loopback, or set allow_plaintext_remote = true",
             )
         self.state = ClientState.PASSWORD
         self._write(codec.auth_request(AUTH_CLEARTEXT))
 
     def _on_loopback(self) -> bool:
         return self.peer_host == "unix" or is_loopback(self.peer_host)
+
+    def _start_tls_upgrade(self) -> None:
+        """Answer SSLRequest with 'S' and run the server-side TLS handshake in a task."""
+        assert self.transport is not None
+        self._tls_upgrading = True
+        self._write(b"S")
+        # Until start_tls installs its TLS layer, the ClientHello must not reach
+        # data_received as if it were a startup packet; start_tls resumes reading itself.
+        self.transport.pause_reading()
+        # Kept where _disconnect cancels the login's task, so a client that goes away or a
+        # proxy shutdown ends the handshake too.
+        self._auth_task = asyncio.ensure_future(self._upgrade_to_tls())
+
+    async def _upgrade_to_tls(self) -> None:
+        """Wrap the connection in TLS; this protocol object stays the same.
+
+        A failed handshake cannot be answered with an ErrorResponse (the client expects TLS
+        records), so the connection is just closed and the reason logged.
+        """
+        assert self.transport is not None and self.app.client_tls is not None
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, self.app.client_tls, server_side=True,
+                ssl_handshake_timeout=self.app.config.client_login_timeout,
+            )
+        except OSError as exc:  # ssl.SSLError, resets, the handshake timeout
+            why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            log.info("disconnect: client=%s reason=TlsHandshakeFailed: %s", self.peer_host, why)
+            self._disconnect("TLS handshake failed", logged=True)
+            return
+        if transport is None or self.state is ClientState.CLOSED:  # gone meanwhile
+            if transport is not None:
+                transport.close()
+            self._disconnect("client closed the connection")
+            return
+        self.transport = transport
+        self.tls = True
+        self._tls_upgrading = False
+        if self._buf:  # a StartupMessage that arrived with the end of the handshake
+            try:
+                self._handle_startup()
+            except ProxyError as exc:
+                self._fail(exc)
 
     def _handle_password(self) -> None:
         buf = self._buf
@@ -239,10 +303,18 @@ class ClientConnection(asyncio.Protocol):
         self._auth_task = asyncio.ensure_future(self._authenticate(raw.decode("utf-8", "replace")))
 
     async def _authenticate(self, token: str) -> None:
+        throttle = self.app.auth_throttle
+        started = time.monotonic()
+        # Decided when the attempt starts, so the attempt that reaches the limit is still
+        # answered at once; only failures are delayed (see identity/throttle.py for why).
+        delay = throttle.delay_for(self.peer_host, started)
         try:
             identity = await self.app.registry.resolve(token)
             if identity is None:
                 self.app.auth_failures += 1
+                throttle.record_failure(self.peer_host, started)
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 raise AuthFailed(
                     f'password authentication failed for user "{self.user}"',
                     hint="pgtenant expects a valid, unexpired, unrevoked token as the password",
@@ -267,7 +339,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.state is ClientState.CLOSED:
             return
-        self.link = Link(Injection(self.context), self.app.config.max_message_size)
+        assert self.pool is not None
+        self.link = Link(Injection(self.context, self.pool.signing_key),
+                         self.app.config.max_message_size,
+                         guard=self.app.guard.check)
         pid, secret = self.app.register_cancel_key(self)
         self.cancel_key = (pid, secret)
         out = [codec.auth_request(AUTH_OK)]
@@ -327,7 +402,15 @@ class ClientConnection(asyncio.Protocol):
 
     def _request_server(self) -> bool:
         """Returns: True when a server is attached now; False when we wait (or failed)."""
-        assert self.pool is not None
+        assert self.pool is not None and self.context is not None
+        # A token revoked since login ends its sessions at their next transaction (the
+        # registry hears revocations through LISTEN; see identity/registry.py).
+        if self.app.registry.is_revoked(self.context.identity.token_id):
+            self._fail(AuthFailed(
+                "token revoked: this session's token was revoked",
+                hint="reconnect with a valid token",
+            ))
+            return False
         try:
             server = self.pool.acquire(self)
         except ProxyError as exc:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 from .config import Config, DatabaseConfig
 from .errors import PoolClosed, PoolTimeout, ProxyError, ServerUnavailable
 from .protocol.tracker import CTX_NONE
 from .server import ServerConnection, ServerState, send_cancel
+from .tls import BackendTls
 
 __all__ = ["Pool", "Waiter"]
 
@@ -36,8 +37,10 @@ class Pool:
     """Server connections for one database entry and the clients waiting for them."""
 
     def __init__(self, db: DatabaseConfig, config: Config,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, *,
+                 server_tls: BackendTls | None = None):
         self.db = db
+        self.server_tls = server_tls  # built once by the App, shared by every server
         self.config = config
         self.clock = clock
         # Critical invariant: every live ServerConnection is in exactly one container.
@@ -51,6 +54,12 @@ class Pool:
         self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._params_ready: asyncio.Future[None] | None = None
+        # Set by the app: checks the database's lockdown and fetches its signing key once,
+        # before the first client is served (fail closed: no verification, no service).
+        self.verifier: Callable[[Pool], Awaitable[None]] | None = None
+        self.verified = False
+        self.signing_key: bytes | None = None
+        self._verify_lock = asyncio.Lock()
         # Name our backends in pg_stat_activity unless the dsn already does.
         named = any(key == "application_name" for key, _ in db.dsn.params)
         self._login_params = () if named else (("application_name", "pgtenant"),)
@@ -170,7 +179,7 @@ class Pool:
             self._open()
 
     def _open(self) -> ServerConnection:
-        server = ServerConnection(self.db.dsn, self.server_lost)
+        server = ServerConnection(self.db.dsn, self.server_lost, self.server_tls)
         self._set_state(server, ServerState.LOGIN)
         self._spawn(self._connect(server))
         return server
@@ -227,6 +236,7 @@ class Pool:
 
         Raises: ServerUnavailable / ServerLoginFailed when no server can be opened.
         """
+        await self.ensure_verified()
         if self.server_params:
             return self.server_params
         if self._params_ready is None:
@@ -241,6 +251,18 @@ class Pool:
         except ProxyError as exc:
             raise type(exc)(exc.message) from None
         return self.server_params
+
+    async def ensure_verified(self) -> None:
+        """Run the app's verifier once (again after a failure).
+
+        Raises: whatever the verifier raises (ContextError, ServerUnavailable).
+        """
+        if self.verified or self.verifier is None:
+            return
+        async with self._verify_lock:
+            if not self.verified:
+                await self.verifier(self)
+                self.verified = True
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+import struct
 import time
 from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from .config import Dsn
-from .errors import ServerProtocolError, ServerUnavailable
+from .errors import ServerLoginFailed, ServerProtocolError, ServerUnavailable
 from .protocol import codec
+from .protocol.constants import SSL_REQUEST_CODE
 from .protocol.handshake import Frame, Handshake, LoginResult, Send, server_login
 from .protocol.tracker import CTX_NONE
+from .tls import BackendTls
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -58,10 +62,13 @@ class ServerConnection(asyncio.Protocol):
 
     _next_id = 0
 
-    def __init__(self, dsn: Dsn, on_lost: Callable[[ServerConnection], None]):
+    def __init__(self, dsn: Dsn, on_lost: Callable[[ServerConnection], None],
+                 tls: BackendTls | None = None):
         ServerConnection._next_id += 1
         self.id = ServerConnection._next_id
         self.dsn = dsn
+        self.tls = tls
+        self.tls_in_use = False
         self.state = ServerState.LOGIN  # only Pool._set_state assigns this
         self.transport: asyncio.Transport | None = None
         self.peer: ServerPeer | None = None
@@ -92,6 +99,9 @@ class ServerConnection(asyncio.Protocol):
                     await loop.create_unix_connection(lambda: self, self.dsn.unix_socket)
                 else:
                     await loop.create_connection(lambda: self, self.dsn.host, self.dsn.port)
+                    # Like libpq, no TLS over Unix sockets: they never leave the machine.
+                    if self.tls is not None:
+                        await self._negotiate_tls(self.tls)
                 self.login = await self._drive(
                     server_login(self.dsn.user, self.dsn.password, self.dsn.dbname,
                                  [*self.dsn.params, *params])
@@ -110,6 +120,69 @@ class ServerConnection(asyncio.Protocol):
         except BaseException:
             self.close()
             raise
+
+    async def _negotiate_tls(self, tls: BackendTls) -> None:
+        """SSLRequest, then on 'S' wrap the socket in TLS (libpq's sslmode rules).
+
+        The login handshake then runs unchanged over the TLS transport: this protocol object
+        stays the transport's application protocol and still receives plaintext.
+
+        Raises: ServerLoginFailed when TLS is required but declined, or the handshake or
+        certificate check fails; ServerProtocolError for an answer other than 'S'/'N';
+        ServerUnavailable when the backend closes the connection.
+        """
+        assert self.transport is not None
+        where = f"{self.dsn.host}:{self.dsn.port}"
+        self.transport.write(struct.pack("!ii", 8, SSL_REQUEST_CODE))
+        while not self._buf:
+            if self._closed:
+                raise ServerUnavailable(f"backend {where} closed the connection during TLS "
+                                        "negotiation")
+            self._frame_waiter = asyncio.get_running_loop().create_future()
+            await self._frame_waiter
+        answer = self._buf[0]
+        if answer == ord("N"):
+            del self._buf[:1]
+            if tls.required:
+                raise ServerLoginFailed(
+                    f"backend {where} does not accept TLS connections "
+                    f"(tls.server_tls = {tls.mode!r})",
+                    hint="turn on ssl in the backend's postgresql.conf, or set "
+                         "tls.server_tls = \"prefer\" or \"disable\"",
+                )
+            return
+        if answer != ord("S"):
+            raise ServerProtocolError(
+                f"backend {where} answered SSLRequest with {bytes([answer])!r}"
+            )
+        if len(self._buf) > 1:
+            # Bytes before the handshake would be trusted as if encrypted (CVE-2021-23222).
+            raise ServerProtocolError(
+                f"backend {where} sent unencrypted data after accepting TLS"
+            )
+        self._buf.clear()
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, tls.context, server_hostname=self.dsn.host
+            )
+        except BaseException as exc:
+            # start_tls closed the socket on any failure (timeouts and cancellation too), and
+            # uvloop may not report connection_lost: writing Terminate to it would raise.
+            self._closed = True
+            if not isinstance(exc, ssl.SSLError | ConnectionError):
+                raise
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                why = f"certificate verify failed: {exc.verify_message}"
+            else:
+                why = getattr(exc, "reason", None) or str(exc)
+            raise ServerLoginFailed(
+                f"TLS handshake with backend {where} failed (tls.server_tls = {tls.mode!r}): "
+                f"{why}"
+            ) from exc
+        if transport is None:  # typeshed allows it; start_tls never returns None in practice
+            raise ServerUnavailable(f"backend {where}: TLS upgrade returned no transport")
+        self.transport = transport
+        self.tls_in_use = True
 
     async def _drive(self, gen: Handshake) -> LoginResult:
         """The only awaiting code for handshakes (STYLE rule 1)."""

@@ -38,6 +38,9 @@ PG_HBA = (
 _OVERRIDES_FILE = "pgtenant.conf"
 _SERVER_USER = "postgres"
 _FALLBACK_USER = "pgtenant-pg"
+# Names of the TLS files inside the data directory (see _install_tls).
+_SSL_CERT = "pgtenant-server.crt"
+_SSL_KEY = "pgtenant-server.key"
 
 
 def find_bindir() -> Path:
@@ -124,8 +127,16 @@ class PostgresCluster:
 
     host = "127.0.0.1"
 
-    def __init__(self, basedir: Path | None = None, *, port: int | None = None) -> None:
+    def __init__(self, basedir: Path | None = None, *, port: int | None = None,
+                 ssl_cert_key: tuple[str | Path, str | Path] | None = None,
+                 tls_only_roles: Sequence[str] = ()) -> None:
+        """``ssl_cert_key`` turns on ``ssl = on`` with that PEM certificate and key (copied
+        into the data directory, where Postgres accepts the key's owner and mode).
+        ``tls_only_roles`` may log in over TCP only with TLS (``hostssl``; ``hostnossl``
+        rejects them), so a successful login proves the connection is encrypted."""
         self._owns_basedir = basedir is None
+        self._ssl_cert_key = ssl_cert_key
+        self._tls_only_roles = tuple(tls_only_roles)
         if basedir is None:
             basedir = Path(tempfile.mkdtemp(prefix="pgtenant-pg-"))
         self.basedir = Path(basedir).resolve()
@@ -161,8 +172,9 @@ class PostgresCluster:
             with (self.datadir / "postgresql.conf").open("a") as conf:
                 conf.write(f"\ninclude_if_exists = '{_OVERRIDES_FILE}'\n")
         self.port = self._requested_port or _free_port(self.host)
+        self._install_tls()
         self._write_file(self.datadir / _OVERRIDES_FILE, self._overrides())
-        self._write_file(self.datadir / "pg_hba.conf", PG_HBA)
+        self._write_file(self.datadir / "pg_hba.conf", self._hba())
         self._run(
             [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
              "-w", "-t", "60", "start"],
@@ -272,7 +284,37 @@ class PostgresCluster:
             "shared_buffers": "'128MB'",
             "password_encryption": "'scram-sha-256'",
         }
+        if self._ssl_cert_key is not None:
+            # Relative paths are resolved against the data directory by the server.
+            settings.update(ssl="on", ssl_cert_file=f"'{_SSL_CERT}'",
+                            ssl_key_file=f"'{_SSL_KEY}'")
         return "".join(f"{key} = {value}\n" for key, value in settings.items())
+
+    def _hba(self) -> str:
+        # First match wins: the TLS-only lines must come before PG_HBA's catch-all "host".
+        lines = []
+        for role in self._tls_only_roles:
+            lines += [f"hostssl all {role} 127.0.0.1/32 scram-sha-256",
+                      f"hostnossl all {role} 127.0.0.1/32 reject"]
+        return "".join(f"{line}\n" for line in lines) + PG_HBA
+
+    def _install_tls(self) -> None:
+        """Copy the certificate and key into the data dir, owned by the server user.
+
+        Postgres refuses a key file that others can read, or that is owned by anyone but
+        the server user (or root with mode 0640): copying sidesteps where the caller's
+        files live and who owns them.
+        """
+        if self._ssl_cert_key is None:
+            return
+        cert, key = self._ssl_cert_key
+        for src, name, mode in ((cert, _SSL_CERT, 0o644), (key, _SSL_KEY, 0o600)):
+            dest = self.datadir / name
+            shutil.copyfile(src, dest)
+            dest.chmod(mode)
+            if self._as_user is not None:
+                pw = pwd.getpwnam(self._as_user)
+                os.chown(dest, pw.pw_uid, pw.pw_gid)
 
     def _prepare_dirs(self) -> None:
         self.basedir.mkdir(parents=True, exist_ok=True)

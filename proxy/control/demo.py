@@ -46,7 +46,8 @@ DEMO_TENANT_TYPES: dict[str, TenantTypeConfig] = {
     ),
 }
 
-_TENANT_FILTER = "nullif(current_setting('app.tenant_id', true), '')::uuid"
+# Only a context the proxy signed yields a tenant; a forged app.tenant_id yields no rows.
+_TENANT_FILTER = "(SELECT pgtenant.current_tenant())"
 
 
 def _rls(table: str, column: str) -> tuple[str, ...]:
@@ -241,11 +242,13 @@ class DemoEnv:
     tenant_types: dict[str, TenantTypeConfig]
     tenants: dict[str, DemoTenant]
 
-    def config_toml(self, listen_port: int, *, pool_size: int = 4, extra: str = "") -> str:
+    def config_toml(self, listen_port: int, *, pool_size: int = 4, extra: str = "",
+                    tls: tuple[str, str] | None = None) -> str:
         """Render a proxy config serving this database on ``127.0.0.1:listen_port``.
 
         ``extra`` is inserted after ``listen`` and before the first table, so it may hold
         top-level keys (``log_level = "debug"``) and/or whole tables (``[control]``).
+        ``tls`` is (cert_file, key_file) for a ``[tls]`` table offering TLS to clients.
 
         Returns: TOML text accepted by ``proxy.config.parse_config``.
         """
@@ -266,6 +269,9 @@ class DemoEnv:
                 f"role = {_toml_str(tenant_type.role)}",
                 f"search_path = [{path}]",
             ]
+        if tls is not None:
+            lines += ["", "[tls]", f"cert_file = {_toml_str(tls[0])}",
+                      f"key_file = {_toml_str(tls[1])}"]
         return "\n".join(lines) + "\n"
 
 
@@ -414,6 +420,7 @@ def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10) -> int:
 
     from ..app import serve
     from ..config import load_config
+    from ..tls import make_self_signed
     from .cluster import PostgresCluster
 
     with socket.socket() as probe:  # fail before spending seconds on initdb
@@ -431,7 +438,10 @@ def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10) -> int:
         cluster.create_database("app")
         env = asyncio.run(build_demo(cluster.admin_dsn("app")))
         config_path = workdir / "pgtenant.toml"
-        config_path.write_text(env.config_toml(port, pool_size=pool_size))
+        # A throwaway CA per run, so the demo shows TLS with full verification too.
+        ca_file, cert_file, key_file = make_self_signed(workdir.resolve() / "tls")
+        config_path.write_text(env.config_toml(
+            port, pool_size=pool_size, tls=(str(cert_file), str(key_file))))
         (workdir / "tokens.json").write_text(json.dumps(
             {slug: t.token for slug, t in env.tenants.items()}, indent=2) + "\n")
         psql = "psql" if shutil.which("psql") else (cluster.tool("psql") or "psql")
@@ -447,6 +457,10 @@ def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10) -> int:
             lines.append(f"  # {slug} ({tenant.tenant_type}): try  TABLE {table};")
             lines.append(f'  {psql} "host=127.0.0.1 port={port} dbname=app user={slug} '
                          f'password={tenant.token}"')
+        acme = env.tenants["acme"]
+        lines.append("  # acme again, over TLS checked against the demo's throwaway CA:")
+        lines.append(f'  {psql} "host=127.0.0.1 port={port} dbname=app user=acme '
+                     f'password={acme.token} sslmode=verify-full sslrootcert={ca_file}"')
         lines.append("Directly, as the superuser (bypasses pgtenant):")
         lines.append(f'  {psql} "{cluster.admin_dsn("app")}"')
         lines.append("Ctrl-C stops the proxy and deletes the demo cluster.")

@@ -18,13 +18,21 @@ import asyncpg
 
 from ..config import TenantTypeConfig
 from ..identity.context import quote_ident, quote_literal
+from .hardening import check_lockdown, install_hardening
 from .schema import (
     CONTROL_DDL,
     CONTROL_SCHEMA,
     PROXY_ROLE_DEFAULTS,
+    RESOLVE_ORG_SIGNATURE,
     RESOLVE_TOKEN_SIGNATURE,
+    TOKEN_REVOCATION_DDL,
+    TOKEN_REVOCATION_FUNCTION,
+    resolve_org_ddl,
     resolve_token_ddl,
 )
+
+# The only functions the proxy's login role may call (SECURITY DEFINER lookups).
+_PROXY_FUNCTIONS = (RESOLVE_TOKEN_SIGNATURE, RESOLVE_ORG_SIGNATURE)
 
 __all__ = [
     "LOGIN_ROLE_OPTIONS",
@@ -145,7 +153,11 @@ async def init_database(
             for stmt in CONTROL_DDL:
                 await conn.execute(stmt)
             await conn.execute(resolve_token_ddl())
-            await conn.execute(f"ALTER FUNCTION {RESOLVE_TOKEN_SIGNATURE} OWNER TO CURRENT_USER")
+            await conn.execute(resolve_org_ddl())
+            for stmt in TOKEN_REVOCATION_DDL:
+                await conn.execute(stmt)
+            for fn in (*_PROXY_FUNCTIONS, TOKEN_REVOCATION_FUNCTION):
+                await conn.execute(f"ALTER FUNCTION {fn} OWNER TO CURRENT_USER")
 
             proxy = quote_ident(proxy_role)
             if await _role_exists(conn, proxy_role):
@@ -164,12 +176,9 @@ async def init_database(
                 # Role-wide (all databases): a session that escapes injection sees no tenant.
                 await conn.execute(f"ALTER ROLE {proxy} SET {guc} = {quote_literal(value)}")
 
-            await conn.execute(
-                f"REVOKE EXECUTE ON FUNCTION {RESOLVE_TOKEN_SIGNATURE} FROM PUBLIC"
-            )
-            await conn.execute(
-                f"GRANT EXECUTE ON FUNCTION {RESOLVE_TOKEN_SIGNATURE} TO {proxy}"
-            )
+            for fn in _PROXY_FUNCTIONS:
+                await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fn} FROM PUBLIC")
+                await conn.execute(f"GRANT EXECUTE ON FUNCTION {fn} TO {proxy}")
             await conn.execute(f"GRANT USAGE ON SCHEMA {CONTROL_SCHEMA} TO {proxy}")
 
             dbname = quote_ident(await conn.fetchval("SELECT current_database()"))
@@ -187,6 +196,9 @@ async def init_database(
                     created.append(role)
                 await conn.execute(f"GRANT USAGE ON SCHEMA public TO {quote_ident(role)}")
                 await grant_role_to_proxy(conn, role, proxy_role)
+            static_roles = [r for t in (tenant_types or {}).values()
+                            if (r := _static_role(t)) is not None]
+            await install_hardening(conn, proxy_role, static_roles)
     finally:
         await conn.close()
     return InitResult(proxy_role=proxy_role, proxy_password=password_out, created_roles=created)
@@ -274,20 +286,22 @@ async def check_fail_closed(admin_dsn: str, proxy_role: str) -> list[str]:
         ):
             problems.append(f"role {proxy_role!r} may create TEMP tables in this database")
 
-        fn = await conn.fetchval("SELECT to_regprocedure($1)::oid", RESOLVE_TOKEN_SIGNATURE)
-        if fn is None:
-            problems.append(f"function {RESOLVE_TOKEN_SIGNATURE} is missing")
-        else:
+        for signature in _PROXY_FUNCTIONS:
+            fn = await conn.fetchval("SELECT to_regprocedure($1)::oid", signature)
+            if fn is None:
+                problems.append(f"function {signature} is missing")
+                continue
             if await conn.fetchval(
                 "SELECT has_function_privilege('public', $1::oid, 'EXECUTE')", fn
             ):
-                problems.append(f"PUBLIC may execute {RESOLVE_TOKEN_SIGNATURE}")
+                problems.append(f"PUBLIC may execute {signature}")
             if not await conn.fetchval(
                 "SELECT has_function_privilege($1, $2::oid, 'EXECUTE')", proxy_role, fn
             ):
-                problems.append(f"role {proxy_role!r} may not execute {RESOLVE_TOKEN_SIGNATURE}")
+                problems.append(f"role {proxy_role!r} may not execute {signature}")
 
-        # Nobody but the owner (all) and the proxy (USAGE) may touch the control schema.
+        # Nobody but the owner (all) may touch the control schema; USAGE alone (needed to
+        # call pgtenant.refuse/current_tenant) opens nothing: every object has its own ACL.
         grants = await conn.fetch(
             """
             SELECT coalesce(r.rolname, 'PUBLIC') AS grantee, a.privilege_type
@@ -298,7 +312,7 @@ async def check_fail_closed(admin_dsn: str, proxy_role: str) -> list[str]:
             CONTROL_SCHEMA,
         )
         for row in grants:
-            if not (row["grantee"] == proxy_role and row["privilege_type"] == "USAGE"):
+            if row["privilege_type"] != "USAGE":
                 problems.append(
                     f"{row['grantee']} has {row['privilege_type']} on schema {CONTROL_SCHEMA}"
                 )
@@ -317,6 +331,7 @@ async def check_fail_closed(admin_dsn: str, proxy_role: str) -> list[str]:
                                  ("rolcanlogin", "can log in")):
                 if row[column]:
                     problems.append(f"tenant role {row['rolname']!r} (granted to proxy) {text}")
+        problems += await check_lockdown(conn, proxy_role, [r["rolname"] for r in members])
     finally:
         await conn.close()
     return problems

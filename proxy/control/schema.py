@@ -1,4 +1,7 @@
-"""The SQL text of pgtenant's control schema: organizations, tokens and ``resolve_token``.
+"""The SQL text of pgtenant's control schema: organizations, tokens, the lookup functions.
+
+Lookup functions: ``resolve_token`` (opaque tokens) and ``resolve_org`` (the organization a
+JWT names). The revocation trigger on ``pgtenant.tokens`` NOTIFYs ``TOKEN_CHANNEL``.
 
 Owns the DDL only (every statement idempotent); ``init.py`` decides when and as whom it runs.
 """
@@ -9,8 +12,13 @@ __all__ = [
     "CONTROL_DDL",
     "CONTROL_SCHEMA",
     "PROXY_ROLE_DEFAULTS",
+    "RESOLVE_ORG_SIGNATURE",
     "RESOLVE_TOKEN_SIGNATURE",
     "SLUG_PATTERN",
+    "TOKEN_CHANNEL",
+    "TOKEN_REVOCATION_DDL",
+    "TOKEN_REVOCATION_FUNCTION",
+    "resolve_org_ddl",
     "resolve_token_ddl",
 ]
 
@@ -20,6 +28,10 @@ CONTROL_SCHEMA = "pgtenant"
 SLUG_PATTERN = r"^[a-z][a-z0-9_]{0,40}$"
 
 RESOLVE_TOKEN_SIGNATURE = "pgtenant.resolve_token(bytea)"
+RESOLVE_ORG_SIGNATURE = "pgtenant.resolve_org(uuid)"
+# Channel the proxy LISTENs on; the payload is the id of a revoked or deleted token.
+TOKEN_CHANNEL = "pgtenant_tokens"
+TOKEN_REVOCATION_FUNCTION = "pgtenant.notify_token_revoked()"
 
 # What a session of the proxy's login role sees when nothing was injected: no tenant, no
 # schemas to resolve names in. ``search_path = ''`` is stored as '""' (one empty identifier
@@ -83,3 +95,56 @@ def resolve_token_ddl() -> str:
            AND (t.expires_at IS NULL OR t.expires_at > pg_catalog.now())
     $fn$
     """
+
+
+def resolve_org_ddl() -> str:
+    """Returns: the ``CREATE OR REPLACE FUNCTION pgtenant.resolve_org`` statement.
+
+    The organization named by a verified JWT's org claim; same safety as ``resolve_token``
+    (SECURITY DEFINER, pinned search_path). It reveals no more than a valid token would.
+    """
+    return """
+    CREATE OR REPLACE FUNCTION pgtenant.resolve_org(p_org uuid)
+    RETURNS TABLE (org_id uuid, slug text, tenant_type text, schema_name text)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pgtenant, pg_temp
+    AS $fn$
+        SELECT o.id, o.slug, o.tenant_type, o.schema
+          FROM pgtenant.organizations AS o
+         WHERE o.id = p_org
+    $fn$
+    """
+
+
+# Every running proxy LISTENs on TOKEN_CHANNEL and forgets a token the moment it is revoked
+# (revoked_at set) or deleted (also through ON DELETE CASCADE from its organization).
+# NOTIFY is delivered at commit, so a rolled-back revocation is never announced. The
+# triggers are dropped and re-created so a re-run of init leaves exactly these two.
+TOKEN_REVOCATION_DDL: tuple[str, ...] = (
+    f"""
+    CREATE OR REPLACE FUNCTION {TOKEN_REVOCATION_FUNCTION}
+    RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pgtenant, pg_temp
+    AS $fn$
+    BEGIN
+        PERFORM pg_catalog.pg_notify('{TOKEN_CHANNEL}', OLD.id::text);
+        RETURN NULL;
+    END
+    $fn$
+    """,
+    "DROP TRIGGER IF EXISTS tokens_revoked_notify ON pgtenant.tokens",
+    f"""
+    CREATE TRIGGER tokens_revoked_notify
+    AFTER UPDATE OF revoked_at ON pgtenant.tokens
+    FOR EACH ROW WHEN (OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL)
+    EXECUTE FUNCTION {TOKEN_REVOCATION_FUNCTION}
+    """,
+    "DROP TRIGGER IF EXISTS tokens_deleted_notify ON pgtenant.tokens",
+    f"""
+    CREATE TRIGGER tokens_deleted_notify
+    AFTER DELETE ON pgtenant.tokens
+    FOR EACH ROW EXECUTE FUNCTION {TOKEN_REVOCATION_FUNCTION}
+    """,
+    f"REVOKE ALL ON FUNCTION {TOKEN_REVOCATION_FUNCTION} FROM PUBLIC",
+)

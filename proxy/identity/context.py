@@ -7,6 +7,8 @@ or the wire encoding of the context (``protocol/inject.py``). No I/O.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ __all__ = [
     "TenantContext",
     "TenantIdentity",
     "build_context",
+    "context_signature",
     "default_schema_name",
     "quote_ident",
     "quote_ident_if_needed",
@@ -76,6 +79,15 @@ class TenantContext:
         same ``current_setting('search_path')``.
         """
         return ", ".join(quote_ident_if_needed(s) for s in self.search_path)
+
+
+def context_signature(key: bytes, org_id: str, tenant_type: str, entity_id: str) -> str:
+    """Returns: ``app.tenant_sig``, the hex HMAC-SHA256 of ``org|type|entity`` under ``key``.
+
+    ``pgtenant.current_tenant()`` (control/hardening.py) recomputes exactly this in SQL.
+    """
+    message = f"{org_id}|{tenant_type}|{entity_id}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def quote_ident(name: str) -> str:

@@ -1,49 +1,212 @@
 """The tenant registry: token -> TenantIdentity, through asyncpg with a short cache.
 
-Owns the control-plane connection pool and the cache (positive and negative answers live
-``token_cache_ttl`` seconds; concurrent lookups of one token share one query). It does not
-own the schema (``control/``) nor what a failed lookup looks like on the wire (``client.py``).
+Owns the control-plane connection pool, the cache (positive and negative answers live
+``token_cache_ttl`` seconds; concurrent lookups of one key share one query), the choice
+between opaque ``pgt_`` tokens (``pgtenant.resolve_token``) and JWTs (``jwt.py`` verifies,
+``pgtenant.resolve_org`` names the organization), and the revocation listener: one dedicated
+connection LISTENs on ``pgtenant_tokens``, where a trigger installed by ``pgtenant init``
+sends the id of every token revoked or deleted. A notified id is dropped from the cache and
+remembered, so new logins with it fail at once and ``client.py`` ends its open sessions at
+their next transaction (``is_revoked``). It does not own the schema (``control/``) nor what
+a failed lookup looks like on the wire (``client.py``).
+
+While the listener is disconnected, revocations are only as fast as the cache TTL; on every
+reconnect the cache is cleared, because notifications sent meanwhile are lost. Sessions
+opened before a missed revocation are not ended (the proxy role cannot list revocations).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
+from uuid import UUID
 
 import asyncpg
 
 from ..config import Dsn
 from ..errors import ServerUnavailable
 from .context import TenantIdentity
+from .jwt import JwtVerifier, looks_like_jwt
 from .tokens import hash_token, looks_like_token
 
-__all__ = ["Registry"]
+__all__ = ["REVOCATION_CHANNEL", "Registry"]
 
 log = logging.getLogger("pgtenant.registry")
+
+# Must match the channel of the trigger in control/schema.py.
+REVOCATION_CHANNEL = "pgtenant_tokens"
 
 _RESOLVE_SQL = (
     "SELECT token_id, org_id, slug, tenant_type, schema_name, entity_id "
     "FROM pgtenant.resolve_token($1)"
 )
+_RESOLVE_ORG_SQL = "SELECT org_id, slug, tenant_type, schema_name FROM pgtenant.resolve_org($1)"
+# Organization lookups share the cache with token hashes (32 bytes); the prefix keeps the
+# two key spaces apart.
+_ORG_KEY_PREFIX = b"org:"
+# Stand-in token id of a cached organization; replaced by the JWT's own id before use.
+_NO_TOKEN = UUID(int=0)
 # Bound the cache so a flood of random tokens cannot grow memory without limit.
 _MAX_CACHE = 100_000
+# Revoked ids are remembered for open sessions; past this many, the oldest are forgotten
+# (their tokens are refused by the database anyway; only very old open sessions could stay).
+_MAX_REVOKED = 100_000
+_BACKOFF_MIN = 0.25
+_BACKOFF_MAX = 30.0
+# A LISTEN connection only reads; a query this often detects a peer that vanished silently.
+_KEEPALIVE = 10.0
+# How long start() waits for the first LISTEN before letting the proxy start anyway.
+_START_WAIT = 5.0
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 class Registry:
-    """Resolves tokens via ``pgtenant.resolve_token`` on the control database."""
+    """Resolves tokens on the control database; see the module docstring."""
 
-    def __init__(self, dsn: Dsn, ttl: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, dsn: Dsn, ttl: float, *, jwt: JwtVerifier | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.dsn = dsn
         self.ttl = ttl
+        self.jwt = jwt
         self.clock = clock
         self.hits = 0
         self.misses = 0
+        self.listening = False
         self._cache: dict[bytes, tuple[float, TenantIdentity | None]] = {}
         self._inflight: dict[bytes, asyncio.Task[TenantIdentity | None]] = {}
+        self._revoked: dict[UUID, None] = {}  # insertion-ordered set
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        self._listener: asyncio.Task[None] | None = None
+        self._listen_conn: asyncpg.Connection | None = None
+        self._listen_tried = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the revocation listener and wait (briefly) for its first attempt.
+
+        Returns: None, also when the control database is unreachable (the listener keeps
+        retrying in the background; lookups fail closed meanwhile).
+        """
+        if self._listener is None:
+            self._listener = asyncio.ensure_future(self._listen_forever())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listen_tried.wait(), _START_WAIT)
+
+    async def close(self) -> None:
+        """Stop the listener and close the control connections.
+
+        Returns: None.
+        """
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await conn.close(timeout=2)
+            except _DB_ERRORS:
+                conn.terminate()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    # ------------------------------------------------------------------ revocation
+
+    def is_revoked(self, token_id: UUID) -> bool:
+        """Returns: whether a revocation of ``token_id`` was notified since start."""
+        return token_id in self._revoked
+
+    def revoked(self, token_id: UUID) -> None:
+        """Remember ``token_id`` as revoked and drop every cached answer for it.
+
+        Returns: None.
+        """
+        if token_id in self._revoked:
+            return
+        if len(self._revoked) >= _MAX_REVOKED:
+            del self._revoked[next(iter(self._revoked))]
+        self._revoked[token_id] = None
+        # A scan, not an index: revocations are rare, lookups are the hot path.
+        stale = [k for k, (_, ident) in self._cache.items()
+                 if ident is not None and ident.token_id == token_id]
+        for key in stale:
+            del self._cache[key]
+        log.info("token %s revoked: refused from now on (%d cached login(s) dropped)",
+                 token_id, len(stale))
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        try:
+            token_id = uuid.UUID(str(payload))
+        except ValueError:
+            log.warning("ignoring malformed %s notification %r", channel, payload)
+            return
+        self.revoked(token_id)
+
+    async def _listen_forever(self) -> None:
+        backoff = _BACKOFF_MIN
+        connected_before = False
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self.dsn.to_url(), timeout=10,
+                    server_settings={"application_name": "pgtenant-revocations"},
+                )
+            except _DB_ERRORS as exc:
+                log.warning("revocation listener: cannot connect to the control database "
+                            "(%s); retrying in %.2fs", exc, backoff)
+                self._listen_tried.set()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            self._listen_conn = conn
+            try:
+                await self._listen_on(conn, reconnected=connected_before)
+                reason = "connection lost"
+            except _DB_ERRORS as exc:
+                reason = str(exc) or type(exc).__name__
+            if self.listening:  # LISTEN had worked: a drop, so retry quickly
+                self.listening = False
+                connected_before = True
+                backoff = _BACKOFF_MIN
+            self._listen_conn = None
+            conn.terminate()
+            log.warning("revocation listener: %s; reconnecting in %.2fs", reason, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _listen_on(self, conn: asyncpg.Connection, *, reconnected: bool) -> None:
+        """LISTEN on ``conn`` until it is lost; sets ``listening`` once LISTEN worked.
+
+        Returns: None when the connection ends.
+        Raises: asyncpg/OS errors from LISTEN or the keepalive query.
+        """
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        await conn.add_listener(REVOCATION_CHANNEL, self._on_notify)
+        if reconnected:
+            # Notifications sent while we were away are lost: trust no cached answer.
+            self._cache.clear()
+            log.info("revocation listener: reconnected; token cache cleared")
+        else:
+            log.info("revocation listener: listening on %s", REVOCATION_CHANNEL)
+        self.listening = True
+        self._listen_tried.set()
+        while not conn.is_closed() and not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), _KEEPALIVE)
+            except TimeoutError:
+                await conn.execute("SELECT 1", timeout=_KEEPALIVE)
+
+    # ------------------------------------------------------------------ lookups
 
     async def _get_pool(self) -> asyncpg.Pool:
         async with self._pool_lock:
@@ -54,22 +217,50 @@ class Registry:
                         statement_cache_size=16,
                         server_settings={"application_name": "pgtenant-registry"},
                     )
-                except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                except _DB_ERRORS as exc:
                     raise ServerUnavailable(
                         f"cannot reach the control database to verify tokens: {exc}"
                     ) from exc
             return self._pool
 
     async def resolve(self, token: str) -> TenantIdentity | None:
-        """Look a token up.
+        """Look a token up: an opaque ``pgt_`` token, or a JWT when ``[jwt]`` is configured.
 
-        Returns: the identity, or None for a wrong, expired or revoked token (callers must
-        not tell these apart to the client).
+        Returns: the identity, or None for a wrong, expired or revoked token, and for a JWT
+        that does not verify, names an unknown organization or another tenant type (callers
+        must not tell these apart to the client).
         Raises: ServerUnavailable when the control database cannot answer (fail closed).
         """
-        if not looks_like_token(token):
+        if looks_like_token(token):
+            key = hash_token(token)
+            identity = await self._cached(key, lambda: self._query_token(key))
+            # A lookup that raced a revocation may have cached the token again.
+            if identity is None or identity.token_id in self._revoked:
+                return None
+            return identity
+        if self.jwt is not None and looks_like_jwt(token):
+            return await self._resolve_jwt(self.jwt, token)
+        return None
+
+    async def _resolve_jwt(self, verifier: JwtVerifier, token: str) -> TenantIdentity | None:
+        # Signatures are checked on every login (cheap, and exp must be honoured to the
+        # second); only the organization lookup is cached.
+        claims = verifier.verify(token)
+        if claims is None:
             return None
-        key = hash_token(token)
+        org_id = claims.org_id
+        org = await self._cached(_ORG_KEY_PREFIX + org_id.bytes, lambda: self._query_org(org_id))
+        if org is None:
+            return None
+        if claims.tenant_type is not None and claims.tenant_type != org.tenant_type:
+            return None
+        if claims.token_id in self._revoked:
+            return None
+        return dataclasses.replace(org, token_id=claims.token_id, entity_id=claims.entity_id)
+
+    async def _cached(
+        self, key: bytes, load: Callable[[], Awaitable[TenantIdentity | None]]
+    ) -> TenantIdentity | None:
         now = self.clock()
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
@@ -78,15 +269,17 @@ class Registry:
         self.misses += 1
         task = self._inflight.get(key)
         if task is None:
-            # One lookup per token however many clients ask at once. It runs in its own task,
+            # One lookup per key however many clients ask at once. It runs in its own task,
             # so a client that gives up (disconnects, times out) cannot cancel it for others.
-            task = asyncio.ensure_future(self._lookup(key))
+            task = asyncio.ensure_future(self._lookup(key, load))
             self._inflight[key] = task
         return await asyncio.shield(task)
 
-    async def _lookup(self, key: bytes) -> TenantIdentity | None:
+    async def _lookup(
+        self, key: bytes, load: Callable[[], Awaitable[TenantIdentity | None]]
+    ) -> TenantIdentity | None:
         try:
-            identity = await self._query(key)
+            identity = await load()
         finally:
             self._inflight.pop(key, None)
         if len(self._cache) >= _MAX_CACHE:
@@ -94,13 +287,16 @@ class Registry:
         self._cache[key] = (self.clock() + self.ttl, identity)
         return identity
 
-    async def _query(self, key: bytes) -> TenantIdentity | None:
+    async def _fetchrow(self, sql: str, arg: object) -> asyncpg.Record | None:
         pool = await self._get_pool()
         try:
-            row = await pool.fetchrow(_RESOLVE_SQL, key)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            return await pool.fetchrow(sql, arg)
+        except _DB_ERRORS as exc:
             log.error("token lookup failed: %s", exc)
             raise ServerUnavailable(f"token lookup failed on the control database: {exc}") from exc
+
+    async def _query_token(self, key: bytes) -> TenantIdentity | None:
+        row = await self._fetchrow(_RESOLVE_SQL, key)
         if row is None:
             return None
         return TenantIdentity(
@@ -108,7 +304,11 @@ class Registry:
             token_id=row["token_id"], entity_id=row["entity_id"], schema=row["schema_name"],
         )
 
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+    async def _query_org(self, org_id: UUID) -> TenantIdentity | None:
+        row = await self._fetchrow(_RESOLVE_ORG_SQL, org_id)
+        if row is None:
+            return None
+        return TenantIdentity(
+            org_id=row["org_id"], slug=row["slug"], tenant_type=row["tenant_type"],
+            token_id=_NO_TOKEN, schema=row["schema_name"],
+        )

@@ -62,13 +62,14 @@ def _cstr(text: str | bytes) -> bytes:
     return raw + b"\x00"
 
 
-def read_cstring(buf: bytes | bytearray, pos: int, *, server: bool = False) -> tuple[bytes, int]:
-    """Read a NUL-terminated string at ``pos``.
+def read_cstring(buf: bytes | bytearray, pos: int, *, server: bool = False,
+                 limit: int | None = None) -> tuple[bytes, int]:
+    """Read a NUL-terminated string at ``pos`` that must end before ``limit`` (a frame end).
 
     Returns: (the bytes without the NUL, position after the NUL).
     Raises: ClientProtocolError (or ServerProtocolError when ``server``) if unterminated.
     """
-    end = buf.find(b"\x00", pos)
+    end = buf.find(b"\x00", pos, len(buf) if limit is None else limit)
     if end < 0:
         err = ServerProtocolError if server else ClientProtocolError
         raise err("unterminated string in protocol message")

@@ -137,7 +137,7 @@ _unpack_i32 = struct.Struct("!i").unpack_from
 
 def _error_text(body: bytes) -> tuple[str, str]:
     fields = dict(codec.parse_error_fields(body))
-    sqlstate = fields.get(ord("C"), b"").decode()
+    sqlstate = fields.get(ord("C"), b"").decode("ascii", "replace")
     return sqlstate, fields.get(ord("M"), b"").decode("utf-8", "replace")
 
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from typing import Final
 
-from ..identity.context import TenantContext, quote_literal
+from ..identity.context import TenantContext, context_signature, quote_literal
 from . import codec
 
 __all__ = [
+    "CLOSE_UNNAMED_PORTAL",
+    "CLOSE_UNNAMED_STATEMENT",
     "CTX_CLOSE",
     "CTX_NAMES",
     "CTX_PARSE",
@@ -37,24 +39,29 @@ CTX_STATEMENT: Final = "__pgtenant_ctx"
 # set_config(..., true) is SET LOCAL: it lasts until the end of the (implicit or explicit)
 # transaction, i.e. at least until the client's Sync. 'role' last, so the app.* settings are
 # made by the login role, and the role switch is what the client's statements run under.
-CTX_SQL: Final = (
-    "SELECT pg_catalog.set_config('app.tenant_id', $1, true), "
-    "pg_catalog.set_config('app.tenant_type', $2, true), "
-    "pg_catalog.set_config('app.entity_id', $3, true), "
-    "pg_catalog.set_config('search_path', $4, true), pg_catalog.set_config('role', $5, true)"
+# Names in injection order, shared by both forms. app.tenant_sig is '' when signing is off.
+CTX_NAMES: Final = ("app.tenant_id", "app.tenant_type", "app.entity_id", "app.tenant_sig",
+                    "search_path", "role")
+CTX_SQL: Final = "SELECT " + ", ".join(
+    f"pg_catalog.set_config('{name}', ${i}, true)" for i, name in enumerate(CTX_NAMES, 1)
 )
-# Names in injection order, shared by both forms.
-CTX_NAMES: Final = ("app.tenant_id", "app.tenant_type", "app.entity_id", "search_path", "role")
 _TEXT_OID: Final = 25
-CTX_PARSE: Final = codec.parse(CTX_STATEMENT, CTX_SQL, (_TEXT_OID,) * 5)
+CTX_PARSE: Final = codec.parse(CTX_STATEMENT, CTX_SQL, (_TEXT_OID,) * len(CTX_NAMES))
 # Close of a statement that does not exist is not an error, so Close+Parse re-establishes
 # the statement when we cannot be sure it survived (DEALLOCATE ALL, DISCARD ALL, errors).
 CTX_CLOSE: Final = codec.frame(ord("C"), b"S" + CTX_STATEMENT.encode() + b"\x00")
 EXECUTE_UNNAMED: Final = codec.execute("", 0)
+# Close the unnamed portal the injection used, so a client's Describe/Execute of portal ""
+# without its own Bind gets Postgres's 34000 instead of the proxy's portal (see #3).
+CLOSE_UNNAMED_PORTAL: Final = codec.frame(ord("C"), b"P\x00")
+# The unnamed statement outlives Sync on a server; a previous client's must not be Bound by
+# the next one. Sent once per attachment, before the first extended injection.
+CLOSE_UNNAMED_STATEMENT: Final = codec.frame(ord("C"), b"S\x00")
 
 # Replies the server sends for the injected part, which the client must never see:
 Q_DROP: Final = 3  # RowDescription, DataRow, CommandComplete "SELECT 1"
-EXT_DROP: Final = 3  # BindComplete, DataRow, CommandComplete (+1 ParseComplete, +1 CloseComplete)
+# BindComplete, DataRow, CommandComplete, CloseComplete (+1 ParseComplete, +1 CloseComplete)
+EXT_DROP: Final = 4
 
 
 class Injection:
@@ -64,14 +71,20 @@ class Injection:
         q_prefix: SQL text spliced in front of a simple Query's text (ASCII).
         q_shift: characters the prefix adds, to shift ErrorResponse positions back.
         ext_bind: the Bind of ``CTX_STATEMENT`` to the unnamed portal with this context.
+        signature: ``app.tenant_sig`` ('' when the database has no signing key).
     """
 
-    __slots__ = ("context", "ext_bind", "q_prefix", "q_shift")
+    __slots__ = ("context", "ext_bind", "q_prefix", "q_shift", "signature")
 
-    def __init__(self, context: TenantContext):
+    def __init__(self, context: TenantContext, signing_key: bytes | None = None):
         self.context = context
-        values = [v for _, v in context.gucs]
-        values += [context.search_path_value, context.role]
+        tenant_id, tenant_type, entity_id = (v for _, v in context.gucs)
+        self.signature = (
+            context_signature(signing_key, tenant_id, tenant_type, entity_id)
+            if signing_key else ""
+        )
+        values = [tenant_id, tenant_type, entity_id, self.signature,
+                  context.search_path_value, context.role]
         calls = ", ".join(
             f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, true)"
             for name, value in zip(CTX_NAMES, values, strict=True)

@@ -60,9 +60,9 @@ def classify(sql: bytes) -> int:
 def _leaves_session_state(sql: bytes) -> bool:
     try:
         tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
-    except (ParseError, ValueError):
+        return _walk(tree)
+    except (ParseError, ValueError, RecursionError):
         return True  # cannot prove it harmless: treat as dirty (fail closed)
-    return _walk(tree)
 
 
 def _walk(node: Any) -> bool:

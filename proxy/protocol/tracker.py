@@ -35,13 +35,24 @@ that may change the transaction state. Injected replies never reach the client.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Final
 
-from ..errors import ClientProtocolError, MessageTooLarge, ServerProtocolError, UnsupportedProtocol
+from ..errors import ClientProtocolError, MessageTooLarge, ServerProtocolError
 from . import codec
-from .inject import CTX_CLOSE, CTX_PARSE, EXECUTE_UNNAMED, EXT_DROP, Q_DROP, Injection
+from .inject import (
+    CLOSE_UNNAMED_PORTAL,
+    CLOSE_UNNAMED_STATEMENT,
+    CTX_CLOSE,
+    CTX_PARSE,
+    EXECUTE_UNNAMED,
+    EXT_DROP,
+    Q_DROP,
+    Injection,
+)
 from .sql import DROPS_STATEMENTS, SESSION_STATE, TXN_CONTROL, classify
 
 __all__ = [
@@ -86,6 +97,7 @@ _C = ord("C")
 _I = ord("I")
 _CLIENT_COPY = frozenset(b"dcf")  # CopyData/CopyDone/CopyFail: part of the running segment
 _CLIENT_EXTENDED = frozenset(b"PBDECH")
+_CLIENT_TYPES = frozenset(b"QPBDECHSXFdcf")  # what a logged-in client may send
 # Backend frames that always need a look: ReadyForQuery, ErrorResponse, ParameterStatus.
 _SERVER_SPECIAL = frozenset(b"ZES")
 # Frames that are neither counted nor dropped while dropping injected replies.
@@ -93,6 +105,37 @@ _SERVER_ASYNC = frozenset(b"NSA")
 # ParameterStatus names the client must not see change: they reflect the injected context.
 HIDDEN_PARAMETERS: Final = frozenset({"search_path"})
 
+
+
+_FUNCTION_CALL_REFUSAL: Final = (
+    "pgtenant: the FunctionCall protocol message is not allowed in tenant sessions; call the "
+    "function with SELECT instead"
+)
+_PARAM_REF = re.compile(rb"\$([0-9]+)")
+
+
+def _refusal_sql(message: str) -> bytes:
+    """Returns: SQL that makes Postgres raise ``message`` with SQLSTATE 42501.
+
+    ``pgtenant.refuse`` is installed by ``pgtenant init``; were it missing, the statement
+    still fails (undefined function), so the refused statement never runs either way.
+    """
+    literal = "'" + message.replace("'", "''").replace("\x00", "") + "'"
+    return b"CALL pgtenant.refuse(" + literal.encode() + b")"
+
+
+def _refused_parse(name: bytes, message: str, sql: bytes, param_types: bytes) -> bytes:
+    """Returns: a Parse of the same statement name that raises ``message`` when executed.
+
+    It keeps the client's parameter count and declared types, so its Bind/Describe/Execute
+    go through unchanged and the error arrives at Execute, in order.
+    """
+    count = int.from_bytes(param_types[:2], "big") if len(param_types) >= 2 else 0
+    count = max([count, *(int(m) for m in _PARAM_REF.findall(sql) if len(m) < 6)])
+    spread = b"".join(b", $%d::text" % i for i in range(1, count + 1))
+    text = _refusal_sql(message)[:-1] + spread + b")"
+    types = param_types if len(param_types) >= 2 else b"\x00\x00"
+    return codec.frame(_P, name + b"\x00" + text + b"\x00" + types)
 
 
 class Segment:
@@ -114,8 +157,11 @@ class Link:
     touches a socket.
     """
 
-    def __init__(self, injection: Injection, max_message_size: int):
+    def __init__(self, injection: Injection, max_message_size: int,
+                 guard: Callable[[bytes], str | None] | None = None):
         self.injection = injection
+        self.guard = guard  # statement policy: None to allow, else the refusal message
+        self.refused = 0
         self.max_message_size = max_message_size
         self.cbuf = bytearray()  # client bytes not yet handled
         # Server link state: valid while attached, reset by attach().
@@ -126,6 +172,7 @@ class Link:
         self.ctx_state = CTX_NONE
         self.drops_statements = False  # a segment may have deallocated our statement
         self.session_dirty = False  # a segment may have left session state: close, not pool
+        self._scrub_unnamed = False  # first extended injection of an attachment closes ""
         self.open_extended = False  # an extended batch was started and not yet synced
         self.held = False  # pump_client stopped with HOLD
         self.skip_to_sync = False  # a failed extended batch: discard until Sync, as Postgres does
@@ -150,6 +197,7 @@ class Link:
         self.ctx_state = ctx_state
         self.drops_statements = False
         self.session_dirty = False
+        self._scrub_unnamed = True
         self._sleftover = b""
         self._sremaining = 0
         self._slow = False
@@ -187,6 +235,10 @@ class Link:
 
     def _ext_injection(self, out: bytearray) -> Segment:
         drop = EXT_DROP
+        if self._scrub_unnamed:
+            out += CLOSE_UNNAMED_STATEMENT
+            drop += 1
+            self._scrub_unnamed = False
         if self.ctx_state != CTX_READY:
             if self.ctx_state == CTX_UNKNOWN:
                 out += CTX_CLOSE
@@ -196,6 +248,7 @@ class Link:
             self.ctx_state = CTX_READY
         out += self.injection.ext_bind
         out += EXECUTE_UNNAMED
+        out += CLOSE_UNNAMED_PORTAL
         return Segment(drop)
 
     def _push(self, seg: Segment) -> None:
@@ -233,8 +286,14 @@ class Link:
         reply = b""
         outcome = IDLE
         self.held = False
-        while n - pos >= 5:
+        while n - pos >= 1:
             t = buf[pos]
+            if t not in _CLIENT_TYPES:
+                # Judged on the first byte: a second StartupMessage (first byte 0) or garbage
+                # must not make us wait for a "frame" of whatever length follows.
+                raise ClientProtocolError(f"unexpected message type {chr(t)!r} from client")
+            if n - pos < 5:
+                break
             (length,) = _unpack_i32(buf, pos + 1)
             if length < 4:
                 raise ClientProtocolError(f"invalid length {length} in message {chr(t)!r}")
@@ -264,7 +323,7 @@ class Link:
                     span = end
                 pos = end
                 continue
-            if t == _Q and not self.open_extended:
+            if (t == _Q or t == _F) and not self.open_extended:
                 if not self.attached:
                     outcome = NEED_SERVER
                     break
@@ -273,24 +332,51 @@ class Link:
                     outcome = HOLD
                     self.held = True
                     break
-                text = bytes(buf[pos + 5 : end - 1])  # without the NUL
+                if t == _F:
+                    refusal: str | None = _FUNCTION_CALL_REFUSAL
+                    body = b""
+                else:
+                    text = bytes(buf[pos + 5 : end - 1])  # without the NUL
+                    refusal = self.guard(text) if self.guard is not None else None
+                if refusal is not None:
+                    # Postgres raises the refusal itself, so replies stay in order and an
+                    # open transaction block is aborted exactly as for any other error.
+                    self.refused += 1
+                    text = b""
+                    body = _refusal_sql(refusal) + b"\x00"
+                elif inject:
+                    body = bytes(buf[pos + 5 : end])
+                out += buf[span:pos]
+                span = end
                 if inject:
                     seg = Segment(Q_DROP, self.injection.q_shift, True)
-                    out += buf[span:pos]
-                    out += _pack_header(_Q, length + len(self.injection.q_prefix))
+                    out += _pack_header(_Q, 4 + len(self.injection.q_prefix) + len(body))
                     out += self.injection.q_prefix
-                    out += buf[pos + 5 : end]
-                    span = end
+                    out += body
+                elif refusal is not None:
+                    seg = Segment(0)
+                    out += _pack_header(_Q, 4 + len(body))
+                    out += body
                 else:
                     seg = Segment(0)
+                    span = pos  # forwarded unchanged
                 self._push(seg)
-                self._note_sql(seg, text)
+                if text:
+                    self._note_sql(seg, text)
                 pos = end
                 continue
             if t == _Q:  # a Query inside an unsynced extended batch shares its ReadyForQuery
                 self.open_extended = False
                 seg = self.pending[-1]
-                self._note_sql(seg, bytes(buf[pos + 5 : end - 1]))
+                text = bytes(buf[pos + 5 : end - 1])
+                refusal = self.guard(text) if self.guard is not None else None
+                if refusal is not None:
+                    self.refused += 1
+                    out += buf[span:pos]
+                    out += codec.query(_refusal_sql(refusal))
+                    span = end
+                else:
+                    self._note_sql(seg, text)
                 self._mark_txn(seg)
                 pos = end
                 continue
@@ -315,22 +401,29 @@ class Link:
                     self.open_extended = True
                 seg = self.pending[-1]
                 if t == _P:
-                    name, npos = codec.read_cstring(buf, pos + 5)
-                    sql, _ = codec.read_cstring(buf, npos)
+                    name, npos = codec.read_cstring(buf, pos + 5, limit=end)
+                    sql, tpos = codec.read_cstring(buf, npos, limit=end)
+                    refusal = self.guard(sql) if self.guard is not None else None
+                    if refusal is not None:
+                        self.refused += 1
+                        out += buf[span:pos]
+                        out += _refused_parse(name, refusal, sql, bytes(buf[tpos:end]))
+                        span = end
+                        sql = b""
                     flags = self._note_sql(None, sql)
                     self._stmt_txn[name] = bool(flags & TXN_CONTROL)
                     if name:  # a named statement outlives the transaction on this server
                         self.session_dirty = True
                 elif t == _B:
-                    portal, npos = codec.read_cstring(buf, pos + 5)
-                    stmt, _ = codec.read_cstring(buf, npos)
+                    portal, npos = codec.read_cstring(buf, pos + 5, limit=end)
+                    stmt, _ = codec.read_cstring(buf, npos, limit=end)
                     self._portal_txn[portal] = self._stmt_txn.get(stmt, True)
                 elif t == _E:
-                    portal, _ = codec.read_cstring(buf, pos + 5)
+                    portal, _ = codec.read_cstring(buf, pos + 5, limit=end)
                     if self._portal_txn.get(portal, True):
                         self._mark_txn(seg)
                 elif t == _C and end - pos > 6 and buf[pos + 5] == ord("S"):
-                    name, _ = codec.read_cstring(buf, pos + 6)
+                    name, _ = codec.read_cstring(buf, pos + 6, limit=end)
                     self._stmt_txn.pop(name, None)
                 pos = end
                 continue
@@ -350,11 +443,6 @@ class Link:
                 span = pos = end
                 outcome = TERMINATE
                 break
-            if t == _F:
-                raise UnsupportedProtocol(
-                    "FunctionCall messages are not supported through pgtenant; "
-                    "call the function with SELECT instead"
-                )
             raise ClientProtocolError(f"unexpected message type {chr(t)!r} from client")
         out += buf[span:pos]
         del buf[:pos]
@@ -402,18 +490,16 @@ class Link:
         while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_i32(data, pos + 1)
+            if length < 4:  # before anything else: a negative length would loop or walk back
+                raise ServerProtocolError(f"invalid length {length} in {chr(t)!r} from server")
             end = pos + 1 + length
             if not self._slow and t not in special:
                 if end > n:
-                    if length < 4:
-                        raise ServerProtocolError(f"invalid length {length} from server")
                     self._sremaining = end - n
                     pos = n
                     break
                 pos = end
                 continue
-            if length < 4:
-                raise ServerProtocolError(f"invalid length {length} in {chr(t)!r} from server")
             if end > n:
                 break
             if pos > span:

@@ -113,6 +113,6 @@ def start_proxy(demo_env: DemoEnv, tmp_path: Path) -> Iterator[Callable[..., Pro
 def proxy(demo_env: DemoEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     """One shared proxy (pool_size 4) for a module of tests that do not reconfigure it."""
     proc = ProxyProcess(demo_env, tmp_path_factory.mktemp("proxy"), pool_size=4,
-                        extra="token_cache_ttl = 0.2")
+                        extra="token_cache_ttl = 0.2\nauth_failure_delay = 0.0")
     yield proc
     proc.check_invariants(proc.stop())

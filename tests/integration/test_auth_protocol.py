@@ -367,14 +367,20 @@ async def test_message_over_max_message_size_is_08P01(
         await other.close()
 
 
-async def test_function_call_message_is_0A000(proxy: ProxyProcess) -> None:
+async def test_function_call_message_is_refused_with_42501_and_the_session_goes_on(
+    proxy: ProxyProcess,
+) -> None:
     async with raw_client(proxy) as raw:
         await login(raw, proxy.env, "acme")
         # FunctionCall: oid int32, 0 arg formats, 0 args, result format text.
         body = struct.pack("!ihhh", 1598, 0, 0, 0)  # 1598 = md5(text), irrelevant here
         await raw.send(codec.frame(ord("F"), body))
-        fields = await expect_fatal_and_close(raw, "0A000")
+        replies = await raw.read_until("Z")
+        assert [kind for kind, _ in replies] == ["E", "Z"]
+        fields = error_fields(replies[0][1])
+        assert (fields["C"], fields["S"]) == ("42501", "ERROR")
         assert "FunctionCall" in fields["M"]
+        assert data_values(await simple_query(raw, "SELECT 'still here'")) == ["still here"]
 
 
 # ------------------------------------------------------------------------------ timeouts

@@ -23,8 +23,9 @@ from proxy.control.cluster import PostgresCluster
 from proxy.control.demo import DemoEnv, build_demo
 from proxy.control.init import check_fail_closed, init_database
 from proxy.control.tenants import create_tenant, issue_token, revoke_token
-from proxy.identity.context import TenantIdentity, build_context, quote_ident
+from proxy.identity.context import TenantIdentity, build_context
 from proxy.identity.tokens import hash_token
+from proxy.protocol.inject import Injection
 
 __all__: list[str] = []
 
@@ -51,9 +52,9 @@ async def as_tenant(
     tx = conn.transaction()
     await tx.start()
     try:
-        await conn.execute(f"SET LOCAL ROLE {quote_ident(ctx.role)}")
-        for guc, value in (*ctx.gucs, ("search_path", ctx.search_path_value)):
-            await conn.execute("SELECT set_config($1, $2, true)", guc, value)
+        # Exactly what the proxy sends: the signed context, then the role switch.
+        key = await conn.fetchval("SELECT pgtenant.signing_key()")
+        await conn.execute(Injection(ctx, key).q_prefix.decode())
         yield conn
     finally:
         await tx.rollback()

@@ -208,4 +208,4 @@ async def test_backend_unreachable_fails_waiting_clients_clearly(
     assert info.value.sqlstate == "08006"
     assert "cannot connect to backend" in str(info.value)
     assert time.monotonic() - started < 10
-    assert "server connect failed" in proxy.log()
+    assert "cannot connect to backend" in proxy.log()

@@ -46,7 +46,7 @@ async def run_then_next_tenant(proxy: ProxyProcess, sql: str) -> tuple[int, asyn
         "PREPARE mine AS SELECT 1",
         "BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT",
         "SELECT pg_advisory_lock(7)",
-        "SELECT set_config('statement_timeout', '999', false)",
+        "SELECT pg_advisory_lock_shared(9)",
     ],
 )
 async def test_session_state_is_not_inherited_by_the_next_tenant(

@@ -214,6 +214,7 @@ def test_injection_prefix_without_entity_is_exact() -> None:
         "'11111111-2222-3333-4444-555555555555', true), "
         "pg_catalog.set_config('app.tenant_type', 'sme', true), "
         "pg_catalog.set_config('app.entity_id', '', true), "
+        "pg_catalog.set_config('app.tenant_sig', '', true), "
         "pg_catalog.set_config('search_path', 'public', true), "
         "pg_catalog.set_config('role', 'tenant_sme', true);"
     )
@@ -232,6 +233,7 @@ def test_injection_prefix_with_entity_and_schema_is_exact() -> None:
         "'11111111-2222-3333-4444-555555555555', true), "
         "pg_catalog.set_config('app.tenant_type', 'sme', true), "
         "pg_catalog.set_config('app.entity_id', 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee', true), "
+        "pg_catalog.set_config('app.tenant_sig', '', true), "
         "pg_catalog.set_config('search_path', 't_acme, public', true), "
         "pg_catalog.set_config('role', 't_acme', true);"
     )
@@ -247,7 +249,7 @@ def test_injection_prefix_escapes_quotes_in_values() -> None:
 
 def test_injection_prefix_is_one_statement_with_three_dropped_replies() -> None:
     inj = Injection(build_context(identity(entity_id=ENTITY), tenant_type("tenant_sme")))
-    assert inj.q_prefix.count(b"set_config(") == 5
+    assert inj.q_prefix.count(b"set_config(") == 6
     assert inj.q_prefix.count(b";") == 1 and inj.q_prefix.endswith(b";")
     assert Q_DROP == 3  # RowDescription, DataRow, CommandComplete
 
@@ -285,7 +287,7 @@ def decode_bind(msg: bytes) -> tuple[str, str, list[int], list[bytes | None], li
 
 
 @pytest.mark.parametrize("entity_id", [None, ENTITY], ids=["no entity", "entity"])
-def test_ext_bind_decodes_to_five_text_params_in_documented_order(
+def test_ext_bind_decodes_to_six_text_params_in_documented_order(
     entity_id: uuid.UUID | None,
 ) -> None:
     ctx = build_context(
@@ -299,13 +301,15 @@ def test_ext_bind_decodes_to_five_text_params_in_documented_order(
         b"11111111-2222-3333-4444-555555555555",  # $1 app.tenant_id
         b"sme",  # $2 app.tenant_type
         b"aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee" if entity_id else b"",  # $3 app.entity_id
-        b"t_acme, public",  # $4 search_path
-        b"t_acme",  # $5 role
+        b"",  # $4 app.tenant_sig (no signing key)
+        b"t_acme, public",  # $5 search_path
+        b"t_acme",  # $6 role
     ]
 
 
 def test_context_statement_sets_the_parameters_in_bind_order() -> None:
-    names = ["app.tenant_id", "app.tenant_type", "app.entity_id", "search_path", "role"]
+    names = ["app.tenant_id", "app.tenant_type", "app.entity_id", "app.tenant_sig",
+             "search_path", "role"]
     positions = [CTX_SQL.index(f"set_config('{name}', ${i}, true)") for i, name in
                  enumerate(names, start=1)]
     assert positions == sorted(positions)
@@ -314,8 +318,22 @@ def test_context_statement_sets_the_parameters_in_bind_order() -> None:
 
 def test_context_parse_close_and_execute_bytes() -> None:
     sql = CTX_SQL.encode()
-    body = b"__pgtenant_ctx\x00" + sql + b"\x00" + b"\x00\x05" + b"\x00\x00\x00\x19" * 5
+    body = b"__pgtenant_ctx\x00" + sql + b"\x00" + b"\x00\x06" + b"\x00\x00\x00\x19" * 6
     assert body == CTX_PARSE[5:]
     assert CTX_PARSE[:5] == b"P" + struct.pack("!i", len(body) + 4)
     assert CTX_CLOSE == b"C\x00\x00\x00\x14S__pgtenant_ctx\x00"
     assert EXECUTE_UNNAMED == b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"
+
+
+def test_signed_injection_carries_the_hmac_of_the_context_in_both_forms() -> None:
+    import hashlib
+    import hmac
+
+    key = b"k" * 32
+    ctx = build_context(identity(entity_id=ENTITY), tenant_type("tenant_sme"))
+    inj = Injection(ctx, signing_key=key)
+    message = f"11111111-2222-3333-4444-555555555555|sme|{ENTITY}".encode()
+    expected = hmac.new(key, message, hashlib.sha256).hexdigest()
+    assert inj.signature == expected
+    assert f"set_config('app.tenant_sig', '{expected}', true)".encode() in inj.q_prefix
+    assert decode_bind(inj.ext_bind)[3][3] == expected.encode()

@@ -7,10 +7,17 @@ import uuid
 import pytest
 
 from proxy.config import TenantTypeConfig
-from proxy.errors import ClientProtocolError, MessageTooLarge, UnsupportedProtocol
+from proxy.errors import ClientProtocolError, MessageTooLarge
 from proxy.identity.context import TenantIdentity, build_context
 from proxy.protocol import codec
-from proxy.protocol.inject import CTX_CLOSE, CTX_PARSE, EXECUTE_UNNAMED, Injection
+from proxy.protocol.inject import (
+    CLOSE_UNNAMED_PORTAL,
+    CLOSE_UNNAMED_STATEMENT,
+    CTX_CLOSE,
+    CTX_PARSE,
+    EXECUTE_UNNAMED,
+    Injection,
+)
 from proxy.protocol.tracker import (
     CTX_NONE,
     CTX_READY,
@@ -147,8 +154,10 @@ def test_extended_batch_gets_parse_bind_execute_of_context_first() -> None:
     link = make_link()
     batch = extended_batch()
     to_server = start(link, batch)
-    assert to_server == CTX_PARSE + link.injection.ext_bind + EXECUTE_UNNAMED + batch
-    injected = PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1")
+    assert to_server == (CLOSE_UNNAMED_STATEMENT + CTX_PARSE + link.injection.ext_bind
+                         + EXECUTE_UNNAMED + CLOSE_UNNAMED_PORTAL + batch)
+    injected = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1")
+                + CLOSE_COMPLETE)
     replies = PARSE_COMPLETE + BIND_COMPLETE + ROWDESC + ROW + cc("SELECT 1") + Z_I
     assert server_sends(link, injected + replies) == replies
     assert link.can_release
@@ -159,9 +168,11 @@ def test_second_extended_batch_on_a_ready_server_only_binds() -> None:
     link = make_link()
     to_server = start(link, extended_batch(), ctx_state=CTX_READY)
     first = codec.parse("", "SELECT 1")
-    assert to_server.startswith(link.injection.ext_bind + EXECUTE_UNNAMED + first)
+    assert to_server.startswith(CLOSE_UNNAMED_STATEMENT + link.injection.ext_bind
+                                + EXECUTE_UNNAMED + CLOSE_UNNAMED_PORTAL + first)
     replies = PARSE_COMPLETE + BIND_COMPLETE + ROWDESC + ROW + cc("SELECT 1") + Z_I
-    assert server_sends(link, BIND_COMPLETE + ROW + cc("SELECT 1") + replies) == replies
+    injected = CLOSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+    assert server_sends(link, injected + replies) == replies
 
 
 def test_failed_injection_marks_context_statement_unknown_and_reparses() -> None:
@@ -171,8 +182,10 @@ def test_failed_injection_marks_context_statement_unknown_and_reparses() -> None
     assert server_sends(link, err + Z_I) == err + Z_I  # the client learns its batch failed
     assert link.detach() == CTX_UNKNOWN
     to_server = start(link, extended_batch(), ctx_state=CTX_UNKNOWN)
-    assert to_server.startswith(CTX_CLOSE + CTX_PARSE + link.injection.ext_bind)
-    injected = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1")
+    assert to_server.startswith(CLOSE_UNNAMED_STATEMENT + CTX_CLOSE + CTX_PARSE
+                                + link.injection.ext_bind)
+    injected = (CLOSE_COMPLETE * 2 + PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1")
+                + CLOSE_COMPLETE)
     assert server_sends(link, injected + cc("SELECT 1") + Z_I) == cc("SELECT 1") + Z_I
 
 
@@ -257,7 +270,6 @@ def test_partial_client_message_waits_for_the_rest() -> None:
         (b"Q\x00\x00\x00\x02", ClientProtocolError),  # length below 4
         (b"Q\x7f\x00\x00\x00", MessageTooLarge),
         (b"Q\xff\xff\xff\xff", ClientProtocolError),  # negative length
-        (codec.frame(ord("F"), b"\x00\x00\x00\x01"), UnsupportedProtocol),
         (codec.frame(ord("p"), b"pw\x00"), ClientProtocolError),  # password after login
         (codec.frame(ord("?"), b""), ClientProtocolError),
     ],
@@ -295,3 +307,44 @@ def test_named_parse_marks_the_link_dirty() -> None:
     link = make_link()
     start(link, codec.parse("s1", "SELECT 1") + codec.sync())
     assert link.session_dirty
+
+
+def guarded_link() -> Link:
+    link = make_link()
+    link.guard = lambda sql: "pgtenant: no" if b"ROLE" in sql else None
+    return link
+
+
+def test_refused_query_is_replaced_by_a_server_side_refusal() -> None:
+    link = guarded_link()
+    to_server = start(link, codec.query("SET ROLE other"))
+    refusal = b"CALL pgtenant.refuse('pgtenant: no')"
+    assert to_server == codec.query(link.injection.q_prefix + refusal)
+    assert link.refused == 1
+
+
+def test_refused_parse_keeps_name_and_parameters() -> None:
+    link = guarded_link()
+    parse = codec.parse("s", "SELECT set_config('ROLE', $1, $2)", (25,))
+    to_server = start(link, parse + codec.sync(), ctx_state=CTX_READY)
+    expected = codec.parse("s", "CALL pgtenant.refuse('pgtenant: no', $1::text, $2::text)", (25,))
+    assert to_server == (CLOSE_UNNAMED_STATEMENT + link.injection.ext_bind + EXECUTE_UNNAMED
+                         + CLOSE_UNNAMED_PORTAL + expected + codec.sync())
+
+
+def test_function_call_message_is_refused_by_the_server() -> None:
+    link = make_link()
+    to_server = start(link, codec.frame(ord("F"), b"\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00"))
+    assert to_server.startswith(codec.HEADER.pack(ord("Q"), len(to_server) - 1)[:1])
+    assert b"CALL pgtenant.refuse('pgtenant: the FunctionCall protocol message" in to_server
+    error = codec.error_response("42501", "pgtenant: the FunctionCall ...")
+    assert server_sends(link, INJECTED + error + Z_I) == error + Z_I
+
+
+def test_each_attachment_scrubs_the_unnamed_statement_once() -> None:
+    link = make_link()
+    first = start(link, extended_batch() + extended_batch(), ctx_state=CTX_READY)
+    assert first.count(CLOSE_UNNAMED_STATEMENT) == 1  # not again for the pipelined batch
+    link.detach()
+    second = start(link, extended_batch(), ctx_state=CTX_READY)
+    assert second.startswith(CLOSE_UNNAMED_STATEMENT)  # a new attachment: scrub again

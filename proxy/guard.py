@@ -1,0 +1,212 @@
+"""The statement guard: what a tenant session may not run (ARCHITECTURE.md §5, layer 2).
+
+Owns the policy over parsed SQL: statements that could change who the session is or what
+it may see (role, session authorization, search_path, the protected ``app.*`` settings,
+DISCARD, LOAD, ALTER SYSTEM, COPY to/from programs or server files, dynamic-SQL helpers,
+DO blocks) and statements that cannot run inside the transaction block every tenant
+transaction is. Parsing is pglast (libpg_query: the server's own grammar), and verdicts are
+cached by query text so the cost is paid once per distinct statement. It does not own how a
+refusal reaches the client (``protocol/tracker.py`` rewrites the request so that Postgres
+itself raises the error, keeping replies in order and transaction state exact).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any, Final
+
+from pglast.parser import ParseError, parse_sql_json
+
+__all__ = ["ALWAYS_PROTECTED", "Guard"]
+
+# Settings no tenant may change, whatever the config says.
+ALWAYS_PROTECTED: Final = ("role", "session_authorization", "search_path")
+# Built-in functions that run SQL text given as an argument: the guard cannot see that SQL.
+_DYNAMIC_SQL_FUNCS: Final = frozenset({
+    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml",
+    "cursor_to_xmlschema", "dblink", "dblink_exec", "dblink_open", "dblink_send_query",
+})
+# Server-side file access, even where privileges would allow it.
+_FILE_FUNCS: Final = frozenset({
+    "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "lo_import",
+    "lo_export",
+})
+# Only texts with one of these words can be refused; everything else skips the parser.
+_SUSPECT = re.compile(
+    rb"(?i)\b(set|reset|set_config|discard|load|alter|copy|vacuum|database|concurrently"
+    rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
+    rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export)\b"
+)
+_CACHE_MAX = 10_000
+_NOT_IN_TXN_HINT = (
+    "pgtenant runs every tenant transaction inside a transaction block that carries the "
+    "tenant's context; run this statement with an admin connection to Postgres instead"
+)
+
+
+class Refusal(Exception):
+    """Internal: carries the message of the first rule a statement breaks."""
+
+
+class Guard:
+    """Statement policy for tenant sessions, with verdicts cached by text."""
+
+    def __init__(self, protected_settings: Iterable[str] = ("app.",)):
+        names = [p.lower() for p in protected_settings]
+        self._exact = frozenset(ALWAYS_PROTECTED) | {n for n in names if not n.endswith(".")}
+        self._prefixes = tuple(n for n in names if n.endswith("."))
+        self._cache: dict[bytes, str | None] = {}
+        self.refusals = 0
+
+    def check(self, sql: bytes) -> str | None:
+        """Judge one Query or Parse text.
+
+        Returns: None when the statement may run, else the refusal message (SQLSTATE 42501).
+        Text pglast cannot parse is allowed: its grammar is Postgres 18's, a superset of the
+        backends we serve, so Postgres will refuse that text with its own syntax error.
+        """
+        verdict = self._cache.get(sql, False)
+        if verdict is not False:
+            return verdict  # type: ignore[return-value]
+        verdict = self._judge(sql) if _SUSPECT.search(sql) else None
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+        self._cache[sql] = verdict
+        return verdict
+
+    def is_protected(self, name: str) -> bool:
+        """Returns: whether a tenant may not change setting ``name``."""
+        name = name.lower()
+        return name in self._exact or name.startswith(self._prefixes)
+
+    # ------------------------------------------------------------------ rules
+
+    def _judge(self, sql: bytes) -> str | None:
+        try:
+            tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
+            self._walk(tree)
+        except Refusal as refusal:
+            return f"pgtenant: {refusal}"
+        except RecursionError:  # cannot be checked, so it does not run (fail closed)
+            return "pgtenant: statement is nested too deeply for the statement guard"
+        except (ParseError, ValueError):
+            return None
+        return None
+
+    def _walk(self, node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                self._walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            rule = _RULES.get(key)
+            if rule is not None:
+                rule(self, value)
+            if isinstance(value, (dict, list)):
+                self._walk(value)
+
+    def _variable_set(self, stmt: dict[str, Any]) -> None:
+        kind = stmt.get("kind", "")
+        name = str(stmt.get("name", "")).lower()
+        if kind == "VAR_RESET_ALL":
+            raise Refusal("RESET ALL is not allowed in tenant sessions")
+        if name and self.is_protected(name):
+            verb = "RESET" if kind == "VAR_RESET" else "SET"
+            shown = "SESSION AUTHORIZATION" if name == "session_authorization" else name
+            raise Refusal(f"{verb} {shown} is not allowed in tenant sessions: pgtenant sets "
+                          "it for every transaction")
+
+    def _func_call(self, call: dict[str, Any]) -> None:
+        parts = [p.get("String", {}).get("sval", "") for p in call.get("funcname", [])]
+        name = parts[-1].lower() if parts else ""
+        if name == "set_config":
+            args = call.get("args", [])
+            first = args[0] if args else None
+            setting = None
+            if isinstance(first, dict):
+                setting = first.get("A_Const", {}).get("sval", {}).get("sval")
+            if setting is None:
+                raise Refusal("set_config() with a computed setting name is not allowed in "
+                              "tenant sessions")
+            if self.is_protected(setting):
+                raise Refusal(f"set_config('{setting}', ...) is not allowed in tenant "
+                              "sessions: pgtenant sets it for every transaction")
+        elif name in _DYNAMIC_SQL_FUNCS:
+            raise Refusal(f"{name}() runs SQL text pgtenant cannot check; it is not allowed "
+                          "in tenant sessions")
+        elif name in _FILE_FUNCS:
+            raise Refusal(f"{name}() reads or writes server files; it is not allowed in "
+                          "tenant sessions")
+
+    def _copy(self, stmt: dict[str, Any]) -> None:
+        if stmt.get("is_program"):
+            raise Refusal("COPY ... PROGRAM is not allowed in tenant sessions")
+        if stmt.get("filename"):
+            raise Refusal("COPY to or from a server file is not allowed in tenant sessions; "
+                          "use COPY ... FROM STDIN / TO STDOUT")
+
+    def _vacuum(self, stmt: dict[str, Any]) -> None:
+        if stmt.get("is_vacuumcmd"):
+            raise _not_in_txn("VACUUM")
+
+    def _index(self, stmt: dict[str, Any]) -> None:
+        if stmt.get("concurrent"):
+            raise _not_in_txn("CREATE INDEX CONCURRENTLY")
+
+    def _drop(self, stmt: dict[str, Any]) -> None:
+        if stmt.get("concurrent"):
+            raise _not_in_txn("DROP INDEX CONCURRENTLY")
+
+    def _reindex(self, stmt: dict[str, Any]) -> None:
+        for param in stmt.get("params", []):
+            if param.get("DefElem", {}).get("defname") == "concurrently":
+                raise _not_in_txn("REINDEX CONCURRENTLY")
+        if stmt.get("kind") in ("REINDEX_OBJECT_SCHEMA", "REINDEX_OBJECT_SYSTEM",
+                                "REINDEX_OBJECT_DATABASE"):
+            raise _not_in_txn("REINDEX SCHEMA/SYSTEM/DATABASE")
+
+    def _cluster(self, stmt: dict[str, Any]) -> None:
+        if not stmt.get("relation"):
+            raise _not_in_txn("CLUSTER without a table")
+
+
+def _refuse(message: str) -> Any:
+    def rule(_guard: Guard, _stmt: Any) -> None:
+        raise Refusal(message)
+
+    return rule
+
+
+def _not_in_txn(what: str) -> Refusal:
+    return Refusal(f"{what} cannot run through pgtenant. {_NOT_IN_TXN_HINT}")
+
+
+_RULES: Final[dict[str, Any]] = {
+    "VariableSetStmt": Guard._variable_set,
+    "FuncCall": Guard._func_call,
+    "CopyStmt": Guard._copy,
+    "VacuumStmt": Guard._vacuum,
+    "IndexStmt": Guard._index,
+    "DropStmt": Guard._drop,
+    "ReindexStmt": Guard._reindex,
+    "ClusterStmt": Guard._cluster,
+    "DiscardStmt": _refuse("DISCARD is not allowed in tenant sessions"),
+    "LoadStmt": _refuse("LOAD is not allowed in tenant sessions"),
+    "AlterSystemStmt": _refuse("ALTER SYSTEM is not allowed in tenant sessions"),
+    # Per-role and per-database defaults would apply to every later session of the login role.
+    "AlterRoleSetStmt": _refuse("ALTER ROLE ... SET is not allowed in tenant sessions"),
+    "AlterDatabaseSetStmt": _refuse("ALTER DATABASE ... SET is not allowed in tenant sessions"),
+    "DoStmt": _refuse("DO blocks run SQL pgtenant cannot check; they are not allowed in "
+                      "tenant sessions"),
+    "CreatedbStmt": _refuse(f"CREATE DATABASE cannot run through pgtenant. {_NOT_IN_TXN_HINT}"),
+    "DropdbStmt": _refuse(f"DROP DATABASE cannot run through pgtenant. {_NOT_IN_TXN_HINT}"),
+    "CreateTableSpaceStmt": _refuse("CREATE TABLESPACE is not allowed in tenant sessions"),
+    "DropTableSpaceStmt": _refuse("DROP TABLESPACE is not allowed in tenant sessions"),
+    "CreateSubscriptionStmt": _refuse("subscriptions are not allowed in tenant sessions"),
+    "AlterSubscriptionStmt": _refuse("subscriptions are not allowed in tenant sessions"),
+    "DropSubscriptionStmt": _refuse("subscriptions are not allowed in tenant sessions"),
+}

@@ -1,0 +1,106 @@
+"""The statement guard: what tenant sessions may not run, however it is spelled."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.guard import Guard
+
+GUARD = Guard(("app.", "myapp.tenant"))
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET ROLE tenant_agency",
+        "set role 'tenant_agency'",
+        "SET LOCAL ROLE t_hooli",
+        "RESET ROLE",
+        "SET SESSION AUTHORIZATION postgres",
+        "RESET SESSION AUTHORIZATION",
+        "SET SESSION AUTHORIZATION DEFAULT",
+        "SET search_path = t_hooli",
+        "SET SCHEMA 't_hooli'",
+        "set Search_Path to public",
+        'SET "search_path" TO t_hooli',
+        "RESET search_path",
+        "SET app.tenant_id = '00000000-0000-0000-0000-000000000000'",
+        "SET LOCAL app.tenant_id TO 'x'",
+        "RESET app.tenant_sig",
+        "SET myapp.tenant = 'x'",
+        "RESET ALL",
+        "SELECT set_config('app.tenant_id', 'x', true)",
+        "SELECT pg_catalog.set_config('role', 'tenant_agency', false)",
+        "select PG_CATALOG.SET_CONFIG('search_path', 'x', true)",
+        'SELECT "pg_catalog"."set_config"(\'app.tenant_id\', \'x\', true)',
+        "SELECT set_config('ROLE', 'x', true)",
+        "SELECT set_config(lower('ROLE'), 'x', true)",
+        "SELECT set_config(name, 'x', true) FROM (VALUES ('role')) v(name)",
+        "SELECT 1 WHERE (SELECT set_config('app.tenant_id', 'x', true)) IS NOT NULL",
+        "WITH x AS (SELECT set_config('role', 'r', true)) SELECT * FROM x",
+        "SELECT count(*) FROM campaigns; SELECT set_config('app.tenant_id', 'x', true)",
+        "/* harmless */ SET /* really */ ROLE -- comment\n tenant_agency",
+        "EXPLAIN ANALYZE SELECT set_config('role', 'x', true)",
+        "DISCARD ALL",
+        "discard temp",
+        "LOAD 'auto_explain'",
+        "ALTER SYSTEM SET work_mem = '1GB'",
+        "COPY campaigns TO '/tmp/out.csv'",
+        "COPY campaigns FROM PROGRAM 'cat /etc/passwd'",
+        "SELECT query_to_xml('SET ROLE x', true, true, '')",
+        "SELECT pg_catalog.cursor_to_xml('c', 1, true, true, '')",
+        "SELECT pg_read_file('/etc/passwd')",
+        "DO $$ BEGIN EXECUTE 'SET ROLE tenant_agency'; END $$",
+        "VACUUM campaigns",
+        "VACUUM",
+        "CREATE INDEX CONCURRENTLY i ON campaigns(name)",
+        "DROP INDEX CONCURRENTLY i",
+        "REINDEX TABLE CONCURRENTLY campaigns",
+        "CREATE DATABASE evil",
+        "ALTER ROLE tenant_sme SET search_path = t_hooli",
+    ],
+)
+def test_escapes_are_refused(sql: str) -> None:
+    message = GUARD.check(sql.encode())
+    assert message is not None and message.startswith("pgtenant: ")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM campaigns",
+        "UPDATE campaigns SET name = 'x' WHERE id = 1",
+        "SET statement_timeout = 5000",
+        "SET LOCAL work_mem = '64MB'",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "SELECT set_config('work_mem', '8MB', true)",
+        "SELECT current_setting('app.tenant_id')",
+        "ANALYZE campaigns",
+        "COPY campaigns FROM STDIN",
+        "COPY (SELECT 1) TO STDOUT",
+        "SELECT 'SET ROLE postgres' AS text_only",
+        "CREATE INDEX i ON campaigns(name)",
+        "selec 1",  # Postgres refuses it with its own syntax error
+        "BEGIN; SELECT 1; COMMIT",
+        "SET appx.flag = 1",
+    ],
+)
+def test_ordinary_statements_pass(sql: str) -> None:
+    assert GUARD.check(sql.encode()) is None
+
+
+def test_messages_name_the_statement() -> None:
+    assert "SET role" in (GUARD.check(b"SET ROLE x") or "")
+    assert "RESET search_path" in (GUARD.check(b"RESET search_path") or "")
+    assert "SET SESSION AUTHORIZATION" in (GUARD.check(b"SET SESSION AUTHORIZATION x") or "")
+    assert "set_config('app.tenant_id'" in (GUARD.check(
+        b"SELECT set_config('app.tenant_id', 'x', true)") or "")
+    assert "VACUUM cannot run through pgtenant" in (GUARD.check(b"VACUUM") or "")
+
+
+def test_verdicts_are_cached_by_text() -> None:
+    guard = Guard()
+    sql = b"SET ROLE someone"
+    first = guard.check(sql)
+    assert guard._cache[sql] == first
+    assert guard.check(sql) is first

@@ -1,0 +1,79 @@
+"""Login-failure throttling per address (proxy/identity/throttle.py), with a fake clock."""
+
+from __future__ import annotations
+
+from proxy.identity.throttle import AuthThrottle
+
+__all__: list[str] = []
+
+
+def test_attempts_up_to_the_limit_are_not_delayed_and_later_ones_are() -> None:
+    t = AuthThrottle(limit=2, window=60.0, delay=1.5)
+    assert t.delay_for("10.0.0.1", 0.0) == 0.0
+    t.record_failure("10.0.0.1", 0.0)
+    assert t.delay_for("10.0.0.1", 1.0) == 0.0
+    t.record_failure("10.0.0.1", 1.0)
+    assert t.delay_for("10.0.0.1", 2.0) == 1.5
+    t.record_failure("10.0.0.1", 2.0)
+    assert t.delay_for("10.0.0.1", 3.0) == 1.5
+
+
+def test_addresses_are_counted_separately() -> None:
+    t = AuthThrottle(limit=1, window=60.0, delay=2.0)
+    t.record_failure("10.0.0.1", 0.0)
+    assert t.delay_for("10.0.0.1", 1.0) == 2.0
+    assert t.delay_for("10.0.0.2", 1.0) == 0.0
+
+
+def test_failures_older_than_the_window_no_longer_count() -> None:
+    t = AuthThrottle(limit=2, window=10.0, delay=1.0)
+    t.record_failure("a", 0.0)
+    t.record_failure("a", 5.0)
+    assert t.delay_for("a", 9.0) == 1.0
+    assert t.delay_for("a", 10.5) == 0.0  # the first failure left the window
+    t.record_failure("a", 11.0)
+    assert t.delay_for("a", 12.0) == 1.0  # 5.0 and 11.0 are both inside
+
+
+def test_zero_delay_disables_throttling_and_keeps_no_state() -> None:
+    t = AuthThrottle(limit=1, window=60.0, delay=0.0)
+    for i in range(10):
+        t.record_failure("a", float(i))
+    assert t.delay_for("a", 10.0) == 0.0
+    assert len(t) == 0
+
+
+def test_zero_limit_delays_every_failure() -> None:
+    t = AuthThrottle(limit=0, window=60.0, delay=0.5)
+    assert t.delay_for("fresh", 0.0) == 0.5
+
+
+def test_memory_is_bounded_and_expired_addresses_go_first() -> None:
+    t = AuthThrottle(limit=3, window=10.0, delay=1.0, max_addresses=100)
+    for i in range(1000):
+        t.record_failure(f"10.0.{i // 256}.{i % 256}", float(i) / 100)
+        assert len(t) <= 100
+    t.record_failure("fresh", 45.0)
+    for i in range(3):
+        t.record_failure("attacker", 50.0 + i)
+    # At 45 s every one-off address had expired: they were dropped, not the live ones.
+    assert len(t) == 2
+    assert t.delay_for("attacker", 55.0) == 1.0
+
+
+def test_full_table_of_live_addresses_evicts_the_least_recent() -> None:
+    t = AuthThrottle(limit=1, window=1000.0, delay=1.0, max_addresses=3)
+    for i, addr in enumerate(("a", "b", "c")):
+        t.record_failure(addr, float(i))
+    t.record_failure("a", 3.0)  # a is now the most recent
+    t.record_failure("d", 4.0)  # table full, nothing expired: b (oldest) goes
+    assert len(t) == 3
+    assert t.delay_for("b", 5.0) == 0.0
+    assert all(t.delay_for(x, 5.0) == 1.0 for x in ("a", "c", "d"))
+
+
+def test_per_address_history_is_capped_at_the_limit() -> None:
+    t = AuthThrottle(limit=3, window=60.0, delay=1.0)
+    for i in range(1000):
+        t.record_failure("a", float(i) / 1000)
+    assert len(t._failures["a"]) == 3
