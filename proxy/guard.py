@@ -64,8 +64,10 @@ class Guard:
         """Judge one Query or Parse text.
 
         Returns: None when the statement may run, else the refusal message (SQLSTATE 42501).
-        Text pglast cannot parse is allowed: its grammar is Postgres 18's, a superset of the
-        backends we serve, so Postgres will refuse that text with its own syntax error.
+        Text with a suspect word that pglast cannot parse is refused: pglast's grammar is
+        Postgres 18's, and an older backend may accept what it rejects (a word that became
+        a reserved keyword since), which would smuggle a ``SET ROLE`` past an unparsed text.
+        Text without a suspect word is not parsed, so typos there get Postgres's own error.
         """
         verdict = self._cache.get(sql, False)
         if verdict is not False:
@@ -91,8 +93,11 @@ class Guard:
             return f"pgtenant: {refusal}"
         except RecursionError:  # cannot be checked, so it does not run (fail closed)
             return "pgtenant: statement is nested too deeply for the statement guard"
-        except (ParseError, ValueError):
-            return None
+        except ParseError as exc:
+            return (f"pgtenant: the statement guard cannot parse this text ({exc}), so it was "
+                    "not run")
+        except ValueError:
+            return "pgtenant: the statement guard cannot read this text, so it was not run"
         return None
 
     def _walk(self, node: Any) -> None:
