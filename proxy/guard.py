@@ -39,6 +39,12 @@ _SUSPECT = re.compile(
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
     rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export)\b"
 )
+# A transaction end inside a multi-statement text, or AND CHAIN, would leave the statements
+# after it running outside the injected context (as the bare login role).
+_TXN_END = re.compile(rb"(?i)\b(commit|rollback|end|abort|prepare|call)\b")
+_CHAIN = re.compile(rb"(?i)\bchain\b")
+_ENDING_KINDS = frozenset({"TRANS_STMT_COMMIT", "TRANS_STMT_ROLLBACK", "TRANS_STMT_PREPARE",
+                           "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED"})
 _CACHE_MAX = 10_000
 _NOT_IN_TXN_HINT = (
     "pgtenant runs every tenant transaction inside a transaction block that carries the "
@@ -72,7 +78,9 @@ class Guard:
         verdict = self._cache.get(sql, False)
         if verdict is not False:
             return verdict  # type: ignore[return-value]
-        verdict = self._judge(sql) if _SUSPECT.search(sql) else None
+        suspect = (_SUSPECT.search(sql) is not None or _CHAIN.search(sql) is not None
+                   or (b";" in sql and _TXN_END.search(sql) is not None))
+        verdict = self._judge(sql) if suspect else None
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[sql] = verdict
@@ -88,6 +96,9 @@ class Guard:
     def _judge(self, sql: bytes) -> str | None:
         try:
             tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
+            stmts = [item.get("stmt", {}) for item in tree.get("stmts", [])]
+            for stmt in stmts[:-1]:
+                _no_statements_after_transaction_end(stmt)
             self._walk(tree)
         except Refusal as refusal:
             return f"pgtenant: {refusal}"
@@ -179,6 +190,19 @@ class Guard:
             raise _not_in_txn("CLUSTER without a table")
 
 
+def _no_statements_after_transaction_end(stmt: dict[str, Any]) -> None:
+    txn = stmt.get("TransactionStmt")
+    if (txn is not None and txn.get("kind") in _ENDING_KINDS) or "CallStmt" in stmt:
+        raise Refusal("statements after COMMIT, ROLLBACK or CALL in the same query would run "
+                      "outside the tenant's transaction context; send them as a separate query")
+
+
+def _transaction(_guard: Guard, stmt: dict[str, Any]) -> None:
+    if stmt.get("chain"):
+        raise Refusal("COMMIT/ROLLBACK AND CHAIN is not allowed in tenant sessions: the chained "
+                      "transaction would start without the tenant's context")
+
+
 def _refuse(message: str) -> Any:
     def rule(_guard: Guard, _stmt: Any) -> None:
         raise Refusal(message)
@@ -192,6 +216,7 @@ def _not_in_txn(what: str) -> Refusal:
 
 _RULES: Final[dict[str, Any]] = {
     "VariableSetStmt": Guard._variable_set,
+    "TransactionStmt": _transaction,
     "FuncCall": Guard._func_call,
     "CopyStmt": Guard._copy,
     "VacuumStmt": Guard._vacuum,

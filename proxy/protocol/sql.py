@@ -16,16 +16,20 @@ from typing import Any, Final
 
 from pglast.parser import ParseError, parse_sql_json
 
-__all__ = ["DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "classify"]
+__all__ = ["DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "TXN_END", "classify"]
 
 TXN_CONTROL: Final = 1  # may move the transaction status between I and T/E
 DROPS_STATEMENTS: Final = 2  # may deallocate prepared statements (ours included)
 SESSION_STATE: Final = 4  # may leave state that outlives the transaction
+TXN_END: Final = 8  # may end the transaction (COMMIT, ROLLBACK, PREPARE TRANSACTION, CALL)
 
 # False positives only cost a pipelining pause or a server reconnect; false negatives would
 # be bugs, so the patterns are generous (CASE ... END matches "end", for instance).
 _TXN_RE = re.compile(rb"(?i)\b(begin|start|commit|end|rollback|abort|prepare|call|do)\b")
 _DROPS_RE = re.compile(rb"(?i)\b(deallocate|discard)\b")
+_END_RE = re.compile(rb"(?i)\b(commit|end|rollback|abort|prepare|call)\b")
+_ENDING_KINDS = frozenset({"TRANS_STMT_COMMIT", "TRANS_STMT_ROLLBACK", "TRANS_STMT_PREPARE",
+                           "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED"})
 _SESSION_RE = re.compile(
     rb"(?i)advisory|\b(set|reset|listen|prepare|hold|temp|temporary|load|set_config|do|call"
     rb"|into)\b"
@@ -51,10 +55,25 @@ def classify(sql: bytes) -> int:
         flags |= DROPS_STATEMENTS
     if _SESSION_RE.search(sql) and _leaves_session_state(sql):
         flags |= SESSION_STATE
+    if _END_RE.search(sql) and _may_end_transaction(sql):
+        flags |= TXN_END
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
     _cache[sql] = flags
     return flags
+
+
+def _may_end_transaction(sql: bytes) -> bool:
+    try:
+        tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
+    except (ParseError, ValueError, RecursionError):
+        return True  # cannot tell: assume it may (it only costs a round trip)
+    for item in tree.get("stmts", []):
+        stmt = item.get("stmt", {})
+        txn = stmt.get("TransactionStmt")
+        if "CallStmt" in stmt or (txn is not None and txn.get("kind") in _ENDING_KINDS):
+            return True
+    return False
 
 
 def _leaves_session_state(sql: bytes) -> bool:

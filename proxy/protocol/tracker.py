@@ -53,7 +53,7 @@ from .inject import (
     Q_DROP,
     Injection,
 )
-from .sql import DROPS_STATEMENTS, SESSION_STATE, TXN_CONTROL, classify
+from .sql import DROPS_STATEMENTS, SESSION_STATE, TXN_CONTROL, TXN_END, classify
 
 __all__ = [
     "CTX_NONE",
@@ -112,6 +112,11 @@ _FUNCTION_CALL_REFUSAL: Final = (
     "function with SELECT instead"
 )
 _PARAM_REF = re.compile(rb"\$([0-9]+)")
+_SYNC: Final = codec.sync()
+# A statement or portal name we never saw parsed/bound is one made by SQL (PREPARE, DECLARE):
+# those hold only SELECT/DML, which cannot move the transaction status; or it does not exist
+# and its Execute fails.
+_UNKNOWN_TXN: Final = 0
 
 
 def _refusal_sql(message: str) -> bytes:
@@ -141,13 +146,15 @@ def _refused_parse(name: bytes, message: str, sql: bytes, param_types: bytes) ->
 class Segment:
     """One request the server will close with one ReadyForQuery."""
 
-    __slots__ = ("await_first", "drop", "shift", "txn_control")
+    __slots__ = ("await_first", "drop", "failed", "hide_z", "shift", "txn_control")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
         self.shift = shift  # ErrorResponse position shift (simple-query prefix length)
         self.await_first = await_first  # injected Query: no client reply seen yet
         self.txn_control = False
+        self.hide_z = False  # closed by a Sync the proxy inserted: its Z is not the client's
+        self.failed = False  # an ErrorResponse arrived for it
 
 
 class Link:
@@ -183,8 +190,10 @@ class Link:
         self._sremaining = 0  # bytes of a large pass-through frame still to forward
         self._slow = False  # head segment needs frame-by-frame handling
         # Client session state that outlives servers.
-        self._stmt_txn: dict[bytes, bool] = {}
-        self._portal_txn: dict[bytes, bool] = {}
+        # TXN_CONTROL | TXN_END flags of the client's statements and portals, by name.
+        self._stmt_txn: dict[bytes, int] = {}
+        self._portal_txn: dict[bytes, int] = {}
+        self._ended_in_batch = False  # the open batch executed something that may end a txn
 
     # ------------------------------------------------------------------ attachment
 
@@ -198,6 +207,7 @@ class Link:
         self.drops_statements = False
         self.session_dirty = False
         self._scrub_unnamed = True
+        self._ended_in_batch = False
         self._sleftover = b""
         self._sremaining = 0
         self._slow = False
@@ -305,12 +315,15 @@ class Link:
             end = pos + 1 + length
             if end > n:
                 break
-            if self.skip_to_sync and not self.attached:
+            if self.skip_to_sync:
+                # Postgres's error recovery: discard the rest of the failed batch until its
+                # Sync, then report the transaction status (nothing is in flight here).
                 out += buf[span:pos]
                 span = end
                 if t == _S:
                     self.skip_to_sync = False
-                    reply += codec.ready_for_query(b"I")
+                    status = bytes((self.status,)) if self.attached else b"I"
+                    reply += codec.ready_for_query(status)
                 elif t == _X:
                     span = pos
                     outcome = TERMINATE
@@ -365,6 +378,20 @@ class Link:
                     self._note_sql(seg, text)
                 pos = end
                 continue
+            if self._ended_in_batch and (t == _Q or (t in _CLIENT_EXTENDED and t != _H)):
+                # The batch executed COMMIT/ROLLBACK/CALL and goes on: what follows would run
+                # in a new transaction without the tenant's context. Close this part with a
+                # Sync of our own (its ReadyForQuery is hidden) and judge the rest as a new
+                # segment once the server has answered (HOLD); after an error the rest is
+                # discarded up to the client's Sync, as Postgres itself would do.
+                out += buf[span:pos]
+                span = pos
+                out += _SYNC
+                self.pending[-1].hide_z = True
+                self._mark_txn(self.pending[-1])
+                self.open_extended = False
+                self._ended_in_batch = False
+                continue
             if t == _Q:  # a Query inside an unsynced extended batch shares its ReadyForQuery
                 self.open_extended = False
                 seg = self.pending[-1]
@@ -411,23 +438,27 @@ class Link:
                         span = end
                         sql = b""
                     flags = self._note_sql(None, sql)
-                    self._stmt_txn[name] = bool(flags & TXN_CONTROL)
+                    self._stmt_txn[name] = flags & (TXN_CONTROL | TXN_END)
                     if name:  # a named statement outlives the transaction on this server
                         self.session_dirty = True
                 elif t == _B:
                     portal, npos = codec.read_cstring(buf, pos + 5, limit=end)
                     stmt, _ = codec.read_cstring(buf, npos, limit=end)
-                    self._portal_txn[portal] = self._stmt_txn.get(stmt, True)
+                    self._portal_txn[portal] = self._stmt_txn.get(stmt, _UNKNOWN_TXN)
                 elif t == _E:
                     portal, _ = codec.read_cstring(buf, pos + 5, limit=end)
-                    if self._portal_txn.get(portal, True):
+                    flags = self._portal_txn.get(portal, _UNKNOWN_TXN)
+                    if flags:
                         self._mark_txn(seg)
+                    if flags & TXN_END:
+                        self._ended_in_batch = True
                 elif t == _C and end - pos > 6 and buf[pos + 5] == ord("S"):
                     name, _ = codec.read_cstring(buf, pos + 6, limit=end)
                     self._stmt_txn.pop(name, None)
                 pos = end
                 continue
             if t == _S:
+                self._ended_in_batch = False
                 if self.open_extended:
                     self.open_extended = False
                 elif self.attached:  # a bare Sync still earns a ReadyForQuery
@@ -532,6 +563,10 @@ class Link:
             self.status = data[pos + 5]
             nxt = self.pending[0] if self.pending else None
             self._slow = nxt is not None and (nxt.drop > 0 or nxt.await_first)
+            if head.hide_z:  # our own Sync's answer; the client's batch goes on
+                if head.failed:
+                    self.skip_to_sync = True
+                return None
             if head.await_first and head.drop == 0:
                 return codec.empty_query_response() + bytes(frame)
             return frame
@@ -540,6 +575,7 @@ class Link:
                 self.unsolicited_fatal = bytes(frame)
                 return None
             if head is not None:
+                head.failed = True
                 if head.drop and not head.shift:
                     # The extended injection failed: its statement may be gone (a client's
                     # DEALLOCATE, a failed Parse). Close and re-Parse it next time.

@@ -309,3 +309,46 @@ async def test_pipelined_segments_in_one_write_are_each_injected(proxy: ProxyPro
     statuses = [body for kind, body in frames if kind == ord("Z")]
     assert statuses == [b"I"] * 5 + [b"T", b"T", b"I", b"I"]
     assert not [body for kind, body in frames if kind == ord("E")]
+
+
+def test_psycopg_pipeline_commits_and_goes_on_in_the_tenants_context(
+    proxy: ProxyProcess,
+) -> None:
+    """BEGIN ... COMMIT and more statements in one unsynced batch (psycopg pipeline mode)."""
+    org = str(proxy.env.tenants["initech"].org_id)
+    with psycopg.connect(**proxy.conninfo("initech"), prepare_threshold=None) as conn:
+        with conn.pipeline():
+            first = conn.execute("SELECT current_setting('app.tenant_id'), current_user")
+            conn.commit()
+            second = conn.execute("SELECT current_setting('app.tenant_id'), current_user")
+            count = conn.execute("SELECT count(*) FROM campaigns")
+            conn.commit()
+        assert first.fetchone() == (org, "tenant_sme")
+        assert second.fetchone() == (org, "tenant_sme")
+        assert count.fetchone() == (len(proxy.env.tenants["initech"].rows["public.campaigns"]),)
+
+
+async def test_statements_after_commit_in_one_batch_run_in_context_or_not_at_all(
+    proxy: ProxyProcess,
+) -> None:
+    org = str(proxy.env.tenants["acme"].org_id)
+    sql = "SELECT current_setting('app.tenant_id')"
+
+    def batch(*sqls: str) -> bytes:
+        return b"".join(codec.parse("", s) + codec.bind("", "", []) + codec.execute("", 0)
+                        for s in sqls) + codec.sync()
+
+    reader, writer = await _raw_login(proxy, "acme")
+    try:
+        writer.write(batch("BEGIN", sql, "COMMIT", sql, "ROLLBACK", sql))
+        frames = await _read_until(reader, ord("Z"))
+        assert [_data_row_values(b) for k, b in frames if k == ord("D")] == [[org]] * 3
+        assert [k for k, _ in frames].count(ord("Z")) == 1
+        # An error before the COMMIT: Postgres skips everything up to the Sync; so do we.
+        writer.write(batch("SELECT 1/0", "COMMIT", sql) + codec.query(sql))
+        frames = await _read_until(reader, ord("Z"), count=2)
+        kinds = [chr(k) for k, _ in frames]
+        assert kinds.count("E") == 1 and kinds.count("D") == 1  # only the final Query ran
+        assert frames[kinds.index("Z")][1] == b"I"
+    finally:
+        writer.close()

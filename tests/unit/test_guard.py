@@ -58,6 +58,13 @@ GUARD = Guard(("app.", "myapp.tenant"))
         "REINDEX TABLE CONCURRENTLY campaigns",
         "CREATE DATABASE evil",
         "ALTER ROLE tenant_sme SET search_path = t_hooli",
+        "COMMIT; SELECT pgtenant.signing_key()",
+        "begin; select 1; end; select * from campaigns",
+        "ROLLBACK; SELECT 1",
+        "SELECT 1; ABORT; SELECT 2",
+        "COMMIT AND CHAIN",
+        "rollback and chain",
+        "CALL some_proc(); SELECT 1",
     ],
 )
 def test_escapes_are_refused(sql: str) -> None:
@@ -83,6 +90,10 @@ def test_escapes_are_refused(sql: str) -> None:
         "selec 1",  # no suspect word: not parsed, Postgres gives its own syntax error
         "BEGIN; SELECT 1; COMMIT",
         "SET appx.flag = 1",
+        "BEGIN; SELECT 1; COMMIT;",
+        "SELECT CASE WHEN true THEN 1 END; SELECT 2",
+        "BEGIN; SAVEPOINT a; SELECT 1; ROLLBACK TO SAVEPOINT a; COMMIT",
+        "COMMIT",
     ],
 )
 def test_ordinary_statements_pass(sql: str) -> None:

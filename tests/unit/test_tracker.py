@@ -348,3 +348,41 @@ def test_each_attachment_scrubs_the_unnamed_statement_once() -> None:
     link.detach()
     second = start(link, extended_batch(), ctx_state=CTX_READY)
     assert second.startswith(CLOSE_UNNAMED_STATEMENT)  # a new attachment: scrub again
+
+
+def _execute_batch(*sqls: str) -> bytes:
+    return b"".join(codec.parse("", sql) + codec.bind("", "", []) + codec.execute("", 0)
+                    for sql in sqls)
+
+
+def test_batch_going_on_after_commit_is_split_with_a_hidden_sync() -> None:
+    link = make_link()
+    out, _, outcome = client_sends(link, _execute_batch("COMMIT", "SELECT 2") + codec.sync())
+    assert outcome == NEED_SERVER
+    link.attach(CTX_READY)
+    out, _, outcome = link.pump_client()
+    assert outcome == HOLD
+    assert out.endswith(_execute_batch("COMMIT") + codec.sync())  # our Sync, then wait
+    ok = PARSE_COMPLETE + BIND_COMPLETE + cc("COMMIT")
+    injected = CLOSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+    chunks, resume = link.feed_server(injected + ok + Z_I)
+    assert b"".join(bytes(c) for c in chunks) == ok  # the hidden Sync's Z is not forwarded
+    assert resume
+    out, _, outcome = link.pump_client()
+    assert outcome == IDLE
+    assert out.startswith(link.injection.ext_bind)  # the rest gets its own context
+    assert out.endswith(_execute_batch("SELECT 2") + codec.sync())
+
+
+def test_batch_after_a_failed_part_is_discarded_up_to_the_clients_sync() -> None:
+    link = make_link()
+    client_sends(link, _execute_batch("SELECT 1/0", "COMMIT", "SELECT 2") + codec.sync())
+    link.attach(CTX_READY)
+    link.pump_client()
+    error = codec.error_response("22012", "division by zero")
+    injected = CLOSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+    seen = server_sends(link, injected + PARSE_COMPLETE + BIND_COMPLETE + error + Z_I)
+    assert seen == PARSE_COMPLETE + BIND_COMPLETE + error
+    out, reply, outcome = link.pump_client()
+    assert (out, reply, outcome) == (b"", Z_I, IDLE)  # "SELECT 2" never runs, as in Postgres
+    assert link.can_release
