@@ -12,10 +12,11 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from .config import is_loopback
+from .config import TenantTypeConfig, is_loopback
 from .errors import (
     AuthFailed,
     AuthRefused,
@@ -342,7 +343,8 @@ class ClientConnection(asyncio.Protocol):
         assert self.pool is not None
         self.link = Link(Injection(self.context, self.pool.signing_key),
                          self.app.config.max_message_size,
-                         guard=self.app.guard.check)
+                         guard=self.app.guard.check,
+                         outside_txn=self._outside_transaction_check(tenant_type))
         pid, secret = self.app.register_cancel_key(self)
         self.cancel_key = (pid, secret)
         out = [codec.auth_request(AUTH_OK)]
@@ -365,6 +367,15 @@ class ClientConnection(asyncio.Protocol):
             self.link.cbuf += self._buf
             self._buf.clear()
             self._pump()
+
+    def _outside_transaction_check(self, tenant_type: TenantTypeConfig
+                                   ) -> Callable[[bytes], bool] | None:
+        """Returns: the test for statements this tenant type may run outside a transaction."""
+        allowed = frozenset(tenant_type.allow_outside_transaction)
+        if not allowed:
+            return None
+        kind_of = self.app.guard.outside_transaction_kind
+        return lambda sql: kind_of(sql) in allowed
 
     # ------------------------------------------------------------------ transaction loop
 

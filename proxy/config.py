@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from .errors import ConfigError
 
 __all__ = [
+    "OUTSIDE_TXN",
     "TEMPLATE_FIELDS",
     "Config",
     "ControlConfig",
@@ -37,6 +38,10 @@ __all__ = [
 ]
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# Statements that cannot run inside a transaction block and that a tenant type may allow
+# (never CREATE/DROP DATABASE). Names as the statement guard reports them.
+OUTSIDE_TXN = ("VACUUM", "CREATE INDEX CONCURRENTLY", "DROP INDEX CONCURRENTLY",
+               "REINDEX CONCURRENTLY", "CLUSTER")
 # Placeholders a tenant-type template may use; anything else is refused at load time.
 TEMPLATE_FIELDS = frozenset({"slug", "org_id", "schema"})
 
@@ -128,6 +133,11 @@ class TenantTypeConfig:
     role: str = field(metadata=_doc("non-login role template for SET LOCAL ROLE"))
     search_path: tuple[str, ...] = field(
         default=("public",), metadata=_doc("schema templates, in order")
+    )
+    allow_outside_transaction: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("statements of this type's tenants that may run outside a transaction "
+                      "block, on a server that is then retired: " + ", ".join(OUTSIDE_TXN)),
     )
 
 
@@ -364,7 +374,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         if not _IDENT.match(type_name):
             raise ConfigError(f"{where}: tenant type names must be identifiers")
         table = _typed(table, dict, where)
-        _reject_unknown(table, {"role", "search_path"}, where)
+        _reject_unknown(table, {"role", "search_path", "allow_outside_transaction"}, where)
         if "role" not in table:
             raise ConfigError(f"{where}.role: required (the non-login role tenants run as)")
         role = _typed(table["role"], str, f"{where}.role")
@@ -374,8 +384,15 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             _check_template(_typed(item, str, f"{where}.search_path[{i}]"), f"{where}.search_path")
         if not path:
             raise ConfigError(f"{where}.search_path: must name at least one schema")
+        allowed = _typed(table.get("allow_outside_transaction", []), list,
+                         f"{where}.allow_outside_transaction")
+        for item in allowed:
+            if item not in OUTSIDE_TXN:
+                raise ConfigError(f"{where}.allow_outside_transaction: unknown statement "
+                                  f"{item!r}; allowed: {', '.join(OUTSIDE_TXN)}")
         tenant_types[type_name] = TenantTypeConfig(
-            name=type_name, role=role, search_path=tuple(path)
+            name=type_name, role=role, search_path=tuple(path),
+            allow_outside_transaction=tuple(allowed),
         )
     if not tenant_types:
         raise ConfigError("tenant_types: at least one [tenant_types.<type>] section is required")

@@ -56,6 +56,14 @@ class Refusal(Exception):
     """Internal: carries the message of the first rule a statement breaks."""
 
 
+class NotInTransaction(Refusal):
+    """Internal: the statement's only fault is that it cannot run in a transaction block."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what} cannot run through pgtenant. {_NOT_IN_TXN_HINT}")
+        self.what = what
+
+
 class Guard:
     """Statement policy for tenant sessions, with verdicts cached by text."""
 
@@ -64,6 +72,7 @@ class Guard:
         self._exact = frozenset(ALWAYS_PROTECTED) | {n for n in names if not n.endswith(".")}
         self._prefixes = tuple(n for n in names if n.endswith("."))
         self._cache: dict[bytes, str | None] = {}
+        self._outside: dict[bytes, str] = {}  # single statements refused only for NotInTransaction
         self.refusals = 0
 
     def check(self, sql: bytes) -> str | None:
@@ -83,8 +92,16 @@ class Guard:
         verdict = self._judge(sql) if suspect else None
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
+            self._outside.clear()
         self._cache[sql] = verdict
         return verdict
+
+    def outside_transaction_kind(self, sql: bytes) -> str | None:
+        """Returns: e.g. "VACUUM" when ``check`` refused ``sql`` (a single statement) only
+        because it cannot run inside a transaction block; None otherwise.
+        """
+        self.check(sql)
+        return self._outside.get(sql)
 
     def is_protected(self, name: str) -> bool:
         """Returns: whether a tenant may not change setting ``name``."""
@@ -94,12 +111,17 @@ class Guard:
     # ------------------------------------------------------------------ rules
 
     def _judge(self, sql: bytes) -> str | None:
+        stmts: list[dict[str, Any]] = []
         try:
             tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
             stmts = [item.get("stmt", {}) for item in tree.get("stmts", [])]
             for stmt in stmts[:-1]:
                 _no_statements_after_transaction_end(stmt)
             self._walk(tree)
+        except NotInTransaction as refusal:
+            if len(stmts) == 1:
+                self._outside[sql] = refusal.what
+            return f"pgtenant: {refusal}"
         except Refusal as refusal:
             return f"pgtenant: {refusal}"
         except RecursionError:  # cannot be checked, so it does not run (fail closed)
@@ -211,7 +233,7 @@ def _refuse(message: str) -> Any:
 
 
 def _not_in_txn(what: str) -> Refusal:
-    return Refusal(f"{what} cannot run through pgtenant. {_NOT_IN_TXN_HINT}")
+    return NotInTransaction(what)
 
 
 _RULES: Final[dict[str, Any]] = {

@@ -74,7 +74,7 @@ class Injection:
         signature: ``app.tenant_sig`` ('' when the database has no signing key).
     """
 
-    __slots__ = ("context", "ext_bind", "q_prefix", "q_shift", "signature")
+    __slots__ = ("context", "ext_bind", "q_prefix", "q_session", "q_shift", "signature")
 
     def __init__(self, context: TenantContext, signing_key: bytes | None = None):
         self.context = context
@@ -91,5 +91,8 @@ class Injection:
         )
         prefix = f"SELECT {calls};"
         self.q_prefix: bytes = prefix.encode("ascii")
+        # The same context for the whole session, for a statement allowed to run outside a
+        # transaction block; that server is retired afterwards.
+        self.q_session: bytes = prefix.replace(", true)", ", false)").encode("ascii")
         self.q_shift: int = len(prefix)
         self.ext_bind: bytes = codec.bind("", CTX_STATEMENT, [v.encode() for v in values])

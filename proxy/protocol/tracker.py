@@ -146,7 +146,7 @@ def _refused_parse(name: bytes, message: str, sql: bytes, param_types: bytes) ->
 class Segment:
     """One request the server will close with one ReadyForQuery."""
 
-    __slots__ = ("await_first", "drop", "failed", "hide_z", "shift", "txn_control")
+    __slots__ = ("await_first", "drop", "failed", "hide_z", "shift", "split", "txn_control")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
@@ -155,6 +155,7 @@ class Segment:
         self.txn_control = False
         self.hide_z = False  # closed by a Sync the proxy inserted: its Z is not the client's
         self.failed = False  # an ErrorResponse arrived for it
+        self.split = False  # the first part of a client batch cut at a transaction end
 
 
 class Link:
@@ -165,9 +166,12 @@ class Link:
     """
 
     def __init__(self, injection: Injection, max_message_size: int,
-                 guard: Callable[[bytes], str | None] | None = None):
+                 guard: Callable[[bytes], str | None] | None = None,
+                 outside_txn: Callable[[bytes], bool] | None = None):
         self.injection = injection
         self.guard = guard  # statement policy: None to allow, else the refusal message
+        # Whether a refused statement may run outside a transaction block for this tenant.
+        self.outside_txn = outside_txn
         self.refused = 0
         self.max_message_size = max_message_size
         self.cbuf = bytearray()  # client bytes not yet handled
@@ -351,6 +355,21 @@ class Link:
                 else:
                     text = bytes(buf[pos + 5 : end - 1])  # without the NUL
                     refusal = self.guard(text) if self.guard is not None else None
+                if (refusal is not None and inject and t == _Q and self.outside_txn is not None
+                        and self.outside_txn(text)):
+                    # Allowed for this tenant type (VACUUM, CREATE INDEX CONCURRENTLY...):
+                    # set the context for the session in a hidden Query of its own, send the
+                    # statement bare, and retire the server afterwards.
+                    out += buf[span:pos]
+                    out += codec.query(self.injection.q_session[:-1])
+                    hidden = Segment(Q_DROP)
+                    hidden.hide_z = True
+                    self._push(hidden)
+                    self._push(Segment(0))
+                    self.session_dirty = True
+                    span = pos
+                    pos = end
+                    continue
                 if refusal is not None:
                     # Postgres raises the refusal itself, so replies stay in order and an
                     # open transaction block is aborted exactly as for any other error.
@@ -388,6 +407,7 @@ class Link:
                 span = pos
                 out += _SYNC
                 self.pending[-1].hide_z = True
+                self.pending[-1].split = True
                 self._mark_txn(self.pending[-1])
                 self.open_extended = False
                 self._ended_in_batch = False
@@ -563,9 +583,9 @@ class Link:
             self.status = data[pos + 5]
             nxt = self.pending[0] if self.pending else None
             self._slow = nxt is not None and (nxt.drop > 0 or nxt.await_first)
-            if head.hide_z:  # our own Sync's answer; the client's batch goes on
-                if head.failed:
-                    self.skip_to_sync = True
+            if head.hide_z:  # our own request's answer; the client's goes on
+                if head.failed and head.split:
+                    self.skip_to_sync = True  # the rest of the client's batch must not run
                 return None
             if head.await_first and head.drop == 0:
                 return codec.empty_query_response() + bytes(frame)

@@ -79,3 +79,38 @@ async def test_tenants_cannot_create_temp_tables_that_could_shadow_shared_ones(
             await conn.execute("CREATE TEMP TABLE campaigns(name text)")
     finally:
         await conn.close()
+
+
+async def test_vacuum_is_refused_unless_the_tenant_type_allows_it(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    strict = start_proxy(pool_size=1)
+    conn = await connect(strict, "acme")
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as info:
+            await conn.execute("VACUUM campaigns")
+        assert "VACUUM cannot run through pgtenant" in str(info.value)
+    finally:
+        await conn.close()
+
+    def allow_vacuum(text: str) -> str:
+        return text.replace('[tenant_types.sme]\n',
+                            '[tenant_types.sme]\nallow_outside_transaction = ["VACUUM"]\n')
+
+    lenient = start_proxy(pool_size=1, transform=allow_vacuum)
+    conn = await connect(lenient, "acme")
+    try:
+        before = await conn.fetchval("SELECT pg_backend_pid()")
+        notices: list[str] = []
+        conn.add_log_listener(lambda _c, msg: notices.append(str(msg)))
+        await conn.execute("VACUUM campaigns")  # runs as tenant_sme: skipped, not owner
+        assert any("skipping" in n and "campaigns" in n for n in notices), notices
+        row = await conn.fetchrow("SELECT pg_backend_pid() AS pid, "
+                                  "current_setting('app.tenant_id') AS t, current_user AS u")
+        assert row["pid"] != before  # the server that ran it was retired
+        assert (row["t"], row["u"]) == (str(lenient.env.tenants["acme"].org_id), "tenant_sme")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):  # still not inside a block
+            async with conn.transaction():
+                await conn.execute("VACUUM campaigns")
+    finally:
+        await conn.close()

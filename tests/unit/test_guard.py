@@ -123,3 +123,13 @@ def test_unparsable_text_with_a_suspect_word_is_refused() -> None:
     message = GUARD.check(b"SELECT 1 FROM (SELECT 1) system_user; SET ROLE t_hooli")
     assert message is not None and "cannot parse" in message
     assert "syntax error" in (GUARD.check(b"SELEC 1; SET x = 1") or "")
+
+
+def test_outside_transaction_kind_names_single_statements_only() -> None:
+    guard = Guard()
+    assert guard.outside_transaction_kind(b"VACUUM campaigns") == "VACUUM"
+    assert guard.outside_transaction_kind(b"create index concurrently i on t(a)") == (
+        "CREATE INDEX CONCURRENTLY")
+    assert guard.outside_transaction_kind(b"VACUUM a; VACUUM b") is None
+    assert guard.outside_transaction_kind(b"SET ROLE x") is None
+    assert guard.outside_transaction_kind(b"CREATE DATABASE x") is None

@@ -386,3 +386,26 @@ def test_batch_after_a_failed_part_is_discarded_up_to_the_clients_sync() -> None
     out, reply, outcome = link.pump_client()
     assert (out, reply, outcome) == (b"", Z_I, IDLE)  # "SELECT 2" never runs, as in Postgres
     assert link.can_release
+
+
+def test_statement_allowed_outside_a_transaction_runs_bare_after_a_hidden_context() -> None:
+    link = make_link()
+    link.guard = lambda sql: "pgtenant: not in a block" if b"VACUUM" in sql else None
+    link.outside_txn = lambda sql: sql == b"VACUUM campaigns"
+    to_server = start(link, codec.query("VACUUM campaigns"))
+    session = link.injection.q_session
+    assert session.count(b", false)") == 6 and b", true)" not in session
+    assert to_server == codec.query(session[:-1]) + codec.query("VACUUM campaigns")
+    assert link.session_dirty  # that server is retired afterwards
+    hidden = INJECTED + Z_I
+    seen = server_sends(link, hidden + cc("VACUUM") + Z_I)
+    assert seen == cc("VACUUM") + Z_I
+    assert link.can_release
+
+
+def test_statement_not_allowed_outside_a_transaction_is_refused() -> None:
+    link = make_link()
+    link.guard = lambda sql: "pgtenant: not in a block"
+    link.outside_txn = lambda sql: False
+    to_server = start(link, codec.query("VACUUM campaigns"))
+    assert b"CALL pgtenant.refuse('pgtenant: not in a block')" in to_server
