@@ -138,6 +138,10 @@ class App:
                         raise ContextError(text, hint="run `pgtenant init --config ...` on it, "
                                            "or set lockdown_check = \"warn\"")
                     log.warning("LOCKDOWN WARNING: %s", text)
+            if await conn.fetchval("SHOW standard_conforming_strings") != "on":
+                # The statement guard lexes like Postgres only with this on (see guard.py).
+                raise ContextError(f"database {pool.db.name!r} has standard_conforming_strings "
+                                   "off for the proxy's role; pgtenant requires it on")
             if self.config.context_signing != "off":
                 pool.signing_key = await fetch_signing_key(conn)
                 if pool.signing_key is None:

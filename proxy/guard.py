@@ -33,9 +33,20 @@ _FILE_FUNCS: Final = frozenset({
     "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "lo_import",
     "lo_export",
 })
+# Settings that change how Postgres lexes the next query. The guard reads text the way
+# libpg_query does (UTF-8 compatible bytes, standard_conforming_strings on); a client encoding
+# whose multibyte characters may contain ASCII bytes (Postgres's client-only encodings), or
+# backslash escapes in plain literals, would let Postgres see statements the guard read as
+# the inside of a string literal. Names normalised as Postgres does (encnames.c).
+_UNSAFE_ENCODINGS: Final = frozenset({
+    "sjis", "shiftjis", "mskanji", "win932", "windows932", "shiftjis2004", "big5", "win950",
+    "windows950", "gbk", "win936", "windows936", "cp936", "uhc", "win949", "windows949",
+    "gb18030", "johab",
+})
+_LEXER_SETTINGS: Final = frozenset({"client_encoding", "standard_conforming_strings"})
 # Only texts with one of these words can be refused; everything else skips the parser.
 _SUSPECT = re.compile(
-    rb"(?i)\b(set|reset|set_config|discard|load|alter|copy|vacuum|database|concurrently"
+    rb"(?i)u&|\b(set|reset|set_config|discard|load|alter|copy|vacuum|database|concurrently"
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
     rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export)\b"
 )
@@ -152,6 +163,10 @@ class Guard:
         name = str(stmt.get("name", "")).lower()
         if kind == "VAR_RESET_ALL":
             raise Refusal("RESET ALL is not allowed in tenant sessions")
+        if name in _LEXER_SETTINGS and kind == "VAR_SET_VALUE":
+            args = stmt.get("args", [])
+            value = _const_text(args[0]) if len(args) == 1 else None
+            _check_lexer_setting(name, value)
         if name and self.is_protected(name):
             verb = "RESET" if kind == "VAR_RESET" else "SET"
             shown = "SESSION AUTHORIZATION" if name == "session_authorization" else name
@@ -173,6 +188,9 @@ class Guard:
             if self.is_protected(setting):
                 raise Refusal(f"set_config('{setting}', ...) is not allowed in tenant "
                               "sessions: pgtenant sets it for every transaction")
+            if setting.lower() in _LEXER_SETTINGS:
+                _check_lexer_setting(setting.lower(),
+                                     _const_text(args[1]) if len(args) > 1 else None)
         elif name in _DYNAMIC_SQL_FUNCS:
             raise Refusal(f"{name}() runs SQL text pgtenant cannot check; it is not allowed "
                           "in tenant sessions")
@@ -210,6 +228,26 @@ class Guard:
     def _cluster(self, stmt: dict[str, Any]) -> None:
         if not stmt.get("relation"):
             raise _not_in_txn("CLUSTER without a table")
+
+
+def _const_text(node: Any) -> str | None:
+    """Returns: the text of a string/number/boolean constant, or None for anything else."""
+    const = node.get("A_Const", {}) if isinstance(node, dict) else {}
+    for key, inner in (("sval", "sval"), ("ival", "ival"), ("boolval", "boolval")):
+        if key in const:
+            return str(const[key].get(inner, "")).lower()
+    return None
+
+
+def _check_lexer_setting(name: str, value: str | None) -> None:
+    if value is None:
+        raise Refusal(f"SET {name} to a computed value is not allowed in tenant sessions")
+    if name == "client_encoding":
+        if "".join(ch for ch in value if ch.isalnum()) in _UNSAFE_ENCODINGS:
+            raise Refusal(f"client_encoding {value!r} is not allowed in tenant sessions: its "
+                          "multibyte characters can contain ASCII bytes; use UTF8")
+    elif value not in ("on", "true", "yes", "1"):
+        raise Refusal("standard_conforming_strings can only be on in tenant sessions")
 
 
 def _no_statements_after_transaction_end(stmt: dict[str, Any]) -> None:

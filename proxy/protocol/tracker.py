@@ -89,6 +89,7 @@ _P = ord("P")
 _B = ord("B")
 _E = ord("E")
 _F = ord("F")
+_D = ord("D")
 _H = ord("H")
 _Z = ord("Z")
 _N = ord("N")
@@ -113,10 +114,20 @@ _FUNCTION_CALL_REFUSAL: Final = (
 )
 _PARAM_REF = re.compile(rb"\$([0-9]+)")
 _SYNC: Final = codec.sync()
+_RESERVED_PREFIX: Final = b"__pgtenant"
 # A statement or portal name we never saw parsed/bound is one made by SQL (PREPARE, DECLARE):
 # those hold only SELECT/DML, which cannot move the transaction status; or it does not exist
 # and its Execute fails.
 _UNKNOWN_TXN: Final = 0
+
+
+def _check_statement_name(name: bytes) -> None:
+    """Raises: ClientProtocolError for a statement name reserved for the proxy's own."""
+    if name.startswith(_RESERVED_PREFIX):
+        raise ClientProtocolError(
+            f"prepared statement name {name.decode(errors='replace')!r} is reserved: names "
+            "starting with __pgtenant belong to the proxy"
+        )
 
 
 def _refusal_sql(message: str) -> bytes:
@@ -449,6 +460,7 @@ class Link:
                 seg = self.pending[-1]
                 if t == _P:
                     name, npos = codec.read_cstring(buf, pos + 5, limit=end)
+                    _check_statement_name(name)
                     sql, tpos = codec.read_cstring(buf, npos, limit=end)
                     refusal = self.guard(sql) if self.guard is not None else None
                     if refusal is not None:
@@ -464,6 +476,7 @@ class Link:
                 elif t == _B:
                     portal, npos = codec.read_cstring(buf, pos + 5, limit=end)
                     stmt, _ = codec.read_cstring(buf, npos, limit=end)
+                    _check_statement_name(stmt)
                     self._portal_txn[portal] = self._stmt_txn.get(stmt, _UNKNOWN_TXN)
                 elif t == _E:
                     portal, _ = codec.read_cstring(buf, pos + 5, limit=end)
@@ -474,7 +487,11 @@ class Link:
                         self._ended_in_batch = True
                 elif t == _C and end - pos > 6 and buf[pos + 5] == ord("S"):
                     name, _ = codec.read_cstring(buf, pos + 6, limit=end)
+                    _check_statement_name(name)
                     self._stmt_txn.pop(name, None)
+                elif t == _D and end - pos > 6 and buf[pos + 5] == ord("S"):
+                    name, _ = codec.read_cstring(buf, pos + 6, limit=end)
+                    _check_statement_name(name)
                 pos = end
                 continue
             if t == _S:

@@ -65,6 +65,15 @@ GUARD = Guard(("app.", "myapp.tenant"))
         "COMMIT AND CHAIN",
         "rollback and chain",
         "CALL some_proc(); SELECT 1",
+        "SET client_encoding TO 'SJIS'",
+        "SET LOCAL client_encoding = 'Shift-JIS'",
+        "SET NAMES 'big5'",
+        "set client_encoding to gbk",
+        "SET client_encoding TO 'WIN949'",
+        "SELECT set_config('client_encoding', 'GB18030', false)",
+        "SET standard_conforming_strings = off",
+        "SET LOCAL standard_conforming_strings TO false",
+        "SELECT U&\"\\0073et_config\"('role', 't_hooli', true)",
     ],
 )
 def test_escapes_are_refused(sql: str) -> None:
@@ -94,6 +103,11 @@ def test_escapes_are_refused(sql: str) -> None:
         "SELECT CASE WHEN true THEN 1 END; SELECT 2",
         "BEGIN; SAVEPOINT a; SELECT 1; ROLLBACK TO SAVEPOINT a; COMMIT",
         "COMMIT",
+        "SET client_encoding TO 'UTF8'",
+        "SET NAMES 'LATIN1'",
+        "SET client_encoding TO 'EUC_JP'",
+        "RESET client_encoding",
+        "SET standard_conforming_strings = on",
     ],
 )
 def test_ordinary_statements_pass(sql: str) -> None:

@@ -409,3 +409,20 @@ def test_statement_not_allowed_outside_a_transaction_is_refused() -> None:
     link.outside_txn = lambda sql: False
     to_server = start(link, codec.query("VACUUM campaigns"))
     assert b"CALL pgtenant.refuse('pgtenant: not in a block')" in to_server
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        codec.parse("__pgtenant_ctx", "SELECT 1"),
+        codec.bind("", "__pgtenant_ctx", [b"x"] * 6),
+        codec.frame(ord("D"), b"S__pgtenant_ctx\x00"),
+        codec.frame(ord("C"), b"S__pgtenant_ctx\x00"),
+    ],
+    ids=["parse", "bind", "describe", "close"],
+)
+def test_the_proxys_statement_names_are_reserved(message: bytes) -> None:
+    link = make_link()
+    link.attach(CTX_READY)
+    with pytest.raises(ClientProtocolError, match="reserved"):
+        client_sends(link, message + codec.sync())
