@@ -120,9 +120,7 @@ class ClientConnection(asyncio.Protocol):
             link = self.link
             assert link is not None
             link.cbuf += data
-            if self.server is not None:
-                self._pump()
-            elif not self.waiting:
+            if self.server is not None or not self.waiting:
                 self._pump()
             elif len(link.cbuf) > _CLIENT_BUFFER_HIGH:
                 self._pause_reading()

@@ -272,6 +272,8 @@ class Registry:
             # One lookup per key however many clients ask at once. It runs in its own task,
             # so a client that gives up (disconnects, times out) cannot cancel it for others.
             task = asyncio.ensure_future(self._lookup(key, load))
+            # Mark a failure retrieved even when every asking client has gone meanwhile.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
             self._inflight[key] = task
         return await asyncio.shield(task)
 
