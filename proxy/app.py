@@ -17,7 +17,7 @@ import asyncpg
 from .client import ClientConnection
 from .config import Config
 from .control.hardening import check_lockdown, fetch_signing_key
-from .errors import ConfigError, ContextError, ServerUnavailable
+from .errors import ConfigError, ContextError, QueryCanceled, ServerUnavailable
 from .guard import Guard
 from .identity.jwt import build_verifier
 from .identity.registry import Registry
@@ -80,6 +80,11 @@ class App:
     def cancel(self, pid: int, secret: int) -> None:
         """Forward a CancelRequest to the backend the client is using right now, if any."""
         client = self.cancel_keys.get((pid, secret))
+        if client is not None and client.waiting and client.pool is not None:
+            # Not on a server yet: end the wait, as Postgres would end the statement.
+            client.pool.cancel_wait(client)
+            client.pool_failed(QueryCanceled("canceling statement due to user request"))
+            return
         server = client.server if client is not None else None
         if server is None or server.login is None:
             return  # unknown key or idle client: Postgres also ignores such requests

@@ -90,7 +90,10 @@ class ClientConnection(asyncio.Protocol):
         self.connected_at = time.monotonic()
         self.cancel_key: tuple[int, int] | None = None
         self._buf = bytearray()
-        self._paused = False
+        # Why reading from the client is paused: "wait" (for a server), "buffer" (unhandled
+        # bytes piling up), "backend" (the server's socket buffer is full). Reading resumes
+        # only when no reason is left, so one cause cannot undo another's backpressure.
+        self._pause_reasons: set[str] = set()
         self._writing_paused = False
         self._auth_task: asyncio.Task[None] | None = None
 
@@ -123,7 +126,7 @@ class ClientConnection(asyncio.Protocol):
             if self.server is not None or not self.waiting:
                 self._pump()
             elif len(link.cbuf) > _CLIENT_BUFFER_HIGH:
-                self._pause_reading()
+                self._pause_reading("buffer")
             return
         if self.state is ClientState.CLOSED:
             return
@@ -403,9 +406,9 @@ class ClientConnection(asyncio.Protocol):
                 self._disconnect("client sent Terminate")
                 return
             if outcome == HOLD and len(link.cbuf) > _CLIENT_BUFFER_HIGH:
-                self._pause_reading()
-            elif self._paused:
-                self._resume_reading()
+                self._pause_reading("buffer")
+            else:
+                self._resume_reading("buffer")
             self._maybe_release()
             return
 
@@ -427,7 +430,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         if server is None:
             self.waiting = True
-            self._pause_reading()
+            self._pause_reading("wait")
             return False
         self._attach(server)
         return True
@@ -450,7 +453,7 @@ class ClientConnection(asyncio.Protocol):
             self.pool.release(server)
             return
         self._attach(server)
-        self._resume_reading()
+        self._resume_reading("wait")
         self._pump()
 
     def pool_failed(self, error: ProxyError) -> None:
@@ -468,7 +471,7 @@ class ClientConnection(asyncio.Protocol):
                     .identity.slug, error.reason, error.message)
         self._write(self.link.fail_segment(codec.error_response(
             error.sqlstate, error.message, detail=error.detail, hint=error.hint)))
-        self._resume_reading()
+        self._resume_reading("wait")
         self._pump()
 
     def _maybe_release(self) -> None:
@@ -478,6 +481,7 @@ class ClientConnection(asyncio.Protocol):
         dirty = link.session_dirty
         server.ctx_state = link.detach()
         self.server = None
+        self._resume_reading("backend")  # that server's buffer is no longer our concern
         assert self.pool is not None
         if dirty:
             # Session state (LISTEN, WITH HOLD, temp objects, session SET, named statements...)
@@ -517,10 +521,10 @@ class ClientConnection(asyncio.Protocol):
         ))
 
     def server_pause_writing(self) -> None:
-        self._pause_reading()
+        self._pause_reading("backend")
 
     def server_resume_writing(self) -> None:
-        self._resume_reading()
+        self._resume_reading("backend")
 
     # ------------------------------------------------------------------ ending
 
@@ -531,6 +535,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.link is not None and self.pool is not None
         state = self.link.detach()
         server.ctx_state = state
+        self._resume_reading("backend")
         self.pool.discard(server, out_of_sync=out_of_sync)
 
     def _leave_server(self) -> None:
@@ -599,13 +604,17 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def _pause_reading(self) -> None:
-        if not self._paused and self.transport is not None and not self.transport.is_closing():
-            self._paused = True
+    def _pause_reading(self, reason: str) -> None:
+        paused = bool(self._pause_reasons)
+        self._pause_reasons.add(reason)
+        if not paused and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
-    def _resume_reading(self) -> None:
-        if self._paused and self.transport is not None and not self.transport.is_closing():
-            self._paused = False
+    def _resume_reading(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if (not self._pause_reasons and self.transport is not None
+                and not self.transport.is_closing()):
             self.transport.resume_reading()
 

@@ -15,6 +15,7 @@ module owns the classes and the SQLSTATE table; it does no I/O.
 | ContextError          | 42501    | the tenant's context cannot be rendered: fail closed |
 | PoolTimeout           | 53300    | too_many_connections: pool exhausted past the wait   |
 | PoolClosed            | 57P01    | admin_shutdown: the pool or proxy is going away      |
+| QueryCanceled         | 57014    | query_canceled: cancelled while waiting for a server |
 | ServerUnavailable     | 08006    | connection_failure: backend unreachable/lost         |
 | ServerLoginFailed     | 08004    | sqlserver_rejected_establishment_of_sqlconnection    |
 | LoginTimeout          | 08P01    | client did not finish startup in time                |
@@ -37,6 +38,7 @@ __all__ = [
     "PoolTimeout",
     "ProtocolError",
     "ProxyError",
+    "QueryCanceled",
     "ServerLoginFailed",
     "ServerProtocolError",
     "ServerUnavailable",
@@ -124,6 +126,12 @@ class PoolTimeout(PoolError):
 
 class PoolClosed(PoolError):
     sqlstate = "57P01"
+
+
+class QueryCanceled(PoolError):
+    """A CancelRequest arrived while the statement still waited for a server."""
+
+    sqlstate = "57014"
 
 
 class ServerUnavailable(PoolError):

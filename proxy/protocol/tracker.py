@@ -90,6 +90,7 @@ _B = ord("B")
 _E = ord("E")
 _F = ord("F")
 _D = ord("D")
+_COPY_DATA = ord("d")
 _H = ord("H")
 _Z = ord("Z")
 _N = ord("N")
@@ -157,7 +158,8 @@ def _refused_parse(name: bytes, message: str, sql: bytes, param_types: bytes) ->
 class Segment:
     """One request the server will close with one ReadyForQuery."""
 
-    __slots__ = ("await_first", "drop", "failed", "hide_z", "shift", "split", "txn_control")
+    __slots__ = ("await_first", "drop", "extended", "failed", "hide_z", "shift", "split",
+                 "synced", "txn_control")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
@@ -167,6 +169,8 @@ class Segment:
         self.hide_z = False  # closed by a Sync the proxy inserted: its Z is not the client's
         self.failed = False  # an ErrorResponse arrived for it
         self.split = False  # the first part of a client batch cut at a transaction end
+        self.extended = False  # opened by an extended-protocol message
+        self.synced = False  # an extended segment whose Sync was sent
 
 
 class Link:
@@ -209,6 +213,10 @@ class Link:
         self._stmt_txn: dict[bytes, int] = {}
         self._portal_txn: dict[bytes, int] = {}
         self._ended_in_batch = False  # the open batch executed something that may end a txn
+        # Postgres ignores a Sync that arrives during COPY FROM STDIN: the batch's own Sync,
+        # sent before the copy data, earns no ReadyForQuery; the one after CopyDone/CopyFail
+        # does, and it belongs to the same segment.
+        self._sync_after_copy = False
 
     # ------------------------------------------------------------------ attachment
 
@@ -223,6 +231,7 @@ class Link:
         self.session_dirty = False
         self._scrub_unnamed = True
         self._ended_in_batch = False
+        self._sync_after_copy = False
         self._sleftover = b""
         self._sremaining = 0
         self._slow = False
@@ -349,6 +358,9 @@ class Link:
                 if not self.attached:  # Postgres ignores stray copy messages too
                     out += buf[span:pos]
                     span = end
+                elif t != _COPY_DATA and self.pending:
+                    last = self.pending[-1]
+                    self._sync_after_copy = last.extended and last.synced
                 pos = end
                 continue
             if (t == _Q or t == _F) and not self.open_extended:
@@ -455,6 +467,7 @@ class Link:
                     out += buf[span:pos]
                     span = pos
                     seg = self._ext_injection(out) if inject else Segment(0)
+                    seg.extended = True
                     self._push(seg)
                     self.open_extended = True
                 seg = self.pending[-1]
@@ -498,6 +511,9 @@ class Link:
                 self._ended_in_batch = False
                 if self.open_extended:
                     self.open_extended = False
+                    self.pending[-1].synced = True
+                elif self._sync_after_copy and self.attached:
+                    self._sync_after_copy = False  # answers the COPY's segment, see above
                 elif self.attached:  # a bare Sync still earns a ReadyForQuery
                     self._push(Segment(0))
                 else:  # no server, no transaction: answer it ourselves

@@ -426,3 +426,19 @@ def test_the_proxys_statement_names_are_reserved(message: bytes) -> None:
     link.attach(CTX_READY)
     with pytest.raises(ClientProtocolError, match="reserved"):
         client_sends(link, message + codec.sync())
+
+
+def test_extended_copy_from_stdin_answers_both_syncs_with_one_ready_for_query() -> None:
+    link = make_link()
+    start(link, _execute_batch("COPY t FROM STDIN") + codec.sync(), ctx_state=CTX_READY)
+    injected = CLOSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+    copy_in = codec.frame(ord("G"), b"\x00\x00\x00")
+    assert server_sends(link, injected + PARSE_COMPLETE + BIND_COMPLETE + copy_in) == (
+        PARSE_COMPLETE + BIND_COMPLETE + copy_in)
+    # Postgres ignored the batch's Sync during copy-in; the Sync after CopyDone is answered.
+    copy_data = codec.frame(ord("d"), b"x\n") + codec.frame(ord("c"), b"")
+    out, _, outcome = client_sends(link, copy_data + codec.sync())
+    assert out == copy_data + codec.sync()
+    assert outcome == IDLE and len(link.pending) == 1
+    assert server_sends(link, cc("COPY 1") + Z_I) == cc("COPY 1") + Z_I
+    assert link.can_release
