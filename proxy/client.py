@@ -345,7 +345,8 @@ class ClientConnection(asyncio.Protocol):
         self.link = Link(Injection(self.context, self.pool.signing_key),
                          self.app.config.max_message_size,
                          guard=self.app.guard.check,
-                         outside_txn=self._outside_transaction_check(tenant_type))
+                         outside_txn=self._outside_transaction_check(tenant_type),
+                         max_prepared=self.app.config.max_prepared_statements)
         pid, secret = self.app.register_cancel_key(self)
         self.cancel_key = (pid, secret)
         out = [codec.auth_request(AUTH_OK)]
@@ -439,7 +440,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.link is not None
         self.server = server
         server.peer = self
-        self.link.attach(server.ctx_state)
+        self.link.attach(server.ctx_state, server.prepared)
         if self._writing_paused:
             server.pause_reading()
         else:

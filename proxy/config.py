@@ -209,6 +209,11 @@ class Config:
     max_client_conn: int = field(
         default=10000, metadata=_doc("client connections accepted at once (pgbouncer name)")
     )
+    max_prepared_statements: int = field(
+        default=200,
+        metadata=_doc("prepared statements kept per server connection, least recently used "
+                      "closed first (pgbouncer name and default)"),
+    )
     max_message_size: int = field(
         default=64 * 1024 * 1024,
         metadata=_doc("largest protocol message accepted from a client", unit="bytes"),
@@ -339,7 +344,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     kwargs: dict[str, Any] = _parse_simple(simple, Config, "")
     if "listen" in data:
         kwargs["listen"] = _parse_listen(data["listen"])
-    for key in ("max_client_conn", "max_message_size", "query_wait_timeout",
+    for key in ("max_client_conn", "max_message_size", "max_prepared_statements",
+                "query_wait_timeout",
                 "client_login_timeout", "server_connect_timeout", "token_cache_ttl",
                 "auth_failure_window"):
         if key in kwargs:

@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
@@ -73,6 +74,9 @@ class ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: ServerPeer | None = None
         self.ctx_state = CTX_NONE
+        # Proxy-global prepared statements that exist on this backend, least recently used
+        # first (the tracker adds, evicts and forgets; see issue #4).
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()
         self.login: LoginResult | None = None
         self.created_at = time.monotonic()
         self.last_used = self.created_at

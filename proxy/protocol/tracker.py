@@ -35,9 +35,10 @@ that may change the transaction state. Injected replies never reach the client.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Final
 
@@ -49,7 +50,6 @@ from .inject import (
     CTX_CLOSE,
     CTX_PARSE,
     EXECUTE_UNNAMED,
-    EXT_DROP,
     Q_DROP,
     Injection,
 )
@@ -104,6 +104,27 @@ _CLIENT_TYPES = frozenset(b"QPBDECHSXFdcf")  # what a logged-in client may send
 _SERVER_SPECIAL = frozenset(b"ZES")
 # Frames that are neither counted nor dropped while dropping injected replies.
 _SERVER_ASYNC = frozenset(b"NSA")
+# Extended-protocol reply bookkeeping (see Segment.expect): what each request sent to the
+# server will be answered with, and what to do with that answer.
+K_PARSE: Final = 0  # ParseComplete '1'
+K_BIND: Final = 1  # BindComplete '2'
+K_CLOSE: Final = 2  # CloseComplete '3'
+K_DESC_S: Final = 3  # ParameterDescription 't', then RowDescription 'T' or NoData 'n'
+K_DESC_P: Final = 4  # RowDescription 'T' or NoData 'n'
+K_EXEC: Final = 5  # DataRow/copy... then CommandComplete 'C', EmptyQuery 'I', Suspended 's'
+K_QUERY: Final = 6  # a Query inside an unsynced batch: its replies run up to the Z
+FWD: Final = 0  # the client asked for it: forward
+DROP: Final = 1  # the proxy asked for it: the client must not see it
+SYNTH: Final = 2  # answered by the proxy itself (``data``), nothing comes from the server
+# The reply that completes each kind of request ('t' comes before a statement's 'T'/'n').
+_TERMINAL_OF: Final = {K_PARSE: b"1", K_BIND: b"2", K_CLOSE: b"3", K_DESC_S: b"Tn",
+                       K_DESC_P: b"Tn", K_EXEC: b"CIs", K_QUERY: b""}
+# Frame types forwarded without a look, by state of the head segment.
+_PASS_ALL: Final = frozenset(range(256)) - _SERVER_SPECIAL
+_PASS_EXEC: Final = frozenset(b"DdcGHWNA")  # rows and copy data of a forwarded Execute
+_PASS_NONE: Final[frozenset[int]] = frozenset()
+_PARSE_COMPLETE: Final = codec.frame(ord("1"), b"")
+_CLOSE_COMPLETE: Final = codec.frame(ord("3"), b"")
 # ParameterStatus names the client must not see change: they reflect the injected context.
 HIDDEN_PARAMETERS: Final = frozenset({"search_path"})
 
@@ -115,6 +136,7 @@ _FUNCTION_CALL_REFUSAL: Final = (
 )
 _PARAM_REF = re.compile(rb"\$([0-9]+)")
 _SYNC: Final = codec.sync()
+_STMT_PREFIX: Final = b"__pgtenant_p"
 _RESERVED_PREFIX: Final = b"__pgtenant"
 # A statement or portal name we never saw parsed/bound is one made by SQL (PREPARE, DECLARE):
 # those hold only SELECT/DML, which cannot move the transaction status; or it does not exist
@@ -141,8 +163,8 @@ def _refusal_sql(message: str) -> bytes:
     return b"CALL pgtenant.refuse(" + literal.encode() + b")"
 
 
-def _refused_parse(name: bytes, message: str, sql: bytes, param_types: bytes) -> bytes:
-    """Returns: a Parse of the same statement name that raises ``message`` when executed.
+def _refused_parse(message: str, sql: bytes, param_types: bytes) -> tuple[bytes, bytes]:
+    """Returns: (statement text, parameter types) that raise ``message`` when executed.
 
     It keeps the client's parameter count and declared types, so its Bind/Describe/Execute
     go through unchanged and the error arrives at Execute, in order.
@@ -152,14 +174,14 @@ def _refused_parse(name: bytes, message: str, sql: bytes, param_types: bytes) ->
     spread = b"".join(b", $%d::text" % i for i in range(1, count + 1))
     text = _refusal_sql(message)[:-1] + spread + b")"
     types = param_types if len(param_types) >= 2 else b"\x00\x00"
-    return codec.frame(_P, name + b"\x00" + text + b"\x00" + types)
+    return text, types
 
 
 class Segment:
     """One request the server will close with one ReadyForQuery."""
 
-    __slots__ = ("await_first", "drop", "extended", "failed", "hide_z", "shift", "split",
-                 "synced", "txn_control")
+    __slots__ = ("await_first", "drop", "expect", "extended", "failed", "hide_z", "shift",
+                 "split", "synced", "txn_control")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
@@ -171,6 +193,9 @@ class Segment:
         self.split = False  # the first part of a client batch cut at a transaction end
         self.extended = False  # opened by an extended-protocol message
         self.synced = False  # an extended segment whose Sync was sent
+        # Extended segments: [kind, action, data] per request, in reply order (data: the
+        # global statement name of a Parse, or the bytes of a SYNTH reply).
+        self.expect: deque[list[object]] | None = None
 
 
 class Link:
@@ -182,8 +207,16 @@ class Link:
 
     def __init__(self, injection: Injection, max_message_size: int,
                  guard: Callable[[bytes], str | None] | None = None,
-                 outside_txn: Callable[[bytes], bool] | None = None):
+                 outside_txn: Callable[[bytes], bool] | None = None,
+                 max_prepared: int = 200):
         self.injection = injection
+        # Named prepared statements (issue #4): the client's names map to proxy-global names
+        # keyed by (text, parameter types, search_path), prepared lazily on each server.
+        self.max_prepared = max_prepared
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()  # the attached server's LRU
+        self._client_stmts: dict[bytes, tuple[bytes, bytes, bytes]] = {}  # name->(G, sql, types)
+        self._global_names: dict[tuple[bytes, bytes], bytes] = {}
+        self._pass: frozenset[int] = _PASS_ALL
         self.guard = guard  # statement policy: None to allow, else the refusal message
         # Whether a refused statement may run outside a transaction block for this tenant.
         self.outside_txn = outside_txn
@@ -207,7 +240,6 @@ class Link:
         self.unsolicited_fatal: bytes | None = None
         self._sleftover = b""  # incomplete server frame
         self._sremaining = 0  # bytes of a large pass-through frame still to forward
-        self._slow = False  # head segment needs frame-by-frame handling
         # Client session state that outlives servers.
         # TXN_CONTROL | TXN_END flags of the client's statements and portals, by name.
         self._stmt_txn: dict[bytes, int] = {}
@@ -220,9 +252,11 @@ class Link:
 
     # ------------------------------------------------------------------ attachment
 
-    def attach(self, ctx_state: int) -> None:
+    def attach(self, ctx_state: int, prepared: OrderedDict[bytes, None] | None = None) -> None:
         """A server was attached; it is idle and clean (pool invariant)."""
         self.attached = True
+        self.prepared = prepared if prepared is not None else OrderedDict()
+        self._pass = _PASS_ALL
         self.pending.clear()
         self.status = _I
         self.unsure = 0
@@ -234,7 +268,6 @@ class Link:
         self._sync_after_copy = False
         self._sleftover = b""
         self._sremaining = 0
-        self._slow = False
 
     def detach(self) -> int:
         """The server goes away (released or closed). Returns: its context-statement state."""
@@ -268,34 +301,110 @@ class Link:
         return self.status == _I
 
     def _ext_injection(self, out: bytearray) -> Segment:
-        drop = EXT_DROP
+        seg = Segment(0)
+        expect: deque[list[object]] = deque()
         if self._scrub_unnamed:
             out += CLOSE_UNNAMED_STATEMENT
-            drop += 1
+            expect.append([K_CLOSE, DROP, None])
             self._scrub_unnamed = False
         if self.ctx_state != CTX_READY:
             if self.ctx_state == CTX_UNKNOWN:
                 out += CTX_CLOSE
-                drop += 1
+                expect.append([K_CLOSE, DROP, None])
             out += CTX_PARSE
-            drop += 1
+            expect.append([K_PARSE, DROP, None])
             self.ctx_state = CTX_READY
         out += self.injection.ext_bind
         out += EXECUTE_UNNAMED
         out += CLOSE_UNNAMED_PORTAL
-        return Segment(drop)
+        expect.extend(([K_BIND, DROP, None], [K_EXEC, DROP, None], [K_CLOSE, DROP, None]))
+        seg.expect = expect
+        return seg
+
+    def _expect(self, kind: int, action: int, data: object = None) -> bytes:
+        """Record the reply owed for one request of the open extended segment.
+
+        Returns: bytes for the client now (a SYNTH reply whose turn has already come).
+        """
+        seg = self.pending[-1]
+        assert seg.expect is not None
+        seg.expect.append([kind, action, data])
+        if len(seg.expect) == 1 and len(self.pending) == 1:
+            if action == SYNTH:  # everything before it is answered: answer it right away
+                seg.expect.popleft()
+                assert isinstance(data, bytes)
+                return data
+            self._update_pass()
+        return b""
+
+    def _global_name(self, sql: bytes, types: bytes) -> bytes:
+        name = self._global_names.get((sql, types))
+        if name is None:
+            # Keyed by search_path too: tenants on different schemas never share a plan.
+            path = self.injection.context.search_path_value.encode()
+            digest = hashlib.sha1(sql + b"\x00" + types + b"\x00" + path,
+                                  usedforsecurity=False).hexdigest()[:24]
+            name = _STMT_PREFIX + digest.encode()
+            if len(self._global_names) > 10_000:
+                self._global_names.clear()
+            self._global_names[(sql, types)] = name
+        return name
+
+    def _prepare(self, out: bytearray, name: bytes, sql: bytes, types: bytes,
+                 action: int) -> None:
+        """Parse global statement ``name`` on the attached server (evicting LRU-wise)."""
+        out += codec.frame(_P, name + b"\x00" + sql + b"\x00" + types)
+        self._expect(K_PARSE, action, name)
+        self.prepared[name] = None
+        while len(self.prepared) > self.max_prepared:
+            old, _ = self.prepared.popitem(last=False)
+            out += codec.frame(_C, b"S" + old + b"\x00")
+            self._expect(K_CLOSE, DROP, None)
+
+    def _use(self, out: bytearray, mapped: tuple[bytes, bytes, bytes]) -> bytes:
+        """Make sure a client's renamed statement exists on the attached server.
+
+        Returns: its global name.
+        """
+        global_name, text, types = mapped
+        if global_name in self.prepared:
+            self.prepared.move_to_end(global_name)
+        else:  # parsed on another server, or evicted here: prepare it again, quietly
+            self._prepare(out, global_name, text, types, DROP)
+        return global_name
+
+    def _update_pass(self) -> None:
+        """Which frame types the head segment lets through without a look."""
+        head = self.pending[0] if self.pending else None
+        if head is None:
+            self._pass = _PASS_ALL
+        elif head.expect is not None:
+            entry = head.expect[0] if head.expect else None
+            if entry is not None and entry[0] == K_EXEC and entry[1] == FWD:
+                self._pass = _PASS_EXEC
+            elif entry is not None and entry[0] == K_QUERY:
+                self._pass = _PASS_ALL
+            else:
+                self._pass = _PASS_NONE
+        elif head.drop or head.await_first:
+            self._pass = _PASS_NONE
+        else:
+            self._pass = _PASS_ALL
 
     def _push(self, seg: Segment) -> None:
         self.pending.append(seg)
         if len(self.pending) == 1:
-            self._slow = seg.drop > 0 or seg.await_first
+            self._update_pass()
 
     def _note_sql(self, seg: Segment | None, sql: bytes) -> int:
         flags = classify(sql)
         if flags & TXN_CONTROL and seg is not None:
             self._mark_txn(seg)
         if flags & DROPS_STATEMENTS:
+            # DEALLOCATE ALL would also drop the proxy's global statements: which ones
+            # survive is guesswork, so the server is retired rather than trusted.
             self.drops_statements = True
+            self.session_dirty = True
         if flags & SESSION_STATE:
             self.session_dirty = True
         return flags
@@ -438,6 +547,7 @@ class Link:
             if t == _Q:  # a Query inside an unsynced extended batch shares its ReadyForQuery
                 self.open_extended = False
                 seg = self.pending[-1]
+                reply += self._expect(K_QUERY, FWD)
                 text = bytes(buf[pos + 5 : end - 1])
                 refusal = self.guard(text) if self.guard is not None else None
                 if refusal is not None:
@@ -466,7 +576,11 @@ class Link:
                         break
                     out += buf[span:pos]
                     span = pos
-                    seg = self._ext_injection(out) if inject else Segment(0)
+                    if inject:
+                        seg = self._ext_injection(out)
+                    else:
+                        seg = Segment(0)
+                        seg.expect = deque()
                     seg.extended = True
                     self._push(seg)
                     self.open_extended = True
@@ -475,22 +589,46 @@ class Link:
                     name, npos = codec.read_cstring(buf, pos + 5, limit=end)
                     _check_statement_name(name)
                     sql, tpos = codec.read_cstring(buf, npos, limit=end)
+                    types = bytes(buf[tpos:end])
+                    text = sql
                     refusal = self.guard(sql) if self.guard is not None else None
                     if refusal is not None:
                         self.refused += 1
-                        out += buf[span:pos]
-                        out += _refused_parse(name, refusal, sql, bytes(buf[tpos:end]))
-                        span = end
+                        text, types = _refused_parse(refusal, sql, types)
                         sql = b""
+                    if name:
+                        # Renamed to a proxy-global statement, prepared on this server only
+                        # when it is not there already (then ParseComplete is ours to send).
+                        out += buf[span:pos]
+                        span = end
+                        global_name = self._global_name(text, types)
+                        self._client_stmts[name] = (global_name, text, types)
+                        if global_name in self.prepared:
+                            self.prepared.move_to_end(global_name)
+                            reply += self._expect(K_PARSE, SYNTH, _PARSE_COMPLETE)
+                        else:
+                            self._prepare(out, global_name, text, types, FWD)
+                    else:
+                        if refusal is not None:
+                            out += buf[span:pos]
+                            span = end
+                            out += codec.frame(_P, b"\x00" + text + b"\x00" + types)
+                        self._expect(K_PARSE, FWD)
                     flags = self._note_sql(None, sql)
                     self._stmt_txn[name] = flags & (TXN_CONTROL | TXN_END)
-                    if name:  # a named statement outlives the transaction on this server
-                        self.session_dirty = True
                 elif t == _B:
                     portal, npos = codec.read_cstring(buf, pos + 5, limit=end)
-                    stmt, _ = codec.read_cstring(buf, npos, limit=end)
+                    stmt, rest = codec.read_cstring(buf, npos, limit=end)
                     _check_statement_name(stmt)
                     self._portal_txn[portal] = self._stmt_txn.get(stmt, _UNKNOWN_TXN)
+                    mapped = self._client_stmts.get(stmt) if stmt else None
+                    if mapped is not None:
+                        out += buf[span:pos]
+                        span = end
+                        global_name = self._use(out, mapped)
+                        out += codec.frame(_B, portal + b"\x00" + global_name + b"\x00"
+                                           + bytes(buf[rest:end]))
+                    self._expect(K_BIND, FWD)
                 elif t == _E:
                     portal, _ = codec.read_cstring(buf, pos + 5, limit=end)
                     flags = self._portal_txn.get(portal, _UNKNOWN_TXN)
@@ -498,13 +636,33 @@ class Link:
                         self._mark_txn(seg)
                     if flags & TXN_END:
                         self._ended_in_batch = True
-                elif t == _C and end - pos > 6 and buf[pos + 5] == ord("S"):
-                    name, _ = codec.read_cstring(buf, pos + 6, limit=end)
-                    _check_statement_name(name)
-                    self._stmt_txn.pop(name, None)
-                elif t == _D and end - pos > 6 and buf[pos + 5] == ord("S"):
-                    name, _ = codec.read_cstring(buf, pos + 6, limit=end)
-                    _check_statement_name(name)
+                    self._expect(K_EXEC, FWD)
+                elif t == _C or t == _D:
+                    what = buf[pos + 5] if end - pos > 5 else 0
+                    name = b""
+                    if what == ord("S"):
+                        name, _ = codec.read_cstring(buf, pos + 6, limit=end)
+                        _check_statement_name(name)
+                    mapped = self._client_stmts.get(name) if name else None
+                    if t == _C and name:
+                        # Only the client's name goes away; the global statement stays on
+                        # the server for others. Postgres answers CloseComplete even for a
+                        # name that does not exist, and so do we.
+                        self._stmt_txn.pop(name, None)
+                        self._client_stmts.pop(name, None)
+                        out += buf[span:pos]
+                        span = end
+                        reply += self._expect(K_CLOSE, SYNTH, _CLOSE_COMPLETE)
+                    elif t == _C:
+                        self._expect(K_CLOSE, FWD)
+                    elif mapped is not None:
+                        out += buf[span:pos]
+                        span = end
+                        global_name = self._use(out, mapped)
+                        out += codec.frame(_D, b"S" + global_name + b"\x00")
+                        self._expect(K_DESC_S, FWD)
+                    else:
+                        self._expect(K_DESC_S if what == ord("S") else K_DESC_P, FWD)
                 pos = end
                 continue
             if t == _S:
@@ -570,14 +728,13 @@ class Link:
             self._sremaining -= take
             pos = take
         span = 0
-        special = _SERVER_SPECIAL
         while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_i32(data, pos + 1)
             if length < 4:  # before anything else: a negative length would loop or walk back
                 raise ServerProtocolError(f"invalid length {length} in {chr(t)!r} from server")
             end = pos + 1 + length
-            if not self._slow and t not in special:
+            if t in self._pass:
                 if end > n:
                     self._sremaining = end - n
                     pos = n
@@ -614,12 +771,17 @@ class Link:
             if head.txn_control:
                 self.unsure -= 1
             self.status = data[pos + 5]
-            nxt = self.pending[0] if self.pending else None
-            self._slow = nxt is not None and (nxt.drop > 0 or nxt.await_first)
+            self._update_pass()
+            # Replies the proxy owes itself (CloseComplete for a client's Close just before
+            # the Sync): their turn has come.
+            owed = b"".join(e[2] for e in head.expect  # type: ignore[misc]
+                            if e[1] == SYNTH) if head.expect else b""
             if head.hide_z:  # our own request's answer; the client's goes on
                 if head.failed and head.split:
                     self.skip_to_sync = True  # the rest of the client's batch must not run
-                return None
+                return owed or None
+            if owed:
+                return owed + bytes(frame)
             if head.await_first and head.drop == 0:
                 return codec.empty_query_response() + bytes(frame)
             return frame
@@ -629,13 +791,20 @@ class Link:
                 return None
             if head is not None:
                 head.failed = True
-                if head.drop and not head.shift:
-                    # The extended injection failed: its statement may be gone (a client's
-                    # DEALLOCATE, a failed Parse). Close and re-Parse it next time.
-                    self.ctx_state = CTX_UNKNOWN
+                if head.expect is not None:
+                    # Postgres now skips the batch up to its Sync: what was not answered yet
+                    # never ran. Statements whose Parse was skipped or failed do not exist.
+                    for kind, action, data_ in head.expect:
+                        if kind == K_PARSE and isinstance(data_, bytes) and action != SYNTH:
+                            self.prepared.pop(data_, None)
+                    if any(action == DROP for _, action, _ in head.expect):
+                        # The injection failed or was skipped: its statement may be gone (a
+                        # client's DEALLOCATE, a failed Parse). Close and re-Parse next time.
+                        self.ctx_state = CTX_UNKNOWN
+                    head.expect.clear()
                 head.drop = 0
                 head.await_first = False
-                self._slow = False
+                self._update_pass()
                 if head.shift:
                     return self._shift_error(bytes(frame[5:]), head.shift)
             return frame
@@ -644,16 +813,40 @@ class Link:
             return None if name in HIDDEN_PARAMETERS else frame
         # Slow path for ordinary frames: the head segment is dropping or awaiting a reply.
         assert head is not None
+        if head.expect is not None:
+            return self._expected(head.expect, t, frame)
         if head.drop:
             if t in _SERVER_ASYNC:
                 return frame if t == _A else None
             head.drop -= 1
-            self._slow = head.drop > 0 or head.await_first
+            self._update_pass()
             return None
         if t not in _SERVER_ASYNC:
             head.await_first = False
-            self._slow = False
+            self._update_pass()
         return frame
+
+    def _expected(self, expect: deque[list[object]], t: int,
+                  frame: memoryview) -> bytes | memoryview | None:
+        """One reply of an extended segment, matched against the request it answers."""
+        entry = expect[0] if expect else None
+        if entry is None:  # nothing owed (a Flush-less oddity): the client's, then
+            return frame
+        forward = entry[1] == FWD
+        if t in _SERVER_ASYNC:
+            return frame if forward or t == _A else None
+        kind = entry[0]
+        assert isinstance(kind, int)
+        if t not in _TERMINAL_OF[kind]:
+            return frame if forward else None
+        expect.popleft()
+        owed = []
+        while expect and expect[0][1] == SYNTH:
+            owed.append(expect.popleft()[2])
+        self._update_pass()
+        if owed:
+            return (bytes(frame) if forward else b"") + b"".join(owed)  # type: ignore[arg-type]
+        return frame if forward else None
 
     @staticmethod
     def _is_fatal(frame: memoryview) -> bool:

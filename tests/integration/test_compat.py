@@ -1,9 +1,9 @@
 """Drop-in compatibility (issue #4): real clients using COPY, cancel, notices, flow control,
 server-side cursors and SQLAlchemy 2 through a real pgtenant, in transaction mode.
 
-Until issue #4 lands, clients run with asyncpg ``statement_cache_size=0`` and psycopg
-``prepare_threshold=None``; the tests at the end document, as strict xfails, what does not
-work yet (named prepared statements across transactions, startup parameters, plain SET).
+Most tests run asyncpg with ``statement_cache_size=0`` and psycopg with
+``prepare_threshold=None`` to test one thing at a time; the tests at the end run them with
+their default statement caches, whose named statements pgtenant renames to global ones.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from proxy.protocol import codec
 
 from .conftest import ProxyProcess
 
-_ISSUE4_PREPARED = "issue #4: named prepared statements across transactions"
 _K = ord("K")
 _Z = ord("Z")
 
@@ -796,8 +795,6 @@ async def test_sqlalchemy_async_engine_reuses_pooled_servers(proxy: ProxyProcess
 
 
 
-@pytest.mark.xfail(strict=True, reason=_ISSUE4_PREPARED,
-                   raises=asyncpg.InvalidSQLStatementNameError)
 async def test_asyncpg_statement_cache_across_transactions(start_proxy) -> None:
     proxy = start_proxy(pool_size=2)
     conn = await asyncpg.connect(proxy.dsn("acme"))  # default statement cache
@@ -810,7 +807,6 @@ async def test_asyncpg_statement_cache_across_transactions(start_proxy) -> None:
         await conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=_ISSUE4_PREPARED, raises=AssertionError)
 def test_pgbench_prepared_mode(proxy: ProxyProcess, tmp_path: Path) -> None:
     exe = _tool("pgbench")
     if exe is None:
@@ -829,8 +825,6 @@ def test_pgbench_prepared_mode(proxy: ProxyProcess, tmp_path: Path) -> None:
     assert "number of transactions actually processed: 80/80" in out.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=_ISSUE4_PREPARED,
-                   raises=psycopg.errors.InvalidSqlStatementName)
 def test_psycopg_prepare_threshold_zero(proxy: ProxyProcess) -> None:
     with psycopg.connect(**proxy.conninfo("acme"), prepare_threshold=0) as conn:
         for _ in range(2):
@@ -838,3 +832,36 @@ def test_psycopg_prepare_threshold_zero(proxy: ProxyProcess) -> None:
                 len(_campaigns(proxy, "acme")),)
             conn.commit()
 
+
+
+async def test_tenants_sharing_a_prepared_statement_each_see_only_their_rows(
+    start_proxy,
+) -> None:
+    """One server, two SME tenants, asyncpg's default statement cache: the same text is one
+    global statement on that server, and RLS still filters per tenant at every execution."""
+    proxy = start_proxy(pool_size=1)
+    sql = "SELECT name FROM campaigns ORDER BY name"
+    conns = {slug: await asyncpg.connect(proxy.dsn(slug)) for slug in ("acme", "initech")}
+    try:
+        for _ in range(3):
+            for slug, conn in conns.items():
+                rows = [r["name"] for r in await conn.fetch(sql)]
+                assert rows == _campaigns(proxy, slug), slug
+        pids = {await c.fetchval("SELECT pg_backend_pid()") for c in conns.values()}
+        assert len(pids) == 1  # really one backend, reused, not retired
+    finally:
+        for conn in conns.values():
+            await conn.close()
+
+
+async def test_schema_per_tenant_prepared_statements_are_not_shared(start_proxy) -> None:
+    """Same text, different search_path: different global statements (no shared plans)."""
+    proxy = start_proxy(pool_size=1)
+    for _ in range(2):
+        for slug in ("globex", "hooli"):
+            conn = await asyncpg.connect(proxy.dsn(slug))
+            try:
+                rows = [r["name"] for r in await conn.fetch("SELECT name FROM projects")]
+                assert rows and all(r.startswith(f"{slug}: ") for r in rows), rows
+            finally:
+                await conn.close()

@@ -303,10 +303,13 @@ def test_session_state_marks_the_link_dirty_until_the_next_attach() -> None:
     assert not link.session_dirty
 
 
-def test_named_parse_marks_the_link_dirty() -> None:
+def test_named_parse_is_renamed_to_a_global_statement_not_left_dirty() -> None:
     link = make_link()
-    start(link, codec.parse("s1", "SELECT 1") + codec.sync())
-    assert link.session_dirty
+    out = start(link, codec.parse("s1", "SELECT 1") + codec.sync())
+    global_name = link._client_stmts[b"s1"][0]
+    assert global_name.startswith(b"__pgtenant_p")
+    assert out.endswith(codec.parse(global_name.decode(), "SELECT 1") + codec.sync())
+    assert not link.session_dirty and global_name in link.prepared
 
 
 def guarded_link() -> Link:
@@ -327,7 +330,9 @@ def test_refused_parse_keeps_name_and_parameters() -> None:
     link = guarded_link()
     parse = codec.parse("s", "SELECT set_config('ROLE', $1, $2)", (25,))
     to_server = start(link, parse + codec.sync(), ctx_state=CTX_READY)
-    expected = codec.parse("s", "CALL pgtenant.refuse('pgtenant: no', $1::text, $2::text)", (25,))
+    refusal = "CALL pgtenant.refuse('pgtenant: no', $1::text, $2::text)"
+    global_name = link._client_stmts[b"s"][0].decode()
+    expected = codec.parse(global_name, refusal, (25,))
     assert to_server == (CLOSE_UNNAMED_STATEMENT + link.injection.ext_bind + EXECUTE_UNNAMED
                          + CLOSE_UNNAMED_PORTAL + expected + codec.sync())
 
@@ -442,3 +447,66 @@ def test_extended_copy_from_stdin_answers_both_syncs_with_one_ready_for_query() 
     assert outcome == IDLE and len(link.pending) == 1
     assert server_sends(link, cc("COPY 1") + Z_I) == cc("COPY 1") + Z_I
     assert link.can_release
+
+
+# ------------------------------------------------------------------------------ prepared
+
+
+INJ_READY = CLOSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+
+
+def test_statement_already_on_the_server_gets_a_synthetic_parse_complete_in_order() -> None:
+    link = make_link()
+    first = start(link, codec.parse("q", "SELECT 1") + codec.sync(), ctx_state=CTX_READY)
+    global_name = link._client_stmts[b"q"][0]
+    assert codec.parse(global_name.decode(), "SELECT 1") in first
+    server_sends(link, INJ_READY + PARSE_COMPLETE + Z_I)
+    prepared = link.prepared
+    link.detach()
+    # Same client (or any client with the same text and search_path), same server: no Parse.
+    batch = (codec.parse("q", "SELECT 1") + codec.bind("", "q", []) + codec.execute("", 0)
+             + codec.sync())
+    client_sends(link, batch)
+    link.attach(CTX_READY, prepared)
+    out, _, _ = link.pump_client()
+    assert codec.parse(global_name.decode(), "SELECT 1") not in out
+    assert codec.bind("", global_name.decode(), []) in out
+    seen = server_sends(link, INJ_READY + BIND_COMPLETE + ROW + cc("SELECT 1") + Z_I)
+    assert seen == PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + Z_I
+
+
+def test_statement_missing_on_this_server_is_prepared_again_quietly() -> None:
+    link = make_link()
+    start(link, codec.parse("q", "SELECT 2") + codec.sync(), ctx_state=CTX_READY)
+    server_sends(link, INJ_READY + PARSE_COMPLETE + Z_I)
+    link.detach()
+    client_sends(link, codec.bind("", "q", []) + codec.execute("", 0) + codec.sync())
+    link.attach(CTX_READY)  # another server: nothing prepared there
+    out, _, _ = link.pump_client()
+    global_name = link._client_stmts[b"q"][0].decode()
+    assert (codec.parse(global_name, "SELECT 2") + codec.bind("", global_name, [])) in out
+    seen = server_sends(link, INJ_READY + PARSE_COMPLETE + BIND_COMPLETE + ROW
+                        + cc("SELECT 1") + Z_I)
+    assert seen == BIND_COMPLETE + ROW + cc("SELECT 1") + Z_I  # the quiet Parse is dropped
+
+
+def test_close_of_a_named_statement_is_answered_by_the_proxy() -> None:
+    link = make_link()
+    start(link, codec.parse("q", "SELECT 3") + codec.sync(), ctx_state=CTX_READY)
+    server_sends(link, INJ_READY + PARSE_COMPLETE + Z_I)
+    out, reply, _ = client_sends(link, codec.frame(ord("C"), b"Sq\x00") + codec.sync())
+    assert b"Sq\x00" not in out and reply == b""
+    assert server_sends(link, INJ_READY + Z_I) == CLOSE_COMPLETE + Z_I
+    assert b"q" not in link._client_stmts
+
+
+def test_least_recently_used_statements_are_closed_beyond_the_limit() -> None:
+    link = make_link()
+    link.max_prepared = 1
+    out = start(link, codec.parse("a", "SELECT 4") + codec.parse("b", "SELECT 5")
+                + codec.sync(), ctx_state=CTX_READY)
+    first = link._client_stmts[b"a"][0]
+    assert codec.frame(ord("C"), b"S" + first + b"\x00") in out
+    assert list(link.prepared) == [link._client_stmts[b"b"][0]]
+    seen = server_sends(link, INJ_READY + PARSE_COMPLETE + PARSE_COMPLETE + CLOSE_COMPLETE + Z_I)
+    assert seen == PARSE_COMPLETE * 2 + Z_I  # the eviction's CloseComplete is not the client's
