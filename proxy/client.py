@@ -82,6 +82,7 @@ class ClientConnection(asyncio.Protocol):
         self.user = ""
         self.database = ""
         self.startup_params: dict[str, str] = {}
+        self.settings: tuple[tuple[str, str], ...] = ()
         self.context: TenantContext | None = None
         self.link: Link | None = None
         self.pool: Pool | None = None
@@ -227,6 +228,7 @@ class ClientConnection(asyncio.Protocol):
                 hint=f"configured databases: {', '.join(sorted(self.app.pools))}",
             )
         self.pool = pool
+        self.settings = self._startup_settings(params)
         if not cleartext_token_allowed(
             encrypted=self.tls, loopback=self._on_loopback(),
             allow_plaintext_remote=self.app.config.allow_plaintext_remote,
@@ -241,6 +243,35 @@ class ClientConnection(asyncio.Protocol):
             )
         self.state = ClientState.PASSWORD
         self._write(codec.auth_request(AUTH_CLEARTEXT))
+
+    def _startup_settings(self, params: dict[str, str]) -> tuple[tuple[str, str], ...]:
+        """The settings a client asked for at startup, to re-apply with every transaction.
+
+        Returns: (name, value) pairs, `options` ``-c name=value`` included.
+        Raises: AuthRefused (42501) for settings pgtenant owns (role, search_path, app.*);
+        UnsupportedProtocol for a client_encoding other than UTF8 or
+        standard_conforming_strings off (the statement guard lexes like Postgres only then).
+        """
+        pairs = [(k, v) for k, v in params.items()
+                 if k not in ("user", "database", "replication", "options")]
+        pairs += _parse_options(params.get("options", ""))
+        settings = []
+        for name, value in pairs:
+            lname = name.lower()
+            if self.app.guard.is_protected(lname):
+                raise AuthRefused(f"startup parameter {name!r} is set by pgtenant for every "
+                                  "transaction and cannot be chosen by the client")
+            if lname == "client_encoding":
+                if "".join(ch for ch in value.lower() if ch.isalnum()) not in ("utf8", "unicode"):
+                    raise UnsupportedProtocol(
+                        f"client_encoding {value!r} is not supported: pgtenant speaks UTF8 "
+                        "to clients", hint="connect with client_encoding=UTF8")
+                continue  # the servers speak UTF8 already
+            if lname == "standard_conforming_strings" and value.lower() not in (
+                    "on", "true", "yes", "1"):
+                raise UnsupportedProtocol("standard_conforming_strings must be on")
+            settings.append((name, value))
+        return tuple(settings)
 
     def _on_loopback(self) -> bool:
         return self.peer_host == "unix" or is_loopback(self.peer_host)
@@ -342,7 +373,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state is ClientState.CLOSED:
             return
         assert self.pool is not None
-        self.link = Link(Injection(self.context, self.pool.signing_key),
+        self.link = Link(Injection(self.context, self.pool.signing_key, self.settings),
                          self.app.config.max_message_size,
                          guard=self.app.guard.check,
                          outside_txn=self._outside_transaction_check(tenant_type),
@@ -350,12 +381,14 @@ class ClientConnection(asyncio.Protocol):
         pid, secret = self.app.register_cancel_key(self)
         self.cancel_key = (pid, secret)
         out = [codec.auth_request(AUTH_OK)]
+        # What Postgres would report: the server's values, overridden by the client's own.
+        chosen = {name.lower(): value for name, value in self.settings}
         for name in _REPORTED:
-            if name in params:
+            if name.lower() in chosen:
+                out.append(codec.parameter_status(name, chosen[name.lower()]))
+            elif name in params:
                 out.append(codec.parameter_status(name, params[name]))
-        out.append(codec.parameter_status(
-            "application_name", self.startup_params.get("application_name", "")
-        ))
+        out.append(codec.parameter_status("application_name", chosen.get("application_name", "")))
         out.append(codec.parameter_status("is_superuser", "off"))
         out.append(codec.parameter_status("session_authorization", self.user))
         out.append(codec.backend_key_data(pid, secret))
@@ -619,3 +652,43 @@ class ClientConnection(asyncio.Protocol):
                 and not self.transport.is_closing()):
             self.transport.resume_reading()
 
+
+def _parse_options(options: str) -> list[tuple[str, str]]:
+    """Returns: the ``-c name=value`` / ``--name=value`` settings of a libpq ``options`` string
+    (space separated, backslash escapes a space), as Postgres's pg_split_opts reads it.
+    """
+    tokens: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for ch in options:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch.isspace():
+            if current:
+                tokens.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+    if current:
+        tokens.append("".join(current))
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token == "-c" and i + 1 < len(tokens):
+            token, i = tokens[i + 1], i + 1
+        elif token.startswith("-c"):
+            token = token[2:]
+        elif token.startswith("--"):
+            token = token[2:]
+        else:
+            raise ClientProtocolError(f"unsupported option {token!r} in startup options")
+        name, sep, value = token.partition("=")
+        if not sep:
+            raise ClientProtocolError(f"startup option {token!r} has no value")
+        pairs.append((name.replace("-", "_"), value))
+        i += 1
+    return pairs

@@ -15,6 +15,7 @@ exactly ``SET LOCAL``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 from ..identity.context import TenantContext, context_signature, quote_literal
@@ -42,11 +43,18 @@ CTX_STATEMENT: Final = "__pgtenant_ctx"
 # Names in injection order, shared by both forms. app.tenant_sig is '' when signing is off.
 CTX_NAMES: Final = ("app.tenant_id", "app.tenant_type", "app.entity_id", "app.tenant_sig",
                     "search_path", "role")
-CTX_SQL: Final = "SELECT " + ", ".join(
-    f"pg_catalog.set_config('{name}', ${i}, true)" for i, name in enumerate(CTX_NAMES, 1)
+# The client's own settings (startup parameters, plain SETs it made: see Link) travel as two
+# parallel text arrays, applied after the app.* values and before search_path and role.
+CTX_SQL: Final = (
+    "SELECT " + ", ".join(
+        f"pg_catalog.set_config('{name}', ${i}, true)" for i, name in enumerate(CTX_NAMES[:4], 1)
+    ) + ", (SELECT pg_catalog.count(pg_catalog.set_config(s.n, s.v, true)) "
+    "FROM ROWS FROM (pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[])) AS s(n, v)), "
+    "pg_catalog.set_config('search_path', $7, true), pg_catalog.set_config('role', $8, true)"
 )
+_CTX_PARAMS: Final = 8
 _TEXT_OID: Final = 25
-CTX_PARSE: Final = codec.parse(CTX_STATEMENT, CTX_SQL, (_TEXT_OID,) * len(CTX_NAMES))
+CTX_PARSE: Final = codec.parse(CTX_STATEMENT, CTX_SQL, (_TEXT_OID,) * _CTX_PARAMS)
 # Close of a statement that does not exist is not an error, so Close+Parse re-establishes
 # the statement when we cannot be sure it survived (DEALLOCATE ALL, DISCARD ALL, errors).
 CTX_CLOSE: Final = codec.frame(ord("C"), b"S" + CTX_STATEMENT.encode() + b"\x00")
@@ -74,25 +82,48 @@ class Injection:
         signature: ``app.tenant_sig`` ('' when the database has no signing key).
     """
 
-    __slots__ = ("context", "ext_bind", "q_prefix", "q_session", "q_shift", "signature")
+    __slots__ = ("_signing_key", "context", "ext_bind", "q_prefix", "q_session", "q_shift",
+                 "settings", "signature")
 
-    def __init__(self, context: TenantContext, signing_key: bytes | None = None):
+    def __init__(self, context: TenantContext, signing_key: bytes | None = None,
+                 settings: tuple[tuple[str, str], ...] = ()):
         self.context = context
+        self.settings = settings  # the client's own (name, value) settings, applied each time
+        self._signing_key = signing_key
         tenant_id, tenant_type, entity_id = (v for _, v in context.gucs)
         self.signature = (
             context_signature(signing_key, tenant_id, tenant_type, entity_id)
             if signing_key else ""
         )
-        values = [tenant_id, tenant_type, entity_id, self.signature,
-                  context.search_path_value, context.role]
-        calls = ", ".join(
-            f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, true)"
-            for name, value in zip(CTX_NAMES, values, strict=True)
-        )
-        prefix = f"SELECT {calls};"
-        self.q_prefix: bytes = prefix.encode("ascii")
+        pairs = [*zip(CTX_NAMES[:4], (tenant_id, tenant_type, entity_id, self.signature),
+                      strict=True),
+                 *settings,
+                 ("search_path", context.search_path_value), ("role", context.role)]
+        prefix = _select_set_config(pairs, is_local=True)
+        self.q_prefix: bytes = prefix.encode()
         # The same context for the whole session, for a statement allowed to run outside a
         # transaction block; that server is retired afterwards.
-        self.q_session: bytes = prefix.replace(", true)", ", false)").encode("ascii")
-        self.q_shift: int = len(prefix)
+        self.q_session: bytes = _select_set_config(pairs, is_local=False).encode()
+        self.q_shift: int = len(prefix)  # characters: error positions count characters
+        values = [tenant_id, tenant_type, entity_id, self.signature,
+                  _text_array(n for n, _ in settings), _text_array(v for _, v in settings),
+                  context.search_path_value, context.role]
         self.ext_bind: bytes = codec.bind("", CTX_STATEMENT, [v.encode() for v in values])
+
+    def with_settings(self, settings: tuple[tuple[str, str], ...]) -> Injection:
+        """Returns: the same context with the client's settings replaced by ``settings``."""
+        return Injection(self.context, self._signing_key, settings)
+
+
+def _select_set_config(pairs: list[tuple[str, str]], *, is_local: bool) -> str:
+    flag = "true" if is_local else "false"
+    return "SELECT " + ", ".join(
+        f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, {flag})"
+        for name, value in pairs
+    ) + ";"
+
+
+def _text_array(items: Iterable[str]) -> str:
+    """Returns: a text[] literal ('{"a","b"}') with every element quoted."""
+    quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
+    return "{" + ",".join(quoted) + "}"

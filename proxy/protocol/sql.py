@@ -16,7 +16,9 @@ from typing import Any, Final
 
 from pglast.parser import ParseError, parse_sql_json
 
-__all__ = ["DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "TXN_END", "classify"]
+__all__ = [
+    "DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "TXN_END", "classify", "plain_sets",
+]
 
 TXN_CONTROL: Final = 1  # may move the transaction status between I and T/E
 DROPS_STATEMENTS: Final = 2  # may deallocate prepared statements (ours included)
@@ -118,3 +120,41 @@ def _session_func(call: dict[str, Any]) -> bool:
         return not (isinstance(is_local, dict)
                     and is_local.get("A_Const", {}).get("boolval", {}).get("boolval") is True)
     return False
+
+
+def plain_sets(sql: bytes) -> tuple[tuple[str, str | None], ...] | None:
+    """The session settings a text makes, when it is a single plain ``SET``/``RESET``.
+
+    Returns: ((name, value), ...) with value None for RESET/DEFAULT, or None when the text
+    is anything else (or a value the proxy cannot replay, such as SET TIME ZONE INTERVAL).
+    """
+    if b"set" not in sql.lower():
+        return None
+    try:
+        tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
+    except (ParseError, ValueError, RecursionError):
+        return None
+    stmts = tree.get("stmts", [])
+    if len(stmts) != 1:
+        return None
+    stmt = stmts[0].get("stmt", {}).get("VariableSetStmt")
+    if stmt is None or stmt.get("is_local") or not stmt.get("name"):
+        return None
+    name, kind = str(stmt["name"]), stmt.get("kind")
+    if kind in ("VAR_RESET", "VAR_SET_DEFAULT"):
+        return ((name, None),)
+    if kind != "VAR_SET_VALUE":
+        return None
+    values = []
+    for arg in stmt.get("args", []):
+        const = arg.get("A_Const") if isinstance(arg, dict) else None
+        if const is None:
+            return None
+        for key in ("sval", "ival", "fval", "boolval"):
+            if key in const:
+                values.append(str(const[key].get(key, "")).lower() if key == "boolval"
+                              else str(const[key].get(key, 0 if key == "ival" else "")))
+                break
+        else:
+            return None
+    return ((name, ", ".join(values)),)

@@ -53,7 +53,7 @@ from .inject import (
     Q_DROP,
     Injection,
 )
-from .sql import DROPS_STATEMENTS, SESSION_STATE, TXN_CONTROL, TXN_END, classify
+from .sql import DROPS_STATEMENTS, SESSION_STATE, TXN_CONTROL, TXN_END, classify, plain_sets
 
 __all__ = [
     "CTX_NONE",
@@ -97,6 +97,7 @@ _N = ord("N")
 _A = ord("A")
 _C = ord("C")
 _I = ord("I")
+_E_STATUS = ord("E")
 _CLIENT_COPY = frozenset(b"dcf")  # CopyData/CopyDone/CopyFail: part of the running segment
 _CLIENT_EXTENDED = frozenset(b"PBDECH")
 _CLIENT_TYPES = frozenset(b"QPBDECHSXFdcf")  # what a logged-in client may send
@@ -136,6 +137,7 @@ _FUNCTION_CALL_REFUSAL: Final = (
 )
 _PARAM_REF = re.compile(rb"\$([0-9]+)")
 _SYNC: Final = codec.sync()
+_ROLLBACK: Final = re.compile(rb"(?i)\b(rollback|abort)\b")
 _STMT_PREFIX: Final = b"__pgtenant_p"
 _RESERVED_PREFIX: Final = b"__pgtenant"
 # A statement or portal name we never saw parsed/bound is one made by SQL (PREPARE, DECLARE):
@@ -180,8 +182,8 @@ def _refused_parse(message: str, sql: bytes, param_types: bytes) -> tuple[bytes,
 class Segment:
     """One request the server will close with one ReadyForQuery."""
 
-    __slots__ = ("await_first", "drop", "expect", "extended", "failed", "hide_z", "shift",
-                 "split", "synced", "txn_control")
+    __slots__ = ("await_first", "drop", "expect", "extended", "failed", "hide_z", "rollback",
+                 "sets", "shift", "split", "synced", "txn_control")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
@@ -193,6 +195,8 @@ class Segment:
         self.split = False  # the first part of a client batch cut at a transaction end
         self.extended = False  # opened by an extended-protocol message
         self.synced = False  # an extended segment whose Sync was sent
+        self.sets: tuple[tuple[str, str | None], ...] = ()  # plain SETs it makes (replayed)
+        self.rollback = False  # its text may roll the transaction back
         # Extended segments: [kind, action, data] per request, in reply order (data: the
         # global statement name of a Parse, or the bytes of a SYNTH reply).
         self.expect: deque[list[object]] | None = None
@@ -217,6 +221,11 @@ class Link:
         self._client_stmts: dict[bytes, tuple[bytes, bytes, bytes]] = {}  # name->(G, sql, types)
         self._global_names: dict[tuple[bytes, bytes], bytes] = {}
         self._pass: frozenset[int] = _PASS_ALL
+        # The client's own settings (startup parameters, plain SETs): re-applied with every
+        # transaction's context; the servers' reports of them are the proxy's business.
+        self.managed = {name.lower() for name, _ in injection.settings}
+        self._txn_sets: list[tuple[str, str | None]] = []  # SETs inside an open block
+        self._txn_rolled_back = False
         self.guard = guard  # statement policy: None to allow, else the refusal message
         # Whether a refused statement may run outside a transaction block for this tenant.
         self.outside_txn = outside_txn
@@ -398,6 +407,12 @@ class Link:
 
     def _note_sql(self, seg: Segment | None, sql: bytes) -> int:
         flags = classify(sql)
+        if seg is not None and flags & SESSION_STATE:
+            sets = plain_sets(sql)
+            if sets:
+                seg.sets += sets
+        if seg is not None and flags & TXN_END and _ROLLBACK.search(sql):
+            seg.rollback = True
         if flags & TXN_CONTROL and seg is not None:
             self._mark_txn(seg)
         if flags & DROPS_STATEMENTS:
@@ -616,6 +631,8 @@ class Link:
                         self._expect(K_PARSE, FWD)
                     flags = self._note_sql(None, sql)
                     self._stmt_txn[name] = flags & (TXN_CONTROL | TXN_END)
+                    if flags & SESSION_STATE:  # replayed once its batch succeeds
+                        seg.sets += plain_sets(sql) or ()
                 elif t == _B:
                     portal, npos = codec.read_cstring(buf, pos + 5, limit=end)
                     stmt, rest = codec.read_cstring(buf, npos, limit=end)
@@ -771,6 +788,7 @@ class Link:
             if head.txn_control:
                 self.unsure -= 1
             self.status = data[pos + 5]
+            self._settle_settings(head)
             self._update_pass()
             # Replies the proxy owes itself (CloseComplete for a client's Close just before
             # the Sync): their turn has come.
@@ -810,7 +828,14 @@ class Link:
             return frame
         if t == _S:
             name, _ = codec.parse_parameter_status(bytes(frame[5:]))
-            return None if name in HIDDEN_PARAMETERS else frame
+            if name in HIDDEN_PARAMETERS:
+                return None
+            lname = name.lower()
+            if lname in self.managed and not (
+                head is not None and any(n.lower() == lname for n, _ in head.sets)
+            ):
+                return None  # the injected value coming or going: the client knows its own
+            return frame
         # Slow path for ordinary frames: the head segment is dropping or awaiting a reply.
         assert head is not None
         if head.expect is not None:
@@ -825,6 +850,27 @@ class Link:
             head.await_first = False
             self._update_pass()
         return frame
+
+    def _settle_settings(self, seg: Segment) -> None:
+        """At a ReadyForQuery: keep the plain SETs that took effect, as Postgres would."""
+        if seg.sets and not seg.failed:
+            self._txn_sets.extend(seg.sets)
+        if seg.rollback or self.status == _E_STATUS:
+            self._txn_rolled_back = True
+        if self.status != _I:
+            return
+        sets, rolled_back = self._txn_sets, self._txn_rolled_back
+        self._txn_sets, self._txn_rolled_back = [], False
+        if not sets or rolled_back:
+            return
+        current = {name.lower(): (name, value) for name, value in self.injection.settings}
+        for name, value in sets:
+            if value is None:
+                current.pop(name.lower(), None)
+            else:
+                current[name.lower()] = (name, value)
+        self.injection = self.injection.with_settings(tuple(current.values()))
+        self.managed = set(current)
 
     def _expected(self, expect: deque[list[object]], t: int,
                   frame: memoryview) -> bytes | memoryview | None:

@@ -287,7 +287,7 @@ def decode_bind(msg: bytes) -> tuple[str, str, list[int], list[bytes | None], li
 
 
 @pytest.mark.parametrize("entity_id", [None, ENTITY], ids=["no entity", "entity"])
-def test_ext_bind_decodes_to_six_text_params_in_documented_order(
+def test_ext_bind_decodes_to_eight_text_params_in_documented_order(
     entity_id: uuid.UUID | None,
 ) -> None:
     ctx = build_context(
@@ -302,23 +302,27 @@ def test_ext_bind_decodes_to_six_text_params_in_documented_order(
         b"sme",  # $2 app.tenant_type
         b"aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee" if entity_id else b"",  # $3 app.entity_id
         b"",  # $4 app.tenant_sig (no signing key)
-        b"t_acme, public",  # $5 search_path
-        b"t_acme",  # $6 role
+        b"{}",  # $5 the client's setting names
+        b"{}",  # $6 and values
+        b"t_acme, public",  # $7 search_path
+        b"t_acme",  # $8 role
     ]
 
 
 def test_context_statement_sets_the_parameters_in_bind_order() -> None:
-    names = ["app.tenant_id", "app.tenant_type", "app.entity_id", "app.tenant_sig",
-             "search_path", "role"]
+    names = {1: "app.tenant_id", 2: "app.tenant_type", 3: "app.entity_id",
+             4: "app.tenant_sig", 7: "search_path", 8: "role"}
     positions = [CTX_SQL.index(f"set_config('{name}', ${i}, true)") for i, name in
-                 enumerate(names, start=1)]
+                 names.items()]
+    positions.insert(4, CTX_SQL.index("set_config(s.n, s.v, true)"))  # $5/$6: settings
+    names = list(names.values())
     assert positions == sorted(positions)
     assert names[-1] == "role"  # the role switch comes last
 
 
 def test_context_parse_close_and_execute_bytes() -> None:
     sql = CTX_SQL.encode()
-    body = b"__pgtenant_ctx\x00" + sql + b"\x00" + b"\x00\x06" + b"\x00\x00\x00\x19" * 6
+    body = b"__pgtenant_ctx\x00" + sql + b"\x00" + b"\x00\x08" + b"\x00\x00\x00\x19" * 8
     assert body == CTX_PARSE[5:]
     assert CTX_PARSE[:5] == b"P" + struct.pack("!i", len(body) + 4)
     assert CTX_CLOSE == b"C\x00\x00\x00\x14S__pgtenant_ctx\x00"
@@ -337,3 +341,15 @@ def test_signed_injection_carries_the_hmac_of_the_context_in_both_forms() -> Non
     assert inj.signature == expected
     assert f"set_config('app.tenant_sig', '{expected}', true)".encode() in inj.q_prefix
     assert decode_bind(inj.ext_bind)[3][3] == expected.encode()
+
+
+def test_client_settings_travel_in_both_injection_forms() -> None:
+    ctx = build_context(identity(), tenant_type("tenant_sme"))
+    inj = Injection(ctx).with_settings((("TimeZone", "Asia/Tokyo"), ("application_name", 'a"b')))
+    assert (b"pg_catalog.set_config('TimeZone', 'Asia/Tokyo', true), "
+            b"pg_catalog.set_config('application_name', 'a\"b', true), "
+            b"pg_catalog.set_config('search_path', 'public', true)") in inj.q_prefix
+    assert inj.q_shift == len(inj.q_prefix.decode())
+    assert b", false)" in inj.q_session and b", true)" not in inj.q_session
+    values = decode_bind(inj.ext_bind)[3]
+    assert values[4:6] == [b'{"TimeZone","application_name"}', b'{"Asia/Tokyo","a\\"b"}']

@@ -1,0 +1,83 @@
+"""Startup parameters and plain SETs follow the client to whichever server it gets (issue #4),
+and never reach another tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import asyncpg
+import psycopg
+import pytest
+
+from .conftest import ProxyProcess
+
+SHOW = ("SELECT current_setting('TimeZone') AS tz, current_setting('DateStyle') AS ds, "
+        "current_setting('application_name') AS app, current_setting('statement_timeout') AS st,"
+        " current_setting('app.tenant_id') AS t, pg_backend_pid() AS pid")
+
+
+async def test_startup_parameters_hold_in_every_transaction_on_every_server(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    proxy = start_proxy(pool_size=2)
+    conn = await asyncpg.connect(proxy.dsn("acme"), server_settings={
+        "TimeZone": "Asia/Tokyo", "DateStyle": "SQL, DMY", "application_name": "tok-app"})
+    other = await asyncpg.connect(proxy.dsn("initech"))
+    try:
+        assert conn.get_settings().TimeZone == "Asia/Tokyo"  # reported at login, as Postgres
+        pids, other_pids = set(), set()
+        for _ in range(4):
+            async with conn.transaction():
+                row = await conn.fetchrow(SHOW)
+            assert (row["tz"], row["ds"], row["app"]) == ("Asia/Tokyo", "SQL, DMY", "tok-app")
+            pids.add(row["pid"])
+            mine = await other.fetchrow(SHOW)  # another tenant on the same servers
+            assert mine["tz"] != "Asia/Tokyo" and mine["app"] != "tok-app"
+            other_pids.add(mine["pid"])
+        assert pids & other_pids  # they really shared a server
+        assert conn.get_settings().TimeZone == "Asia/Tokyo"  # no report flipped it back
+    finally:
+        await conn.close()
+        await other.close()
+
+
+def test_options_settings_apply_and_protected_ones_are_refused(proxy: ProxyProcess) -> None:
+    info = proxy.conninfo("acme")
+    with psycopg.connect(**info, options="-c statement_timeout=1234 -c TimeZone=UTC") as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("1234ms",)
+        assert conn.execute("SHOW TimeZone").fetchone() == ("UTC",)
+    for options, word in (("-c role=t_hooli", "role"), ("-c search_path=t_hooli", "search_path"),
+                          ("-c app.tenant_id=x", "app.tenant_id")):
+        with pytest.raises(psycopg.OperationalError, match=word):
+            psycopg.connect(**info, options=options)
+    with pytest.raises(psycopg.OperationalError, match="client_encoding"):
+        psycopg.connect(**info, client_encoding="LATIN1")
+
+
+def test_plain_set_is_replayed_in_later_transactions_and_reset_undoes_it(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    proxy = start_proxy(pool_size=2)
+    with psycopg.connect(**proxy.conninfo("acme"), autocommit=True) as conn, \
+            psycopg.connect(**proxy.conninfo("initech"), autocommit=True) as other:
+        default_tz = other.execute("SHOW TimeZone").fetchone()[0]
+        conn.execute("SET TimeZone = 'Pacific/Auckland'")
+        assert conn.info.timezone.key == "Pacific/Auckland"  # its ParameterStatus arrived
+        conn.execute("SET statement_timeout = 4321")
+        for _ in range(3):
+            row = conn.execute("SELECT current_setting('TimeZone'), "
+                               "current_setting('statement_timeout')").fetchone()
+            assert row == ("Pacific/Auckland", "4321ms")
+            with conn.transaction():
+                assert conn.execute("SHOW TimeZone").fetchone() == ("Pacific/Auckland",)
+            assert other.execute("SHOW TimeZone").fetchone() == (default_tz,)  # not leaked
+        assert conn.info.timezone.key == "Pacific/Auckland"
+        # A SET rolled back with its transaction is forgotten, as in Postgres.
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            with conn.transaction():
+                conn.execute("SET TimeZone = 'Europe/Paris'")
+                conn.execute("SELECT 1/0")
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Pacific/Auckland",)
+        conn.execute("RESET TimeZone")
+        assert conn.execute("SHOW TimeZone").fetchone() == (default_tz,)
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("4321ms",)
