@@ -510,7 +510,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _maybe_release(self) -> None:
         link, server = self.link, self.server
-        if server is None or link is None or not link.can_release:
+        if server is None or link is None or not link.can_release or link.pinned:
             return
         dirty = link.session_dirty
         server.ctx_state = link.detach()
@@ -578,18 +578,19 @@ class ClientConnection(asyncio.Protocol):
         if server is None or link is None:
             return
         assert self.pool is not None
-        if link.can_release:
-            self._maybe_release()
-        elif link.session_dirty:
+        in_flight = bool(link.pending) or link.open_extended or link.held
+        if in_flight:
+            log.warning("%r left with requests in flight; closing its server", self)
+            self._drop_server(out_of_sync=True)  # and cancel what still runs there
+        elif link.session_dirty or link.pinned:  # its session state ends with the client
             self._drop_server(out_of_sync=False)
-        elif not link.pending and not link.open_extended and not link.held:
+        elif link.can_release:
+            self._maybe_release()
+        else:
             # Open transaction block, nothing in flight: roll it back, then reuse.
             self.server = None
             server.ctx_state = link.detach()
             self.pool.release_dirty(server)
-        else:
-            log.warning("%r left with requests in flight; closing its server", self)
-            self._drop_server(out_of_sync=True)
 
     def _fail(self, error: ProxyError, *, sqlstate: str | None = None) -> None:
         """Send ``error`` as a FATAL ErrorResponse and end this client only."""

@@ -29,6 +29,7 @@ _DYNAMIC_SQL_FUNCS: Final = frozenset({
     "cursor_to_xmlschema", "dblink", "dblink_exec", "dblink_open", "dblink_send_query",
 })
 # Server-side file access, even where privileges would allow it.
+_NOTIFY_FUNCS: Final = frozenset({"pg_notify"})
 _FILE_FUNCS: Final = frozenset({
     "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "lo_import",
     "lo_export",
@@ -48,6 +49,7 @@ _LEXER_SETTINGS: Final = frozenset({"client_encoding", "standard_conforming_stri
 _SUSPECT = re.compile(
     rb"(?i)u&|\b(set|reset|set_config|discard|load|alter|copy|vacuum|database|concurrently"
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
+    rb"|listen|notify|pg_notify"
     rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export)\b"
 )
 # A transaction end inside a multi-statement text, or AND CHAIN, would leave the statements
@@ -194,6 +196,9 @@ class Guard:
         elif name in _DYNAMIC_SQL_FUNCS:
             raise Refusal(f"{name}() runs SQL text pgtenant cannot check; it is not allowed "
                           "in tenant sessions")
+        elif name in _NOTIFY_FUNCS:
+            raise Refusal("pg_notify() is not allowed in tenant sessions: notification "
+                          "channels are shared by every tenant of the database")
         elif name in _FILE_FUNCS:
             raise Refusal(f"{name}() reads or writes server files; it is not allowed in "
                           "tenant sessions")
@@ -285,6 +290,12 @@ _RULES: Final[dict[str, Any]] = {
     "ReindexStmt": Guard._reindex,
     "ClusterStmt": Guard._cluster,
     "DiscardStmt": _refuse("DISCARD is not allowed in tenant sessions"),
+    # Channels are database-wide: a listener would hear every tenant's payloads, and a
+    # notifier could speak into every tenant's channels.
+    "ListenStmt": _refuse("LISTEN is not allowed in tenant sessions: notification channels "
+                          "are shared by every tenant of the database"),
+    "NotifyStmt": _refuse("NOTIFY is not allowed in tenant sessions: notification channels "
+                          "are shared by every tenant of the database"),
     "LoadStmt": _refuse("LOAD is not allowed in tenant sessions"),
     "AlterSystemStmt": _refuse("ALTER SYSTEM is not allowed in tenant sessions"),
     # Per-role and per-database defaults would apply to every later session of the login role.

@@ -182,8 +182,8 @@ def _refused_parse(message: str, sql: bytes, param_types: bytes) -> tuple[bytes,
 class Segment:
     """One request the server will close with one ReadyForQuery."""
 
-    __slots__ = ("await_first", "drop", "expect", "extended", "failed", "hide_z", "rollback",
-                 "sets", "shift", "split", "synced", "txn_control")
+    __slots__ = ("await_first", "drop", "expect", "extended", "failed", "hide_z", "pins",
+                 "rollback", "sets", "shift", "split", "synced", "txn_control")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
@@ -197,6 +197,7 @@ class Segment:
         self.synced = False  # an extended segment whose Sync was sent
         self.sets: tuple[tuple[str, str | None], ...] = ()  # plain SETs it makes (replayed)
         self.rollback = False  # its text may roll the transaction back
+        self.pins = False  # it may create session state the client relies on (LISTEN...)
         # Extended segments: [kind, action, data] per request, in reply order (data: the
         # global statement name of a Parse, or the bytes of a SYNTH reply).
         self.expect: deque[list[object]] | None = None
@@ -240,6 +241,7 @@ class Link:
         self.ctx_state = CTX_NONE
         self.drops_statements = False  # a segment may have deallocated our statement
         self.session_dirty = False  # a segment may have left session state: close, not pool
+        self.pinned = False  # session state the client relies on: keep the server attached
         self._scrub_unnamed = False  # first extended injection of an attachment closes ""
         self.open_extended = False  # an extended batch was started and not yet synced
         self.held = False  # pump_client stopped with HOLD
@@ -272,6 +274,7 @@ class Link:
         self.ctx_state = ctx_state
         self.drops_statements = False
         self.session_dirty = False
+        self.pinned = False
         self._scrub_unnamed = True
         self._ended_in_batch = False
         self._sync_after_copy = False
@@ -422,6 +425,11 @@ class Link:
             self.session_dirty = True
         if flags & SESSION_STATE:
             self.session_dirty = True
+            if not plain_sets(sql) and seg is not None:
+                # LISTEN, WITH HOLD cursors, session advisory locks, SQL PREPARE, temp
+                # objects...: once it succeeded, the client keeps this server for the rest
+                # of its session, as session mode would (plain SETs are replayed instead).
+                seg.pins = True
         return flags
 
     def _mark_txn(self, seg: Segment) -> None:
@@ -633,6 +641,8 @@ class Link:
                     self._stmt_txn[name] = flags & (TXN_CONTROL | TXN_END)
                     if flags & SESSION_STATE:  # replayed once its batch succeeds
                         seg.sets += plain_sets(sql) or ()
+                        if name or not plain_sets(sql):  # see _note_sql
+                            seg.pins = True
                 elif t == _B:
                     portal, npos = codec.read_cstring(buf, pos + 5, limit=end)
                     stmt, rest = codec.read_cstring(buf, npos, limit=end)
@@ -852,7 +862,10 @@ class Link:
         return frame
 
     def _settle_settings(self, seg: Segment) -> None:
-        """At a ReadyForQuery: keep the plain SETs that took effect, as Postgres would."""
+        """At a ReadyForQuery: keep the plain SETs that took effect, as Postgres would, and
+        pin the server when session state was made (a failed attempt pins nothing)."""
+        if seg.pins and not seg.failed:
+            self.pinned = True
         if seg.sets and not seg.failed:
             self._txn_sets.extend(seg.sets)
         if seg.rollback or self.status == _E_STATUS:

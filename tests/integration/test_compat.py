@@ -499,20 +499,16 @@ async def test_asyncpg_sees_its_own_notices_and_none_from_the_proxy(
         await conn.close()
 
 
-def test_listen_works_for_its_transaction_only_issue_4(proxy: ProxyProcess) -> None:
-    """LISTEN today (issue #4 will carry it): a NOTIFY to itself in the same transaction
-    arrives at COMMIT; then the server is closed, so NOTIFYs sent later never arrive."""
+def test_listen_and_notify_are_refused_with_a_clear_error(proxy: ProxyProcess) -> None:
+    """Channels are database-wide, shared by every tenant: refused (issue #4 lets each
+    feature either work or be refused clearly; this one would leak between tenants)."""
     channel = f"pgtenant_compat_{uuid.uuid4().hex[:8]}"
     with _psycopg(proxy, "acme", autocommit=True) as conn:
-        with conn.transaction():
-            conn.execute(f"LISTEN {channel}")
-            conn.execute(f"NOTIFY {channel}, 'self'")
-        got = [n.payload for n in conn.notifies(timeout=1.0, stop_after=1)]
-        assert got == ["self"]
-        with psycopg.connect(proxy.env.admin_dsn, autocommit=True) as admin:
-            admin.execute(f"NOTIFY {channel}, 'later'")
-        # Waits for a notification, reading the socket meanwhile: none comes.
-        assert list(conn.notifies(timeout=1.0)) == []
+        for sql in (f"LISTEN {channel}", f"NOTIFY {channel}, 'x'",
+                    f"SELECT pg_notify('{channel}', 'x')"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="shared by every"):
+                conn.execute(sql)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the session goes on
 
 
 # ------------------------------------------------------------------------------ flow control

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import asyncpg
@@ -42,7 +43,6 @@ async def run_then_next_tenant(proxy: ProxyProcess, sql: str) -> tuple[int, asyn
     "sql",
     [
         "SET statement_timeout = 1234",
-        "LISTEN tenant_news",
         "PREPARE mine AS SELECT 1",
         "BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT",
         "SELECT pg_advisory_lock(7)",
@@ -114,3 +114,38 @@ async def test_vacuum_is_refused_unless_the_tenant_type_allows_it(
                 await conn.execute("VACUUM campaigns")
     finally:
         await conn.close()
+
+
+async def test_session_state_pins_the_server_to_its_client_as_session_mode_would(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    proxy = start_proxy(pool_size=2)
+    conn = await connect(proxy, "acme")
+    other = await connect(proxy, "initech")
+    try:
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        await conn.execute("BEGIN; DECLARE c CURSOR WITH HOLD FOR "
+                           "SELECT name FROM campaigns ORDER BY name; COMMIT")
+        await conn.execute("PREPARE mine AS SELECT count(*) FROM campaigns")
+        assert await conn.fetchval("SELECT pg_try_advisory_lock(77)") is True
+        for _ in range(3):  # later transactions: same server, state still there
+            async with conn.transaction():
+                assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+                assert await conn.fetchval("EXECUTE mine") == len(
+                    proxy.env.tenants["acme"].rows["public.campaigns"])
+            assert await other.fetchval("SELECT pg_backend_pid()") != pid  # not shared
+        first = await conn.fetchrow("FETCH NEXT FROM c")
+        assert first["name"] == proxy.env.tenants["acme"].rows["public.campaigns"][0]
+        # The lock is the client's: another session cannot take it meanwhile.
+        assert await other.fetchval("SELECT pg_try_advisory_xact_lock(77)") is False
+    finally:
+        await conn.close()
+    try:
+        for _ in range(50):  # the pinned server went away with its client (and the lock)
+            if await other.fetchval("SELECT pg_try_advisory_xact_lock(77)"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the advisory lock outlived its client")
+    finally:
+        await other.close()
