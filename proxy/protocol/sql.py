@@ -17,7 +17,8 @@ from typing import Any, Final
 from pglast.parser import ParseError, parse_sql_json
 
 __all__ = [
-    "DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "TXN_END", "classify", "plain_sets",
+    "DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "TXN_END", "classify", "local_command",
+    "plain_sets",
 ]
 
 TXN_CONTROL: Final = 1  # may move the transaction status between I and T/E
@@ -158,3 +159,32 @@ def plain_sets(sql: bytes) -> tuple[tuple[str, str | None], ...] | None:
         else:
             return None
     return ((name, ", ".join(values)),)
+
+
+def local_command(sql: bytes) -> tuple[str, str | None] | None:
+    """Recognise the session commands the proxy answers itself.
+
+    Returns: ("deallocate", name), ("deallocate_all", None) or ("discard_all", None) when
+    the text is exactly one such statement; None otherwise.
+    """
+    if not _LOCAL_RE.search(sql):
+        return None
+    try:
+        tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
+    except (ParseError, ValueError, RecursionError):
+        return None
+    stmts = tree.get("stmts", [])
+    if len(stmts) != 1:
+        return None
+    stmt = stmts[0].get("stmt", {})
+    if "DeallocateStmt" in stmt:
+        dealloc = stmt["DeallocateStmt"]
+        if dealloc.get("isall"):
+            return ("deallocate_all", None)
+        return ("deallocate", str(dealloc.get("name", "")))
+    if stmt.get("DiscardStmt", {}).get("target") == "DISCARD_ALL":
+        return ("discard_all", None)
+    return None
+
+
+_LOCAL_RE = re.compile(rb"(?i)\b(deallocate|discard)\b")

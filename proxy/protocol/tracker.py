@@ -53,7 +53,15 @@ from .inject import (
     Q_DROP,
     Injection,
 )
-from .sql import DROPS_STATEMENTS, SESSION_STATE, TXN_CONTROL, TXN_END, classify, plain_sets
+from .sql import (
+    DROPS_STATEMENTS,
+    SESSION_STATE,
+    TXN_CONTROL,
+    TXN_END,
+    classify,
+    local_command,
+    plain_sets,
+)
 
 __all__ = [
     "CTX_NONE",
@@ -225,6 +233,7 @@ class Link:
         # The client's own settings (startup parameters, plain SETs): re-applied with every
         # transaction's context; the servers' reports of them are the proxy's business.
         self.managed = {name.lower() for name, _ in injection.settings}
+        self._startup_settings = injection.settings
         self._txn_sets: list[tuple[str, str | None]] = []  # SETs inside an open block
         self._txn_rolled_back = False
         self.guard = guard  # statement policy: None to allow, else the refusal message
@@ -253,7 +262,10 @@ class Link:
         self._sremaining = 0  # bytes of a large pass-through frame still to forward
         # Client session state that outlives servers.
         # TXN_CONTROL | TXN_END flags of the client's statements and portals, by name.
-        self._stmt_txn: dict[bytes, int] = {}
+        self._stmt_txn: dict[bytes, int] = {}  # all classify() flags, by statement name
+        self._stmt_sets: dict[bytes, tuple[tuple[str, str | None], ...]] = {}
+        # Global statements a DEALLOCATE on a pinned server may or may not have dropped.
+        self._stale: set[bytes] = set()
         self._portal_txn: dict[bytes, int] = {}
         self._ended_in_batch = False  # the open batch executed something that may end a txn
         # Postgres ignores a Sync that arrives during COPY FROM STDIN: the batch's own Sync,
@@ -267,6 +279,7 @@ class Link:
         """A server was attached; it is idle and clean (pool invariant)."""
         self.attached = True
         self.prepared = prepared if prepared is not None else OrderedDict()
+        self._stale = set()
         self._pass = _PASS_ALL
         self.pending.clear()
         self.status = _I
@@ -365,6 +378,10 @@ class Link:
     def _prepare(self, out: bytearray, name: bytes, sql: bytes, types: bytes,
                  action: int) -> None:
         """Parse global statement ``name`` on the attached server (evicting LRU-wise)."""
+        if name in self._stale:  # it may still exist: Close (never an error) before Parse
+            self._stale.discard(name)
+            out += codec.frame(_C, b"S" + name + b"\x00")
+            self._expect(K_CLOSE, DROP, None)
         out += codec.frame(_P, name + b"\x00" + sql + b"\x00" + types)
         self._expect(K_PARSE, action, name)
         self.prepared[name] = None
@@ -408,29 +425,37 @@ class Link:
         if len(self.pending) == 1:
             self._update_pass()
 
-    def _note_sql(self, seg: Segment | None, sql: bytes) -> int:
+    def _note_sql(self, seg: Segment, sql: bytes) -> int:
+        """A simple Query's text is about to run: note what it may do."""
         flags = classify(sql)
-        if seg is not None and flags & SESSION_STATE:
-            sets = plain_sets(sql)
-            if sets:
-                seg.sets += sets
-        if seg is not None and flags & TXN_END and _ROLLBACK.search(sql):
+        if flags & TXN_END and _ROLLBACK.search(sql):
             seg.rollback = True
-        if flags & TXN_CONTROL and seg is not None:
+        if flags & TXN_CONTROL:
             self._mark_txn(seg)
+        sets = plain_sets(sql) if flags & SESSION_STATE else None
+        self._session_effects(seg, flags, sets or ())
+        return flags
+
+    def _session_effects(self, seg: Segment, flags: int,
+                         sets: tuple[tuple[str, str | None], ...]) -> None:
+        """What running a statement with ``flags`` does to the server's session."""
         if flags & DROPS_STATEMENTS:
-            # DEALLOCATE ALL would also drop the proxy's global statements: which ones
-            # survive is guesswork, so the server is retired rather than trusted.
+            # DEALLOCATE [ALL] may drop the proxy's statements too: which ones survive is
+            # guesswork. Shared servers are retired; a pinned one re-establishes them (Close
+            # first) before their next use.
             self.drops_statements = True
             self.session_dirty = True
+            self.ctx_state = CTX_UNKNOWN
+            self._stale.update(self.prepared)
+            self.prepared.clear()
         if flags & SESSION_STATE:
             self.session_dirty = True
-            if not plain_sets(sql) and seg is not None:
+            seg.sets += sets
+            if not sets:
                 # LISTEN, WITH HOLD cursors, session advisory locks, SQL PREPARE, temp
                 # objects...: once it succeeded, the client keeps this server for the rest
                 # of its session, as session mode would (plain SETs are replayed instead).
                 seg.pins = True
-        return flags
 
     def _mark_txn(self, seg: Segment) -> None:
         if not seg.txn_control:
@@ -495,6 +520,18 @@ class Link:
                     self._sync_after_copy = last.extended and last.synced
                 pos = end
                 continue
+            if t == _Q and not self.open_extended and not self.pinned:
+                answer = self._answer_locally(bytes(buf[pos + 5 : end - 1]))
+                if answer is not None:
+                    if self.pending:  # in order: after the replies still owed
+                        outcome = HOLD
+                        self.held = True
+                        break
+                    if not self.attached or self.status == _I:
+                        out += buf[span:pos]
+                        span = pos = end
+                        reply += answer
+                        continue
             if (t == _Q or t == _F) and not self.open_extended:
                 if not self.attached:
                     outcome = NEED_SERVER
@@ -637,17 +674,19 @@ class Link:
                             span = end
                             out += codec.frame(_P, b"\x00" + text + b"\x00" + types)
                         self._expect(K_PARSE, FWD)
-                    flags = self._note_sql(None, sql)
-                    self._stmt_txn[name] = flags & (TXN_CONTROL | TXN_END)
-                    if flags & SESSION_STATE:  # replayed once its batch succeeds
-                        seg.sets += plain_sets(sql) or ()
-                        if name or not plain_sets(sql):  # see _note_sql
-                            seg.pins = True
+                    # What the statement does is noted now and applied at each Bind: a named
+                    # statement may run again in later transactions, on other servers.
+                    flags = classify(sql)
+                    sets = plain_sets(sql) if flags & SESSION_STATE else None
+                    self._stmt_txn[name] = flags
+                    self._stmt_sets[name] = sets or ()
                 elif t == _B:
                     portal, npos = codec.read_cstring(buf, pos + 5, limit=end)
                     stmt, rest = codec.read_cstring(buf, npos, limit=end)
                     _check_statement_name(stmt)
-                    self._portal_txn[portal] = self._stmt_txn.get(stmt, _UNKNOWN_TXN)
+                    flags = self._stmt_txn.get(stmt, _UNKNOWN_TXN)
+                    self._portal_txn[portal] = flags & (TXN_CONTROL | TXN_END)
+                    self._session_effects(seg, flags, self._stmt_sets.get(stmt, ()))
                     mapped = self._client_stmts.get(stmt) if stmt else None
                     if mapped is not None:
                         out += buf[span:pos]
@@ -676,6 +715,7 @@ class Link:
                         # the server for others. Postgres answers CloseComplete even for a
                         # name that does not exist, and so do we.
                         self._stmt_txn.pop(name, None)
+                        self._stmt_sets.pop(name, None)
                         self._client_stmts.pop(name, None)
                         out += buf[span:pos]
                         span = end
@@ -860,6 +900,34 @@ class Link:
             head.await_first = False
             self._update_pass()
         return frame
+
+    def _answer_locally(self, sql: bytes) -> bytes | None:
+        """DEALLOCATE of the client's statements and DISCARD ALL concern only the client's
+        own view (renamed statements, replayed settings): the proxy answers them itself.
+
+        Returns: CommandComplete + ReadyForQuery to send, or None to send ``sql`` on.
+        Raises nothing; only acts when it answers.
+        """
+        command = local_command(sql)
+        if command is None or (self.attached and self.status != _I):
+            return None
+        kind, name = command
+        if kind == "deallocate":
+            if name is None or name.encode() not in self._client_stmts:
+                return None  # an SQL PREPAREd name, or an unknown one: Postgres answers
+            del self._client_stmts[name.encode()]
+            self._stmt_txn.pop(name.encode(), None)
+            tag = "DEALLOCATE"
+        elif kind == "deallocate_all":
+            self._client_stmts.clear()
+            tag = "DEALLOCATE ALL"
+        else:
+            self._client_stmts.clear()
+            self._portal_txn.clear()
+            self.injection = self.injection.with_settings(self._startup_settings)
+            self.managed = {n.lower() for n, _ in self._startup_settings}
+            tag = "DISCARD ALL"
+        return codec.command_complete(tag) + codec.ready_for_query(b"I")
 
     def _settle_settings(self, seg: Segment) -> None:
         """At a ReadyForQuery: keep the plain SETs that took effect, as Postgres would, and

@@ -1052,7 +1052,6 @@ async def test_function_call_message_is_refused(solo: ProxyProcess) -> None:
     "ALTER ROLE tenant_sme SET app.tenant_id = 'x'",
     "ALTER ROLE pgtenant_proxy SET search_path = 't_hooli'",
     "ALTER DATABASE app SET role = 't_hooli'",
-    "DISCARD ALL",
     "DISCARD PLANS",
     "RESET ALL",
     "SELECT pg_read_file('/etc/passwd')",
@@ -1060,10 +1059,26 @@ async def test_function_call_message_is_refused(solo: ProxyProcess) -> None:
 ], ids=["do_plpgsql", "do_sql", "query_to_xml", "query_to_xmlschema", "query_to_xml_and",
         "cursor_to_xml", "cursor_to_xmlschema", "load", "copy_to_file", "copy_to_program",
         "copy_from_program", "copy_from_file", "alter_system", "alter_role_set",
-        "alter_login_role_set", "alter_database_set", "discard_all", "discard_plans",
+        "alter_login_role_set", "alter_database_set", "discard_plans",
         "reset_all", "pg_read_file", "lo_import"])
 async def test_dynamic_sql_and_server_side_paths_are_refused(solo: ProxyProcess, sql: str) -> None:
     await refused_everywhere(solo, sql, victim="hooli")
+
+
+async def test_discard_all_resets_only_the_clients_own_view(solo: ProxyProcess) -> None:
+    """DISCARD ALL outside a transaction is answered by the proxy (the client's statements
+    and settings are forgotten); it never reaches Postgres, so the context stays. Inside a
+    transaction block (where Postgres refuses it too) the guard refuses it."""
+    env = solo.env
+    conn = await connect(solo)
+    try:
+        assert await conn.execute("DISCARD ALL") == "DISCARD ALL"
+        await attacker_view(conn, env)
+        async with conn.transaction():
+            assert_refused(await error_of(conn.execute("DISCARD ALL")))
+    finally:
+        await conn.close()
+    await victim_view(solo, "initech")
 
 
 # ----------------------------------------------------------------- 8. router, view, control

@@ -81,3 +81,16 @@ def test_plain_set_is_replayed_in_later_transactions_and_reset_undoes_it(
         conn.execute("RESET TimeZone")
         assert conn.execute("SHOW TimeZone").fetchone() == (default_tz,)
         assert conn.execute("SHOW statement_timeout").fetchone() == ("4321ms",)
+
+
+def test_deallocate_all_and_discard_all_are_understood(proxy: ProxyProcess) -> None:
+    with psycopg.connect(**proxy.conninfo("acme"), autocommit=True,
+                         prepare_threshold=0) as conn:
+        assert conn.execute("SELECT count(*) FROM campaigns").fetchone()[0] > 0
+        conn.execute("SET TimeZone = 'Asia/Tokyo'")
+        conn.execute("DEALLOCATE ALL", prepare=False)
+        assert conn.execute("SELECT count(*) FROM campaigns").fetchone()[0] > 0  # re-prepared
+        conn.execute("DISCARD ALL", prepare=False)
+        assert conn.execute("SHOW TimeZone").fetchone()[0] != "Asia/Tokyo"  # forgotten
+        assert conn.execute("SELECT current_setting('app.tenant_id')").fetchone() == (
+            str(proxy.env.tenants["acme"].org_id),)  # the tenant context, of course, stays

@@ -32,6 +32,7 @@ from proxy.protocol.inject import (
     CTX_PARSE,
     EXECUTE_UNNAMED,
 )
+from proxy.protocol.sql import local_command
 from proxy.protocol.tracker import CTX_NONE, NEED_SERVER, TERMINATE, Link
 
 from .test_tracker import make_link
@@ -137,7 +138,9 @@ def pump_all(link: Link, chunks: Iterator[bytes], *, attach: bool) -> tuple[byte
         while True:
             out, reply, outcome = link.pump_client()
             split_frames(out)
-            assert {t for t, _ in split_frames(reply)} <= {ord("Z")}
+            # The proxy answers only ReadyForQuery itself, plus CommandComplete for the
+            # DEALLOCATE / DISCARD ALL it handles locally.
+            assert {t for t, _ in split_frames(reply)} <= {ord("Z"), ord("C")}
             to_server += out
             to_client += reply
             if outcome == NEED_SERVER and attach:
@@ -213,6 +216,8 @@ def _names_statement(frame: bytes) -> bool:
         return portal_end >= 0 and body[portal_end + 1 : portal_end + 2] not in (b"\x00", b"")
     if t in (b"D", b"C"):
         return body[:1] == b"S" and body[1:2] not in (b"\x00", b"")
+    if t == b"Q":  # DEALLOCATE / DISCARD ALL: answered by the proxy itself (issue #4)
+        return local_command(body[:-1]) is not None
     return False
 
 

@@ -191,8 +191,9 @@ def test_failed_injection_marks_context_statement_unknown_and_reparses() -> None
 
 def test_deallocate_all_makes_the_context_statement_unknown() -> None:
     link = make_link()
-    start(link, codec.query("DEALLOCATE ALL"), ctx_state=CTX_READY)
-    server_sends(link, INJECTED + cc("DEALLOCATE ALL") + Z_I)
+    # (A simple Query "DEALLOCATE ALL" is answered by the proxy; this one reaches Postgres.)
+    start(link, _execute_batch("DEALLOCATE ALL") + codec.sync(), ctx_state=CTX_READY)
+    assert link.session_dirty  # which global statements survive is unknown: retire it
     assert link.detach() == CTX_UNKNOWN
 
 
@@ -510,3 +511,19 @@ def test_least_recently_used_statements_are_closed_beyond_the_limit() -> None:
     assert list(link.prepared) == [link._client_stmts[b"b"][0]]
     seen = server_sends(link, INJ_READY + PARSE_COMPLETE + PARSE_COMPLETE + CLOSE_COMPLETE + Z_I)
     assert seen == PARSE_COMPLETE * 2 + Z_I  # the eviction's CloseComplete is not the client's
+
+
+def test_deallocate_and_discard_all_of_the_clients_view_are_answered_locally() -> None:
+    link = make_link()
+    start(link, codec.parse("q", "SELECT 1") + codec.sync(), ctx_state=CTX_READY)
+    server_sends(link, INJ_READY + PARSE_COMPLETE + Z_I)
+    out, reply, outcome = client_sends(link, codec.query("DEALLOCATE q"))
+    assert (out, outcome) == (b"", IDLE)
+    assert reply == cc("DEALLOCATE") + Z_I and b"q" not in link._client_stmts
+    out, reply, _ = client_sends(link, codec.query("DEALLOCATE sql_prepared_name"))
+    assert out.endswith(b"DEALLOCATE sql_prepared_name\x00") and reply == b""  # Postgres's
+    server_sends(link, INJECTED + cc("DEALLOCATE") + Z_I)
+    link.injection = link.injection.with_settings((("TimeZone", "UTC"),))
+    out, reply, _ = client_sends(link, codec.query("DISCARD ALL"))
+    assert (out, reply) == (b"", cc("DISCARD ALL") + Z_I)
+    assert link.injection.settings == ()  # back to the startup settings
