@@ -76,7 +76,8 @@ class ServerConnection(asyncio.Protocol):
         self.ctx_state = CTX_NONE
         # Proxy-global prepared statements that exist on this backend, least recently used
         # first (the tracker adds, evicts and forgets; see issue #4).
-        self.prepared: OrderedDict[bytes, None] = OrderedDict()
+        # (True: prepared; False: stale, may or may not exist: Close before the next Parse.)
+        self.prepared: OrderedDict[bytes, bool] = OrderedDict()
         self.login: LoginResult | None = None
         self.created_at = time.monotonic()
         self.last_used = self.created_at

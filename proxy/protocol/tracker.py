@@ -145,6 +145,7 @@ _FUNCTION_CALL_REFUSAL: Final = (
 )
 _PARAM_REF = re.compile(rb"\$([0-9]+)")
 _SYNC: Final = codec.sync()
+_PLAN_CHANGED: Final = b"0A000"  # feature_not_supported: "cached plan must not change ..."
 _ROLLBACK: Final = re.compile(rb"(?i)\b(rollback|abort)\b")
 _STMT_PREFIX: Final = b"__pgtenant_p"
 _RESERVED_PREFIX: Final = b"__pgtenant"
@@ -226,7 +227,9 @@ class Link:
         # Named prepared statements (issue #4): the client's names map to proxy-global names
         # keyed by (text, parameter types, search_path), prepared lazily on each server.
         self.max_prepared = max_prepared
-        self.prepared: OrderedDict[bytes, None] = OrderedDict()  # the attached server's LRU
+        # The attached server's LRU: True when prepared there, False when stale (see
+        # ServerConnection.prepared).
+        self.prepared: OrderedDict[bytes, bool] = OrderedDict()
         self._client_stmts: dict[bytes, tuple[bytes, bytes, bytes]] = {}  # name->(G, sql, types)
         self._global_names: dict[tuple[bytes, bytes], bytes] = {}
         self._pass: frozenset[int] = _PASS_ALL
@@ -264,8 +267,6 @@ class Link:
         # TXN_CONTROL | TXN_END flags of the client's statements and portals, by name.
         self._stmt_txn: dict[bytes, int] = {}  # all classify() flags, by statement name
         self._stmt_sets: dict[bytes, tuple[tuple[str, str | None], ...]] = {}
-        # Global statements a DEALLOCATE on a pinned server may or may not have dropped.
-        self._stale: set[bytes] = set()
         self._portal_txn: dict[bytes, int] = {}
         self._ended_in_batch = False  # the open batch executed something that may end a txn
         # Postgres ignores a Sync that arrives during COPY FROM STDIN: the batch's own Sync,
@@ -275,11 +276,10 @@ class Link:
 
     # ------------------------------------------------------------------ attachment
 
-    def attach(self, ctx_state: int, prepared: OrderedDict[bytes, None] | None = None) -> None:
+    def attach(self, ctx_state: int, prepared: OrderedDict[bytes, bool] | None = None) -> None:
         """A server was attached; it is idle and clean (pool invariant)."""
         self.attached = True
         self.prepared = prepared if prepared is not None else OrderedDict()
-        self._stale = set()
         self._pass = _PASS_ALL
         self.pending.clear()
         self.status = _I
@@ -378,13 +378,13 @@ class Link:
     def _prepare(self, out: bytearray, name: bytes, sql: bytes, types: bytes,
                  action: int) -> None:
         """Parse global statement ``name`` on the attached server (evicting LRU-wise)."""
-        if name in self._stale:  # it may still exist: Close (never an error) before Parse
-            self._stale.discard(name)
+        if self.prepared.get(name) is False:  # may still exist: Close (never fails) first
             out += codec.frame(_C, b"S" + name + b"\x00")
             self._expect(K_CLOSE, DROP, None)
         out += codec.frame(_P, name + b"\x00" + sql + b"\x00" + types)
         self._expect(K_PARSE, action, name)
-        self.prepared[name] = None
+        self.prepared[name] = True
+        self.prepared.move_to_end(name)
         while len(self.prepared) > self.max_prepared:
             old, _ = self.prepared.popitem(last=False)
             out += codec.frame(_C, b"S" + old + b"\x00")
@@ -396,7 +396,7 @@ class Link:
         Returns: its global name.
         """
         global_name, text, types = mapped
-        if global_name in self.prepared:
+        if self.prepared.get(global_name):
             self.prepared.move_to_end(global_name)
         else:  # parsed on another server, or evicted here: prepare it again, quietly
             self._prepare(out, global_name, text, types, DROP)
@@ -446,8 +446,8 @@ class Link:
             self.drops_statements = True
             self.session_dirty = True
             self.ctx_state = CTX_UNKNOWN
-            self._stale.update(self.prepared)
-            self.prepared.clear()
+            for name in self.prepared:
+                self.prepared[name] = False
         if flags & SESSION_STATE:
             self.session_dirty = True
             seg.sets += sets
@@ -663,7 +663,7 @@ class Link:
                         span = end
                         global_name = self._global_name(text, types)
                         self._client_stmts[name] = (global_name, text, types)
-                        if global_name in self.prepared:
+                        if self.prepared.get(global_name):
                             self.prepared.move_to_end(global_name)
                             reply += self._expect(K_PARSE, SYNTH, _PARSE_COMPLETE)
                         else:
@@ -688,13 +688,14 @@ class Link:
                     self._portal_txn[portal] = flags & (TXN_CONTROL | TXN_END)
                     self._session_effects(seg, flags, self._stmt_sets.get(stmt, ()))
                     mapped = self._client_stmts.get(stmt) if stmt else None
+                    global_name = None
                     if mapped is not None:
                         out += buf[span:pos]
                         span = end
                         global_name = self._use(out, mapped)
                         out += codec.frame(_B, portal + b"\x00" + global_name + b"\x00"
                                            + bytes(buf[rest:end]))
-                    self._expect(K_BIND, FWD)
+                    self._expect(K_BIND, FWD, global_name)
                 elif t == _E:
                     portal, _ = codec.read_cstring(buf, pos + 5, limit=end)
                     flags = self._portal_txn.get(portal, _UNKNOWN_TXN)
@@ -860,11 +861,21 @@ class Link:
             if head is not None:
                 head.failed = True
                 if head.expect is not None:
+                    entry = head.expect[0] if head.expect else None
+                    if (entry is not None and entry[0] == K_BIND and isinstance(entry[2], bytes)
+                            and self._error_code(frame) == _PLAN_CHANGED):
+                        # "cached plan must not change result type" after DDL: the client
+                        # sees the error and re-prepares (asyncpg does it by itself); its
+                        # Parse must then really re-parse here, so forget the statement.
+                        # (Healing it silently would hand rows of a new shape to a client
+                        # that decodes them with the old RowDescription.)
+                        self.prepared[entry[2]] = False
                     # Postgres now skips the batch up to its Sync: what was not answered yet
-                    # never ran. Statements whose Parse was skipped or failed do not exist.
+                    # never ran. Statements whose Parse was skipped or failed are stale.
                     for kind, action, data_ in head.expect:
-                        if kind == K_PARSE and isinstance(data_, bytes) and action != SYNTH:
-                            self.prepared.pop(data_, None)
+                        if (kind == K_PARSE and isinstance(data_, bytes) and action != SYNTH
+                                and data_ in self.prepared):
+                            self.prepared[data_] = False  # may or may not exist now
                     if any(action == DROP for _, action, _ in head.expect):
                         # The injection failed or was skipped: its statement may be gone (a
                         # client's DEALLOCATE, a failed Parse). Close and re-Parse next time.
@@ -974,6 +985,10 @@ class Link:
         if owed:
             return (bytes(frame) if forward else b"") + b"".join(owed)  # type: ignore[arg-type]
         return frame if forward else None
+
+    @staticmethod
+    def _error_code(frame: memoryview) -> bytes:
+        return dict(codec.parse_error_fields(bytes(frame[5:]))).get(ord("C"), b"")
 
     @staticmethod
     def _is_fatal(frame: memoryview) -> bool:

@@ -861,3 +861,28 @@ async def test_schema_per_tenant_prepared_statements_are_not_shared(start_proxy)
                 assert rows and all(r.startswith(f"{slug}: ") for r in rows), rows
             finally:
                 await conn.close()
+
+
+async def test_statement_whose_result_type_changed_after_ddl_is_prepared_again(
+    start_proxy,
+) -> None:
+    """After ALTER TABLE, Postgres refuses the old plan once ("cached plan must not change
+    result type"); asyncpg re-prepares by itself, and that Parse must really reach the
+    server (pgtenant had answered it from its cache before, failing forever)."""
+    proxy = start_proxy(pool_size=1)
+    schema = proxy.env.tenants["globex"].schema
+    admin = await asyncpg.connect(proxy.env.admin_dsn)
+    await admin.execute(f"DROP TABLE IF EXISTS {schema}.shape; "
+                        f"CREATE TABLE {schema}.shape (a int); "
+                        f"INSERT INTO {schema}.shape VALUES (1); "
+                        f"GRANT SELECT ON {schema}.shape TO {schema}")
+    conn = await asyncpg.connect(proxy.dsn("globex"))  # default statement cache
+    try:
+        assert [tuple(r) for r in await conn.fetch("SELECT * FROM shape")] == [(1,)]
+        await admin.execute(f"ALTER TABLE {schema}.shape ADD COLUMN b int DEFAULT 2")
+        assert [tuple(r) for r in await conn.fetch("SELECT * FROM shape")] == [(1, 2)]
+        assert [tuple(r) for r in await conn.fetch("SELECT * FROM shape")] == [(1, 2)]
+    finally:
+        await conn.close()
+        await admin.execute(f"DROP TABLE {schema}.shape")
+        await admin.close()
