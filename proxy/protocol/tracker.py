@@ -232,6 +232,11 @@ class Link:
         self.prepared: OrderedDict[bytes, bool] = OrderedDict()
         self._client_stmts: dict[bytes, tuple[bytes, bytes, bytes]] = {}  # name->(G, sql, types)
         self._global_names: dict[tuple[bytes, bytes], bytes] = {}
+        # The client's unnamed statement outlives Sync in Postgres; a later transaction may
+        # land on another server (or after a Query, which destroys it): it is re-parsed
+        # quietly before the Bind that needs it.
+        self._unnamed: tuple[bytes, bytes] | None = None  # (text, types) of the last Parse ""
+        self._unnamed_here = False  # that Parse is the attached server's unnamed statement
         self._pass: frozenset[int] = _PASS_ALL
         # The client's own settings (startup parameters, plain SETs): re-applied with every
         # transaction's context; the servers' reports of them are the proxy's business.
@@ -289,6 +294,7 @@ class Link:
         self.session_dirty = False
         self.pinned = False
         self._scrub_unnamed = True
+        self._unnamed_here = False
         self._ended_in_batch = False
         self._sync_after_copy = False
         self._sleftover = b""
@@ -389,6 +395,18 @@ class Link:
             old, _ = self.prepared.popitem(last=False)
             out += codec.frame(_C, b"S" + old + b"\x00")
             self._expect(K_CLOSE, DROP, None)
+
+    def _ensure_unnamed(self, out: bytearray, buf: bytearray, span: int, pos: int) -> None:
+        """Before a Bind/Describe of the unnamed statement: re-parse it quietly when the
+        attached server's unnamed statement is not the client's (flushing ``buf[span:pos]``
+        first, so the caller continues from ``pos``)."""
+        out += buf[span:pos]
+        if self._unnamed_here or self._unnamed is None:
+            return
+        text, types = self._unnamed
+        out += codec.frame(_P, b"\x00" + text + b"\x00" + types)
+        self._expect(K_PARSE, DROP, None)
+        self._unnamed_here = True
 
     def _use(self, out: bytearray, mapped: tuple[bytes, bytes, bytes]) -> bytes:
         """Make sure a client's renamed statement exists on the attached server.
@@ -554,6 +572,7 @@ class Link:
                     # statement bare, and retire the server afterwards.
                     out += buf[span:pos]
                     out += codec.query(self.injection.q_session[:-1])
+                    self._unnamed_here = False  # a simple Query destroys the unnamed one
                     hidden = Segment(Q_DROP)
                     hidden.hide_z = True
                     self._push(hidden)
@@ -572,6 +591,7 @@ class Link:
                     body = bytes(buf[pos + 5 : end])
                 out += buf[span:pos]
                 span = end
+                self._unnamed_here = False  # a simple Query destroys the unnamed statement
                 if inject:
                     seg = Segment(Q_DROP, self.injection.q_shift, True)
                     out += _pack_header(_Q, 4 + len(self.injection.q_prefix) + len(body))
@@ -606,6 +626,7 @@ class Link:
                 continue
             if t == _Q:  # a Query inside an unsynced extended batch shares its ReadyForQuery
                 self.open_extended = False
+                self._unnamed_here = False
                 seg = self.pending[-1]
                 reply += self._expect(K_QUERY, FWD)
                 text = bytes(buf[pos + 5 : end - 1])
@@ -674,6 +695,8 @@ class Link:
                             span = end
                             out += codec.frame(_P, b"\x00" + text + b"\x00" + types)
                         self._expect(K_PARSE, FWD)
+                        self._unnamed = (text, types)
+                        self._unnamed_here = True
                     # What the statement does is noted now and applied at each Bind: a named
                     # statement may run again in later transactions, on other servers.
                     flags = classify(sql)
@@ -689,6 +712,9 @@ class Link:
                     self._session_effects(seg, flags, self._stmt_sets.get(stmt, ()))
                     mapped = self._client_stmts.get(stmt) if stmt else None
                     global_name = None
+                    if not stmt:
+                        self._ensure_unnamed(out, buf, span, pos)
+                        span = pos
                     if mapped is not None:
                         out += buf[span:pos]
                         span = end
@@ -728,6 +754,10 @@ class Link:
                         span = end
                         global_name = self._use(out, mapped)
                         out += codec.frame(_D, b"S" + global_name + b"\x00")
+                        self._expect(K_DESC_S, FWD)
+                    elif what == ord("S") and not name and t == _D:
+                        self._ensure_unnamed(out, buf, span, pos)
+                        span = pos
                         self._expect(K_DESC_S, FWD)
                     else:
                         self._expect(K_DESC_S if what == ord("S") else K_DESC_P, FWD)

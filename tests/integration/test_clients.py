@@ -352,3 +352,28 @@ async def test_statements_after_commit_in_one_batch_run_in_context_or_not_at_all
         assert frames[kinds.index("Z")][1] == b"I"
     finally:
         writer.close()
+
+
+async def test_unnamed_statement_reused_across_syncs_works_after_another_tenant(
+    start_proxy,
+) -> None:
+    """Parse of the unnamed statement in one transaction, Bind of it in a later one: in
+    between another tenant used (and scrubbed) the only server."""
+    proxy = start_proxy(pool_size=1)
+    org = str(proxy.env.tenants["acme"].org_id)
+    sql = "SELECT current_setting('app.tenant_id')"
+    reader, writer = await _raw_login(proxy, "acme")
+    other_reader, other_writer = await _raw_login(proxy, "initech")
+    try:
+        writer.write(codec.parse("", sql) + codec.sync())
+        await _read_until(reader, ord("Z"))
+        other_writer.write(codec.parse("", "SELECT 'initech was here'") + codec.bind("", "", [])
+                           + codec.execute("", 0) + codec.sync())
+        await _read_until(other_reader, ord("Z"))
+        writer.write(codec.bind("", "", []) + codec.execute("", 0) + codec.sync())
+        frames = await _read_until(reader, ord("Z"))
+        assert [_data_row_values(b) for k, b in frames if k == ord("D")] == [[org]]
+        assert not [b for k, b in frames if k == ord("E")]
+    finally:
+        writer.close()
+        other_writer.close()

@@ -527,3 +527,23 @@ def test_deallocate_and_discard_all_of_the_clients_view_are_answered_locally() -
     out, reply, _ = client_sends(link, codec.query("DISCARD ALL"))
     assert (out, reply) == (b"", cc("DISCARD ALL") + Z_I)
     assert link.injection.settings == ()  # back to the startup settings
+
+
+def test_unnamed_statement_reused_across_syncs_is_reparsed_where_needed() -> None:
+    link = make_link()
+    start(link, codec.parse("", "SELECT 7") + codec.sync(), ctx_state=CTX_READY)
+    server_sends(link, INJ_READY + PARSE_COMPLETE + Z_I)
+    # Same attachment: the server still has it.
+    out, _, _ = client_sends(link, codec.bind("", "", []) + codec.execute("", 0) + codec.sync())
+    assert codec.parse("", "SELECT 7") not in out
+    server_sends(link, INJ_READY + BIND_COMPLETE + ROW + cc("SELECT 1") + Z_I)
+    link.detach()
+    # A later transaction on another server: re-parsed quietly before the Bind.
+    client_sends(link, codec.bind("", "", []) + codec.execute("", 0) + codec.sync())
+    link.attach(CTX_READY)
+    out, _, _ = link.pump_client()
+    assert (codec.parse("", "SELECT 7") + codec.bind("", "", [])) in out
+    scrub = CLOSE_COMPLETE  # the attachment's first injection closes the previous unnamed one
+    seen = server_sends(link, scrub + INJ_READY + PARSE_COMPLETE + BIND_COMPLETE + ROW
+                        + cc("SELECT 1") + Z_I)
+    assert seen == BIND_COMPLETE + ROW + cc("SELECT 1") + Z_I
