@@ -19,18 +19,31 @@ frame of a segment decides three things:
   the transaction state (BEGIN/COMMIT/... found in its SQL). Then the pump stops with
   ``HOLD`` until their replies are in: injecting into an aborted transaction would make the
   client's ROLLBACK fail, and not injecting into a fresh one would run without context.
-* **drop count**: how many leading replies of the segment belong to the injection.
+* **what it owes**: a simple-Query segment drops its leading injected replies (``drop``);
+  an extended segment keeps ``expect``, one ``[kind, action, data]`` entry per request in
+  reply order: FWD (the client's), DROP (the proxy's own: the injection, a quiet re-Parse,
+  an LRU Close) or SYNTH (answered by the proxy: ParseComplete for a statement already on
+  the server, CloseComplete for a client's Close).
 
-Server -> client (``feed_server``): frames are forwarded in contiguous spans; only ``Z``,
-``E`` and ``S`` are decoded, plus every frame while the head segment still has injected
-replies to drop. An ``E`` during the drop phase (a syntax error in the client's text, or a
-failed injection) ends the drop phase; its position is shifted back by the prefix length.
-A simple Query whose text held no statement gets the EmptyQueryResponse Postgres would have
-sent, since the prefix made the text non-empty.
+Within a segment the pump also rewrites what must not reach Postgres as sent: refused
+statements become ``CALL pgtenant.refuse(...)``; named statements are renamed to global ones
+(keyed by text, types and search_path) prepared lazily per server; a batch that goes on after
+COMMIT is cut with a hidden Sync; DEALLOCATE/DISCARD ALL of the client's own view are
+answered locally; plain SETs are noted and replayed with every later context; statements that
+leave session state pin the server to the client once they succeeded.
+
+Server -> client (``feed_server``): frames are forwarded in contiguous spans; which types pass
+without a look depends on the head segment (``_pass``): everything but ``Z``/``E``/``S``
+normally, rows and copy data while a forwarded Execute runs, nothing while injected replies
+are owed. An ``E`` ends what the segment owes (Postgres skips to the Sync); its position is
+shifted back by the simple-Query prefix length. A simple Query whose text held no statement
+gets the EmptyQueryResponse Postgres would have sent, since the prefix made it non-empty.
+ParameterStatus for ``search_path`` and for settings the client manages is hidden.
 
 Invariants: a server may be released only when ``pending`` is empty, the last status is
-``I`` and no extended batch is open (``can_release``). ``unsure`` counts pending segments
-that may change the transaction state. Injected replies never reach the client.
+``I`` and no extended batch is open (``can_release``), and it is not pinned. ``unsure`` counts
+pending segments that may change the transaction state. Injected replies never reach the
+client; SYNTH replies are emitted exactly when everything before them has been answered.
 """
 
 from __future__ import annotations
