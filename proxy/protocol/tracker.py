@@ -66,6 +66,21 @@ from .inject import (
     Q_DROP,
     Injection,
 )
+from .refusal import FUNCTION_CALL_REFUSAL, check_statement_name, refusal_sql, refused_parse
+from .segment import (
+    DROP,
+    FWD,
+    K_BIND,
+    K_CLOSE,
+    K_DESC_P,
+    K_DESC_S,
+    K_EXEC,
+    K_PARSE,
+    K_QUERY,
+    SYNTH,
+    TERMINAL_OF,
+    Segment,
+)
 from .sql import (
     DROPS_STATEMENTS,
     SESSION_STATE,
@@ -126,21 +141,6 @@ _CLIENT_TYPES = frozenset(b"QPBDECHSXFdcf")  # what a logged-in client may send
 _SERVER_SPECIAL = frozenset(b"ZES")
 # Frames that are neither counted nor dropped while dropping injected replies.
 _SERVER_ASYNC = frozenset(b"NSA")
-# Extended-protocol reply bookkeeping (see Segment.expect): what each request sent to the
-# server will be answered with, and what to do with that answer.
-K_PARSE: Final = 0  # ParseComplete '1'
-K_BIND: Final = 1  # BindComplete '2'
-K_CLOSE: Final = 2  # CloseComplete '3'
-K_DESC_S: Final = 3  # ParameterDescription 't', then RowDescription 'T' or NoData 'n'
-K_DESC_P: Final = 4  # RowDescription 'T' or NoData 'n'
-K_EXEC: Final = 5  # DataRow/copy... then CommandComplete 'C', EmptyQuery 'I', Suspended 's'
-K_QUERY: Final = 6  # a Query inside an unsynced batch: its replies run up to the Z
-FWD: Final = 0  # the client asked for it: forward
-DROP: Final = 1  # the proxy asked for it: the client must not see it
-SYNTH: Final = 2  # answered by the proxy itself (``data``), nothing comes from the server
-# The reply that completes each kind of request ('t' comes before a statement's 'T'/'n').
-_TERMINAL_OF: Final = {K_PARSE: b"1", K_BIND: b"2", K_CLOSE: b"3", K_DESC_S: b"Tn",
-                       K_DESC_P: b"Tn", K_EXEC: b"CIs", K_QUERY: b""}
 # Frame types forwarded without a look, by state of the head segment.
 _PASS_ALL: Final = frozenset(range(256)) - _SERVER_SPECIAL
 _PASS_EXEC: Final = frozenset(b"DdcGHWNA")  # rows and copy data of a forwarded Execute
@@ -152,77 +152,14 @@ HIDDEN_PARAMETERS: Final = frozenset({"search_path"})
 
 
 
-_FUNCTION_CALL_REFUSAL: Final = (
-    "pgtenant: the FunctionCall protocol message is not allowed in tenant sessions; call the "
-    "function with SELECT instead"
-)
-_PARAM_REF = re.compile(rb"\$([0-9]+)")
 _SYNC: Final = codec.sync()
 _PLAN_CHANGED: Final = b"0A000"  # feature_not_supported: "cached plan must not change ..."
 _ROLLBACK: Final = re.compile(rb"(?i)\b(rollback|abort)\b")
 _STMT_PREFIX: Final = b"__pgtenant_p"
-_RESERVED_PREFIX: Final = b"__pgtenant"
 # A statement or portal name we never saw parsed/bound is one made by SQL (PREPARE, DECLARE):
 # those hold only SELECT/DML, which cannot move the transaction status; or it does not exist
 # and its Execute fails.
 _UNKNOWN_TXN: Final = 0
-
-
-def _check_statement_name(name: bytes) -> None:
-    """Raises: ClientProtocolError for a statement name reserved for the proxy's own."""
-    if name.startswith(_RESERVED_PREFIX):
-        raise ClientProtocolError(
-            f"prepared statement name {name.decode(errors='replace')!r} is reserved: names "
-            "starting with __pgtenant belong to the proxy"
-        )
-
-
-def _refusal_sql(message: str) -> bytes:
-    """Returns: SQL that makes Postgres raise ``message`` with SQLSTATE 42501.
-
-    ``pgtenant.refuse`` is installed by ``pgtenant init``; were it missing, the statement
-    still fails (undefined function), so the refused statement never runs either way.
-    """
-    literal = "'" + message.replace("'", "''").replace("\x00", "") + "'"
-    return b"CALL pgtenant.refuse(" + literal.encode() + b")"
-
-
-def _refused_parse(message: str, sql: bytes, param_types: bytes) -> tuple[bytes, bytes]:
-    """Returns: (statement text, parameter types) that raise ``message`` when executed.
-
-    It keeps the client's parameter count and declared types, so its Bind/Describe/Execute
-    go through unchanged and the error arrives at Execute, in order.
-    """
-    count = int.from_bytes(param_types[:2], "big") if len(param_types) >= 2 else 0
-    count = max([count, *(int(m) for m in _PARAM_REF.findall(sql) if len(m) < 6)])
-    spread = b"".join(b", $%d::text" % i for i in range(1, count + 1))
-    text = _refusal_sql(message)[:-1] + spread + b")"
-    types = param_types if len(param_types) >= 2 else b"\x00\x00"
-    return text, types
-
-
-class Segment:
-    """One request the server will close with one ReadyForQuery."""
-
-    __slots__ = ("await_first", "drop", "expect", "extended", "failed", "hide_z", "pins",
-                 "rollback", "sets", "shift", "split", "synced", "txn_control")
-
-    def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
-        self.drop = drop  # leading injected replies still to drop
-        self.shift = shift  # ErrorResponse position shift (simple-query prefix length)
-        self.await_first = await_first  # injected Query: no client reply seen yet
-        self.txn_control = False
-        self.hide_z = False  # closed by a Sync the proxy inserted: its Z is not the client's
-        self.failed = False  # an ErrorResponse arrived for it
-        self.split = False  # the first part of a client batch cut at a transaction end
-        self.extended = False  # opened by an extended-protocol message
-        self.synced = False  # an extended segment whose Sync was sent
-        self.sets: tuple[tuple[str, str | None], ...] = ()  # plain SETs it makes (replayed)
-        self.rollback = False  # its text may roll the transaction back
-        self.pins = False  # it may create session state the client relies on (LISTEN...)
-        # Extended segments: [kind, action, data] per request, in reply order (data: the
-        # global statement name of a Parse, or the bytes of a SYNTH reply).
-        self.expect: deque[list[object]] | None = None
 
 
 class Link:
@@ -573,7 +510,7 @@ class Link:
                     self.held = True
                     break
                 if t == _F:
-                    refusal: str | None = _FUNCTION_CALL_REFUSAL
+                    refusal: str | None = FUNCTION_CALL_REFUSAL
                     body = b""
                 else:
                     text = bytes(buf[pos + 5 : end - 1])  # without the NUL
@@ -599,7 +536,7 @@ class Link:
                     # open transaction block is aborted exactly as for any other error.
                     self.refused += 1
                     text = b""
-                    body = _refusal_sql(refusal) + b"\x00"
+                    body = refusal_sql(refusal) + b"\x00"
                 elif inject:
                     body = bytes(buf[pos + 5 : end])
                 out += buf[span:pos]
@@ -647,7 +584,7 @@ class Link:
                 if refusal is not None:
                     self.refused += 1
                     out += buf[span:pos]
-                    out += codec.query(_refusal_sql(refusal))
+                    out += codec.query(refusal_sql(refusal))
                     span = end
                 else:
                     self._note_sql(seg, text)
@@ -681,14 +618,14 @@ class Link:
                 seg = self.pending[-1]
                 if t == _P:
                     name, npos = codec.read_cstring(buf, pos + 5, limit=end)
-                    _check_statement_name(name)
+                    check_statement_name(name)
                     sql, tpos = codec.read_cstring(buf, npos, limit=end)
                     types = bytes(buf[tpos:end])
                     text = sql
                     refusal = self.guard(sql) if self.guard is not None else None
                     if refusal is not None:
                         self.refused += 1
-                        text, types = _refused_parse(refusal, sql, types)
+                        text, types = refused_parse(refusal, sql, types)
                         sql = b""
                     if name:
                         # Renamed to a proxy-global statement, prepared on this server only
@@ -719,7 +656,7 @@ class Link:
                 elif t == _B:
                     portal, npos = codec.read_cstring(buf, pos + 5, limit=end)
                     stmt, rest = codec.read_cstring(buf, npos, limit=end)
-                    _check_statement_name(stmt)
+                    check_statement_name(stmt)
                     flags = self._stmt_txn.get(stmt, _UNKNOWN_TXN)
                     self._portal_txn[portal] = flags & (TXN_CONTROL | TXN_END)
                     self._session_effects(seg, flags, self._stmt_sets.get(stmt, ()))
@@ -748,7 +685,7 @@ class Link:
                     name = b""
                     if what == ord("S"):
                         name, _ = codec.read_cstring(buf, pos + 6, limit=end)
-                        _check_statement_name(name)
+                        check_statement_name(name)
                     mapped = self._client_stmts.get(name) if name else None
                     if t == _C and name:
                         # Only the client's name goes away; the global statement stays on
@@ -1018,7 +955,7 @@ class Link:
             return frame if forward or t == _A else None
         kind = entry[0]
         assert isinstance(kind, int)
-        if t not in _TERMINAL_OF[kind]:
+        if t not in TERMINAL_OF[kind]:
             return frame if forward else None
         expect.popleft()
         owed = []

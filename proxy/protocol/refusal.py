@@ -1,0 +1,60 @@
+"""Refusals the statement guard decides, rewritten so that Postgres itself raises them.
+
+Owns the SQL that replaces a refused Query or Parse (``CALL pgtenant.refuse(...)``) and the
+proxy's reserved statement names. No I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from ..errors import ClientProtocolError
+
+__all__ = [
+    "FUNCTION_CALL_REFUSAL",
+    "RESERVED_PREFIX",
+    "check_statement_name",
+    "refusal_sql",
+    "refused_parse",
+]
+
+FUNCTION_CALL_REFUSAL: Final = (
+    "pgtenant: the FunctionCall protocol message is not allowed in tenant sessions; call the "
+    "function with SELECT instead"
+)
+_PARAM_REF = re.compile(rb"\$([0-9]+)")
+RESERVED_PREFIX: Final = b"__pgtenant"
+
+
+def check_statement_name(name: bytes) -> None:
+    """Raises: ClientProtocolError for a statement name reserved for the proxy's own."""
+    if name.startswith(RESERVED_PREFIX):
+        raise ClientProtocolError(
+            f"prepared statement name {name.decode(errors='replace')!r} is reserved: names "
+            "starting with __pgtenant belong to the proxy"
+        )
+
+
+def refusal_sql(message: str) -> bytes:
+    """Returns: SQL that makes Postgres raise ``message`` with SQLSTATE 42501.
+
+    ``pgtenant.refuse`` is installed by ``pgtenant init``; were it missing, the statement
+    still fails (undefined function), so the refused statement never runs either way.
+    """
+    literal = "'" + message.replace("'", "''").replace("\x00", "") + "'"
+    return b"CALL pgtenant.refuse(" + literal.encode() + b")"
+
+
+def refused_parse(message: str, sql: bytes, param_types: bytes) -> tuple[bytes, bytes]:
+    """Returns: (statement text, parameter types) that raise ``message`` when executed.
+
+    It keeps the client's parameter count and declared types, so its Bind/Describe/Execute
+    go through unchanged and the error arrives at Execute, in order.
+    """
+    count = int.from_bytes(param_types[:2], "big") if len(param_types) >= 2 else 0
+    count = max([count, *(int(m) for m in _PARAM_REF.findall(sql) if len(m) < 6)])
+    spread = b"".join(b", $%d::text" % i for i in range(1, count + 1))
+    text = refusal_sql(message)[:-1] + spread + b")"
+    types = param_types if len(param_types) >= 2 else b"\x00\x00"
+    return text, types
