@@ -66,10 +66,36 @@ def classify(sql: bytes) -> int:
     return flags
 
 
-def _may_end_transaction(sql: bytes) -> bool:
+_TREES: dict[bytes, dict[str, Any] | None] = {}
+_TREE_CACHE_TEXT_MAX: Final = 8192
+
+
+def _tree(sql: bytes) -> dict[str, Any] | None:
+    """Returns: the parse tree of ``sql`` (None if it does not parse), cached: classify,
+    plain_sets and local_command look at the same texts."""
+    if sql in _TREES:
+        return _TREES[sql]
     try:
-        tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
+        tree: dict[str, Any] | None = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
     except (ParseError, ValueError, RecursionError):
+        tree = None
+    if len(sql) <= _TREE_CACHE_TEXT_MAX:  # big texts are rare: keep memory bounded
+        if len(_TREES) >= _CACHE_MAX:
+            _TREES.clear()
+        _TREES[sql] = tree
+    return tree
+
+
+def _single_statement(sql: bytes) -> dict[str, Any] | None:
+    """Returns: the only statement of ``sql``, or None (several, none, or no parse)."""
+    tree = _tree(sql)
+    stmts = tree.get("stmts", []) if tree is not None else []
+    return stmts[0].get("stmt", {}) if len(stmts) == 1 else None
+
+
+def _may_end_transaction(sql: bytes) -> bool:
+    tree = _tree(sql)
+    if tree is None:
         return True  # cannot tell: assume it may (it only costs a round trip)
     for item in tree.get("stmts", []):
         stmt = item.get("stmt", {})
@@ -80,11 +106,13 @@ def _may_end_transaction(sql: bytes) -> bool:
 
 
 def _leaves_session_state(sql: bytes) -> bool:
-    try:
-        tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
-        return _walk(tree)
-    except (ParseError, ValueError, RecursionError):
+    tree = _tree(sql)
+    if tree is None:
         return True  # cannot prove it harmless: treat as dirty (fail closed)
+    try:
+        return _walk(tree)
+    except RecursionError:
+        return True
 
 
 def _walk(node: Any) -> bool:
@@ -131,14 +159,7 @@ def plain_sets(sql: bytes) -> tuple[tuple[str, str | None], ...] | None:
     """
     if b"set" not in sql.lower():
         return None
-    try:
-        tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
-    except (ParseError, ValueError, RecursionError):
-        return None
-    stmts = tree.get("stmts", [])
-    if len(stmts) != 1:
-        return None
-    stmt = stmts[0].get("stmt", {}).get("VariableSetStmt")
+    stmt = (_single_statement(sql) or {}).get("VariableSetStmt")
     if stmt is None or stmt.get("is_local") or not stmt.get("name"):
         return None
     name, kind = str(stmt["name"]), stmt.get("kind")
@@ -169,14 +190,9 @@ def local_command(sql: bytes) -> tuple[str, str | None] | None:
     """
     if not _LOCAL_RE.search(sql):
         return None
-    try:
-        tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
-    except (ParseError, ValueError, RecursionError):
+    stmt = _single_statement(sql)
+    if stmt is None:
         return None
-    stmts = tree.get("stmts", [])
-    if len(stmts) != 1:
-        return None
-    stmt = stmts[0].get("stmt", {})
     if "DeallocateStmt" in stmt:
         dealloc = stmt["DeallocateStmt"]
         if dealloc.get("isall"):
