@@ -488,18 +488,18 @@ class Link:
                     self._sync_after_copy = last.extended and last.synced
                 pos = end
                 continue
-            if t == _Q and not self.open_extended and not self.pinned:
+            if (t == _Q and not self.open_extended and not self.pinned
+                    and local_command(bytes(buf[pos + 5 : end - 1])) is not None):
+                if self.pending:  # decide (and answer) in order, after the replies owed
+                    outcome = HOLD
+                    self.held = True
+                    break
                 answer = self._answer_locally(bytes(buf[pos + 5 : end - 1]))
                 if answer is not None:
-                    if self.pending:  # in order: after the replies still owed
-                        outcome = HOLD
-                        self.held = True
-                        break
-                    if not self.attached or self.status == _I:
-                        out += buf[span:pos]
-                        span = pos = end
-                        reply += answer
-                        continue
+                    out += buf[span:pos]
+                    span = pos = end
+                    reply += answer
+                    continue
             if (t == _Q or t == _F) and not self.open_extended:
                 if not self.attached:
                     outcome = NEED_SERVER
@@ -896,8 +896,8 @@ class Link:
         """DEALLOCATE of the client's statements and DISCARD ALL concern only the client's
         own view (renamed statements, replayed settings): the proxy answers them itself.
 
-        Returns: CommandComplete + ReadyForQuery to send, or None to send ``sql`` on.
-        Raises nothing; only acts when it answers.
+        Returns: CommandComplete + ReadyForQuery to send, or None to send ``sql`` on (then
+        nothing was changed). Call it only when no reply is owed, so the answer is in order.
         """
         command = local_command(sql)
         if command is None or (self.attached and self.status != _I):
@@ -908,6 +908,7 @@ class Link:
                 return None  # an SQL PREPAREd name, or an unknown one: Postgres answers
             del self._client_stmts[name.encode()]
             self._stmt_txn.pop(name.encode(), None)
+            self._stmt_sets.pop(name.encode(), None)
             tag = "DEALLOCATE"
         elif kind == "deallocate_all":
             self._client_stmts.clear()

@@ -547,3 +547,17 @@ def test_unnamed_statement_reused_across_syncs_is_reparsed_where_needed() -> Non
     seen = server_sends(link, scrub + INJ_READY + PARSE_COMPLETE + BIND_COMPLETE + ROW
                         + cc("SELECT 1") + Z_I)
     assert seen == BIND_COMPLETE + ROW + cc("SELECT 1") + Z_I
+
+
+def test_local_answer_waits_for_replies_still_owed_then_happens_once() -> None:
+    link = make_link()
+    start(link, codec.parse("q", "SELECT 1") + codec.sync(), ctx_state=CTX_READY)
+    # Pipelined before the Parse's replies arrived: the DEALLOCATE must wait its turn.
+    out, reply, outcome = client_sends(link, codec.query("DEALLOCATE q"))
+    assert (out, reply, outcome) == (b"", b"", HOLD)
+    assert b"q" in link._client_stmts  # nothing changed yet
+    _, resume = link.feed_server(INJ_READY + PARSE_COMPLETE + Z_I)
+    assert resume
+    out, reply, outcome = link.pump_client()
+    assert (out, reply, outcome) == (b"", cc("DEALLOCATE") + Z_I, IDLE)
+    assert b"q" not in link._client_stmts
