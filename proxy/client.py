@@ -248,7 +248,7 @@ class ClientConnection(asyncio.Protocol):
         """The settings a client asked for at startup, to re-apply with every transaction.
 
         Returns: (name, value) pairs, `options` ``-c name=value`` included.
-        Raises: AuthRefused (42501) for settings pgtenant owns (role, search_path, app.*);
+        Raises: AuthRefused (28000) for settings pgtenant owns (role, search_path, app.*);
         UnsupportedProtocol for a client_encoding other than UTF8 or
         standard_conforming_strings off (the statement guard lexes like Postgres only then).
         """
