@@ -38,6 +38,7 @@ from .protocol.constants import (
     SSL_REQUEST_CODE,
 )
 from .protocol.inject import Injection
+from .protocol.sql import encoding_key, is_on
 from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
 from .server import ServerConnection
 from .tls import cleartext_token_allowed
@@ -262,13 +263,12 @@ class ClientConnection(asyncio.Protocol):
                 raise AuthRefused(f"startup parameter {name!r} is set by pgtenant for every "
                                   "transaction and cannot be chosen by the client")
             if lname == "client_encoding":
-                if "".join(ch for ch in value.lower() if ch.isalnum()) not in ("utf8", "unicode"):
+                if encoding_key(value) not in ("utf8", "unicode"):
                     raise UnsupportedProtocol(
                         f"client_encoding {value!r} is not supported: pgtenant speaks UTF8 "
                         "to clients", hint="connect with client_encoding=UTF8")
                 continue  # the servers speak UTF8 already
-            if lname == "standard_conforming_strings" and value.lower() not in (
-                    "on", "true", "yes", "1"):
+            if lname == "standard_conforming_strings" and not is_on(value):
                 raise UnsupportedProtocol("standard_conforming_strings must be on")
             settings.append((name, value))
         return tuple(settings)

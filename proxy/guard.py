@@ -19,6 +19,8 @@ from typing import Any, Final
 
 from pglast.parser import ParseError, parse_sql_json
 
+from .protocol.sql import encoding_key, ends_transaction, is_on
+
 __all__ = ["ALWAYS_PROTECTED", "Guard"]
 
 # Settings no tenant may change, whatever the config says.
@@ -56,8 +58,6 @@ _SUSPECT = re.compile(
 # after it running outside the injected context (as the bare login role).
 _TXN_END = re.compile(rb"(?i)\b(commit|rollback|end|abort|prepare|call)\b")
 _CHAIN = re.compile(rb"(?i)\bchain\b")
-_ENDING_KINDS = frozenset({"TRANS_STMT_COMMIT", "TRANS_STMT_ROLLBACK", "TRANS_STMT_PREPARE",
-                           "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED"})
 _CACHE_MAX = 10_000
 _NOT_IN_TXN_HINT = (
     "pgtenant runs every tenant transaction inside a transaction block that carries the "
@@ -248,16 +248,15 @@ def _check_lexer_setting(name: str, value: str | None) -> None:
     if value is None:
         raise Refusal(f"SET {name} to a computed value is not allowed in tenant sessions")
     if name == "client_encoding":
-        if "".join(ch for ch in value if ch.isalnum()) in _UNSAFE_ENCODINGS:
+        if encoding_key(value) in _UNSAFE_ENCODINGS:
             raise Refusal(f"client_encoding {value!r} is not allowed in tenant sessions: its "
                           "multibyte characters can contain ASCII bytes; use UTF8")
-    elif value not in ("on", "true", "yes", "1"):
+    elif not is_on(value):
         raise Refusal("standard_conforming_strings can only be on in tenant sessions")
 
 
 def _no_statements_after_transaction_end(stmt: dict[str, Any]) -> None:
-    txn = stmt.get("TransactionStmt")
-    if (txn is not None and txn.get("kind") in _ENDING_KINDS) or "CallStmt" in stmt:
+    if ends_transaction(stmt):
         raise Refusal("statements after COMMIT, ROLLBACK or CALL in the same query would run "
                       "outside the tenant's transaction context; send them as a separate query")
 

@@ -17,7 +17,8 @@ from typing import Any, Final
 from pglast.parser import ParseError, parse_sql_json
 
 __all__ = [
-    "DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "TXN_END", "classify", "local_command",
+    "DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "TXN_END", "classify", "encoding_key",
+    "ends_transaction", "is_on", "local_command",
     "plain_sets",
 ]
 
@@ -97,12 +98,25 @@ def _may_end_transaction(sql: bytes) -> bool:
     tree = _tree(sql)
     if tree is None:
         return True  # cannot tell: assume it may (it only costs a round trip)
-    for item in tree.get("stmts", []):
-        stmt = item.get("stmt", {})
-        txn = stmt.get("TransactionStmt")
-        if "CallStmt" in stmt or (txn is not None and txn.get("kind") in _ENDING_KINDS):
-            return True
-    return False
+    return any(ends_transaction(item.get("stmt", {})) for item in tree.get("stmts", []))
+
+
+def ends_transaction(stmt: dict[str, Any]) -> bool:
+    """Returns: whether a parsed statement may end the transaction (COMMIT, ROLLBACK,
+    PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED, or a CALL whose procedure may commit)."""
+    txn = stmt.get("TransactionStmt")
+    return "CallStmt" in stmt or (txn is not None and txn.get("kind") in _ENDING_KINDS)
+
+
+def encoding_key(name: str) -> str:
+    """Returns: an encoding name as Postgres compares them (encnames.c: lower case,
+    alphanumerics only), e.g. "Shift-JIS" -> "shiftjis"."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def is_on(value: str) -> bool:
+    """Returns: whether a boolean setting's text means on."""
+    return value.lower() in ("on", "true", "yes", "1")
 
 
 def _leaves_session_state(sql: bytes) -> bool:

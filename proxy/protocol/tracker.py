@@ -488,13 +488,14 @@ class Link:
                     self._sync_after_copy = last.extended and last.synced
                 pos = end
                 continue
+            text = bytes(buf[pos + 5 : end - 1]) if t == _Q else b""  # without the NUL
             if (t == _Q and not self.open_extended and not self.pinned
-                    and local_command(bytes(buf[pos + 5 : end - 1])) is not None):
+                    and local_command(text) is not None):
                 if self.pending:  # decide (and answer) in order, after the replies owed
                     outcome = HOLD
                     self.held = True
                     break
-                answer = self._answer_locally(bytes(buf[pos + 5 : end - 1]))
+                answer = self._answer_locally(text)
                 if answer is not None:
                     out += buf[span:pos]
                     span = pos = end
@@ -513,7 +514,6 @@ class Link:
                     refusal: str | None = FUNCTION_CALL_REFUSAL
                     body = b""
                 else:
-                    text = bytes(buf[pos + 5 : end - 1])  # without the NUL
                     refusal = self.guard(text) if self.guard is not None else None
                 if (refusal is not None and inject and t == _Q and self.outside_txn is not None
                         and self.outside_txn(text)):
@@ -579,7 +579,6 @@ class Link:
                 self._unnamed_here = False
                 seg = self.pending[-1]
                 reply += self._expect(K_QUERY, FWD)
-                text = bytes(buf[pos + 5 : end - 1])
                 refusal = self.guard(text) if self.guard is not None else None
                 if refusal is not None:
                     self.refused += 1
