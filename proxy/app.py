@@ -17,6 +17,7 @@ import asyncpg
 from .client import ClientConnection
 from .config import Config
 from .control.hardening import check_lockdown, fetch_signing_key
+from .control.init import static_role
 from .errors import ConfigError, ContextError, QueryCanceled, ServerUnavailable
 from .guard import Guard
 from .identity.jwt import build_verifier
@@ -134,8 +135,8 @@ class App:
             ) from exc
         try:
             if self.config.lockdown_check != "off":
-                roles = sorted({t.role for t in self.config.tenant_types.values()
-                                if "{" not in t.role})
+                roles = sorted({r for t in self.config.tenant_types.values()
+                                if (r := static_role(t)) is not None})
                 problems = await check_lockdown(conn, dsn.user, roles)
                 if problems:
                     text = f"database {pool.db.name!r} is not locked down: " + "; ".join(problems)

@@ -43,6 +43,7 @@ __all__ = [
     "grant_role_to_proxy",
     "init_database",
     "scram_verifier",
+    "static_role",
 ]
 
 LOGIN_ROLE_OPTIONS = (
@@ -124,8 +125,9 @@ async def ensure_tenant_role(conn: asyncpg.Connection, role: str) -> bool:
     return created
 
 
-def _static_role(tenant_type: TenantTypeConfig) -> str | None:
-    # A role template with a placeholder is rendered per tenant by create_tenant instead.
+def static_role(tenant_type: TenantTypeConfig) -> str | None:
+    """Returns: the tenant type's one shared role, or None when the template is rendered per
+    tenant (by create_tenant)."""
     return None if "{" in tenant_type.role else tenant_type.role
 
 
@@ -189,7 +191,7 @@ async def init_database(
             await conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
 
             for tenant_type in (tenant_types or {}).values():
-                role = _static_role(tenant_type)
+                role = static_role(tenant_type)
                 if role is None:
                     continue
                 if await ensure_tenant_role(conn, role):
@@ -197,7 +199,7 @@ async def init_database(
                 await conn.execute(f"GRANT USAGE ON SCHEMA public TO {quote_ident(role)}")
                 await grant_role_to_proxy(conn, role, proxy_role)
             static_roles = [r for t in (tenant_types or {}).values()
-                            if (r := _static_role(t)) is not None]
+                            if (r := static_role(t)) is not None]
             await install_hardening(conn, proxy_role, static_roles)
     finally:
         await conn.close()
