@@ -7,7 +7,10 @@ the proxy's own, or answered by the proxy itself). No I/O.
 from __future__ import annotations
 
 from collections import deque
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from .replay import Replay
 
 __all__ = [
     "DROP",
@@ -43,8 +46,9 @@ TERMINAL_OF: Final = {K_PARSE: b"1", K_BIND: b"2", K_CLOSE: b"3", K_DESC_S: b"Tn
 class Segment:
     """One request the server will close with one ReadyForQuery."""
 
-    __slots__ = ("await_first", "drop", "expect", "extended", "failed", "hide_z", "pins",
-                 "rollback", "sets", "shift", "split", "synced", "txn_control")
+    __slots__ = ("await_first", "drop", "expect", "extended", "failed", "heal", "hide_z",
+                 "pins", "replay", "rollback", "sets", "shift", "split", "synced",
+                 "txn_control")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
@@ -62,3 +66,7 @@ class Segment:
         # Extended segments: [kind, action, data] per request, in reply order (data: the
         # global statement name of a Parse, or the bytes of a SYNTH reply).
         self.expect: deque[list[object]] | None = None
+        # A batch that may be re-sent once if its prepared statement's plan changed
+        # (see replay.py), and whether that is happening: its error and Z are hidden.
+        self.replay: Replay | None = None
+        self.heal = False

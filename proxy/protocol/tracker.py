@@ -66,6 +66,8 @@ from .inject import (
     Q_DROP,
     Injection,
 )
+from .replay import LIMIT as REPLAY_LIMIT
+from .replay import Replay
 from .refusal import FUNCTION_CALL_REFUSAL, check_statement_name, refusal_sql, refused_parse
 from .segment import (
     DROP,
@@ -228,6 +230,9 @@ class Link:
         # sent before the copy data, earns no ReadyForQuery; the one after CopyDone/CopyFail
         # does, and it belongs to the same segment.
         self._sync_after_copy = False
+        # A healed batch (replay.py) was put back at the head of cbuf: pump it again.
+        self._replay_ready = False
+        self._replaying = False  # the batch being re-sent: never healed twice
 
     # ------------------------------------------------------------------ attachment
 
@@ -570,6 +575,7 @@ class Link:
                 out += _SYNC
                 self.pending[-1].hide_z = True
                 self.pending[-1].split = True
+                self.pending[-1].replay = None
                 self._mark_txn(self.pending[-1])
                 self.open_extended = False
                 self._ended_in_batch = False
@@ -578,6 +584,7 @@ class Link:
                 self.open_extended = False
                 self._unnamed_here = False
                 seg = self.pending[-1]
+                seg.replay = None
                 reply += self._expect(K_QUERY, FWD)
                 refusal = self.guard(text) if self.guard is not None else None
                 if refusal is not None:
@@ -591,6 +598,7 @@ class Link:
                 pos = end
                 continue
             if t in _CLIENT_EXTENDED:
+                fresh = False
                 if not self.open_extended:
                     if not self.attached:
                         if t == _H:  # Flush with nothing in flight: nothing to do
@@ -614,7 +622,11 @@ class Link:
                     seg.extended = True
                     self._push(seg)
                     self.open_extended = True
+                    fresh = inject and not self._replaying
+                    self._replaying = False
                 seg = self.pending[-1]
+                if seg.replay is not None and not seg.replay.note(t, buf[pos:end]):
+                    seg.replay = None
                 if t == _P:
                     name, npos = codec.read_cstring(buf, pos + 5, limit=end)
                     check_statement_name(name)
@@ -671,6 +683,9 @@ class Link:
                         out += codec.frame(_B, portal + b"\x00" + global_name + b"\x00"
                                            + bytes(buf[rest:end]))
                     self._expect(K_BIND, FWD, global_name)
+                    if fresh and mapped is not None and end - pos <= REPLAY_LIMIT:
+                        assert seg.expect
+                        seg.replay = Replay(seg.expect[-1], buf[pos:end])
                 elif t == _E:
                     portal, _ = codec.read_cstring(buf, pos + 5, limit=end)
                     flags = self._portal_txn.get(portal, _UNKNOWN_TXN)
@@ -716,7 +731,10 @@ class Link:
                 self._ended_in_batch = False
                 if self.open_extended:
                     self.open_extended = False
-                    self.pending[-1].synced = True
+                    last = self.pending[-1]
+                    last.synced = True
+                    if last.replay is not None and not last.replay.note(t, buf[pos:end]):
+                        last.replay = None
                 elif self._sync_after_copy and self.attached:
                     self._sync_after_copy = False  # answers the COPY's segment, see above
                 elif self.attached:  # a bare Sync still earns a ReadyForQuery
@@ -796,7 +814,8 @@ class Link:
             replacement = self._special(t, data, pos, end)
             if replacement is not None:
                 chunks.append(replacement)
-            if t == _Z and self.held and not self.unsure:
+            if t == _Z and ((self.held and not self.unsure) or self._replay_ready):
+                self._replay_ready = False
                 resume = True
             pos = end
         if pos > span:
@@ -825,6 +844,11 @@ class Link:
             owed = b"".join(e[2] for e in head.expect  # type: ignore[misc]
                             if e[1] == SYNTH) if head.expect else b""
             if head.hide_z:  # our own request's answer; the client's goes on
+                if head.heal:  # the client's batch goes again, in front of anything newer
+                    assert head.replay is not None
+                    self.cbuf[:0] = head.replay.data
+                    self._replaying = self._replay_ready = True
+                    return None
                 if head.failed and head.split:
                     self.skip_to_sync = True  # the rest of the client's batch must not run
                 return owed or None
@@ -843,12 +867,18 @@ class Link:
                     entry = head.expect[0] if head.expect else None
                     if (entry is not None and entry[0] == K_BIND and isinstance(entry[2], bytes)
                             and self._error_code(frame) == _PLAN_CHANGED):
-                        # "cached plan must not change result type" after DDL: the client
-                        # sees the error and re-prepares (asyncpg does it by itself); its
-                        # Parse must then really re-parse here, so forget the statement.
-                        # (Healing it silently would hand rows of a new shape to a client
-                        # that decodes them with the old RowDescription.)
+                        # "cached plan must not change result type" after DDL: the statement
+                        # is stale here, so the next Parse or Bind prepares it again.
                         self.prepared[entry[2]] = False
+                        replay = head.replay
+                        if (replay is not None and replay.entry is entry and replay.complete
+                                and len(self.pending) == 1):
+                            # Provably harmless to retry (replay.py): hide the error, and
+                            # hold newer client requests until the batch went again.
+                            head.heal = head.hide_z = True
+                            self._mark_txn(head)
+                        # Otherwise the client sees the error and re-prepares (asyncpg and
+                        # pgjdbc do it by themselves): its Parse must then really re-parse.
                     # Postgres now skips the batch up to its Sync: what was not answered yet
                     # never ran. Statements whose Parse was skipped or failed are stale.
                     for kind, action, data_ in head.expect:
@@ -863,6 +893,8 @@ class Link:
                 head.drop = 0
                 head.await_first = False
                 self._update_pass()
+                if head.heal:
+                    return None
                 if head.shift:
                     return self._shift_error(bytes(frame[5:]), head.shift)
             return frame

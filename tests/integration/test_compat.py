@@ -886,3 +886,30 @@ async def test_statement_whose_result_type_changed_after_ddl_is_prepared_again(
         await conn.close()
         await admin.execute(f"DROP TABLE {schema}.shape")
         await admin.close()
+
+
+def test_plan_change_after_ddl_is_healed_for_clients_that_describe(start_proxy) -> None:
+    """psycopg's prepared execution (libpq: Bind, Describe portal, Execute, Sync) learns the
+    row shape from every execution: pgtenant hides the plan-change error, re-prepares once
+    and returns the rows of the new shape. Direct Postgres would hand the error over."""
+    proxy = start_proxy(pool_size=1)
+    schema = proxy.env.tenants["globex"].schema
+    with psycopg.connect(proxy.env.admin_dsn, autocommit=True) as admin:
+        admin.execute(f"DROP TABLE IF EXISTS {schema}.shape2")
+        admin.execute(f"CREATE TABLE {schema}.shape2 (a int)")
+        admin.execute(f"INSERT INTO {schema}.shape2 VALUES (1)")
+        admin.execute(f"GRANT SELECT ON {schema}.shape2 TO {schema}")
+        try:
+            with psycopg.connect(**proxy.conninfo("globex"), prepare_threshold=0,
+                                 autocommit=True) as conn:
+                cur = conn.execute("SELECT * FROM shape2")
+                assert cur.fetchall() == [(1,)]
+                admin.execute(f"ALTER TABLE {schema}.shape2 ADD COLUMN b text DEFAULT 'x'")
+                for _ in range(2):  # healed once, then the new statement is the cached one
+                    cur = conn.execute("SELECT * FROM shape2")
+                    assert [d.name for d in cur.description or ()] == ["a", "b"]
+                    assert cur.fetchall() == [(1, "x")]
+                # Still the tenant's context after the retry: its own search_path only.
+                assert conn.execute("SELECT current_schema()").fetchone() == (schema,)
+        finally:
+            admin.execute(f"DROP TABLE {schema}.shape2")

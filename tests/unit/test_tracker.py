@@ -491,6 +491,77 @@ def test_statement_missing_on_this_server_is_prepared_again_quietly() -> None:
     assert seen == BIND_COMPLETE + ROW + cc("SELECT 1") + Z_I  # the quiet Parse is dropped
 
 
+# Injected replies of a later segment on the same attachment (no unnamed-statement scrub).
+INJ_AGAIN = BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+PLAN_CHANGED = codec.error_response("0A000", "cached plan must not change result type")
+DESCRIBE_PORTAL = codec.frame(ord("D"), b"P\x00")
+
+
+def _prepared_link(sql: str) -> tuple[Link, str]:
+    link = make_link()
+    start(link, codec.parse("q", sql) + codec.sync(), ctx_state=CTX_READY)
+    server_sends(link, INJ_READY + PARSE_COMPLETE + Z_I)
+    return link, link._client_stmts[b"q"][0].decode()
+
+
+def test_plan_change_is_healed_when_the_batch_describes_its_portal() -> None:
+    """libpq's PQexecPrepared (Bind, Describe portal, Execute, Sync): the client learns the
+    new row shape from the retry, so the error is hidden and the batch goes again once."""
+    link, global_name = _prepared_link("SELECT * FROM t")
+    batch = (codec.bind("", "q", []) + DESCRIBE_PORTAL + codec.execute("", 0)
+             + codec.sync())
+    out, reply, _ = client_sends(link, batch)
+    assert codec.bind("", global_name, []) in out and reply == b""
+    # A newer request pipelined behind it must wait for the retry, not overtake it.
+    chunks, resume = link.feed_server(INJ_AGAIN + PLAN_CHANGED)
+    assert b"".join(bytes(c) for c in chunks) == b""
+    out, reply, outcome = client_sends(link, codec.query("SELECT 2"))
+    assert (out, reply, outcome) == (b"", b"", HOLD)
+    chunks, resume = link.feed_server(Z_I)
+    assert chunks == [] and resume
+    out, reply, _ = link.pump_client()
+    close = codec.frame(ord("C"), b"S" + global_name.encode() + b"\x00")
+    retry = close + codec.parse(global_name, "SELECT * FROM t") + codec.bind("", global_name, [])
+    assert retry in out
+    assert out.count(codec.bind("", global_name, [])) == 1
+    assert b"SELECT 2" in out  # the held Query follows the retried batch
+    seen = server_sends(link, INJ_AGAIN + CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE
+                        + ROWDESC + ROW + cc("SELECT 1") + Z_I)
+    assert seen == BIND_COMPLETE + ROWDESC + ROW + cc("SELECT 1") + Z_I
+
+
+def test_plan_change_is_healed_only_once() -> None:
+    link, global_name = _prepared_link("SELECT * FROM t")
+    client_sends(link, codec.bind("", "q", []) + DESCRIBE_PORTAL + codec.execute("", 0)
+                 + codec.sync())
+    server_sends(link, INJ_AGAIN + PLAN_CHANGED + Z_I)
+    link.pump_client()
+    seen = server_sends(link, INJ_AGAIN + CLOSE_COMPLETE + PARSE_COMPLETE + PLAN_CHANGED + Z_I)
+    assert seen == PLAN_CHANGED + Z_I
+
+
+def test_plan_change_is_the_clients_when_it_executes_without_describing() -> None:
+    """asyncpg/pgjdbc execute with a cached RowDescription: rows of a new shape would be
+    misread, so the error reaches the client, and its next Bind re-prepares."""
+    link, global_name = _prepared_link("SELECT * FROM t")
+    client_sends(link, codec.bind("", "q", []) + codec.execute("", 0) + codec.sync())
+    assert server_sends(link, INJ_AGAIN + PLAN_CHANGED + Z_I) == PLAN_CHANGED + Z_I
+    out, _, _ = client_sends(link, codec.bind("", "q", []) + codec.execute("", 0)
+                             + codec.sync())
+    assert codec.parse(global_name, "SELECT * FROM t") in out
+
+
+@pytest.mark.parametrize("before", [
+    codec.parse("other", "SELECT 1"),  # a Parse earlier in the batch: answered already
+    codec.frame(ord("D"), b"Sq\x00"),  # a Describe whose old shape reached the client
+])
+def test_plan_change_is_not_healed_when_the_bind_is_not_first(before: bytes) -> None:
+    link, _ = _prepared_link("SELECT * FROM t")
+    batch = before + codec.bind("", "q", []) + DESCRIBE_PORTAL + codec.execute("", 0)
+    out, _, _ = client_sends(link, batch + codec.sync())
+    assert link.pending[-1].replay is None
+
+
 def test_close_of_a_named_statement_is_answered_by_the_proxy() -> None:
     link = make_link()
     start(link, codec.parse("q", "SELECT 3") + codec.sync(), ctx_state=CTX_READY)
