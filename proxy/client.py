@@ -21,6 +21,7 @@ from .errors import (
     AuthFailed,
     AuthRefused,
     ClientProtocolError,
+    InvalidParameter,
     LoginTimeout,
     ProxyError,
     ServerUnavailable,
@@ -37,8 +38,9 @@ from .protocol.constants import (
     PROTOCOL_3_0,
     SSL_REQUEST_CODE,
 )
+from .protocol.encoding import UNSAFE, canonical, encoding_key
 from .protocol.inject import Injection
-from .protocol.sql import encoding_key, is_on
+from .protocol.sql import is_on
 from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
 from .server import ServerConnection
 from .tls import cleartext_token_allowed
@@ -84,6 +86,7 @@ class ClientConnection(asyncio.Protocol):
         self.database = ""
         self.startup_params: dict[str, str] = {}
         self.settings: tuple[tuple[str, str], ...] = ()
+        self.client_encoding = "UTF8"  # canonical name; see Link.encoding
         self.context: TenantContext | None = None
         self.link: Link | None = None
         self.pool: Pool | None = None
@@ -250,8 +253,9 @@ class ClientConnection(asyncio.Protocol):
 
         Returns: (name, value) pairs, `options` ``-c name=value`` included.
         Raises: AuthRefused (28000) for settings pgtenant owns (role, search_path, app.*);
-        UnsupportedProtocol for a client_encoding other than UTF8 or
-        standard_conforming_strings off (the statement guard lexes like Postgres only then).
+        UnsupportedProtocol for a client-only client_encoding (SJIS...) or
+        standard_conforming_strings off (the statement guard lexes like Postgres only
+        without them); InvalidParameter for an encoding Postgres does not know.
         """
         pairs = [(k, v) for k, v in params.items()
                  if k not in ("user", "database", "replication", "options")]
@@ -263,11 +267,18 @@ class ClientConnection(asyncio.Protocol):
                 raise AuthRefused(f"startup parameter {name!r} is set by pgtenant for every "
                                   "transaction and cannot be chosen by the client")
             if lname == "client_encoding":
-                if encoding_key(value) not in ("utf8", "unicode"):
-                    raise UnsupportedProtocol(
-                        f"client_encoding {value!r} is not supported: pgtenant speaks UTF8 "
-                        "to clients", hint="connect with client_encoding=UTF8")
-                continue  # the servers speak UTF8 already
+                name_ = canonical(value)
+                if name_ is None:
+                    if encoding_key(value) in UNSAFE:
+                        raise UnsupportedProtocol(
+                            f"client_encoding {value!r} is not supported: its multibyte "
+                            "characters can contain ASCII bytes, which defeats the statement "
+                            "guard", hint="connect with client_encoding=UTF8")
+                    raise InvalidParameter(
+                        f'invalid value for parameter "client_encoding": "{value}"',
+                        hint="use an encoding Postgres knows, such as UTF8 or LATIN1")
+                self.client_encoding = name_  # session state of the servers, not replayed
+                continue
             if lname == "standard_conforming_strings" and not is_on(value):
                 raise UnsupportedProtocol("standard_conforming_strings must be on")
             settings.append((name, value))
@@ -377,12 +388,14 @@ class ClientConnection(asyncio.Protocol):
                          self.app.config.max_message_size,
                          guard=self.app.guard.check,
                          outside_txn=self._outside_transaction_check(tenant_type),
-                         max_prepared=self.app.config.max_prepared_statements)
+                         max_prepared=self.app.config.max_prepared_statements,
+                         client_encoding=self.client_encoding)
         pid, secret = self.app.register_cancel_key(self)
         self.cancel_key = (pid, secret)
         out = [codec.auth_request(AUTH_OK)]
         # What Postgres would report: the server's values, overridden by the client's own.
         chosen = {name.lower(): value for name, value in self.settings}
+        chosen["client_encoding"] = self.client_encoding
         for name in _REPORTED:
             if name.lower() in chosen:
                 out.append(codec.parameter_status(name, chosen[name.lower()]))
@@ -473,7 +486,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.link is not None
         self.server = server
         server.peer = self
-        self.link.attach(server.ctx_state, server.prepared)
+        self.link.attach(server.ctx_state, server.prepared, server.client_encoding)
         if self._writing_paused:
             server.pause_reading()
         else:
@@ -513,6 +526,7 @@ class ClientConnection(asyncio.Protocol):
         if server is None or link is None or not link.can_release or link.pinned:
             return
         dirty = link.session_dirty
+        server.client_encoding = link.server_encoding
         server.ctx_state = link.detach()
         self.server = None
         self._resume_reading("backend")  # that server's buffer is no longer our concern
@@ -590,6 +604,7 @@ class ClientConnection(asyncio.Protocol):
             # Open transaction block, nothing in flight: roll it back, then reuse.
             self.server = None
             server.ctx_state = link.detach()
+            server.client_encoding = ""  # the rollback may revert a SET: switch next time
             self.pool.release_dirty(server)
 
     def _fail(self, error: ProxyError, *, sqlstate: str | None = None) -> None:

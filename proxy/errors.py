@@ -8,6 +8,7 @@ module owns the classes and the SQLSTATE table; it does no I/O.
 | ClientProtocolError   | 08P01    | protocol_violation: the client sent malformed bytes  |
 | ServerProtocolError   | 08P01    | the backend sent something we cannot follow          |
 | UnsupportedProtocol   | 0A000    | feature_not_supported: protocol version/request kind |
+| InvalidParameter      | 22023    | invalid_parameter_value: a startup parameter's value |
 | MessageTooLarge       | 08P01    | a frame above ``max_message_size``                   |
 | AuthFailed            | 28P01    | invalid_password: wrong, expired or revoked token    |
 | AuthRefused           | 28000    | invalid_authorization_specification (policy refusal) |
@@ -31,6 +32,7 @@ __all__ = [
     "ClientProtocolError",
     "ConfigError",
     "ContextError",
+    "InvalidParameter",
     "LoginTimeout",
     "MessageTooLarge",
     "PoolClosed",
@@ -86,6 +88,10 @@ class MessageTooLarge(ClientProtocolError):
 
 class UnsupportedProtocol(ProtocolError):
     sqlstate = "0A000"
+
+
+class InvalidParameter(ProtocolError):
+    sqlstate = "22023"
 
 
 class LoginTimeout(ProtocolError):

@@ -19,7 +19,9 @@ from typing import Any, Final
 
 from pglast.parser import ParseError, parse_sql_json
 
-from .protocol.sql import encoding_key, ends_transaction, is_on
+from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
+from .protocol.encoding import encoding_key
+from .protocol.sql import ends_transaction, is_on
 
 __all__ = ["ALWAYS_PROTECTED", "Guard"]
 
@@ -37,15 +39,9 @@ _FILE_FUNCS: Final = frozenset({
     "lo_export",
 })
 # Settings that change how Postgres lexes the next query. The guard reads text the way
-# libpg_query does (UTF-8 compatible bytes, standard_conforming_strings on); a client encoding
-# whose multibyte characters may contain ASCII bytes (Postgres's client-only encodings), or
-# backslash escapes in plain literals, would let Postgres see statements the guard read as
-# the inside of a string literal. Names normalised as Postgres does (encnames.c).
-_UNSAFE_ENCODINGS: Final = frozenset({
-    "sjis", "shiftjis", "mskanji", "win932", "windows932", "shiftjis2004", "big5", "win950",
-    "windows950", "gbk", "win936", "windows936", "cp936", "uhc", "win949", "windows949",
-    "gb18030", "johab",
-})
+# libpg_query does (UTF-8 compatible bytes, standard_conforming_strings on); a client-only
+# encoding (see protocol/encoding.py), or backslash escapes in plain literals, would let
+# Postgres see statements the guard read as the inside of a string literal.
 _LEXER_SETTINGS: Final = frozenset({"client_encoding", "standard_conforming_strings"})
 # Only texts with one of these words can be refused; everything else skips the parser.
 _SUSPECT = re.compile(

@@ -78,6 +78,9 @@ class ServerConnection(asyncio.Protocol):
         # first (the tracker adds, evicts and forgets; see issue #4).
         # (True: prepared; False: stale, may or may not exist: Close before the next Parse.)
         self.prepared: OrderedDict[bytes, bool] = OrderedDict()
+        # The session's client_encoding, as the last client left it (the tracker switches
+        # it to the next client's before that client's first message; see Link.encoding).
+        self.client_encoding = "UTF8"
         self.login: LoginResult | None = None
         self.created_at = time.monotonic()
         self.last_used = self.created_at
@@ -111,6 +114,8 @@ class ServerConnection(asyncio.Protocol):
                     server_login(self.dsn.user, self.dsn.password, self.dsn.dbname,
                                  [*self.dsn.params, *params])
                 )
+                self.client_encoding = dict(self.login.parameters).get("client_encoding",
+                                                                       "UTF8")
         except TimeoutError as exc:
             self.close()
             raise ServerUnavailable(

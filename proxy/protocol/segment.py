@@ -47,7 +47,7 @@ class Segment:
     """One request the server will close with one ReadyForQuery."""
 
     __slots__ = ("await_first", "drop", "expect", "extended", "failed", "heal", "hide_z",
-                 "pins", "replay", "rollback", "sets", "shift", "split", "synced",
+                 "ours", "pins", "replay", "rollback", "sets", "shift", "split", "synced",
                  "txn_control")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
@@ -56,6 +56,7 @@ class Segment:
         self.await_first = await_first  # injected Query: no client reply seen yet
         self.txn_control = False
         self.hide_z = False  # closed by a Sync the proxy inserted: its Z is not the client's
+        self.ours = False  # a request of the proxy's own: no reply of it is the client's
         self.failed = False  # an ErrorResponse arrived for it
         self.split = False  # the first part of a client batch cut at a transaction end
         self.extended = False  # opened by an extended-protocol message

@@ -17,7 +17,7 @@ from typing import Any, Final
 from pglast.parser import ParseError, parse_sql_json
 
 __all__ = [
-    "DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "TXN_END", "classify", "encoding_key",
+    "DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "TXN_END", "classify",
     "ends_transaction", "is_on", "local_command",
     "plain_sets",
 ]
@@ -106,12 +106,6 @@ def ends_transaction(stmt: dict[str, Any]) -> bool:
     PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED, or a CALL whose procedure may commit)."""
     txn = stmt.get("TransactionStmt")
     return "CallStmt" in stmt or (txn is not None and txn.get("kind") in _ENDING_KINDS)
-
-
-def encoding_key(name: str) -> str:
-    """Returns: an encoding name as Postgres compares them (encnames.c: lower case,
-    alphanumerics only), e.g. "Shift-JIS" -> "shiftjis"."""
-    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def is_on(value: str) -> bool:

@@ -66,9 +66,9 @@ from .inject import (
     Q_DROP,
     Injection,
 )
+from .refusal import FUNCTION_CALL_REFUSAL, check_statement_name, refusal_sql, refused_parse
 from .replay import LIMIT as REPLAY_LIMIT
 from .replay import Replay
-from .refusal import FUNCTION_CALL_REFUSAL, check_statement_name, refusal_sql, refused_parse
 from .segment import (
     DROP,
     FWD,
@@ -174,8 +174,15 @@ class Link:
     def __init__(self, injection: Injection, max_message_size: int,
                  guard: Callable[[bytes], str | None] | None = None,
                  outside_txn: Callable[[bytes], bool] | None = None,
-                 max_prepared: int = 200):
+                 max_prepared: int = 200, client_encoding: str = "UTF8"):
         self.injection = injection
+        # client_encoding is the server session's, not replayed per transaction: Postgres
+        # decodes a message with the encoding in force when it arrives, so a change must come
+        # before the client's text (protocol/encoding.py says which encodings are served).
+        # Both are canonical names, as Postgres reports them; both follow the ParameterStatus
+        # of the client's own statements (SET, RESET, rollback, set_config alike).
+        self.encoding = client_encoding  # the client's
+        self.server_encoding = "UTF8"  # the attached server session's
         # Named prepared statements (issue #4): the client's names map to proxy-global names
         # keyed by (text, parameter types, search_path), prepared lazily on each server.
         self.max_prepared = max_prepared
@@ -236,9 +243,11 @@ class Link:
 
     # ------------------------------------------------------------------ attachment
 
-    def attach(self, ctx_state: int, prepared: OrderedDict[bytes, bool] | None = None) -> None:
+    def attach(self, ctx_state: int, prepared: OrderedDict[bytes, bool] | None = None,
+               server_encoding: str = "UTF8") -> None:
         """A server was attached; it is idle and clean (pool invariant)."""
         self.attached = True
+        self.server_encoding = server_encoding
         self.prepared = prepared if prepared is not None else OrderedDict()
         self._pass = _PASS_ALL
         self.pending.clear()
@@ -306,6 +315,16 @@ class Link:
         expect.extend(([K_BIND, DROP, None], [K_EXEC, DROP, None], [K_CLOSE, DROP, None]))
         seg.expect = expect
         return seg
+
+    def _switch_encoding(self, out: bytearray) -> None:
+        """Before a transaction's first message: give the server's session the client's
+        encoding, in a hidden Query of its own (its replies are the proxy's)."""
+        out += codec.query(f"SET client_encoding TO '{self.encoding}'")
+        self._unnamed_here = False  # a simple Query destroys the unnamed statement
+        seg = Segment(1)  # CommandComplete; the ParameterStatus is hidden too (_special)
+        seg.hide_z = seg.ours = True
+        self._push(seg)
+        self.server_encoding = self.encoding
 
     def _expect(self, kind: int, action: int, data: object = None) -> bytes:
         """Record the reply owed for one request of the open extended segment.
@@ -515,6 +534,10 @@ class Link:
                     outcome = HOLD
                     self.held = True
                     break
+                if inject and self.encoding != self.server_encoding:
+                    out += buf[span:pos]
+                    span = pos
+                    self._switch_encoding(out)
                 if t == _F:
                     refusal: str | None = FUNCTION_CALL_REFUSAL
                     body = b""
@@ -614,6 +637,8 @@ class Link:
                         break
                     out += buf[span:pos]
                     span = pos
+                    if inject and self.encoding != self.server_encoding:
+                        self._switch_encoding(out)
                     if inject:
                         seg = self._ext_injection(out)
                     else:
@@ -899,9 +924,14 @@ class Link:
                     return self._shift_error(bytes(frame[5:]), head.shift)
             return frame
         if t == _S:
-            name, _ = codec.parse_parameter_status(bytes(frame[5:]))
+            name, value = codec.parse_parameter_status(bytes(frame[5:]))
             if name in HIDDEN_PARAMETERS:
                 return None
+            if name == "client_encoding":
+                if head is not None and head.ours:
+                    return None  # the proxy's own switch to the client's encoding
+                self.encoding = self.server_encoding = value
+                return frame
             lname = name.lower()
             if lname in self.managed and not (
                 head is not None and any(n.lower() == lname for n, _ in head.sets)
@@ -969,6 +999,8 @@ class Link:
             return
         current = {name.lower(): (name, value) for name, value in self.injection.settings}
         for name, value in sets:
+            if name.lower() == "client_encoding":
+                continue  # session state of the server, followed through ParameterStatus
             if value is None:
                 current.pop(name.lower(), None)
             else:

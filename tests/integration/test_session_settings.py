@@ -50,8 +50,58 @@ def test_options_settings_apply_and_protected_ones_are_refused(proxy: ProxyProce
                           ("-c app.tenant_id=x", "app.tenant_id")):
         with pytest.raises(psycopg.OperationalError, match=word):
             psycopg.connect(**info, options=options)
-    with pytest.raises(psycopg.OperationalError, match="client_encoding"):
-        psycopg.connect(**info, client_encoding="LATIN1")
+    # Client-only encodings would let Postgres and the guard read different statements.
+    with pytest.raises(psycopg.OperationalError, match="client_encoding 'SJIS' is not supp"):
+        psycopg.connect(**info, client_encoding="SJIS")
+    with pytest.raises(psycopg.OperationalError,
+                       match='invalid value for parameter "client_encoding": "KLINGON"'):
+        psycopg.connect(**info, client_encoding="KLINGON")
+
+
+def test_client_encoding_follows_each_client_on_a_shared_server(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """A LATIN1 client and a UTF8 client alternate on one server: each one's text is decoded
+    and its rows encoded in its own encoding (Postgres decodes a message with the encoding in
+    force when it arrives, so the proxy switches the session before the client's text)."""
+    proxy = start_proxy(pool_size=1)
+    sql = "SELECT 'café', length('café'), octet_length('café'), pg_backend_pid()"
+    with psycopg.connect(**proxy.conninfo("acme"), client_encoding="latin1",
+                         autocommit=True) as latin, \
+            psycopg.connect(**proxy.conninfo("initech"), autocommit=True) as utf:
+        assert latin.info.parameter_status("client_encoding") == "LATIN1"
+        pids = set()
+        for _ in range(3):
+            row = latin.execute(sql).fetchone()
+            assert row[:3] == ("café", 4, 5)  # 0xE9 reached Postgres as LATIN1, not UTF8
+            pids.add(row[3])
+            assert latin.execute("SHOW client_encoding").fetchone() == ("LATIN1",)
+            with latin.transaction():
+                assert latin.execute(sql).fetchone()[:3] == ("café", 4, 5)
+            row = utf.execute(sql).fetchone()
+            assert row[:3] == ("café", 4, 5)
+            pids.add(row[3])
+            assert utf.execute("SHOW client_encoding").fetchone() == ("UTF8",)
+        assert len(pids) == 1  # really one server, switched back and forth
+        # No switch was ever reported to either client.
+        assert latin.info.parameter_status("client_encoding") == "LATIN1"
+        assert utf.info.parameter_status("client_encoding") == "UTF8"
+        # The client's own SET is its session's, reported as Postgres reports it, and a
+        # SET rolled back with its transaction is undone for the client too.
+        utf.execute("SET client_encoding TO 'LATIN1'")
+        assert utf.info.parameter_status("client_encoding") == "LATIN1"
+        assert utf.execute(sql).fetchone()[:3] == ("café", 4, 5)
+        assert latin.execute("SHOW client_encoding").fetchone() == ("LATIN1",)
+        assert utf.execute("SHOW client_encoding").fetchone() == ("LATIN1",)
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            with latin.transaction():
+                latin.execute("SET client_encoding TO 'UTF8'")
+                latin.execute("SELECT 1/0")
+        assert latin.info.parameter_status("client_encoding") == "LATIN1"
+        assert latin.execute(sql).fetchone()[:3] == ("café", 4, 5)
+        utf.execute("RESET client_encoding")
+        assert utf.execute("SHOW client_encoding").fetchone() == (
+            utf.info.parameter_status("client_encoding"),)
 
 
 def test_plain_set_is_replayed_in_later_transactions_and_reset_undoes_it(

@@ -531,7 +531,7 @@ def test_plan_change_is_healed_when_the_batch_describes_its_portal() -> None:
 
 
 def test_plan_change_is_healed_only_once() -> None:
-    link, global_name = _prepared_link("SELECT * FROM t")
+    link, _ = _prepared_link("SELECT * FROM t")
     client_sends(link, codec.bind("", "q", []) + DESCRIBE_PORTAL + codec.execute("", 0)
                  + codec.sync())
     server_sends(link, INJ_AGAIN + PLAN_CHANGED + Z_I)
@@ -558,7 +558,7 @@ def test_plan_change_is_the_clients_when_it_executes_without_describing() -> Non
 def test_plan_change_is_not_healed_when_the_bind_is_not_first(before: bytes) -> None:
     link, _ = _prepared_link("SELECT * FROM t")
     batch = before + codec.bind("", "q", []) + DESCRIBE_PORTAL + codec.execute("", 0)
-    out, _, _ = client_sends(link, batch + codec.sync())
+    client_sends(link, batch + codec.sync())
     assert link.pending[-1].replay is None
 
 
