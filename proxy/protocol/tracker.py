@@ -424,9 +424,17 @@ class Link:
             seg.rollback = True
         if flags & TXN_CONTROL:
             self._mark_txn(seg)
-        sets = plain_sets(sql) if flags & SESSION_STATE else None
+        sets = self._replayable_sets(sql) if flags & SESSION_STATE else None
         self._session_effects(seg, flags, sets or ())
         return flags
+
+    def _replayable_sets(self, sql: bytes) -> tuple[tuple[str, str | None], ...] | None:
+        """The plain SETs of ``sql`` the proxy can replay, or None (then the server that
+        runs it is pinned instead): the proxy reads text as UTF-8, so a non-ASCII value from
+        a client in another encoding would be replayed garbled."""
+        if self.encoding not in ("UTF8", "SQL_ASCII") and not sql.isascii():
+            return None
+        return plain_sets(sql)
 
     def _session_effects(self, seg: Segment, flags: int,
                          sets: tuple[tuple[str, str | None], ...]) -> None:
@@ -686,7 +694,7 @@ class Link:
                     # What the statement does is noted now and applied at each Bind: a named
                     # statement may run again in later transactions, on other servers.
                     flags = classify(sql)
-                    sets = plain_sets(sql) if flags & SESSION_STATE else None
+                    sets = self._replayable_sets(sql) if flags & SESSION_STATE else None
                     self._stmt_txn[name] = flags
                     self._stmt_sets[name] = sets or ()
                 elif t == _B:

@@ -144,3 +144,16 @@ def test_deallocate_all_and_discard_all_are_understood(proxy: ProxyProcess) -> N
         assert conn.execute("SHOW TimeZone").fetchone()[0] != "Asia/Tokyo"  # forgotten
         assert conn.execute("SELECT current_setting('app.tenant_id')").fetchone() == (
             str(proxy.env.tenants["acme"].org_id),)  # the tenant context, of course, stays
+
+
+def test_non_ascii_set_of_a_non_utf8_client_keeps_its_value(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """The proxy reads SQL as UTF-8, so it cannot replay a LATIN1 value: the server that ran
+    the SET stays with the client instead, and the value holds."""
+    proxy = start_proxy(pool_size=2)
+    with psycopg.connect(**proxy.conninfo("acme"), client_encoding="LATIN1",
+                         autocommit=True) as conn:
+        conn.execute("SET custom.label = 'café'")
+        for _ in range(3):
+            assert conn.execute("SHOW custom.label").fetchone() == ("café",)
