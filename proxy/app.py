@@ -13,16 +13,19 @@ import signal
 import time
 
 import asyncpg
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from .client import ClientConnection
-from .config import Config
+from .config import Config, parse_listen
 from .control.hardening import check_lockdown, fetch_signing_key
 from .control.init import static_role
 from .errors import ConfigError, ContextError, QueryCanceled, ServerUnavailable
 from .guard import Guard
+from .http import HttpEndpoint
 from .identity.jwt import build_verifier
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
+from .metrics import Collector, Metrics
 from .pool import Pool
 from .server import send_cancel
 from .tls import backend_tls, client_context
@@ -52,6 +55,14 @@ class App:
         self.clients: dict[ClientConnection, None] = {}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.auth_failures = 0
+        self.metrics = Metrics(config.metrics.top_tenants)
+        # Our own registry (not prometheus-client's global one): one per App, so several
+        # Apps in one process (tests) never clash; process_* series come with it.
+        self.registry_prom = CollectorRegistry()
+        self.registry_prom.register(Collector(self))
+        ProcessCollector(registry=self.registry_prom)
+        self.http: HttpEndpoint | None = None
+        self.stopping = False
         self._server: asyncio.Server | None = None
         self._janitor: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
@@ -115,6 +126,15 @@ class App:
                 log.warning("%s; clients of it are refused until it can be verified", exc.message)
         # Before "listening on": revocations must be heard from the first login on.
         await self.registry.start()
+        if self.config.metrics.listen is not None:
+            mhost, mport = parse_listen(self.config.metrics.listen, "metrics.listen")
+            self.http = HttpEndpoint(self.registry_prom, self.not_ready_reasons)
+            try:
+                await self.http.start(mhost, mport)
+            except OSError as exc:
+                raise ConfigError(f"metrics.listen: cannot listen on {mhost}:{mport}: "
+                                  f"{exc.strerror}") from exc
+            log.info("pgtenant: metrics on http://%s:%d/metrics", mhost, self.http.port)
         log.info("pgtenant: listening on %s:%d (databases: %s)", host, port,
                  ", ".join(self.pools))
 
@@ -161,6 +181,16 @@ class App:
         finally:
             await conn.close()
 
+    def not_ready_reasons(self) -> list[str]:
+        """Returns: why clients cannot be served right now (empty: ready)."""
+        reasons = []
+        if self._server is None or self.stopping:
+            reasons.append("not accepting clients")
+        for name, pool in self.pools.items():
+            if not pool.verified:
+                reasons.append(f"database {name!r} not verified yet (backend unreachable?)")
+        return reasons
+
     @property
     def port(self) -> int:
         assert self._server is not None
@@ -177,8 +207,11 @@ class App:
                 client.check_login_timeout(now)
 
     async def stop(self) -> None:
+        self.stopping = True
         if self._server is not None:
             self._server.close()
+        if self.http is not None:
+            await self.http.close()
         if self._janitor is not None:
             self._janitor.cancel()
         for client in list(self.clients):

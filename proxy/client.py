@@ -14,7 +14,7 @@ import struct
 import time
 from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .config import TenantTypeConfig, is_loopback
 from .errors import (
@@ -29,6 +29,7 @@ from .errors import (
     UnsupportedProtocol,
 )
 from .identity.context import TenantContext, build_context
+from .metrics import LabelStats, TenantStats
 from .protocol import codec
 from .protocol.constants import (
     AUTH_CLEARTEXT,
@@ -66,6 +67,16 @@ _REPORTED = (
 )
 
 
+# Login failures by cause, for pgtenant_auth_failures_total{reason}.
+_AUTH_REASONS: Final = {
+    "AuthFailed": "invalid_token", "AuthRefused": "refused",
+    "UnknownDatabase": "unknown_database", "LoginTimeout": "login_timeout",
+    "UnsupportedProtocol": "bad_startup", "InvalidParameter": "bad_startup",
+    "ClientProtocolError": "protocol_error", "MessageTooLarge": "protocol_error",
+    "ContextError": "no_context", "ProxyError": "too_many_connections",
+}
+
+
 class ClientState(Enum):
     STARTUP = "startup"  # waiting for SSLRequest/StartupMessage/CancelRequest
     PASSWORD = "password"  # AuthenticationCleartextPassword sent
@@ -101,6 +112,12 @@ class ClientConnection(asyncio.Protocol):
         self._pause_reasons: set[str] = set()
         self._writing_paused = False
         self._auth_task: asyncio.Task[None] | None = None
+        # Metrics (metrics.py): the label set's and the tenant's counters, once logged in.
+        self.tenant_type = ""
+        self.stats: LabelStats | None = None
+        self.tenant_stats: TenantStats | None = None
+        self._attached_at = 0.0
+        self._wait_started = 0.0
 
     def __repr__(self) -> str:
         tenant = self.context.identity.slug if self.context else "-"
@@ -123,10 +140,20 @@ class ClientConnection(asyncio.Protocol):
                 ProxyError("too many client connections (max_client_conn)"), sqlstate="53300"
             )
 
+    @property
+    def metrics_state(self) -> str:
+        """Returns: login, waiting, active (holds a server) or idle."""
+        if self.state is not ClientState.READY:
+            return "login"
+        if self.waiting:
+            return "waiting"
+        return "active" if self.server is not None else "idle"
+
     def data_received(self, data: bytes) -> None:
         if self.state is ClientState.READY:
             link = self.link
-            assert link is not None
+            assert link is not None and self.stats is not None
+            self.stats.bytes_received += len(data)
             link.cbuf += data
             if self.server is not None or not self.waiting:
                 self._pump()
@@ -390,6 +417,12 @@ class ClientConnection(asyncio.Protocol):
                          outside_txn=self._outside_transaction_check(tenant_type),
                          max_prepared=self.app.config.max_prepared_statements,
                          client_encoding=self.client_encoding)
+        ident = self.context.identity
+        self.tenant_type = ident.tenant_type
+        self.stats = self.app.metrics.labels(self.database, ident.tenant_type)
+        self.tenant_stats = self.app.metrics.tenant(self.database, ident.tenant_type, ident.slug)
+        self.link.stats = self.stats
+        self.link.clock = time.monotonic
         pid, secret = self.app.register_cancel_key(self)
         self.cancel_key = (pid, secret)
         out = [codec.auth_request(AUTH_OK)]
@@ -477,14 +510,23 @@ class ClientConnection(asyncio.Protocol):
             return False
         if server is None:
             self.waiting = True
+            self._wait_started = time.monotonic()
             self._pause_reading("wait")
             return False
+        self._waited(0.0)
         self._attach(server)
         return True
+
+    def _waited(self, seconds: float) -> None:
+        assert self.stats is not None and self.tenant_stats is not None
+        self.stats.wait_seconds.observe(seconds)
+        self.tenant_stats.wait_count += 1
+        self.tenant_stats.wait_total += seconds
 
     def _attach(self, server: ServerConnection) -> None:
         assert self.link is not None
         self.server = server
+        self._attached_at = time.monotonic()
         server.peer = self
         self.link.attach(server.ctx_state, server.prepared, server.client_encoding)
         if self._writing_paused:
@@ -499,6 +541,7 @@ class ClientConnection(asyncio.Protocol):
             assert self.pool is not None
             self.pool.release(server)
             return
+        self._waited(time.monotonic() - self._wait_started)
         self._attach(server)
         self._resume_reading("wait")
         self._pump()
@@ -513,6 +556,9 @@ class ClientConnection(asyncio.Protocol):
         if self.state is not ClientState.READY or self.link is None:
             self._fail(error)
             return
+        self._waited(time.monotonic() - self._wait_started)
+        assert self.stats is not None
+        self.stats.error(error.sqlstate)
         log.warning("transaction refused: client=%s user=%s db=%s tenant=%s reason=%s: %s",
                     self.peer_host, self.user, self.database, self.link.injection.context
                     .identity.slug, error.reason, error.message)
@@ -529,6 +575,7 @@ class ClientConnection(asyncio.Protocol):
         server.client_encoding = link.server_encoding
         server.ctx_state = link.detach()
         self.server = None
+        self._transaction_done()
         self._resume_reading("backend")  # that server's buffer is no longer our concern
         assert self.pool is not None
         if dirty:
@@ -537,6 +584,13 @@ class ClientConnection(asyncio.Protocol):
             self.pool.discard(server)
         else:
             self.pool.release(server)
+
+    def _transaction_done(self) -> None:
+        """The server goes back (or away): one transaction, in PgBouncer's sense, ended."""
+        assert self.stats is not None and self.tenant_stats is not None
+        self.stats.transactions += 1
+        self.stats.transaction_seconds.observe(time.monotonic() - self._attached_at)
+        self.tenant_stats.transactions += 1
 
     def server_data(self, data: bytes) -> None:
         link = self.link
@@ -550,6 +604,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if chunks and self.transport is not None:
             self.transport.writelines(chunks)
+            assert self.stats is not None
+            for chunk in chunks:
+                self.stats.bytes_sent += len(chunk)
         if resume:
             self._pump()
         else:
@@ -583,6 +640,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.link is not None and self.pool is not None
         state = self.link.detach()
         server.ctx_state = state
+        self._transaction_done()
         self._resume_reading("backend")
         self.pool.discard(server, out_of_sync=out_of_sync)
 
@@ -604,6 +662,7 @@ class ClientConnection(asyncio.Protocol):
             # Open transaction block, nothing in flight: roll it back, then reuse.
             self.server = None
             server.ctx_state = link.detach()
+            self._transaction_done()
             server.client_encoding = ""  # the rollback may revert a SET: switch next time
             self.pool.release_dirty(server)
 
@@ -614,6 +673,10 @@ class ClientConnection(asyncio.Protocol):
         code = sqlstate or error.sqlstate
         if self.server is not None and self.link is not None and self.link.in_transaction:
             self._drop_server(out_of_sync=True)
+        if self.stats is not None:
+            self.stats.error(code)
+        elif self.state is not ClientState.READY:
+            self.app.metrics.auth_failure(_AUTH_REASONS.get(error.reason, "other"))
         self._write(codec.error_response(
             code, error.message, severity="FATAL", detail=error.detail, hint=error.hint
         ))
@@ -653,6 +716,8 @@ class ClientConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+            if self.stats is not None:
+                self.stats.bytes_sent += len(data)
 
     def _pause_reading(self, reason: str) -> None:
         paused = bool(self._pause_reasons)

@@ -29,12 +29,14 @@ __all__ = [
     "DatabaseConfig",
     "Dsn",
     "JwtConfig",
+    "MetricsConfig",
     "TenantTypeConfig",
     "TlsConfig",
     "is_loopback",
     "load_config",
     "parse_config",
     "parse_dsn",
+    "parse_listen",
 ]
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -152,6 +154,21 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus endpoint (``/metrics``, ``/healthz``, ``/readyz``)."""
+
+    listen: str | None = field(
+        default=None,
+        metadata=_doc("host:port of the HTTP endpoint; unset: no endpoint", reload=False),
+    )
+    top_tenants: int = field(
+        default=20,
+        metadata=_doc("tenants with their own per-tenant series (the busiest); the rest are "
+                      "summed as tenant=\"other\""),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TlsConfig:
     """``[tls]``: TLS towards clients (cert + key) and towards the backend."""
 
@@ -261,6 +278,7 @@ class Config:
     )
     control: ControlConfig = field(default_factory=ControlConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     jwt: JwtConfig = field(default_factory=JwtConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
     tenant_types: Mapping[str, TenantTypeConfig] = field(default_factory=dict)
@@ -302,11 +320,12 @@ def _positive(value: float, key: str) -> None:
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
 
 
-def _parse_listen(value: Any) -> tuple[str, int]:
-    text = _typed(value, str, "listen")
+def parse_listen(value: Any, key: str = "listen") -> tuple[str, int]:
+    """Returns: (host, port) of a ``host:port`` text. Raises: ConfigError naming ``key``."""
+    text = _typed(value, str, key)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"listen: expected 'host:port', got {text!r}")
+        raise ConfigError(f"{key}: expected 'host:port', got {text!r}")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 
@@ -340,10 +359,11 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     top_fields = {f.name for f in dataclasses.fields(Config)}
     _reject_unknown(data, top_fields, "")
     simple = {k: v for k, v in data.items()
-              if k not in ("listen", "control", "databases", "tenant_types", "tls", "jwt")}
+              if k not in ("listen", "control", "databases", "tenant_types", "tls", "jwt",
+                           "metrics")}
     kwargs: dict[str, Any] = _parse_simple(simple, Config, "")
     if "listen" in data:
-        kwargs["listen"] = _parse_listen(data["listen"])
+        kwargs["listen"] = parse_listen(data["listen"])
     for key in ("max_client_conn", "max_message_size", "max_prepared_statements",
                 "query_wait_timeout",
                 "client_login_timeout", "server_connect_timeout", "token_cache_ttl",
@@ -419,8 +439,14 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if unknown_algs:
         raise ConfigError(f"jwt.algorithms: unsupported {sorted(unknown_algs)}; "
                           "use HS256, RS256 or ES256")
+    metrics = MetricsConfig(**_parse_simple(_typed(data.get("metrics", {}), dict, "metrics"),
+                                            MetricsConfig, "metrics"))
+    if metrics.listen is not None:
+        parse_listen(metrics.listen, "metrics.listen")
+    if metrics.top_tenants < 0:
+        raise ConfigError("metrics.top_tenants: must not be negative")
     return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types,
-                  tls=tls, jwt=jwt)
+                  tls=tls, jwt=jwt, metrics=metrics)
 
 
 _SIMPLE_TYPES: dict[str, tuple[type, bool]] = {

@@ -55,6 +55,7 @@ _SUSPECT = re.compile(
 _TXN_END = re.compile(rb"(?i)\b(commit|rollback|end|abort|prepare|call)\b")
 _CHAIN = re.compile(rb"(?i)\bchain\b")
 _CACHE_MAX = 10_000
+_SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _NOT_IN_TXN_HINT = (
     "pgtenant runs every tenant transaction inside a transaction block that carries the "
     "tenant's context; run this statement with an admin connection to Postgres instead"
@@ -63,6 +64,8 @@ _NOT_IN_TXN_HINT = (
 
 class Refusal(Exception):
     """Internal: carries the message of the first rule a statement breaks."""
+
+    rule: str | None = None  # metrics label; set to the parse-node kind when not given
 
 
 class NotInTransaction(Refusal):
@@ -80,9 +83,10 @@ class Guard:
         names = [p.lower() for p in protected_settings]
         self._exact = frozenset(ALWAYS_PROTECTED) | {n for n in names if not n.endswith(".")}
         self._prefixes = tuple(n for n in names if n.endswith("."))
-        self._cache: dict[bytes, str | None] = {}
+        self._cache: dict[bytes, tuple[str, str] | None] = {}  # text -> (message, rule)
         self._outside: dict[bytes, str] = {}  # single statements refused only for NotInTransaction
         self.refusals = 0
+        self.refusals_by_rule: dict[str, int] = {}  # pgtenant_guard_refusals_total{rule}
 
     def check(self, sql: bytes) -> str | None:
         """Judge one Query or Parse text.
@@ -94,16 +98,19 @@ class Guard:
         Text without a suspect word is not parsed, so typos there get Postgres's own error.
         """
         verdict = self._cache.get(sql, False)
-        if verdict is not False:
-            return verdict  # type: ignore[return-value]
-        suspect = (_SUSPECT.search(sql) is not None or _CHAIN.search(sql) is not None
-                   or (b";" in sql and _TXN_END.search(sql) is not None))
-        verdict = self._judge(sql) if suspect else None
-        if len(self._cache) >= _CACHE_MAX:
-            self._cache.clear()
-            self._outside.clear()
-        self._cache[sql] = verdict
-        return verdict
+        if verdict is False:
+            suspect = (_SUSPECT.search(sql) is not None or _CHAIN.search(sql) is not None
+                       or (b";" in sql and _TXN_END.search(sql) is not None))
+            verdict = self._judge(sql) if suspect else None
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+                self._outside.clear()
+            self._cache[sql] = verdict
+        if verdict is None:
+            return None
+        message, rule = verdict  # type: ignore[misc]
+        self.refusals_by_rule[rule] = self.refusals_by_rule.get(rule, 0) + 1
+        return message
 
     def outside_transaction_kind(self, sql: bytes) -> str | None:
         """Returns: e.g. "VACUUM" when ``check`` refused ``sql`` (a single statement) only
@@ -119,7 +126,7 @@ class Guard:
 
     # ------------------------------------------------------------------ rules
 
-    def _judge(self, sql: bytes) -> str | None:
+    def _judge(self, sql: bytes) -> tuple[str, str] | None:
         stmts: list[dict[str, Any]] = []
         try:
             tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
@@ -130,16 +137,18 @@ class Guard:
         except NotInTransaction as refusal:
             if len(stmts) == 1:
                 self._outside[sql] = refusal.what
-            return f"pgtenant: {refusal}"
+            return f"pgtenant: {refusal}", "not_in_transaction"
         except Refusal as refusal:
-            return f"pgtenant: {refusal}"
+            return f"pgtenant: {refusal}", refusal.rule or "statement"
         except RecursionError:  # cannot be checked, so it does not run (fail closed)
-            return "pgtenant: statement is nested too deeply for the statement guard"
+            return ("pgtenant: statement is nested too deeply for the statement guard",
+                    "too_deep")
         except ParseError as exc:
             return (f"pgtenant: the statement guard cannot parse this text ({exc}), so it was "
-                    "not run")
+                    "not run", "unparsable")
         except ValueError:
-            return "pgtenant: the statement guard cannot read this text, so it was not run"
+            return ("pgtenant: the statement guard cannot read this text, so it was not run",
+                    "unreadable")
         return None
 
     def _walk(self, node: Any) -> None:
@@ -152,7 +161,12 @@ class Guard:
         for key, value in node.items():
             rule = _RULES.get(key)
             if rule is not None:
-                rule(self, value)
+                try:
+                    rule(self, value)
+                except Refusal as refusal:
+                    if refusal.rule is None:  # "VariableSetStmt" -> "variable_set"
+                        refusal.rule = _SNAKE.sub("_", key.removesuffix("Stmt")).lower()
+                    raise
             if isinstance(value, (dict, list)):
                 self._walk(value)
 
@@ -253,8 +267,11 @@ def _check_lexer_setting(name: str, value: str | None) -> None:
 
 def _no_statements_after_transaction_end(stmt: dict[str, Any]) -> None:
     if ends_transaction(stmt):
-        raise Refusal("statements after COMMIT, ROLLBACK or CALL in the same query would run "
-                      "outside the tenant's transaction context; send them as a separate query")
+        refusal = Refusal("statements after COMMIT, ROLLBACK or CALL in the same query would "
+                          "run outside the tenant's transaction context; send them as a "
+                          "separate query")
+        refusal.rule = "after_transaction_end"
+        raise refusal
 
 
 def _transaction(_guard: Guard, stmt: dict[str, Any]) -> None:

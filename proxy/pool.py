@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from .config import Config, DatabaseConfig
 from .errors import PoolClosed, PoolTimeout, ProxyError, ServerUnavailable
+from .metrics import CONNECT_BUCKETS, Histogram
 from .protocol.tracker import CTX_NONE
 from .server import ServerConnection, ServerState, send_cancel
 from .tls import BackendTls
@@ -50,6 +51,7 @@ class Pool:
         self.waiting: dict[Waiter, float] = {}  # insertion order = FIFO; value = deadline
         self.server_params: dict[str, str] = {}
         self.out_of_sync = 0  # servers closed because a client left them mid-protocol
+        self.connect_seconds = Histogram(CONNECT_BUCKETS)
         self.connect_errors = 0
         self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -87,6 +89,10 @@ class Pool:
         return sum(len(d) for d in self.containers.values())
 
     # ------------------------------------------------------------------ acquire / release
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self.waiting)
 
     def acquire(self, waiter: Waiter) -> ServerConnection | None:
         """Take an idle server for ``waiter`` now, or queue it (FIFO).
@@ -185,8 +191,10 @@ class Pool:
         return server
 
     async def _connect(self, server: ServerConnection) -> None:
+        started = self.clock()
         try:
             await server.connect(self.config.server_connect_timeout, self._login_params)
+            self.connect_seconds.observe(self.clock() - started)
         except ProxyError as exc:
             self.connect_errors += 1
             log.error("database=%s server connect failed: %s", self.db.name, exc.message)

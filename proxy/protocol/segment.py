@@ -48,7 +48,7 @@ class Segment:
 
     __slots__ = ("await_first", "drop", "expect", "extended", "failed", "heal", "hide_z",
                  "ours", "pins", "replay", "rollback", "sets", "shift", "split", "synced",
-                 "txn_control")
+                 "t0", "txn_control")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
@@ -71,3 +71,4 @@ class Segment:
         # (see replay.py), and whether that is happening: its error and Z are hidden.
         self.replay: Replay | None = None
         self.heal = False
+        self.t0 = 0.0  # when it was sent (for pgtenant_query_duration_seconds)

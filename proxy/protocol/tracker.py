@@ -53,7 +53,7 @@ import re
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ..errors import ClientProtocolError, MessageTooLarge, ServerProtocolError
 from . import codec
@@ -92,6 +92,9 @@ from .sql import (
     local_command,
     plain_sets,
 )
+
+if TYPE_CHECKING:
+    from ..metrics import LabelStats
 
 __all__ = [
     "CTX_NONE",
@@ -164,6 +167,10 @@ _STMT_PREFIX: Final = b"__pgtenant_p"
 _UNKNOWN_TXN: Final = 0
 
 
+def _no_clock() -> float:
+    return 0.0
+
+
 class Link:
     """Client session protocol state plus the state of the link to the attached server.
 
@@ -207,6 +214,9 @@ class Link:
         # Whether a refused statement may run outside a transaction block for this tenant.
         self.outside_txn = outside_txn
         self.refused = 0
+        # The client's (database, tenant type) counters (metrics.py), set by its owner.
+        self.stats: LabelStats | None = None
+        self.clock: Callable[[], float] = _no_clock  # the owner's monotonic clock
         self.max_message_size = max_message_size
         self.cbuf = bytearray()  # client bytes not yet handled
         # Server link state: valid while attached, reset by attach().
@@ -413,6 +423,7 @@ class Link:
             self._pass = _PASS_ALL
 
     def _push(self, seg: Segment) -> None:
+        seg.t0 = self.clock()
         self.pending.append(seg)
         if len(self.pending) == 1:
             self._update_pass()
@@ -548,6 +559,8 @@ class Link:
                     self._switch_encoding(out)
                 if t == _F:
                     refusal: str | None = FUNCTION_CALL_REFUSAL
+                    if self.stats is not None:
+                        self.stats.function_calls_refused += 1
                     body = b""
                 else:
                     refusal = self.guard(text) if self.guard is not None else None
@@ -876,6 +889,9 @@ class Link:
             # the Sync): their turn has come.
             owed = b"".join(e[2] for e in head.expect  # type: ignore[misc]
                             if e[1] == SYNTH) if head.expect else b""
+            if not head.hide_z and self.stats is not None:
+                self.stats.queries += 1
+                self.stats.query_seconds.observe(self.clock() - head.t0)
             if head.hide_z:  # our own request's answer; the client's goes on
                 if head.heal:  # the client's batch goes again, in front of anything newer
                     assert head.replay is not None
@@ -894,6 +910,8 @@ class Link:
             if head is None and self._is_fatal(frame):
                 self.unsolicited_fatal = bytes(frame)
                 return None
+            if self.stats is not None:
+                self.stats.error(self._error_code(frame).decode("ascii", "replace"))
             if head is not None:
                 head.failed = True
                 if head.expect is not None:

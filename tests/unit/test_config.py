@@ -16,6 +16,7 @@ from proxy.config import (
     DatabaseConfig,
     Dsn,
     JwtConfig,
+    MetricsConfig,
     TenantTypeConfig,
     TlsConfig,
     is_loopback,
@@ -495,7 +496,8 @@ def _documented_keys(text: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "cls", [Config, ControlConfig, DatabaseConfig, TenantTypeConfig, TlsConfig, JwtConfig],
+    "cls", [Config, ControlConfig, DatabaseConfig, TenantTypeConfig, TlsConfig, JwtConfig,
+            MetricsConfig],
     ids=lambda c: c.__name__,
 )
 def test_every_config_key_is_documented_in_the_example(cls: type) -> None:
@@ -522,6 +524,9 @@ def test_every_config_key_is_documented_in_the_example(cls: type) -> None:
          "unknown config key 'tls.certfile' (did you mean 'cert_file'?)"),
         ({"jwt": {"algorithms": ["none"]}}, "jwt.algorithms: unsupported ['none']"),
         ({"jwt": {"leeway": "1"}}, "jwt.leeway: expected float"),
+        ({"metrics": {"listen": "nowhere"}}, "metrics.listen: expected 'host:port'"),
+        ({"metrics": {"top_tenants": -1}}, "metrics.top_tenants: must not be negative"),
+        ({"metrics": {"port": 9}}, "unknown config key 'metrics.port'"),
     ],
 )
 def test_security_keys_are_validated_naming_the_key(data: dict[str, Any], key: str) -> None:

@@ -130,8 +130,9 @@ def test_verdicts_are_cached_by_text() -> None:
     guard = Guard()
     sql = b"SET ROLE someone"
     first = guard.check(sql)
-    assert guard._cache[sql] == first
+    assert guard._cache[sql] == (first, "variable_set")
     assert guard.check(sql) is first
+    assert guard.refusals_by_rule == {"variable_set": 2}  # counted per refusal, cached or not
 
 
 def test_unparsable_text_with_a_suspect_word_is_refused() -> None:

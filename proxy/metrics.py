@@ -1,0 +1,259 @@
+"""Prometheus metrics (issue #5): plain counters on the hot path, families built at scrape.
+
+The data path only adds to integers and bucket arrays of objects it already holds (one
+``LabelStats`` per (database, tenant type), one ``TenantStats`` per tenant): no locks, no
+label lookups, no allocation per message. ``Collector.collect`` runs on the event loop thread
+(the HTTP endpoint is served there too), reads those numbers plus the pools' and clients'
+current states, and builds the metric families prometheus-client renders.
+
+Per-tenant series are limited to the ``top_tenants`` tenants with the most transactions,
+plus one ``tenant="other"`` series with the rest, so 10,000 tenants cost a bounded number of
+series. (A tenant moving in or out of the top set moves its counts between series, so those
+per-tenant counters may step down; the per-type totals never do.)
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector as _CollectorBase
+
+if TYPE_CHECKING:
+    from .app import App
+
+__all__ = ["CONNECT_BUCKETS", "DURATION_BUCKETS", "WAIT_BUCKETS", "Collector", "Histogram",
+           "LabelStats", "Metrics", "TenantStats"]
+
+DURATION_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                           1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+WAIT_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
+                       30.0, 60.0, 120.0)
+CONNECT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                          5.0, 10.0, 15.0)
+
+
+class Histogram:
+    """Fixed buckets; ``observe`` is one bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Returns: cumulative (le, count) pairs as Prometheus wants them."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+    def merge(self, other: Histogram) -> None:
+        for i, count in enumerate(other.counts):
+            self.counts[i] += count
+        self.total += other.total
+
+
+class LabelStats:
+    """Counters of one (database, tenant type)."""
+
+    __slots__ = ("bytes_received", "bytes_sent", "errors", "function_calls_refused",
+                 "queries", "query_seconds", "transaction_seconds", "transactions",
+                 "wait_seconds")
+
+    def __init__(self) -> None:
+        self.transactions = 0
+        self.queries = 0
+        self.bytes_received = 0  # from clients
+        self.bytes_sent = 0  # to clients
+        self.function_calls_refused = 0
+        self.errors: dict[str, int] = {}  # SQLSTATE class -> ErrorResponses sent to clients
+        self.transaction_seconds = Histogram(DURATION_BUCKETS)
+        self.query_seconds = Histogram(DURATION_BUCKETS)
+        self.wait_seconds = Histogram(WAIT_BUCKETS)
+
+    def error(self, sqlstate: str) -> None:
+        key = sqlstate[:2]
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+
+class TenantStats:
+    """Counters of one tenant (for the top-N series and SHOW TENANTS)."""
+
+    __slots__ = ("queries", "transactions", "wait_count", "wait_total")
+
+    def __init__(self) -> None:
+        self.transactions = 0
+        self.queries = 0
+        self.wait_count = 0
+        self.wait_total = 0.0
+
+
+class Metrics:
+    """The process's counters, by label set."""
+
+    def __init__(self, top_tenants: int = 20):
+        self.top_tenants = top_tenants
+        self.by_label: dict[tuple[str, str], LabelStats] = {}
+        self.tenants: dict[tuple[str, str, str], TenantStats] = {}  # (db, type, slug)
+        self.auth_failures: dict[str, int] = {}  # reason -> count
+
+    def labels(self, database: str, tenant_type: str) -> LabelStats:
+        key = (database, tenant_type)
+        stats = self.by_label.get(key)
+        if stats is None:
+            stats = self.by_label[key] = LabelStats()
+        return stats
+
+    def tenant(self, database: str, tenant_type: str, slug: str) -> TenantStats:
+        key = (database, tenant_type, slug)
+        stats = self.tenants.get(key)
+        if stats is None:
+            stats = self.tenants[key] = TenantStats()
+        return stats
+
+    def auth_failure(self, reason: str) -> None:
+        self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
+
+    def top(self) -> list[tuple[tuple[str, str, str], TenantStats]]:
+        """Returns: the per-tenant series to export: the busiest ``top_tenants`` tenants,
+        then one ``other`` entry per (database, type) with the rest summed."""
+        ranked = sorted(self.tenants.items(), key=lambda kv: kv[1].transactions, reverse=True)
+        out = ranked[: self.top_tenants]
+        rest: dict[tuple[str, str, str], TenantStats] = {}
+        for (db, ttype, _), stats in ranked[self.top_tenants:]:
+            other = rest.setdefault((db, ttype, "other"), TenantStats())
+            other.transactions += stats.transactions
+            other.queries += stats.queries
+            other.wait_count += stats.wait_count
+            other.wait_total += stats.wait_total
+        return out + list(rest.items())
+
+
+def _histogram(name: str, doc: str, labels: list[str],
+               series: Iterable[tuple[list[str], Histogram]]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for values, hist in series:
+        family.add_metric(values, hist.buckets(), hist.total)
+    return family
+
+
+class Collector(_CollectorBase):
+    """Builds every ``pgtenant_*`` family from the running App at scrape time."""
+
+    def __init__(self, app: App):
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        app, m = self.app, self.app.metrics
+        lbl = ["database", "tenant_type"]
+        clients = GaugeMetricFamily("pgtenant_client_connections",
+                                    "Client connections by state", labels=[*lbl, "state"])
+        counts: dict[tuple[str, str, str], int] = {}
+        for client in app.clients:
+            key = (client.database or "", client.tenant_type or "", client.metrics_state)
+            counts[key] = counts.get(key, 0) + 1
+        for ckey, n in sorted(counts.items()):
+            clients.add_metric(list(ckey), n)
+        yield clients
+
+        servers = GaugeMetricFamily("pgtenant_server_connections",
+                                    "Server connections by database and state",
+                                    labels=["database", "state"])
+        connect = []
+        for name, pool in app.pools.items():
+            for state, members in pool.containers.items():
+                servers.add_metric([name, state.value], len(members))
+            connect.append(([name], pool.connect_seconds))
+        yield servers
+        waiting = GaugeMetricFamily("pgtenant_pool_waiting_clients",
+                                    "Transactions waiting for a server", labels=["database"])
+        for name, pool in app.pools.items():
+            waiting.add_metric([name], pool.waiting_count)
+        yield waiting
+        yield _histogram("pgtenant_server_connect_seconds",
+                         "Time to connect and log in to a backend", ["database"], connect)
+
+        label_items = sorted(m.by_label.items())
+
+        def counter(name: str, doc: str, attr: str) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=lbl)
+            for key, stats in label_items:
+                family.add_metric(list(key), getattr(stats, attr))
+            return family
+
+        yield counter("pgtenant_transactions", "Transactions (server hold periods) completed",
+                      "transactions")
+        yield counter("pgtenant_queries", "Client requests (Query or Sync batches) answered",
+                      "queries")
+        yield counter("pgtenant_client_received_bytes", "Bytes received from clients",
+                      "bytes_received")
+        yield counter("pgtenant_client_sent_bytes", "Bytes sent to clients", "bytes_sent")
+        yield _histogram("pgtenant_transaction_duration_seconds",
+                         "How long a transaction held its server", lbl,
+                         ((list(k), s.transaction_seconds) for k, s in label_items))
+        yield _histogram("pgtenant_query_duration_seconds",
+                         "Time from a client request to its ReadyForQuery", lbl,
+                         ((list(k), s.query_seconds) for k, s in label_items))
+        yield _histogram("pgtenant_pool_wait_seconds",
+                         "Time a transaction waited for a server", lbl,
+                         ((list(k), s.wait_seconds) for k, s in label_items))
+        errors = CounterMetricFamily(
+            "pgtenant_errors", "ErrorResponses from servers and the proxy, by SQLSTATE class",
+            labels=[*lbl, "sqlstate_class"])
+        for (db, ttype), stats in label_items:
+            for cls, n in sorted(stats.errors.items()):
+                errors.add_metric([db, ttype, cls], n)
+        yield errors
+
+        auth = CounterMetricFamily("pgtenant_auth_failures", "Failed logins by reason",
+                                   labels=["reason"])
+        for reason, n in sorted(m.auth_failures.items()):
+            auth.add_metric([reason], n)
+        yield auth
+        refusals = CounterMetricFamily("pgtenant_guard_refusals",
+                                       "Statements refused by the statement guard, by rule",
+                                       labels=["rule"])
+        by_rule = dict(app.guard.refusals_by_rule)
+        fcalls = sum(s.function_calls_refused for _, s in label_items)
+        if fcalls:
+            by_rule["function_call_message"] = fcalls
+        for rule, n in sorted(by_rule.items()):
+            refusals.add_metric([rule], n)
+        yield refusals
+        tokens = CounterMetricFamily("pgtenant_token_cache_requests",
+                                     "Token and organisation lookups, by cache result",
+                                     labels=["result"])
+        tokens.add_metric(["hit"], app.registry.hits)
+        tokens.add_metric(["miss"], app.registry.misses)
+        yield tokens
+
+        tlbl = [*lbl, "tenant"]
+        top = m.top()
+        tenant_txn = CounterMetricFamily(
+            "pgtenant_tenant_transactions",
+            "Transactions per tenant (busiest tenants, the rest as tenant=\"other\")",
+            labels=tlbl)
+        tenant_wait = CounterMetricFamily(
+            "pgtenant_tenant_pool_wait_seconds",
+            "Total time each tenant's transactions waited for a server", labels=tlbl)
+        for tkey, tstats in top:
+            tenant_txn.add_metric(list(tkey), tstats.transactions)
+            tenant_wait.add_metric(list(tkey), tstats.wait_total)
+        yield tenant_txn
+        yield tenant_wait
