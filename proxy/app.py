@@ -7,16 +7,18 @@ logic; clients and pools do the work.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import signal
 import time
+from pathlib import Path
 
 import asyncpg
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from .client import ClientConnection
-from .config import Config, parse_listen
+from .config import Config, load_config, parse_listen
 from .control.hardening import check_lockdown, fetch_signing_key
 from .control.init import static_role
 from .errors import ConfigError, ContextError, QueryCanceled, ServerUnavailable
@@ -34,13 +36,15 @@ __all__ = ["App", "serve"]
 
 log = logging.getLogger("pgtenant")
 _JANITOR_INTERVAL = 0.25
+_STATS_PERIOD = 60.0  # PgBouncer's stats_period: SHOW STATS averages cover this long
 
 
 class App:
     """The running proxy."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, config_path: str | Path | None = None):
         self.config = config
+        self.config_path = config_path  # re-read by RELOAD and SIGHUP
         # Built once: a bad cert/key/CA path is a ConfigError at start, not at first client.
         self.client_tls = client_context(config.tls)
         self.server_tls = backend_tls(config.tls)
@@ -63,8 +67,12 @@ class App:
         ProcessCollector(registry=self.registry_prom)
         self.http: HttpEndpoint | None = None
         self.stopping = False
+        self.started_at = time.monotonic()
         self._server: asyncio.Server | None = None
         self._janitor: asyncio.Task[None] | None = None
+        self._shutdown: asyncio.Task[None] | None = None
+        # SHOW STATS averages: totals per database at the start of the stats period.
+        self._stats_prev: dict[str, tuple[float, list[float]]] = {}
         self.stopped = asyncio.Event()
 
     # ------------------------------------------------------------------ client table
@@ -189,7 +197,116 @@ class App:
         for name, pool in self.pools.items():
             if not pool.verified:
                 reasons.append(f"database {name!r} not verified yet (backend unreachable?)")
+            if pool.paused:
+                reasons.append(f"database {name!r} is paused (admin PAUSE)")
         return reasons
+
+    # ------------------------------------------------------------------ admin actions
+
+    def kill_tenant(self, slug: str) -> int | None:
+        """End every client connection of tenant ``slug`` (admin KILL).
+
+        Returns: how many were ended, or None when the tenant is unknown to this proxy.
+        """
+        victims = [c for c in self.clients
+                   if c.context is not None and c.context.identity.slug == slug]
+        for client in victims:
+            client.terminate(f"terminated by the administrator (KILL {slug})")
+        if victims or any(key[2] == slug for key in self.metrics.tenants):
+            log.warning("admin: KILL %s: %d client connection(s) ended", slug, len(victims))
+            return len(victims)
+        return None
+
+    def request_shutdown(self, why: str) -> None:
+        """Stop the proxy soon (admin SHUTDOWN); the caller's reply goes out first."""
+        if self._shutdown is None:
+            log.warning("pgtenant: %s: shutting down", why)
+            self._shutdown = asyncio.get_running_loop().create_task(self.stop())
+
+    def reload(self) -> list[str]:
+        """Re-read the config file and apply what can change while running (RELOAD, SIGHUP).
+
+        Returns: one line per notable outcome (what changed, what needs a restart).
+        Raises: ConfigError (the running config stays as it was).
+        """
+        if self.config_path is None:
+            return ["no config file to reload: the proxy was started from a Config object"]
+        old, new = self.config, load_config(self.config_path)
+        notes: list[str] = []
+        keep: dict[str, object] = {}
+        for f in dataclasses.fields(Config):
+            if getattr(new, f.name) == getattr(old, f.name) or f.name == "databases":
+                continue
+            if not f.metadata.get("reload", True) or f.name in ("tls", "control", "jwt"):
+                notes.append(f"{f.name} changed: takes effect after a restart")
+                keep[f.name] = getattr(old, f.name)
+            elif f.name == "metrics" and new.metrics.listen != old.metrics.listen:
+                notes.append("metrics.listen changed: takes effect after a restart")
+                keep[f.name] = dataclasses.replace(new.metrics, listen=old.metrics.listen)
+            else:
+                notes.append(f"{f.name} changed")
+        databases = dict(new.databases)
+        for name, db in old.databases.items():
+            if name not in databases:
+                notes.append(f"database {name!r} removed: still served until a restart")
+                databases[name] = db
+            elif databases[name].dsn != db.dsn:
+                notes.append(f"databases.{name}.dsn changed: takes effect after a restart")
+                databases[name] = dataclasses.replace(databases[name], dsn=db.dsn)
+            elif databases[name] != db:
+                notes.append(f"databases.{name} changed")
+        for name in databases.keys() - old.databases.keys():
+            notes.append(f"database {name!r} added")
+        config = dataclasses.replace(new, databases=databases, **keep)  # type: ignore[arg-type]
+        self.config = config
+        for name, db in databases.items():
+            pool = self.pools.get(name)
+            if pool is None:
+                pool = self.pools[name] = Pool(db, config, server_tls=self.server_tls)
+                pool.verifier = self._verify_database
+            pool.db, pool.config = db, config
+            pool.dispatch()  # a bigger pool_size may serve waiters now
+        if config.protected_settings != old.protected_settings:
+            counts = self.guard.refusals_by_rule
+            self.guard = Guard(config.protected_settings)  # new sessions; open ones keep theirs
+            self.guard.refusals_by_rule = counts  # one counter across both (monotonic)
+        self.registry.ttl = config.token_cache_ttl
+        self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window,
+                                          config.auth_failure_delay)
+        self.metrics.top_tenants = config.metrics.top_tenants
+        logging.getLogger().setLevel(config.log_level.upper())
+        if not notes:
+            notes.append("no changes")
+        for note in notes:
+            log.info("reload %s: %s", self.config_path, note)
+        return notes
+
+    def database_stats(self, name: str) -> tuple[list[int], list[int]]:
+        """Returns: PgBouncer's SHOW STATS totals and per-second averages for ``name`` (times
+        in microseconds), averages over the current stats period (up to 60 s)."""
+        totals = self._totals(name)
+        now = time.monotonic()
+        start, prev = self._stats_prev.get(name, (self.started_at, [0.0] * len(totals)))
+        span = max(now - start, 1e-9)
+        d = [t - p for t, p in zip(totals, prev, strict=True)]
+        xacts, queries = d[1], d[2]
+        avg = [d[0] / span, xacts / span, queries / span, d[3] / span, d[4] / span,
+               d[5] / xacts if xacts else 0, d[6] / queries if queries else 0,
+               d[7] / xacts if xacts else 0, 0, 0, 0, d[11] / span]
+        return [int(v) for v in totals], [int(v) for v in avg]
+
+    def _totals(self, name: str) -> list[float]:
+        out = [0.0] * 12
+        for (db, _), s in self.metrics.by_label.items():
+            if db != name:
+                continue
+            for i, v in ((0, s.transactions), (1, s.transactions), (2, s.queries),
+                         (3, s.bytes_received), (4, s.bytes_sent),
+                         (5, s.transaction_seconds.total * 1e6),
+                         (6, s.query_seconds.total * 1e6), (7, s.wait_seconds.total * 1e6),
+                         (11, s.logins)):
+                out[i] += v
+        return out
 
     @property
     def port(self) -> int:
@@ -201,8 +318,12 @@ class App:
         while True:
             await asyncio.sleep(_JANITOR_INTERVAL)
             now = time.monotonic()
-            for pool in self.pools.values():
+            for pool in list(self.pools.values()):
                 pool.tick(now)
+            for name in self.pools:
+                start, _ = self._stats_prev.get(name, (self.started_at, []))
+                if now - start >= _STATS_PERIOD:
+                    self._stats_prev[name] = (now, self._totals(name))
             for client in list(self.clients):
                 client.check_login_timeout(now)
 
@@ -222,8 +343,9 @@ class App:
         self.stopped.set()
 
 
-def serve(config: Config) -> None:
-    """Run the proxy until SIGINT/SIGTERM (uvloop when available)."""
+def serve(config: Config, config_path: str | Path | None = None) -> None:
+    """Run the proxy until SIGINT/SIGTERM or SHUTDOWN (uvloop when available); SIGHUP
+    reloads ``config_path``."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
@@ -232,7 +354,7 @@ def serve(config: Config) -> None:
         runner = uvloop.run
 
     async def main() -> None:
-        app = App(config)
+        app = App(config, config_path)
         await app.start()
         loop = asyncio.get_running_loop()
         shutdowns: set[asyncio.Task[None]] = set()
@@ -241,8 +363,15 @@ def serve(config: Config) -> None:
             if not shutdowns:  # a second signal while stopping changes nothing
                 shutdowns.add(asyncio.ensure_future(_shutdown(app, sig)))
 
+        def on_hup() -> None:
+            try:
+                app.reload()
+            except ConfigError as exc:
+                log.error("reload on SIGHUP failed, the running config stays: %s", exc.message)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         await app.stopped.wait()
 
     async def _shutdown(app: App, sig: int) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import os
+import secrets
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -42,7 +44,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     _setup_logging(config.log_level)
-    serve(config)
+    serve(config, args.config)
     return 0
 
 
@@ -119,6 +121,14 @@ def _cmd_token_revoke(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_admin_token(_args: argparse.Namespace) -> int:
+    token = "pgta_" + secrets.token_urlsafe(32)
+    print("# put this in the config; give the token (last line) to the operators:")
+    print(f'[admin]\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"')
+    print(token)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .control.demo import run_demo
 
@@ -176,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".demo", help="where the demo cluster and config live")
     p.add_argument("--port", type=int, default=6432)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("admin-token", help="make an admin console token; prints its config "
+                                           "line and the token (last line)")
+    p.set_defaults(func=_cmd_admin_token)
     return parser
 
 

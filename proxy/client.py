@@ -8,6 +8,8 @@ the one place where exceptions become an ErrorResponse for the client (STYLE rul
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import socket
 import struct
@@ -16,8 +18,11 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Final
 
+from . import __version__
+from .admin import ADMIN_DATABASE, AdminConsole
 from .config import TenantTypeConfig, is_loopback
 from .errors import (
+    AdminShutdown,
     AuthFailed,
     AuthRefused,
     ClientProtocolError,
@@ -117,7 +122,9 @@ class ClientConnection(asyncio.Protocol):
         self.stats: LabelStats | None = None
         self.tenant_stats: TenantStats | None = None
         self._attached_at = 0.0
-        self._wait_started = 0.0
+        self.wait_started = 0.0
+        self.last_request = self.connected_at
+        self.admin: AdminConsole | None = None  # dbname=pgtenant: the admin console
 
     def __repr__(self) -> str:
         tenant = self.context.identity.slug if self.context else "-"
@@ -150,7 +157,11 @@ class ClientConnection(asyncio.Protocol):
         return "active" if self.server is not None else "idle"
 
     def data_received(self, data: bytes) -> None:
+        if self.admin is not None and self.state is ClientState.READY:
+            self.admin.feed(data)
+            return
         if self.state is ClientState.READY:
+            self.last_request = time.monotonic()
             link = self.link
             assert link is not None and self.stats is not None
             self.stats.bytes_received += len(data)
@@ -252,6 +263,18 @@ class ClientConnection(asyncio.Protocol):
         self.startup_params = params
         if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
             raise UnsupportedProtocol("replication connections are not supported by pgtenant")
+        if self.database == ADMIN_DATABASE:
+            admin = self.app.config.admin
+            if admin.token_sha256 is None:
+                raise AuthRefused("the admin console is not configured",
+                                  hint="set [admin] token_sha256 (see `pgtenant admin-token`)")
+            if user not in admin.users:
+                raise AuthRefused(f'user "{user}" may not use the admin console',
+                                  hint=f"[admin] users = {list(admin.users)}")
+            self._require_safe_password_channel()
+            self.state = ClientState.PASSWORD
+            self._write(codec.auth_request(AUTH_CLEARTEXT))
+            return
         pool = self.app.pools.get(self.database)
         if pool is None:
             raise UnknownDatabase(
@@ -260,6 +283,12 @@ class ClientConnection(asyncio.Protocol):
             )
         self.pool = pool
         self.settings = self._startup_settings(params)
+        self._require_safe_password_channel()
+        self.state = ClientState.PASSWORD
+        self._write(codec.auth_request(AUTH_CLEARTEXT))
+
+    def _require_safe_password_channel(self) -> None:
+        """Raises: AuthRefused when a cleartext token would cross an unencrypted network."""
         if not cleartext_token_allowed(
             encrypted=self.tls, loopback=self._on_loopback(),
             allow_plaintext_remote=self.app.config.allow_plaintext_remote,
@@ -272,8 +301,6 @@ class ClientConnection(asyncio.Protocol):
                 else "configure [tls] cert_file and key_file and connect with TLS, connect "
                      "over loopback, or set allow_plaintext_remote = true",
             )
-        self.state = ClientState.PASSWORD
-        self._write(codec.auth_request(AUTH_CLEARTEXT))
 
     def _startup_settings(self, params: dict[str, str]) -> tuple[tuple[str, str], ...]:
         """The settings a client asked for at startup, to re-apply with every transaction.
@@ -379,6 +406,9 @@ class ClientConnection(asyncio.Protocol):
         # Decided when the attempt starts, so the attempt that reaches the limit is still
         # answered at once; only failures are delayed (see identity/throttle.py for why).
         delay = throttle.delay_for(self.peer_host, started)
+        if self.database == ADMIN_DATABASE:
+            await self._authenticate_admin(token, started, delay)
+            return
         try:
             identity = await self.app.registry.resolve(token)
             if identity is None:
@@ -422,6 +452,7 @@ class ClientConnection(asyncio.Protocol):
         self.stats = self.app.metrics.labels(self.database, ident.tenant_type)
         self.tenant_stats = self.app.metrics.tenant(self.database, ident.tenant_type, ident.slug)
         self.link.stats = self.stats
+        self.stats.logins += 1
         self.link.clock = time.monotonic
         pid, secret = self.app.register_cancel_key(self)
         self.cancel_key = (pid, secret)
@@ -448,6 +479,69 @@ class ClientConnection(asyncio.Protocol):
             self.link.cbuf += self._buf
             self._buf.clear()
             self._pump()
+
+    async def _authenticate_admin(self, token: str, started: float, delay: float) -> None:
+        expected = self.app.config.admin.token_sha256 or ""
+        given = hashlib.sha256(token.encode()).hexdigest()
+        if not hmac.compare_digest(given, expected):
+            self.app.auth_throttle.record_failure(self.peer_host, started)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if self.state is not ClientState.CLOSED:
+                log.warning("admin: login refused: user=%s client=%s", self.user,
+                            self.peer_host)
+                self._fail(AuthFailed(f'password authentication failed for user "{self.user}"',
+                                      hint="the admin console takes the admin token"))
+            return
+        if self.state is ClientState.CLOSED:
+            return
+        self.admin = AdminConsole(self.app, self)
+        self.state = ClientState.READY
+        log.info("admin: login: user=%s client=%s", self.user, self.peer_host)
+        self._write(codec.auth_request(AUTH_OK)
+                    + codec.parameter_status("server_version", f"pgtenant {__version__}")
+                    + codec.parameter_status("client_encoding", "UTF8")
+                    + codec.parameter_status("server_encoding", "UTF8")
+                    + codec.parameter_status("standard_conforming_strings", "on")
+                    + codec.parameter_status("DateStyle", "ISO, MDY")
+                    + codec.backend_key_data(0, 0) + codec.ready_for_query(b"I"))
+        if self._buf:
+            data = bytes(self._buf)
+            self._buf.clear()
+            self.admin.feed(data)
+
+    # ------------------------------------------------------------------ admin views
+
+    def write(self, data: bytes) -> None:
+        """AdminPeer: send bytes to this client."""
+        self._write(data)
+
+    def close(self, reason: str) -> None:
+        """AdminPeer: end this connection."""
+        self._disconnect(reason)
+
+    def addresses(self) -> tuple[str, int | None, str | None, int | None]:
+        """Returns: (peer address, peer port, local address, local port), for SHOW CLIENTS."""
+        if self.transport is None:
+            return self.peer_host, None, None, None
+        peer = self.transport.get_extra_info("peername")
+        local = self.transport.get_extra_info("sockname")
+        return (self.peer_host,
+                peer[1] if isinstance(peer, tuple) else None,
+                local[0] if isinstance(local, tuple) else None,
+                local[1] if isinstance(local, tuple) else None)
+
+    @property
+    def application_name(self) -> str:
+        return dict((k.lower(), v) for k, v in self.settings).get("application_name", "")
+
+    @property
+    def prepared_count(self) -> int:
+        return len(self.link.client_statements) if self.link is not None else 0
+
+    def terminate(self, message: str) -> None:
+        """End this client with an admin_shutdown FATAL (KILL, shutdown)."""
+        self._fail(AdminShutdown(message))
 
     def _outside_transaction_check(self, tenant_type: TenantTypeConfig
                                    ) -> Callable[[bytes], bool] | None:
@@ -510,7 +604,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         if server is None:
             self.waiting = True
-            self._wait_started = time.monotonic()
+            self.wait_started = time.monotonic()
             self._pause_reading("wait")
             return False
         self._waited(0.0)
@@ -541,7 +635,7 @@ class ClientConnection(asyncio.Protocol):
             assert self.pool is not None
             self.pool.release(server)
             return
-        self._waited(time.monotonic() - self._wait_started)
+        self._waited(time.monotonic() - self.wait_started)
         self._attach(server)
         self._resume_reading("wait")
         self._pump()
@@ -556,7 +650,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state is not ClientState.READY or self.link is None:
             self._fail(error)
             return
-        self._waited(time.monotonic() - self._wait_started)
+        self._waited(time.monotonic() - self.wait_started)
         assert self.stats is not None
         self.stats.error(error.sqlstate)
         log.warning("transaction refused: client=%s user=%s db=%s tenant=%s reason=%s: %s",
@@ -697,6 +791,8 @@ class ClientConnection(asyncio.Protocol):
         if self._auth_task is not None and not self._auth_task.done():
             self._auth_task.cancel()
         self.app.client_disconnected(self)
+        if self.admin is not None:
+            self.admin.close()
         if was_ready and not logged:
             tenant = self.context.identity.slug if self.context else "-"
             log.info("disconnect: client=%s user=%s db=%s tenant=%s reason=%s", self.peer_host,

@@ -24,6 +24,7 @@ from .errors import ConfigError
 __all__ = [
     "OUTSIDE_TXN",
     "TEMPLATE_FIELDS",
+    "AdminConfig",
     "Config",
     "ControlConfig",
     "DatabaseConfig",
@@ -154,6 +155,20 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AdminConfig:
+    """``[admin]``: the admin console (``dbname=pgtenant``), a credential of its own."""
+
+    users: tuple[str, ...] = field(
+        default=("admin",), metadata=_doc("user names allowed on the admin console")
+    )
+    token_sha256: str | None = field(
+        default=None,
+        metadata=_doc("hex SHA-256 of the admin token (`pgtenant admin-token` makes one); "
+                      "unset: no admin console"),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MetricsConfig:
     """``[metrics]``: the Prometheus endpoint (``/metrics``, ``/healthz``, ``/readyz``)."""
 
@@ -279,6 +294,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     jwt: JwtConfig = field(default_factory=JwtConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
     tenant_types: Mapping[str, TenantTypeConfig] = field(default_factory=dict)
@@ -360,7 +376,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     _reject_unknown(data, top_fields, "")
     simple = {k: v for k, v in data.items()
               if k not in ("listen", "control", "databases", "tenant_types", "tls", "jwt",
-                           "metrics")}
+                           "metrics", "admin")}
     kwargs: dict[str, Any] = _parse_simple(simple, Config, "")
     if "listen" in data:
         kwargs["listen"] = parse_listen(data["listen"])
@@ -445,8 +461,14 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         parse_listen(metrics.listen, "metrics.listen")
     if metrics.top_tenants < 0:
         raise ConfigError("metrics.top_tenants: must not be negative")
+    admin = AdminConfig(**_parse_simple(_typed(data.get("admin", {}), dict, "admin"),
+                                        AdminConfig, "admin"))
+    if admin.token_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}",
+                                                            admin.token_sha256):
+        raise ConfigError("admin.token_sha256: expected 64 lower-case hex digits (the "
+                          "SHA-256 of the admin token; `pgtenant admin-token` prints one)")
     return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types,
-                  tls=tls, jwt=jwt, metrics=metrics)
+                  tls=tls, jwt=jwt, metrics=metrics, admin=admin)
 
 
 _SIMPLE_TYPES: dict[str, tuple[type, bool]] = {

@@ -16,6 +16,7 @@ module owns the classes and the SQLSTATE table; it does no I/O.
 | ContextError          | 42501    | the tenant's context cannot be rendered: fail closed |
 | PoolTimeout           | 53300    | too_many_connections: pool exhausted past the wait   |
 | PoolClosed            | 57P01    | admin_shutdown: the pool or proxy is going away      |
+| AdminShutdown         | 57P01    | admin_shutdown: KILL or SHUTDOWN from the console    |
 | QueryCanceled         | 57014    | query_canceled: cancelled while waiting for a server |
 | ServerUnavailable     | 08006    | connection_failure: backend unreachable/lost         |
 | ServerLoginFailed     | 08004    | sqlserver_rejected_establishment_of_sqlconnection    |
@@ -26,6 +27,7 @@ module owns the classes and the SQLSTATE table; it does no I/O.
 from __future__ import annotations
 
 __all__ = [
+    "AdminShutdown",
     "AuthError",
     "AuthFailed",
     "AuthRefused",
@@ -150,3 +152,7 @@ class ServerLoginFailed(PoolError):
 
 class ConfigError(ProxyError):
     sqlstate = "F0000"
+
+
+class AdminShutdown(ProxyError):
+    sqlstate = "57P01"

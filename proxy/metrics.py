@@ -73,12 +73,13 @@ class LabelStats:
     """Counters of one (database, tenant type)."""
 
     __slots__ = ("bytes_received", "bytes_sent", "errors", "function_calls_refused",
-                 "queries", "query_seconds", "transaction_seconds", "transactions",
+                 "logins", "queries", "query_seconds", "transaction_seconds", "transactions",
                  "wait_seconds")
 
     def __init__(self) -> None:
         self.transactions = 0
         self.queries = 0
+        self.logins = 0
         self.bytes_received = 0  # from clients
         self.bytes_sent = 0  # to clients
         self.function_calls_refused = 0
@@ -95,11 +96,10 @@ class LabelStats:
 class TenantStats:
     """Counters of one tenant (for the top-N series and SHOW TENANTS)."""
 
-    __slots__ = ("queries", "transactions", "wait_count", "wait_total")
+    __slots__ = ("transactions", "wait_count", "wait_total")
 
     def __init__(self) -> None:
         self.transactions = 0
-        self.queries = 0
         self.wait_count = 0
         self.wait_total = 0.0
 
@@ -139,7 +139,6 @@ class Metrics:
         for (db, ttype, _), stats in ranked[self.top_tenants:]:
             other = rest.setdefault((db, ttype, "other"), TenantStats())
             other.transactions += stats.transactions
-            other.queries += stats.queries
             other.wait_count += stats.wait_count
             other.wait_total += stats.wait_total
         return out + list(rest.items())

@@ -52,6 +52,10 @@ class Pool:
         self.server_params: dict[str, str] = {}
         self.out_of_sync = 0  # servers closed because a client left them mid-protocol
         self.connect_seconds = Histogram(CONNECT_BUCKETS)
+        # PAUSE (admin console): no server is handed out or opened; idle ones are closed;
+        # pause() returns once none is busy. Waiting transactions keep waiting (PgBouncer).
+        self.paused = False
+        self._drained: asyncio.Future[None] | None = None
         self.connect_errors = 0
         self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -103,7 +107,7 @@ class Pool:
         if self.closed:
             raise PoolClosed(f"database {self.db.name!r} is shutting down")
         idle = self.containers[ServerState.IDLE]
-        if idle and not self.waiting:
+        if idle and not self.waiting and not self.paused:
             server = next(reversed(idle))  # LIFO: the warmest connection
             self._set_state(server, ServerState.ACTIVE)
             server.last_used = self.clock()
@@ -167,9 +171,42 @@ class Pool:
 
     # ------------------------------------------------------------------ decisions
 
+    async def pause(self) -> None:
+        """Stop handing out servers; return once every server is idle (then closed)."""
+        self.paused = True
+        self._dispatch()
+        if not self._busy:
+            return
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._drained)
+
+    def resume(self) -> None:
+        self.paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)  # a PAUSE still waiting ends: resumed meanwhile
+        self._drained = None
+        self._dispatch()
+
+    def dispatch(self) -> None:
+        """Serve waiters after a change from outside (a reload raised pool_size)."""
+        self._dispatch()
+
+    @property
+    def _busy(self) -> bool:
+        return any(self.containers[s] for s in (ServerState.ACTIVE, ServerState.RESET,
+                                                 ServerState.LOGIN))
+
     def _dispatch(self) -> None:
         """Hand idle servers to waiters, in FIFO order, and open servers when allowed."""
         idle = self.containers[ServerState.IDLE]
+        if self.paused:
+            for server in list(idle):  # PgBouncer's PAUSE disconnects idle servers
+                self._set_state(server, ServerState.CLOSED)
+                server.close()
+            if not self._busy and self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+            return
         while idle and self.waiting:
             waiter = next(iter(self.waiting))
             del self.waiting[waiter]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Final
 
 from ..errors import ClientProtocolError, ServerProtocolError
 from .constants import PROTOCOL_3_0
@@ -144,6 +145,32 @@ def empty_query_response() -> bytes:
 def command_complete(tag: str) -> bytes:
     """Returns: a CommandComplete ('C') message."""
     return frame(ord("C"), _cstr(tag))
+
+
+_TEXT_OID: Final = 25
+_INT8_OID: Final = 20
+
+
+def row_description(columns: Sequence[tuple[str, bool]]) -> bytes:
+    """Returns: a RowDescription ('T') of text-format columns, (name, is_integer) each:
+    int8 for integers (clients align them as numbers), text otherwise."""
+    body = bytearray(struct.pack("!h", len(columns)))
+    for name, is_int in columns:
+        oid, size = (_INT8_OID, 8) if is_int else (_TEXT_OID, -1)
+        body += _cstr(name) + struct.pack("!ihihih", 0, 0, oid, size, -1, 0)
+    return frame(ord("T"), bytes(body))
+
+
+def data_row(values: Sequence[object]) -> bytes:
+    """Returns: a DataRow ('D') with each value as text (None as SQL NULL)."""
+    body = bytearray(struct.pack("!h", len(values)))
+    for value in values:
+        if value is None:
+            body += b"\xff\xff\xff\xff"
+            continue
+        data = str(value).encode()
+        body += _pack_i32(len(data)) + data
+    return frame(ord("D"), bytes(body))
 
 
 # ------------------------------------------------------------------ frontend messages we make

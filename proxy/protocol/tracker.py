@@ -253,6 +253,11 @@ class Link:
 
     # ------------------------------------------------------------------ attachment
 
+    @property
+    def client_statements(self) -> dict[bytes, tuple[bytes, bytes, bytes]]:
+        """The client's named prepared statements (name -> global name, text, types)."""
+        return self._client_stmts
+
     def attach(self, ctx_state: int, prepared: OrderedDict[bytes, bool] | None = None,
                server_encoding: str = "UTF8") -> None:
         """A server was attached; it is idle and clean (pool invariant)."""
