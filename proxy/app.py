@@ -58,6 +58,7 @@ class App:
                                           config.auth_failure_delay)
         self.clients: dict[ClientConnection, None] = {}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.tenant_clients: dict[object, int] = {}  # logged-in clients per tenant
         self.auth_failures = 0
         self.metrics = Metrics(config.metrics.top_tenants)
         # Our own registry (not prometheus-client's global one): one per App, so several
@@ -88,6 +89,21 @@ class App:
         self.clients.pop(client, None)
         if client.cancel_key is not None:
             self.cancel_keys.pop(client.cancel_key, None)
+
+    def tenant_login(self, key: object, limit: int) -> bool:
+        """Count a tenant's client in. Returns: False (not counted) at ``limit`` (0: none)."""
+        count = self.tenant_clients.get(key, 0)
+        if limit > 0 and count >= limit:
+            return False
+        self.tenant_clients[key] = count + 1
+        return True
+
+    def tenant_logout(self, key: object) -> None:
+        count = self.tenant_clients.get(key, 0) - 1
+        if count > 0:
+            self.tenant_clients[key] = count
+        else:
+            self.tenant_clients.pop(key, None)
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         """Returns: a fresh (pid, secret) pair the client will present to cancel."""

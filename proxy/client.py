@@ -30,6 +30,7 @@ from .errors import (
     LoginTimeout,
     ProxyError,
     ServerUnavailable,
+    TooManyConnections,
     UnknownDatabase,
     UnsupportedProtocol,
 )
@@ -79,6 +80,7 @@ _AUTH_REASONS: Final = {
     "UnsupportedProtocol": "bad_startup", "InvalidParameter": "bad_startup",
     "ClientProtocolError": "protocol_error", "MessageTooLarge": "protocol_error",
     "ContextError": "no_context", "ProxyError": "too_many_connections",
+    "TooManyConnections": "tenant_client_limit",
 }
 
 
@@ -119,6 +121,9 @@ class ClientConnection(asyncio.Protocol):
         self._auth_task: asyncio.Task[None] | None = None
         # Metrics (metrics.py): the label set's and the tenant's counters, once logged in.
         self.tenant_type = ""
+        # Pool fairness and limits (pool.Waiter): the tenant, and its server cap.
+        self.tenant_key: object = None
+        self.max_servers = 0
         self.stats: LabelStats | None = None
         self.tenant_stats: TenantStats | None = None
         self._attached_at = 0.0
@@ -427,6 +432,7 @@ class ClientConnection(asyncio.Protocol):
                     "which this proxy has no [tenant_types] entry for"
                 )
             self.context = build_context(identity, tenant_type)
+            self._apply_tenant_limits(identity.org_id, identity.slug, tenant_type)
             assert self.pool is not None
             params = await self.pool.startup_parameters()
         except ProxyError as exc:
@@ -479,6 +485,27 @@ class ClientConnection(asyncio.Protocol):
             self.link.cbuf += self._buf
             self._buf.clear()
             self._pump()
+
+    def _apply_tenant_limits(self, org_id: object, slug: str,
+                             tenant_type: TenantTypeConfig) -> None:
+        """Route the tenant to its type's database, set its server cap, and enforce its
+        client cap. Raises: TooManyConnections (53300)."""
+        if tenant_type.database is not None and tenant_type.database != self.database:
+            self.pool = self.app.pools[tenant_type.database]
+            self.database = tenant_type.database
+        limits = self.app.config.tenant_limits
+        self.max_servers = (tenant_type.max_server_connections
+                            if tenant_type.max_server_connections is not None
+                            else limits.max_server_connections)
+        max_clients = (tenant_type.max_client_connections
+                       if tenant_type.max_client_connections is not None
+                       else limits.max_client_connections)
+        if not self.app.tenant_login(org_id, max_clients):
+            raise TooManyConnections(
+                f"too many connections for tenant {slug!r} (max_client_connections="
+                f"{max_clients})", hint="close idle connections of this tenant, or raise "
+                "the limit")
+        self.tenant_key = org_id  # counted in: counted out at disconnect
 
     async def _authenticate_admin(self, token: str, started: float, delay: float) -> None:
         expected = self.app.config.admin.token_sha256 or ""
@@ -791,6 +818,9 @@ class ClientConnection(asyncio.Protocol):
         if self._auth_task is not None and not self._auth_task.done():
             self._auth_task.cancel()
         self.app.client_disconnected(self)
+        if self.tenant_key is not None:
+            self.app.tenant_logout(self.tenant_key)
+            self.tenant_key = None
         if self.admin is not None:
             self.admin.close()
         if was_ready and not logged:

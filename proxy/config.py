@@ -31,6 +31,7 @@ __all__ = [
     "Dsn",
     "JwtConfig",
     "MetricsConfig",
+    "TenantLimitsConfig",
     "TenantTypeConfig",
     "TlsConfig",
     "is_loopback",
@@ -126,6 +127,14 @@ class DatabaseConfig:
         default=20,
         metadata=_doc("server connections for all tenants together (pgbouncer default_pool_size)"),
     )
+    min_pool_size: int = field(
+        default=0, metadata=_doc("server connections kept open even when idle (pgbouncer)")
+    )
+    reserve_pool: int = field(
+        default=0,
+        metadata=_doc("extra server connections allowed once a transaction has waited "
+                      "reserve_pool_timeout (pgbouncer)"),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,6 +150,33 @@ class TenantTypeConfig:
         default=(),
         metadata=_doc("statements of this type's tenants that may run outside a transaction "
                       "block, on a server that is then retired: " + ", ".join(OUTSIDE_TXN)),
+    )
+    max_server_connections: int | None = field(
+        default=None,
+        metadata=_doc("server connections one tenant of this type may hold at once "
+                      "(0: no limit; unset: [tenant_limits])"),
+    )
+    max_client_connections: int | None = field(
+        default=None,
+        metadata=_doc("client connections one tenant of this type may open "
+                      "(0: no limit; unset: [tenant_limits])"),
+    )
+    database: str | None = field(
+        default=None,
+        metadata=_doc("[databases.<name>] this type's tenants are served from, whatever "
+                      "dbname they connect with (database per tenant type)"),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantLimitsConfig:
+    """``[tenant_limits]``: per-tenant limits for tenant types that set none."""
+
+    max_server_connections: int = field(
+        default=0, metadata=_doc("server connections one tenant may hold at once (0: no limit)")
+    )
+    max_client_connections: int = field(
+        default=0, metadata=_doc("client connections one tenant may open (0: no limit)")
     )
 
 
@@ -254,6 +290,43 @@ class Config:
         default=120.0,
         metadata=_doc("how long a transaction waits for a server (pgbouncer default)", unit="s"),
     )
+    reserve_pool_timeout: float = field(
+        default=5.0,
+        metadata=_doc("wait after which a database's reserve_pool may be used", unit="s"),
+    )
+    query_timeout: float = field(
+        default=0.0,
+        metadata=_doc("a query running longer is cancelled and its client disconnected "
+                      "(0: off)", unit="s"),
+    )
+    idle_transaction_timeout: float = field(
+        default=0.0,
+        metadata=_doc("a client idle inside a transaction longer is disconnected (0: off)",
+                      unit="s"),
+    )
+    client_idle_timeout: float = field(
+        default=0.0,
+        metadata=_doc("a client idle outside transactions longer is disconnected (0: off)",
+                      unit="s"),
+    )
+    server_idle_timeout: float = field(
+        default=600.0,
+        metadata=_doc("an idle server connection unused this long is closed (0: never)",
+                      unit="s"),
+    )
+    server_lifetime: float = field(
+        default=3600.0,
+        metadata=_doc("a server connection this old is closed when next idle (0: never)",
+                      unit="s"),
+    )
+    shutdown_timeout: float = field(
+        default=30.0,
+        metadata=_doc("on SIGTERM, how long running transactions may take to finish", unit="s"),
+    )
+    log_format: str = field(
+        default="text", metadata=_doc("log lines as text or JSON objects",
+                                      choices=("text", "json")),
+    )
     client_login_timeout: float = field(
         default=60.0, metadata=_doc("time allowed for startup and auth (pgbouncer)", unit="s")
     )
@@ -295,6 +368,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    tenant_limits: TenantLimitsConfig = field(default_factory=TenantLimitsConfig)
     jwt: JwtConfig = field(default_factory=JwtConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
     tenant_types: Mapping[str, TenantTypeConfig] = field(default_factory=dict)
@@ -376,17 +450,19 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     _reject_unknown(data, top_fields, "")
     simple = {k: v for k, v in data.items()
               if k not in ("listen", "control", "databases", "tenant_types", "tls", "jwt",
-                           "metrics", "admin")}
+                           "metrics", "admin", "tenant_limits")}
     kwargs: dict[str, Any] = _parse_simple(simple, Config, "")
     if "listen" in data:
         kwargs["listen"] = parse_listen(data["listen"])
     for key in ("max_client_conn", "max_message_size", "max_prepared_statements",
-                "query_wait_timeout",
+                "query_wait_timeout", "reserve_pool_timeout", "shutdown_timeout",
                 "client_login_timeout", "server_connect_timeout", "token_cache_ttl",
                 "auth_failure_window"):
         if key in kwargs:
             _positive(kwargs[key], key)
-    for key in ("auth_failure_limit", "auth_failure_delay"):
+    for key in ("auth_failure_limit", "auth_failure_delay", "query_timeout",
+                "idle_transaction_timeout", "client_idle_timeout", "server_idle_timeout",
+                "server_lifetime"):
         if kwargs.get(key, 0) < 0:
             raise ConfigError(f"{key}: must not be negative")
     if kwargs.get("max_message_size", 1 << 20) < 8192:
@@ -397,13 +473,20 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     for db_name, table in raw_dbs.items():
         where = f"databases.{db_name}"
         table = _typed(table, dict, where)
-        _reject_unknown(table, {"dsn", "pool_size"}, where)
+        _reject_unknown(table, {"dsn", "pool_size", "min_pool_size", "reserve_pool"}, where)
         if "dsn" not in table:
             raise ConfigError(f"{where}.dsn: required")
         dsn = parse_dsn(_typed(table["dsn"], str, f"{where}.dsn"), key=f"{where}.dsn")
         pool_size = _typed(table.get("pool_size", 20), int, f"{where}.pool_size")
         _positive(pool_size, f"{where}.pool_size")
-        databases[db_name] = DatabaseConfig(name=db_name, dsn=dsn, pool_size=pool_size)
+        min_pool = _typed(table.get("min_pool_size", 0), int, f"{where}.min_pool_size")
+        reserve = _typed(table.get("reserve_pool", 0), int, f"{where}.reserve_pool")
+        if not 0 <= min_pool <= pool_size:
+            raise ConfigError(f"{where}.min_pool_size: must be between 0 and pool_size")
+        if reserve < 0:
+            raise ConfigError(f"{where}.reserve_pool: must not be negative")
+        databases[db_name] = DatabaseConfig(name=db_name, dsn=dsn, pool_size=pool_size,
+                                            min_pool_size=min_pool, reserve_pool=reserve)
     if not databases:
         raise ConfigError("databases: at least one [databases.<name>] section is required")
     if "pgtenant" in databases:
@@ -416,7 +499,9 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         if not _IDENT.match(type_name):
             raise ConfigError(f"{where}: tenant type names must be identifiers")
         table = _typed(table, dict, where)
-        _reject_unknown(table, {"role", "search_path", "allow_outside_transaction"}, where)
+        _reject_unknown(table, {"role", "search_path", "allow_outside_transaction",
+                                "max_server_connections", "max_client_connections",
+                                "database"}, where)
         if "role" not in table:
             raise ConfigError(f"{where}.role: required (the non-login role tenants run as)")
         role = _typed(table["role"], str, f"{where}.role")
@@ -432,9 +517,20 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             if item not in OUTSIDE_TXN:
                 raise ConfigError(f"{where}.allow_outside_transaction: unknown statement "
                                   f"{item!r}; allowed: {', '.join(OUTSIDE_TXN)}")
+        limits = {}
+        for key in ("max_server_connections", "max_client_connections"):
+            if key in table:
+                limits[key] = _typed(table[key], int, f"{where}.{key}")
+                if limits[key] < 0:
+                    raise ConfigError(f"{where}.{key}: must not be negative")
+        database = table.get("database")
+        if database is not None:
+            _typed(database, str, f"{where}.database")
+            if database not in databases:
+                raise ConfigError(f"{where}.database: no [databases.{database}] section")
         tenant_types[type_name] = TenantTypeConfig(
             name=type_name, role=role, search_path=tuple(path),
-            allow_outside_transaction=tuple(allowed),
+            allow_outside_transaction=tuple(allowed), database=database, **limits,
         )
     if not tenant_types:
         raise ConfigError("tenant_types: at least one [tenant_types.<type>] section is required")
@@ -467,8 +563,14 @@ def parse_config(data: Mapping[str, Any]) -> Config:
                                                             admin.token_sha256):
         raise ConfigError("admin.token_sha256: expected 64 lower-case hex digits (the "
                           "SHA-256 of the admin token; `pgtenant admin-token` prints one)")
+    tenant_limits = TenantLimitsConfig(**_parse_simple(
+        _typed(data.get("tenant_limits", {}), dict, "tenant_limits"), TenantLimitsConfig,
+        "tenant_limits"))
+    for key in ("max_server_connections", "max_client_connections"):
+        if getattr(tenant_limits, key) < 0:
+            raise ConfigError(f"tenant_limits.{key}: must not be negative")
     return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types,
-                  tls=tls, jwt=jwt, metrics=metrics, admin=admin)
+                  tls=tls, jwt=jwt, metrics=metrics, admin=admin, tenant_limits=tenant_limits)
 
 
 _SIMPLE_TYPES: dict[str, tuple[type, bool]] = {

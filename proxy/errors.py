@@ -15,6 +15,7 @@ module owns the classes and the SQLSTATE table; it does no I/O.
 | UnknownDatabase       | 3D000    | invalid_catalog_name: dbname not in the config       |
 | ContextError          | 42501    | the tenant's context cannot be rendered: fail closed |
 | PoolTimeout           | 53300    | too_many_connections: pool exhausted past the wait   |
+| TooManyConnections    | 53300    | too_many_connections: a per-tenant client limit      |
 | PoolClosed            | 57P01    | admin_shutdown: the pool or proxy is going away      |
 | AdminShutdown         | 57P01    | admin_shutdown: KILL or SHUTDOWN from the console    |
 | QueryCanceled         | 57014    | query_canceled: cancelled while waiting for a server |
@@ -46,6 +47,7 @@ __all__ = [
     "ServerLoginFailed",
     "ServerProtocolError",
     "ServerUnavailable",
+    "TooManyConnections",
     "UnknownDatabase",
     "UnsupportedProtocol",
 ]
@@ -156,3 +158,7 @@ class ConfigError(ProxyError):
 
 class AdminShutdown(ProxyError):
     sqlstate = "57P01"
+
+
+class TooManyConnections(AuthError):
+    sqlstate = "53300"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -25,10 +26,20 @@ from .tls import BackendTls
 __all__ = ["Pool", "Waiter"]
 
 log = logging.getLogger("pgtenant.pool")
+_NOBODY: object = object()  # _holder's "not handed to any tenant"
+_BACKOFF_FIRST = 0.25  # seconds before retrying a failed backend connect, doubling...
+_BACKOFF_MAX = 5.0  # ...up to this
 
 
 class Waiter(Protocol):
-    """A client waiting for a server. ``server_assigned`` must accept synchronously."""
+    """A client waiting for a server. ``server_assigned`` must accept synchronously.
+
+    ``tenant_key`` names the tenant for fairness; ``max_servers`` caps the servers that
+    tenant may hold at once (0: no cap).
+    """
+
+    tenant_key: object
+    max_servers: int
 
     def server_assigned(self, server: ServerConnection) -> None: ...
     def pool_failed(self, error: ProxyError) -> None: ...
@@ -48,7 +59,20 @@ class Pool:
         self.containers: dict[ServerState, dict[ServerConnection, None]] = {
             state: {} for state in ServerState if state is not ServerState.CLOSED
         }
-        self.waiting: dict[Waiter, float] = {}  # insertion order = FIFO; value = deadline
+        # Every waiter with its deadline; the same waiters queue per tenant (FIFO within a
+        # tenant). Fairness across tenants: a free server goes to the tenant holding the
+        # fewest servers (ties: the longest wait), skipping tenants at their cap, so one
+        # tenant's flood of transactions cannot starve another's (issue #5).
+        self.waiting: dict[Waiter, float] = {}
+        self._queues: dict[object, deque[Waiter]] = {}
+        self._since: dict[Waiter, float] = {}
+        self.held: dict[object, int] = {}  # servers held, by tenant key
+        self._holder: dict[ServerConnection, object] = {}
+        # Backends that fail: connects are retried with a growing delay; waiters get the
+        # last connect error once they have waited server_connect_timeout.
+        self._retry_at = 0.0
+        self._backoff = _BACKOFF_FIRST
+        self.last_connect_error: ProxyError | None = None
         self.server_params: dict[str, str] = {}
         self.out_of_sync = 0  # servers closed because a client left them mid-protocol
         self.connect_seconds = Histogram(CONNECT_BUCKETS)
@@ -99,7 +123,7 @@ class Pool:
         return len(self.waiting)
 
     def acquire(self, waiter: Waiter) -> ServerConnection | None:
-        """Take an idle server for ``waiter`` now, or queue it (FIFO).
+        """Take an idle server for ``waiter`` now, or queue it (fair across tenants).
 
         Returns: the server (now ACTIVE), or None when the waiter was queued.
         Raises: PoolClosed when the pool is shutting down.
@@ -107,26 +131,70 @@ class Pool:
         if self.closed:
             raise PoolClosed(f"database {self.db.name!r} is shutting down")
         idle = self.containers[ServerState.IDLE]
-        if idle and not self.waiting and not self.paused:
+        # Idle servers and eligible waiters never coexist (_dispatch hands them out at
+        # once), so an idle server here is nobody else's turn.
+        if idle and not self.paused and self._under_cap(waiter.tenant_key, waiter.max_servers):
             server = next(reversed(idle))  # LIFO: the warmest connection
-            self._set_state(server, ServerState.ACTIVE)
-            server.last_used = self.clock()
+            self._assign(server, waiter.tenant_key)
             return server
-        self.waiting[waiter] = self.clock() + self.config.query_wait_timeout
+        now = self.clock()
+        self.waiting[waiter] = now + self.config.query_wait_timeout
+        self._since[waiter] = now
+        self._queues.setdefault(waiter.tenant_key, deque()).append(waiter)
         self._dispatch()
         return None
 
     def cancel_wait(self, waiter: Waiter) -> None:
         """The waiter went away before being served."""
-        self.waiting.pop(waiter, None)
+        if self.waiting.pop(waiter, None) is not None:
+            self._unqueue(waiter)
+
+    def _unqueue(self, waiter: Waiter) -> None:
+        """Forget a waiter that left ``self.waiting``."""
+        self._since.pop(waiter, None)
+        queue = self._queues.get(waiter.tenant_key)
+        if queue is not None:
+            try:
+                queue.remove(waiter)
+            except ValueError:
+                pass
+            if not queue:
+                del self._queues[waiter.tenant_key]
+
+    def _under_cap(self, key: object, cap: int) -> bool:
+        return cap <= 0 or self.held.get(key, 0) < cap
+
+    def _assign(self, server: ServerConnection, key: object) -> None:
+        self._set_state(server, ServerState.ACTIVE)
+        server.last_used = self.clock()
+        self._holder[server] = key
+        self.held[key] = self.held.get(key, 0) + 1
+
+    def _unassign(self, server: ServerConnection) -> None:
+        """The server is no longer held by the tenant it was handed to."""
+        key = self._holder.pop(server, _NOBODY)
+        if key is not _NOBODY:
+            left = self.held[key] - 1
+            if left:
+                self.held[key] = left
+            else:
+                del self.held[key]
 
     def release(self, server: ServerConnection) -> None:
         """An attached client is done with a provably idle server."""
         server.peer = None
+        self._unassign(server)
         if server.closed or self.closed:
             self.discard(server)
             return
-        server.last_used = self.clock()
+        now = self.clock()
+        lifetime = self.config.server_lifetime
+        if lifetime > 0 and now - server.created_at >= lifetime:
+            log.info("database=%s closing server connection #%d: older than "
+                     "server_lifetime (%gs)", self.db.name, server.id, lifetime)
+            self.discard(server)
+            return
+        server.last_used = now
         self._set_state(server, ServerState.IDLE)
         self._dispatch()
 
@@ -140,6 +208,7 @@ class Pool:
                 login = server.login
                 self._spawn(send_cancel(server.dsn, login.backend_pid, login.backend_secret))
         server.peer = None
+        self._unassign(server)
         self._set_state(server, ServerState.CLOSED)
         server.close()
         self._dispatch()
@@ -150,6 +219,7 @@ class Pool:
         Any failure closes the server; it never returns to the pool unclean (STYLE rule 5).
         """
         server.peer = None
+        self._unassign(server)
         self._set_state(server, ServerState.RESET)
         self._spawn(self._rollback(server))
 
@@ -164,6 +234,7 @@ class Pool:
 
     def server_lost(self, server: ServerConnection) -> None:
         """Callback from ServerConnection.connection_lost."""
+        self._unassign(server)
         if server.state is not ServerState.CLOSED:
             self._set_state(server, ServerState.CLOSED)
         if not self.closed:
@@ -197,8 +268,36 @@ class Pool:
         return any(self.containers[s] for s in (ServerState.ACTIVE, ServerState.RESET,
                                                  ServerState.LOGIN))
 
+    def _next_waiter(self) -> Waiter | None:
+        """Returns: whose turn it is: the head of the queue of the eligible tenant holding
+        the fewest servers, the longest-waiting head on ties (O(tenants waiting))."""
+        best: Waiter | None = None
+        best_rank = (0, 0.0)
+        for key, queue in self._queues.items():
+            head = queue[0]
+            held = self.held.get(key, 0)
+            if head.max_servers > 0 and held >= head.max_servers:
+                continue
+            rank = (held, self._since.get(head, 0.0))
+            if best is None or rank < best_rank:
+                best, best_rank = head, rank
+        return best
+
+    def _demand(self) -> tuple[int, float | None]:
+        """Returns: (servers the eligible waiters could use now, when the longest-waiting
+        eligible one started waiting)."""
+        demand, oldest = 0, None
+        for key, queue in self._queues.items():
+            cap = queue[0].max_servers
+            room = len(queue) if cap <= 0 else min(len(queue), cap - self.held.get(key, 0))
+            if room > 0:
+                demand += room
+                since = self._since.get(queue[0], 0.0)
+                oldest = since if oldest is None else min(oldest, since)
+        return demand, oldest
+
     def _dispatch(self) -> None:
-        """Hand idle servers to waiters, in FIFO order, and open servers when allowed."""
+        """Hand idle servers to waiters (fairly) and open servers when allowed."""
         idle = self.containers[ServerState.IDLE]
         if self.paused:
             for server in list(idle):  # PgBouncer's PAUSE disconnects idle servers
@@ -208,17 +307,25 @@ class Pool:
                 self._drained.set_result(None)
             return
         while idle and self.waiting:
-            waiter = next(iter(self.waiting))
+            waiter = self._next_waiter()
+            if waiter is None:
+                break  # everyone waiting is at their tenant's cap
             del self.waiting[waiter]
+            self._unqueue(waiter)
             server = next(reversed(idle))
-            self._set_state(server, ServerState.ACTIVE)
-            server.last_used = self.clock()
+            self._assign(server, waiter.tenant_key)
             waiter.server_assigned(server)
-        if self.closed:
+        if self.closed or not self.waiting:
             return
-        want = len(self.waiting) - len(self.containers[ServerState.LOGIN])
-        room = self.db.pool_size - self.total
-        for _ in range(max(0, min(want, room))):
+        now = self.clock()
+        if now < self._retry_at:
+            return  # the backend failed lately: retry after the backoff (tick calls again)
+        demand, oldest = self._demand()
+        want = demand - len(self.containers[ServerState.LOGIN])
+        limit = self.db.pool_size
+        if oldest is not None and now - oldest >= self.config.reserve_pool_timeout:
+            limit += self.db.reserve_pool
+        for _ in range(max(0, min(want, limit - self.total))):
             self._open()
 
     def _open(self) -> ServerConnection:
@@ -234,10 +341,19 @@ class Pool:
             self.connect_seconds.observe(self.clock() - started)
         except ProxyError as exc:
             self.connect_errors += 1
-            log.error("database=%s server connect failed: %s", self.db.name, exc.message)
+            self.last_connect_error = exc
+            self._retry_at = self.clock() + self._backoff
+            log.error("database=%s server connect failed (retrying in %.2gs): %s",
+                      self.db.name, self._backoff, exc.message)
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
             self._set_state(server, ServerState.CLOSED)
             self._fail_waiters(exc)
             return
+        if self.last_connect_error is not None:
+            log.info("database=%s backend reachable again", self.db.name)
+        self.last_connect_error = None
+        self._backoff = _BACKOFF_FIRST
+        self._retry_at = 0.0
         assert server.login is not None
         if not self.server_params:
             self.server_params = dict(server.login.parameters)
@@ -248,25 +364,32 @@ class Pool:
             self.release(server)
 
     def _fail_waiters(self, exc: ProxyError) -> None:
-        """A connect failed. Waiters that no live server can serve get the error now."""
+        """A connect failed. A login waiting for the server's parameters fails now; waiting
+        transactions keep waiting for the retries, up to server_connect_timeout (tick)."""
         if self._params_ready is not None and not self._params_ready.done():
             self._params_ready.set_exception(exc)
             self._params_ready.exception()  # mark retrieved; callers re-raise their own copy
             self._params_ready = None
-        busy = len(self.containers[ServerState.ACTIVE]) + len(self.containers[ServerState.RESET])
-        logins = len(self.containers[ServerState.LOGIN])
-        # Keep as many waiters as servers that may still come free; fail the rest.
-        keep = busy + logins
-        waiters = list(self.waiting)
-        for waiter in waiters[keep:]:
-            del self.waiting[waiter]
-            waiter.pool_failed(exc)
 
     def tick(self, now: float) -> None:
-        """Janitor sweep: expire waiters past ``query_wait_timeout``."""
+        """Janitor sweep: waiters past ``query_wait_timeout`` (or, while the backend is
+        failing, past ``server_connect_timeout``); retries, reserve, idle/old servers."""
+        error = self.last_connect_error
+        if error is not None and not any(self.containers[s] for s in (
+                ServerState.IDLE, ServerState.ACTIVE, ServerState.RESET)):
+            cutoff = now - self.config.server_connect_timeout
+            for waiter in [w for w, since in self._since.items() if since <= cutoff]:
+                del self.waiting[waiter]
+                self._unqueue(waiter)
+                waiter.pool_failed(ServerUnavailable(
+                    f"{error.message} (no server connection for "
+                    f"{self.config.server_connect_timeout:g}s: server_connect_timeout; "
+                    "pgtenant keeps retrying)",
+                    hint="check that the database server is up and reachable"))
         expired = [w for w, deadline in self.waiting.items() if deadline <= now]
         for waiter in expired:
             del self.waiting[waiter]
+            self._unqueue(waiter)
             waiter.pool_failed(
                 PoolTimeout(
                     f"pool for database {self.db.name!r} is exhausted: no server connection "
@@ -275,6 +398,34 @@ class Pool:
                     hint="raise pool_size or query_wait_timeout, or shorten transactions",
                 )
             )
+        if self.closed or self.paused:
+            return
+        self._close_stale_idle(now)
+        if self.waiting:
+            self._dispatch()  # retries after a backoff; the reserve pool after its timeout
+        elif (self.verified and self.total < self.db.min_pool_size
+              and now >= self._retry_at):
+            for _ in range(self.db.min_pool_size - self.total):
+                self._open()
+
+    def _close_stale_idle(self, now: float) -> None:
+        """server_idle_timeout and server_lifetime, keeping min_pool_size connections."""
+        idle_limit, lifetime = self.config.server_idle_timeout, self.config.server_lifetime
+        if idle_limit <= 0 and lifetime <= 0:
+            return
+        for server in list(self.containers[ServerState.IDLE]):  # oldest-used first
+            if self.total <= self.db.min_pool_size:
+                break
+            if idle_limit > 0 and now - server.last_used >= idle_limit:
+                why = f"idle for server_idle_timeout ({idle_limit:g}s)"
+            elif lifetime > 0 and now - server.created_at >= lifetime:
+                why = f"older than server_lifetime ({lifetime:g}s)"
+            else:
+                continue
+            log.info("database=%s closing server connection #%d: %s", self.db.name,
+                     server.id, why)
+            self._set_state(server, ServerState.CLOSED)
+            server.close()
 
     async def startup_parameters(self) -> dict[str, str]:
         """Returns: the backend's ParameterStatus set, connecting once if none is known.
@@ -321,6 +472,7 @@ class Pool:
         self.closed = True
         for waiter in list(self.waiting):
             del self.waiting[waiter]
+            self._unqueue(waiter)
             waiter.pool_failed(PoolClosed(f"database {self.db.name!r} is shutting down"))
         for state, container in self.containers.items():
             if state is ServerState.ACTIVE:

@@ -11,12 +11,14 @@ import pytest
 
 from proxy.config import (
     TEMPLATE_FIELDS,
+    AdminConfig,
     Config,
     ControlConfig,
     DatabaseConfig,
     Dsn,
     JwtConfig,
     MetricsConfig,
+    TenantLimitsConfig,
     TenantTypeConfig,
     TlsConfig,
     is_loopback,
@@ -497,7 +499,7 @@ def _documented_keys(text: str) -> set[str]:
 
 @pytest.mark.parametrize(
     "cls", [Config, ControlConfig, DatabaseConfig, TenantTypeConfig, TlsConfig, JwtConfig,
-            MetricsConfig],
+            MetricsConfig, AdminConfig, TenantLimitsConfig],
     ids=lambda c: c.__name__,
 )
 def test_every_config_key_is_documented_in_the_example(cls: type) -> None:

@@ -30,8 +30,11 @@ class Clock:
 class FakeWaiter:
     """A client waiting for a server; records what the pool told it."""
 
-    def __init__(self, name: str, events: list[tuple[str, str, object]] | None = None):
+    def __init__(self, name: str, events: list[tuple[str, str, object]] | None = None, *,
+                 tenant: str = "t", max_servers: int = 0):
         self.name = name
+        self.tenant_key: object = tenant
+        self.max_servers = max_servers
         self.assigned: list[ServerConnection] = []
         self.failed: list[ProxyError] = []
         self.events = events if events is not None else []
@@ -347,3 +350,80 @@ def test_random_walk_keeps_containers_fifo_and_single_assignment(seed: int) -> N
         assert len(held) == len(pool.containers[ServerState.ACTIVE])
     for w in waiters:
         assert len(w.assigned) + len(w.failed) <= 1
+
+
+# ---------------------------------------------------------------------- fairness and limits
+
+
+def test_free_server_goes_to_the_tenant_holding_the_fewest_servers() -> None:
+    """A noisy tenant with many queued transactions cannot starve a small one: the small
+    tenant's waiter, queued last, is served at the first release."""
+    pool, servers = make_pool(2)
+    events: list[tuple[str, str, object]] = []
+    held = [pool.acquire(FakeWaiter(f"h{i}", tenant="noisy")) for i in range(2)]
+    noisy = [FakeWaiter(f"n{i}", events, tenant="noisy") for i in range(5)]
+    for w in noisy:
+        assert pool.acquire(w) is None
+    small = FakeWaiter("s", events, tenant="small")
+    assert pool.acquire(small) is None
+    assert held[0] is not None and held[1] is not None
+    pool.release(held[0])
+    assert events == [("assigned", "s", held[0])]
+    pool.release(held[1])  # both hold one now: the longest-waiting head goes next
+    assert events[-1] == ("assigned", "n0", held[1])
+    assert pool.held == {"noisy": 1, "small": 1}
+    check_containers(pool, servers)
+
+
+def test_tenant_at_its_server_cap_waits_while_others_are_served() -> None:
+    pool, servers = make_pool(3)
+    first = pool.acquire(FakeWaiter("a1", tenant="a", max_servers=1))
+    assert first is not None
+    capped = FakeWaiter("a2", tenant="a", max_servers=1)
+    assert pool.acquire(capped) is None  # idle servers exist, but "a" holds its one
+    other = pool.acquire(FakeWaiter("b1", tenant="b", max_servers=1))
+    assert other is not None  # an idle server with a capped waiter queued: b's turn
+    assert capped.assigned == []
+    pool.release(first)  # a is under its cap again
+    assert capped.assigned == [first]
+    check_containers(pool, servers)
+
+
+def test_reserve_pool_opens_after_reserve_pool_timeout() -> None:
+    clock = Clock()
+    pool, _ = make_pool(1, clock=clock)
+    pool.db = DatabaseConfig(name="app", dsn=Dsn(), pool_size=1, reserve_pool=1)
+    opened: list[int] = []
+    pool._open = lambda: opened.append(1)  # type: ignore[method-assign,assignment,return-value]
+    pool.acquire(FakeWaiter("holder"))
+    pool.acquire(FakeWaiter("w"))
+    assert opened == []  # pool_size reached
+    clock.now += pool.config.reserve_pool_timeout - 0.01
+    pool.tick(clock.now)
+    assert opened == []
+    clock.now += 0.02
+    pool.tick(clock.now)
+    assert opened == [1]  # one reserve connection for the transaction that waited
+
+
+def test_idle_servers_are_closed_after_server_idle_timeout_keeping_min_pool_size() -> None:
+    clock = Clock()
+    pool, servers = make_pool(3, clock=clock)
+    pool.db = DatabaseConfig(name="app", dsn=Dsn(), pool_size=3, min_pool_size=1)
+    for s in servers:
+        s.last_used = clock.now
+    clock.now += pool.config.server_idle_timeout + 1
+    pool.tick(clock.now)
+    assert states(servers).count("closed") == 2 and pool.total == 1
+    check_containers(pool, servers)
+
+
+def test_server_older_than_server_lifetime_is_closed_on_release() -> None:
+    clock = Clock()
+    pool, servers = make_pool(2, clock=clock)
+    server = pool.acquire(FakeWaiter("a"))
+    assert server is not None
+    server.created_at = clock.now - pool.config.server_lifetime
+    pool.release(server)
+    assert server.state is ServerState.CLOSED
+    check_containers(pool, servers)
