@@ -341,7 +341,7 @@ class App:
                 if now - start >= _STATS_PERIOD:
                     self._stats_prev[name] = (now, self._totals(name))
             for client in list(self.clients):
-                client.check_login_timeout(now)
+                client.check_timeouts(now)
 
     async def stop(self) -> None:
         self.stopping = True

@@ -25,10 +25,13 @@ from .errors import (
     AdminShutdown,
     AuthFailed,
     AuthRefused,
+    ClientIdleTimeout,
     ClientProtocolError,
+    IdleInTransactionTimeout,
     InvalidParameter,
     LoginTimeout,
     ProxyError,
+    QueryTimeout,
     ServerUnavailable,
     TooManyConnections,
     UnknownDatabase,
@@ -129,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
         self._attached_at = 0.0
         self.wait_started = 0.0
         self.last_request = self.connected_at
+        self.last_server_data = self.connected_at
         self.admin: AdminConsole | None = None  # dbname=pgtenant: the admin console
 
     def __repr__(self) -> str:
@@ -716,6 +720,7 @@ class ClientConnection(asyncio.Protocol):
     def server_data(self, data: bytes) -> None:
         link = self.link
         assert link is not None
+        self.last_server_data = time.monotonic()
         try:
             chunks, resume = link.feed_server(data)
         except Exception as exc:  # ServerProtocolError, or a bug: cost one client only
@@ -830,12 +835,37 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def check_login_timeout(self, now: float) -> None:
-        """Janitor: end clients that did not finish startup in ``client_login_timeout``."""
+    def check_timeouts(self, now: float) -> None:
+        """Janitor: PgBouncer's client-side timeouts, each ending with its own SQLSTATE."""
+        config = self.app.config
         if self.state in (ClientState.STARTUP, ClientState.PASSWORD, ClientState.AUTHENTICATING):
-            if now - self.connected_at > self.app.config.client_login_timeout:
+            if now - self.connected_at > config.client_login_timeout:
                 self._fail(LoginTimeout("client did not complete login in time "
                                         "(client_login_timeout)"))
+            return
+        link = self.link
+        if self.state is not ClientState.READY or link is None or self.waiting:
+            return
+        if link.pending:
+            limit = config.query_timeout
+            if limit > 0 and now - link.pending[0].t0 > limit:
+                self._fail(QueryTimeout(
+                    f"query_timeout: the query ran longer than {limit:g}s; it was cancelled "
+                    "and this connection closed", hint="raise query_timeout, or make the "
+                    "query faster (a server-side statement_timeout slightly below "
+                    "query_timeout ends it with a plain error instead)"))
+            return
+        quiet = now - max(self.last_request, self.last_server_data)
+        if link.in_transaction:
+            limit = config.idle_transaction_timeout
+            if limit > 0 and quiet > limit and not link.open_extended:
+                self._fail(IdleInTransactionTimeout(
+                    f"idle_transaction_timeout: idle in a transaction for more than "
+                    f"{limit:g}s; the transaction was rolled back and this connection closed"))
+        elif config.client_idle_timeout > 0 and quiet > config.client_idle_timeout:
+            self._fail(ClientIdleTimeout(
+                f"client_idle_timeout: no request for {config.client_idle_timeout:g}s; "
+                "connection closed"))
 
     # ------------------------------------------------------------------ I/O helpers
 

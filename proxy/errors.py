@@ -16,6 +16,9 @@ module owns the classes and the SQLSTATE table; it does no I/O.
 | ContextError          | 42501    | the tenant's context cannot be rendered: fail closed |
 | PoolTimeout           | 53300    | too_many_connections: pool exhausted past the wait   |
 | TooManyConnections    | 53300    | too_many_connections: a per-tenant client limit      |
+| QueryTimeout          | 57014    | query_canceled: query_timeout                        |
+| IdleInTransactionTimeout | 25P03 | idle_in_transaction_session_timeout                  |
+| ClientIdleTimeout     | 57P05    | idle_session_timeout: client_idle_timeout            |
 | PoolClosed            | 57P01    | admin_shutdown: the pool or proxy is going away      |
 | AdminShutdown         | 57P01    | admin_shutdown: KILL or SHUTDOWN from the console    |
 | QueryCanceled         | 57014    | query_canceled: cancelled while waiting for a server |
@@ -32,9 +35,11 @@ __all__ = [
     "AuthError",
     "AuthFailed",
     "AuthRefused",
+    "ClientIdleTimeout",
     "ClientProtocolError",
     "ConfigError",
     "ContextError",
+    "IdleInTransactionTimeout",
     "InvalidParameter",
     "LoginTimeout",
     "MessageTooLarge",
@@ -44,6 +49,7 @@ __all__ = [
     "ProtocolError",
     "ProxyError",
     "QueryCanceled",
+    "QueryTimeout",
     "ServerLoginFailed",
     "ServerProtocolError",
     "ServerUnavailable",
@@ -162,3 +168,15 @@ class AdminShutdown(ProxyError):
 
 class TooManyConnections(AuthError):
     sqlstate = "53300"
+
+
+class QueryTimeout(ProxyError):
+    sqlstate = "57014"
+
+
+class IdleInTransactionTimeout(ProxyError):
+    sqlstate = "25P03"
+
+
+class ClientIdleTimeout(ProxyError):
+    sqlstate = "57P05"
