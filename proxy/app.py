@@ -343,6 +343,27 @@ class App:
             for client in list(self.clients):
                 client.check_timeouts(now)
 
+    async def drain(self, timeout: float) -> None:
+        """Graceful stop (SIGTERM): accept no one; end each client once it has no
+        transaction running; after ``timeout`` seconds, end everything (``stop``)."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + timeout
+        log.info("pgtenant: draining: %d client(s); running transactions may finish within "
+                 "%gs (shutdown_timeout)", len(self.clients), timeout)
+        while True:
+            for client in list(self.clients):
+                if not client.has_running_transaction:
+                    client.terminate("pgtenant is shutting down")
+            if not self.clients or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        if self.clients:
+            log.warning("pgtenant: shutdown_timeout reached with %d transaction(s) still "
+                        "running; closing them", len(self.clients))
+        await self.stop()
+
     async def stop(self) -> None:
         self.stopping = True
         if self._server is not None:
@@ -376,7 +397,13 @@ def serve(config: Config, config_path: str | Path | None = None) -> None:
         shutdowns: set[asyncio.Task[None]] = set()
 
         def on_signal(sig: int) -> None:
-            if not shutdowns:  # a second signal while stopping changes nothing
+            # SIGTERM drains, SIGINT stops at once; SIGINT during a drain cuts it short.
+            if sig == signal.SIGINT:
+                for task in shutdowns:
+                    task.cancel()
+                shutdowns.clear()
+                shutdowns.add(asyncio.ensure_future(_shutdown(app, sig)))
+            elif not shutdowns:
                 shutdowns.add(asyncio.ensure_future(_shutdown(app, sig)))
 
         def on_hup() -> None:
@@ -392,6 +419,9 @@ def serve(config: Config, config_path: str | Path | None = None) -> None:
 
     async def _shutdown(app: App, sig: int) -> None:
         log.info("pgtenant: %s received, shutting down", signal.Signals(sig).name)
-        await app.stop()
+        if sig == signal.SIGTERM:
+            await app.drain(app.config.shutdown_timeout)
+        else:
+            await app.stop()
 
     runner(main())

@@ -570,6 +570,12 @@ class ClientConnection(asyncio.Protocol):
     def prepared_count(self) -> int:
         return len(self.link.client_statements) if self.link is not None else 0
 
+    @property
+    def has_running_transaction(self) -> bool:
+        """Whether a transaction of this client is under way on a server (graceful stop)."""
+        return (self.state is ClientState.READY and self.server is not None
+                and self.link is not None and self.link.in_transaction)
+
     def terminate(self, message: str) -> None:
         """End this client with an admin_shutdown FATAL (KILL, shutdown)."""
         self._fail(AdminShutdown(message))

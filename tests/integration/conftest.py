@@ -40,6 +40,8 @@ class ProxyProcess:
         self.env = env
         self.port = free_port()
         self.config_path = workdir / f"pgtenant-{self.port}.toml"
+        if "shutdown_timeout" not in extra:  # teardown's SIGTERM must not wait 30 s
+            extra = "shutdown_timeout = 3.0\n" + extra
         text = env.config_toml(self.port, pool_size=pool_size, extra=extra)
         self.config_path.write_text(transform(text) if transform else text)
         self.log_path = workdir / f"pgtenant-{self.port}.log"
