@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import logging
 import os
 import secrets
 import sys
@@ -27,12 +26,10 @@ __all__ = ["main"]
 _DEFAULT_CONFIG = os.environ.get("PGTENANT_CONFIG", "config/pgtenant.toml")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from .logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 def _load(path: str) -> Config:
@@ -43,7 +40,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .app import serve
 
     config = _load(args.config)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     serve(config, args.config)
     return 0
 

@@ -38,6 +38,7 @@ from .errors import (
     UnsupportedProtocol,
 )
 from .identity.context import TenantContext, build_context
+from .logs import fields
 from .metrics import LabelStats, TenantStats
 from .protocol import codec
 from .protocol.constants import (
@@ -484,7 +485,8 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.READY
         ident = self.context.identity
         log.info("login: client=%s user=%s db=%s tenant=%s type=%s org=%s", self.peer_host,
-                 self.user, self.database, ident.slug, ident.tenant_type, ident.org_id)
+                 self.user, self.database, ident.slug, ident.tenant_type, ident.org_id,
+                 extra=self._log_fields(event="login", org=str(ident.org_id)))
         if self._buf:  # pipelined bytes after the password
             self.link.cbuf += self._buf
             self._buf.clear()
@@ -692,7 +694,9 @@ class ClientConnection(asyncio.Protocol):
         self.stats.error(error.sqlstate)
         log.warning("transaction refused: client=%s user=%s db=%s tenant=%s reason=%s: %s",
                     self.peer_host, self.user, self.database, self.link.injection.context
-                    .identity.slug, error.reason, error.message)
+                    .identity.slug, error.reason, error.message,
+                    extra=self._log_fields(event="error", reason=error.reason,
+                                           sqlstate=error.sqlstate, error=error.message))
         self._write(self.link.fail_segment(codec.error_response(
             error.sqlstate, error.message, detail=error.detail, hint=error.hint)))
         self._resume_reading("wait")
@@ -813,8 +817,11 @@ class ClientConnection(asyncio.Protocol):
             code, error.message, severity="FATAL", detail=error.detail, hint=error.hint
         ))
         log_fn = log.info if isinstance(error, AuthFailed) else log.warning
-        log_fn("disconnect: client=%s user=%s db=%s reason=%s sqlstate=%s: %s", self.peer_host,
-               self.user, self.database, error.reason, code, error.message)
+        tenant = self.context.identity.slug if self.context else "-"
+        log_fn("disconnect: client=%s user=%s db=%s tenant=%s reason=%s sqlstate=%s: %s",
+               self.peer_host, self.user, self.database, tenant, error.reason, code,
+               error.message, extra=self._log_fields(event="disconnect", reason=error.reason,
+                                                     sqlstate=code, error=error.message))
         self._disconnect(error.reason, logged=True)
 
     def _disconnect(self, reason: str, *, logged: bool = False) -> None:
@@ -837,9 +844,17 @@ class ClientConnection(asyncio.Protocol):
         if was_ready and not logged:
             tenant = self.context.identity.slug if self.context else "-"
             log.info("disconnect: client=%s user=%s db=%s tenant=%s reason=%s", self.peer_host,
-                     self.user, self.database, tenant, reason)
+                     self.user, self.database, tenant, reason,
+                     extra=self._log_fields(event="disconnect", reason=reason))
         if self.transport is not None:
             self.transport.close()
+
+    def _log_fields(self, **more: object) -> dict[str, dict[str, object]]:
+        """Returns: ``extra=`` for a connection log line (JSON logs get these as keys)."""
+        ident = self.context.identity if self.context is not None else None
+        return fields(client=self.peer_host, user=self.user, database=self.database,
+                      tenant=ident.slug if ident else None,
+                      tenant_type=ident.tenant_type if ident else None, **more)
 
     def check_timeouts(self, now: float) -> None:
         """Janitor: PgBouncer's client-side timeouts, each ending with its own SQLSTATE."""
