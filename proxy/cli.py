@@ -85,10 +85,14 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
             f"tenant type {args.type!r} is not in {args.config}; "
             f"known: {', '.join(sorted(config.tenant_types))}"
         )
+    if args.database is not None and args.database not in config.databases:
+        print(f"pgtenant: --database {args.database!r}: no [databases.{args.database}] in "
+              f"{args.config}", file=sys.stderr)
+        return 2
     db = next(iter(config.databases.values()))
     org_id = asyncio.run(create_tenant(
         args.dsn, slug=args.slug, tenant_type=tenant_type, proxy_role=db.dsn.user,
-        schema=args.schema,
+        schema=args.schema, database=args.database,
     ))
     print(org_id)
     return 0
@@ -161,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slug", required=True)
     p.add_argument("--type", required=True, help="a [tenant_types.<type>] of the config")
     p.add_argument("--schema", help="schema for schema-per-tenant types (default t_<slug>)")
+    p.add_argument("--database", help="[databases.<name>] this tenant is served from "
+                                      "(database per tenant; default: its type's)")
     p.add_argument("--config", default=_DEFAULT_CONFIG)
     p.set_defaults(func=_cmd_tenant_create)
 

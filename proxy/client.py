@@ -437,6 +437,7 @@ class ClientConnection(asyncio.Protocol):
                     "which this proxy has no [tenant_types] entry for"
                 )
             self.context = build_context(identity, tenant_type)
+            self._route(identity.database or tenant_type.database, identity.slug)
             self._apply_tenant_limits(identity.org_id, identity.slug, tenant_type)
             assert self.pool is not None
             params = await self.pool.startup_parameters()
@@ -492,13 +493,25 @@ class ClientConnection(asyncio.Protocol):
             self._buf.clear()
             self._pump()
 
+    def _route(self, database: str | None, slug: str) -> None:
+        """Database per tenant: serve the tenant from its own [databases.<name>] (its
+        organization row's, else its tenant type's), whatever dbname it asked for.
+        Raises: UnknownDatabase when that database is not configured here."""
+        if database is None or database == self.database:
+            return
+        pool = self.app.pools.get(database)
+        if pool is None:
+            raise UnknownDatabase(
+                f"tenant {slug!r} is served from database {database!r}, which is not "
+                "configured in this pgtenant", hint=f"add [databases.{database}]")
+        self.pool, self.database = pool, database
+
     def _apply_tenant_limits(self, org_id: object, slug: str,
                              tenant_type: TenantTypeConfig) -> None:
-        """Route the tenant to its type's database, set its server cap, and enforce its
-        client cap. Raises: TooManyConnections (53300)."""
-        if tenant_type.database is not None and tenant_type.database != self.database:
-            self.pool = self.app.pools[tenant_type.database]
-            self.database = tenant_type.database
+        """Set the tenant's server cap and enforce its client cap.
+
+        Raises: TooManyConnections (53300).
+        """
         limits = self.app.config.tenant_limits
         self.max_servers = (tenant_type.max_server_connections
                             if tenant_type.max_server_connections is not None

@@ -154,6 +154,10 @@ async def init_database(
         async with conn.transaction():
             for stmt in CONTROL_DDL:
                 await conn.execute(stmt)
+            # Dropped and created (not replaced): their result columns grow between
+            # versions; the grants below are given again.
+            for fn in _PROXY_FUNCTIONS:
+                await conn.execute(f"DROP FUNCTION IF EXISTS {fn}")
             await conn.execute(resolve_token_ddl())
             await conn.execute(resolve_org_ddl())
             for stmt in TOKEN_REVOCATION_DDL:

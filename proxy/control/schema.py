@@ -70,6 +70,9 @@ CONTROL_DDL: tuple[str, ...] = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS tokens_org_id_idx ON pgtenant.tokens (org_id)",
+    # Database per tenant: the [databases.<name>] this organization is served from (NULL:
+    # its tenant type's, else the dbname it connects with). Added to older installs too.
+    "ALTER TABLE pgtenant.organizations ADD COLUMN IF NOT EXISTS database text NULL",
     "REVOKE ALL ON TABLE pgtenant.organizations, pgtenant.tokens FROM PUBLIC",
 )
 
@@ -81,13 +84,13 @@ def resolve_token_ddl() -> str:
     search_path (pg_temp last) keeps callers from shadowing anything the body resolves.
     """
     return """
-    CREATE OR REPLACE FUNCTION pgtenant.resolve_token(p_hash bytea)
+    CREATE FUNCTION pgtenant.resolve_token(p_hash bytea)
     RETURNS TABLE (token_id uuid, org_id uuid, slug text, tenant_type text,
-                   schema_name text, entity_id uuid)
+                   schema_name text, entity_id uuid, database_name text)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pgtenant, pg_temp
     AS $fn$
-        SELECT t.id, o.id, o.slug, o.tenant_type, o.schema, t.entity_id
+        SELECT t.id, o.id, o.slug, o.tenant_type, o.schema, t.entity_id, o.database
           FROM pgtenant.tokens AS t
           JOIN pgtenant.organizations AS o ON o.id = t.org_id
          WHERE t.token_hash = p_hash
@@ -104,12 +107,13 @@ def resolve_org_ddl() -> str:
     (SECURITY DEFINER, pinned search_path). It reveals no more than a valid token would.
     """
     return """
-    CREATE OR REPLACE FUNCTION pgtenant.resolve_org(p_org uuid)
-    RETURNS TABLE (org_id uuid, slug text, tenant_type text, schema_name text)
+    CREATE FUNCTION pgtenant.resolve_org(p_org uuid)
+    RETURNS TABLE (org_id uuid, slug text, tenant_type text, schema_name text,
+                   database_name text)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pgtenant, pg_temp
     AS $fn$
-        SELECT o.id, o.slug, o.tenant_type, o.schema
+        SELECT o.id, o.slug, o.tenant_type, o.schema, o.database
           FROM pgtenant.organizations AS o
          WHERE o.id = p_org
     $fn$

@@ -43,8 +43,11 @@ async def create_tenant(
     tenant_type: TenantTypeConfig,
     proxy_role: str = "pgtenant_proxy",
     schema: str | None = None,
+    database: str | None = None,
 ) -> UUID:
     """Register an organization; for schema-per-tenant types also its schema and role.
+    ``database`` names the proxy's ``[databases.<name>]`` it is served from (database per
+    tenant; None: its tenant type's, else the dbname its clients ask for).
 
     The schema is owned by the admin; a templated role is created NOLOGIN NOINHERIT, granted
     to the proxy, and is the only role given USAGE on the schema (plus default DML
@@ -89,9 +92,9 @@ async def create_tenant(
                     "run `pgtenant init` with this tenant type first"
                 )
             await conn.execute(
-                "INSERT INTO pgtenant.organizations (id, slug, tenant_type, schema) "
-                "VALUES ($1, $2, $3, $4)",
-                org_id, slug, tenant_type.name, schema,
+                "INSERT INTO pgtenant.organizations (id, slug, tenant_type, schema, database) "
+                "VALUES ($1, $2, $3, $4, $5)",
+                org_id, slug, tenant_type.name, schema, database,
             )
             if templated_role:
                 await _claim_role(conn, role, slug)

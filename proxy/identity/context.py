@@ -52,6 +52,7 @@ class TenantIdentity:
     token_id: UUID
     entity_id: UUID | None = None
     schema: str | None = None
+    database: str | None = None  # [databases.<name>] of its own (database per tenant)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,11 +41,9 @@ log = logging.getLogger("pgtenant.registry")
 # Must match the channel of the trigger in control/schema.py.
 REVOCATION_CHANNEL = "pgtenant_tokens"
 
-_RESOLVE_SQL = (
-    "SELECT token_id, org_id, slug, tenant_type, schema_name, entity_id "
-    "FROM pgtenant.resolve_token($1)"
-)
-_RESOLVE_ORG_SQL = "SELECT org_id, slug, tenant_type, schema_name FROM pgtenant.resolve_org($1)"
+# SELECT *: a control schema from before database_name still resolves (re-run init).
+_RESOLVE_SQL = "SELECT * FROM pgtenant.resolve_token($1)"
+_RESOLVE_ORG_SQL = "SELECT * FROM pgtenant.resolve_org($1)"
 # Organization lookups share the cache with token hashes (32 bytes); the prefix keeps the
 # two key spaces apart.
 _ORG_KEY_PREFIX = b"org:"
@@ -304,6 +302,7 @@ class Registry:
         return TenantIdentity(
             org_id=row["org_id"], slug=row["slug"], tenant_type=row["tenant_type"],
             token_id=row["token_id"], entity_id=row["entity_id"], schema=row["schema_name"],
+            database=row.get("database_name"),
         )
 
     async def _query_org(self, org_id: UUID) -> TenantIdentity | None:
@@ -312,5 +311,5 @@ class Registry:
             return None
         return TenantIdentity(
             org_id=row["org_id"], slug=row["slug"], tenant_type=row["tenant_type"],
-            token_id=_NO_TOKEN, schema=row["schema_name"],
+            token_id=_NO_TOKEN, schema=row["schema_name"], database=row.get("database_name"),
         )

@@ -140,16 +140,36 @@ async def test_tenant_type_is_served_from_its_own_database(
         return (text + f'\n[databases.enterprise]\ndsn = "{other}"\npool_size = 2\n'
                 f'\n[control]\ndsn = "{proxy_dsn}"\n')
 
-    proxy = start_proxy(extra='lockdown_check = "warn"\ncontext_signing = "off"',
-                        transform=route)
-    globex, acme = await connect(proxy, "globex"), await connect(proxy, "acme")
+    # Database per tenant: initech's organization row names the database itself.
+    admin = await asyncpg.connect(probe.env.admin_dsn)
+    await admin.execute("UPDATE pgtenant.organizations SET database = 'enterprise' "
+                        "WHERE slug = 'initech'")
     try:
-        assert await globex.fetchval("SELECT current_database()") == "app_enterprise"
-        assert await globex.fetchval("SELECT current_schema()") == schema
-        assert await acme.fetchval("SELECT current_database()") != "app_enterprise"
+        proxy = start_proxy(extra='lockdown_check = "warn"\ncontext_signing = "off"',
+                            transform=route)
+        globex, acme = await connect(proxy, "globex"), await connect(proxy, "acme")
+        initech = await connect(proxy, "initech")
+        try:
+            assert await globex.fetchval("SELECT current_database()") == "app_enterprise"
+            assert await globex.fetchval("SELECT current_schema()") == schema
+            assert await initech.fetchval("SELECT current_database()") == "app_enterprise"
+            assert await initech.fetchval("SELECT current_setting('app.tenant_id')") == str(
+                probe.env.tenants["initech"].org_id)
+            assert await acme.fetchval("SELECT current_database()") != "app_enterprise"
+        finally:
+            for conn in (globex, acme, initech):
+                await conn.close()
+        # A row naming a database this proxy does not have: refused, clearly.
+        await admin.execute("UPDATE pgtenant.organizations SET database = 'elsewhere' "
+                            "WHERE slug = 'initech'")
+        other = start_proxy()
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await connect(other, "initech")
+        assert info.value.sqlstate == "3D000" and "'elsewhere'" in str(info.value)
     finally:
-        await globex.close()
-        await acme.close()
+        await admin.execute("UPDATE pgtenant.organizations SET database = NULL "
+                            "WHERE slug = 'initech'")
+        await admin.close()
 
 
 class Relay:
