@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import asyncpg
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from .client import ClientConnection
 from .config import Config, load_config, parse_listen
@@ -31,6 +31,7 @@ from .metrics import Collector, Metrics
 from .pool import Pool
 from .server import send_cancel
 from .tls import backend_tls, client_context
+from .workers import ControlServer, WorkerInfo, ask_worker
 
 __all__ = ["App", "serve"]
 
@@ -42,8 +43,11 @@ _STATS_PERIOD = 60.0  # PgBouncer's stats_period: SHOW STATS averages cover this
 class App:
     """The running proxy."""
 
-    def __init__(self, config: Config, config_path: str | Path | None = None):
+    def __init__(self, config: Config, config_path: str | Path | None = None,
+                 worker: WorkerInfo | None = None):
         self.config = config
+        self.worker = worker  # one of `serve --workers N`: see workers.py
+        self._control: ControlServer | None = None
         self.config_path = config_path  # re-read by RELOAD and SIGHUP
         # Built once: a bad cert/key/CA path is a ConfigError at start, not at first client.
         self.client_tls = client_context(config.tls)
@@ -106,15 +110,31 @@ class App:
             self.tenant_clients.pop(key, None)
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
-        """Returns: a fresh (pid, secret) pair the client will present to cancel."""
+        """Returns: a fresh (pid, secret) pair the client will present to cancel (with
+        workers, ``pid % count`` is this worker's index, so any worker can route it)."""
         while True:
-            key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
+            pid = secrets.randbits(31)
+            if self.worker is not None:
+                count = self.worker.count
+                pid = pid - pid % count + self.worker.index
+                if pid >= 1 << 31:
+                    continue
+            key = (pid, secrets.randbits(31) - (1 << 30))
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key
 
     def cancel(self, pid: int, secret: int) -> None:
         """Forward a CancelRequest to the backend the client is using right now, if any."""
+        worker = self.worker
+        if worker is not None and pid % worker.count != worker.index:
+            # The kernel gave this CancelRequest to another worker than its client's.
+            target = pid % worker.count
+            log.info("cancel request passed to worker %d", target)
+            passed = asyncio.ensure_future(
+                ask_worker(worker.socket(target), f"cancel {pid} {secret}"))
+            passed.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return
         client = self.cancel_keys.get((pid, secret))
         if client is not None and client.waiting and client.pool is not None:
             # Not on a server yet: end the wait, as Postgres would end the statement.
@@ -137,7 +157,8 @@ class App:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
-                lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True
+                lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True,
+                reuse_port=self.worker is not None,
             )
         except OSError as exc:
             raise ConfigError(f"listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
@@ -150,9 +171,22 @@ class App:
                 log.warning("%s; clients of it are refused until it can be verified", exc.message)
         # Before "listening on": revocations must be heard from the first login on.
         await self.registry.start()
-        if self.config.metrics.listen is not None:
+        if self.worker is not None:  # the supervisor serves HTTP, asking every worker
+            self._control = ControlServer(
+                self.worker.socket(self.worker.index),
+                metrics=lambda: generate_latest(self.registry_prom),
+                readiness=self.not_ready_reasons, cancel=self.cancel)
+            await self._control.start()
+        elif self.config.metrics.listen is not None:
             mhost, mport = parse_listen(self.config.metrics.listen, "metrics.listen")
-            self.http = HttpEndpoint(self.registry_prom, self.not_ready_reasons)
+
+            async def metrics() -> bytes:
+                return generate_latest(self.registry_prom)
+
+            async def readiness() -> list[str]:
+                return self.not_ready_reasons()
+
+            self.http = HttpEndpoint(metrics, readiness)
             try:
                 await self.http.start(mhost, mport)
             except OSError as exc:
@@ -370,6 +404,8 @@ class App:
             self._server.close()
         if self.http is not None:
             await self.http.close()
+        if self._control is not None:
+            await self._control.close()
         if self._janitor is not None:
             self._janitor.cancel()
         for client in list(self.clients):
@@ -380,7 +416,8 @@ class App:
         self.stopped.set()
 
 
-def serve(config: Config, config_path: str | Path | None = None) -> None:
+def serve(config: Config, config_path: str | Path | None = None,
+          worker: WorkerInfo | None = None) -> None:
     """Run the proxy until SIGINT/SIGTERM or SHUTDOWN (uvloop when available); SIGHUP
     reloads ``config_path``."""
     try:
@@ -391,7 +428,7 @@ def serve(config: Config, config_path: str | Path | None = None) -> None:
         runner = uvloop.run
 
     async def main() -> None:
-        app = App(config, config_path)
+        app = App(config, config_path, worker)
         await app.start()
         loop = asyncio.get_running_loop()
         shutdowns: set[asyncio.Task[None]] = set()

@@ -26,10 +26,10 @@ __all__ = ["main"]
 _DEFAULT_CONFIG = os.environ.get("PGTENANT_CONFIG", "config/pgtenant.toml")
 
 
-def _setup_logging(level: str, fmt: str = "text") -> None:
+def _setup_logging(level: str, fmt: str = "text", worker: str | None = None) -> None:
     from .logs import setup_logging
 
-    setup_logging(level, fmt)
+    setup_logging(level, fmt, worker)
 
 
 def _load(path: str) -> Config:
@@ -40,8 +40,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .app import serve
 
     config = _load(args.config)
-    _setup_logging(config.log_level, config.log_format)
-    serve(config, args.config)
+    if args.workers > 1 and args.worker is None:
+        from .workers import run_supervisor
+
+        _setup_logging(config.log_level, config.log_format, worker="supervisor")
+        return run_supervisor(config, args.config, args.workers)
+    worker = None
+    if args.worker is not None:
+        from .workers import WorkerInfo
+
+        index, count = (int(x) for x in args.worker.split("/"))
+        worker = WorkerInfo(index, count, Path(args.rundir))
+    _setup_logging(config.log_level, config.log_format,
+                   worker=str(worker.index) if worker is not None else None)
+    serve(config, args.config, worker)
     return 0
 
 
@@ -144,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the proxy")
     p.add_argument("--config", default=_DEFAULT_CONFIG)
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the port (SO_REUSEPORT), under a supervisor")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # "i/N": set by the supervisor
+    p.add_argument("--rundir", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import h11
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 __all__ = ["HttpEndpoint"]
 
@@ -29,8 +29,9 @@ _TIMEOUT = 10.0
 class HttpEndpoint:
     """A tiny HTTP/1.1 server for the three operator paths."""
 
-    def __init__(self, registry: CollectorRegistry, readiness: Callable[[], list[str]]):
-        self.registry = registry
+    def __init__(self, metrics: Callable[[], Awaitable[bytes]],
+                 readiness: Callable[[], Awaitable[list[str]]]):
+        self.metrics = metrics  # renders the exposition text
         self.readiness = readiness  # returns the reasons the proxy is not ready, if any
         self._server: asyncio.Server | None = None
 
@@ -47,17 +48,17 @@ class HttpEndpoint:
             self._server.close()
             await self._server.wait_closed()
 
-    def _answer(self, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
+    async def _answer(self, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
         """Returns: (status, content type, body) for one request."""
         path = target.split(b"?", 1)[0]
         if method not in (b"GET", b"HEAD"):
             return 405, b"text/plain", b"method not allowed\n"
         if path == b"/metrics":
-            return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(self.registry)
+            return 200, CONTENT_TYPE_LATEST.encode(), await self.metrics()
         if path == b"/healthz":
             return 200, b"text/plain", b"ok\n"
         if path == b"/readyz":
-            problems = self.readiness()
+            problems = await self.readiness()
             if problems:
                 return 503, b"text/plain", ("\n".join(problems) + "\n").encode()
             return 200, b"text/plain", b"ready\n"
@@ -71,7 +72,7 @@ class HttpEndpoint:
                 if event is h11.NEED_DATA:
                     conn.receive_data(await asyncio.wait_for(reader.read(65536), _TIMEOUT))
                 elif isinstance(event, h11.Request):
-                    status, ctype, body = self._answer(event.method, event.target)
+                    status, ctype, body = await self._answer(event.method, event.target)
                     headers = [(b"content-type", ctype),
                                (b"content-length", str(len(body)).encode())]
                     out = conn.send(h11.Response(status_code=status, headers=headers)) or b""

@@ -38,13 +38,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str, fmt: str = "text") -> None:
-    """Route every logger to stderr at ``level``, as text lines or JSON objects."""
+def setup_logging(level: str, fmt: str = "text", worker: str | None = None) -> None:
+    """Route every logger to stderr at ``level``, as text lines or JSON objects; with
+    ``serve --workers``, each line names its process (``worker``: an index or supervisor)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+        if worker is not None:
+            handler.addFilter(_WorkerTag(worker))
+    else:
+        text = _TEXT_FORMAT if worker is None else _TEXT_FORMAT.replace(
+            "%(name)s", f"%(name)s[{worker}]")
+        handler.setFormatter(logging.Formatter(text))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
+
+
+class _WorkerTag(logging.Filter):
+    """Adds ``worker`` to every JSON record's fields."""
+
+    def __init__(self, worker: str):
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        extra = getattr(record, "fields", None)
+        record.fields = {**(extra if isinstance(extra, dict) else {}), "worker": self.worker}
+        return True
 
 
 def fields(**values: object) -> dict[str, dict[str, object]]:

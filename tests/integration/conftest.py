@@ -36,7 +36,8 @@ class ProxyProcess:
     """``python -m proxy serve`` as a subprocess."""
 
     def __init__(self, env: DemoEnv, workdir: Path, *, pool_size: int = 4, extra: str = "",
-                 transform: Callable[[str], str] | None = None):
+                 transform: Callable[[str], str] | None = None, args: tuple[str, ...] = (),
+                 ready_line: str = "listening on"):
         self.env = env
         self.port = free_port()
         self.config_path = workdir / f"pgtenant-{self.port}.toml"
@@ -47,18 +48,18 @@ class ProxyProcess:
         self.log_path = workdir / f"pgtenant-{self.port}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "proxy", "serve", "--config", str(self.config_path), *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        self._wait_ready()
+        self._wait_ready(ready_line)
 
-    def _wait_ready(self, timeout: float = 20.0) -> None:
+    def _wait_ready(self, ready_line: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pgtenant exited with {self.proc.returncode}:\n{self.log()}")
-            if "listening on" in self.log():
+            if ready_line in self.log():
                 return
             time.sleep(0.05)
         raise RuntimeError(f"pgtenant did not start within {timeout}s:\n{self.log()}")
@@ -100,9 +101,10 @@ def start_proxy(demo_env: DemoEnv, tmp_path: Path) -> Iterator[Callable[..., Pro
     started: list[ProxyProcess] = []
 
     def start(*, pool_size: int = 4, extra: str = "",
-              transform: Callable[[str], str] | None = None) -> ProxyProcess:
+              transform: Callable[[str], str] | None = None, args: tuple[str, ...] = (),
+              ready_line: str = "listening on") -> ProxyProcess:
         proxy = ProxyProcess(demo_env, tmp_path, pool_size=pool_size, extra=extra,
-                             transform=transform)
+                             transform=transform, args=args, ready_line=ready_line)
         started.append(proxy)
         return proxy
 
