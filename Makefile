@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint unit clean
+.PHONY: install demo test lint unit bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ demo: install
 	$(PY) -m proxy demo
 
 lint: install
-	$(PY) -m ruff check proxy tests
+	$(PY) -m ruff check proxy tests benchmarks
 	$(PY) -m mypy
 
 unit: install
@@ -29,6 +29,14 @@ unit: install
 
 test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Benchmarks (issue #6): results in benchmarks/results/. QUICK=1 (or bench-quick): < 2 min.
+bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m benchmarks $(if $(QUICK),--quick,)
+
+bench-quick:
+	$(MAKE) bench QUICK=1
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

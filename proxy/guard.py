@@ -21,7 +21,7 @@ from pglast.parser import ParseError, parse_sql_json
 
 from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
 from .protocol.encoding import encoding_key
-from .protocol.sql import ends_transaction, is_on
+from .protocol.sql import ends_transaction, is_on, words
 
 __all__ = ["ALWAYS_PROTECTED", "Guard"]
 
@@ -54,12 +54,27 @@ _SUSPECT = re.compile(
 # after it running outside the injected context (as the bare login role).
 _TXN_END = re.compile(rb"(?i)\b(commit|rollback|end|abort|prepare|call)\b")
 _CHAIN = re.compile(rb"(?i)\bchain\b")
+# A prefilter false for most texts (plain SELECT/DML), decided without a regex: only texts
+# with one of these words, or with "u&", "_to_xml" or "dblink" inside a word, go on to the
+# three precise tests. The words are those of _SUSPECT, _CHAIN and _TXN_END (tests check that
+# every text those patterns match passes this filter).
+_ANY_WORDS: Final = frozenset(
+    b"set reset set_config discard load alter copy vacuum database concurrently tablespace "
+    b"cluster subscription do listen notify pg_notify pg_read_file pg_read_binary_file "
+    b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
+    b"call".split())
+_ANY_INSIDE: Final = (b"u&", b"_to_xml", b"dblink")
 _CACHE_MAX = 10_000
 _SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _NOT_IN_TXN_HINT = (
     "pgtenant runs every tenant transaction inside a transaction block that carries the "
     "tenant's context; run this statement with an admin connection to Postgres instead"
 )
+
+
+def _has_inside(sql: bytes) -> bool:
+    lowered = sql.lower()
+    return any(part in lowered for part in _ANY_INSIDE)
 
 
 class Refusal(Exception):
@@ -97,6 +112,10 @@ class Guard:
         a reserved keyword since), which would smuggle a ``SET ROLE`` past an unparsed text.
         Text without a suspect word is not parsed, so typos there get Postgres's own error.
         """
+        if _ANY_WORDS.isdisjoint(words(sql)) and not _has_inside(sql):
+            # The common case, decided by one search and never cached: texts that differ
+            # only by their literals (pgbench -S, client-side parameters) would churn it.
+            return None
         verdict = self._cache.get(sql, False)
         if verdict is False:
             suspect = (_SUSPECT.search(sql) is not None or _CHAIN.search(sql) is not None

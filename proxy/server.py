@@ -48,6 +48,10 @@ class ServerState(Enum):
     RESET = "reset"  # rolling back after a client left mid-transaction
     CLOSED = "closed"
 
+    # Members are singletons: identity hashing spares Enum's Python-level __hash__ on every
+    # container move (twice per transaction).
+    __hash__ = object.__hash__
+
 
 class ServerPeer(Protocol):
     """What an attached client must accept from its server."""

@@ -17,9 +17,16 @@ from typing import Any, Final
 from pglast.parser import ParseError, parse_sql_json
 
 __all__ = [
-    "DROPS_STATEMENTS", "SESSION_STATE", "TXN_CONTROL", "TXN_END", "classify",
-    "ends_transaction", "is_on", "local_command",
+    "DROPS_STATEMENTS",
+    "SESSION_STATE",
+    "TXN_CONTROL",
+    "TXN_END",
+    "classify",
+    "ends_transaction",
+    "is_on",
+    "local_command",
     "plain_sets",
+    "words",
 ]
 
 TXN_CONTROL: Final = 1  # may move the transaction status between I and T/E
@@ -42,6 +49,22 @@ _SESSION_LOCK_FUNCS = frozenset({
     "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
     "pg_try_advisory_lock_shared",
 })
+# The words of the four patterns above (and of local_command's): a text with none of them
+# (and no "advisory") has no flag at all. Checked with words() below, about ten times
+# faster than one search with the combined pattern, which matters once per transaction.
+_ANY_WORDS: Final = frozenset(
+    b"begin start commit end rollback abort prepare call do deallocate discard set reset "
+    b"listen hold temp temporary load set_config into".split())
+_WORD_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_")
+# bytes.translate table: ASCII letters lower-cased, digits and '_' kept, all else a space,
+# so split() yields exactly the regex \w+ runs of a bytes pattern, lower-cased.
+_WORDS_TABLE: Final = bytes(
+    (c + 32 if 65 <= c <= 90 else c if c in _WORD_CHARS else 32) for c in range(256))
+
+
+def words(sql: bytes) -> list[bytes]:
+    """Returns: the lower-cased ``\\w+`` words of ``sql`` (ASCII letters, digits, '_')."""
+    return sql.translate(_WORDS_TABLE).split()
 _CURSOR_OPT_HOLD: Final = 0x0020  # parsenodes.h
 _CACHE_MAX = 10_000
 _cache: dict[bytes, int] = {}
@@ -52,6 +75,8 @@ def classify(sql: bytes) -> int:
     flags = _cache.get(sql)
     if flags is not None:
         return flags
+    if _ANY_WORDS.isdisjoint(words(sql)) and b"advisory" not in sql.lower():
+        return 0  # not cached: texts differing only by literals would churn the cache
     flags = 0
     if _TXN_RE.search(sql):
         flags |= TXN_CONTROL

@@ -433,9 +433,11 @@ class Link:
         if len(self.pending) == 1:
             self._update_pass()
 
-    def _note_sql(self, seg: Segment, sql: bytes) -> int:
-        """A simple Query's text is about to run: note what it may do."""
-        flags = classify(sql)
+    def _note_sql(self, seg: Segment, sql: bytes, flags: int | None = None) -> int:
+        """A simple Query's text is about to run: note what it may do (``flags``: its
+        classify() result when already known)."""
+        if flags is None:
+            flags = classify(sql)
         if flags & TXN_END and _ROLLBACK.search(sql):
             seg.rollback = True
         if flags & TXN_CONTROL:
@@ -537,8 +539,10 @@ class Link:
                 pos = end
                 continue
             text = bytes(buf[pos + 5 : end - 1]) if t == _Q else b""  # without the NUL
-            if (t == _Q and not self.open_extended and not self.pinned
-                    and local_command(text) is not None):
+            text_flags = classify(text) if t == _Q else 0
+            # local_command's words (DEALLOCATE, DISCARD) are what DROPS_STATEMENTS flags.
+            if (t == _Q and text_flags & DROPS_STATEMENTS and not self.open_extended
+                    and not self.pinned and local_command(text) is not None):
                 if self.pending:  # decide (and answer) in order, after the replies owed
                     outcome = HOLD
                     self.held = True
@@ -610,7 +614,7 @@ class Link:
                     span = pos  # forwarded unchanged
                 self._push(seg)
                 if text:
-                    self._note_sql(seg, text)
+                    self._note_sql(seg, text, text_flags)
                 pos = end
                 continue
             if self._ended_in_batch and (t == _Q or (t in _CLIENT_EXTENDED and t != _H)):
@@ -642,7 +646,7 @@ class Link:
                     out += codec.query(refusal_sql(refusal))
                     span = end
                 else:
-                    self._note_sql(seg, text)
+                    self._note_sql(seg, text, text_flags)
                 self._mark_txn(seg)
                 pos = end
                 continue

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.guard import Guard
 
@@ -151,3 +153,29 @@ def test_outside_transaction_kind_names_single_statements_only() -> None:
     assert guard.outside_transaction_kind(b"VACUUM a; VACUUM b") is None
     assert guard.outside_transaction_kind(b"SET ROLE x") is None
     assert guard.outside_transaction_kind(b"CREATE DATABASE x") is None
+
+
+# The prefilter that spares the regexes for plain texts must never miss what they find.
+_FRAGMENTS = [b"set", b"SeT", b"reset", b"set_config", b"commit", b"END", b"chain", b"do",
+              b"u&", b"U&", b"query_to_xml", b"xx_to_xmlschema", b"dblink_exec", b"copy",
+              b"listen", b"select", b"x", b"_", b"1", b" ", b";", b"(", b"'", b'"', b".",
+              b"\xc3\xa9", b"\t", b"pg_notify", b"lo_export", b"call", b"rollback"]
+
+
+def _guard_pairs() -> list[list[bytes]]:
+    return [[a, b] for a in _FRAGMENTS for b in (b"", b" ", b";", b"x", b"(")]
+
+
+@pytest.mark.parametrize("parts", _guard_pairs())
+def test_prefilter_passes_each_fragment_the_guard_patterns_match(parts: list[bytes]) -> None:
+    test_prefilter_passes_every_text_the_guard_patterns_match.hypothesis.inner_test(parts)  # type: ignore[attr-defined]
+
+
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=12))
+def test_prefilter_passes_every_text_the_guard_patterns_match(parts: list[bytes]) -> None:
+    from proxy.guard import _ANY_WORDS, _CHAIN, _SUSPECT, _TXN_END, _has_inside
+    from proxy.protocol.sql import words
+
+    text = b"".join(parts)
+    if _SUSPECT.search(text) or _CHAIN.search(text) or _TXN_END.search(text):
+        assert not _ANY_WORDS.isdisjoint(words(text)) or _has_inside(text), text

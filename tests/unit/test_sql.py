@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.protocol.sql import DROPS_STATEMENTS, SESSION_STATE, TXN_CONTROL, classify
 
@@ -69,3 +71,27 @@ def test_plain_select_changes_no_transaction_status() -> None:
 @pytest.mark.parametrize("sql", ["DEALLOCATE ALL", "deallocate p", "DISCARD ALL"])
 def test_statement_drops_are_flagged(sql: str) -> None:
     assert classify(sql.encode()) & DROPS_STATEMENTS
+
+
+_SQL_FRAGMENTS = [b"begin", b"Start", b"commit", b"end", b"rollback", b"abort", b"prepare",
+                  b"call", b"do", b"deallocate", b"discard", b"set", b"reset", b"listen",
+                  b"hold", b"temp", b"temporary", b"load", b"set_config", b"into",
+                  b"advisory", b"pg_advisory_lock", b"select", b"x", b"_", b"1", b" ", b";",
+                  b"(", b"'", b"\xc3\xa9", b"INTO"]
+
+
+@pytest.mark.parametrize("parts", [[a, b] for a in _SQL_FRAGMENTS
+                                   for b in (b"", b" ", b";", b"x", b"(")])
+def test_classify_prefilter_passes_each_fragment_the_patterns_match(parts: list[bytes]) -> None:
+    test_classify_prefilter_passes_every_text_the_patterns_match.hypothesis.inner_test(parts)  # type: ignore[attr-defined]
+
+
+@given(st.lists(st.sampled_from(_SQL_FRAGMENTS), max_size=12))
+def test_classify_prefilter_passes_every_text_the_patterns_match(parts: list[bytes]) -> None:
+    from proxy.protocol import sql
+
+    text = b"".join(parts)
+    if any(p.search(text) for p in (sql._TXN_RE, sql._DROPS_RE, sql._SESSION_RE,
+                                    sql._END_RE, sql._LOCAL_RE)):
+        assert (not sql._ANY_WORDS.isdisjoint(sql.words(text))
+                or b"advisory" in text.lower()), text

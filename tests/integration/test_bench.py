@@ -1,0 +1,96 @@
+"""The benchmark suite's moving parts against the real cluster (issue #6): its layouts
+really isolate tenants, its pgbench scripts (pgtenant's and the SET LOCAL baselines') run,
+and its report states the targets honestly. The measurements themselves live in
+``make bench``, never in tests."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from benchmarks.endpoints import Pgtenant
+from benchmarks.fixture import APP_PASSWORD, APP_ROLE, BenchDb, build_database, pgbench_init
+from benchmarks.measure import run_loads
+from benchmarks.report import markdown
+from benchmarks.run import tenant_loads
+from proxy.control.cluster import PostgresCluster
+
+
+@pytest.fixture(scope="module")
+def bench_db(pg_cluster: PostgresCluster) -> BenchDb:
+    db = asyncio.run(build_database(pg_cluster, 3, 20, 4))
+    pgbench_init(pg_cluster, db)
+    return db
+
+
+async def _count(dsn: str, sql: str, *sets: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            for stmt in sets:
+                await conn.execute(stmt)
+            return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
+
+
+async def test_layouts_isolate_tenants_for_pgtenant_and_for_the_baseline(
+    pg_cluster: PostgresCluster, bench_db: BenchDb, tmp_path: Path,
+) -> None:
+    pgt = Pgtenant(pg_cluster, bench_db.name, tmp_path, pool_size=2)
+    app = (f"postgresql://{APP_ROLE}:{APP_PASSWORD}@127.0.0.1:{pg_cluster.port}/"
+           f"{bench_db.name}")
+    try:
+        for layout, table in (("filtered", "items"), ("routed", "items"),
+                              ("by_type", "all_items")):
+            for i in range(2):  # tenant 0 is 100x the median, tenant 1 the median
+                t = bench_db.tenant(layout, i)
+                dsn = f"postgresql://{t.slug}:{t.token}@127.0.0.1:{pgt.port}/{bench_db.name}"
+                assert await _count(dsn, f"SELECT count(*) FROM {table}") == t.rows, layout
+                sets = [f"SET LOCAL app.tenant_id = '{t.org_id}'"]
+                if t.schema:
+                    sets.append(f"SET LOCAL search_path = {t.schema}")
+                assert await _count(app, f"SELECT count(*) FROM {table}", *sets) == t.rows
+        assert bench_db.tenant("filtered", 0).rows == 100 * bench_db.tenant("filtered", 1).rows
+    finally:
+        pgt.stop()
+
+
+@pytest.mark.parametrize("layout", ["filtered", "routed", "by_type"])
+def test_benchmark_scripts_run_through_pgtenant_and_as_baselines(
+    pg_cluster: PostgresCluster, bench_db: BenchDb, tmp_path: Path, layout: str,
+) -> None:
+    pgbench = pg_cluster.tool("pgbench")
+    assert pgbench is not None
+    pgt = Pgtenant(pg_cluster, bench_db.name, tmp_path, pool_size=2)
+    try:
+        for workload in ("read", "write"):
+            for via, port, pid in (("pgtenant", pgt.port, pgt.pid),
+                                   ("direct_round_trips", pg_cluster.port, None),
+                                   ("direct_one_packet", pg_cluster.port, None)):
+                loads = tenant_loads(layout, workload, bench_db, port, via, clients=2,
+                                     tenants=2)
+                result = run_loads(pgbench, loads, 0, pid, transactions=25)
+                assert result.transactions == 2 * 25 and result.tps > 0, (layout, workload, via)
+                assert len(result.per_load) == 2 and result.p99 >= result.p50 > 0
+    finally:
+        pgt.stop()
+
+
+def test_report_marks_targets_met_or_not() -> None:
+    results = {
+        "mode": "quick", "finished_at": "now", "seconds_per_run": 1, "rounds": 1,
+        "total_seconds": 1, "postgres": "pg", "pgbouncer": "PgBouncer 1.18.0",
+        "machine": {"cpus": 2, "cpu": "x", "memory_gib": 1, "kernel": "k", "python": "3"},
+        "experiments": {},
+        "ratios": {"select_only_c16_pgtenant_vs_pgbouncer": 0.55,
+                   "cpu_per_txn_pgtenant_vs_pgbouncer": 2.4},
+    }
+    text = markdown(results)
+    assert "| pgbench -S -c 16 through pgtenant vs PgBouncer | 0.55 | >= 0.9 | **not met** |" \
+        in text
+    assert "| proxy CPU per transaction vs PgBouncer's | 2.4 | <= 2.5 | met |" in text
+    assert "tenant-scoped transactions vs the SET LOCAL round-trip baseline | - |" in text
