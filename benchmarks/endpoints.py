@@ -134,10 +134,19 @@ class Pgtenant(Endpoint):
     name = "pgtenant"
 
     def __init__(self, cluster: PostgresCluster, database: str, workdir: Path, pool_size: int,
-                 extra: str = ""):
+                 extra: str = "", routes: dict[str, str] | None = None):
+        """``routes``: more [databases.<name>] (name -> Postgres database) for tenants
+        routed to a database of their own; ``database`` then holds the control schema."""
         super().__init__(free_port())
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / f"pgtenant-{database}-{self.port}.toml"
+        def dsn(dbname: str) -> str:
+            return f"postgresql://{PROXY_ROLE}:{PROXY_PASSWORD}@127.0.0.1:{cluster.port}/{dbname}"
+
+        more = "".join(f'\n[databases.{name}]\ndsn = "{dsn(dbname)}"\npool_size = 2\n'
+                       for name, dbname in (routes or {}).items())
+        if routes:
+            more += f'\n[control]\ndsn = "{dsn(database)}"\n'
         types = "\n".join(
             f'[tenant_types.{n}]\nrole = "{t.role}"\n'
             f'search_path = [{", ".join(json.dumps(p) for p in t.search_path)}]\n'
@@ -148,9 +157,9 @@ log_level = "warning"
 {extra}
 
 [databases.{database}]
-dsn = "postgresql://{PROXY_ROLE}:{PROXY_PASSWORD}@127.0.0.1:{cluster.port}/{database}"
+dsn = "{dsn(database)}"
 pool_size = {pool_size}
-
+{more}
 {types}
 """)
         self.log = workdir / f"pgtenant-{self.port}.log"

@@ -7,6 +7,8 @@ Each ``bench_<n>`` database holds ``n`` tenants in each layout (issue #6):
   (what both pgtenant and the application-side ``SET LOCAL`` baseline set);
 - **routed**: a schema ``t_<slug>`` per tenant with its own ``items``, reached through the
   injected ``search_path``;
+- **database per tenant** (10 tenants, full runs): each in a database of its own, routed
+  there by its organization row;
 - **by type** (the story's design, at every count): tenants of two types whose rows live in
   ``public.items_a`` and ``tenant_b.items_b``, read through a ``security_invoker`` UNION ALL
   view ``public.all_items`` and written through a router function.
@@ -28,7 +30,8 @@ from proxy.control.cluster import PostgresCluster
 from proxy.control.init import init_database
 from proxy.control.tenants import create_tenant, issue_token
 
-__all__ = ["APP_PASSWORD", "APP_ROLE", "BenchDb", "Tenant", "build_database"]
+__all__ = ["APP_PASSWORD", "APP_ROLE", "BenchDb", "Tenant", "add_database_per_tenant",
+           "build_database"]
 
 APP_ROLE = "bench_app"  # the baseline application's login role (PgBouncer / direct)
 APP_PASSWORD = "bench-app-secret"
@@ -53,6 +56,7 @@ class Tenant:
     rows: int
     schema: str | None = None
     token: str = ""
+    database: str | None = None  # pgtenant's [databases.<name>] of its own (db per tenant)
 
 
 @dataclass
@@ -171,6 +175,50 @@ async def build_database(cluster: PostgresCluster, count: int, median_rows: int,
         for tenant in tenants[:tokens_per_layout]:
             _, tenant.token = await issue_token(dsn, tenant_slug=tenant.slug, label="bench")
     return db
+
+
+async def add_database_per_tenant(cluster: PostgresCluster, db: BenchDb, count: int,
+                                  median_rows: int) -> dict[str, str]:
+    """Database per tenant: ``count`` more tenants in ``db``'s control schema, each served
+    from a database of its own (``bench_dbt_<i>``, pgtenant name ``dbt_<i>``) through its
+    organization row.
+
+    Returns: pgtenant database name -> Postgres database name.
+    """
+    routes: dict[str, str] = {}
+    tenants = []
+    control = cluster.admin_dsn(db.name)
+    for i in range(count):
+        name, dbname = f"dbt_{i}", f"bench_dbt_{i}"
+        cluster.create_database(dbname)
+        dsn = cluster.admin_dsn(dbname)
+        await init_database(dsn, proxy_role=PROXY_ROLE, proxy_password=PROXY_PASSWORD,
+                            tenant_types=TENANT_TYPES)
+        rows = _rows(i, median_rows)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f"""
+                GRANT CONNECT ON DATABASE {dbname} TO {APP_ROLE};
+                GRANT USAGE ON SCHEMA public TO {APP_ROLE}, bench_flt;
+                CREATE TABLE IF NOT EXISTS public.items (
+                    id int PRIMARY KEY, v int NOT NULL DEFAULT 0, payload text NOT NULL);
+                TRUNCATE public.items;
+                INSERT INTO public.items (id, payload)
+                    SELECT g, md5(g::text) FROM generate_series(1, {rows}) AS g;
+                GRANT SELECT, UPDATE ON public.items TO bench_flt, {APP_ROLE};
+                ANALYZE public.items;
+            """)
+        finally:
+            await conn.close()
+        slug = f"n{db.count}_dbt_{i:04d}"
+        org = await create_tenant(control, slug=slug, tenant_type=TENANT_TYPES["flt"],
+                                  proxy_role=PROXY_ROLE, database=name)
+        tenant = Tenant(slug, "db_per_tenant", org, rows, database=name)
+        _, tenant.token = await issue_token(control, tenant_slug=slug, label="bench")
+        tenants.append(tenant)
+        routes[name] = dbname
+    db.tenants["db_per_tenant"] = tenants
+    return routes
 
 
 def pgbench_init(cluster: PostgresCluster, db: BenchDb) -> None:

@@ -73,10 +73,10 @@ def markdown(results: dict[str, Any]) -> str:
     for key, res in exp.get("layouts", {}).items():
         count, workload = key.split("_", 1)
         rows.append([count, workload] + [
-            f"{_fmt(res[n]['tps'])} ({_fmt(res[n]['p99_ms'])})"
-            for n in ("filtered", "routed", "by_type")])
+            f"{_fmt(res[n]['tps'])} ({_fmt(res[n]['p99_ms'])})" if n in res else "-"
+            for n in ("filtered", "routed", "by_type", "db_per_tenant")])
     parts.append(_table(["tenants", "workload", "filtered (RLS)", "routed (schema)",
-                         "by type (view + router)"], rows))
+                         "by type (view + router)", "database per tenant"], rows))
     noisy = exp.get("noisy_neighbour")
     if noisy:
         parts += ["", "### Noisy neighbour (pool of 4; tenant 0 runs 12 clients)", ""]

@@ -26,7 +26,14 @@ from typing import Any
 from proxy.control.cluster import PostgresCluster
 
 from .endpoints import Endpoint, PgBouncer, Pgtenant, Splice, find_pgbouncer
-from .fixture import APP_PASSWORD, APP_ROLE, BenchDb, build_database, pgbench_init
+from .fixture import (
+    APP_PASSWORD,
+    APP_ROLE,
+    BenchDb,
+    add_database_per_tenant,
+    build_database,
+    pgbench_init,
+)
 from .measure import Load, Result, idle_clients_memory, percentile, run_loads
 from .report import write_report
 
@@ -36,7 +43,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 READ = "\\set id random(1, :nrows)\nSELECT v, payload FROM {table} WHERE id = :id;\n"
 WRITE = "\\set id random(1, :nrows)\nUPDATE {table} SET v = v + 1 WHERE id = :id;\n"
-TABLES = {"filtered": "items", "routed": "items", "by_type": "all_items"}
+TABLES = {"filtered": "items", "routed": "items", "by_type": "all_items",
+          "db_per_tenant": "items"}
 
 
 def _script(layout: str, workload: str) -> str:
@@ -48,6 +56,11 @@ def _script(layout: str, workload: str) -> str:
 def _baseline(layout: str, workload: str, packet: bool) -> str:
     """What applications do today behind PgBouncer: the context by hand, per transaction."""
     body = _script(layout, workload).splitlines()
+    if layout == "db_per_tenant":  # nothing to set: the database is the boundary
+        statements = ["BEGIN", body[1].rstrip(";"), "COMMIT"]
+        if packet:
+            return body[0] + "\n" + "\\; ".join(statements) + ";\n"
+        return body[0] + "\n" + "".join(f"{s};\n" for s in statements)
     sets = ["SET LOCAL app.tenant_id = :tid"]
     if layout == "routed":
         sets.append("SET LOCAL search_path = :schema")
@@ -80,7 +93,9 @@ def tenant_loads(layout: str, workload: str, db: BenchDb, port: int, via: str,
             defines["schema"] = t.schema
         defines["ttype"] = "'typ_a'" if i % 2 == 0 else "'typ_b'"
         script = _baseline(layout, workload, packet=via.endswith("packet"))
-        loads.append(Load(t.slug, port, db.name, APP_ROLE, APP_PASSWORD, per, script, defines))
+        # Without pgtenant, the application itself connects to the tenant's own database.
+        dbname = f"bench_{t.database}" if t.database else db.name
+        loads.append(Load(t.slug, port, dbname, APP_ROLE, APP_PASSWORD, per, script, defines))
     return loads
 
 
@@ -98,6 +113,7 @@ class Bench:
         self.pgbouncer_note = ""
         self.splice: Splice | None = None
         self.pgbench = ""
+        self.routes: dict[str, str] = {}  # database per tenant (full runs)
         self.results: dict[str, Any] = {"experiments": {}, "ratios": {}}
 
     # ------------------------------------------------------------------ setup
@@ -113,9 +129,13 @@ class Bench:
             median = 200 if count < 1000 else 50
             self.dbs[count] = asyncio.run(build_database(self.cluster, count, median, 8))
             pgbench_init(self.cluster, self.dbs[count])
+        first = self.dbs[self.counts[0]]
+        if not self.quick:  # database per tenant: 10 more databases, where the box allows
+            self.routes = asyncio.run(add_database_per_tenant(self.cluster, first, 10, 200))
         for count, db in self.dbs.items():
-            self.tenant_proxies[count] = Pgtenant(self.cluster, db.name,
-                                                  self.workdir / "pgtenant", pool_size=20)
+            self.tenant_proxies[count] = Pgtenant(
+                self.cluster, db.name, self.workdir / "pgtenant", pool_size=20,
+                routes=self.routes if db is first else None)
         binary = find_pgbouncer()
         if binary is None:
             self.pgbouncer_note = ("PgBouncer not installed and could not be installed "
@@ -241,9 +261,12 @@ class Bench:
         for count, db in self.dbs.items():
             pgt = self.tenant_proxies[count]
             for workload in workloads:
+                layouts = ["filtered", "routed", "by_type"]
+                if "db_per_tenant" in db.tenants:
+                    layouts.append("db_per_tenant")
                 variants: dict[str, Callable[[], Result]] = {
                     layout: partial(self._tenant_run, layout, workload, db, pgt, "pgtenant")
-                    for layout in ("filtered", "routed", "by_type")
+                    for layout in layouts
                 }
                 res = self._interleave(variants)
                 out[f"{count}_{workload}"] = {name: self._row(r) for name, r in res.items()}

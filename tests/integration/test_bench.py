@@ -12,7 +12,14 @@ import asyncpg
 import pytest
 
 from benchmarks.endpoints import Pgtenant
-from benchmarks.fixture import APP_PASSWORD, APP_ROLE, BenchDb, build_database, pgbench_init
+from benchmarks.fixture import (
+    APP_PASSWORD,
+    APP_ROLE,
+    BenchDb,
+    add_database_per_tenant,
+    build_database,
+    pgbench_init,
+)
 from benchmarks.measure import run_loads
 from benchmarks.report import markdown
 from benchmarks.run import tenant_loads
@@ -94,3 +101,30 @@ def test_report_marks_targets_met_or_not() -> None:
         in text
     assert "| proxy CPU per transaction vs PgBouncer's | 2.4 | <= 2.5 | met |" in text
     assert "tenant-scoped transactions vs the SET LOCAL round-trip baseline | - |" in text
+
+
+async def test_database_per_tenant_layout_routes_each_tenant_to_its_own_database(
+    pg_cluster: PostgresCluster, bench_db: BenchDb, tmp_path: Path,
+) -> None:
+    routes = await add_database_per_tenant(pg_cluster, bench_db, 2, 20)
+    pgt = Pgtenant(pg_cluster, bench_db.name, tmp_path, pool_size=2, routes=routes)
+    try:
+        for i, t in enumerate(bench_db.tenants["db_per_tenant"]):
+            dsn = f"postgresql://{t.slug}:{t.token}@127.0.0.1:{pgt.port}/{bench_db.name}"
+            assert await _count(dsn, "SELECT count(*) FROM items") == t.rows
+            conn = await asyncpg.connect(dsn)
+            try:
+                assert await conn.fetchval("SELECT current_database()") == f"bench_dbt_{i}"
+            finally:
+                await conn.close()
+        pgbench = pg_cluster.tool("pgbench")
+        assert pgbench is not None
+        for via, port, pid in (("pgtenant", pgt.port, pgt.pid),
+                               ("direct_round_trips", pg_cluster.port, None)):
+            loads = tenant_loads("db_per_tenant", "write", bench_db, port, via, clients=2,
+                                 tenants=2)
+            result = await asyncio.to_thread(run_loads, pgbench, loads, 0, pid,
+                                             transactions=25)
+            assert result.transactions == 50, via
+    finally:
+        pgt.stop()
