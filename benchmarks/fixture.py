@@ -69,6 +69,18 @@ class BenchDb:
         return self.tenants[layout][index % len(self.tenants[layout])]
 
 
+async def _new_database(cluster: PostgresCluster, name: str) -> str:
+    """Create database ``name`` with pgtenant's control schema and lockdown.
+
+    Returns: its admin DSN.
+    """
+    cluster.create_database(name)
+    dsn = cluster.admin_dsn(name)
+    await init_database(dsn, proxy_role=PROXY_ROLE, proxy_password=PROXY_PASSWORD,
+                        tenant_types=TENANT_TYPES)
+    return dsn
+
+
 def _rows(index: int, median: int) -> int:
     return median * HEAVY if index == 0 else median
 
@@ -81,10 +93,7 @@ async def build_database(cluster: PostgresCluster, count: int, median_rows: int,
     Returns: the database's description.
     """
     name = f"bench_{count}"
-    cluster.create_database(name)
-    dsn = cluster.admin_dsn(name)
-    await init_database(dsn, proxy_role=PROXY_ROLE, proxy_password=PROXY_PASSWORD,
-                        tenant_types=TENANT_TYPES)
+    dsn = await _new_database(cluster, name)
     db = BenchDb(name, count)
     conn = await asyncpg.connect(dsn)
     try:
@@ -190,10 +199,7 @@ async def add_database_per_tenant(cluster: PostgresCluster, db: BenchDb, count: 
     control = cluster.admin_dsn(db.name)
     for i in range(count):
         name, dbname = f"dbt_{i}", f"bench_dbt_{i}"
-        cluster.create_database(dbname)
-        dsn = cluster.admin_dsn(dbname)
-        await init_database(dsn, proxy_role=PROXY_ROLE, proxy_password=PROXY_PASSWORD,
-                            tenant_types=TENANT_TYPES)
+        dsn = await _new_database(cluster, dbname)
         rows = _rows(i, median_rows)
         conn = await asyncpg.connect(dsn)
         try:

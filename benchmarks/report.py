@@ -108,6 +108,24 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _bars(plt: Any, path: Path, title: str, groups: dict[str, dict[str, Any]],
+          names: list[str]) -> None:
+    """One bar per name (tps; 0 when missing) in each group, groups side by side."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([x + i * width for x in range(len(groups))],
+               [res[name]["tps"] if name in res else 0 for res in groups.values()], width,
+               label=name.replace("_", " "))
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(groups))], list(groups))
+    ax.set_ylabel("tps")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def charts(results: dict[str, Any], out: Path) -> list[str]:
     """Returns: the PNG files written."""
     import matplotlib
@@ -121,36 +139,14 @@ def charts(results: dict[str, Any], out: Path) -> list[str]:
     if so:
         names = [n for n in ("direct", "pgbouncer", "pgtenant", "splice")
                  if n in next(iter(so.values()))]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.8 / len(names)
-        for i, name in enumerate(names):
-            ax.bar([x + i * width for x in range(len(so))],
-                   [so[c][name]["tps"] for c in so], width, label=name)
-        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(so))],
-                      [f"{c} clients" for c in so])
-        ax.set_ylabel("tps")
-        ax.set_title("pgbench -S")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "select_only.png", dpi=100)
-        plt.close(fig)
+        _bars(plt, out / "select_only.png", "pgbench -S",
+              {f"{c} clients": res for c, res in so.items()}, names)
         written.append("select_only.png")
     ts = exp.get("tenant_scoped")
     if ts:
-        names = ["pgtenant", "pgbouncer_round_trips", "pgbouncer_one_packet"]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.27
-        for i, name in enumerate(names):
-            ax.bar([x + i * width for x in range(len(ts))],
-                   [ts[k][name]["tps"] if name in ts[k] else 0 for k in ts], width,
-                   label=name.replace("_", " "))
-        ax.set_xticks([x + width for x in range(len(ts))], [k.replace("_", " ") for k in ts])
-        ax.set_ylabel("tps")
-        ax.set_title("Tenant-scoped transactions")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "tenant_scoped.png", dpi=100)
-        plt.close(fig)
+        _bars(plt, out / "tenant_scoped.png", "Tenant-scoped transactions",
+              {k.replace("_", " "): res for k, res in ts.items()},
+              ["pgtenant", "pgbouncer_round_trips", "pgbouncer_one_packet"])
         written.append("tenant_scoped.png")
     lay = exp.get("layouts")
     if lay:

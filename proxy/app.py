@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import uvloop
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from .client import ClientConnection
@@ -418,14 +419,8 @@ class App:
 
 def serve(config: Config, config_path: str | Path | None = None,
           worker: WorkerInfo | None = None) -> None:
-    """Run the proxy until SIGINT/SIGTERM or SHUTDOWN (uvloop when available); SIGHUP
-    reloads ``config_path``."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
+    """Run the proxy on uvloop until SIGINT/SIGTERM or SHUTDOWN; SIGHUP reloads
+    ``config_path``."""
 
     async def main() -> None:
         app = App(config, config_path, worker)
@@ -461,4 +456,4 @@ def serve(config: Config, config_path: str | Path | None = None,
         else:
             await app.stop()
 
-    runner(main())
+    uvloop.run(main())

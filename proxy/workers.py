@@ -26,11 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from .config import Config, parse_listen
@@ -158,13 +158,7 @@ def run_supervisor(config: Config, config_path: str, count: int) -> int:
 
     Returns: the process exit code.
     """
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
-    else:
-        runner = uvloop.run
-    return runner(_supervise(config, config_path, count))
+    return uvloop.run(_supervise(config, config_path, count))
 
 
 async def _supervise(config: Config, config_path: str, count: int) -> int:

@@ -919,14 +919,15 @@ class Link:
             if head is None and self._is_fatal(frame):
                 self.unsolicited_fatal = bytes(frame)
                 return None
+            code = self._error_code(frame)
             if self.stats is not None:
-                self.stats.error(self._error_code(frame).decode("ascii", "replace"))
+                self.stats.error(code.decode("ascii", "replace"))
             if head is not None:
                 head.failed = True
                 if head.expect is not None:
                     entry = head.expect[0] if head.expect else None
                     if (entry is not None and entry[0] == K_BIND and isinstance(entry[2], bytes)
-                            and self._error_code(frame) == _PLAN_CHANGED):
+                            and code == _PLAN_CHANGED):
                         # "cached plan must not change result type" after DDL: the statement
                         # is stale here, so the next Parse or Bind prepares it again.
                         self.prepared[entry[2]] = False

@@ -15,15 +15,22 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from proxy.control.demo import DemoEnv
 
-__all__ = ["ProxyProcess", "free_port"]
+__all__ = ["ProxyProcess", "connect", "free_port"]
 
 ROOT = Path(__file__).resolve().parents[2]
 _FORBIDDEN_IN_LOG = ("Traceback", "internal error", "Task exception was never retrieved",
                      "Exception in callback")
+
+
+async def connect(proxy: ProxyProcess, slug: str) -> asyncpg.Connection:
+    """Returns: an asyncpg connection as tenant ``slug`` through ``proxy``, with no
+    statement cache (one protocol thing at a time)."""
+    return await asyncpg.connect(proxy.dsn(slug), statement_cache_size=0, timeout=30)
 
 
 def free_port() -> int:

@@ -12,11 +12,7 @@ from collections.abc import Callable
 import asyncpg
 import pytest
 
-from .conftest import ProxyProcess, free_port
-
-
-async def connect(proxy: ProxyProcess, slug: str) -> asyncpg.Connection:
-    return await asyncpg.connect(proxy.dsn(slug), statement_cache_size=0)
+from .conftest import ProxyProcess, connect, free_port
 
 
 def _p99(values: list[float]) -> float:

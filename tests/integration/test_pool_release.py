@@ -12,7 +12,7 @@ import pytest
 
 from proxy.control.demo import DemoEnv
 
-from .conftest import ProxyProcess
+from .conftest import ProxyProcess, connect
 
 SLUGS = ("acme", "initech", "umbrella", "globex", "hooli")
 
@@ -27,10 +27,6 @@ async def proxy_backends(env: DemoEnv) -> list[asyncpg.Record]:
         )
     finally:
         await admin.close()
-
-
-async def connect(proxy: ProxyProcess, slug: str) -> asyncpg.Connection:
-    return await asyncpg.connect(proxy.dsn(slug), statement_cache_size=0, timeout=30)
 
 
 async def test_two_servers_serve_two_hundred_clients(

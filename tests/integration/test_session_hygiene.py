@@ -8,11 +8,7 @@ from collections.abc import Callable
 import asyncpg
 import pytest
 
-from .conftest import ProxyProcess
-
-
-async def connect(proxy: ProxyProcess, slug: str) -> asyncpg.Connection:
-    return await asyncpg.connect(proxy.dsn(slug), statement_cache_size=0, timeout=30)
+from .conftest import ProxyProcess, connect
 
 
 async def run_then_next_tenant(proxy: ProxyProcess, sql: str) -> tuple[int, asyncpg.Record]:
