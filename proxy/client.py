@@ -826,15 +826,17 @@ class ClientConnection(asyncio.Protocol):
             self.stats.error(code)
         elif self.state is not ClientState.READY:
             self.app.metrics.auth_failure(_AUTH_REASONS.get(error.reason, "other"))
-        self._write(codec.error_response(
-            code, error.message, severity="FATAL", detail=error.detail, hint=error.hint
-        ))
+        # Logged before the error is sent, so the line is written by the time the client
+        # can see the error (tests and operators correlate the two).
         log_fn = log.info if isinstance(error, AuthFailed) else log.warning
         tenant = self.context.identity.slug if self.context else "-"
         log_fn("disconnect: client=%s user=%s db=%s tenant=%s reason=%s sqlstate=%s: %s",
                self.peer_host, self.user, self.database, tenant, error.reason, code,
                error.message, extra=self._log_fields(event="disconnect", reason=error.reason,
                                                      sqlstate=code, error=error.message))
+        self._write(codec.error_response(
+            code, error.message, severity="FATAL", detail=error.detail, hint=error.hint
+        ))
         self._disconnect(error.reason, logged=True)
 
     def _disconnect(self, reason: str, *, logged: bool = False) -> None:

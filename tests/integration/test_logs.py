@@ -22,7 +22,9 @@ def test_json_log_lines_carry_tenant_database_and_reason(
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(**proxy.conninfo("acme", token="pgt_wrong"))
     deadline = time.monotonic() + 5
-    while '"reason": "client sent Terminate"' not in proxy.log():
+    # Both lines are awaited: the first client's Terminate may be read after the failed login.
+    awaited = ('"reason": "client sent Terminate"', '"reason": "AuthFailed"')
+    while not all(line in proxy.log() for line in awaited):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     lines = [line for line in proxy.log().splitlines() if line.strip()]
