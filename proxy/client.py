@@ -633,7 +633,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             if outcome == HOLD and len(link.cbuf) > _CLIENT_BUFFER_HIGH:
                 self._pause_reading("buffer")
-            else:
+            elif self._pause_reasons:
                 self._resume_reading("buffer")
             self._maybe_release()
             return
@@ -659,7 +659,10 @@ class ClientConnection(asyncio.Protocol):
             self.wait_started = time.monotonic()
             self._pause_reading("wait")
             return False
-        self._waited(0.0)
+        # _waited(0.0), spelled out: this runs once per transaction.
+        assert self.stats is not None and self.tenant_stats is not None
+        self.stats.wait_seconds.counts[0] += 1
+        self.tenant_stats.wait_count += 1
         self._attach(server)
         return True
 
@@ -677,7 +680,7 @@ class ClientConnection(asyncio.Protocol):
         self.link.attach(server.ctx_state, server.prepared, server.client_encoding)
         if self._writing_paused:
             server.pause_reading()
-        else:
+        elif server.reading_paused:  # a previous client's backpressure
             server.resume_reading()
 
     def server_assigned(self, server: ServerConnection) -> None:
@@ -724,7 +727,8 @@ class ClientConnection(asyncio.Protocol):
         server.ctx_state = link.detach()
         self.server = None
         self._transaction_done()
-        self._resume_reading("backend")  # that server's buffer is no longer our concern
+        if self._pause_reasons:  # that server's buffer is no longer our concern
+            self._resume_reading("backend")
         assert self.pool is not None
         if dirty:
             # Session state (LISTEN, WITH HOLD, temp objects, session SET, named statements...)

@@ -166,7 +166,7 @@ class Pool:
 
     def _assign(self, server: ServerConnection, key: object) -> None:
         self._set_state(server, ServerState.ACTIVE)
-        server.last_used = self.clock()
+        server.last_used = self.clock()  # SHOW SERVERS' request_time
         self._holder[server] = key
         self.held[key] = self.held.get(key, 0) + 1
 
@@ -196,7 +196,8 @@ class Pool:
             return
         server.last_used = now
         self._set_state(server, ServerState.IDLE)
-        self._dispatch()
+        if self.waiting or self.paused:  # else _dispatch has nothing to do
+            self._dispatch()
 
     def discard(self, server: ServerConnection, *, out_of_sync: bool = False) -> None:
         """Close a server and forget it."""

@@ -5,12 +5,14 @@ simple-query form is one ``SELECT set_config(..., true), ...;`` statement splice
 the client's own Query text; the extended form is a Bind/Execute of a proxy-owned statement
 whose values travel as parameters (never visible in ``pg_stat_activity.query``). No I/O.
 
-Why one ``set_config`` statement and not five ``SET LOCAL`` statements (ARCHITECTURE.md's
-first sketch): every statement of a multi-statement Query costs Postgres a parse, a
-transaction-command cycle and a CommandComplete. Measured on the 2-core box with
-``pgbench -S -c 16`` direct to Postgres 15: five ``SET LOCAL`` prefixes 8.0k tps, the single
-``set_config`` statement 30.0k tps, no prefix 56k tps. ``set_config(name, value, true)`` is
-exactly ``SET LOCAL``.
+Why ``SET LOCAL`` statements and not one ``SELECT set_config(..., true), ...``: a SELECT is
+planned and executed, and answers with a RowDescription and a DataRow carrying the values; a
+``SET`` is a utility statement answered by a fixed ``CommandComplete "SET"``. Measured on the
+2-core box with ``pgbench -S -c 16`` direct to Postgres 15, three interleaved rounds: no prefix
+58-65k tps, the six ``SET LOCAL`` statements 46-52k, the one ``set_config`` SELECT 39-43k.
+The fixed replies also let the proxy drop them with one comparison (``q_reply``). Inside the
+one Query they run in its implicit transaction block, so they last until the Query ends (and
+into a ``BEGIN`` it contains), exactly like ``set_config(name, value, true)``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-from ..identity.context import TenantContext, context_signature, quote_literal
+from ..identity.context import TenantContext, context_signature, quote_ident, quote_literal
 from . import codec
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "EXECUTE_UNNAMED",
     "EXT_DROP",
     "Q_DROP",
+    "SET_COMPLETE",
     "Injection",
 ]
 
@@ -66,8 +69,14 @@ CLOSE_UNNAMED_PORTAL: Final = codec.frame(ord("C"), b"P\x00")
 # the next one. Sent once per attachment, before the first extended injection.
 CLOSE_UNNAMED_STATEMENT: Final = codec.frame(ord("C"), b"S\x00")
 
+# Core settings flagged GUC_LIST_QUOTE (guc_tables.c): SET quotes a string literal given
+# for them as one identifier, so they are injected with set_config instead.
+_LIST_QUOTE_SETTINGS: Final = frozenset({
+    "search_path", "temp_tablespaces", "session_preload_libraries",
+    "local_preload_libraries", "shared_preload_libraries", "unix_socket_directories"})
 # Replies the server sends for the injected part, which the client must never see:
-Q_DROP: Final = 3  # RowDescription, DataRow, CommandComplete "SELECT 1"
+Q_DROP: Final = 3  # of a SELECT set_config(...): RowDescription, DataRow, CommandComplete
+SET_COMPLETE: Final = codec.frame(ord("C"), b"SET\x00")  # the reply to each SET LOCAL
 # BindComplete, DataRow, CommandComplete, CloseComplete (+1 ParseComplete, +1 CloseComplete)
 EXT_DROP: Final = 4
 
@@ -77,13 +86,16 @@ class Injection:
 
     Attributes:
         q_prefix: SQL text spliced in front of a simple Query's text (ASCII).
+        q_drop: how many replies (CommandComplete...) the prefix gets, to drop.
+        q_reply: those replies' exact bytes when they are fixed (only SETs), so the common
+            case is dropped with one ``startswith``; else b"".
         q_shift: characters the prefix adds, to shift ErrorResponse positions back.
         ext_bind: the Bind of ``CTX_STATEMENT`` to the unnamed portal with this context.
         signature: ``app.tenant_sig`` ('' when the database has no signing key).
     """
 
-    __slots__ = ("_signing_key", "context", "ext_bind", "q_prefix", "q_session", "q_shift",
-                 "settings", "signature")
+    __slots__ = ("_signing_key", "context", "ext_bind", "q_drop", "q_prefix", "q_reply",
+                 "q_session", "q_shift", "settings", "signature")
 
     def __init__(self, context: TenantContext, signing_key: bytes | None = None,
                  settings: tuple[tuple[str, str], ...] = ()):
@@ -99,8 +111,9 @@ class Injection:
                       strict=True),
                  *settings,
                  ("search_path", context.search_path_value), ("role", context.role)]
-        prefix = _select_set_config(pairs, is_local=True)
+        prefix, self.q_drop, fixed = _set_local_prefix(pairs[:4], settings, context)
         self.q_prefix: bytes = prefix.encode()
+        self.q_reply: bytes = SET_COMPLETE * self.q_drop if fixed else b""
         # The same context for the whole session, for a statement allowed to run outside a
         # transaction block; that server is retired afterwards.
         self.q_session: bytes = _select_set_config(pairs, is_local=False).encode()
@@ -113,6 +126,35 @@ class Injection:
     def with_settings(self, settings: tuple[tuple[str, str], ...]) -> Injection:
         """Returns: the same context with the client's settings replaced by ``settings``."""
         return Injection(self.context, self._signing_key, settings)
+
+
+def _set_local_prefix(app: list[tuple[str, str]], settings: tuple[tuple[str, str], ...],
+                      context: TenantContext) -> tuple[str, int, bool]:
+    """Returns: the simple-query prefix, how many replies it gets, and whether those are all
+    ``SET_COMPLETE`` (no set_config SELECT among them).
+
+    The client's own settings come after the ``app.*`` values and before search_path and
+    role, like in ``CTX_SQL``. ``SET name = 'text'`` stores the text verbatim, as
+    ``set_config`` does, except for settings flagged GUC_LIST_QUOTE, where it would quote the
+    text as one identifier: those (and extensions' dotted names, whose flags we cannot know)
+    go through a ``set_config`` SELECT, which costs Postgres more and answers with 3 replies.
+    """
+    # app.* names are fixed identifiers; values are literals. search_path_value is already
+    # Postgres's own list spelling (quoted identifiers); the role goes as a string literal.
+    parts = [f"SET LOCAL {name} = {quote_literal(value)};" for name, value in app]
+    replies = len(parts)
+    fixed = True
+    for name, value in settings:
+        if "." in name or name.lower() in _LIST_QUOTE_SETTINGS:
+            parts.append(_select_set_config([(name, value)], is_local=True))
+            replies += Q_DROP
+            fixed = False
+        else:
+            parts.append(f"SET LOCAL {quote_ident(name)} = {quote_literal(value)};")
+            replies += 1
+    parts.append(f"SET LOCAL search_path = {context.search_path_value};")
+    parts.append(f"SET LOCAL ROLE {quote_literal(context.role)};")
+    return " ".join(parts), replies + 2, fixed
 
 
 def _select_set_config(pairs: list[tuple[str, str]], *, is_local: bool) -> str:

@@ -146,6 +146,7 @@ _CLIENT_TYPES = frozenset(b"QPBDECHSXFdcf")  # what a logged-in client may send
 _SERVER_SPECIAL = frozenset(b"ZES")
 # Frames that are neither counted nor dropped while dropping injected replies.
 _SERVER_ASYNC = frozenset(b"NSA")
+_NOT_A_REPLY: Final = _SERVER_SPECIAL | _SERVER_ASYNC
 # Frame types forwarded without a look, by state of the head segment.
 _PASS_ALL: Final = frozenset(range(256)) - _SERVER_SPECIAL
 _PASS_EXEC: Final = frozenset(b"DdcGHWNA")  # rows and copy data of a forwarded Execute
@@ -158,6 +159,7 @@ HIDDEN_PARAMETERS: Final = frozenset({"search_path"})
 
 
 _SYNC: Final = codec.sync()
+_Q_BYTE: Final = b"Q"
 _PLAN_CHANGED: Final = b"0A000"  # feature_not_supported: "cached plan must not change ..."
 _ROLLBACK: Final = re.compile(rb"(?i)\b(rollback|abort)\b")
 _STMT_PREFIX: Final = b"__pgtenant_p"
@@ -235,6 +237,7 @@ class Link:
         # A FATAL the server sent while the client awaited nothing (pg_terminate_backend):
         # kept until the socket closes, so the client gets error and close together.
         self.unsolicited_fatal: bytes | None = None
+        self._plain_text = b""  # a plain Query's text, classified before NEED_SERVER
         self._sleftover = b""  # incomplete server frame
         self._sremaining = 0  # bytes of a large pass-through frame still to forward
         # Client session state that outlives servers.
@@ -488,13 +491,18 @@ class Link:
         Raises: ClientProtocolError / MessageTooLarge / UnsupportedProtocol.
         """
         buf = self.cbuf
+        self.held = False
+        if buf[:1] == _Q_BYTE and not (self.skip_to_sync or self.open_extended or self.unsure
+                                       or self._ended_in_batch):
+            fast = self._one_plain_query()
+            if fast is not None:
+                return fast
         n = len(buf)
         pos = 0
         span = 0
         out = bytearray()
         reply = b""
         outcome = IDLE
-        self.held = False
         while n - pos >= 1:
             t = buf[pos]
             if t not in _CLIENT_TYPES:
@@ -601,7 +609,7 @@ class Link:
                 span = end
                 self._unnamed_here = False  # a simple Query destroys the unnamed statement
                 if inject:
-                    seg = Segment(Q_DROP, self.injection.q_shift, True)
+                    seg = Segment(self.injection.q_drop, self.injection.q_shift, True)
                     out += _pack_header(_Q, 4 + len(self.injection.q_prefix) + len(body))
                     out += self.injection.q_prefix
                     out += body
@@ -810,6 +818,38 @@ class Link:
         del buf[:pos]
         return bytes(out), reply, outcome
 
+    def _one_plain_query(self) -> tuple[bytes, bytes, int] | None:
+        """The common case, decided without the general loop: ``cbuf`` is exactly one
+        Query whose text has no flag (no transaction control, no session state), sent
+        outside a transaction block. Returns: what ``pump_client`` returns, or None to take
+        the general path (which then decides everything the same way, only slower)."""
+        buf = self.cbuf
+        n = len(buf)
+        if n < 6 or buf[n - 1] != 0:
+            return None
+        (length,) = _unpack_i32(buf, 1)
+        if length + 1 != n or length > self.max_message_size or self.status != _I:
+            return None
+        text = bytes(buf[5 : n - 1])
+        # The pass before a server was attached (NEED_SERVER) classified this same text.
+        if text != self._plain_text and classify(text):
+            return None
+        if not self.attached:
+            self._plain_text = text
+            return b"", b"", NEED_SERVER
+        self._plain_text = b""
+        if self.encoding != self.server_encoding:
+            return None
+        if self.guard is not None and self.guard(text) is not None:
+            return None  # refused: the general path has the rules (outside_txn...)
+        injection = self.injection
+        del buf[:]
+        self._unnamed_here = False  # a simple Query destroys the unnamed statement
+        self._push(Segment(injection.q_drop, injection.q_shift, True))
+        prefix = injection.q_prefix
+        return (_pack_header(_Q, 5 + len(prefix) + len(text)) + prefix + text + b"\x00",
+                b"", IDLE)
+
     def fail_segment(self, error: bytes) -> bytes:
         """The segment at the head of ``cbuf`` cannot get a server: answer it with ``error``.
 
@@ -848,6 +888,16 @@ class Link:
             self._sremaining -= take
             pos = take
         span = 0
+        head = self.pending[0] if self.pending else None
+        if (head is not None and pos == 0 and head.drop and head.drop == self.injection.q_drop
+                and self.injection.q_reply and data.startswith(self.injection.q_reply)):
+            # The common case of a simple-query prefix: its fixed replies all arrived, in one
+            # piece and with nothing between them; dropped with one comparison.
+            pos = span = len(self.injection.q_reply)
+            head.drop = 0
+            if n > pos and data[pos] not in _NOT_A_REPLY:
+                head.await_first = False  # the client's first reply is here already
+            self._update_pass()
         while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_i32(data, pos + 1)

@@ -50,6 +50,12 @@ def test_options_settings_apply_and_protected_ones_are_refused(proxy: ProxyProce
                           ("-c app.tenant_id=x", "app.tenant_id")):
         with pytest.raises(psycopg.OperationalError, match=word):
             psycopg.connect(**info, options=options)
+    # temp_tablespaces is list-quoted: "SET LOCAL temp_tablespaces = 'a,b'" would make it
+    # one name, "a,b"; it must hold exactly what the client asked for, as set_config keeps it.
+    with psycopg.connect(**info, options="-c temp_tablespaces=pg_default,pg_default "
+                                         "-c extra_float_digits=2") as conn:
+        assert conn.execute("SHOW temp_tablespaces").fetchone() == ("pg_default,pg_default",)
+        assert conn.execute("SHOW extra_float_digits").fetchone() == ("2",)
     # Client-only encodings would let Postgres and the guard read different statements.
     with pytest.raises(psycopg.OperationalError, match="client_encoding 'SJIS' is not supp"):
         psycopg.connect(**info, client_encoding="SJIS")

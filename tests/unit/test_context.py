@@ -19,6 +19,7 @@ from proxy.identity.context import (
     quote_literal,
     render_template,
 )
+from proxy.protocol import codec
 from proxy.protocol.inject import (
     CTX_CLOSE,
     CTX_PARSE,
@@ -210,13 +211,12 @@ def test_quote_ident_if_needed_quotes_a_dollar_sign() -> None:
 def test_injection_prefix_without_entity_is_exact() -> None:
     inj = Injection(build_context(identity(), tenant_type("tenant_sme")))
     expected = (
-        "SELECT pg_catalog.set_config('app.tenant_id', "
-        "'11111111-2222-3333-4444-555555555555', true), "
-        "pg_catalog.set_config('app.tenant_type', 'sme', true), "
-        "pg_catalog.set_config('app.entity_id', '', true), "
-        "pg_catalog.set_config('app.tenant_sig', '', true), "
-        "pg_catalog.set_config('search_path', 'public', true), "
-        "pg_catalog.set_config('role', 'tenant_sme', true);"
+        "SET LOCAL app.tenant_id = '11111111-2222-3333-4444-555555555555'; "
+        "SET LOCAL app.tenant_type = 'sme'; "
+        "SET LOCAL app.entity_id = ''; "
+        "SET LOCAL app.tenant_sig = ''; "
+        "SET LOCAL search_path = public; "
+        "SET LOCAL ROLE 'tenant_sme';"
     )
     assert inj.q_prefix == expected.encode()
     assert inj.q_shift == len(inj.q_prefix) == len(expected)
@@ -229,29 +229,45 @@ def test_injection_prefix_with_entity_and_schema_is_exact() -> None:
     )
     inj = Injection(ctx)
     expected = (
-        "SELECT pg_catalog.set_config('app.tenant_id', "
-        "'11111111-2222-3333-4444-555555555555', true), "
-        "pg_catalog.set_config('app.tenant_type', 'sme', true), "
-        "pg_catalog.set_config('app.entity_id', 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee', true), "
-        "pg_catalog.set_config('app.tenant_sig', '', true), "
-        "pg_catalog.set_config('search_path', 't_acme, public', true), "
-        "pg_catalog.set_config('role', 't_acme', true);"
+        "SET LOCAL app.tenant_id = '11111111-2222-3333-4444-555555555555'; "
+        "SET LOCAL app.tenant_type = 'sme'; "
+        "SET LOCAL app.entity_id = 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee'; "
+        "SET LOCAL app.tenant_sig = ''; "
+        "SET LOCAL search_path = t_acme, public; "
+        "SET LOCAL ROLE 't_acme';"
     )
     assert inj.q_prefix == expected.encode()
     assert inj.q_shift == len(inj.q_prefix)
     assert inj.q_prefix.isascii()
 
 
+def test_injection_prefix_quotes_keyword_schemas_like_postgres_prints_them() -> None:
+    ctx = build_context(identity(), tenant_type("tenant_sme", "user", "public"))
+    assert b"SET LOCAL search_path = \"user\", public;" in Injection(ctx).q_prefix
+
+
 def test_injection_prefix_escapes_quotes_in_values() -> None:
     inj = Injection(build_context(identity(tenant_type="o'x"), tenant_type("tenant_sme")))
-    assert b"pg_catalog.set_config('app.tenant_type', 'o''x', true)" in inj.q_prefix
+    assert b"SET LOCAL app.tenant_type = 'o''x';" in inj.q_prefix
 
 
-def test_injection_prefix_is_one_statement_with_three_dropped_replies() -> None:
+def test_injection_prefix_replies_are_six_fixed_set_completes() -> None:
     inj = Injection(build_context(identity(entity_id=ENTITY), tenant_type("tenant_sme")))
-    assert inj.q_prefix.count(b"set_config(") == 6
-    assert inj.q_prefix.count(b";") == 1 and inj.q_prefix.endswith(b";")
-    assert Q_DROP == 3  # RowDescription, DataRow, CommandComplete
+    assert inj.q_prefix.count(b"SET LOCAL ") == 6 and inj.q_prefix.count(b";") == 6
+    assert inj.q_prefix.endswith(b";")
+    assert inj.q_drop == 6
+    assert inj.q_reply == b"C\x00\x00\x00\x08SET\x00" * 6
+    assert Q_DROP == 3  # the session form's SELECT: RowDescription, DataRow, CommandComplete
+
+
+def test_list_quoted_and_extension_settings_go_through_set_config() -> None:
+    # SET would read 'a, b' as one quoted tablespace name; an extension's setting may be
+    # list-quoted too. set_config takes both verbatim, as the client's own SET recorded them.
+    ctx = build_context(identity(), tenant_type("tenant_sme"))
+    inj = Injection(ctx).with_settings((("temp_tablespaces", "a, b"), ("ext.list", "x")))
+    assert (b"SELECT pg_catalog.set_config('temp_tablespaces', 'a, b', true); "
+            b"SELECT pg_catalog.set_config('ext.list', 'x', true); ") in inj.q_prefix
+    assert inj.q_drop == 6 + 2 * Q_DROP and inj.q_reply == b""  # their DataRows vary
 
 
 def decode_bind(msg: bytes) -> tuple[str, str, list[int], list[bytes | None], list[int]]:
@@ -339,17 +355,20 @@ def test_signed_injection_carries_the_hmac_of_the_context_in_both_forms() -> Non
     message = f"11111111-2222-3333-4444-555555555555|sme|{ENTITY}".encode()
     expected = hmac.new(key, message, hashlib.sha256).hexdigest()
     assert inj.signature == expected
-    assert f"set_config('app.tenant_sig', '{expected}', true)".encode() in inj.q_prefix
+    assert f"SET LOCAL app.tenant_sig = '{expected}';".encode() in inj.q_prefix
+    assert f"set_config('app.tenant_sig', '{expected}', false)".encode() in inj.q_session
     assert decode_bind(inj.ext_bind)[3][3] == expected.encode()
 
 
 def test_client_settings_travel_in_both_injection_forms() -> None:
     ctx = build_context(identity(), tenant_type("tenant_sme"))
     inj = Injection(ctx).with_settings((("TimeZone", "Asia/Tokyo"), ("application_name", 'a"b')))
-    assert (b"pg_catalog.set_config('TimeZone', 'Asia/Tokyo', true), "
-            b"pg_catalog.set_config('application_name', 'a\"b', true), "
-            b"pg_catalog.set_config('search_path', 'public', true)") in inj.q_prefix
+    assert (b"SET LOCAL app.tenant_sig = ''; "
+            b"SET LOCAL \"TimeZone\" = 'Asia/Tokyo'; "
+            b"SET LOCAL \"application_name\" = 'a\"b'; "
+            b"SET LOCAL search_path = public;") in inj.q_prefix
     assert inj.q_shift == len(inj.q_prefix.decode())
+    assert inj.q_drop == 8 and inj.q_reply == codec.command_complete("SET") * 8
     assert b", false)" in inj.q_session and b", true)" not in inj.q_session
     values = decode_bind(inj.ext_bind)[3]
     assert values[4:6] == [b'{"TimeZone","application_name"}', b'{"Asia/Tokyo","a\\"b"}']

@@ -254,7 +254,7 @@ def data_row(value: bytes) -> bytes:
     return codec.frame(ord("D"), b"\x00\x01" + _I32.pack(len(value)) + value)
 
 
-INJECTED_Q = ROWDESC + data_row(b"") + codec.command_complete("SELECT 1")
+INJECTED_Q = codec.command_complete("SET") * 6  # the six SET LOCALs of the prefix
 INJECTED_EXT = (BIND_COMPLETE + data_row(b"") + codec.command_complete("SELECT 1")
                 + codec.frame(ord("3"), b""))
 

@@ -43,8 +43,10 @@ def cc(tag: str) -> bytes:
     return codec.command_complete(tag)
 
 
-# The replies to the injected ``SELECT set_config(...)`` statement.
-INJECTED = codec.frame(ord("T"), b"\x00\x05") + codec.frame(ord("D"), b"\x00\x00") + cc("SELECT 1")
+INJECTED = cc("SET") * 6  # the replies to the six SET LOCALs of a simple-query prefix
+# The replies to the session form's one ``SELECT set_config(..., false)`` (q_session).
+INJECTED_SELECT = (codec.frame(ord("T"), b"\x00\x05") + codec.frame(ord("D"), b"\x00\x00")
+                   + cc("SELECT 1"))
 ROWDESC = codec.frame(ord("T"), b"\x00\x00")  # zero columns is enough for the tracker
 ROW = codec.frame(ord("D"), b"\x00\x01\x00\x00\x00\x011")
 Z_I = codec.ready_for_query(b"I")
@@ -80,9 +82,8 @@ def test_simple_query_is_prefixed_and_set_replies_are_dropped() -> None:
     to_server = start(link, codec.query("SELECT 1"))
     prefix = link.injection.q_prefix
     assert to_server == codec.query(prefix + b"SELECT 1")
-    assert prefix.startswith(b"SELECT pg_catalog.set_config('app.tenant_id', "
-                             b"'11111111-2222-3333-4444-555555555555', true), ")
-    assert prefix.endswith(b"pg_catalog.set_config('role', 'tenant_sme', true);")
+    assert prefix.startswith(b"SET LOCAL app.tenant_id = '11111111-2222-3333-4444-555555555555';")
+    assert prefix.endswith(b"SET LOCAL ROLE 'tenant_sme';")
     assert not link.can_release
     seen = server_sends(link, INJECTED + ROWDESC + ROW + cc("SELECT 1") + Z_I)
     assert seen == ROWDESC + ROW + cc("SELECT 1") + Z_I
@@ -403,7 +404,7 @@ def test_statement_allowed_outside_a_transaction_runs_bare_after_a_hidden_contex
     assert session.count(b", false)") == 6 and b", true)" not in session
     assert to_server == codec.query(session[:-1]) + codec.query("VACUUM campaigns")
     assert link.session_dirty  # that server is retired afterwards
-    hidden = INJECTED + Z_I
+    hidden = INJECTED_SELECT + Z_I
     seen = server_sends(link, hidden + cc("VACUUM") + Z_I)
     assert seen == cc("VACUUM") + Z_I
     assert link.can_release
