@@ -635,7 +635,8 @@ class ClientConnection(asyncio.Protocol):
                 self._pause_reading("buffer")
             elif self._pause_reasons:
                 self._resume_reading("buffer")
-            self._maybe_release()
+            if not link.pending:  # else replies are owed: not releasable yet
+                self._maybe_release()
             return
 
     def _request_server(self) -> bool:
