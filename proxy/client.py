@@ -453,7 +453,9 @@ class ClientConnection(asyncio.Protocol):
         if self.state is ClientState.CLOSED:
             return
         assert self.pool is not None
-        self.link = Link(Injection(self.context, self.pool.signing_key, self.settings),
+        set_local = self.app.config.context_statements == "set_local"
+        self.link = Link(Injection(self.context, self.pool.signing_key, self.settings,
+                                   set_local=set_local),
                          self.app.config.max_message_size,
                          guard=self.app.guard.check,
                          outside_txn=self._outside_transaction_check(tenant_type),

@@ -323,6 +323,13 @@ class Config:
         default=30.0,
         metadata=_doc("on SIGTERM, how long running transactions may take to finish", unit="s"),
     )
+    context_statements: str = field(
+        default="set_local",
+        metadata=_doc("how a simple Query's tenant context is sent: SET LOCAL statements "
+                      "(cheapest for Postgres) or one set_config SELECT (one "
+                      "pg_stat_statements entry on Postgres 15 and older, which key SET "
+                      "statements by their text)", choices=("set_local", "set_config")),
+    )
     log_format: str = field(
         default="text", metadata=_doc("log lines as text or JSON objects",
                                       choices=("text", "json")),

@@ -1,9 +1,10 @@
 """The bytes that open each transaction with a tenant's context (ARCHITECTURE.md §3).
 
 Built once per authenticated client, so the per-transaction cost is a concatenation. The
-simple-query form is one ``SELECT set_config(..., true), ...;`` statement spliced in front of
-the client's own Query text; the extended form is a Bind/Execute of a proxy-owned statement
-whose values travel as parameters (never visible in ``pg_stat_activity.query``). No I/O.
+simple-query form is ``SET LOCAL`` statements spliced in front of the client's own Query text
+(or, with ``context_statements = "set_config"``, one ``SELECT set_config(..., true), ...;``);
+the extended form is a Bind/Execute of a proxy-owned statement whose values travel as
+parameters (never visible in ``pg_stat_activity.query``). No I/O.
 
 Why ``SET LOCAL`` statements and not one ``SELECT set_config(..., true), ...``: a SELECT is
 planned and executed, and answers with a RowDescription and a DataRow carrying the values; a
@@ -95,11 +96,12 @@ class Injection:
     """
 
     __slots__ = ("_signing_key", "context", "ext_bind", "q_drop", "q_prefix", "q_reply",
-                 "q_session", "q_shift", "settings", "signature")
+                 "q_session", "q_shift", "set_local", "settings", "signature")
 
     def __init__(self, context: TenantContext, signing_key: bytes | None = None,
-                 settings: tuple[tuple[str, str], ...] = ()):
+                 settings: tuple[tuple[str, str], ...] = (), *, set_local: bool = True):
         self.context = context
+        self.set_local = set_local  # SET LOCAL statements, else one set_config SELECT
         self.settings = settings  # the client's own (name, value) settings, applied each time
         self._signing_key = signing_key
         tenant_id, tenant_type, entity_id = (v for _, v in context.gucs)
@@ -111,7 +113,10 @@ class Injection:
                       strict=True),
                  *settings,
                  ("search_path", context.search_path_value), ("role", context.role)]
-        prefix, self.q_drop, fixed = _set_local_prefix(pairs[:4], settings, context)
+        if set_local:
+            prefix, self.q_drop, fixed = _set_local_prefix(pairs[:4], settings, context)
+        else:
+            prefix, self.q_drop, fixed = _select_set_config(pairs, is_local=True), Q_DROP, False
         self.q_prefix: bytes = prefix.encode()
         self.q_reply: bytes = SET_COMPLETE * self.q_drop if fixed else b""
         # The same context for the whole session, for a statement allowed to run outside a
@@ -125,7 +130,7 @@ class Injection:
 
     def with_settings(self, settings: tuple[tuple[str, str], ...]) -> Injection:
         """Returns: the same context with the client's settings replaced by ``settings``."""
-        return Injection(self.context, self._signing_key, settings)
+        return Injection(self.context, self._signing_key, settings, set_local=self.set_local)
 
 
 def _set_local_prefix(app: list[tuple[str, str]], settings: tuple[tuple[str, str], ...],

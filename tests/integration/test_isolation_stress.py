@@ -183,3 +183,25 @@ async def test_no_context_or_row_leaks_under_concurrent_mixed_load(
     finally:
         await admin.close()
     assert leftovers == [0] * len(tables)
+
+
+async def test_set_config_context_form_isolates_tenants_on_one_server(
+    start_proxy: Callable[..., ProxyProcess], tenants: list[Tenant],
+) -> None:
+    # context_statements = "set_config": the simple-query context is one SELECT set_config.
+    proxy = start_proxy(pool_size=1, extra='context_statements = "set_config"')
+    chosen = [t for t in tenants if "FROM campaigns" in t.check][:3]  # one shared table
+    assert len(chosen) == 3
+    conns = [await asyncpg.connect(f"postgresql://{t.slug}:{t.token}@127.0.0.1:{proxy.port}/app",
+                                   statement_cache_size=0) for t in chosen]
+    try:
+        for _ in range(3):
+            for i, (conn, t) in enumerate(zip(conns, chosen, strict=True)):
+                await conn.execute(t.check)  # simple protocol: the injected SELECT form
+                await conn.execute(f"BEGIN; {t.check}; COMMIT")
+                with pytest.raises(asyncpg.DivisionByZeroError):  # the check can fail
+                    await conn.execute(chosen[(i + 1) % len(chosen)].check)
+                assert await conn.fetchval("SELECT current_setting('app.tenant_id')") == t.org_id
+    finally:
+        for conn in conns:
+            await conn.close()

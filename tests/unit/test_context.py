@@ -260,6 +260,21 @@ def test_injection_prefix_replies_are_six_fixed_set_completes() -> None:
     assert Q_DROP == 3  # the session form's SELECT: RowDescription, DataRow, CommandComplete
 
 
+def test_set_config_form_is_one_select_with_three_dropped_replies() -> None:
+    ctx = build_context(identity(), tenant_type("tenant_sme"))
+    inj = Injection(ctx, set_local=False).with_settings((("TimeZone", "UTC"),))
+    assert inj.q_prefix == (
+        b"SELECT pg_catalog.set_config('app.tenant_id', "
+        b"'11111111-2222-3333-4444-555555555555', true), "
+        b"pg_catalog.set_config('app.tenant_type', 'sme', true), "
+        b"pg_catalog.set_config('app.entity_id', '', true), "
+        b"pg_catalog.set_config('app.tenant_sig', '', true), "
+        b"pg_catalog.set_config('TimeZone', 'UTC', true), "
+        b"pg_catalog.set_config('search_path', 'public', true), "
+        b"pg_catalog.set_config('role', 'tenant_sme', true);")
+    assert (inj.q_drop, inj.q_reply, inj.q_shift) == (Q_DROP, b"", len(inj.q_prefix))
+
+
 def test_list_quoted_and_extension_settings_go_through_set_config() -> None:
     # SET would read 'a, b' as one quoted tablespace name; an extension's setting may be
     # list-quoted too. set_config takes both verbatim, as the client's own SET recorded them.
