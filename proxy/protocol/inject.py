@@ -67,7 +67,8 @@ EXECUTE_UNNAMED: Final = codec.execute("", 0)
 # without its own Bind gets Postgres's 34000 instead of the proxy's portal (see #3).
 CLOSE_UNNAMED_PORTAL: Final = codec.frame(ord("C"), b"P\x00")
 # The unnamed statement outlives Sync on a server; a previous client's must not be Bound by
-# the next one. Sent once per attachment, before the first extended injection.
+# the next one. Sent once per attachment, before a Bind/Describe of "" by a client that has
+# not parsed an unnamed statement of its own (see Link._ensure_unnamed).
 CLOSE_UNNAMED_STATEMENT: Final = codec.frame(ord("C"), b"S\x00")
 
 # Core settings flagged GUC_LIST_QUOTE (guc_tables.c): SET quotes a string literal given

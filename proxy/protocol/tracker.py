@@ -230,7 +230,7 @@ class Link:
         self.drops_statements = False  # a segment may have deallocated our statement
         self.session_dirty = False  # a segment may have left session state: close, not pool
         self.pinned = False  # session state the client relies on: keep the server attached
-        self._scrub_unnamed = False  # first extended injection of an attachment closes ""
+        self._scrub_unnamed = False  # the server's unnamed statement may be another client's
         self.open_extended = False  # an extended batch was started and not yet synced
         self.held = False  # pump_client stopped with HOLD
         self.skip_to_sync = False  # a failed extended batch: discard until Sync, as Postgres does
@@ -316,10 +316,6 @@ class Link:
     def _ext_injection(self, out: bytearray) -> Segment:
         seg = Segment(0)
         expect: deque[list[object]] = deque()
-        if self._scrub_unnamed:
-            out += CLOSE_UNNAMED_STATEMENT
-            expect.append([K_CLOSE, DROP, None])
-            self._scrub_unnamed = False
         if self.ctx_state != CTX_READY:
             if self.ctx_state == CTX_UNKNOWN:
                 out += CTX_CLOSE
@@ -390,10 +386,18 @@ class Link:
 
     def _ensure_unnamed(self, out: bytearray, buf: bytearray, span: int, pos: int) -> None:
         """Before a Bind/Describe of the unnamed statement: re-parse it quietly when the
-        attached server's unnamed statement is not the client's (flushing ``buf[span:pos]``
-        first, so the caller continues from ``pos``)."""
+        attached server's unnamed statement is not the client's, or close it when the client
+        has none, so a previous client's is never used (flushing ``buf[span:pos]`` first, so
+        the caller continues from ``pos``). Only here: a client that parses its own unnamed
+        statement first (nearly all) replaces the server's and pays nothing."""
         out += buf[span:pos]
-        if self._unnamed_here or self._unnamed is None:
+        if self._unnamed_here:
+            return
+        if self._unnamed is None:
+            if self._scrub_unnamed:
+                out += CLOSE_UNNAMED_STATEMENT
+                self._expect(K_CLOSE, DROP, None)
+                self._scrub_unnamed = False
             return
         text, types = self._unnamed
         out += codec.frame(_P, b"\x00" + text + b"\x00" + types)
@@ -1111,10 +1115,26 @@ class Link:
         owed = []
         while expect and expect[0][1] == SYNTH:
             owed.append(expect.popleft()[2])
+        if not forward:
+            self._forward_rest(expect)
         self._update_pass()
         if owed:
             return (bytes(frame) if forward else b"") + b"".join(owed)  # type: ignore[arg-type]
         return frame if forward else None
+
+    def _forward_rest(self, expect: deque[list[object]]) -> None:
+        """After the proxy's own replies of a synced batch: when everything still owed is
+        forwarded as it comes and names no statement of ours, stop matching replies one by
+        one (``expect = None``: only ReadyForQuery, errors and ParameterStatus get a look).
+
+        Entries naming a statement (``data``) stay matched: an error must mark the statement
+        stale or heal a plan change (replay.py), and that needs to know which request
+        failed. A batch still open (no Sync yet) may get more requests, so it stays too.
+        """
+        head = self.pending[0]
+        if (head.expect is expect and head.synced and head.replay is None
+                and all(e[1] == FWD and e[2] is None for e in expect)):
+            head.expect = None
 
     @staticmethod
     def _error_code(frame: memoryview) -> bytes:

@@ -377,3 +377,26 @@ async def test_unnamed_statement_reused_across_syncs_works_after_another_tenant(
     finally:
         writer.close()
         other_writer.close()
+
+
+async def test_bind_of_unnamed_statement_never_parsed_cannot_use_another_tenants(
+    start_proxy,
+) -> None:
+    """A client that never parsed an unnamed statement binds one: on the shared server the
+    previous tenant's is still there, so the proxy closes it first (a fresh session's
+    answer: 26000), and only then (not for every transaction)."""
+    proxy = start_proxy(pool_size=1)
+    reader, writer = await _raw_login(proxy, "acme")
+    other_reader, other_writer = await _raw_login(proxy, "initech")
+    try:
+        other_writer.write(codec.parse("", "SELECT 'initech was here'") + codec.bind("", "", [])
+                           + codec.execute("", 0) + codec.sync())
+        await _read_until(other_reader, ord("Z"))
+        writer.write(codec.bind("", "", []) + codec.execute("", 0) + codec.sync())
+        frames = await _read_until(reader, ord("Z"))
+        assert not [b for k, b in frames if k == ord("D")]  # nothing of initech's ran
+        errors = [dict(codec.parse_error_fields(b)) for k, b in frames if k == ord("E")]
+        assert [e[ord("C")] for e in errors] == [b"26000"]
+    finally:
+        writer.close()
+        other_writer.close()

@@ -183,8 +183,8 @@ def strip_injection(link: Link, sent: bytes) -> bytes:
     """Returns: ``sent`` without the proxy's injected frames and simple-query prefixes.
 
     The extended injection is [Close] [Parse] Bind(ctx) Execute("") Close(portal ""):
-    Bind(ctx) marks it (a
-    client Execute("") alone is an ordinary frame and stays).
+    Bind(ctx) marks it (a client Execute("") alone is an ordinary frame and stays). A Close
+    of the unnamed statement is the proxy's scrub (clients' own ones are not generated).
     """
     prefix = link.injection.q_prefix
     frames = [codec.frame(t, body) for t, body in split_frames(sent)]
@@ -198,6 +198,9 @@ def strip_injection(link: Link, sent: bytes) -> bytes:
             while out and out[-1] in (CTX_PARSE, CTX_CLOSE, CLOSE_UNNAMED_STATEMENT):
                 out.pop()
             i += 3
+            continue
+        if whole == CLOSE_UNNAMED_STATEMENT:  # the scrub before a Bind/Describe of ""
+            i += 1
             continue
         if whole[:1] == b"Q" and whole[5:].startswith(prefix):
             whole = codec.frame(ord("Q"), whole[5 + len(prefix):])
@@ -312,7 +315,7 @@ def segment_replies(draw: st.DrawFn, kind: str, first_ext: bool, shift: int
         if kind == "ext":
             # The first extended injection of an attachment also closes the unnamed
             # statement (CloseComplete) and parses the context statement (ParseComplete).
-            injected = (CLOSE_COMPLETE + PARSE_COMPLETE if first_ext else b"") + INJECTED_EXT
+            injected = (PARSE_COMPLETE if first_ext else b"") + INJECTED_EXT
         else:
             injected = INJECTED_Q
         for t, body in split_frames(injected):  # async frames may come between them

@@ -155,10 +155,9 @@ def test_extended_batch_gets_parse_bind_execute_of_context_first() -> None:
     link = make_link()
     batch = extended_batch()
     to_server = start(link, batch)
-    assert to_server == (CLOSE_UNNAMED_STATEMENT + CTX_PARSE + link.injection.ext_bind
+    assert to_server == (CTX_PARSE + link.injection.ext_bind
                          + EXECUTE_UNNAMED + CLOSE_UNNAMED_PORTAL + batch)
-    injected = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1")
-                + CLOSE_COMPLETE)
+    injected = PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
     replies = PARSE_COMPLETE + BIND_COMPLETE + ROWDESC + ROW + cc("SELECT 1") + Z_I
     assert server_sends(link, injected + replies) == replies
     assert link.can_release
@@ -169,10 +168,10 @@ def test_second_extended_batch_on_a_ready_server_only_binds() -> None:
     link = make_link()
     to_server = start(link, extended_batch(), ctx_state=CTX_READY)
     first = codec.parse("", "SELECT 1")
-    assert to_server.startswith(CLOSE_UNNAMED_STATEMENT + link.injection.ext_bind
+    assert to_server.startswith(link.injection.ext_bind
                                 + EXECUTE_UNNAMED + CLOSE_UNNAMED_PORTAL + first)
     replies = PARSE_COMPLETE + BIND_COMPLETE + ROWDESC + ROW + cc("SELECT 1") + Z_I
-    injected = CLOSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+    injected = BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
     assert server_sends(link, injected + replies) == replies
 
 
@@ -183,9 +182,8 @@ def test_failed_injection_marks_context_statement_unknown_and_reparses() -> None
     assert server_sends(link, err + Z_I) == err + Z_I  # the client learns its batch failed
     assert link.detach() == CTX_UNKNOWN
     to_server = start(link, extended_batch(), ctx_state=CTX_UNKNOWN)
-    assert to_server.startswith(CLOSE_UNNAMED_STATEMENT + CTX_CLOSE + CTX_PARSE
-                                + link.injection.ext_bind)
-    injected = (CLOSE_COMPLETE * 2 + PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1")
+    assert to_server.startswith(CTX_CLOSE + CTX_PARSE + link.injection.ext_bind)
+    injected = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1")
                 + CLOSE_COMPLETE)
     assert server_sends(link, injected + cc("SELECT 1") + Z_I) == cc("SELECT 1") + Z_I
 
@@ -335,7 +333,7 @@ def test_refused_parse_keeps_name_and_parameters() -> None:
     refusal = "CALL pgtenant.refuse('pgtenant: no', $1::text, $2::text)"
     global_name = link._client_stmts[b"s"][0].decode()
     expected = codec.parse(global_name, refusal, (25,))
-    assert to_server == (CLOSE_UNNAMED_STATEMENT + link.injection.ext_bind + EXECUTE_UNNAMED
+    assert to_server == (link.injection.ext_bind + EXECUTE_UNNAMED
                          + CLOSE_UNNAMED_PORTAL + expected + codec.sync())
 
 
@@ -348,13 +346,20 @@ def test_function_call_message_is_refused_by_the_server() -> None:
     assert server_sends(link, INJECTED + error + Z_I) == error + Z_I
 
 
-def test_each_attachment_scrubs_the_unnamed_statement_once() -> None:
+def test_unnamed_statement_is_scrubbed_only_for_a_bind_without_a_parse_of_its_own() -> None:
     link = make_link()
-    first = start(link, extended_batch() + extended_batch(), ctx_state=CTX_READY)
-    assert first.count(CLOSE_UNNAMED_STATEMENT) == 1  # not again for the pipelined batch
+    bare = codec.bind("", "", []) + codec.execute("", 0) + codec.sync()  # never parsed ""
+    first = start(link, bare + bare, ctx_state=CTX_READY)
+    # The server's unnamed statement may be a previous client's: closed, so the Bind fails
+    # as it would on a fresh session; once per attachment.
+    assert first.count(CLOSE_UNNAMED_STATEMENT) == 1
+    assert first.index(CLOSE_UNNAMED_STATEMENT) < first.index(bare)
     link.detach()
-    second = start(link, extended_batch(), ctx_state=CTX_READY)
-    assert second.startswith(CLOSE_UNNAMED_STATEMENT)  # a new attachment: scrub again
+    second = start(link, bare, ctx_state=CTX_READY)
+    assert CLOSE_UNNAMED_STATEMENT + bare in second  # a new attachment: scrub again
+    link.detach()
+    own = start(link, extended_batch(), ctx_state=CTX_READY)
+    assert CLOSE_UNNAMED_STATEMENT not in own  # its own Parse replaces the server's
 
 
 def _execute_batch(*sqls: str) -> bytes:
@@ -371,7 +376,7 @@ def test_batch_going_on_after_commit_is_split_with_a_hidden_sync() -> None:
     assert outcome == HOLD
     assert out.endswith(_execute_batch("COMMIT") + codec.sync())  # our Sync, then wait
     ok = PARSE_COMPLETE + BIND_COMPLETE + cc("COMMIT")
-    injected = CLOSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+    injected = BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
     chunks, resume = link.feed_server(injected + ok + Z_I)
     assert b"".join(bytes(c) for c in chunks) == ok  # the hidden Sync's Z is not forwarded
     assert resume
@@ -387,7 +392,7 @@ def test_batch_after_a_failed_part_is_discarded_up_to_the_clients_sync() -> None
     link.attach(CTX_READY)
     link.pump_client()
     error = codec.error_response("22012", "division by zero")
-    injected = CLOSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+    injected = BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
     seen = server_sends(link, injected + PARSE_COMPLETE + BIND_COMPLETE + error + Z_I)
     assert seen == PARSE_COMPLETE + BIND_COMPLETE + error
     out, reply, outcome = link.pump_client()
@@ -438,7 +443,7 @@ def test_the_proxys_statement_names_are_reserved(message: bytes) -> None:
 def test_extended_copy_from_stdin_answers_both_syncs_with_one_ready_for_query() -> None:
     link = make_link()
     start(link, _execute_batch("COPY t FROM STDIN") + codec.sync(), ctx_state=CTX_READY)
-    injected = CLOSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+    injected = BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
     copy_in = codec.frame(ord("G"), b"\x00\x00\x00")
     assert server_sends(link, injected + PARSE_COMPLETE + BIND_COMPLETE + copy_in) == (
         PARSE_COMPLETE + BIND_COMPLETE + copy_in)
@@ -454,7 +459,7 @@ def test_extended_copy_from_stdin_answers_both_syncs_with_one_ready_for_query() 
 # ------------------------------------------------------------------------------ prepared
 
 
-INJ_READY = CLOSE_COMPLETE + BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+INJ_READY = BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
 
 
 def test_statement_already_on_the_server_gets_a_synthetic_parse_complete_in_order() -> None:
