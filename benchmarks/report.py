@@ -46,12 +46,17 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "### pgbench -S (select-only), tps",
         "",
+        "Simple protocol unless the row says `-M extended` (unnamed statements, what most "
+        "drivers send) or `-M prepared` (named statements; PgBouncer 1.18 has no prepared "
+        "statements in transaction mode).",
+        "",
     ]
     so = exp.get("select_only", {})
     names = ["direct", "pgbouncer", "pgtenant", "splice"]
     rows = []
     for clients, res in so.items():
-        rows.append([clients] + [_fmt(res[n]["tps"]) if n in res else "-" for n in names]
+        rows.append([clients.replace(" ", " -M ")]
+                    + [_fmt(res[n]["tps"]) if n in res else "-" for n in names]
                     + [_fmt(res["pgtenant"]["p99_ms"]),
                        _fmt(res["pgtenant"]["cpu_us_per_txn"]),
                        _fmt(res["pgbouncer"]["cpu_us_per_txn"]) if "pgbouncer" in res else "-"])
@@ -126,6 +131,12 @@ def _bars(plt: Any, path: Path, title: str, groups: dict[str, dict[str, Any]],
     plt.close(fig)
 
 
+def _clients_label(key: str) -> str:
+    """"16" -> "16 clients"; "16 extended" -> "16 clients" over "-M extended"."""
+    clients, _, protocol = key.partition(" ")
+    return f"{clients} clients" + (f"\n-M {protocol}" if protocol else "")
+
+
 def charts(results: dict[str, Any], out: Path) -> list[str]:
     """Returns: the PNG files written."""
     import matplotlib
@@ -140,7 +151,7 @@ def charts(results: dict[str, Any], out: Path) -> list[str]:
         names = [n for n in ("direct", "pgbouncer", "pgtenant", "splice")
                  if n in next(iter(so.values()))]
         _bars(plt, out / "select_only.png", "pgbench -S",
-              {f"{c} clients": res for c, res in so.items()}, names)
+              {_clients_label(c): res for c, res in so.items()}, names)
         written.append("select_only.png")
     ts = exp.get("tenant_scoped")
     if ts:

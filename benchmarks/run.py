@@ -162,17 +162,19 @@ class Bench:
                     defines or {})
 
     def _app_run(self, endpoint: Endpoint, db: BenchDb, clients: int,
-                 seconds: float) -> Result:
+                 seconds: float, protocol: str = "simple") -> Result:
         """pgbench -S as the application role through ``endpoint``."""
-        return run_loads(self.pgbench, [self._app_load(endpoint.port, db, clients,
-                                                       endpoint.name)], seconds, endpoint.pid)
+        load = self._app_load(endpoint.port, db, clients, endpoint.name)
+        load.protocol = protocol
+        return run_loads(self.pgbench, [load], seconds, endpoint.pid)
 
     def _select_as_tenant(self, pgt: Pgtenant, db: BenchDb, clients: int,
-                          seconds: float) -> Result:
+                          seconds: float, protocol: str = "simple") -> Result:
         """pgbench -S through pgtenant as the first filtered tenant."""
         tenant = db.tenant("filtered", 0)
         return run_loads(self.pgbench, [Load("pgtenant", pgt.port, db.name, tenant.slug,
-                                             tenant.token, clients)], seconds, pgt.pid)
+                                             tenant.token, clients, protocol=protocol)],
+                         seconds, pgt.pid)
 
     def _tenant_run(self, layout: str, workload: str, db: BenchDb, endpoint: Endpoint,
                     via: str) -> Result:
@@ -200,23 +202,39 @@ class Bench:
     # ------------------------------------------------------------------ experiments
 
     def select_only(self) -> None:
-        """pgbench -S at 1, 16 and 64 clients: direct, PgBouncer, pgtenant, bare splice."""
+        """pgbench -S at 1, 16 and 64 clients: direct, PgBouncer, pgtenant, bare splice; and
+        at 16 clients with the extended protocol (``-M extended``: unnamed statements, what
+        most drivers send) and ``-M prepared`` (named statements)."""
         db = self.dbs[self.counts[0]]
         pgt = self.tenant_proxies[db.count]
         seconds = 2.0 if self.quick else self.seconds
         out: dict[str, Any] = {}
-        for clients in (1, 16, 64):
+        for clients, protocol in ((1, "simple"), (16, "simple"), (64, "simple"),
+                                  (16, "extended"), (16, "prepared")):
             variants: dict[str, Callable[[], Result]] = {
                 "direct": partial(self._app_run, Endpoint(self.cluster.port), db, clients,
-                                  seconds),
-                "pgtenant": partial(self._select_as_tenant, pgt, db, clients, seconds),
+                                  seconds, protocol),
+                "pgtenant": partial(self._select_as_tenant, pgt, db, clients, seconds,
+                                    protocol),
             }
             assert self.splice is not None
-            variants["splice"] = partial(self._app_run, self.splice, db, clients, seconds)
-            if self.pgbouncer is not None:
+            variants["splice"] = partial(self._app_run, self.splice, db, clients, seconds,
+                                         protocol)
+            # PgBouncer 1.18 has no prepared statements in transaction mode (1.21 added
+            # them): -M prepared through it fails once a client changes servers.
+            if self.pgbouncer is not None and protocol != "prepared":
                 variants["pgbouncer"] = partial(self._app_run, self.pgbouncer, db, clients,
-                                                seconds)
+                                                seconds, protocol)
             res = self._interleave(variants)
+            if protocol != "simple":
+                out[f"{clients} {protocol}"] = {name: self._row(r) for name, r in res.items()}
+                key = f"select_only_c{clients}_{protocol}_pgtenant_vs_"
+                if "pgbouncer" in res:
+                    self.results["ratios"][key + "pgbouncer"] = round(
+                        res["pgtenant"].tps / res["pgbouncer"].tps, 3)
+                self.results["ratios"][key + "splice"] = round(
+                    res["pgtenant"].tps / res["splice"].tps, 3)
+                continue
             out[str(clients)] = {name: self._row(r) for name, r in res.items()}
             if "pgbouncer" in res:
                 self.results["ratios"][f"select_only_c{clients}_pgtenant_vs_pgbouncer"] = round(

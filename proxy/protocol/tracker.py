@@ -1115,7 +1115,7 @@ class Link:
         owed = []
         while expect and expect[0][1] == SYNTH:
             owed.append(expect.popleft()[2])
-        if not forward:
+        if not forward and expect and expect[0][1] == FWD:  # the proxy's part is over
             self._forward_rest(expect)
         self._update_pass()
         if owed:

@@ -20,7 +20,7 @@ from benchmarks.fixture import (
     build_database,
     pgbench_init,
 )
-from benchmarks.measure import run_loads
+from benchmarks.measure import Load, run_loads
 from benchmarks.report import markdown
 from benchmarks.run import tenant_loads
 from proxy.control.cluster import PostgresCluster
@@ -101,6 +101,40 @@ def test_report_marks_targets_met_or_not() -> None:
         in text
     assert "| proxy CPU per transaction vs PgBouncer's | 2.4 | <= 2.5 | met |" in text
     assert "tenant-scoped transactions vs the SET LOCAL round-trip baseline | - |" in text
+
+
+def test_select_only_runs_through_pgtenant_in_every_protocol(
+    pg_cluster: PostgresCluster, bench_db: BenchDb, tmp_path: Path,
+) -> None:
+    pgt = Pgtenant(pg_cluster, bench_db.name, tmp_path, pool_size=2)
+    tenant = bench_db.tenant("filtered", 0)
+    pgbench = pg_cluster.tool("pgbench")
+    assert pgbench is not None
+    try:
+        for protocol in ("simple", "extended", "prepared"):  # -M prepared: named statements
+            load = Load("pgtenant", pgt.port, bench_db.name, tenant.slug, tenant.token, 4,
+                        protocol=protocol)
+            result = run_loads(pgbench, [load], 0, pgt.pid, transactions=25)
+            assert result.transactions == 4 * 25 and result.tps > 0, protocol
+    finally:
+        pgt.stop()
+
+
+def test_report_shows_protocol_rows_of_select_only() -> None:
+    row = {"tps": 10.0, "p50_ms": 1.0, "p95_ms": 1.0, "p99_ms": 2.0, "cpu_us_per_txn": 5.0,
+           "transactions": 10}
+    results = {
+        "mode": "quick", "finished_at": "now", "seconds_per_run": 1, "rounds": 1,
+        "total_seconds": 1, "postgres": "pg", "pgbouncer": "PgBouncer 1.18.0",
+        "machine": {"cpus": 2, "cpu": "x", "memory_gib": 1, "kernel": "k", "python": "3"},
+        "experiments": {"select_only": {
+            "16": {"direct": row, "pgbouncer": row, "pgtenant": row, "splice": row},
+            "16 prepared": {"direct": row, "pgtenant": row, "splice": row}}},
+        "ratios": {},
+    }
+    text = markdown(results)
+    assert "| 16 | 10 | 10 | 10 | 10 | 2 | 5 | 5 |" in text
+    assert "| 16 -M prepared | 10 | - | 10 | 10 | 2 | 5 | - |" in text
 
 
 async def test_database_per_tenant_layout_routes_each_tenant_to_its_own_database(
