@@ -662,10 +662,7 @@ class ClientConnection(asyncio.Protocol):
             self.wait_started = time.monotonic()
             self._pause_reading("wait")
             return False
-        # _waited(0.0), spelled out: this runs once per transaction.
-        assert self.stats is not None and self.tenant_stats is not None
-        self.stats.wait_seconds.counts[0] += 1
-        self.tenant_stats.wait_count += 1
+        self._waited(0.0)
         self._attach(server)
         return True
 
@@ -683,7 +680,7 @@ class ClientConnection(asyncio.Protocol):
         self.link.attach(server.ctx_state, server.prepared, server.client_encoding)
         if self._writing_paused:
             server.pause_reading()
-        elif server.reading_paused:  # a previous client's backpressure
+        else:
             server.resume_reading()
 
     def server_assigned(self, server: ServerConnection) -> None:

@@ -93,7 +93,6 @@ class ServerConnection(asyncio.Protocol):
         self._frame_waiter: asyncio.Future[None] | None = None
         self._reset_done: asyncio.Future[bool] | None = None
         self._closed = False
-        self.reading_paused = False  # by pause_reading (a client's backpressure)
 
     def __repr__(self) -> str:
         return f"<Server #{self.id} {self.state.value} {self.dsn.host}:{self.dsn.port}>"
@@ -301,12 +300,10 @@ class ServerConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def pause_reading(self) -> None:
-        self.reading_paused = True
         if self.transport is not None and not self._closed:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        self.reading_paused = False
         if self.transport is not None and not self._closed:
             self.transport.resume_reading()
 

@@ -893,7 +893,7 @@ class Link:
             pos = take
         span = 0
         head = self.pending[0] if self.pending else None
-        if (head is not None and pos == 0 and head.drop and head.drop == self.injection.q_drop
+        if (head is not None and pos == 0 and head.drop == self.injection.q_drop
                 and self.injection.q_reply and data.startswith(self.injection.q_reply)):
             # The common case of a simple-query prefix: its fixed replies all arrived, in one
             # piece and with nothing between them; dropped with one comparison.
