@@ -143,13 +143,27 @@ class App:
             client.pool_failed(QueryCanceled("canceling statement due to user request"))
             return
         server = client.server if client is not None else None
-        if server is None or server.login is None:
-            return  # unknown key or idle client: Postgres also ignores such requests
+        link = client.link if client is not None else None
+        if server is None or server.login is None or link is None or not link.pending:
+            # Unknown key, or nothing of this client's is running on a server: Postgres also
+            # ignores such requests. Forwarded only while the client's own request is in
+            # flight on the server, so a cancel can never reach the next client's query.
+            return
         login = server.login
+        server.cancels_in_flight += 1
         task = asyncio.ensure_future(
             send_cancel(server.dsn, login.backend_pid, login.backend_secret)
         )
-        task.add_done_callback(lambda t: t.exception())
+
+        def settled(done: asyncio.Future[None]) -> None:
+            if not done.cancelled():
+                done.exception()
+            server.cancels_in_flight -= 1
+            if not server.cancels_in_flight and server.on_cancels_settled is not None:
+                give_back, server.on_cancels_settled = server.on_cancels_settled, None
+                give_back()
+
+        task.add_done_callback(settled)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -677,7 +677,14 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self._attached_at = time.monotonic()
         server.peer = self
-        self.link.attach(server.ctx_state, server.prepared, server.client_encoding)
+        # A server that last ran another tenant's transactions is emptied before this
+        # client's first request (Link._prelude): by construction, whatever that tenant left
+        # in the session (settings, statements, sequence state...) is gone.
+        key = self.link.tenant_key
+        reset = server.last_tenant is not None and server.last_tenant != key
+        server.last_tenant = key
+        self.link.attach(server.ctx_state, server.prepared, server.client_encoding,
+                         reset=reset, reset_encoding=server.login_encoding)
         if self._writing_paused:
             server.pause_reading()
         else:
@@ -735,7 +742,7 @@ class ClientConnection(asyncio.Protocol):
             # would follow the server to the next tenant: close it instead (fail closed).
             self.pool.discard(server)
         else:
-            self.pool.release(server)
+            _after_cancels(server, self.pool.release)
 
     def _transaction_done(self) -> None:
         """The server goes back (or away): one transaction, in PgBouncer's sense, ended."""
@@ -817,7 +824,7 @@ class ClientConnection(asyncio.Protocol):
             server.ctx_state = link.detach()
             self._transaction_done()
             server.client_encoding = ""  # the rollback may revert a SET: switch next time
-            self.pool.release_dirty(server)
+            _after_cancels(server, self.pool.release_dirty)
 
     def _fail(self, error: ProxyError, *, sqlstate: str | None = None) -> None:
         """Send ``error`` as a FATAL ErrorResponse and end this client only."""
@@ -928,6 +935,26 @@ class ClientConnection(asyncio.Protocol):
         if (not self._pause_reasons and self.transport is not None
                 and not self.transport.is_closing()):
             self.transport.resume_reading()
+
+
+def _after_cancels(server: ServerConnection,
+                   give_back: Callable[[ServerConnection], None]) -> None:
+    """Give ``server`` back to its pool, once no CancelRequest for it is in flight.
+
+    A CancelRequest reaches the backend as a signal some time after it was sent; were the
+    server handed to another client before that, the signal could cancel that client's
+    query. It waits until Postgres closed the cancel connection (it has then signalled the
+    backend, which, idle, ignores it): App.cancel counts and settles them.
+    """
+    if not server.cancels_in_flight:
+        give_back(server)
+        return
+    server.peer = None  # nobody's until then
+
+    def settled() -> None:
+        give_back(server)
+
+    server.on_cancels_settled = settled
 
 
 def _parse_options(options: str) -> list[tuple[str, str]]:

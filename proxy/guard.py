@@ -21,6 +21,7 @@ from pglast.parser import ParseError, parse_sql_json
 
 from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
 from .protocol.encoding import encoding_key
+from .protocol.refusal import RESERVED_PREFIX
 from .protocol.sql import ends_transaction, is_on, words
 
 __all__ = ["ALWAYS_PROTECTED", "Guard"]
@@ -47,12 +48,12 @@ _LEXER_SETTINGS: Final = frozenset({"client_encoding", "standard_conforming_stri
 _SUSPECT = re.compile(
     rb"(?i)u&|\b(set|reset|set_config|discard|load|alter|copy|vacuum|database|concurrently"
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
-    rb"|listen|notify|pg_notify"
+    rb"|listen|notify|pg_notify|prepare|execute|deallocate"
     rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export)\b"
 )
 # A transaction end inside a multi-statement text, or AND CHAIN, would leave the statements
 # after it running outside the injected context (as the bare login role).
-_TXN_END = re.compile(rb"(?i)\b(commit|rollback|end|abort|prepare|call)\b")
+_TXN_END = re.compile(rb"(?i)\b(commit|rollback|end|abort|prepare|call|execute)\b")
 _CHAIN = re.compile(rb"(?i)\bchain\b")
 # A prefilter false for most texts (plain SELECT/DML), decided without a regex: only texts
 # with one of these words, or with "u&", "_to_xml" or "dblink" inside a word, go on to the
@@ -62,8 +63,9 @@ _ANY_WORDS: Final = frozenset(
     b"set reset set_config discard load alter copy vacuum database concurrently tablespace "
     b"cluster subscription do listen notify pg_notify pg_read_file pg_read_binary_file "
     b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
-    b"call".split())
+    b"call execute deallocate".split())
 _CACHE_MAX = 10_000
+RESERVED_NAME_PREFIX: Final = RESERVED_PREFIX.decode()
 _SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _NOT_IN_TXN_HINT = (
     "pgtenant runs every tenant transaction inside a transaction block that carries the "
@@ -285,9 +287,9 @@ def _check_lexer_setting(name: str, value: str | None) -> None:
 
 def _no_statements_after_transaction_end(stmt: dict[str, Any]) -> None:
     if ends_transaction(stmt):
-        refusal = Refusal("statements after COMMIT, ROLLBACK or CALL in the same query would "
-                          "run outside the tenant's transaction context; send them as a "
-                          "separate query")
+        refusal = Refusal("statements after COMMIT, ROLLBACK, CALL or EXECUTE in the same "
+                          "query could run outside the tenant's transaction context; send "
+                          "them as a separate query")
         refusal.rule = "after_transaction_end"
         raise refusal
 
@@ -296,6 +298,19 @@ def _transaction(_guard: Guard, stmt: dict[str, Any]) -> None:
     if stmt.get("chain"):
         raise Refusal("COMMIT/ROLLBACK AND CHAIN is not allowed in tenant sessions: the chained "
                       "transaction would start without the tenant's context")
+
+
+def _statement_name(_guard: Guard, stmt: dict[str, Any]) -> None:
+    # The proxy's own prepared statements (the context statement, renamed client
+    # statements) live on pooled servers: SQL that names them could run, replace or drop
+    # them under another tenant's transactions. Protocol messages naming them are refused
+    # in protocol/refusal.py; this is the same rule for SQL PREPARE/EXECUTE/DEALLOCATE.
+    name = str(stmt.get("name") or "")
+    if name.lower().startswith(RESERVED_NAME_PREFIX):
+        refusal = Refusal(f"prepared statement name {name!r} is reserved: names starting "
+                          f"with {RESERVED_NAME_PREFIX} belong to pgtenant")
+        refusal.rule = "reserved_name"
+        raise refusal
 
 
 def _refuse(message: str) -> Any:
@@ -319,6 +334,9 @@ _RULES: Final[dict[str, Any]] = {
     "DropStmt": Guard._drop,
     "ReindexStmt": Guard._reindex,
     "ClusterStmt": Guard._cluster,
+    "PrepareStmt": _statement_name,
+    "ExecuteStmt": _statement_name,
+    "DeallocateStmt": _statement_name,
     "DiscardStmt": _refuse("DISCARD is not allowed in tenant sessions"),
     # Channels are database-wide: a listener would hear every tenant's payloads, and a
     # notifier could speak into every tenant's channels.

@@ -85,6 +85,15 @@ class ServerConnection(asyncio.Protocol):
         # The session's client_encoding, as the last client left it (the tracker switches
         # it to the next client's before that client's first message; see Link.encoding).
         self.client_encoding = "UTF8"
+        self.login_encoding = "UTF8"  # what RESET ALL (DISCARD ALL) brings it back to
+        # The tenant (Link.tenant_key) whose transactions last ran here: a server handed to
+        # another tenant is emptied first (DISCARD ALL), so it carries nothing across.
+        self.last_tenant: object = None
+        # CancelRequests forwarded for this backend whose delivery is not settled yet: the
+        # server goes to nobody else until they are (a late cancel must not hit the next
+        # client's query; PgBouncer does the same).
+        self.cancels_in_flight = 0
+        self.on_cancels_settled: Callable[[], None] | None = None
         self.login: LoginResult | None = None
         self.created_at = time.monotonic()
         self.last_used = self.created_at
@@ -120,6 +129,7 @@ class ServerConnection(asyncio.Protocol):
                 )
                 self.client_encoding = dict(self.login.parameters).get("client_encoding",
                                                                        "UTF8")
+                self.login_encoding = self.client_encoding
         except TimeoutError as exc:
             self.close()
             raise ServerUnavailable(

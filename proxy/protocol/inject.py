@@ -18,6 +18,7 @@ into a ``BEGIN`` it contains), exactly like ``set_config(name, value, true)``.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from typing import Final
 
@@ -39,8 +40,10 @@ __all__ = [
 ]
 
 # The proxy-owned prepared statement. The leading "__pgtenant" keeps it out of the way of
-# client statement names; issue #4's renaming uses a different prefix.
-CTX_STATEMENT: Final = "__pgtenant_ctx"
+# client statement names (they may not use it: protocol/refusal.py, guard.py); the random
+# tail, drawn once per process, makes it unguessable, so that even SQL the guard could not
+# see (dynamic SQL in an application's function) cannot name it.
+CTX_STATEMENT: Final = "__pgtenant_ctx_" + secrets.token_hex(8)
 # set_config(..., true) is SET LOCAL: it lasts until the end of the (implicit or explicit)
 # transaction, i.e. at least until the client's Sync. 'role' last, so the app.* settings are
 # made by the login role, and the role switch is what the client's statements run under.

@@ -47,8 +47,8 @@ class Segment:
     """One request the server will close with one ReadyForQuery."""
 
     __slots__ = ("await_first", "drop", "expect", "extended", "failed", "heal", "hide_z",
-                 "ours", "pins", "replay", "rollback", "sets", "shift", "split", "synced",
-                 "t0", "txn_control")
+                 "may_copy", "ours", "pins", "replay", "rollback", "sets", "shift", "split",
+                 "synced", "t0", "txn_control", "unnamed_parse")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
@@ -64,6 +64,8 @@ class Segment:
         self.sets: tuple[tuple[str, str | None], ...] = ()  # plain SETs it makes (replayed)
         self.rollback = False  # its text may roll the transaction back
         self.pins = False  # it may create session state the client relies on (LISTEN...)
+        self.may_copy = False  # it may start a COPY FROM STDIN: later requests wait for it
+        self.unnamed_parse = False  # it parses the client's unnamed statement
         # Extended segments: [kind, action, data] per request, in reply order (data: the
         # global statement name of a Parse, or the bytes of a SYNTH reply).
         self.expect: deque[list[object]] | None = None

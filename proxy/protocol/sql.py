@@ -18,6 +18,7 @@ from pglast.parser import ParseError, parse_sql_json
 
 __all__ = [
     "DROPS_STATEMENTS",
+    "MAY_COPY_IN",
     "SESSION_STATE",
     "TXN_CONTROL",
     "TXN_END",
@@ -33,17 +34,32 @@ TXN_CONTROL: Final = 1  # may move the transaction status between I and T/E
 DROPS_STATEMENTS: Final = 2  # may deallocate prepared statements (ours included)
 SESSION_STATE: Final = 4  # may leave state that outlives the transaction
 TXN_END: Final = 8  # may end the transaction (COMMIT, ROLLBACK, PREPARE TRANSACTION, CALL)
+# May put the server in COPY-in mode (COPY ... FROM STDIN, or EXECUTE of a statement that
+# might be one): the tracker waits for its replies before the next request, so that the
+# server's CopyInResponse tells exactly which Syncs it will ignore (see tracker.py).
+MAY_COPY_IN: Final = 16
 
+# What may change the transaction status is a closed set of statements in Postgres's
+# grammar: TransactionStmt (BEGIN, START, COMMIT, END, ROLLBACK, ABORT, SAVEPOINT, RELEASE,
+# PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED), CALL and DO (procedures and DO blocks may
+# COMMIT), and SQL EXECUTE, which runs any statement prepared on the session, including one
+# a client prepared with the protocol's Parse (whose text may be COMMIT). Functions cannot
+# (they run in an atomic context), nor can rules or triggers. Each of those statements starts
+# with one of the words below, and words() splits more eagerly than Postgres's lexer, so a
+# text without them cannot change the status: the classification errs only on the careful
+# side (a false positive costs a pipelining pause).
 # False positives only cost a pipelining pause or a server reconnect; false negatives would
 # be bugs, so the patterns are generous (CASE ... END matches "end", for instance).
-_TXN_RE = re.compile(rb"(?i)\b(begin|start|commit|end|rollback|abort|prepare|call|do)\b")
+_TXN_RE = re.compile(
+    rb"(?i)\b(begin|start|commit|end|rollback|abort|prepare|call|do|execute)\b")
 _DROPS_RE = re.compile(rb"(?i)\b(deallocate|discard)\b")
-_END_RE = re.compile(rb"(?i)\b(commit|end|rollback|abort|prepare|call)\b")
+_END_RE = re.compile(rb"(?i)\b(commit|end|rollback|abort|prepare|call|execute)\b")
+_COPY_RE = re.compile(rb"(?i)\b(copy|execute)\b")
 _ENDING_KINDS = frozenset({"TRANS_STMT_COMMIT", "TRANS_STMT_ROLLBACK", "TRANS_STMT_PREPARE",
                            "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED"})
 _SESSION_RE = re.compile(
     rb"(?i)advisory|\b(set|reset|listen|prepare|hold|temp|temporary|load|set_config|do|call"
-    rb"|into)\b"
+    rb"|into|execute)\b"
 )
 _SESSION_LOCK_FUNCS = frozenset({
     "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
@@ -54,7 +70,7 @@ _SESSION_LOCK_FUNCS = frozenset({
 # faster than one search with the combined pattern, which matters once per transaction.
 _ANY_WORDS: Final = frozenset(
     b"begin start commit end rollback abort prepare call do deallocate discard set reset "
-    b"listen hold temp temporary load set_config into".split())
+    b"listen hold temp temporary load set_config into execute copy".split())
 _WORD_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_")
 # bytes.translate table: ASCII letters lower-cased, digits and '_' kept, all else a space,
 # so split() yields exactly the regex \w+ runs of a bytes pattern, lower-cased.
@@ -86,6 +102,8 @@ def classify(sql: bytes) -> int:
         flags |= SESSION_STATE
     if _END_RE.search(sql) and _may_end_transaction(sql):
         flags |= TXN_END
+    if _COPY_RE.search(sql) and _may_copy_in(sql):
+        flags |= MAY_COPY_IN
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
     _cache[sql] = flags
@@ -128,9 +146,24 @@ def _may_end_transaction(sql: bytes) -> bool:
 
 def ends_transaction(stmt: dict[str, Any]) -> bool:
     """Returns: whether a parsed statement may end the transaction (COMMIT, ROLLBACK,
-    PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED, or a CALL whose procedure may commit)."""
+    PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED, a CALL whose procedure may commit, or an
+    EXECUTE of a prepared statement, which may be any of those)."""
     txn = stmt.get("TransactionStmt")
-    return "CallStmt" in stmt or (txn is not None and txn.get("kind") in _ENDING_KINDS)
+    return ("CallStmt" in stmt or "ExecuteStmt" in stmt
+            or (txn is not None and txn.get("kind") in _ENDING_KINDS))
+
+
+def _may_copy_in(sql: bytes) -> bool:
+    tree = _tree(sql)
+    if tree is None:
+        return True  # cannot tell: assume it may (it only costs a round trip)
+    for item in tree.get("stmts", []):
+        stmt = item.get("stmt", {})
+        copy = stmt.get("CopyStmt")
+        if "ExecuteStmt" in stmt or (copy is not None and copy.get("is_from")
+                                     and not copy.get("filename")):
+            return True
+    return False
 
 
 def is_on(value: str) -> bool:
@@ -158,7 +191,8 @@ def _walk(node: Any) -> bool:
             # SET LOCAL and SET TRANSACTION end with the transaction; anything else stays.
             if not value.get("is_local") and value.get("name") != "TRANSACTION":
                 return True
-        elif key in ("ListenStmt", "PrepareStmt", "LoadStmt", "DoStmt", "CallStmt"):
+        elif key in ("ListenStmt", "PrepareStmt", "LoadStmt", "DoStmt", "CallStmt",
+                     "ExecuteStmt"):
             return True
         elif key == "DeclareCursorStmt" and value.get("options", 0) & _CURSOR_OPT_HOLD:
             return True

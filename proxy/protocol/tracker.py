@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -57,6 +58,8 @@ from typing import TYPE_CHECKING, Final
 
 from ..errors import ClientProtocolError, MessageTooLarge, ServerProtocolError
 from . import codec
+from .encoding import UNSAFE as _UNSAFE_ENCODINGS
+from .encoding import encoding_key
 from .inject import (
     CLOSE_UNNAMED_PORTAL,
     CLOSE_UNNAMED_STATEMENT,
@@ -85,6 +88,7 @@ from .segment import (
 )
 from .sql import (
     DROPS_STATEMENTS,
+    MAY_COPY_IN,
     SESSION_STATE,
     TXN_CONTROL,
     TXN_END,
@@ -139,17 +143,22 @@ _A = ord("A")
 _C = ord("C")
 _I = ord("I")
 _E_STATUS = ord("E")
-_CLIENT_COPY = frozenset(b"dcf")  # CopyData/CopyDone/CopyFail: part of the running segment
+_G = ord("G")  # CopyInResponse
+_W = ord("W")  # CopyBothResponse
+_COPY_DONE = ord("c")
+_COPY_FAIL = ord("f")
+_CLIENT_COPY = frozenset(b"dcf")  # CopyData/CopyDone/CopyFail: only while the server copies in
 _CLIENT_EXTENDED = frozenset(b"PBDECH")
 _CLIENT_TYPES = frozenset(b"QPBDECHSXFdcf")  # what a logged-in client may send
-# Backend frames that always need a look: ReadyForQuery, ErrorResponse, ParameterStatus.
-_SERVER_SPECIAL = frozenset(b"ZES")
+# Backend frames that always need a look: ReadyForQuery, ErrorResponse, ParameterStatus,
+# and CopyInResponse/CopyBothResponse (the server then ignores Syncs: see _copy_started).
+_SERVER_SPECIAL = frozenset(b"ZESGW")
 # Frames that are neither counted nor dropped while dropping injected replies.
 _SERVER_ASYNC = frozenset(b"NSA")
-_NOT_A_REPLY: Final = _SERVER_SPECIAL | _SERVER_ASYNC
+_NOT_A_REPLY: Final = frozenset(b"ZES") | _SERVER_ASYNC
 # Frame types forwarded without a look, by state of the head segment.
 _PASS_ALL: Final = frozenset(range(256)) - _SERVER_SPECIAL
-_PASS_EXEC: Final = frozenset(b"DdcGHWNA")  # rows and copy data of a forwarded Execute
+_PASS_EXEC: Final = frozenset(b"DdcHNA")  # rows and copy-out data of a forwarded Execute
 _PASS_NONE: Final[frozenset[int]] = frozenset()
 _PARSE_COMPLETE: Final = codec.frame(ord("1"), b"")
 _CLOSE_COMPLETE: Final = codec.frame(ord("3"), b"")
@@ -163,10 +172,18 @@ _Q_BYTE: Final = b"Q"
 _PLAN_CHANGED: Final = b"0A000"  # feature_not_supported: "cached plan must not change ..."
 _ROLLBACK: Final = re.compile(rb"(?i)\b(rollback|abort)\b")
 _STMT_PREFIX: Final = b"__pgtenant_p"
+# Global statement names are a keyed hash of what they hold: stable within this process (so
+# servers share them), unguessable outside it, so no tenant can name another's statement
+# even through SQL the guard cannot see (the guard also refuses SQL naming __pgtenant*).
+_NAME_KEY: Final = secrets.token_bytes(16)
 # A statement or portal name we never saw parsed/bound is one made by SQL (PREPARE, DECLARE):
 # those hold only SELECT/DML, which cannot move the transaction status; or it does not exist
-# and its Execute fails.
-_UNKNOWN_TXN: Final = 0
+# and its Execute fails. Not knowing is still treated as "may": the next request waits.
+_UNKNOWN_TXN: Final = TXN_CONTROL
+# The reset of a server that changes tenant (ARCHITECTURE §5: a server changes tenant
+# empty): settings, prepared statements (the proxy's too), portals, temp objects, sequence
+# state, LISTEN, advisory locks. Sent in the same write as the new tenant's first request.
+_DISCARD_ALL: Final = codec.query("DISCARD ALL")
 
 
 def _no_clock() -> float:
@@ -185,6 +202,12 @@ class Link:
                  outside_txn: Callable[[bytes], bool] | None = None,
                  max_prepared: int = 200, client_encoding: str = "UTF8"):
         self.injection = injection
+        # Which tenant's state a server carries once this client used it: a server attached
+        # with another tenant's key is reset first (attach(reset=True), _DISCARD_ALL).
+        ctx = injection.context
+        self.tenant_key: tuple[object, ...] = (
+            ctx.identity.org_id, ctx.identity.tenant_type, ctx.identity.entity_id, ctx.role,
+            ctx.search_path)
         # client_encoding is the server session's, not replayed per transaction: Postgres
         # decodes a message with the encoding in force when it arrives, so a change must come
         # before the client's text (protocol/encoding.py says which encodings are served).
@@ -205,7 +228,8 @@ class Link:
         # quietly before the Bind that needs it.
         self._unnamed: tuple[bytes, bytes] | None = None  # (text, types) of the last Parse ""
         self._unnamed_here = False  # that Parse is the attached server's unnamed statement
-        self._pass: frozenset[int] = _PASS_ALL
+        self._unnamed_seg: Segment | None = None  # the segment that sent that Parse
+        self._pass: frozenset[int] = _PASS_NONE
         # The client's own settings (startup parameters, plain SETs): re-applied with every
         # transaction's context; the servers' reports of them are the proxy's business.
         self.managed = {name.lower() for name, _ in injection.settings}
@@ -246,10 +270,11 @@ class Link:
         self._stmt_sets: dict[bytes, tuple[tuple[str, str | None], ...]] = {}
         self._portal_txn: dict[bytes, int] = {}
         self._ended_in_batch = False  # the open batch executed something that may end a txn
-        # Postgres ignores a Sync that arrives during COPY FROM STDIN: the batch's own Sync,
-        # sent before the copy data, earns no ReadyForQuery; the one after CopyDone/CopyFail
-        # does, and it belongs to the same segment.
-        self._sync_after_copy = False
+        # The server is in COPY-in mode: from its CopyInResponse until the client's
+        # CopyDone/CopyFail or the server's ErrorResponse (see _copy_started).
+        self.copy_in = False
+        self._reset_pending = False  # DISCARD ALL before the next request (tenant change)
+        self._reset_encoding = "UTF8"  # the attached server's client_encoding after a reset
         # A healed batch (replay.py) was put back at the head of cbuf: pump it again.
         self._replay_ready = False
         self._replaying = False  # the batch being re-sent: never healed twice
@@ -262,12 +287,19 @@ class Link:
         return self._client_stmts
 
     def attach(self, ctx_state: int, prepared: OrderedDict[bytes, bool] | None = None,
-               server_encoding: str = "UTF8") -> None:
-        """A server was attached; it is idle and clean (pool invariant)."""
+               server_encoding: str = "UTF8", *, reset: bool = False,
+               reset_encoding: str = "UTF8") -> None:
+        """A server was attached; it is idle (pool invariant).
+
+        ``reset``: it last served another tenant, so its session is emptied (DISCARD ALL)
+        before this client's first request; ``reset_encoding`` is its client_encoding then.
+        """
         self.attached = True
         self.server_encoding = server_encoding
+        self._reset_pending = reset
+        self._reset_encoding = reset_encoding
         self.prepared = prepared if prepared is not None else OrderedDict()
-        self._pass = _PASS_ALL
+        self._pass = _PASS_NONE
         self.pending.clear()
         self.status = _I
         self.unsure = 0
@@ -278,7 +310,7 @@ class Link:
         self._scrub_unnamed = True
         self._unnamed_here = False
         self._ended_in_batch = False
-        self._sync_after_copy = False
+        self.copy_in = False
         self._sleftover = b""
         self._sremaining = 0
 
@@ -330,6 +362,24 @@ class Link:
         seg.expect = expect
         return seg
 
+    def _prelude(self, out: bytearray) -> None:
+        """Before the first request of a transaction: empty a server that served another
+        tenant (``attach(reset=True)``), then give its session the client's encoding."""
+        if self._reset_pending:
+            self._reset_pending = False
+            out += _DISCARD_ALL
+            seg = Segment(1)  # CommandComplete; its ParameterStatus reports are ours too
+            seg.hide_z = seg.ours = True
+            self._push(seg)
+            # What DISCARD ALL (and the Query carrying it) removed from the session.
+            self.prepared.clear()
+            self.ctx_state = CTX_NONE
+            self._unnamed_here = False
+            self._scrub_unnamed = False
+            self.server_encoding = self._reset_encoding
+        if self.encoding != self.server_encoding:
+            self._switch_encoding(out)
+
     def _switch_encoding(self, out: bytearray) -> None:
         """Before a transaction's first message: give the server's session the client's
         encoding, in a hidden Query of its own (its replies are the proxy's)."""
@@ -361,8 +411,8 @@ class Link:
         if name is None:
             # Keyed by search_path too: tenants on different schemas never share a plan.
             path = self.injection.context.search_path_value.encode()
-            digest = hashlib.sha1(sql + b"\x00" + types + b"\x00" + path,
-                                  usedforsecurity=False).hexdigest()[:24]
+            digest = hashlib.blake2b(sql + b"\x00" + types + b"\x00" + path, key=_NAME_KEY,
+                                     digest_size=12).hexdigest()
             name = _STMT_PREFIX + digest.encode()
             if len(self._global_names) > 10_000:
                 self._global_names.clear()
@@ -391,7 +441,9 @@ class Link:
         the caller continues from ``pos``). Only here: a client that parses its own unnamed
         statement first (nearly all) replaces the server's and pays nothing."""
         out += buf[span:pos]
-        if self._unnamed_here:
+        seg = self.pending[-1]
+        if self._unnamed_here and (self._unnamed_seg is None or self._unnamed_seg is seg
+                                   or self._unnamed_seg not in self.pending):
             return
         if self._unnamed is None:
             if self._scrub_unnamed:
@@ -399,10 +451,15 @@ class Link:
                 self._expect(K_CLOSE, DROP, None)
                 self._scrub_unnamed = False
             return
+        # Not known to be there: never parsed on this server, destroyed since, or parsed in
+        # an earlier batch still in flight whose Parse the server may skip after an error
+        # (then the server keeps an older statement than the client's). Parse it again.
         text, types = self._unnamed
         out += codec.frame(_P, b"\x00" + text + b"\x00" + types)
         self._expect(K_PARSE, DROP, None)
         self._unnamed_here = True
+        self._unnamed_seg = seg
+        seg.unnamed_parse = True
 
     def _use(self, out: bytearray, mapped: tuple[bytes, bytes, bytes]) -> bytes:
         """Make sure a client's renamed statement exists on the attached server.
@@ -420,7 +477,7 @@ class Link:
         """Which frame types the head segment lets through without a look."""
         head = self.pending[0] if self.pending else None
         if head is None:
-            self._pass = _PASS_ALL
+            self._pass = _PASS_NONE  # nothing is owed: anything but async frames is wrong
         elif head.expect is not None:
             entry = head.expect[0] if head.expect else None
             if entry is not None and entry[0] == K_EXEC and entry[1] == FWD:
@@ -449,6 +506,8 @@ class Link:
             seg.rollback = True
         if flags & TXN_CONTROL:
             self._mark_txn(seg)
+        if flags & MAY_COPY_IN:
+            seg.may_copy = True
         sets = self._replayable_sets(sql) if flags & SESSION_STATE else None
         self._session_effects(seg, flags, sets or ())
         return flags
@@ -541,14 +600,33 @@ class Link:
                     break
                 pos = end
                 continue
-            if t in _CLIENT_COPY:
-                if not self.attached:  # Postgres ignores stray copy messages too
+            # COPY from the client is driven by the server's word, not the client's: copy
+            # messages go to the server only while it said it is copying in (CopyInResponse,
+            # see _copy_started); Sync and Flush then earn no reply, as Postgres ignores them.
+            if self.copy_in:
+                if t in _CLIENT_COPY:
+                    if t != _COPY_DATA:
+                        self.copy_in = False  # CopyDone/CopyFail ends COPY-in mode
+                    pos = end
+                    continue
+                if t == _S or t == _H:
                     out += buf[span:pos]
-                    span = end
-                elif t != _COPY_DATA and self.pending:
-                    last = self.pending[-1]
-                    self._sync_after_copy = last.extended and last.synced
-                pos = end
+                    span = pos = end
+                    continue
+                if t != _X:
+                    raise ClientProtocolError(
+                        f"unexpected message type {chr(t)!r} during COPY from stdin")
+            elif self.pending and self.pending[-1].may_copy and (
+                    t in _CLIENT_COPY or not self.open_extended):
+                # The last request may start a COPY: wait for the server to say whether it
+                # did, so that which of the following messages it ignores is known.
+                outcome = HOLD
+                self.held = True
+                break
+            elif t in _CLIENT_COPY:
+                # Not copying: Postgres ignores stray copy messages, and they are not sent.
+                out += buf[span:pos]
+                span = pos = end
                 continue
             text = bytes(buf[pos + 5 : end - 1]) if t == _Q else b""  # without the NUL
             text_flags = classify(text) if t == _Q else 0
@@ -574,10 +652,10 @@ class Link:
                     outcome = HOLD
                     self.held = True
                     break
-                if inject and self.encoding != self.server_encoding:
+                if inject and (self._reset_pending or self.encoding != self.server_encoding):
                     out += buf[span:pos]
                     span = pos
-                    self._switch_encoding(out)
+                    self._prelude(out)
                 if t == _F:
                     refusal: str | None = FUNCTION_CALL_REFUSAL
                     if self.stats is not None:
@@ -679,8 +757,8 @@ class Link:
                         break
                     out += buf[span:pos]
                     span = pos
-                    if inject and self.encoding != self.server_encoding:
-                        self._switch_encoding(out)
+                    if inject:
+                        self._prelude(out)
                     if inject:
                         seg = self._ext_injection(out)
                     else:
@@ -725,6 +803,8 @@ class Link:
                         self._expect(K_PARSE, FWD)
                         self._unnamed = (text, types)
                         self._unnamed_here = True
+                        self._unnamed_seg = seg
+                        seg.unnamed_parse = True
                     # What the statement does is noted now and applied at each Bind: a named
                     # statement may run again in later transactions, on other servers.
                     flags = classify(sql)
@@ -736,7 +816,7 @@ class Link:
                     stmt, rest = codec.read_cstring(buf, npos, limit=end)
                     check_statement_name(stmt)
                     flags = self._stmt_txn.get(stmt, _UNKNOWN_TXN)
-                    self._portal_txn[portal] = flags & (TXN_CONTROL | TXN_END)
+                    self._portal_txn[portal] = flags & (TXN_CONTROL | TXN_END | MAY_COPY_IN)
                     self._session_effects(seg, flags, self._stmt_sets.get(stmt, ()))
                     mapped = self._client_stmts.get(stmt) if stmt else None
                     global_name = None
@@ -758,6 +838,8 @@ class Link:
                     flags = self._portal_txn.get(portal, _UNKNOWN_TXN)
                     if flags:
                         self._mark_txn(seg)
+                    if flags & MAY_COPY_IN:
+                        seg.may_copy = True
                     if flags & TXN_END:
                         self._ended_in_batch = True
                     self._expect(K_EXEC, FWD)
@@ -802,8 +884,6 @@ class Link:
                     last.synced = True
                     if last.replay is not None and not last.replay.note(t, buf[pos:end]):
                         last.replay = None
-                elif self._sync_after_copy and self.attached:
-                    self._sync_after_copy = False  # answers the COPY's segment, see above
                 elif self.attached:  # a bare Sync still earns a ReadyForQuery
                     self._push(Segment(0))
                 else:  # no server, no transaction: answer it ourselves
@@ -842,7 +922,7 @@ class Link:
             self._plain_text = text
             return b"", b"", NEED_SERVER
         self._plain_text = b""
-        if self.encoding != self.server_encoding:
+        if self.encoding != self.server_encoding or self._reset_pending:
             return None
         if self.guard is not None and self.guard(text) is not None:
             return None  # refused: the general path has the rules (outside_txn...)
@@ -923,6 +1003,8 @@ class Link:
             replacement = self._special(t, data, pos, end)
             if replacement is not None:
                 chunks.append(replacement)
+            if t == _G and self.held:
+                resume = True  # a COPY started: held copy data may go now
             if t == _Z and ((self.held and not self.unsure) or self._replay_ready):
                 self._replay_ready = False
                 resume = True
@@ -942,6 +1024,15 @@ class Link:
                 raise ServerProtocolError("ReadyForQuery with no request outstanding")
             if end - pos != 6:
                 raise ServerProtocolError("malformed ReadyForQuery")
+            if not head.failed and (head.drop or (head.expect and any(
+                    e[1] != SYNTH and e[0] != K_QUERY for e in head.expect))):
+                # Postgres answers every request of a segment before its ReadyForQuery,
+                # unless one failed: the model and the server disagree (ARCHITECTURE §5).
+                owed = [e[0] for e in head.expect or () if e[1] != SYNTH and e[0] != K_QUERY]
+                raise ServerProtocolError(
+                    f"ReadyForQuery before the replies pgtenant expected ({head.drop} "
+                    f"injected, requests {owed} unanswered)")
+            self.copy_in = False
             self.pending.popleft()
             if head.txn_control:
                 self.unsure -= 1
@@ -976,6 +1067,13 @@ class Link:
             code = self._error_code(frame)
             if self.stats is not None:
                 self.stats.error(code.decode("ascii", "replace"))
+            if head is None:
+                raise ServerProtocolError("ErrorResponse with no request outstanding")
+            self.copy_in = False  # an error ends COPY-in mode; later copy messages are stray
+            if head.unnamed_parse:
+                # That Parse may have been skipped: the server's unnamed statement is not
+                # known to be the client's; parse it again before it is used.
+                self._unnamed_here = False
             if head is not None:
                 head.failed = True
                 if head.expect is not None:
@@ -1015,21 +1113,36 @@ class Link:
             return frame
         if t == _S:
             name, value = codec.parse_parameter_status(bytes(frame[5:]))
+            lname = name.lower()
+            # The statement guard reads SQL the way Postgres lexes it only with these: a
+            # change made by any path the guard did not see must end this link, before any
+            # text lexed the other way is judged (the server's word over the model's).
+            if lname == "standard_conforming_strings" and value.lower() != "on":
+                raise ServerProtocolError("the server reported standard_conforming_strings "
+                                          "off, which the statement guard cannot read")
+            if lname == "client_encoding" and encoding_key(value) in _UNSAFE_ENCODINGS:
+                raise ServerProtocolError(f"the server reported client_encoding {value!r}, "
+                                          "which the statement guard cannot read")
+            if head is not None and head.ours:
+                return None  # the proxy's own reset or encoding switch
             if name in HIDDEN_PARAMETERS:
                 return None
             if name == "client_encoding":
-                if head is not None and head.ours:
-                    return None  # the proxy's own switch to the client's encoding
                 self.encoding = self.server_encoding = value
                 return frame
-            lname = name.lower()
             if lname in self.managed and not (
                 head is not None and any(n.lower() == lname for n, _ in head.sets)
             ):
                 return None  # the injected value coming or going: the client knows its own
             return frame
+        if t == _G or t == _W:
+            self._copy_started(head)
+            return frame
         # Slow path for ordinary frames: the head segment is dropping or awaiting a reply.
-        assert head is not None
+        if head is None:
+            if t in _SERVER_ASYNC:
+                return frame  # a notice or notification between requests
+            raise ServerProtocolError(f"message {chr(t)!r} with no request outstanding")
         if head.expect is not None:
             return self._expected(head.expect, t, frame)
         if head.drop:
@@ -1042,6 +1155,27 @@ class Link:
             head.await_first = False
             self._update_pass()
         return frame
+
+    def _copy_started(self, head: Segment | None) -> None:
+        """The server entered COPY-in mode (CopyInResponse): until CopyDone/CopyFail it
+        ignores Sync and Flush, and ends the COPY with an error at any other message.
+
+        A request that may start a COPY holds what the client sends after it (pump_client),
+        so the COPY's segment is the only one in flight and its own Sync, if the client sent
+        it before the copy data (libpq does), is the only Sync the server ignores: that
+        segment is open again and the Sync after CopyDone closes it.
+
+        Raises: ServerProtocolError when the COPY is not where the model can account for
+        it (more requests in flight, or a request not known to possibly start a COPY).
+        """
+        if head is None or len(self.pending) > 1 or (head.extended and head.expect is None):
+            raise ServerProtocolError("COPY started where pgtenant did not expect one")
+        self.copy_in = True
+        if head.extended and head.synced and head.expect is not None:
+            later = list(head.expect)[1:]  # after the Execute that started it
+            if not any(action != SYNTH for _, action, _ in later):
+                head.synced = False
+                self.open_extended = True
 
     def _answer_locally(self, sql: bytes) -> bytes | None:
         """DEALLOCATE of the client's statements and DISCARD ALL concern only the client's
@@ -1133,6 +1267,7 @@ class Link:
         """
         head = self.pending[0]
         if (head.expect is expect and head.synced and head.replay is None
+                and not head.may_copy
                 and all(e[1] == FWD and e[2] is None for e in expect)):
             head.expect = None
 

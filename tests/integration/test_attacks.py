@@ -220,6 +220,7 @@ class Raw:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
+        self.key = (0, 0)  # BackendKeyData: (pid, secret) for a CancelRequest
 
     @classmethod
     async def login(cls, proxy: ProxyProcess, slug: str = ATTACKER) -> Raw:
@@ -229,7 +230,12 @@ class Raw:
         raw.writer.write(codec.startup_message([("user", slug), ("database", "app")]))
         assert await raw.read() == ("R", struct.pack("!i", 3))
         raw.writer.write(codec.password_message(proxy.env.tenants[slug].token.encode()))
-        assert (await raw.until())[-1] == ("Z", b"I")
+        seen = await raw.until()
+        assert seen[-1] == ("Z", b"I")
+        for kind, body in seen:
+            if kind == "K":
+                pid, secret = struct.unpack("!ii", body)
+                raw.key = (pid, secret)
         return raw
 
     async def read(self) -> tuple[str, bytes]:

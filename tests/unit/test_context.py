@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid
 
@@ -353,10 +354,12 @@ def test_context_statement_sets_the_parameters_in_bind_order() -> None:
 
 def test_context_parse_close_and_execute_bytes() -> None:
     sql = CTX_SQL.encode()
-    body = b"__pgtenant_ctx\x00" + sql + b"\x00" + b"\x00\x08" + b"\x00\x00\x00\x19" * 8
+    name = CTX_STATEMENT.encode()
+    assert re.fullmatch(rb"__pgtenant_ctx_[0-9a-f]{16}", name)  # unguessable per process
+    body = name + b"\x00" + sql + b"\x00" + b"\x00\x08" + b"\x00\x00\x00\x19" * 8
     assert body == CTX_PARSE[5:]
     assert CTX_PARSE[:5] == b"P" + struct.pack("!i", len(body) + 4)
-    assert CTX_CLOSE == b"C\x00\x00\x00\x14S__pgtenant_ctx\x00"
+    assert CTX_CLOSE == b"C" + struct.pack("!i", len(name) + 6) + b"S" + name + b"\x00"
     assert EXECUTE_UNNAMED == b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"
 
 

@@ -354,6 +354,15 @@ def test_unnamed_statement_is_scrubbed_only_for_a_bind_without_a_parse_of_its_ow
     # as it would on a fresh session; once per attachment.
     assert first.count(CLOSE_UNNAMED_STATEMENT) == 1
     assert first.index(CLOSE_UNNAMED_STATEMENT) < first.index(bare)
+    # A statement the proxy never saw parsed may do anything: the next batch waits for the
+    # server's answer to this one before it is judged.
+    assert link.cbuf == bare
+    missing = codec.error_response("26000", "unnamed prepared statement does not exist")
+    ext_injected = BIND_COMPLETE + codec.frame(ord("D"), b"\x00\x00") + cc("SELECT 1")
+    assert server_sends(link, ext_injected + CLOSE_COMPLETE + CLOSE_COMPLETE + missing
+                        + Z_I) == missing + Z_I
+    later, _, _ = link.pump_client()
+    assert later.endswith(bare) and CLOSE_UNNAMED_STATEMENT not in later
     link.detach()
     second = start(link, bare, ctx_state=CTX_READY)
     assert CLOSE_UNNAMED_STATEMENT + bare in second  # a new attachment: scrub again
