@@ -1028,10 +1028,11 @@ class Link:
                     e[1] != SYNTH and e[0] != K_QUERY for e in head.expect))):
                 # Postgres answers every request of a segment before its ReadyForQuery,
                 # unless one failed: the model and the server disagree (ARCHITECTURE §5).
-                owed = [e[0] for e in head.expect or () if e[1] != SYNTH and e[0] != K_QUERY]
+                unanswered = [e[0] for e in head.expect or ()
+                              if e[1] != SYNTH and e[0] != K_QUERY]
                 raise ServerProtocolError(
                     f"ReadyForQuery before the replies pgtenant expected ({head.drop} "
-                    f"injected, requests {owed} unanswered)")
+                    f"injected, requests {unanswered} unanswered)")
             self.copy_in = False
             self.pending.popleft()
             if head.txn_control:
