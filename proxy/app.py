@@ -64,6 +64,7 @@ class App:
         self.clients: dict[ClientConnection, None] = {}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.tenant_clients: dict[object, int] = {}  # logged-in clients per tenant
+        self.tenant_pinned: dict[object, int] = {}  # servers pinned by a tenant's clients
         self.auth_failures = 0
         self.metrics = Metrics(config.metrics.top_tenants)
         # Our own registry (not prometheus-client's global one): one per App, so several
@@ -102,6 +103,19 @@ class App:
             return False
         self.tenant_clients[key] = count + 1
         return True
+
+    def pin(self, key: object, delta: int) -> None:
+        """Count a tenant's pinned servers (``delta`` +1 or -1)."""
+        count = self.tenant_pinned.get(key, 0) + delta
+        if count > 0:
+            self.tenant_pinned[key] = count
+        else:
+            self.tenant_pinned.pop(key, None)
+
+    def may_pin(self, key: object) -> bool:
+        """Returns: whether a client of tenant ``key`` may pin one more server."""
+        limit = self.config.tenant_limits.max_pinned_servers
+        return limit <= 0 or self.tenant_pinned.get(key, 0) < limit
 
     def tenant_logout(self, key: object) -> None:
         count = self.tenant_clients.get(key, 0) - 1

@@ -32,6 +32,7 @@ from .errors import (
     LoginTimeout,
     ProxyError,
     QueryTimeout,
+    ServerProtocolError,
     ServerUnavailable,
     TooManyConnections,
     UnknownDatabase,
@@ -51,7 +52,7 @@ from .protocol.constants import (
 )
 from .protocol.encoding import UNSAFE, canonical, encoding_key
 from .protocol.inject import Injection
-from .protocol.sql import is_on
+from .protocol.sql import is_on, pins_server
 from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
 from .server import ServerConnection
 from .tls import cleartext_token_allowed
@@ -135,6 +136,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_request = self.connected_at
         self.last_server_data = self.connected_at
         self.admin: AdminConsole | None = None  # dbname=pgtenant: the admin console
+        self._pin_counted = False  # its server is pinned and counted in App.tenant_pinned
 
     def __repr__(self) -> str:
         tenant = self.context.identity.slug if self.context else "-"
@@ -457,7 +459,7 @@ class ClientConnection(asyncio.Protocol):
         self.link = Link(Injection(self.context, self.pool.signing_key, self.settings,
                                    set_local=set_local),
                          self.app.config.max_message_size,
-                         guard=self.app.guard.check,
+                         guard=self._statement_policy(),
                          outside_txn=self._outside_transaction_check(tenant_type),
                          max_prepared=self.app.config.max_prepared_statements,
                          client_encoding=self.client_encoding)
@@ -757,11 +759,21 @@ class ClientConnection(asyncio.Protocol):
         self.last_server_data = time.monotonic()
         try:
             chunks, resume = link.feed_server(data)
-        except Exception as exc:  # ServerProtocolError, or a bug: cost one client only
+        except ServerProtocolError as exc:
+            # The server and the proxy's model of it disagree: that server is closed and
+            # this client ended; nothing more of that server reaches anyone.
+            log.warning("%r: closing its server: %s", self, exc.message)
+            self._drop_server(out_of_sync=True)
+            self._fail(ServerUnavailable(f"server connection lost: {exc.message}"))
+            return
+        except Exception as exc:  # a bug: cost one client only
             log.exception("%r: error handling backend data", self)
             self._drop_server(out_of_sync=True)
             self._fail(ServerUnavailable(f"server connection lost: {exc}"))
             return
+        if link.pinned and not self._pin_counted:
+            self._pin_counted = True
+            self.app.pin(self.tenant_key, +1)
         if chunks and self.transport is not None:
             self.transport.writelines(chunks)
             assert self.stats is not None
@@ -774,6 +786,7 @@ class ClientConnection(asyncio.Protocol):
 
     def server_lost(self, exc: Exception | None) -> None:
         """The attached server's socket closed under us."""
+        self._unpin()
         self.server = None
         if self.link is not None:
             self.link.detach()
@@ -793,7 +806,35 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ ending
 
+    def _unpin(self) -> None:
+        """The pinned server is gone: it no longer counts against the tenant's cap."""
+        if self._pin_counted:
+            self._pin_counted = False
+            self.app.pin(self.tenant_key, -1)
+
+    def _statement_policy(self) -> Callable[[bytes], str | None]:
+        """Returns: the statement guard's check, plus the tenant's cap on pinned servers
+        (a statement that would pin one more server than max_pinned_servers is refused
+        before it runs, so one tenant cannot starve the pool by pinning; see App.may_pin)."""
+        check, app = self.app.guard.check, self.app
+
+        def policy(sql: bytes) -> str | None:
+            refusal = check(sql)
+            if refusal is not None or self._pin_counted or app.may_pin(self.tenant_key):
+                return refusal
+            if pins_server(sql):
+                limit = app.config.tenant_limits.max_pinned_servers
+                return (f"pgtenant: this statement would keep a server connection for this "
+                        f"session, and this tenant's sessions already keep {limit} "
+                        "(max_pinned_servers); end one of them, or avoid session state "
+                        "(use protocol-level prepared statements, transaction-scoped locks "
+                        "and cursors)")
+            return None
+
+        return policy
+
     def _drop_server(self, *, out_of_sync: bool) -> None:
+        self._unpin()
         server, self.server = self.server, None
         if server is None:
             return

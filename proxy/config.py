@@ -178,6 +178,12 @@ class TenantLimitsConfig:
     max_client_connections: int = field(
         default=0, metadata=_doc("client connections one tenant may open (0: no limit)")
     )
+    max_pinned_servers: int = field(
+        default=2,
+        metadata=_doc("server connections one tenant's clients may keep for their session "
+                      "(session state: SQL PREPARE, WITH HOLD cursors, session advisory "
+                      "locks); statements that would pin one more are refused (0: no limit)"),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

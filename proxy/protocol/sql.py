@@ -26,6 +26,7 @@ __all__ = [
     "ends_transaction",
     "is_on",
     "local_command",
+    "pins_server",
     "plain_sets",
     "words",
 ]
@@ -216,6 +217,13 @@ def _session_func(call: dict[str, Any]) -> bool:
         return not (isinstance(is_local, dict)
                     and is_local.get("A_Const", {}).get("boolval", {}).get("boolval") is True)
     return False
+
+
+def pins_server(sql: bytes) -> bool:
+    """Returns: whether running ``sql`` may leave session state the proxy cannot replay (so
+    the server is pinned to its client): LISTEN, WITH HOLD, SQL PREPARE, session advisory
+    locks, temp objects... Plain SETs are replayed instead and do not pin."""
+    return bool(classify(sql) & SESSION_STATE) and not plain_sets(sql)
 
 
 def plain_sets(sql: bytes) -> tuple[tuple[str, str | None], ...] | None:

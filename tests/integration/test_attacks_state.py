@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import asyncpg
 import pytest
@@ -312,3 +312,32 @@ async def test_cancel_of_a_running_query_still_works(solo: ProxyProcess) -> None
     finally:
         await raw.close()
     assert await victim_who(solo) == ("tenant_sme", org(solo, VICTIM))
+
+
+async def test_a_tenant_cannot_pin_more_servers_than_its_cap(
+        start_proxy: Callable[..., ProxyProcess]) -> None:
+    """Session state pins a server to its client (session mode); one tenant's sessions may
+    keep at most max_pinned_servers, so they cannot starve the pool that way."""
+    proxy = start_proxy(pool_size=3, extra="[tenant_limits]\nmax_pinned_servers = 1")
+    first = await asyncpg.connect(proxy.dsn(ATTACKER), statement_cache_size=0, timeout=30)
+    second = await asyncpg.connect(proxy.dsn(ATTACKER), statement_cache_size=0, timeout=30)
+    other = await asyncpg.connect(proxy.dsn(VICTIM), statement_cache_size=0, timeout=30)
+    try:
+        await first.execute("PREPARE p AS SELECT 1")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="max_pinned_servers"):
+            await second.execute("PREPARE p AS SELECT 2")
+        await second.fetchval("SELECT 1")  # ordinary work goes on
+        await other.execute("PREPARE p AS SELECT 3")  # another tenant has its own cap
+        assert await other.fetchval("EXECUTE p") == 3
+        await first.close()
+        for _ in range(50):  # the cap frees once the pinned session is gone
+            try:
+                await second.execute("PREPARE p AS SELECT 2")
+                break
+            except asyncpg.InsufficientPrivilegeError:
+                await asyncio.sleep(0.05)
+        assert await second.fetchval("EXECUTE p") == 2
+    finally:
+        for conn in (first, second, other):
+            if not conn.is_closed():
+                await conn.close()
