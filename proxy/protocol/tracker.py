@@ -44,6 +44,23 @@ Invariants: a server may be released only when ``pending`` is empty, the last st
 ``I`` and no extended batch is open (``can_release``), and it is not pinned. ``unsure`` counts
 pending segments that may change the transaction state. Injected replies never reach the
 client; SYNTH replies are emitted exactly when everything before them has been answered.
+
+The server is the source of truth (issue #10); SQL text may only make the tracker more
+careful:
+
+* Predicting the status across pipelined segments is sound because the statements that can
+  change it are a closed set (sql.py: TransactionStmt, CALL, DO, EXECUTE), recognised by
+  words with false positives only; a statement never seen parsed counts as "may".
+* Every reply is matched against what was sent: a ReadyForQuery before what a segment owes,
+  a frame with nothing outstanding, or a COPY the model cannot place raise
+  ServerProtocolError, and the owner closes that server and ends the client.
+* COPY-in mode is what the server said (CopyInResponse), not what the client sent: copy
+  messages reach the server only inside it, and the Syncs Postgres ignores there earn no
+  segment (``_copy_started``).
+* What the tracker records at send time and the server may not have done (a Parse skipped
+  after an error) is re-established before it is relied on (``_ensure_unnamed``).
+* A server that last served another tenant is emptied (DISCARD ALL) before the next
+  request (``attach(reset=True)``), so nothing of one tenant's session reaches another.
 """
 
 from __future__ import annotations
