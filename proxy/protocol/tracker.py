@@ -573,7 +573,8 @@ class Link:
         buf = self.cbuf
         self.held = False
         if buf[:1] == _Q_BYTE and not (self.skip_to_sync or self.open_extended or self.unsure
-                                       or self._ended_in_batch):
+                                       or self._ended_in_batch or self.copy_in
+                                       or (self.pending and self.pending[-1].may_copy)):
             fast = self._one_plain_query()
             if fast is not None:
                 return fast
@@ -1087,6 +1088,11 @@ class Link:
                 self.stats.error(code.decode("ascii", "replace"))
             if head is None:
                 raise ServerProtocolError("ErrorResponse with no request outstanding")
+            if head.ours:
+                # The proxy's own reset or encoding switch failed: the session is not known
+                # to be empty (or in the client's encoding), so nobody may use it.
+                raise ServerProtocolError("pgtenant's reset of the server session failed: "
+                                          + self._error_message(frame))
             self.copy_in = False  # an error ends COPY-in mode; later copy messages are stray
             if head.unnamed_parse:
                 # That Parse may have been skipped: the server's unnamed statement is not
@@ -1292,6 +1298,11 @@ class Link:
     @staticmethod
     def _error_code(frame: memoryview) -> bytes:
         return dict(codec.parse_error_fields(bytes(frame[5:]))).get(ord("C"), b"")
+
+    @staticmethod
+    def _error_message(frame: memoryview) -> str:
+        fields = dict(codec.parse_error_fields(bytes(frame[5:])))
+        return fields.get(ord("M"), b"").decode("utf-8", "replace")
 
     @staticmethod
     def _is_fatal(frame: memoryview) -> bool:
