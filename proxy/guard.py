@@ -48,7 +48,7 @@ _LEXER_SETTINGS: Final = frozenset({"client_encoding", "standard_conforming_stri
 _SUSPECT = re.compile(
     rb"(?i)u&|\b(set|reset|set_config|discard|load|alter|copy|vacuum|database|concurrently"
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
-    rb"|listen|notify|pg_notify|prepare|execute|deallocate"
+    rb"|listen|notify|pg_notify|prepare|prepared|execute|deallocate"
     rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export)\b"
 )
 # A transaction end inside a multi-statement text, or AND CHAIN, would leave the statements
@@ -63,7 +63,7 @@ _ANY_WORDS: Final = frozenset(
     b"set reset set_config discard load alter copy vacuum database concurrently tablespace "
     b"cluster subscription do listen notify pg_notify pg_read_file pg_read_binary_file "
     b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
-    b"call execute deallocate".split())
+    b"call execute deallocate prepared".split())
 _CACHE_MAX = 10_000
 RESERVED_NAME_PREFIX: Final = RESERVED_PREFIX.decode()
 _SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -294,7 +294,16 @@ def _no_statements_after_transaction_end(stmt: dict[str, Any]) -> None:
         raise refusal
 
 
+_TWO_PHASE: Final = frozenset({"TRANS_STMT_PREPARE", "TRANS_STMT_COMMIT_PREPARED",
+                                "TRANS_STMT_ROLLBACK_PREPARED"})
+
+
 def _transaction(_guard: Guard, stmt: dict[str, Any]) -> None:
+    if stmt.get("kind") in _TWO_PHASE:
+        # A prepared transaction outlives the session and holds its locks; any session of
+        # the same role (every tenant of a shared-role type) may COMMIT/ROLLBACK PREPARED it.
+        raise Refusal("two-phase commit (PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED) is "
+                      "not allowed in tenant sessions")
     if stmt.get("chain"):
         raise Refusal("COMMIT/ROLLBACK AND CHAIN is not allowed in tenant sessions: the chained "
                       "transaction would start without the tenant's context")

@@ -190,3 +190,13 @@ def test_after_an_error_the_unnamed_statement_is_reparsed_before_use() -> None:
     out, _, _ = client_sends(link, codec.bind("", "", []) + codec.execute("", 0)
                              + codec.sync())
     assert out.startswith(codec.parse("", "SELECT 2"))
+
+
+@pytest.mark.parametrize("sql", [b"PREPARE TRANSACTION 'x'", b"COMMIT PREPARED 'x'",
+                                 b"rollback prepared 'x'", b'EXECUTE "__pgtenant_pdeadbeef"',
+                                 b"DEALLOCATE __PGTENANT_CTX_0",
+                                 b"PREPARE __pgtenant_x AS SELECT 1"])
+def test_the_guard_refuses_two_phase_commit_and_proxy_statement_names(sql: bytes) -> None:
+    from proxy.guard import Guard
+    assert Guard().check(sql) is not None
+    assert Guard().check(b"EXECUTE my_statement") is None
