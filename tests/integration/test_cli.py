@@ -30,6 +30,7 @@ from .conftest import ROOT, free_port
 
 DB = "cli_db"
 PROXY_ROLE = "pgtenant_cli"
+CONTROL_ROLE = "pgtenant_cli_control"
 SME_ROLE = "tenant_cli_sme"
 AGENCY_ROLE = "tenant_cli_agency"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -57,13 +58,16 @@ class CliEnv:
     config: Path
     port: int
     workdir: Path
+    control_dsn: str = ""
 
 
-def _config_toml(proxy_dsn: str, port: int) -> str:
+def _config_toml(proxy_dsn: str, port: int, control_dsn: str = "") -> str:
+    control = f'[control]\ndsn = "{control_dsn}"\n' if control_dsn else ""
     return f"""\
 listen = "127.0.0.1:{port}"
 token_cache_ttl = 0.2
 
+{control}
 [databases.{DB}]
 dsn = "{proxy_dsn}"
 pool_size = 2
@@ -85,10 +89,13 @@ def cli_env(pg_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFactor
     workdir = tmp_path_factory.mktemp("cli")
     password = secrets.token_urlsafe(18)
     proxy_dsn = f"postgresql://{PROXY_ROLE}:{password}@{pg_cluster.host}:{pg_cluster.port}/{DB}"
+    control_dsn = (f"postgresql://{CONTROL_ROLE}:{secrets.token_urlsafe(18)}@"
+                   f"{pg_cluster.host}:{pg_cluster.port}/{DB}")
     port = free_port()
     config = workdir / "pgtenant-cli.toml"
-    config.write_text(_config_toml(proxy_dsn, port))
-    return CliEnv(admin_dsn=pg_cluster.admin_dsn(DB), proxy_dsn=proxy_dsn, config=config,
+    config.write_text(_config_toml(proxy_dsn, port, control_dsn))
+    return CliEnv(admin_dsn=pg_cluster.admin_dsn(DB), proxy_dsn=proxy_dsn,
+                  control_dsn=control_dsn, config=config,
                   port=port, workdir=workdir)
 
 
@@ -342,6 +349,6 @@ def test_serve_on_a_busy_port_fails_cleanly(initialised: CliEnv, tmp_path: Path)
         busy.listen()
         port = busy.getsockname()[1]
         config = tmp_path / "busy.toml"
-        config.write_text(_config_toml(initialised.proxy_dsn, port))
+        config.write_text(_config_toml(initialised.proxy_dsn, port, initialised.control_dsn))
         out = run_cli("serve", "--config", str(config), timeout=30)
     assert_operator_error(out, str(port))
