@@ -148,6 +148,49 @@ async def test_init_twice_succeeds_and_keeps_the_proxy_role_usable(initialised: 
         await conn.close()
 
 
+async def test_init_gives_the_key_and_registry_to_the_configured_control_role(
+    initialised: CliEnv,
+) -> None:
+    # [control] dsn of the config names the control role and its password, as
+    # [databases.*] dsn names the login role.
+    control = await asyncpg.connect(initialised.control_dsn)
+    login = await asyncpg.connect(initialised.proxy_dsn)
+    try:
+        assert await control.fetchval("SELECT current_user") == CONTROL_ROLE
+        assert len(await control.fetchval("SELECT pgtenant.signing_key()")) == 32
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await login.fetchval("SELECT pgtenant.signing_key()")
+    finally:
+        await control.close()
+        await login.close()
+
+
+def test_init_without_config_prints_both_new_passwords(pg_cluster: PostgresCluster) -> None:
+    pg_cluster.create_database("cli_roles_db")
+    try:
+        out = run_cli("init", "--dsn", pg_cluster.admin_dsn("cli_roles_db"),
+                      "--proxy-role", "cli_roles_proxy", "--control-role", "cli_roles_control")
+        assert out.returncode == 0, out.stderr
+        assert "proxy role 'cli_roles_proxy', control role 'cli_roles_control'" in out.stdout
+        assert "tenant roles: none new" in out.stdout
+        lines = out.stdout.splitlines()
+        proxy_at = next(i for i, line in enumerate(lines) if "proxy role password" in line)
+        control_at = next(i for i, line in enumerate(lines) if "control role password" in line)
+        assert "[control] dsn" in lines[control_at]
+        assert lines[proxy_at + 1] != lines[control_at + 1]
+        assert len(lines[proxy_at + 1]) >= 24 and len(lines[control_at + 1]) >= 24
+    finally:
+        pg_cluster.psql("DROP DATABASE cli_roles_db")
+        pg_cluster.psql("DROP ROLE IF EXISTS cli_roles_proxy")
+        pg_cluster.psql("DROP ROLE IF EXISTS cli_roles_control")
+
+
+def test_init_refuses_one_role_for_both_login_and_control(initialised: CliEnv) -> None:
+    out = run_cli("init", "--dsn", initialised.admin_dsn, "--config", str(initialised.config),
+                  "--control-role", PROXY_ROLE)
+    assert_operator_error(out, "control role must not be the proxy's login role")
+
+
 # ------------------------------------------------------------------------------ tenants
 
 async def test_tenant_create_prints_the_new_org_id(
