@@ -219,7 +219,7 @@ async def init_database(
 
             for fn in _REGISTRY_FUNCTIONS:
                 await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fn} FROM PUBLIC")
-                # Re-created above, so no old grant survives; said anyway, as the audit says.
+                # Re-created above, so no old grant survives; revoked anyway for the record.
                 await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fn} FROM {proxy}")
                 await conn.execute(f"GRANT EXECUTE ON FUNCTION {fn} TO {control}")
             await conn.execute(f"GRANT USAGE ON SCHEMA {CONTROL_SCHEMA} TO {proxy}, {control}")
