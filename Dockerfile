@@ -2,7 +2,9 @@
 # Run: mount a config at /etc/pgtenant/pgtenant.toml (see config/docker/pgtenant.toml):
 #   docker run -v $PWD/config/docker/pgtenant.toml:/etc/pgtenant/pgtenant.toml:ro \
 #              -p 6432:6432 -p 9127:9127 pgtenant
-# The config must set [metrics] listen on port 9127 for the healthcheck.
+# The config must set [metrics] listen on port 9127 for the healthcheck, and [control] dsn
+# to the control role `pgtenant init` creates (the login role of [databases.*] may not read
+# the signing key or the token registry).
 
 # ---- build: a wheel of pgtenant and of every dependency (compilers stay in this stage)
 FROM python:3.11-slim AS build

@@ -19,7 +19,15 @@ from pathlib import Path
 
 from proxy.control.cluster import PostgresCluster
 
-from .fixture import APP_PASSWORD, APP_ROLE, PROXY_PASSWORD, PROXY_ROLE, TENANT_TYPES
+from .fixture import (
+    APP_PASSWORD,
+    APP_ROLE,
+    CONTROL_PASSWORD,
+    CONTROL_ROLE,
+    PROXY_PASSWORD,
+    PROXY_ROLE,
+    TENANT_TYPES,
+)
 
 __all__ = ["Endpoint", "PgBouncer", "Pgtenant", "Splice", "find_pgbouncer", "free_port"]
 
@@ -145,8 +153,10 @@ class Pgtenant(Endpoint):
 
         more = "".join(f'\n[databases.{name}]\ndsn = "{dsn(dbname)}"\npool_size = 2\n'
                        for name, dbname in (routes or {}).items())
-        if routes:
-            more += f'\n[control]\ndsn = "{dsn(database)}"\n'
+        # The registry lives in ``database``; every database's key is read as the control
+        # role at that database's address.
+        control = f"postgresql://{CONTROL_ROLE}:{CONTROL_PASSWORD}@127.0.0.1:{cluster.port}"
+        more += f'\n[control]\ndsn = "{control}/{database}"\n'
         types = "\n".join(
             f'[tenant_types.{n}]\nrole = "{t.role}"\n'
             f'search_path = [{", ".join(json.dumps(p) for p in t.search_path)}]\n'

@@ -37,6 +37,9 @@ APP_ROLE = "bench_app"  # the baseline application's login role (PgBouncer / dir
 APP_PASSWORD = "bench-app-secret"
 PROXY_ROLE = "bench_proxy"
 PROXY_PASSWORD = "bench-proxy-secret"
+# The control role: the registry and the signing keys ([control] dsn), never the login role.
+CONTROL_ROLE = "bench_control"
+CONTROL_PASSWORD = "bench-control-secret"
 HEAVY = 100  # tenant 0's size, as a multiple of the median
 
 TENANT_TYPES = {
@@ -77,6 +80,7 @@ async def _new_database(cluster: PostgresCluster, name: str) -> str:
     cluster.create_database(name)
     dsn = cluster.admin_dsn(name)
     await init_database(dsn, proxy_role=PROXY_ROLE, proxy_password=PROXY_PASSWORD,
+                        control_role=CONTROL_ROLE, control_password=CONTROL_PASSWORD,
                         tenant_types=TENANT_TYPES)
     return dsn
 

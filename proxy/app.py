@@ -19,7 +19,7 @@ import uvloop
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from .client import ClientConnection
-from .config import Config, load_config, parse_listen
+from .config import Config, Dsn, load_config, parse_listen
 from .control.hardening import check_lockdown, fetch_signing_key
 from .control.init import static_role
 from .errors import ConfigError, ContextError, QueryCanceled, ServerUnavailable
@@ -192,6 +192,7 @@ class App:
         except OSError as exc:
             raise ConfigError(f"listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._janitor = asyncio.ensure_future(self._janitor_loop())
+        self._warn_login_role_is_control()
         for pool in self.pools.values():
             pool.verifier = self._verify_database
             try:
@@ -225,21 +226,40 @@ class App:
         log.info("pgtenant: listening on %s:%d (databases: %s)", host, port,
                  ", ".join(self.pools))
 
-    async def _verify_database(self, pool: Pool) -> None:
-        """Check one database's lockdown and fetch its context-signing key (§5 layers 3, 4).
+    def _warn_login_role_is_control(self) -> None:
+        """Say loudly when the control plane still runs as the data-path login role."""
+        logins = {db.dsn.user for db in self.config.databases.values()}
+        if self.config.control.dsn is None or self.config.control.dsn.user in logins:
+            log.warning(
+                "CONTROL ROLE WARNING: no [control] dsn of its own: the signing key and the "
+                "token registry are read as the login role %r, so a statement that reaches "
+                "Postgres without pgtenant's context could read them too. Run `pgtenant init` "
+                "(it creates the control role pgtenant_control and takes them from the login "
+                "role) and set [control] dsn to the control role.",
+                self.config.control_dsn.user)
 
-        Raises: ServerUnavailable when it cannot be reached; ContextError when it is not
-        locked down (lockdown_check = "refuse") or has no signing key (context_signing = "on").
-        """
-        dsn = pool.db.dsn
+    async def _connect(self, dsn: Dsn, name: str) -> asyncpg.Connection:
+        """Returns: a connection to verify database ``name`` on.
+        Raises: ServerUnavailable when it cannot be made."""
         try:
-            conn = await asyncpg.connect(dsn.to_url(), timeout=self.config.server_connect_timeout,
+            return await asyncpg.connect(dsn.to_url(), timeout=self.config.server_connect_timeout,
                                          statement_cache_size=0)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise ServerUnavailable(
-                f"cannot connect to backend {dsn.host}:{dsn.port} to verify database "
-                f"{pool.db.name!r}: {exc}"
+                f"cannot connect to backend {dsn.host}:{dsn.port} as {dsn.user!r} to verify "
+                f"database {name!r}: {exc}"
             ) from exc
+
+    async def _verify_database(self, pool: Pool) -> None:
+        """Check one database's lockdown (on the data path, as the login role) and fetch its
+        context-signing key (on a control-role connection) (§5 layers 1, 3, 4).
+
+        Raises: ServerUnavailable when it cannot be reached; ContextError when it is not
+        locked down (lockdown_check = "refuse"), has no signing key (context_signing = "on")
+        or its key cannot be read.
+        """
+        dsn = pool.db.dsn
+        conn = await self._connect(dsn, pool.db.name)
         try:
             if self.config.lockdown_check != "off":
                 roles = sorted({r for t in self.config.tenant_types.values()
@@ -248,15 +268,16 @@ class App:
                 if problems:
                     text = f"database {pool.db.name!r} is not locked down: " + "; ".join(problems)
                     if self.config.lockdown_check == "refuse":
-                        raise ContextError(text, hint="run `pgtenant init --config ...` on it, "
-                                           "or set lockdown_check = \"warn\"")
+                        raise ContextError(text, hint="run `pgtenant init --config ...` on it "
+                                           "(and set [control] dsn to the control role it "
+                                           "creates), or set lockdown_check = \"warn\"")
                     log.warning("LOCKDOWN WARNING: %s", text)
             if await conn.fetchval("SHOW standard_conforming_strings") != "on":
                 # The statement guard lexes like Postgres only with this on (see guard.py).
                 raise ContextError(f"database {pool.db.name!r} has standard_conforming_strings "
                                    "off for the proxy's role; pgtenant requires it on")
             if self.config.context_signing != "off":
-                pool.signing_key = await fetch_signing_key(conn)
+                pool.signing_key = await self._fetch_key(pool, conn)
                 if pool.signing_key is None:
                     if self.config.context_signing == "on":
                         raise ContextError(
@@ -267,6 +288,30 @@ class App:
                                 pool.db.name)
         finally:
             await conn.close()
+
+    async def _fetch_key(self, pool: Pool, login_conn: asyncpg.Connection) -> bytes | None:
+        """Read ``pool``'s signing key as the control role (on ``login_conn`` only when no
+        control role is configured: an install from before it; warned about at start).
+
+        Returns: the key, or None when the database has none.
+        Raises: ServerUnavailable, or ContextError when the role may not read the key.
+        """
+        key_dsn = self.config.key_dsn(pool.db)
+        conn = login_conn if key_dsn is None else await self._connect(key_dsn, pool.db.name)
+        user = pool.db.dsn.user if key_dsn is None else key_dsn.user
+        try:
+            return await fetch_signing_key(conn)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise ContextError(
+                f"database {pool.db.name!r}: role {user!r} may not read the context-signing "
+                f"key ({exc})",
+                hint="since `pgtenant init` made the control role, only it may: set [control] "
+                     "dsn (or databases.<name>.control_dsn) to the control role and the "
+                     "password init printed",
+            ) from exc
+        finally:
+            if conn is not login_conn:
+                await conn.close()
 
     def not_ready_reasons(self) -> list[str]:
         """Returns: why clients cannot be served right now (empty: ready)."""
@@ -329,9 +374,11 @@ class App:
             if name not in databases:
                 notes.append(f"database {name!r} removed: still served until a restart")
                 databases[name] = db
-            elif databases[name].dsn != db.dsn:
-                notes.append(f"databases.{name}.dsn changed: takes effect after a restart")
-                databases[name] = dataclasses.replace(databases[name], dsn=db.dsn)
+            elif databases[name].dsn != db.dsn or databases[name].control_dsn != db.control_dsn:
+                key = "dsn" if databases[name].dsn != db.dsn else "control_dsn"
+                notes.append(f"databases.{name}.{key} changed: takes effect after a restart")
+                databases[name] = dataclasses.replace(databases[name], dsn=db.dsn,
+                                                      control_dsn=db.control_dsn)
             elif databases[name] != db:
                 notes.append(f"databases.{name} changed")
         for name in databases.keys() - old.databases.keys():

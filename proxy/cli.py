@@ -65,25 +65,38 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from .control.init import init_database
+    from .control.init import DEFAULT_CONTROL_ROLE, DEFAULT_PROXY_ROLE, init_database
 
     tenant_types = None
     role, password = args.proxy_role, args.proxy_password
+    control_role, control_password = args.control_role, args.control_password
     if args.config:
         config = _load(args.config)
         tenant_types = config.tenant_types
         db = next(iter(config.databases.values()))
         role = args.proxy_role or db.dsn.user
         password = password or db.dsn.password
+        # Only an explicit [control] dsn names the control role: without one, control_dsn
+        # falls back to the login role's dsn, which must never get the key.
+        if config.control.dsn is not None:
+            control_role = control_role or config.control.dsn.user
+            control_password = control_password or config.control.dsn.password
     result = asyncio.run(init_database(
-        args.dsn, proxy_role=role or "pgtenant_proxy", proxy_password=password,
+        args.dsn, proxy_role=role or DEFAULT_PROXY_ROLE, proxy_password=password,
+        control_role=control_role or DEFAULT_CONTROL_ROLE, control_password=control_password,
         tenant_types=tenant_types,
     ))
-    print(f"initialised: proxy role {result.proxy_role!r}; tenant roles: "
-          f"{', '.join(result.created_roles) or 'none new'}")
+    logins = (result.proxy_role, result.control_role)
+    new_tenant_roles = [r for r in result.created_roles if r not in logins]
+    print(f"initialised: proxy role {result.proxy_role!r}, control role "
+          f"{result.control_role!r}; tenant roles: {', '.join(new_tenant_roles) or 'none new'}")
     if result.proxy_password and not password:
         print("proxy role password (store it in the dsn of [databases.*]):")
         print(result.proxy_password)
+    if result.control_password and not control_password:
+        print("control role password (store it in [control] dsn; it alone reads the signing "
+              "key and the token registry):")
+        print(result.control_password)
     return 0
 
 
@@ -171,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="take tenant types and the proxy role from this config")
     p.add_argument("--proxy-role", help="login role the proxy uses (default pgtenant_proxy)")
     p.add_argument("--proxy-password", help="password for the proxy role (generated if new)")
+    p.add_argument("--control-role", help="login role of the control plane: signing key, "
+                                          "token registry (default pgtenant_control)")
+    p.add_argument("--control-password",
+                   help="password for the control role (generated if new)")
     p.set_defaults(func=_cmd_init)
 
     tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(

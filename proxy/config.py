@@ -135,6 +135,12 @@ class DatabaseConfig:
         metadata=_doc("extra server connections allowed once a transaction has waited "
                       "reserve_pool_timeout (pgbouncer)"),
     )
+    control_dsn: Dsn | None = field(
+        default=None,
+        metadata=_doc("URL of this database as the control role, for reading its "
+                      "context-signing key; unset: [control] dsn's user and password with "
+                      "this dsn's host, port and dbname", reload=False),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,7 +198,10 @@ class ControlConfig:
 
     dsn: Dsn | None = field(
         default=None,
-        metadata=_doc("control-schema URL; defaults to the (single) database's dsn"),
+        metadata=_doc("control-schema URL, as the control role `pgtenant init` creates "
+                      "(signing keys, token registry, revocations); unset: the (single) "
+                      "database's dsn, i.e. the login role (older installs only)",
+                      reload=False),
     )
 
 
@@ -393,6 +402,20 @@ class Config:
             return self.control.dsn
         return next(iter(self.databases.values())).dsn
 
+    def key_dsn(self, db: DatabaseConfig) -> Dsn | None:
+        """Where ``db``'s context-signing key is read, as the control role.
+
+        Returns: ``db.control_dsn``; else ``[control] dsn``'s user and password at ``db``'s
+        host, port and dbname; None when neither is configured (the caller falls back to
+        the login role, which only an install from before the control role allows).
+        """
+        if db.control_dsn is not None:
+            return db.control_dsn
+        if self.control.dsn is None:
+            return None
+        return dataclasses.replace(db.dsn, user=self.control.dsn.user,
+                                   password=self.control.dsn.password)
+
 
 # --------------------------------------------------------------------------- validation
 
@@ -486,10 +509,18 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     for db_name, table in raw_dbs.items():
         where = f"databases.{db_name}"
         table = _typed(table, dict, where)
-        _reject_unknown(table, {"dsn", "pool_size", "min_pool_size", "reserve_pool"}, where)
+        _reject_unknown(table, {"dsn", "pool_size", "min_pool_size", "reserve_pool",
+                                "control_dsn"}, where)
         if "dsn" not in table:
             raise ConfigError(f"{where}.dsn: required")
         dsn = parse_dsn(_typed(table["dsn"], str, f"{where}.dsn"), key=f"{where}.dsn")
+        control_dsn = None
+        if "control_dsn" in table:
+            control_dsn = parse_dsn(_typed(table["control_dsn"], str, f"{where}.control_dsn"),
+                                    key=f"{where}.control_dsn")
+            if control_dsn.user == dsn.user:
+                raise ConfigError(f"{where}.control_dsn: its user must be the control role, "
+                                  f"not the login role {dsn.user!r} of dsn")
         pool_size = _typed(table.get("pool_size", 20), int, f"{where}.pool_size")
         _positive(pool_size, f"{where}.pool_size")
         min_pool = _typed(table.get("min_pool_size", 0), int, f"{where}.min_pool_size")
@@ -499,7 +530,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         if reserve < 0:
             raise ConfigError(f"{where}.reserve_pool: must not be negative")
         databases[db_name] = DatabaseConfig(name=db_name, dsn=dsn, pool_size=pool_size,
-                                            min_pool_size=min_pool, reserve_pool=reserve)
+                                            min_pool_size=min_pool, reserve_pool=reserve,
+                                            control_dsn=control_dsn)
     if not databases:
         raise ConfigError("databases: at least one [databases.<name>] section is required")
     if "pgtenant" in databases:

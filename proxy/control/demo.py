@@ -24,7 +24,7 @@ import asyncpg
 from ..config import TenantTypeConfig, parse_dsn
 from ..identity.context import quote_ident
 from . import ControlError
-from .init import init_database
+from .init import DEFAULT_CONTROL_ROLE, DEFAULT_PROXY_ROLE, init_database
 from .tenants import create_tenant, issue_token
 
 __all__ = [
@@ -241,6 +241,10 @@ class DemoEnv:
     dbname: str
     tenant_types: dict[str, TenantTypeConfig]
     tenants: dict[str, DemoTenant]
+    # The control role's URL (signing key, registry): the config's [control] dsn.
+    control_dsn: str = ""
+    control_role: str = ""
+    control_password: str = ""
 
     def config_toml(self, listen_port: int, *, pool_size: int = 4, extra: str = "",
                     tls: tuple[str, str] | None = None) -> str:
@@ -248,6 +252,7 @@ class DemoEnv:
 
         ``extra`` is inserted after ``listen`` and before the first table, so it may hold
         top-level keys (``log_level = "debug"``) and/or whole tables (``[control]``).
+        A ``[control]`` table with ``control_dsn`` is added unless ``extra`` has its own.
         ``tls`` is (cert_file, key_file) for a ``[tls]`` table offering TLS to clients.
 
         Returns: TOML text accepted by ``proxy.config.parse_config``.
@@ -272,6 +277,8 @@ class DemoEnv:
         if tls is not None:
             lines += ["", "[tls]", f"cert_file = {_toml_str(tls[0])}",
                       f"key_file = {_toml_str(tls[1])}"]
+        if self.control_dsn and not re.search(r"^\s*\[control\]", extra, re.MULTILINE):
+            lines += ["", "[control]", f"dsn = {_toml_str(self.control_dsn)}"]
         return "\n".join(lines) + "\n"
 
 
@@ -284,11 +291,13 @@ def _toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
-async def build_demo(admin_dsn: str, *, proxy_role: str = "pgtenant_proxy") -> DemoEnv:
+async def build_demo(admin_dsn: str, *, proxy_role: str = DEFAULT_PROXY_ROLE,
+                     control_role: str = DEFAULT_CONTROL_ROLE) -> DemoEnv:
     """Install pgtenant and the demo data model, tenants and tokens into an existing database.
 
-    Sets a fresh password on the proxy role (roles are cluster-wide, so a second demo
-    database in the same cluster re-keys the role; earlier ``proxy_dsn`` values go stale).
+    Sets fresh passwords on the proxy and control roles (roles are cluster-wide, so a second
+    demo database in the same cluster re-keys them; earlier ``proxy_dsn``/``control_dsn``
+    values go stale).
 
     Returns: the ``DemoEnv``.
     Raises: ControlError when the database already has demo tenants;
@@ -308,8 +317,10 @@ async def build_demo(admin_dsn: str, *, proxy_role: str = "pgtenant_proxy") -> D
                     f"{[r['slug'] for r in existing]}"
                 )
         password = secrets.token_urlsafe(24)
+        control_password = secrets.token_urlsafe(24)
         await init_database(
             admin_dsn, proxy_role=proxy_role, proxy_password=password,
+            control_role=control_role, control_password=control_password,
             tenant_types=DEMO_TENANT_TYPES,
         )
         async with conn.transaction():
@@ -351,10 +362,14 @@ async def build_demo(admin_dsn: str, *, proxy_role: str = "pgtenant_proxy") -> D
     proxy_dsn = dataclasses.replace(
         parse_dsn(admin_dsn), user=proxy_role, password=password, params=()
     ).to_url()
+    control_dsn = dataclasses.replace(
+        parse_dsn(admin_dsn), user=control_role, password=control_password, params=()
+    ).to_url()
     return DemoEnv(
         admin_dsn=admin_dsn, proxy_dsn=proxy_dsn, proxy_role=proxy_role,
         proxy_password=password, dbname=dbname, tenant_types=dict(DEMO_TENANT_TYPES),
-        tenants=tenants,
+        tenants=tenants, control_dsn=control_dsn, control_role=control_role,
+        control_password=control_password,
     )
 
 

@@ -5,6 +5,12 @@ the proxy runs at start (``check_lockdown``) to refuse serving a database withou
 
 * lockdown: tenant roles get no dynamic-SQL paths (``set_config``, the ``query_to_xml``
   family, ``plpgsql`` for DO/CREATE FUNCTION), no CREATE on shared schemas;
+* a worthless login role (ARCHITECTURE.md §5, "the login role is worth nothing"): PUBLIC may
+  not read other backends' query text (``pg_stat_get_activity`` and friends, the
+  ``pg_stat_statements`` functions) nor signal backends; the built-in roles
+  ``pg_read_all_stats`` / ``pg_signal_backend`` get them back, so monitoring keeps working.
+  The signing key and the registry functions belong to the control role alone. Function
+  ACLs in ``pg_catalog`` are per database: init must run in every database the proxy serves;
 * ``pgtenant.refuse(msg)``: raises SQLSTATE 42501, so the statement guard's refusals are
   raised by Postgres itself, in order;
 * signed context: ``app.tenant_sig`` = HMAC-SHA256 of the context under a key tenants cannot
@@ -24,8 +30,12 @@ import asyncpg
 from ..identity.context import context_signature, quote_ident
 
 __all__ = [
+    "CONTROL_FUNCTIONS",
     "CURRENT_TENANT_SQL",
     "LOCKED_FUNCTIONS",
+    "SIGNAL_FUNCTIONS",
+    "SIGNING_KEY_SIGNATURE",
+    "STATS_FUNCTIONS",
     "check_lockdown",
     "fetch_signing_key",
     "install_hardening",
@@ -40,6 +50,31 @@ LOCKED_FUNCTIONS: Final = (
     "pg_catalog.query_to_xml_and_xmlschema(text, boolean, boolean, text)",
     "pg_catalog.cursor_to_xml(refcursor, integer, boolean, boolean, text)",
     "pg_catalog.cursor_to_xmlschema(refcursor, boolean, boolean, text)",
+)
+# Built-ins that show other backends' query text. Postgres shows a backend's text to its own
+# role: every pooled backend logs in as the same login role, so a statement that ran without
+# the injected context (the login role is current_user then) would see every tenant's
+# queries, with the injected prefix (org id, signature). Granted back to pg_read_all_stats.
+# pg_stat_activity is a view over pg_stat_get_activity: functions in a view are checked
+# against the caller, so revoking the function closes the view as well.
+STATS_FUNCTIONS: Final = (
+    "pg_catalog.pg_stat_get_activity(integer)",
+    "pg_catalog.pg_stat_get_backend_activity(integer)",
+)
+# Built-ins that signal a backend of the same role: any pooled backend of any tenant.
+# Granted back to pg_signal_backend. (The proxy cancels with a CancelRequest, not these.)
+SIGNAL_FUNCTIONS: Final = (
+    "pg_catalog.pg_cancel_backend(integer)",
+    "pg_catalog.pg_terminate_backend(integer, bigint)",
+)
+_STATS_ROLE = "pg_read_all_stats"
+_SIGNAL_ROLE = "pg_signal_backend"
+SIGNING_KEY_SIGNATURE: Final = "pgtenant.signing_key()"
+# What only the control role may execute: the key, and the registry lookups (init.py).
+CONTROL_FUNCTIONS: Final = (
+    "pgtenant.resolve_token(bytea)",
+    "pgtenant.resolve_org(uuid)",
+    SIGNING_KEY_SIGNATURE,
 )
 _BLOCK = 64  # SHA-256 block size, for HMAC's padded keys
 
@@ -97,13 +132,15 @@ def _padded(key: bytes, pad: int) -> bytes:
 
 
 async def install_hardening(conn: asyncpg.Connection, proxy_role: str,
-                            tenant_roles: Iterable[str] = ()) -> None:
+                            tenant_roles: Iterable[str] = (), *, control_role: str) -> None:
     """Install lockdown, ``pgtenant.refuse`` and the signed context (idempotent).
 
-    Must run inside init's transaction, as the owner of the ``pgtenant`` schema.
+    Must run inside init's transaction, as the owner of the ``pgtenant`` schema and a
+    superuser (only the owner of ``pg_catalog``'s functions may change their ACLs).
     Raises: asyncpg.PostgresError when a statement fails.
     """
     proxy = quote_ident(proxy_role)
+    control = quote_ident(control_role)
     await conn.execute(REFUSE_SQL)
     await conn.execute("ALTER PROCEDURE pgtenant.refuse(text, text[]) OWNER TO CURRENT_USER")
     # Every tenant role may be refused; PUBLIC is simplest and grants nothing dangerous.
@@ -117,7 +154,10 @@ async def install_hardening(conn: asyncpg.Connection, proxy_role: str,
             "INSERT INTO pgtenant.signing_keys(id, key, k_ipad, k_opad) VALUES (1, $1, $2, $3)",
             key, _padded(key, 0x36), _padded(key, 0x5C),
         )
-    await conn.execute(f"GRANT EXECUTE ON FUNCTION pgtenant.signing_key() TO {proxy}")
+    # The key is read on the control connection only; an older init granted it to the login
+    # role, and CREATE OR REPLACE keeps that grant: take it back explicitly.
+    await conn.execute(f"REVOKE EXECUTE ON FUNCTION {SIGNING_KEY_SIGNATURE} FROM {proxy}")
+    await conn.execute(f"GRANT EXECUTE ON FUNCTION {SIGNING_KEY_SIGNATURE} TO {control}")
     await conn.execute(CURRENT_TENANT_SQL)
     await conn.execute("GRANT EXECUTE ON FUNCTION pgtenant.current_tenant() TO PUBLIC")
     for func in LOCKED_FUNCTIONS:
@@ -133,10 +173,34 @@ async def install_hardening(conn: asyncpg.Connection, proxy_role: str,
             f"REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) "
             f"FROM {quote_ident(role)}"
         )
+    for functions, grantee in ((STATS_FUNCTIONS, _STATS_ROLE), (SIGNAL_FUNCTIONS, _SIGNAL_ROLE)):
+        for func in await _existing(conn, functions):
+            await conn.execute(f"REVOKE EXECUTE ON FUNCTION {func} FROM PUBLIC")
+            await conn.execute(f"GRANT EXECUTE ON FUNCTION {func} TO {grantee}")
+    # pg_stat_statements shows every query's text to its own role, like pg_stat_activity.
+    # Only functions PUBLIC may call are moved (its reset function is superuser-only already).
+    for rec in await conn.fetch(_STATEMENTS_PUBLIC):
+        await conn.execute(f"REVOKE EXECUTE ON FUNCTION {rec[0]} FROM PUBLIC")
+        await conn.execute(f"GRANT EXECUTE ON FUNCTION {rec[0]} TO {_STATS_ROLE}")
+
+
+async def _existing(conn: asyncpg.Connection, signatures: Iterable[str]) -> list[str]:
+    """Returns: the signatures that name a function in this database (pg_terminate_backend
+    took its timeout argument in PG 14; older servers have none of that signature)."""
+    found = []
+    for sig in signatures:
+        if await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", sig):
+            found.append(sig)
+    return found
 
 
 async def fetch_signing_key(conn: asyncpg.Connection) -> bytes | None:
-    """Returns: the context-signing key (as the proxy role), or None when not installed."""
+    """Read the context-signing key, on a connection of the control role.
+
+    Returns: the key, or None when the signed context is not installed.
+    Raises: asyncpg.InsufficientPrivilegeError when ``conn``'s role may not read it (the
+    login role, since init moved the key to the control role).
+    """
     exists = await conn.fetchval(
         "SELECT to_regprocedure('pgtenant.signing_key()') IS NOT NULL "
         "AND to_regprocedure('pgtenant.current_tenant()') IS NOT NULL"
@@ -156,9 +220,37 @@ SELECT p.oid::regprocedure::text FROM pg_proc p
 """
 
 
+# The functions of pg_stat_statements (when installed here) that PUBLIC may execute.
+_STATEMENTS_PUBLIC = """
+SELECT p.oid::regprocedure::text FROM pg_extension e
+  JOIN pg_depend d ON d.refclassid = 'pg_extension'::regclass AND d.refobjid = e.oid
+                  AND d.classid = 'pg_proc'::regclass AND d.deptype = 'e'
+  JOIN pg_proc p ON p.oid = d.objid
+ WHERE e.extname = 'pg_stat_statements'
+   AND (p.proacl IS NULL OR EXISTS (
+        SELECT 1 FROM aclexplode(p.proacl) a
+         WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'))
+ ORDER BY 1
+"""
+
+# (role, function) pairs where the login role, or a role it may SET ROLE to (a NOINHERIT
+# role still switches to every role granted to it), may execute a function of $2.
+_ROLE_MAY_EXECUTE = """
+SELECT r.rolname, f.sig FROM pg_roles r, unnest($2::text[]) AS f(sig)
+ WHERE pg_has_role($1, r.oid, 'MEMBER')
+   AND to_regprocedure(f.sig) IS NOT NULL
+   AND has_function_privilege(r.oid, to_regprocedure(f.sig), 'EXECUTE')
+ ORDER BY r.rolname <> $1, 1, 2
+"""
+
+
 async def check_lockdown(conn: asyncpg.Connection, login_role: str,
                          tenant_roles: Iterable[str]) -> list[str]:
     """Check the lockdown from the proxy's own connection (catalog reads only).
+
+    Includes "the login role is worth nothing": it, and every role it may switch to, must
+    not read the signing key, call the registry, see other backends' query text or signal
+    backends.
 
     Returns: one human-readable line per problem; empty when the database is locked down.
     """
@@ -179,6 +271,33 @@ async def check_lockdown(conn: asyncpg.Connection, login_role: str,
     open_funcs = await conn.fetch(_PUBLIC_EXECUTE, list(LOCKED_FUNCTIONS))
     for rec in open_funcs:
         problems.append(f"PUBLIC may execute {rec[0]}")
+    watched = await _existing(conn, (*STATS_FUNCTIONS, *SIGNAL_FUNCTIONS))
+    public_open: set[str] = set()
+    for func in watched:
+        if not await conn.fetchval("SELECT has_function_privilege('public', $1, 'EXECUTE')",
+                                   func):
+            continue
+        public_open.add(func)
+        signals = func in SIGNAL_FUNCTIONS
+        problems.append(
+            f"PUBLIC may execute {func} ("
+            + ("signals any backend" if signals else "shows other sessions' query text")
+            + f"; pgtenant init grants it to {_SIGNAL_ROLE if signals else _STATS_ROLE} only)"
+        )
+    for rec in await conn.fetch(_STATEMENTS_PUBLIC):
+        problems.append(f"PUBLIC may execute {rec[0]} (pg_stat_statements shows query text; "
+                        f"pgtenant init grants it to {_STATS_ROLE} only)")
+    if row is not None:
+        for rec in await conn.fetch(_ROLE_MAY_EXECUTE, login_role,
+                                    [*CONTROL_FUNCTIONS, *watched]):
+            if rec["sig"] in public_open:
+                continue  # reported above, as PUBLIC's
+            who = (f"login role {login_role!r}" if rec["rolname"] == login_role
+                   else f"role {rec['rolname']!r} (the login role may SET ROLE to it)")
+            fix = ("only the control role may: re-run `pgtenant init` and set [control] dsn "
+                   "to the control role" if rec["sig"] in CONTROL_FUNCTIONS
+                   else "revoke it: the login role must not see or signal other backends")
+            problems.append(f"{who} may execute {rec['sig']} ({fix})")
     if await conn.fetchval(
         "SELECT has_language_privilege('public', 'plpgsql', 'USAGE') "
         "FROM pg_language WHERE lanname = 'plpgsql'"

@@ -1,4 +1,4 @@
-"""`pgtenant init` and its audit: the control schema, the proxy login role and tenant roles.
+"""`pgtenant init` and its audit: the control schema, the login and control roles, tenant roles.
 
 Owns the fail-closed lockdown of one database (``init_database``) and the check that it still
 holds (``check_fail_closed``). Idempotent: re-running changes nothing that is already right.
@@ -18,7 +18,8 @@ import asyncpg
 
 from ..config import TenantTypeConfig
 from ..identity.context import quote_ident, quote_literal
-from .hardening import check_lockdown, install_hardening
+from . import ControlError
+from .hardening import CONTROL_FUNCTIONS, check_lockdown, install_hardening
 from .schema import (
     CONTROL_DDL,
     CONTROL_SCHEMA,
@@ -31,10 +32,16 @@ from .schema import (
     resolve_token_ddl,
 )
 
-# The only functions the proxy's login role may call (SECURITY DEFINER lookups).
-_PROXY_FUNCTIONS = (RESOLVE_TOKEN_SIGNATURE, RESOLVE_ORG_SIGNATURE)
+# The registry's SECURITY DEFINER lookups: only the control role may call them (with
+# pgtenant.signing_key(), see hardening.CONTROL_FUNCTIONS), never the data-path login role,
+# whose sessions a hostile tenant might reach without the injected context.
+_REGISTRY_FUNCTIONS = (RESOLVE_TOKEN_SIGNATURE, RESOLVE_ORG_SIGNATURE)
+DEFAULT_PROXY_ROLE = "pgtenant_proxy"
+DEFAULT_CONTROL_ROLE = "pgtenant_control"
 
 __all__ = [
+    "DEFAULT_CONTROL_ROLE",
+    "DEFAULT_PROXY_ROLE",
     "LOGIN_ROLE_OPTIONS",
     "TENANT_ROLE_OPTIONS",
     "InitResult",
@@ -62,6 +69,9 @@ class InitResult:
     # Set only when a password was generated or given; None means the old one still holds.
     proxy_password: str | None
     created_roles: list[str] = field(default_factory=list)
+    # The control-plane login role (signing key, registry, revocation LISTEN); same rule.
+    control_role: str = DEFAULT_CONTROL_ROLE
+    control_password: str | None = None
 
 
 def scram_verifier(password: str, *, iterations: int = 4096) -> str:
@@ -99,6 +109,25 @@ async def _role_exists(conn: asyncpg.Connection, role: str) -> bool:
     return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role))
 
 
+async def _ensure_login_role(conn: asyncpg.Connection, role: str,
+                             password: str | None) -> tuple[bool, str | None]:
+    """Create a login role with a random (or the given) password, or re-assert the safe
+    attributes of an existing one (its password changes only when ``password`` is given).
+
+    Returns: (whether it was created, the password set now or None).
+    """
+    ident = quote_ident(role)
+    if await _role_exists(conn, role):
+        options = LOGIN_ROLE_OPTIONS
+        if password is not None:
+            options += " " + _password_clause(password)
+        await conn.execute(f"ALTER ROLE {ident} {options}")
+        return False, password
+    password = password or secrets.token_urlsafe(24)
+    await conn.execute(f"CREATE ROLE {ident} {LOGIN_ROLE_OPTIONS} {_password_clause(password)}")
+    return True, password
+
+
 async def grant_role_to_proxy(conn: asyncpg.Connection, role: str, proxy_role: str) -> None:
     """Let the proxy ``SET LOCAL ROLE`` to ``role`` without inheriting its privileges.
 
@@ -134,21 +163,31 @@ def static_role(tenant_type: TenantTypeConfig) -> str | None:
 async def init_database(
     admin_dsn: str,
     *,
-    proxy_role: str = "pgtenant_proxy",
+    proxy_role: str = DEFAULT_PROXY_ROLE,
     proxy_password: str | None = None,
+    control_role: str = DEFAULT_CONTROL_ROLE,
+    control_password: str | None = None,
     tenant_types: Mapping[str, TenantTypeConfig] | None = None,
 ) -> InitResult:
     """Install pgtenant's control schema and fail-closed roles into the DSN's database.
 
-    Runs in one transaction as ``admin_dsn``'s user (a superuser, or the database owner with
-    CREATEROLE). Creates the proxy login role with a random password when it is new; an
-    existing role keeps its password unless ``proxy_password`` is given.
+    Runs in one transaction as ``admin_dsn``'s user (a superuser: the lockdown changes the
+    ACLs of ``pg_catalog`` functions). Creates the proxy login role and the control role
+    with random passwords when they are new; an existing role keeps its password unless one
+    is given. The control role alone may read the signing key and call the registry
+    functions; grants of them to the proxy role (older installs) are revoked.
 
     Returns: an ``InitResult``.
-    Raises: asyncpg.PostgresError when a statement fails (nothing is applied then).
+    Raises: ControlError when both roles are the same; asyncpg.PostgresError when a
+    statement fails (nothing is applied then).
     """
+    if control_role == proxy_role:
+        raise ControlError(
+            f"the control role must not be the proxy's login role ({proxy_role!r}): the "
+            "login role must not read the signing key or the registry (pass --control-role, "
+            "or set [control] dsn to another role)"
+        )
     created: list[str] = []
-    password_out: str | None = None
     conn = await asyncpg.connect(admin_dsn)
     try:
         async with conn.transaction():
@@ -156,42 +195,40 @@ async def init_database(
                 await conn.execute(stmt)
             # Dropped and created (not replaced): their result columns grow between
             # versions; the grants below are given again.
-            for fn in _PROXY_FUNCTIONS:
+            for fn in _REGISTRY_FUNCTIONS:
                 await conn.execute(f"DROP FUNCTION IF EXISTS {fn}")
             await conn.execute(resolve_token_ddl())
             await conn.execute(resolve_org_ddl())
             for stmt in TOKEN_REVOCATION_DDL:
                 await conn.execute(stmt)
-            for fn in (*_PROXY_FUNCTIONS, TOKEN_REVOCATION_FUNCTION):
+            for fn in (*_REGISTRY_FUNCTIONS, TOKEN_REVOCATION_FUNCTION):
                 await conn.execute(f"ALTER FUNCTION {fn} OWNER TO CURRENT_USER")
 
             proxy = quote_ident(proxy_role)
-            if await _role_exists(conn, proxy_role):
-                options = LOGIN_ROLE_OPTIONS
-                if proxy_password is not None:
-                    options += " " + _password_clause(proxy_password)
-                    password_out = proxy_password
-                await conn.execute(f"ALTER ROLE {proxy} {options}")
-            else:
-                password_out = proxy_password or secrets.token_urlsafe(24)
-                await conn.execute(
-                    f"CREATE ROLE {proxy} {LOGIN_ROLE_OPTIONS} {_password_clause(password_out)}"
-                )
+            is_new, password_out = await _ensure_login_role(conn, proxy_role, proxy_password)
+            if is_new:
                 created.append(proxy_role)
+            control = quote_ident(control_role)
+            is_new, control_out = await _ensure_login_role(conn, control_role,
+                                                           control_password)
+            if is_new:
+                created.append(control_role)
             for guc, value in PROXY_ROLE_DEFAULTS:
                 # Role-wide (all databases): a session that escapes injection sees no tenant.
                 await conn.execute(f"ALTER ROLE {proxy} SET {guc} = {quote_literal(value)}")
 
-            for fn in _PROXY_FUNCTIONS:
+            for fn in _REGISTRY_FUNCTIONS:
                 await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fn} FROM PUBLIC")
-                await conn.execute(f"GRANT EXECUTE ON FUNCTION {fn} TO {proxy}")
-            await conn.execute(f"GRANT USAGE ON SCHEMA {CONTROL_SCHEMA} TO {proxy}")
+                # Re-created above, so no old grant survives; revoked anyway for the record.
+                await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fn} FROM {proxy}")
+                await conn.execute(f"GRANT EXECUTE ON FUNCTION {fn} TO {control}")
+            await conn.execute(f"GRANT USAGE ON SCHEMA {CONTROL_SCHEMA} TO {proxy}, {control}")
 
             dbname = quote_ident(await conn.fetchval("SELECT current_database()"))
             # Without PUBLIC's TEMP privilege no tenant role can create temp objects (which
             # could shadow names in pg_temp) and only explicit grantees may connect.
             await conn.execute(f"REVOKE ALL ON DATABASE {dbname} FROM PUBLIC")
-            await conn.execute(f"GRANT CONNECT ON DATABASE {dbname} TO {proxy}")
+            await conn.execute(f"GRANT CONNECT ON DATABASE {dbname} TO {proxy}, {control}")
             await conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
 
             for tenant_type in (tenant_types or {}).values():
@@ -204,10 +241,11 @@ async def init_database(
                 await grant_role_to_proxy(conn, role, proxy_role)
             static_roles = [r for t in (tenant_types or {}).values()
                             if (r := static_role(t)) is not None]
-            await install_hardening(conn, proxy_role, static_roles)
+            await install_hardening(conn, proxy_role, static_roles, control_role=control_role)
     finally:
         await conn.close()
-    return InitResult(proxy_role=proxy_role, proxy_password=password_out, created_roles=created)
+    return InitResult(proxy_role=proxy_role, proxy_password=password_out, created_roles=created,
+                      control_role=control_role, control_password=control_out)
 
 
 _ROLE_FLAGS = (
@@ -220,8 +258,10 @@ _ROLE_FLAGS = (
 )
 
 
-async def check_fail_closed(admin_dsn: str, proxy_role: str) -> list[str]:
-    """Audit the proxy login role and the roles it may switch to, in the DSN's database.
+async def check_fail_closed(admin_dsn: str, proxy_role: str,
+                            control_role: str = DEFAULT_CONTROL_ROLE) -> list[str]:
+    """Audit the proxy login role, the roles it may switch to and the control role, in the
+    DSN's database.
 
     Returns: human-readable problems; empty when the setup fails closed.
     Raises: asyncpg.PostgresError when the catalogs cannot be read.
@@ -292,7 +332,21 @@ async def check_fail_closed(admin_dsn: str, proxy_role: str) -> list[str]:
         ):
             problems.append(f"role {proxy_role!r} may create TEMP tables in this database")
 
-        for signature in _PROXY_FUNCTIONS:
+        # The key and the registry: the control role's alone. That the login role (or a
+        # role it may switch to) can call them is reported by check_lockdown below.
+        control = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1",
+                                      control_role)
+        if control is None:
+            problems.append(f"control role {control_role!r} does not exist (run pgtenant init)")
+        else:
+            for column, text in _ROLE_FLAGS:
+                if control[column]:
+                    problems.append(f"control role {control_role!r} {text}")
+            if not await conn.fetchval(
+                "SELECT has_database_privilege($1, current_database(), 'CONNECT')", control_role
+            ):
+                problems.append(f"control role {control_role!r} may not connect here")
+        for signature in CONTROL_FUNCTIONS:
             fn = await conn.fetchval("SELECT to_regprocedure($1)::oid", signature)
             if fn is None:
                 problems.append(f"function {signature} is missing")
@@ -301,10 +355,10 @@ async def check_fail_closed(admin_dsn: str, proxy_role: str) -> list[str]:
                 "SELECT has_function_privilege('public', $1::oid, 'EXECUTE')", fn
             ):
                 problems.append(f"PUBLIC may execute {signature}")
-            if not await conn.fetchval(
-                "SELECT has_function_privilege($1, $2::oid, 'EXECUTE')", proxy_role, fn
+            if control is not None and not await conn.fetchval(
+                "SELECT has_function_privilege($1, $2::oid, 'EXECUTE')", control_role, fn
             ):
-                problems.append(f"role {proxy_role!r} may not execute {signature}")
+                problems.append(f"control role {control_role!r} may not execute {signature}")
 
         # Nobody but the owner (all) may touch the control schema; USAGE alone (needed to
         # call pgtenant.refuse/current_tenant) opens nothing: every object has its own ACL.

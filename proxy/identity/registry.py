@@ -1,7 +1,9 @@
 """The tenant registry: token -> TenantIdentity, through asyncpg with a short cache.
 
-Owns the control-plane connection pool, the cache (positive and negative answers live
-``token_cache_ttl`` seconds; concurrent lookups of one key share one query), the choice
+Owns the control-plane connection pool (as the control role of ``[control] dsn``, the only
+role that may call the lookup functions; never the data path's login role), the cache
+(positive and negative answers live ``token_cache_ttl`` seconds; concurrent lookups of one
+key share one query), the choice
 between opaque ``pgt_`` tokens (``pgtenant.resolve_token``) and JWTs (``jwt.py`` verifies,
 ``pgtenant.resolve_org`` names the organization), and the revocation listener: one dedicated
 connection LISTENs on ``pgtenant_tokens``, where a trigger installed by ``pgtenant init``
@@ -12,7 +14,7 @@ a failed lookup looks like on the wire (``client.py``).
 
 While the listener is disconnected, revocations are only as fast as the cache TTL; on every
 reconnect the cache is cleared, because notifications sent meanwhile are lost. Sessions
-opened before a missed revocation are not ended (the proxy role cannot list revocations).
+opened before a missed revocation are not ended (the control role cannot list revocations).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from .conftest import ROOT, free_port
 
 DB = "cli_db"
 PROXY_ROLE = "pgtenant_cli"
+CONTROL_ROLE = "pgtenant_cli_control"
 SME_ROLE = "tenant_cli_sme"
 AGENCY_ROLE = "tenant_cli_agency"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -57,13 +58,16 @@ class CliEnv:
     config: Path
     port: int
     workdir: Path
+    control_dsn: str = ""
 
 
-def _config_toml(proxy_dsn: str, port: int) -> str:
+def _config_toml(proxy_dsn: str, port: int, control_dsn: str = "") -> str:
+    control = f'[control]\ndsn = "{control_dsn}"\n' if control_dsn else ""
     return f"""\
 listen = "127.0.0.1:{port}"
 token_cache_ttl = 0.2
 
+{control}
 [databases.{DB}]
 dsn = "{proxy_dsn}"
 pool_size = 2
@@ -85,10 +89,13 @@ def cli_env(pg_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFactor
     workdir = tmp_path_factory.mktemp("cli")
     password = secrets.token_urlsafe(18)
     proxy_dsn = f"postgresql://{PROXY_ROLE}:{password}@{pg_cluster.host}:{pg_cluster.port}/{DB}"
+    control_dsn = (f"postgresql://{CONTROL_ROLE}:{secrets.token_urlsafe(18)}@"
+                   f"{pg_cluster.host}:{pg_cluster.port}/{DB}")
     port = free_port()
     config = workdir / "pgtenant-cli.toml"
-    config.write_text(_config_toml(proxy_dsn, port))
-    return CliEnv(admin_dsn=pg_cluster.admin_dsn(DB), proxy_dsn=proxy_dsn, config=config,
+    config.write_text(_config_toml(proxy_dsn, port, control_dsn))
+    return CliEnv(admin_dsn=pg_cluster.admin_dsn(DB), proxy_dsn=proxy_dsn,
+                  control_dsn=control_dsn, config=config,
                   port=port, workdir=workdir)
 
 
@@ -139,6 +146,49 @@ async def test_init_twice_succeeds_and_keeps_the_proxy_role_usable(initialised: 
         assert [r["rolname"] for r in granted] == sorted([AGENCY_ROLE, SME_ROLE])
     finally:
         await conn.close()
+
+
+async def test_init_gives_the_key_and_registry_to_the_configured_control_role(
+    initialised: CliEnv,
+) -> None:
+    # [control] dsn of the config names the control role and its password, as
+    # [databases.*] dsn names the login role.
+    control = await asyncpg.connect(initialised.control_dsn)
+    login = await asyncpg.connect(initialised.proxy_dsn)
+    try:
+        assert await control.fetchval("SELECT current_user") == CONTROL_ROLE
+        assert len(await control.fetchval("SELECT pgtenant.signing_key()")) == 32
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await login.fetchval("SELECT pgtenant.signing_key()")
+    finally:
+        await control.close()
+        await login.close()
+
+
+def test_init_without_config_prints_both_new_passwords(pg_cluster: PostgresCluster) -> None:
+    pg_cluster.create_database("cli_roles_db")
+    try:
+        out = run_cli("init", "--dsn", pg_cluster.admin_dsn("cli_roles_db"),
+                      "--proxy-role", "cli_roles_proxy", "--control-role", "cli_roles_control")
+        assert out.returncode == 0, out.stderr
+        assert "proxy role 'cli_roles_proxy', control role 'cli_roles_control'" in out.stdout
+        assert "tenant roles: none new" in out.stdout
+        lines = out.stdout.splitlines()
+        proxy_at = next(i for i, line in enumerate(lines) if "proxy role password" in line)
+        control_at = next(i for i, line in enumerate(lines) if "control role password" in line)
+        assert "[control] dsn" in lines[control_at]
+        assert lines[proxy_at + 1] != lines[control_at + 1]
+        assert len(lines[proxy_at + 1]) >= 24 and len(lines[control_at + 1]) >= 24
+    finally:
+        pg_cluster.psql("DROP DATABASE cli_roles_db")
+        pg_cluster.psql("DROP ROLE IF EXISTS cli_roles_proxy")
+        pg_cluster.psql("DROP ROLE IF EXISTS cli_roles_control")
+
+
+def test_init_refuses_one_role_for_both_login_and_control(initialised: CliEnv) -> None:
+    out = run_cli("init", "--dsn", initialised.admin_dsn, "--config", str(initialised.config),
+                  "--control-role", PROXY_ROLE)
+    assert_operator_error(out, "control role must not be the proxy's login role")
 
 
 # ------------------------------------------------------------------------------ tenants
@@ -342,6 +392,6 @@ def test_serve_on_a_busy_port_fails_cleanly(initialised: CliEnv, tmp_path: Path)
         busy.listen()
         port = busy.getsockname()[1]
         config = tmp_path / "busy.toml"
-        config.write_text(_config_toml(initialised.proxy_dsn, port))
+        config.write_text(_config_toml(initialised.proxy_dsn, port, initialised.control_dsn))
         out = run_cli("serve", "--config", str(config), timeout=30)
     assert_operator_error(out, str(port))

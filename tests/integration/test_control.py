@@ -48,12 +48,17 @@ async def as_tenant(
         entity_id=tenant.entities[entity] if entity else None,
     )
     ctx = build_context(identity, env.tenant_types[tenant.tenant_type])
+    # The key is the control role's alone; the proxy reads it on its control connection.
+    control = await asyncpg.connect(env.control_dsn)
+    try:
+        key = await control.fetchval("SELECT pgtenant.signing_key()")
+    finally:
+        await control.close()
     conn = await asyncpg.connect(env.proxy_dsn)
     tx = conn.transaction()
     await tx.start()
     try:
         # Exactly what the proxy sends: the signed context, then the role switch.
-        key = await conn.fetchval("SELECT pgtenant.signing_key()")
         await conn.execute(Injection(ctx, key).q_prefix.decode())
         yield conn
     finally:
@@ -66,7 +71,7 @@ async def names(conn: asyncpg.Connection, sql: str) -> list[str]:
 
 
 async def resolve(env: DemoEnv, token: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(env.proxy_dsn)
+    conn = await asyncpg.connect(env.control_dsn)  # the registry's role, as the proxy does
     try:
         return await conn.fetch("SELECT * FROM pgtenant.resolve_token($1)", hash_token(token))
     finally:

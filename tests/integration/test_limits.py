@@ -133,8 +133,8 @@ async def test_tenant_type_is_served_from_its_own_database(
                           if "{schema}" in t.role)
         text = text.replace(f"[tenant_types.{enterprise}]",
                             f"[tenant_types.{enterprise}]\ndatabase = \"enterprise\"")
-        return (text + f'\n[databases.enterprise]\ndsn = "{other}"\npool_size = 2\n'
-                f'\n[control]\ndsn = "{proxy_dsn}"\n')
+        # The demo config's [control] (the control role) keeps the registry on "app".
+        return text + f'\n[databases.enterprise]\ndsn = "{other}"\npool_size = 2\n'
 
     # Database per tenant: initech's organization row names the database itself.
     admin = await asyncpg.connect(probe.env.admin_dsn)
@@ -220,7 +220,8 @@ async def test_backend_restart_errors_clearly_then_service_resumes_by_itself(
 
     def through_relay(text: str) -> str:
         relayed = proxy_dsn.replace(f":{real_port}/", f":{relay.port}/")
-        return text.replace(proxy_dsn, relayed) + f'\n[control]\ndsn = "{proxy_dsn}"\n'
+        # Tokens still resolve directly (the demo config's [control], not relayed).
+        return text.replace(proxy_dsn, relayed)
 
     proxy = start_proxy(pool_size=2, extra="server_connect_timeout = 1.0",
                         transform=through_relay)

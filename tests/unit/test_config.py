@@ -81,6 +81,35 @@ def test_explicit_control_dsn_wins() -> None:
     assert cfg.control_dsn.dbname == "control"
 
 
+def test_signing_key_is_read_as_the_control_role_at_each_databases_address() -> None:
+    dbs = {"app": {"dsn": APP_DSN},
+           "other": {"dsn": "postgresql://proxy:secret@10.0.0.7:5433/other?application_name=x"},
+           "own": {"dsn": "postgresql://proxy:secret@10.0.0.8/own",
+                   "control_dsn": "postgresql://ctl_own:pw2@10.0.0.8/own"}}
+    cfg = parse_config(minimal(databases=dbs,
+                               control={"dsn": "postgresql://ctl:pw@10.0.0.9/app"}))
+    other = cfg.key_dsn(cfg.databases["other"])
+    assert other is not None
+    assert (other.user, other.password, other.host, other.port, other.dbname) == (
+        "ctl", "pw", "10.0.0.7", 5433, "other")
+    assert cfg.key_dsn(cfg.databases["own"]) == parse_dsn("postgresql://ctl_own:pw2@10.0.0.8/own")
+
+
+def test_without_control_dsn_no_key_dsn_is_made_up() -> None:
+    # The caller falls back to the login role (and warns): an install from before init
+    # made the control role.
+    cfg = parse_config(minimal())
+    assert cfg.key_dsn(cfg.databases["app"]) is None
+
+
+def test_database_control_dsn_must_not_be_the_login_role() -> None:
+    dbs = {"app": {"dsn": APP_DSN, "control_dsn": APP_DSN}}
+    assert config_error(minimal(databases=dbs)).startswith(
+        "databases.app.control_dsn: its user must be the control role")
+    dbs = {"app": {"dsn": APP_DSN, "control_dsn": "mysql://x"}}
+    assert config_error(minimal(databases=dbs)).startswith("databases.app.control_dsn:")
+
+
 def test_integer_is_accepted_for_a_seconds_key_and_becomes_float() -> None:
     cfg = parse_config(minimal(query_wait_timeout=5))
     assert cfg.query_wait_timeout == 5.0
