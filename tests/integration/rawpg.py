@@ -19,9 +19,23 @@ from dataclasses import dataclass, field
 from proxy.protocol import codec
 
 __all__ = [
-    "Msg", "RawPg", "bind", "close_portal", "close_statement", "copy_data", "copy_done",
-    "copy_fail", "describe_portal", "describe_statement", "execute", "flush", "parse",
-    "query", "sync", "terminate", "ext",
+    "Msg",
+    "RawPg",
+    "bind",
+    "close_portal",
+    "close_statement",
+    "copy_data",
+    "copy_done",
+    "copy_fail",
+    "describe_portal",
+    "describe_statement",
+    "execute",
+    "ext",
+    "flush",
+    "parse",
+    "query",
+    "sync",
+    "terminate",
 ]
 
 TIMEOUT = 10.0
@@ -231,7 +245,7 @@ class RawPg:
         try:
             while True:
                 seen.append(await self.read(timeout))
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             return seen
 
     async def cancel(self, timeout: float = TIMEOUT) -> None:
@@ -254,7 +268,7 @@ class RawPg:
         self.abort()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 2)
-        except (ConnectionError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError, OSError):
             pass
 
     def abort(self) -> None:

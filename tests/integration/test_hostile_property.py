@@ -24,6 +24,7 @@ import asyncio
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import pytest
@@ -93,7 +94,8 @@ ACTION = st.one_of(
     st.tuples(st.just("pipeline"), st.lists(st.one_of(QUERY, EXT, STRAY), min_size=2,
                                             max_size=4)),
     st.tuples(st.just("copy_out"), st.just(None)),
-    st.tuples(st.just("copy_in"), st.sampled_from(["done", "fail", "sync_inside"])),
+    st.tuples(st.just("copy_in"),
+              st.sampled_from(["done", "fail", "sync_inside", "ext", "ext_fail"])),
     st.tuples(st.just("cancel"), st.floats(min_value=0, max_value=0.05)),
     st.tuples(st.just("sleep_query"), st.just(None)),
     st.tuples(st.just("disconnect"), st.booleans()),
@@ -118,24 +120,30 @@ class Client:
         return f"SELECT pgtest.mark('{self.tag()}')"
 
 
-def frames_for(client: Client, action: tuple[str, object]) -> tuple[list[bytes], int]:
+def frames_for(client: Client, action: tuple[str, Any]) -> tuple[list[bytes], int]:
     """Returns: the frames of one action (sent in one write) and the ReadyForQuery count
     that Postgres owes for them."""
     kind, arg = action
     if kind == "pipeline":
         frames, owed = [], 0
-        for sub in arg:  # type: ignore[union-attr]
+        for sub in arg:
             more, n = frames_for(client, sub)
             frames += more
             owed += n
         return frames, owed
     if kind == "query":
-        parts = [client.mark() if p == "mark" else p for p in arg]  # type: ignore[union-attr]
+        parts = [client.mark() if p == "mark" else p for p in arg]
         return [rawpg.query("; ".join(parts))], 1
     if kind == "sleep_query":
         return [rawpg.query(f"SELECT pg_sleep(0.05), pgtest.mark('{client.tag()}')")], 1
     if kind == "copy_out":
         return [rawpg.query(f"COPY (SELECT pgtest.mark('{client.tag()}')) TO STDOUT")], 1
+    if kind == "copy_in" and arg in ("ext", "ext_fail"):
+        # Extended COPY FROM STDIN: Postgres ignores the batch's Sync while copying; the
+        # Sync after CopyDone/CopyFail earns the one ReadyForQuery.
+        end = rawpg.copy_fail("no") if arg == "ext_fail" else rawpg.copy_done()
+        return [rawpg.ext("COPY pgtest.sink FROM STDIN"), rawpg.sync(),
+                rawpg.copy_data(f"{client.slug}-line\n".encode()), end, rawpg.sync()], 1
     if kind == "copy_in":
         frames = [rawpg.query("COPY pgtest.sink FROM STDIN"),
                   rawpg.copy_data(f"{client.slug}-line\n".encode())]
@@ -145,11 +153,11 @@ def frames_for(client: Client, action: tuple[str, object]) -> tuple[list[bytes],
         return frames, 1
     if kind == "stray":
         msg = {"d": rawpg.copy_data(b"x\n"), "c": rawpg.copy_done(),
-               "f": rawpg.copy_fail("x")}[arg]  # type: ignore[index]
+               "f": rawpg.copy_fail("x")}[arg]
         return [msg, rawpg.sync()], 1
     if kind == "ext":
         frames = []
-        for part in arg:  # type: ignore[union-attr]
+        for part in arg:
             if part == "pbe":
                 frames.append(rawpg.ext(client.mark()))
             elif part == "named":
@@ -177,10 +185,10 @@ def frames_for(client: Client, action: tuple[str, object]) -> tuple[list[bytes],
 
 
 async def run_client(proxy: ProxyProcess, client: Client,
-                     program: list[tuple[str, object]]) -> None:
+                     program: list[tuple[str, Any]]) -> None:
     try:
         client.raw = await RawPg.tenant(proxy, client.slug)
-    except (rawpg.LoginFailed, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, rawpg.LoginFailed, ConnectionError, OSError) as exc:
         client.troubles.append(f"login: {exc!r}")
         return
     raw = client.raw
@@ -192,23 +200,23 @@ async def run_client(proxy: ProxyProcess, client: Client,
             raw.abort()
             return
         if kind == "cancel":
-            await asyncio.sleep(float(arg))  # type: ignore[arg-type]
+            await asyncio.sleep(float(arg))
             try:
                 await raw.cancel(timeout=READ_TIMEOUT)
-            except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ConnectionError, OSError) as exc:
                 client.troubles.append(f"cancel: {exc!r}")
             continue
         frames, owed = frames_for(client, action)
         try:
             raw.send(*frames)
             client.received += await raw.until_ready(owed, timeout=READ_TIMEOUT)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
             client.received += await raw.drain_quietly(0.2)
             client.troubles.append(f"{kind}: {exc!r}")
             return
     try:  # leave no transaction open: the next example reuses the servers
         client.received += await raw.request(rawpg.query("ROLLBACK"), timeout=READ_TIMEOUT)
-    except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
         client.troubles.append(f"final: {exc!r}")
 
 
@@ -230,12 +238,12 @@ def check_received(env: DemoEnv, client: Client) -> None:
 
 
 async def run_example(proxy: ProxyProcess,
-                      programs: tuple[list[tuple[str, object]], ...]) -> None:
+                      programs: tuple[list[tuple[str, Any]], ...]) -> None:
     env = proxy.env
     clients = [Client(slug) for slug in CLIENTS]
     try:
         await asyncio.wait_for(asyncio.gather(
-            *(run_client(proxy, c, p) for c, p in zip(clients, programs))), 60)
+            *(run_client(proxy, c, p) for c, p in zip(clients, programs, strict=True))), 60)
     finally:
         for c in clients:
             if c.raw is not None:
@@ -265,7 +273,7 @@ async def run_example(proxy: ProxyProcess,
                                  HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(programs=PROGRAMS)
 def test_hostile_sequences_from_three_tenants_never_cross_tenants(
-    hostile_proxy: ProxyProcess, programs: tuple[list[tuple[str, object]], ...],
+    hostile_proxy: ProxyProcess, programs: tuple[list[tuple[str, Any]], ...],
 ) -> None:
     asyncio.run(run_example(hostile_proxy, programs))
 
