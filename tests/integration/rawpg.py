@@ -239,6 +239,25 @@ class RawPg:
         await self.writer.drain()
         return await self.until_ready(n, timeout)
 
+    async def collect(self, n: int = 1, timeout: float = TIMEOUT) -> tuple[list[Msg], str]:
+        """Like ``until_ready`` but never raises: returns (what arrived, how it ended:
+        "ready", "closed" or "timeout"). For a victim that must be checked even when the
+        proxy drops it half way."""
+        seen: list[Msg] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while n > 0:
+                msg = await self.read(max(0.01, deadline - loop.time()))
+                seen.append(msg)
+                if msg.type == "Z":
+                    n -= 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return seen, "closed"
+        except TimeoutError:
+            return seen, "timeout"
+        return seen, "ready"
+
     async def drain_quietly(self, timeout: float = 0.5) -> list[Msg]:
         """Whatever arrives within ``timeout`` (no error when nothing does)."""
         seen: list[Msg] = []

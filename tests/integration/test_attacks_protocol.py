@@ -235,15 +235,17 @@ async def test_stray_copy_messages_outside_copy_do_not_shift_replies_to_the_vict
     victim = await RawPg.tenant(solo, B)
     try:
         attacker.send(ext("SELECT 'A-first'"), sync(), stray, sync(),
-                      query("SELECT pg_sleep(0.5), 'A-secret'"), stray, sync())
-        await asyncio.sleep(0.05)
-        victim_replies = await victim.request(
-            query(WHO + ", 'B-row'"), ext(WHO + ", 'B-ext'"), sync(), n=2, timeout=15)
+                      query("SELECT pg_sleep(0.5), 'A-secret'"))
+        await asyncio.sleep(0.1)  # A's slow Query is running: B queues for the server
+        victim.send(query(WHO + ", 'B-row'"), ext(WHO + ", 'B-ext'"), sync())
+        victim_replies, ended = await victim.collect(2, timeout=15)
+        text = repr(victim_replies)
+        assert "A-secret" not in text and "A-first" not in text, (
+            f"the victim received A's replies: {text}")
+        assert ended == "ready", f"the victim's session was broken ({ended}): {text}"
         # The attacker's own replies: complete, or its connection closed (the proxy may
         # drop a client that speaks out of turn); never the victim's rows.
         attacker_replies = await attacker.drain_quietly(2.0)
-        text = repr(victim_replies)
-        assert "A-secret" not in text and "A-first" not in text, text
         assert not errors(victim_replies), victim_replies
         vrows = rows(victim_replies)
         assert [r[-1] for r in vrows] == ["B-row", "B-ext"], victim_replies
