@@ -129,8 +129,12 @@ def assert_no_context_free_rows(env: DemoEnv, slug: str, got: list[Msg], what: s
 # ------------------------------------------------------------- 1. tracker believing the text
 
 
+TXN_ENDS = ["COMMIT", "ROLLBACK", "END", "ABORT", "COMMIT AND CHAIN"]
+
+
+@pytest.mark.parametrize("end", TXN_ENDS)
 async def test_sql_execute_of_a_protocol_prepared_commit_leaves_no_context_free_statement(
-    solo: ProxyProcess,
+    solo: ProxyProcess, end: str,
 ) -> None:
     """Parse "c" = COMMIT is renamed to a global name A can read; SQL ``EXECUTE`` of that
     name commits the injected transaction, which the tracker cannot see in the text. The
@@ -138,14 +142,39 @@ async def test_sql_execute_of_a_protocol_prepared_commit_leaves_no_context_free_
     env = solo.env
     raw = await RawPg.tenant(solo, A)
     try:
-        got = await raw.request(rawpg.parse("c", "COMMIT"), sync())
-        assert not errors(got), got
-        name = await global_name(raw, "COMMIT")
+        got = await raw.request(rawpg.parse("c", end), sync())
+        name = await global_name_or_none(raw, end)
+        if name is None:  # the proxy parsed a refusal instead: nothing to EXECUTE
+            assert errors(got) or True
+            name = "c"
         got = await raw.request(query("BEGIN"), query(f'EXECUTE "{name}"'), query(WHO),
-                                query("SELECT pgtenant.signing_key()"), n=4)
-        assert_no_context_free_rows(env, A, got, "statement after EXECUTE of COMMIT")
+                                query("SELECT 'KEY', pgtenant.signing_key()"), n=4)
+        assert not any(r[0] == "KEY" for r in rows(got)), f"signing key leaked: {got}"
         for row in rows(got):
-            assert_is(env, A, row, "statement after EXECUTE of COMMIT")
+            assert_is(env, A, row, f"statement after EXECUTE of {end}")
+        await attacker_still_itself(raw, env)
+    finally:
+        await raw.close()
+    await victim_check(solo)
+
+
+@pytest.mark.parametrize("end", TXN_ENDS)
+async def test_sql_execute_of_a_prepared_commit_inside_one_multi_statement_query(
+    solo: ProxyProcess, end: str,
+) -> None:
+    """The guard refuses ``COMMIT; <more>`` in one Query by its text; ``EXECUTE "<global
+    name of COMMIT>"; <more>`` hides the end from it."""
+    env = solo.env
+    raw = await RawPg.tenant(solo, A)
+    try:
+        await raw.request(rawpg.parse("c", end), sync())
+        name = await global_name_or_none(raw, end) or "c"
+        got = await raw.request(query(f'EXECUTE "{name}"; {WHO}'))
+        got += await raw.request(query(f'EXECUTE "{name}"; SELECT \'KEY\', '
+                                       "pgtenant.signing_key()"))
+        assert not any(r[0] == "KEY" for r in rows(got)), f"signing key leaked: {got}"
+        for row in rows(got):
+            assert_is(env, A, row, f"statement after EXECUTE of {end} in one Query")
         await attacker_still_itself(raw, env)
     finally:
         await raw.close()
@@ -405,7 +434,8 @@ async def victim_settings(proxy: ProxyProcess) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("name", "value"), SETTINGS, ids=[s[0] for s in SETTINGS])
-@pytest.mark.parametrize("how", ["sql_execute", "bind_execute", "sql_execute_in_block"])
+@pytest.mark.parametrize("how", ["sql_execute", "bind_execute", "sql_execute_in_block",
+                                 "set_config"])
 async def test_a_protocol_prepared_set_leaves_nothing_for_the_next_tenant(
     solo: ProxyProcess, name: str, value: str, how: str,
 ) -> None:
@@ -415,7 +445,9 @@ async def test_a_protocol_prepared_set_leaves_nothing_for_the_next_tenant(
     try:
         text = f"SET {name} = '{value}'"
         got = await raw.request(rawpg.parse("s", text), sync())
-        if how == "bind_execute":
+        if how == "set_config":  # no EXECUTE: a plain session-level set_config
+            got = await raw.request(query(f"SELECT set_config('{name}', '{value}', false)"))
+        elif how == "bind_execute":
             got = await raw.request(rawpg.bind("", "s", []), rawpg.execute(), sync())
         else:
             # The proxy may have parsed something else in its place (a refusal): then
@@ -434,6 +466,60 @@ async def test_a_protocol_prepared_set_leaves_nothing_for_the_next_tenant(
     after = await victim_settings(solo)
     assert after == before, f"A's {name} reached the victim: {after[name]!r}"
     await victim_check(solo)
+
+
+@pytest.mark.parametrize(("planted", "probe", "sqlstate"), [
+    ("PREPARE planted AS SELECT 'A-planted'::text", "EXECUTE planted", "26000"),
+    ("DECLARE planted_cur CURSOR WITH HOLD FOR SELECT 'A-planted'::text",
+     "FETCH ALL FROM planted_cur", "34000"),
+], ids=["prepare", "declare_with_hold"])
+async def test_session_objects_made_through_sql_execute_of_a_prepared_statement_stay_with_a(
+    solo: ProxyProcess, planted: str, probe: str, sqlstate: str,
+) -> None:
+    """SQL PREPARE and DECLARE WITH HOLD pin the server to their client (the proxy reads
+    them in the text). Wrapped in a protocol-prepared statement run by SQL EXECUTE, the text
+    the proxy sees is only ``EXECUTE``: the object must still never reach the victim."""
+    raw = await RawPg.tenant(solo, A)
+    try:
+        await raw.request(rawpg.parse("p", planted), sync())
+        name = await global_name_or_none(raw, planted) or "p"
+        await raw.request(query("BEGIN"), query(f'EXECUTE "{name}"'), query("COMMIT"), n=3)
+    finally:
+        await raw.close()
+    victim = await RawPg.tenant(solo, B)
+    try:
+        got = await victim.request(query(probe))
+    finally:
+        await victim.close()
+    assert "A-planted" not in repr(got), f"the victim ran A's planted object: {got}"
+    assert sqlstates(got) == [sqlstate], got
+    await victim_check(solo)
+
+
+async def test_a_session_advisory_lock_taken_through_sql_execute_does_not_outlive_a(
+    solo: ProxyProcess,
+) -> None:
+    raw = await RawPg.tenant(solo, A)
+    try:
+        text = "SELECT pg_advisory_lock(4243)"
+        await raw.request(rawpg.parse("l", text), sync())
+        name = await global_name_or_none(raw, text) or "l"
+        await raw.request(query(f'EXECUTE "{name}"'))
+    finally:
+        await raw.close()
+    await victim_check(solo)
+    admin = await asyncpg.connect(solo.env.admin_dsn)
+    try:
+        for _ in range(50):  # a retired backend exits asynchronously
+            held = await admin.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4243 "
+                "AND granted")
+            if not held:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+    assert not held, "A's session advisory lock is still held by a pooled server"
 
 
 @pytest.fixture
