@@ -88,16 +88,17 @@ EXT_PART = st.sampled_from(["pbe", "pbe", "named", "rebind", "err", "skip", "bin
 QUERY = st.tuples(st.just("query"), st.lists(SIMPLE_PART, min_size=1, max_size=4))
 EXT = st.tuples(st.just("ext"), st.lists(EXT_PART, min_size=1, max_size=6))
 STRAY = st.tuples(st.just("stray"), st.sampled_from(["d", "c", "f"]))
+SLEEP = st.tuples(st.just("sleep_query"), st.just(None))
 ACTION = st.one_of(
     QUERY, EXT, STRAY,
     # Several requests in ONE write, the proxy sees them all at once.
-    st.tuples(st.just("pipeline"), st.lists(st.one_of(QUERY, EXT, STRAY), min_size=2,
+    st.tuples(st.just("pipeline"), st.lists(st.one_of(QUERY, EXT, STRAY, SLEEP), min_size=2,
                                             max_size=4)),
     st.tuples(st.just("copy_out"), st.just(None)),
     st.tuples(st.just("copy_in"),
               st.sampled_from(["done", "fail", "sync_inside", "ext", "ext_fail"])),
     st.tuples(st.just("cancel"), st.floats(min_value=0, max_value=0.05)),
-    st.tuples(st.just("sleep_query"), st.just(None)),
+    SLEEP,
     st.tuples(st.just("disconnect"), st.booleans()),
 )
 PROGRAMS = st.tuples(*(st.lists(ACTION, min_size=1, max_size=6) for _ in CLIENTS))
