@@ -13,6 +13,7 @@ import secrets
 import signal
 import time
 from pathlib import Path
+from uuid import UUID
 
 import asyncpg
 import uvloop
@@ -22,7 +23,14 @@ from .client import ClientConnection
 from .config import Config, load_config, parse_listen
 from .control.hardening import check_lockdown, fetch_signing_key
 from .control.init import static_role
-from .errors import ConfigError, ContextError, QueryCanceled, ServerUnavailable
+from .errors import (
+    ConfigError,
+    ContextError,
+    ProxyError,
+    QueryCanceled,
+    ServerUnavailable,
+    TooManyLogins,
+)
 from .guard import Guard
 from .http import HttpEndpoint
 from .identity.jwt import build_verifier
@@ -58,10 +66,15 @@ class App:
         self.guard = Guard(config.protected_settings)
         self.registry = Registry(config.control_dsn, config.token_cache_ttl,
                                  jwt=build_verifier(config.jwt))
+        self.registry.on_revoked = self.end_revoked
         # One table for the whole proxy: failures are counted per client address.
         self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window,
                                           config.auth_failure_delay)
         self.clients: dict[ClientConnection, None] = {}
+        # Of self.clients, those not authenticated yet (max_login_clients). Both tables are
+        # sets keyed by the client, so giving a slot back is idempotent: every path that
+        # ends a connection may release, none can release twice or leak.
+        self.logging_in: dict[ClientConnection, None] = {}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.tenant_clients: dict[object, int] = {}  # logged-in clients per tenant
         self.auth_failures = 0
@@ -83,15 +96,31 @@ class App:
 
     # ------------------------------------------------------------------ client table
 
-    def client_connected(self, client: ClientConnection) -> bool:
-        """Returns: False when ``max_client_conn`` is reached (the client is refused)."""
-        if len(self.clients) >= self.config.max_client_conn:
-            return False
+    def client_connected(self, client: ClientConnection) -> ProxyError | None:
+        """Take a client slot and a login slot for a new connection.
+
+        Returns: None when taken, else why the client is refused (53300): all
+        ``max_client_conn`` slots, or all ``max_login_clients`` login slots, are in use.
+        """
+        config = self.config
+        if len(self.clients) >= config.max_client_conn:
+            return ProxyError("too many client connections (max_client_conn)")
+        if len(self.logging_in) >= min(config.max_login_clients, config.max_client_conn):
+            return TooManyLogins(
+                "too many connections are logging in at once (max_login_clients="
+                f"{config.max_login_clients}); try again shortly")
         self.clients[client] = None
-        return True
+        self.logging_in[client] = None
+        return None
+
+    def client_logged_in(self, client: ClientConnection) -> None:
+        """Give back ``client``'s login slot (it keeps its client slot)."""
+        self.logging_in.pop(client, None)
 
     def client_disconnected(self, client: ClientConnection) -> None:
+        """Give back whatever ``client`` holds; idempotent."""
         self.clients.pop(client, None)
+        self.logging_in.pop(client, None)
         if client.cancel_key is not None:
             self.cancel_keys.pop(client.cancel_key, None)
 
@@ -253,6 +282,12 @@ class App:
         return reasons
 
     # ------------------------------------------------------------------ admin actions
+
+    def end_revoked(self, token_id: UUID) -> None:
+        """End every session logged in with ``token_id`` now, idle or pinned to a server;
+        sessions that are between transactions would also be refused at their next one."""
+        for client in [c for c in self.clients if c.token_id == token_id]:
+            client.revoked()
 
     def kill_tenant(self, slug: str) -> int | None:
         """End every client connection of tenant ``slug`` (admin KILL).

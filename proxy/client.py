@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Final
+from uuid import UUID
 
 from . import __version__
 from .admin import ADMIN_DATABASE, AdminConsole
@@ -84,7 +85,7 @@ _AUTH_REASONS: Final = {
     "UnsupportedProtocol": "bad_startup", "InvalidParameter": "bad_startup",
     "ClientProtocolError": "protocol_error", "MessageTooLarge": "protocol_error",
     "ContextError": "no_context", "ProxyError": "too_many_connections",
-    "TooManyConnections": "tenant_client_limit",
+    "TooManyConnections": "tenant_client_limit", "TooManyLogins": "too_many_logins",
 }
 
 
@@ -152,10 +153,9 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not self.app.client_connected(self):
-            self._fail(
-                ProxyError("too many client connections (max_client_conn)"), sqlstate="53300"
-            )
+        refused = self.app.client_connected(self)
+        if refused is not None:
+            self._fail(refused, sqlstate="53300")
 
     @property
     def metrics_state(self) -> str:
@@ -196,6 +196,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disconnect("client closed the connection")
+        # Whatever path closed the connection (it may have marked it CLOSED first), the
+        # slots it held go back now: releasing is idempotent, a leak is forever.
+        self._release_slots()
 
     def pause_writing(self) -> None:
         # The client reads slower than its server writes: stop reading from the server.
@@ -260,9 +263,9 @@ class ClientConnection(asyncio.Protocol):
         if len(body) == 8:
             pid, secret = struct.unpack("!ii", body)
             self.app.cancel(pid, secret)
-        self.state = ClientState.CLOSED
-        if self.transport is not None:
-            self.transport.close()
+        # Through _disconnect, like every other end: it gives back the slots connection_made
+        # took (marking the client CLOSED here first leaked them, one per CancelRequest).
+        self._disconnect("cancel request")
 
     def _startup(self, params: dict[str, str]) -> None:
         user = params.get("user")
@@ -486,6 +489,7 @@ class ClientConnection(asyncio.Protocol):
         out.append(codec.ready_for_query(b"I"))
         self._write(b"".join(out))
         self.state = ClientState.READY
+        self.app.client_logged_in(self)
         ident = self.context.identity
         log.info("login: client=%s user=%s db=%s tenant=%s type=%s org=%s", self.peer_host,
                  self.user, self.database, ident.slug, ident.tenant_type, ident.org_id,
@@ -545,6 +549,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.admin = AdminConsole(self.app, self)
         self.state = ClientState.READY
+        self.app.client_logged_in(self)
         log.info("admin: login: user=%s client=%s", self.user, self.peer_host)
         self._write(codec.auth_request(AUTH_OK)
                     + codec.parameter_status("server_version", f"pgtenant {__version__}")
@@ -592,6 +597,17 @@ class ClientConnection(asyncio.Protocol):
         """Whether a transaction of this client is under way on a server (graceful stop)."""
         return (self.state is ClientState.READY and self.server is not None
                 and self.link is not None and self.link.in_transaction)
+
+    @property
+    def token_id(self) -> UUID | None:
+        """The id of the token this client logged in with (None before login)."""
+        return self.context.identity.token_id if self.context is not None else None
+
+    def revoked(self) -> None:
+        """Registry: this client's token was revoked; end the session now, also when it is
+        pinned to a server (session state), which never asks for a server again."""
+        if self.state is ClientState.READY:
+            self._fail(_token_revoked())
 
     def terminate(self, message: str) -> None:
         """End this client with an admin_shutdown FATAL (KILL, shutdown)."""
@@ -647,10 +663,7 @@ class ClientConnection(asyncio.Protocol):
         # A token revoked since login ends its sessions at their next transaction (the
         # registry hears revocations through LISTEN; see identity/registry.py).
         if self.app.registry.is_revoked(self.context.identity.token_id):
-            self._fail(AuthFailed(
-                "token revoked: this session's token was revoked",
-                hint="reconnect with a valid token",
-            ))
+            self._fail(_token_revoked())
             return False
         try:
             server = self.pool.acquire(self)
@@ -854,10 +867,7 @@ class ClientConnection(asyncio.Protocol):
         self._leave_server()
         if self._auth_task is not None and not self._auth_task.done():
             self._auth_task.cancel()
-        self.app.client_disconnected(self)
-        if self.tenant_key is not None:
-            self.app.tenant_logout(self.tenant_key)
-            self.tenant_key = None
+        self._release_slots()
         if self.admin is not None:
             self.admin.close()
         if was_ready and not logged:
@@ -867,6 +877,13 @@ class ClientConnection(asyncio.Protocol):
                      extra=self._log_fields(event="disconnect", reason=reason))
         if self.transport is not None:
             self.transport.close()
+
+    def _release_slots(self) -> None:
+        """Give back the client, login and tenant slots this connection took; idempotent."""
+        self.app.client_disconnected(self)
+        if self.tenant_key is not None:
+            self.app.tenant_logout(self.tenant_key)
+            self.tenant_key = None
 
     def _log_fields(self, **more: object) -> dict[str, dict[str, object]]:
         """Returns: ``extra=`` for a connection log line (JSON logs get these as keys)."""
@@ -928,6 +945,11 @@ class ClientConnection(asyncio.Protocol):
         if (not self._pause_reasons and self.transport is not None
                 and not self.transport.is_closing()):
             self.transport.resume_reading()
+
+
+def _token_revoked() -> AuthFailed:
+    return AuthFailed("token revoked: this session's token was revoked",
+                      hint="reconnect with a valid token")
 
 
 def _parse_options(options: str) -> list[tuple[str, str]]:
