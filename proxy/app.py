@@ -20,7 +20,7 @@ import uvloop
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from .client import ClientConnection
-from .config import Config, load_config, parse_listen
+from .config import Config, TenantTypeConfig, load_config, parse_listen
 from .control.hardening import check_lockdown, fetch_signing_key
 from .control.init import static_role
 from .errors import (
@@ -31,7 +31,7 @@ from .errors import (
     ServerUnavailable,
     TooManyLogins,
 )
-from .guard import Guard
+from .guard import SWITCHES, Guard
 from .http import HttpEndpoint
 from .identity.jwt import build_verifier
 from .identity.registry import Registry
@@ -63,7 +63,7 @@ class App:
         self.server_tls = backend_tls(config.tls)
         self.pools = {name: Pool(db, config, server_tls=self.server_tls)
                       for name, db in config.databases.items()}
-        self.guard = Guard(config.protected_settings)
+        self.guard = self._new_guards(config)
         self.registry = Registry(config.control_dsn, config.token_cache_ttl,
                                  jwt=build_verifier(config.jwt))
         self.registry.on_revoked = self.end_revoked
@@ -93,6 +93,30 @@ class App:
         # SHOW STATS averages: totals per database at the start of the stats period.
         self._stats_prev: dict[str, tuple[float, list[float]]] = {}
         self.stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ statement guard
+
+    def _new_guards(self, config: Config) -> Guard:
+        """Returns: the guard allowing every switch (is_protected, the refusal counters);
+        the per-policy guards are made anew from it on demand (``guard_for``)."""
+        counts = self.guard.refusals_by_rule if hasattr(self, "guard") else {}
+        guard = Guard(config.protected_settings, allow=SWITCHES,
+                      max_parse=config.max_parsed_query_size)
+        guard.refusals_by_rule = counts  # one counter across reloads (monotonic)
+        self._guards: dict[frozenset[str], Guard] = {guard.allow: guard}
+        return guard
+
+    def guard_for(self, tenant_type: TenantTypeConfig) -> Guard:
+        """Returns: the statement guard of ``tenant_type``'s policy (LOCK TABLE, large
+        objects, EXPLAIN ANALYZE: see TenantTypeConfig.allows); one per distinct policy."""
+        allow = frozenset(name for name in SWITCHES if tenant_type.allows(name))
+        guard = self._guards.get(allow)
+        if guard is None:
+            guard = Guard(self.config.protected_settings, allow=allow,
+                          max_parse=self.config.max_parsed_query_size)
+            guard.refusals_by_rule = self.guard.refusals_by_rule
+            self._guards[allow] = guard
+        return guard
 
     # ------------------------------------------------------------------ client table
 
@@ -352,10 +376,9 @@ class App:
                 pool.verifier = self._verify_database
             pool.db, pool.config = db, config
             pool.dispatch()  # a bigger pool_size may serve waiters now
-        if config.protected_settings != old.protected_settings:
-            counts = self.guard.refusals_by_rule
-            self.guard = Guard(config.protected_settings)  # new sessions; open ones keep theirs
-            self.guard.refusals_by_rule = counts  # one counter across both (monotonic)
+        if (config.protected_settings != old.protected_settings
+                or config.max_parsed_query_size != old.max_parsed_query_size):
+            self.guard = self._new_guards(config)  # new sessions; open ones keep theirs
         self.registry.ttl = config.token_cache_ttl
         self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window,
                                           config.auth_failure_delay)

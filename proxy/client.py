@@ -460,7 +460,7 @@ class ClientConnection(asyncio.Protocol):
         self.link = Link(Injection(self.context, self.pool.signing_key, self.settings,
                                    set_local=set_local),
                          self.app.config.max_message_size,
-                         guard=self.app.guard.check,
+                         guard=self.app.guard_for(tenant_type).check,
                          outside_txn=self._outside_transaction_check(tenant_type),
                          max_prepared=self.app.config.max_prepared_statements,
                          client_encoding=self.client_encoding)
@@ -619,7 +619,7 @@ class ClientConnection(asyncio.Protocol):
         allowed = frozenset(tenant_type.allow_outside_transaction)
         if not allowed:
             return None
-        kind_of = self.app.guard.outside_transaction_kind
+        kind_of = self.app.guard_for(tenant_type).outside_transaction_kind
         return lambda sql: kind_of(sql) in allowed
 
     # ------------------------------------------------------------------ transaction loop

@@ -32,7 +32,7 @@ class TextFormatter(logging.Formatter):
     """Text lines, one per record: the message is escaped (see ``escape``); a traceback,
     which the formatter appends after it, keeps its lines."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape(record.message)
         return super().formatMessage(record)
 
