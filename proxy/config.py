@@ -318,10 +318,10 @@ class Config:
                       "crowd out tenants (no pgbouncer equivalent)"),
     )
     max_parsed_query_size: int = field(
-        default=256 * 1024,
+        default=64 * 1024,
         metadata=_doc("largest Query/Parse text the statement guard parses (texts with a word "
                       "it must check); a bigger one ends its connection with 54000, since "
-                      "parsing blocks the proxy for every client (about 1 s per MB)",
+                      "parsing blocks the proxy for every client (2-5 s per MB)",
                       unit="bytes"),
     )
     max_prepared_statements: int = field(

@@ -107,7 +107,7 @@ class Guard:
     """Statement policy for tenant sessions, with verdicts cached by text."""
 
     def __init__(self, protected_settings: Iterable[str] = ("app.",), *,
-                 allow: Iterable[str] = (), max_parse: int = 256 * 1024):
+                 allow: Iterable[str] = (), max_parse: int = 64 * 1024):
         """``allow``: which of SWITCHES this policy permits (a tenant type's); ``max_parse``:
         the largest text parsed (max_parsed_query_size)."""
         names = [p.lower() for p in protected_settings]

@@ -70,10 +70,12 @@ def words(sql: bytes) -> list[bytes]:
     """Returns: the lower-cased ``\\w+`` words of ``sql`` (ASCII letters, digits, '_')."""
     return sql.translate(_WORDS_TABLE).split()
 _CURSOR_OPT_HOLD: Final = 0x0020  # parsenodes.h
-# The classifier parses no text above this (it assumes the worst of it instead: the server
-# is closed after the transaction); the statement guard refuses such texts when they have a
-# word it checks (max_parsed_query_size). Parsing ~1 s/MB holds the event loop.
-CLASSIFY_PARSE_MAX: Final = 256 * 1024
+# The classifier parses no text above this and assumes the worst of it instead (session
+# state: the server is closed after the transaction; it may end the transaction). Parsing and
+# walking the tree hold the event loop for every client, 2-5 s per MB of many short
+# statements; the classifier runs before the statement guard, so this is also what bounds
+# a text the guard then refuses (max_parsed_query_size, whose default this is).
+CLASSIFY_PARSE_MAX: Final = 64 * 1024
 _cache: TextCache[int] = TextCache(4 << 20, CLASSIFY_PARSE_MAX)  # bounded in text bytes
 
 
@@ -84,6 +86,10 @@ def classify(sql: bytes) -> int:
         return flags
     if _ANY_WORDS.isdisjoint(words(sql)) and b"advisory" not in sql.lower():
         return 0  # not cached: texts differing only by literals would churn the cache
+    if len(sql) > CLASSIFY_PARSE_MAX:
+        # Too big to parse (see CLASSIFY_PARSE_MAX), and not cached: every flag, without
+        # even the four regex passes (some 70 ms per MB each, and asked more than once).
+        return TXN_CONTROL | DROPS_STATEMENTS | SESSION_STATE | TXN_END
     flags = 0
     if _TXN_RE.search(sql):
         flags |= TXN_CONTROL

@@ -61,7 +61,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert cfg.client_login_timeout == 15.0
     assert cfg.idle_transaction_timeout == 60.0
     assert cfg.max_login_clients == 1000
-    assert cfg.max_parsed_query_size == 256 * 1024
+    assert cfg.max_parsed_query_size == 64 * 1024
     assert cfg.server_connect_timeout == 15.0
     assert cfg.token_cache_ttl == 5.0
     assert cfg.log_level == "info"
