@@ -13,6 +13,7 @@ import http.client
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -21,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.control.tenants import issue_token, revoke_token
 from proxy.protocol import codec
-from proxy.protocol.constants import CANCEL_REQUEST_CODE
+from proxy.protocol.constants import CANCEL_REQUEST_CODE, SSL_REQUEST_CODE
+from proxy.tls import make_self_signed
 
 from .conftest import ProxyProcess, free_port
 from .test_auth_protocol import (
@@ -85,6 +87,61 @@ async def test_cancel_requests_give_their_client_slots_back(
         for conn in conns:
             await conn.close()
     await wait_for(lambda: client_count(port) == 0)
+
+
+async def _end_a_login(proxy: ProxyProcess, how: str) -> None:
+    """Start a connection and end it before it logs in, in one of the ways there are."""
+    raw = await open_raw(proxy)
+    try:
+        if how == "tls_handshake_fails":
+            await raw.send(struct.pack("!ii", 8, SSL_REQUEST_CODE))
+            assert await raw.read_exactly(1) == b"S"
+            await raw.send(b"\x16\x03\x01\x00\x05garbage-not-a-client-hello")
+            assert await raw.at_eof()
+        elif how == "vanishes_mid_tls_handshake":
+            await raw.send(struct.pack("!ii", 8, SSL_REQUEST_CODE))
+            assert await raw.read_exactly(1) == b"S"
+            await raw.close()  # gone in the middle of the handshake
+        elif how == "bad_startup":
+            await raw.send(struct.pack("!ii", 4, 196608))
+            await expect_fatal_and_close(raw, "08P01")
+        elif how == "wrong_token":
+            await raw.send(startup("acme"))
+            assert (await raw.read_message())[0] == "R"
+            await raw.send(codec.password_message(b"pgt_wrong"))
+            await expect_fatal_and_close(raw, "28P01")
+        elif how == "unknown_database":
+            await raw.send(startup("acme", "nowhere"))
+            await expect_fatal_and_close(raw, "3D000")
+        elif how == "vanishes_while_authenticating":
+            await raw.send(startup("acme"))
+            assert (await raw.read_message())[0] == "R"
+            await raw.send(codec.password_message(proxy.env.tenants["acme"].token.encode()))
+    finally:
+        await raw.close()
+
+
+async def test_every_way_a_login_ends_gives_its_slots_back(
+    start_proxy: Callable[..., ProxyProcess], tmp_path: Path,
+) -> None:
+    _, cert, key = make_self_signed(tmp_path / "certs", ("127.0.0.1",))
+    port = free_port()
+    proxy = start_proxy(extra=f'max_client_conn = 4\nmax_login_clients = 2\n'
+                              f'auth_failure_delay = 0.0\n[metrics]\nlisten = "127.0.0.1:{port}"'
+                              f'\n[tls]\ncert_file = "{cert}"\nkey_file = "{key}"')
+    ways = ("tls_handshake_fails", "vanishes_mid_tls_handshake", "bad_startup", "wrong_token",
+            "unknown_database", "vanishes_while_authenticating")
+    for _ in range(3):
+        for how in ways:
+            await _end_a_login(proxy, how)
+    await wait_for(lambda: client_count(port) == 0)
+    conns = [await asyncpg_connect(proxy, "acme") for _ in range(4)]
+    try:
+        assert [await c.fetchval("SELECT 1") for c in conns] == [1] * 4
+        assert client_count(port) == 4
+    finally:
+        for conn in conns:
+            await conn.close()
 
 
 # ------------------------------------------------------------------------------ 6b
