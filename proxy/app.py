@@ -63,7 +63,7 @@ class App:
         self.server_tls = backend_tls(config.tls)
         self.pools = {name: Pool(db, config, server_tls=self.server_tls)
                       for name, db in config.databases.items()}
-        self.guard = self._new_guards(config)
+        self.guard = self._new_guards(config, {})
         self.registry = Registry(config.control_dsn, config.token_cache_ttl,
                                  jwt=build_verifier(config.jwt))
         self.registry.on_revoked = self.end_revoked
@@ -96,10 +96,9 @@ class App:
 
     # ------------------------------------------------------------------ statement guard
 
-    def _new_guards(self, config: Config) -> Guard:
+    def _new_guards(self, config: Config, counts: dict[str, int]) -> Guard:
         """Returns: the guard allowing every switch (is_protected, the refusal counters);
         the per-policy guards are made anew from it on demand (``guard_for``)."""
-        counts = self.guard.refusals_by_rule if hasattr(self, "guard") else {}
         guard = Guard(config.protected_settings, allow=SWITCHES,
                       max_parse=config.max_parsed_query_size)
         guard.refusals_by_rule = counts  # one counter across reloads (monotonic)
@@ -378,7 +377,8 @@ class App:
             pool.dispatch()  # a bigger pool_size may serve waiters now
         if (config.protected_settings != old.protected_settings
                 or config.max_parsed_query_size != old.max_parsed_query_size):
-            self.guard = self._new_guards(config)  # new sessions; open ones keep theirs
+            # New sessions get the new guards; open ones keep theirs.
+            self.guard = self._new_guards(config, self.guard.refusals_by_rule)
         self.registry.ttl = config.token_cache_ttl
         self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window,
                                           config.auth_failure_delay)
