@@ -132,7 +132,7 @@ class Guard:
         Text without a suspect word is not parsed, so typos there get Postgres's own error.
         Raises: ProgramLimitExceeded (54000, the client is disconnected) for a text with a
         suspect word above ``max_parse`` bytes: parsing holds the event loop for every
-        client, about a second per megabyte of adversarial text.
+        client, 2-5 s per megabyte of adversarial text (parse, JSON load and walk).
         """
         if _ANY_WORDS.isdisjoint(words(sql)) and not _has_inside(sql):
             # The common case, decided by one search and never cached: texts that differ
@@ -161,8 +161,14 @@ class Guard:
         """Returns: e.g. "VACUUM" when ``check`` refused ``sql`` (a single statement) only
         because it cannot run inside a transaction block; None otherwise.
         """
-        self.check(sql)
-        return self._outside.get(sql)
+        if self.check(sql) is None:
+            return None
+        kind = self._outside.get(sql)
+        if kind is None and sql not in self._outside:
+            # Both caches are bounded on their own: the verdict may have outlived this entry.
+            self._judge(sql)
+            kind = self._outside.get(sql)
+        return kind
 
     def is_protected(self, name: str) -> bool:
         """Returns: whether a tenant may not change setting ``name``."""

@@ -290,3 +290,10 @@ def test_guard_and_classifier_share_one_parse() -> None:
     finally:
         sql.parse_sql_json = real
     assert calls == []
+
+
+def test_outside_transaction_kind_survives_its_own_cache_entry_being_evicted() -> None:
+    guard = Guard()
+    assert guard.outside_transaction_kind(b"VACUUM campaigns") == "VACUUM"
+    guard._outside.clear()  # as if evicted while the verdict stayed cached
+    assert guard.outside_transaction_kind(b"VACUUM campaigns") == "VACUUM"
