@@ -105,6 +105,9 @@ def classify(sql: bytes) -> int:
 
 # A tree takes some 20-50 times its text's size in memory: only small texts, 1 MB of them.
 _TREES: TextCache[dict[str, Any] | Exception] = TextCache(1 << 20, 8192)
+# And the last bigger one (up to CLASSIFY_PARSE_MAX): classify and then the statement guard
+# ask for the same text in a row, so it is parsed once; one tree of a few MB at most.
+_last: list[tuple[bytes, dict[str, Any] | Exception]] = []
 
 
 def parse(sql: bytes) -> dict[str, Any]:
@@ -113,6 +116,8 @@ def parse(sql: bytes) -> dict[str, Any]:
     Raises: ParseError, ValueError or RecursionError when it cannot be parsed.
     """
     tree = _TREES.get(sql)
+    if tree is None and _last and _last[0][0] == sql:
+        tree = _last[0][1]
     if tree is None:
         try:
             text = parse_sql_json(sql.decode("utf-8", "replace"))  # releases the GIL
@@ -128,7 +133,10 @@ def parse(sql: bytes) -> dict[str, Any]:
                     gc.enable()
         except (ParseError, ValueError, RecursionError) as exc:
             tree = exc
-        _TREES.put(sql, tree)
+        if len(sql) <= _TREES.max_item:
+            _TREES.put(sql, tree)
+        elif len(sql) <= CLASSIFY_PARSE_MAX:
+            _last[:] = [(sql, tree)]
     if isinstance(tree, Exception):
         raise tree.with_traceback(None)
     return tree

@@ -193,7 +193,8 @@ _SHARED_ROLE_ONLY = {
                       "SELECT 1 FROM t WHERE lo_tell64(0) > 0"],
     "explain_analyze": ["EXPLAIN ANALYZE SELECT * FROM campaigns",
                         "explain (analyze, costs off) select 1", "EXPLAIN (ANALYZE on) SELECT 1",
-                        "EXPLAIN (ANALYZE 1) SELECT 1", "EXPLAIN (ANALYZE 'true') SELECT 1"],
+                        "EXPLAIN (ANALYZE 1) SELECT 1", "EXPLAIN (ANALYZE 'true') SELECT 1",
+                        "EXPLAIN ANALYSE SELECT 1", "explain (format json, analyse) select 1"],
 }
 
 
@@ -297,3 +298,20 @@ def test_outside_transaction_kind_survives_its_own_cache_entry_being_evicted() -
     assert guard.outside_transaction_kind(b"VACUUM campaigns") == "VACUUM"
     guard._outside.clear()  # as if evicted while the verdict stayed cached
     assert guard.outside_transaction_kind(b"VACUUM campaigns") == "VACUUM"
+
+
+def test_a_bigger_text_is_parsed_once_for_classifier_and_guard() -> None:
+    from proxy.protocol import sql
+
+    text = b"UPDATE t SET a = 1 WHERE b IN (" + b",".join(b"%d" % i for i in range(4000)) + b")"
+    assert sql._TREES.max_item < len(text) <= sql.CLASSIFY_PARSE_MAX
+    calls = []
+    real = sql.parse_sql_json
+    sql.parse_sql_json = lambda s: calls.append(s) or real(s)  # type: ignore[assignment]
+    try:
+        sql.classify(text)
+        assert Guard().check(text) is None
+    finally:
+        sql.parse_sql_json = real
+    assert len(calls) == 1
+    assert text not in sql._TREES  # kept only as the one last big tree
