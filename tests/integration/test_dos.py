@@ -26,6 +26,7 @@ from proxy.protocol.constants import CANCEL_REQUEST_CODE, SSL_REQUEST_CODE
 from proxy.tls import make_self_signed
 
 from .conftest import ProxyProcess, free_port
+from .test_admin import ADMIN, rows
 from .test_auth_protocol import (
     Raw,
     asyncpg_connect,
@@ -396,3 +397,18 @@ async def test_control_characters_from_a_client_cannot_forge_log_lines(
     assert not any(ch in line for line in lines for ch in "\x1b\r\u2028")
     assert any(f"user=x\\n{forged}\\r\\x1b[2K db=app" in line for line in lines)
     assert any("db=nowhere\\nERROR forged\\u2028" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------ 6f, 6b
+
+
+def test_safe_defaults_are_in_force_in_a_running_proxy(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    proxy = start_proxy(extra=ADMIN)  # no timeout or cap keys in its config
+    config = {r["key"]: r for r in rows(proxy, "SHOW CONFIG")}
+    # An idle open transaction no longer holds a pooled server (and its locks) forever.
+    assert config["idle_transaction_timeout"]["value"] == "60.0"
+    assert config["client_login_timeout"]["value"] == "15.0"
+    assert config["max_login_clients"]["value"] == "1000"
+    assert config["max_parsed_query_size"]["value"] == "65536"
