@@ -21,7 +21,7 @@ from pglast.parser import ParseError
 from .errors import ProgramLimitExceeded
 from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
 from .protocol.encoding import encoding_key
-from .protocol.sql import ends_transaction, is_on, parse, words
+from .protocol.sql import ends_transaction, has_word, is_on, parse
 from .protocol.textcache import TextCache
 
 __all__ = ["ALWAYS_PROTECTED", "SWITCHES", "Guard"]
@@ -134,7 +134,7 @@ class Guard:
         suspect word above ``max_parse`` bytes: parsing holds the event loop for every
         client, 2-5 s per megabyte of adversarial text (parse, JSON load and walk).
         """
-        if _ANY_WORDS.isdisjoint(words(sql)) and not _has_inside(sql):
+        if not has_word(sql, _ANY_WORDS) and not _has_inside(sql):
             # The common case, decided by one search and never cached: texts that differ
             # only by their literals (pgbench -S, client-side parameters) would churn it.
             return None

@@ -26,6 +26,7 @@ __all__ = [
     "TXN_END",
     "classify",
     "ends_transaction",
+    "has_word",
     "is_on",
     "local_command",
     "parse",
@@ -69,6 +70,28 @@ _WORDS_TABLE: Final = bytes(
 def words(sql: bytes) -> list[bytes]:
     """Returns: the lower-cased ``\\w+`` words of ``sql`` (ASCII letters, digits, '_')."""
     return sql.translate(_WORDS_TABLE).split()
+
+
+_WORDS_CHUNK: Final = 1 << 20
+
+
+def has_word(sql: bytes, wanted: frozenset[bytes], chunk: int = _WORDS_CHUNK) -> bool:
+    """Returns: whether one of ``sql``'s words (see ``words``) is in ``wanted``.
+
+    A big text is split a chunk at a time, cut at a non-word byte: as one list, the words of
+    a 64 MB text take some 600 MB.
+    """
+    if len(sql) <= chunk:
+        return not wanted.isdisjoint(sql.translate(_WORDS_TABLE).split())
+    table = sql.translate(_WORDS_TABLE)
+    start, size = 0, len(table)
+    while start < size:
+        end = table.find(b" ", start + chunk)
+        end = size if end < 0 else end
+        if not wanted.isdisjoint(table[start:end].split()):
+            return True
+        start = end
+    return False
 _CURSOR_OPT_HOLD: Final = 0x0020  # parsenodes.h
 # The classifier parses no text above this and assumes the worst of it instead (session
 # state: the server is closed after the transaction; it may end the transaction). Parsing and
@@ -84,7 +107,7 @@ def classify(sql: bytes) -> int:
     flags = _cache.get(sql)
     if flags is not None:
         return flags
-    if _ANY_WORDS.isdisjoint(words(sql)) and b"advisory" not in sql.lower():
+    if not has_word(sql, _ANY_WORDS) and b"advisory" not in sql.lower():
         return 0  # not cached: texts differing only by literals would churn the cache
     if len(sql) > CLASSIFY_PARSE_MAX:
         # Too big to parse (see CLASSIFY_PARSE_MAX), and not cached: every flag, without
