@@ -36,6 +36,7 @@ from .http import HttpEndpoint
 from .identity.jwt import build_verifier
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
+from .logs import fields
 from .metrics import Collector, Metrics
 from .pool import Pool
 from .server import send_cancel
@@ -75,6 +76,8 @@ class App:
         # sets keyed by the client, so giving a slot back is idempotent: every path that
         # ends a connection may release, none can release twice or leak.
         self.logging_in: dict[ClientConnection, None] = {}
+        self._refused = 0  # connections refused at connect since the last log line about it
+        self._refused_logged_at = float("-inf")
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.tenant_clients: dict[object, int] = {}  # logged-in clients per tenant
         self.auth_failures = 0
@@ -135,6 +138,19 @@ class App:
         self.clients[client] = None
         self.logging_in[client] = None
         return None
+
+    def log_refused_connection(self, peer: str, error: ProxyError) -> None:
+        """Log a connection refused at connect (53300), at most one line a second: each
+        line counts the refusals it stands for (all are counted in auth failure metrics)."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at < 1.0:
+            return
+        log.warning("connection refused: client=%s sqlstate=53300: %s (%d refused since the "
+                    "last such line)", peer, error.message, self._refused,
+                    extra=fields(event="refused", client=peer, reason=error.reason,
+                                 sqlstate="53300", error=error.message, count=self._refused))
+        self._refused, self._refused_logged_at = 0, now
 
     def client_logged_in(self, client: ClientConnection) -> None:
         """Give back ``client``'s login slot (it keeps its client slot)."""

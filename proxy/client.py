@@ -155,7 +155,9 @@ class ClientConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         refused = self.app.client_connected(self)
         if refused is not None:
-            self._fail(refused, sqlstate="53300")
+            # Logged by the app at most once a second: a flood must not flood the log too.
+            self.app.log_refused_connection(self.peer_host, refused)
+            self._fail(refused, sqlstate="53300", quiet=True)
 
     @property
     def metrics_state(self) -> str:
@@ -832,8 +834,10 @@ class ClientConnection(asyncio.Protocol):
             server.client_encoding = ""  # the rollback may revert a SET: switch next time
             self.pool.release_dirty(server)
 
-    def _fail(self, error: ProxyError, *, sqlstate: str | None = None) -> None:
-        """Send ``error`` as a FATAL ErrorResponse and end this client only."""
+    def _fail(self, error: ProxyError, *, sqlstate: str | None = None,
+              quiet: bool = False) -> None:
+        """Send ``error`` as a FATAL ErrorResponse and end this client only (``quiet``: the
+        caller logged it)."""
         if self.state is ClientState.CLOSED:
             return
         code = sqlstate or error.sqlstate
@@ -847,10 +851,12 @@ class ClientConnection(asyncio.Protocol):
         # can see the error (tests and operators correlate the two).
         log_fn = log.info if isinstance(error, AuthFailed) else log.warning
         tenant = self.context.identity.slug if self.context else "-"
-        log_fn("disconnect: client=%s user=%s db=%s tenant=%s reason=%s sqlstate=%s: %s",
-               self.peer_host, self.user, self.database, tenant, error.reason, code,
-               error.message, extra=self._log_fields(event="disconnect", reason=error.reason,
-                                                     sqlstate=code, error=error.message))
+        if not quiet:
+            log_fn("disconnect: client=%s user=%s db=%s tenant=%s reason=%s sqlstate=%s: %s",
+                   self.peer_host, self.user, self.database, tenant, error.reason, code,
+                   error.message, extra=self._log_fields(event="disconnect",
+                                                         reason=error.reason, sqlstate=code,
+                                                         error=error.message))
         self._write(codec.error_response(
             code, error.message, severity="FATAL", detail=error.detail, hint=error.hint
         ))

@@ -161,6 +161,12 @@ async def test_half_open_sockets_are_capped_and_timed_out_apart_from_tenants(
             fields = await expect_fatal_and_close(extra, "53300")
             assert time.monotonic() - started < 1.0
             assert "max_login_clients" in fields["M"], fields
+        for _ in range(30):  # a flood of them is logged as a line a second, not 30
+            async with raw_client(proxy) as extra:
+                await expect_fatal_and_close(extra, "53300")
+        refusals = [line for line in proxy.log().splitlines() if "connection refused" in line]
+        assert 1 <= len(refusals) <= 3, refusals
+        assert "max_login_clients" in refusals[0] and "(1 refused since" in refusals[0]
         assert await tenant.fetchval("SELECT 1") == 1  # logged-in tenants are not touched
         # The login timeout frees the slots the flood holds.
         started = time.monotonic()
