@@ -13,21 +13,30 @@ import secrets
 import signal
 import time
 from pathlib import Path
+from uuid import UUID
 
 import asyncpg
 import uvloop
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from .client import ClientConnection
-from .config import Config, Dsn, load_config, parse_listen
+from .config import Config, Dsn, TenantTypeConfig, load_config, parse_listen
 from .control.hardening import check_lockdown, fetch_signing_key
 from .control.init import static_role
-from .errors import ConfigError, ContextError, QueryCanceled, ServerUnavailable
-from .guard import Guard
+from .errors import (
+    ConfigError,
+    ContextError,
+    ProxyError,
+    QueryCanceled,
+    ServerUnavailable,
+    TooManyLogins,
+)
+from .guard import SWITCHES, Guard
 from .http import HttpEndpoint
 from .identity.jwt import build_verifier
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
+from .logs import fields
 from .metrics import Collector, Metrics
 from .pool import Pool
 from .server import send_cancel
@@ -55,13 +64,20 @@ class App:
         self.server_tls = backend_tls(config.tls)
         self.pools = {name: Pool(db, config, server_tls=self.server_tls)
                       for name, db in config.databases.items()}
-        self.guard = Guard(config.protected_settings)
+        self.guard = self._new_guards(config, {})
         self.registry = Registry(config.control_dsn, config.token_cache_ttl,
                                  jwt=build_verifier(config.jwt))
+        self.registry.on_revoked = self.end_revoked
         # One table for the whole proxy: failures are counted per client address.
         self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window,
                                           config.auth_failure_delay)
         self.clients: dict[ClientConnection, None] = {}
+        # Of self.clients, those not authenticated yet (max_login_clients). Both tables are
+        # sets keyed by the client, so giving a slot back is idempotent: every path that
+        # ends a connection may release, none can release twice or leak.
+        self.logging_in: dict[ClientConnection, None] = {}
+        self._refused = 0  # connections refused at connect since the last log line about it
+        self._refused_logged_at = float("-inf")
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.tenant_clients: dict[object, int] = {}  # logged-in clients per tenant
         self.tenant_pinned: dict[object, int] = {}  # servers pinned by a tenant's clients
@@ -82,17 +98,69 @@ class App:
         self._stats_prev: dict[str, tuple[float, list[float]]] = {}
         self.stopped = asyncio.Event()
 
+    # ------------------------------------------------------------------ statement guard
+
+    def _new_guards(self, config: Config, counts: dict[str, int]) -> Guard:
+        """Returns: the guard allowing every switch (is_protected, the refusal counters);
+        the per-policy guards are made anew from it on demand (``guard_for``)."""
+        guard = Guard(config.protected_settings, allow=SWITCHES,
+                      max_parse=config.max_parsed_query_size)
+        guard.refusals_by_rule = counts  # one counter across reloads (monotonic)
+        self._guards: dict[frozenset[str], Guard] = {guard.allow: guard}
+        return guard
+
+    def guard_for(self, tenant_type: TenantTypeConfig) -> Guard:
+        """Returns: the statement guard of ``tenant_type``'s policy (LOCK TABLE, large
+        objects, EXPLAIN ANALYZE: see TenantTypeConfig.allows); one per distinct policy."""
+        allow = frozenset(name for name in SWITCHES if tenant_type.allows(name))
+        guard = self._guards.get(allow)
+        if guard is None:
+            guard = Guard(self.config.protected_settings, allow=allow,
+                          max_parse=self.config.max_parsed_query_size)
+            guard.refusals_by_rule = self.guard.refusals_by_rule
+            self._guards[allow] = guard
+        return guard
+
     # ------------------------------------------------------------------ client table
 
-    def client_connected(self, client: ClientConnection) -> bool:
-        """Returns: False when ``max_client_conn`` is reached (the client is refused)."""
-        if len(self.clients) >= self.config.max_client_conn:
-            return False
+    def client_connected(self, client: ClientConnection) -> ProxyError | None:
+        """Take a client slot and a login slot for a new connection.
+
+        Returns: None when taken, else why the client is refused (53300): all
+        ``max_client_conn`` slots, or all ``max_login_clients`` login slots, are in use.
+        """
+        config = self.config
+        if len(self.clients) >= config.max_client_conn:
+            return ProxyError("too many client connections (max_client_conn)")
+        if len(self.logging_in) >= min(config.max_login_clients, config.max_client_conn):
+            return TooManyLogins(
+                "too many connections are logging in at once (max_login_clients="
+                f"{config.max_login_clients}); try again shortly")
         self.clients[client] = None
-        return True
+        self.logging_in[client] = None
+        return None
+
+    def log_refused_connection(self, peer: str, error: ProxyError) -> None:
+        """Log a connection refused at connect (53300), at most one line a second: each
+        line counts the refusals it stands for (all are counted in auth failure metrics)."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at < 1.0:
+            return
+        log.warning("connection refused: client=%s sqlstate=53300: %s (%d refused since the "
+                    "last such line)", peer, error.message, self._refused,
+                    extra=fields(event="refused", client=peer, reason=error.reason,
+                                 sqlstate="53300", error=error.message, count=self._refused))
+        self._refused, self._refused_logged_at = 0, now
+
+    def client_logged_in(self, client: ClientConnection) -> None:
+        """Give back ``client``'s login slot (it keeps its client slot)."""
+        self.logging_in.pop(client, None)
 
     def client_disconnected(self, client: ClientConnection) -> None:
+        """Give back whatever ``client`` holds; idempotent."""
         self.clients.pop(client, None)
+        self.logging_in.pop(client, None)
         if client.cancel_key is not None:
             self.cancel_keys.pop(client.cancel_key, None)
 
@@ -327,6 +395,12 @@ class App:
 
     # ------------------------------------------------------------------ admin actions
 
+    def end_revoked(self, token_id: UUID) -> None:
+        """End every session logged in with ``token_id`` now, idle or pinned to a server;
+        sessions that are between transactions would also be refused at their next one."""
+        for client in [c for c in self.clients if c.token_id == token_id]:
+            client.revoked()
+
     def kill_tenant(self, slug: str) -> int | None:
         """End every client connection of tenant ``slug`` (admin KILL).
 
@@ -392,10 +466,10 @@ class App:
                 pool.verifier = self._verify_database
             pool.db, pool.config = db, config
             pool.dispatch()  # a bigger pool_size may serve waiters now
-        if config.protected_settings != old.protected_settings:
-            counts = self.guard.refusals_by_rule
-            self.guard = Guard(config.protected_settings)  # new sessions; open ones keep theirs
-            self.guard.refusals_by_rule = counts  # one counter across both (monotonic)
+        if (config.protected_settings != old.protected_settings
+                or config.max_parsed_query_size != old.max_parsed_query_size):
+            # New sessions get the new guards; open ones keep theirs.
+            self.guard = self._new_guards(config, self.guard.refusals_by_rule)
         self.registry.ttl = config.token_cache_ttl
         self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window,
                                           config.auth_failure_delay)

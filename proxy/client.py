@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Final
+from uuid import UUID
 
 from . import __version__
 from .admin import ADMIN_DATABASE, AdminConsole
@@ -85,7 +86,7 @@ _AUTH_REASONS: Final = {
     "UnsupportedProtocol": "bad_startup", "InvalidParameter": "bad_startup",
     "ClientProtocolError": "protocol_error", "MessageTooLarge": "protocol_error",
     "ContextError": "no_context", "ProxyError": "too_many_connections",
-    "TooManyConnections": "tenant_client_limit",
+    "TooManyConnections": "tenant_client_limit", "TooManyLogins": "too_many_logins",
 }
 
 
@@ -154,10 +155,11 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not self.app.client_connected(self):
-            self._fail(
-                ProxyError("too many client connections (max_client_conn)"), sqlstate="53300"
-            )
+        refused = self.app.client_connected(self)
+        if refused is not None:
+            # Logged by the app at most once a second: a flood must not flood the log too.
+            self.app.log_refused_connection(self.peer_host, refused)
+            self._fail(refused, sqlstate="53300", quiet=True)
 
     @property
     def metrics_state(self) -> str:
@@ -198,6 +200,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disconnect("client closed the connection")
+        # Whatever path closed the connection (it may have marked it CLOSED first), the
+        # slots it held go back now: releasing is idempotent, a leak is forever.
+        self._release_slots()
 
     def pause_writing(self) -> None:
         # The client reads slower than its server writes: stop reading from the server.
@@ -262,9 +267,9 @@ class ClientConnection(asyncio.Protocol):
         if len(body) == 8:
             pid, secret = struct.unpack("!ii", body)
             self.app.cancel(pid, secret)
-        self.state = ClientState.CLOSED
-        if self.transport is not None:
-            self.transport.close()
+        # Through _disconnect, like every other end: it gives back the slots connection_made
+        # took (marking the client CLOSED here first leaked them, one per CancelRequest).
+        self._disconnect("cancel request")
 
     def _startup(self, params: dict[str, str]) -> None:
         user = params.get("user")
@@ -459,7 +464,7 @@ class ClientConnection(asyncio.Protocol):
         self.link = Link(Injection(self.context, self.pool.signing_key, self.settings,
                                    set_local=set_local),
                          self.app.config.max_message_size,
-                         guard=self._statement_policy(),
+                         guard=self._statement_policy(self.app.guard_for(tenant_type).check),
                          outside_txn=self._outside_transaction_check(tenant_type),
                          max_prepared=self.app.config.max_prepared_statements,
                          client_encoding=self.client_encoding)
@@ -488,6 +493,7 @@ class ClientConnection(asyncio.Protocol):
         out.append(codec.ready_for_query(b"I"))
         self._write(b"".join(out))
         self.state = ClientState.READY
+        self.app.client_logged_in(self)
         ident = self.context.identity
         log.info("login: client=%s user=%s db=%s tenant=%s type=%s org=%s", self.peer_host,
                  self.user, self.database, ident.slug, ident.tenant_type, ident.org_id,
@@ -547,6 +553,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.admin = AdminConsole(self.app, self)
         self.state = ClientState.READY
+        self.app.client_logged_in(self)
         log.info("admin: login: user=%s client=%s", self.user, self.peer_host)
         self._write(codec.auth_request(AUTH_OK)
                     + codec.parameter_status("server_version", f"pgtenant {__version__}")
@@ -595,6 +602,17 @@ class ClientConnection(asyncio.Protocol):
         return (self.state is ClientState.READY and self.server is not None
                 and self.link is not None and self.link.in_transaction)
 
+    @property
+    def token_id(self) -> UUID | None:
+        """The id of the token this client logged in with (None before login)."""
+        return self.context.identity.token_id if self.context is not None else None
+
+    def revoked(self) -> None:
+        """Registry: this client's token was revoked; end the session now, also when it is
+        pinned to a server (session state), which never asks for a server again."""
+        if self.state is ClientState.READY:
+            self._fail(_token_revoked())
+
     def terminate(self, message: str) -> None:
         """End this client with an admin_shutdown FATAL (KILL, shutdown)."""
         self._fail(AdminShutdown(message))
@@ -605,7 +623,7 @@ class ClientConnection(asyncio.Protocol):
         allowed = frozenset(tenant_type.allow_outside_transaction)
         if not allowed:
             return None
-        kind_of = self.app.guard.outside_transaction_kind
+        kind_of = self.app.guard_for(tenant_type).outside_transaction_kind
         return lambda sql: kind_of(sql) in allowed
 
     # ------------------------------------------------------------------ transaction loop
@@ -649,10 +667,7 @@ class ClientConnection(asyncio.Protocol):
         # A token revoked since login ends its sessions at their next transaction (the
         # registry hears revocations through LISTEN; see identity/registry.py).
         if self.app.registry.is_revoked(self.context.identity.token_id):
-            self._fail(AuthFailed(
-                "token revoked: this session's token was revoked",
-                hint="reconnect with a valid token",
-            ))
+            self._fail(_token_revoked())
             return False
         try:
             server = self.pool.acquire(self)
@@ -812,11 +827,12 @@ class ClientConnection(asyncio.Protocol):
             self._pin_counted = False
             self.app.pin(self.tenant_key, -1)
 
-    def _statement_policy(self) -> Callable[[bytes], str | None]:
-        """Returns: the statement guard's check, plus the tenant's cap on pinned servers
+    def _statement_policy(self, check: Callable[[bytes], str | None]
+                          ) -> Callable[[bytes], str | None]:
+        """Returns: the statement guard's ``check``, plus the tenant's cap on pinned servers
         (a statement that would pin one more server than max_pinned_servers is refused
         before it runs, so one tenant cannot starve the pool by pinning; see App.may_pin)."""
-        check, app = self.app.guard.check, self.app
+        app = self.app
 
         def policy(sql: bytes) -> str | None:
             refusal = check(sql)
@@ -867,8 +883,10 @@ class ClientConnection(asyncio.Protocol):
             server.client_encoding = ""  # the rollback may revert a SET: switch next time
             _after_cancels(server, self.pool.release_dirty)
 
-    def _fail(self, error: ProxyError, *, sqlstate: str | None = None) -> None:
-        """Send ``error`` as a FATAL ErrorResponse and end this client only."""
+    def _fail(self, error: ProxyError, *, sqlstate: str | None = None,
+              quiet: bool = False) -> None:
+        """Send ``error`` as a FATAL ErrorResponse and end this client only (``quiet``: the
+        caller logged it)."""
         if self.state is ClientState.CLOSED:
             return
         code = sqlstate or error.sqlstate
@@ -882,10 +900,12 @@ class ClientConnection(asyncio.Protocol):
         # can see the error (tests and operators correlate the two).
         log_fn = log.info if isinstance(error, AuthFailed) else log.warning
         tenant = self.context.identity.slug if self.context else "-"
-        log_fn("disconnect: client=%s user=%s db=%s tenant=%s reason=%s sqlstate=%s: %s",
-               self.peer_host, self.user, self.database, tenant, error.reason, code,
-               error.message, extra=self._log_fields(event="disconnect", reason=error.reason,
-                                                     sqlstate=code, error=error.message))
+        if not quiet:
+            log_fn("disconnect: client=%s user=%s db=%s tenant=%s reason=%s sqlstate=%s: %s",
+                   self.peer_host, self.user, self.database, tenant, error.reason, code,
+                   error.message, extra=self._log_fields(event="disconnect",
+                                                         reason=error.reason, sqlstate=code,
+                                                         error=error.message))
         self._write(codec.error_response(
             code, error.message, severity="FATAL", detail=error.detail, hint=error.hint
         ))
@@ -902,10 +922,7 @@ class ClientConnection(asyncio.Protocol):
         self._leave_server()
         if self._auth_task is not None and not self._auth_task.done():
             self._auth_task.cancel()
-        self.app.client_disconnected(self)
-        if self.tenant_key is not None:
-            self.app.tenant_logout(self.tenant_key)
-            self.tenant_key = None
+        self._release_slots()
         if self.admin is not None:
             self.admin.close()
         if was_ready and not logged:
@@ -915,6 +932,13 @@ class ClientConnection(asyncio.Protocol):
                      extra=self._log_fields(event="disconnect", reason=reason))
         if self.transport is not None:
             self.transport.close()
+
+    def _release_slots(self) -> None:
+        """Give back the client, login and tenant slots this connection took; idempotent."""
+        self.app.client_disconnected(self)
+        if self.tenant_key is not None:
+            self.app.tenant_logout(self.tenant_key)
+            self.tenant_key = None
 
     def _log_fields(self, **more: object) -> dict[str, dict[str, object]]:
         """Returns: ``extra=`` for a connection log line (JSON logs get these as keys)."""
@@ -996,6 +1020,11 @@ def _after_cancels(server: ServerConnection,
         give_back(server)
 
     server.on_cancels_settled = settled
+
+
+def _token_revoked() -> AuthFailed:
+    return AuthFailed("token revoked: this session's token was revoked",
+                      hint="reconnect with a valid token")
 
 
 def _parse_options(options: str) -> list[tuple[str, str]]:

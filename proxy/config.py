@@ -172,6 +172,40 @@ class TenantTypeConfig:
         metadata=_doc("[databases.<name>] this type's tenants are served from, whatever "
                       "dbname they connect with (database per tenant type)"),
     )
+    # Tenants of a type whose role is one static role (no "{" in the template) all act as
+    # that one role: what Postgres protects per role (large objects, locks on shared
+    # tables) or reveals around RLS (EXPLAIN ANALYZE's removed-row counts) is shared by
+    # all of them. Unset: refused for such types, allowed for a role per tenant.
+    allow_lock_table: bool | None = field(
+        default=None,
+        metadata=_doc("LOCK TABLE: one tenant's ACCESS EXCLUSIVE lock on a shared table "
+                      "blocks every tenant (unset: refused when the role is shared by the "
+                      "type's tenants, allowed with a role per tenant)"),
+    )
+    allow_large_objects: bool | None = field(
+        default=None,
+        metadata=_doc("large-object functions (lo_open, loread, lo_unlink...): large "
+                      "objects are protected per role, so tenants sharing a role share them "
+                      "(unset: refused when the role is shared, allowed with a role per "
+                      "tenant)"),
+    )
+    allow_explain_analyze: bool | None = field(
+        default=None,
+        metadata=_doc("EXPLAIN ANALYZE: its \"Rows Removed by Filter\" counts rows row-level "
+                      "security hides, a side channel on other tenants' data (unset: refused "
+                      "when the role is shared, allowed with a role per tenant)"),
+    )
+
+    @property
+    def shared_role(self) -> bool:
+        """Whether every tenant of this type runs as the same role (a static template)."""
+        return "{" not in self.role
+
+    def allows(self, what: str) -> bool:
+        """Returns: whether this type's tenants may use ``what`` ("lock_table",
+        "large_objects" or "explain_analyze"); unset means: only with a role per tenant."""
+        value: bool | None = getattr(self, f"allow_{what}")
+        return not self.shared_role if value is None else value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -292,6 +326,19 @@ class Config:
     max_client_conn: int = field(
         default=10000, metadata=_doc("client connections accepted at once (pgbouncer name)")
     )
+    max_login_clients: int = field(
+        default=1000,
+        metadata=_doc("of max_client_conn, connections not yet authenticated at once; more "
+                      "are refused at once with 53300, so sockets that never log in cannot "
+                      "crowd out tenants (no pgbouncer equivalent)"),
+    )
+    max_parsed_query_size: int = field(
+        default=64 * 1024,
+        metadata=_doc("largest Query/Parse text the statement guard parses (texts with a word "
+                      "it must check); a bigger one ends its connection with 54000, since "
+                      "parsing blocks the proxy for every client (2-5 s per MB)",
+                      unit="bytes"),
+    )
     max_prepared_statements: int = field(
         default=200,
         metadata=_doc("prepared statements kept per server connection, least recently used "
@@ -315,9 +362,10 @@ class Config:
                       "(0: off)", unit="s"),
     )
     idle_transaction_timeout: float = field(
-        default=0.0,
-        metadata=_doc("a client idle inside a transaction longer is disconnected (0: off)",
-                      unit="s"),
+        default=60.0,
+        metadata=_doc("a client idle inside a transaction longer is disconnected (0: off); "
+                      "on by default: an open transaction holds a pooled server (and its "
+                      "locks) that other tenants wait for", unit="s"),
     )
     client_idle_timeout: float = field(
         default=0.0,
@@ -350,7 +398,9 @@ class Config:
                                       choices=("text", "json")),
     )
     client_login_timeout: float = field(
-        default=60.0, metadata=_doc("time allowed for startup and auth (pgbouncer)", unit="s")
+        default=15.0,
+        metadata=_doc("time allowed for startup and auth (pgbouncer: 60): each unauthenticated "
+                      "socket holds one of max_login_clients this long", unit="s"),
     )
     server_connect_timeout: float = field(
         default=15.0, metadata=_doc("time allowed for a backend connect and login", unit="s")
@@ -420,6 +470,7 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TYPE_SWITCHES = ("allow_lock_table", "allow_large_objects", "allow_explain_analyze")
 
 
 def _reject_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -490,7 +541,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     kwargs: dict[str, Any] = _parse_simple(simple, Config, "")
     if "listen" in data:
         kwargs["listen"] = parse_listen(data["listen"])
-    for key in ("max_client_conn", "max_message_size", "max_prepared_statements",
+    for key in ("max_client_conn", "max_login_clients", "max_parsed_query_size",
+                "max_message_size", "max_prepared_statements",
                 "query_wait_timeout", "reserve_pool_timeout", "shutdown_timeout",
                 "client_login_timeout", "server_connect_timeout", "token_cache_ttl",
                 "auth_failure_window"):
@@ -546,7 +598,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         table = _typed(table, dict, where)
         _reject_unknown(table, {"role", "search_path", "allow_outside_transaction",
                                 "max_server_connections", "max_client_connections",
-                                "database"}, where)
+                                "database", *_TYPE_SWITCHES}, where)
         if "role" not in table:
             raise ConfigError(f"{where}.role: required (the non-login role tenants run as)")
         role = _typed(table["role"], str, f"{where}.role")
@@ -573,9 +625,11 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             _typed(database, str, f"{where}.database")
             if database not in databases:
                 raise ConfigError(f"{where}.database: no [databases.{database}] section")
+        switches = {key: _typed(table[key], bool, f"{where}.{key}")
+                    for key in _TYPE_SWITCHES if key in table}
         tenant_types[type_name] = TenantTypeConfig(
             name=type_name, role=role, search_path=tuple(path),
-            allow_outside_transaction=tuple(allowed), database=database, **limits,
+            allow_outside_transaction=tuple(allowed), database=database, **limits, **switches,
         )
     if not tenant_types:
         raise ConfigError("tenant_types: at least one [tenant_types.<type>] section is required")

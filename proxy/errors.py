@@ -16,6 +16,8 @@ module owns the classes and the SQLSTATE table; it does no I/O.
 | ContextError          | 42501    | the tenant's context cannot be rendered: fail closed |
 | PoolTimeout           | 53300    | too_many_connections: pool exhausted past the wait   |
 | TooManyConnections    | 53300    | too_many_connections: a per-tenant client limit      |
+| TooManyLogins         | 53300    | too_many_connections: max_login_clients reached      |
+| ProgramLimitExceeded  | 54000    | program_limit_exceeded: max_parsed_query_size        |
 | QueryTimeout          | 57014    | query_canceled: query_timeout                        |
 | IdleInTransactionTimeout | 25P03 | idle_in_transaction_session_timeout                  |
 | ClientIdleTimeout     | 57P05    | idle_session_timeout: client_idle_timeout            |
@@ -46,6 +48,7 @@ __all__ = [
     "PoolClosed",
     "PoolError",
     "PoolTimeout",
+    "ProgramLimitExceeded",
     "ProtocolError",
     "ProxyError",
     "QueryCanceled",
@@ -54,6 +57,7 @@ __all__ = [
     "ServerProtocolError",
     "ServerUnavailable",
     "TooManyConnections",
+    "TooManyLogins",
     "UnknownDatabase",
     "UnsupportedProtocol",
 ]
@@ -180,3 +184,15 @@ class IdleInTransactionTimeout(ProxyError):
 
 class ClientIdleTimeout(ProxyError):
     sqlstate = "57P05"
+
+
+class TooManyLogins(ProxyError):
+    """Connections that have not authenticated yet are at ``max_login_clients``."""
+
+    sqlstate = "53300"
+
+
+class ProgramLimitExceeded(ProxyError):
+    """A text the statement guard would have to parse is above ``max_parsed_query_size``."""
+
+    sqlstate = "54000"

@@ -12,19 +12,20 @@ itself raises the error, keeping replies in order and transaction state exact).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from typing import Any, Final
 
-from pglast.parser import ParseError, parse_sql_json
+from pglast.parser import ParseError
 
+from .errors import ProgramLimitExceeded
 from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
 from .protocol.encoding import encoding_key
 from .protocol.refusal import RESERVED_PREFIX
-from .protocol.sql import ends_transaction, is_on, words
+from .protocol.sql import ends_transaction, has_word, is_on, parse
+from .protocol.textcache import TextCache
 
-__all__ = ["ALWAYS_PROTECTED", "Guard"]
+__all__ = ["ALWAYS_PROTECTED", "SWITCHES", "Guard"]
 
 # Settings no tenant may change, whatever the config says.
 ALWAYS_PROTECTED: Final = ("role", "session_authorization", "search_path")
@@ -39,6 +40,16 @@ _FILE_FUNCS: Final = frozenset({
     "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "lo_import",
     "lo_export",
 })
+# Large objects are protected per role: tenants sharing one role share all of them
+# (lo_import/lo_export, server files, are refused above for everyone).
+_LO_FUNCS: Final = frozenset({
+    "lo_creat", "lo_create", "lo_open", "lo_close", "loread", "lowrite", "lo_lseek",
+    "lo_lseek64", "lo_tell", "lo_tell64", "lo_truncate", "lo_truncate64", "lo_unlink",
+    "lo_get", "lo_put", "lo_from_bytea",
+})
+# What a tenant type may be allowed (TenantTypeConfig.allows): refused unless in Guard.allow.
+SWITCHES: Final = ("lock_table", "large_objects", "explain_analyze")
+_FALSE_WORDS: Final = frozenset({"false", "off", "no", "0"})
 # Settings that change how Postgres lexes the next query. The guard reads text the way
 # libpg_query does (UTF-8 compatible bytes, standard_conforming_strings on); a client-only
 # encoding (see protocol/encoding.py), or backslash escapes in plain literals, would let
@@ -49,7 +60,8 @@ _SUSPECT = re.compile(
     rb"(?i)u&|\b(set|reset|set_config|discard|load|alter|copy|vacuum|database|concurrently"
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
     rb"|listen|notify|pg_notify|prepare|prepared|execute|deallocate"
-    rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export)\b"
+    rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export"
+    rb"|lock|explain|" + b"|".join(sorted(n.encode() for n in _LO_FUNCS)) + rb")\b"
 )
 # A transaction end inside a multi-statement text, or AND CHAIN, would leave the statements
 # after it running outside the injected context (as the bare login role).
@@ -63,8 +75,9 @@ _ANY_WORDS: Final = frozenset(
     b"set reset set_config discard load alter copy vacuum database concurrently tablespace "
     b"cluster subscription do listen notify pg_notify pg_read_file pg_read_binary_file "
     b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
-    b"call execute deallocate prepared".split())
-_CACHE_MAX = 10_000
+    b"call execute deallocate prepared lock explain".split()) | {n.encode() for n in _LO_FUNCS}
+# Verdicts kept, by total bytes of their texts (see protocol/textcache.py).
+_CACHE_BYTES = 4 << 20
 RESERVED_NAME_PREFIX: Final = RESERVED_PREFIX.decode()
 _SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _NOT_IN_TXN_HINT = (
@@ -95,12 +108,19 @@ class NotInTransaction(Refusal):
 class Guard:
     """Statement policy for tenant sessions, with verdicts cached by text."""
 
-    def __init__(self, protected_settings: Iterable[str] = ("app.",)):
+    def __init__(self, protected_settings: Iterable[str] = ("app.",), *,
+                 allow: Iterable[str] = (), max_parse: int = 64 * 1024):
+        """``allow``: which of SWITCHES this policy permits (a tenant type's); ``max_parse``:
+        the largest text parsed (max_parsed_query_size)."""
         names = [p.lower() for p in protected_settings]
         self._exact = frozenset(ALWAYS_PROTECTED) | {n for n in names if not n.endswith(".")}
         self._prefixes = tuple(n for n in names if n.endswith("."))
-        self._cache: dict[bytes, tuple[str, str] | None] = {}  # text -> (message, rule)
-        self._outside: dict[bytes, str] = {}  # single statements refused only for NotInTransaction
+        self.allow = frozenset(allow)
+        self.max_parse = max_parse
+        # text -> (message, rule); bounded in bytes, texts above max_parse never parsed.
+        self._cache: TextCache[tuple[str, str] | None] = TextCache(_CACHE_BYTES, max_parse)
+        # single statements refused only for NotInTransaction
+        self._outside: TextCache[str] = TextCache(_CACHE_BYTES // 16, 64 * 1024)
         self.refusals = 0
         self.refusals_by_rule: dict[str, int] = {}  # pgtenant_guard_refusals_total{rule}
 
@@ -112,8 +132,11 @@ class Guard:
         Postgres 18's, and an older backend may accept what it rejects (a word that became
         a reserved keyword since), which would smuggle a ``SET ROLE`` past an unparsed text.
         Text without a suspect word is not parsed, so typos there get Postgres's own error.
+        Raises: ProgramLimitExceeded (54000, the client is disconnected) for a text with a
+        suspect word above ``max_parse`` bytes: parsing holds the event loop for every
+        client, 2-5 s per megabyte of adversarial text (parse, JSON load and walk).
         """
-        if _ANY_WORDS.isdisjoint(words(sql)) and not _has_inside(sql):
+        if not has_word(sql, _ANY_WORDS) and not _has_inside(sql):
             # The common case, decided by one search and never cached: texts that differ
             # only by their literals (pgbench -S, client-side parameters) would churn it.
             return None
@@ -121,11 +144,15 @@ class Guard:
         if verdict is False:
             suspect = (_SUSPECT.search(sql) is not None or _CHAIN.search(sql) is not None
                        or (b";" in sql and _TXN_END.search(sql) is not None))
+            if suspect and len(sql) > self.max_parse:
+                raise ProgramLimitExceeded(
+                    f"pgtenant: this {len(sql)}-byte statement text has words the statement "
+                    "guard checks by parsing (SET, COPY, DO, LOCK...), and texts over "
+                    f"max_parsed_query_size ({self.max_parse} bytes) are not parsed",
+                    hint="send smaller statements (bind values as parameters), or raise "
+                         "max_parsed_query_size")
             verdict = self._judge(sql) if suspect else None
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-                self._outside.clear()
-            self._cache[sql] = verdict
+            self._cache.put(sql, verdict)
         if verdict is None:
             return None
         message, rule = verdict  # type: ignore[misc]
@@ -136,8 +163,14 @@ class Guard:
         """Returns: e.g. "VACUUM" when ``check`` refused ``sql`` (a single statement) only
         because it cannot run inside a transaction block; None otherwise.
         """
-        self.check(sql)
-        return self._outside.get(sql)
+        if self.check(sql) is None:
+            return None
+        kind = self._outside.get(sql)
+        if kind is None and sql not in self._outside:
+            # Both caches are bounded on their own: the verdict may have outlived this entry.
+            self._judge(sql)
+            kind = self._outside.get(sql)
+        return kind
 
     def is_protected(self, name: str) -> bool:
         """Returns: whether a tenant may not change setting ``name``."""
@@ -149,14 +182,14 @@ class Guard:
     def _judge(self, sql: bytes) -> tuple[str, str] | None:
         stmts: list[dict[str, Any]] = []
         try:
-            tree = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
+            tree = parse(sql)  # shared with the classifier (protocol/sql.py)
             stmts = [item.get("stmt", {}) for item in tree.get("stmts", [])]
             for stmt in stmts[:-1]:
                 _no_statements_after_transaction_end(stmt)
             self._walk(tree)
         except NotInTransaction as refusal:
             if len(stmts) == 1:
-                self._outside[sql] = refusal.what
+                self._outside.put(sql, refusal.what)
             return f"pgtenant: {refusal}", "not_in_transaction"
         except Refusal as refusal:
             return f"pgtenant: {refusal}", refusal.rule or "statement"
@@ -232,6 +265,32 @@ class Guard:
         elif name in _FILE_FUNCS:
             raise Refusal(f"{name}() reads or writes server files; it is not allowed in "
                           "tenant sessions")
+        elif name in _LO_FUNCS and "large_objects" not in self.allow:
+            refusal = Refusal(f"{name}(): large objects are not allowed for this tenant type: "
+                              "its tenants share one role, so they would share every large "
+                              "object (allow_large_objects)")
+            refusal.rule = "large_object"
+            raise refusal
+
+    def _lock(self, _stmt: dict[str, Any]) -> None:
+        if "lock_table" not in self.allow:
+            raise Refusal("LOCK TABLE is not allowed for this tenant type: its tenants share "
+                          "tables and one role, so one tenant's lock would block every other "
+                          "(allow_lock_table)")
+
+    def _explain(self, stmt: dict[str, Any]) -> None:
+        if "explain_analyze" in self.allow:
+            return
+        for option in stmt.get("options", []):
+            elem = option.get("DefElem", {}) if isinstance(option, dict) else {}
+            if elem.get("defname") != "analyze":
+                continue
+            # ANALYZE, ANALYZE on/true/1, or a value not read: refused (fail closed)
+            if _option_text(elem.get("arg")) not in _FALSE_WORDS:
+                raise Refusal("EXPLAIN ANALYZE is not allowed for this tenant type: its row "
+                              "counts (Rows Removed by Filter) reveal rows row-level "
+                              "security hides from it; plain EXPLAIN is allowed "
+                              "(allow_explain_analyze)")
 
     def _copy(self, stmt: dict[str, Any]) -> None:
         if stmt.get("is_program"):
@@ -271,6 +330,21 @@ def _const_text(node: Any) -> str | None:
     for key, inner in (("sval", "sval"), ("ival", "ival"), ("boolval", "boolval")):
         if key in const:
             return str(const[key].get(inner, "")).lower()
+    return None
+
+
+def _option_text(arg: Any) -> str | None:
+    """Returns: an EXPLAIN option's value as text ("true" when bare), None if not a constant."""
+    if arg is None:
+        return "true"
+    if not isinstance(arg, dict):
+        return None
+    if "String" in arg:
+        return str(arg["String"].get("sval", "")).lower()
+    if "Integer" in arg:  # protobuf JSON leaves out a zero
+        return str(arg["Integer"].get("ival", 0))
+    if "Boolean" in arg:
+        return "true" if arg["Boolean"].get("boolval") else "false"
     return None
 
 
@@ -346,6 +420,8 @@ _RULES: Final[dict[str, Any]] = {
     "PrepareStmt": _statement_name,
     "ExecuteStmt": _statement_name,
     "DeallocateStmt": _statement_name,
+    "LockStmt": Guard._lock,
+    "ExplainStmt": Guard._explain,
     "DiscardStmt": _refuse("DISCARD is not allowed in tenant sessions"),
     # Channels are database-wide: a listener would hear every tenant's payloads, and a
     # notifier could speak into every tenant's channels.

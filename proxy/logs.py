@@ -14,9 +14,27 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "fields", "setup_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "escape", "fields", "setup_logging"]
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def escape(text: str) -> str:
+    """Returns: ``text`` with every non-printable character (newlines, other controls, line
+    separators, bidi overrides...) written as a Python escape, so text a client chose (user,
+    database, application_name, error text) cannot start a forged log line."""
+    if text.isprintable():  # the common case, one C-level scan
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+class TextFormatter(logging.Formatter):
+    """Text lines, one per record: the message is escaped (see ``escape``); a traceback,
+    which the formatter appends after it, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,7 +67,7 @@ def setup_logging(level: str, fmt: str = "text", worker: str | None = None) -> N
     else:
         text = _TEXT_FORMAT if worker is None else _TEXT_FORMAT.replace(
             "%(name)s", f"%(name)s[{worker}]")
-        handler.setFormatter(logging.Formatter(text))
+        handler.setFormatter(TextFormatter(text))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))

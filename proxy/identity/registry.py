@@ -85,6 +85,9 @@ class Registry:
         self._listener: asyncio.Task[None] | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._listen_tried = asyncio.Event()
+        # Called with each newly revoked token id: the proxy ends the token's open sessions
+        # (a pinned session never asks for a server again, so is_revoked alone misses it).
+        self.on_revoked: Callable[[UUID], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -142,6 +145,8 @@ class Registry:
             del self._cache[key]
         log.info("token %s revoked: refused from now on (%d cached login(s) dropped)",
                  token_id, len(stale))
+        if self.on_revoked is not None:
+            self.on_revoked(token_id)
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
         try:

@@ -10,11 +10,14 @@ decide what tenants may run at all (that is the statement guard, issue #3). No I
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from typing import Any, Final
 
 from pglast.parser import ParseError, parse_sql_json
+
+from .textcache import TextCache
 
 __all__ = [
     "DROPS_STATEMENTS",
@@ -24,8 +27,10 @@ __all__ = [
     "TXN_END",
     "classify",
     "ends_transaction",
+    "has_word",
     "is_on",
     "local_command",
+    "parse",
     "pins_server",
     "plain_sets",
     "words",
@@ -82,9 +87,36 @@ _WORDS_TABLE: Final = bytes(
 def words(sql: bytes) -> list[bytes]:
     """Returns: the lower-cased ``\\w+`` words of ``sql`` (ASCII letters, digits, '_')."""
     return sql.translate(_WORDS_TABLE).split()
+
+
+_WORDS_CHUNK: Final = 1 << 20
+
+
+def has_word(sql: bytes, wanted: frozenset[bytes], chunk: int = _WORDS_CHUNK) -> bool:
+    """Returns: whether one of ``sql``'s words (see ``words``) is in ``wanted``.
+
+    A big text is split a chunk at a time, cut at a non-word byte: as one list, the words of
+    a 64 MB text take some 600 MB.
+    """
+    if len(sql) <= chunk:
+        return not wanted.isdisjoint(sql.translate(_WORDS_TABLE).split())
+    table = sql.translate(_WORDS_TABLE)
+    start, size = 0, len(table)
+    while start < size:
+        end = table.find(b" ", start + chunk)
+        end = size if end < 0 else end
+        if not wanted.isdisjoint(table[start:end].split()):
+            return True
+        start = end
+    return False
 _CURSOR_OPT_HOLD: Final = 0x0020  # parsenodes.h
-_CACHE_MAX = 10_000
-_cache: dict[bytes, int] = {}
+# The classifier parses no text above this and assumes the worst of it instead (session
+# state: the server is closed after the transaction; it may end the transaction). Parsing and
+# walking the tree hold the event loop for every client, 2-5 s per MB of many short
+# statements; the classifier runs before the statement guard, so this is also what bounds
+# a text the guard then refuses (max_parsed_query_size, whose default this is).
+CLASSIFY_PARSE_MAX: Final = 64 * 1024
+_cache: TextCache[int] = TextCache(4 << 20, CLASSIFY_PARSE_MAX)  # bounded in text bytes
 
 
 def classify(sql: bytes) -> int:
@@ -92,8 +124,12 @@ def classify(sql: bytes) -> int:
     flags = _cache.get(sql)
     if flags is not None:
         return flags
-    if _ANY_WORDS.isdisjoint(words(sql)) and b"advisory" not in sql.lower():
+    if not has_word(sql, _ANY_WORDS) and b"advisory" not in sql.lower():
         return 0  # not cached: texts differing only by literals would churn the cache
+    if len(sql) > CLASSIFY_PARSE_MAX:
+        # Too big to parse (see CLASSIFY_PARSE_MAX), and not cached: every flag, without
+        # even the four regex passes (some 70 ms per MB each, and asked more than once).
+        return TXN_CONTROL | DROPS_STATEMENTS | SESSION_STATE | TXN_END | MAY_COPY_IN
     flags = 0
     if _TXN_RE.search(sql):
         flags |= TXN_CONTROL
@@ -105,30 +141,58 @@ def classify(sql: bytes) -> int:
         flags |= TXN_END
     if _COPY_RE.search(sql) and _may_copy_in(sql):
         flags |= MAY_COPY_IN
-    if len(_cache) >= _CACHE_MAX:
-        _cache.clear()
-    _cache[sql] = flags
+    _cache.put(sql, flags)
     return flags
 
 
-_TREES: dict[bytes, dict[str, Any] | None] = {}
-_TREE_CACHE_TEXT_MAX: Final = 8192
+# A tree takes some 20-50 times its text's size in memory: only small texts, 1 MB of them.
+_TREES: TextCache[dict[str, Any] | Exception] = TextCache(1 << 20, 8192)
+# And the last bigger one (up to CLASSIFY_PARSE_MAX): classify and then the statement guard
+# ask for the same text in a row, so it is parsed once; one tree of a few MB at most.
+_last: list[tuple[bytes, dict[str, Any] | Exception]] = []
+
+
+def parse(sql: bytes) -> dict[str, Any]:
+    """Returns: the parse tree of ``sql`` as pglast's JSON, cached for small texts and
+    shared: the statement guard, classify, plain_sets and local_command read the same texts.
+    Raises: ParseError, ValueError or RecursionError when it cannot be parsed.
+    """
+    tree = _TREES.get(sql)
+    if tree is None and _last and _last[0][0] == sql:
+        tree = _last[0][1]
+    if tree is None:
+        try:
+            text = parse_sql_json(sql.decode("utf-8", "replace"))  # releases the GIL
+            # json.loads makes a container per node; with the collector on, its full passes
+            # over the whole heap cost 4-5 times the load itself for a big tree (measured:
+            # 1.7 s against 0.37 s for 1 MB of statements). No cycles are made here.
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                tree = json.loads(text)
+            finally:
+                if enabled:
+                    gc.enable()
+        except (ParseError, ValueError, RecursionError) as exc:
+            tree = exc
+        if len(sql) <= _TREES.max_item:
+            _TREES.put(sql, tree)
+        elif len(sql) <= CLASSIFY_PARSE_MAX:
+            _last[:] = [(sql, tree)]
+    if isinstance(tree, Exception):
+        raise tree.with_traceback(None)
+    return tree
 
 
 def _tree(sql: bytes) -> dict[str, Any] | None:
-    """Returns: the parse tree of ``sql`` (None if it does not parse), cached: classify,
-    plain_sets and local_command look at the same texts."""
-    if sql in _TREES:
-        return _TREES[sql]
+    """Returns: the parse tree of ``sql``, or None when it does not parse or is too big to
+    parse here (callers then assume the worst)."""
+    if len(sql) > CLASSIFY_PARSE_MAX:
+        return None
     try:
-        tree: dict[str, Any] | None = json.loads(parse_sql_json(sql.decode("utf-8", "replace")))
+        return parse(sql)
     except (ParseError, ValueError, RecursionError):
-        tree = None
-    if len(sql) <= _TREE_CACHE_TEXT_MAX:  # big texts are rare: keep memory bounded
-        if len(_TREES) >= _CACHE_MAX:
-            _TREES.clear()
-        _TREES[sql] = tree
-    return tree
+        return None
 
 
 def _single_statement(sql: bytes) -> dict[str, Any] | None:

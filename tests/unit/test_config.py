@@ -58,7 +58,10 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert cfg.max_client_conn == 10000
     assert cfg.max_message_size == 64 * 1024 * 1024
     assert cfg.query_wait_timeout == 120.0
-    assert cfg.client_login_timeout == 60.0
+    assert cfg.client_login_timeout == 15.0
+    assert cfg.idle_transaction_timeout == 60.0
+    assert cfg.max_login_clients == 1000
+    assert cfg.max_parsed_query_size == 64 * 1024
     assert cfg.server_connect_timeout == 15.0
     assert cfg.token_cache_ttl == 5.0
     assert cfg.log_level == "info"
@@ -576,3 +579,33 @@ def test_security_sections_parse_with_defaults_and_values() -> None:
     assert cfg.jwt.enabled and cfg.jwt.algorithms == ("HS256",) and cfg.jwt.leeway == 2.0
     assert (cfg.lockdown_check, cfg.context_signing) == ("refuse", "auto")
     assert not parse_config(minimal()).jwt.enabled
+
+
+# ---------------------------------------------------------------------- shared-role switches
+
+
+def test_shared_role_switches_default_by_role_and_can_be_set_either_way() -> None:
+    cfg = parse_config(minimal(tenant_types={
+        "sme": {"role": "tenant_sme"},
+        "ent": {"role": "{schema}"},
+        "open": {"role": "tenant_open", "allow_lock_table": True, "allow_large_objects": True,
+                 "allow_explain_analyze": True},
+        "strict": {"role": "t_{slug}", "allow_explain_analyze": False},
+    }))
+    types = cfg.tenant_types
+    what = ("lock_table", "large_objects", "explain_analyze")
+    assert types["sme"].shared_role and not any(types["sme"].allows(w) for w in what)
+    assert not types["ent"].shared_role and all(types["ent"].allows(w) for w in what)
+    assert all(types["open"].allows(w) for w in what)
+    assert types["strict"].allows("lock_table") and not types["strict"].allows(
+        "explain_analyze")
+
+
+def test_shared_role_switches_must_be_booleans() -> None:
+    message = config_error(minimal(tenant_types={"sme": {"role": "r", "allow_lock_table": 1}}))
+    assert message.startswith("tenant_types.sme.allow_lock_table: expected bool")
+
+
+def test_login_cap_and_parse_limit_must_be_positive() -> None:
+    assert config_error(minimal(max_login_clients=0)).startswith("max_login_clients")
+    assert config_error(minimal(max_parsed_query_size=0)).startswith("max_parsed_query_size")

@@ -159,7 +159,8 @@ def test_outside_transaction_kind_names_single_statements_only() -> None:
 _FRAGMENTS = [b"set", b"SeT", b"reset", b"set_config", b"commit", b"END", b"chain", b"do",
               b"u&", b"U&", b"query_to_xml", b"xx_to_xmlschema", b"dblink_exec", b"copy",
               b"listen", b"select", b"x", b"_", b"1", b" ", b";", b"(", b"'", b'"', b".",
-              b"\xc3\xa9", b"\t", b"pg_notify", b"lo_export", b"call", b"rollback"]
+              b"\xc3\xa9", b"\t", b"pg_notify", b"lo_export", b"call", b"rollback", b"lock",
+              b"explain", b"lo_open", b"loread", b"lo_from_bytea"]
 
 
 def _guard_pairs() -> list[list[bytes]]:
@@ -179,3 +180,138 @@ def test_prefilter_passes_every_text_the_guard_patterns_match(parts: list[bytes]
     text = b"".join(parts)
     if _SUSPECT.search(text) or _CHAIN.search(text) or _TXN_END.search(text):
         assert not _ANY_WORDS.isdisjoint(words(text)) or _has_inside(text), text
+
+
+# ---------------------------------------------------------------------- shared-role policy
+
+_SHARED_ROLE_ONLY = {
+    "lock_table": ["LOCK TABLE campaigns IN ACCESS EXCLUSIVE MODE", "lock campaigns",
+                   "SELECT 1; LOCK TABLE campaigns"],
+    "large_objects": ["SELECT lo_creat(-1)", "SELECT loread(lo_open(16400, 262144), 100)",
+                      "SELECT pg_catalog.lo_unlink(16400)", "SELECT lo_get(16400)",
+                      "SELECT lo_from_bytea(0, 'x')", "SELECT lowrite(0, 'x')",
+                      "SELECT 1 FROM t WHERE lo_tell64(0) > 0"],
+    "explain_analyze": ["EXPLAIN ANALYZE SELECT * FROM campaigns",
+                        "explain (analyze, costs off) select 1", "EXPLAIN (ANALYZE on) SELECT 1",
+                        "EXPLAIN (ANALYZE 1) SELECT 1", "EXPLAIN (ANALYZE 'true') SELECT 1",
+                        "EXPLAIN ANALYSE SELECT 1", "explain (format json, analyse) select 1"],
+}
+
+
+@pytest.mark.parametrize("switch,sql", [(k, q) for k, qs in _SHARED_ROLE_ONLY.items()
+                                        for q in qs])
+def test_shared_role_policy_refuses_unless_the_type_allows_it(switch: str, sql: str) -> None:
+    strict = Guard()
+    assert strict.check(sql.encode()) is not None, sql
+    allowed = Guard(allow=[switch])
+    assert allowed.check(sql.encode()) is None, sql
+
+
+@pytest.mark.parametrize("sql", ["EXPLAIN SELECT 1", "EXPLAIN (ANALYZE false) SELECT 1",
+                                 "EXPLAIN (analyze off, verbose) SELECT 1",
+                                 "EXPLAIN (ANALYZE 0) SELECT 1", "SELECT 'lock'",
+                                 "SELECT lock FROM t", "SELECT pg_advisory_xact_lock(1)"])
+def test_shared_role_policy_allows_plain_explain_and_lookalikes(sql: str) -> None:
+    assert Guard().check(sql.encode()) is None
+
+
+def test_lock_refusal_names_its_switch() -> None:
+    assert "allow_lock_table" in (Guard().check(b"LOCK TABLE t") or "")
+    assert "allow_large_objects" in (Guard().check(b"SELECT lo_open(1, 2)") or "")
+    assert "allow_explain_analyze" in (Guard().check(b"EXPLAIN ANALYZE SELECT 1") or "")
+
+
+# ---------------------------------------------------------------------- bounded cost
+
+
+def test_a_big_text_the_guard_would_parse_is_refused_unparsed_with_54000() -> None:
+    from proxy.errors import ProgramLimitExceeded
+
+    guard = Guard(max_parse=10_000)
+    big = b"SELECT 1 WHERE 'x' = 'set';" * 1000
+    with pytest.raises(ProgramLimitExceeded) as info:
+        guard.check(big)
+    assert info.value.sqlstate == "54000"
+    assert "max_parsed_query_size" in info.value.message
+    assert len(guard._cache) == 0  # nothing kept for it
+    # Texts with no word to check are never parsed, whatever their size.
+    assert guard.check(b"SELECT 1 WHERE 'x' = 'y';" * 100_000) is None
+    assert guard.check(b"SET work_mem = '1MB'") is None  # small ones are still judged
+
+
+def test_guard_cache_is_bounded_in_bytes_and_keeps_no_huge_text() -> None:
+    guard = Guard(max_parse=1 << 20)
+    cache = guard._cache
+    for i in range(3000):  # ~6 MB of distinct suspect texts, each judged once
+        guard.check(b"SET work_mem = '1MB' /* " + str(i).encode() + b" */ --" + b"x" * 2000)
+    assert 0 < cache.size <= cache.max_bytes == 4 << 20
+    assert sum(len(k) for k in cache._data) <= cache.max_bytes
+    guard.check(b"SET work_mem = '1MB' -- " + b"y" * (900 * 1024))  # under max_parse
+    assert cache.size <= cache.max_bytes
+
+
+def test_text_cache_evicts_oldest_first_and_refuses_big_items() -> None:
+    from proxy.protocol.textcache import TextCache
+
+    cache: TextCache[int] = TextCache(max_bytes=1000, max_item=300)
+    cache.put(b"a" * 400, 1)
+    assert len(cache) == 0 and cache.size == 0  # above max_item: never kept
+    for i in range(20):
+        cache.put(bytes([65 + i]) * 200, i)
+    assert cache.size <= 1000 and len(cache) == 3
+    assert cache.get(b"T" * 200) == 19 and cache.get(b"A" * 200) is None
+    cache.clear()
+    assert cache.size == 0 and len(cache) == 0
+
+
+def test_classifier_caches_are_bounded_in_bytes() -> None:
+    from proxy.protocol import sql
+
+    for i in range(2000):
+        sql.classify(b"SET work_mem = 1 -- " + str(i).encode() + b"z" * 3000)
+    assert sql._cache.size <= sql._cache.max_bytes == 4 << 20
+    assert sql._TREES.size <= sql._TREES.max_bytes == 1 << 20
+    # Too big to parse here: the worst is assumed (server closed afterwards), no parse.
+    huge = b"SET work_mem = 1; SELECT 1 -- " + b"z" * (sql.CLASSIFY_PARSE_MAX + 1)
+    assert sql.classify(huge) & sql.SESSION_STATE
+    assert huge not in sql._TREES and huge not in sql._cache
+
+
+def test_guard_and_classifier_share_one_parse() -> None:
+    from proxy.protocol import sql
+
+    text = b"SET LOCAL work_mem = '2MB' -- shared parse"
+    sql.classify(text)
+    assert text in sql._TREES
+    calls = []
+    real = sql.parse_sql_json
+    sql.parse_sql_json = lambda s: calls.append(s) or real(s)  # type: ignore[assignment]
+    try:
+        assert Guard().check(text) is None
+    finally:
+        sql.parse_sql_json = real
+    assert calls == []
+
+
+def test_outside_transaction_kind_survives_its_own_cache_entry_being_evicted() -> None:
+    guard = Guard()
+    assert guard.outside_transaction_kind(b"VACUUM campaigns") == "VACUUM"
+    guard._outside.clear()  # as if evicted while the verdict stayed cached
+    assert guard.outside_transaction_kind(b"VACUUM campaigns") == "VACUUM"
+
+
+def test_a_bigger_text_is_parsed_once_for_classifier_and_guard() -> None:
+    from proxy.protocol import sql
+
+    text = b"UPDATE t SET a = 1 WHERE b IN (" + b",".join(b"%d" % i for i in range(4000)) + b")"
+    assert sql._TREES.max_item < len(text) <= sql.CLASSIFY_PARSE_MAX
+    calls = []
+    real = sql.parse_sql_json
+    sql.parse_sql_json = lambda s: calls.append(s) or real(s)  # type: ignore[assignment]
+    try:
+        sql.classify(text)
+        assert Guard().check(text) is None
+    finally:
+        sql.parse_sql_json = real
+    assert len(calls) == 1
+    assert text not in sql._TREES  # kept only as the one last big tree

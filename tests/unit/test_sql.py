@@ -95,3 +95,30 @@ def test_classify_prefilter_passes_every_text_the_patterns_match(parts: list[byt
                                     sql._END_RE, sql._LOCAL_RE)):
         assert (not sql._ANY_WORDS.isdisjoint(sql.words(text))
                 or b"advisory" in text.lower()), text
+
+
+@given(st.lists(st.sampled_from([b"set", b"SeT", b"x", b"se", b"t", b" ", b"\n", b"(", b"_",
+                                 b"\xc3\xa9", b"commit", b"1"]), max_size=40),
+       st.integers(min_value=1, max_value=12))
+def test_has_word_in_chunks_finds_exactly_what_words_finds(parts: list[bytes],
+                                                           chunk: int) -> None:
+    from proxy.protocol.sql import has_word, words
+
+    text = b"".join(parts)
+    for wanted in (frozenset({b"set"}), frozenset({b"commit", b"x1"}), frozenset({b"t_"})):
+        assert has_word(text, wanted, chunk) == (not wanted.isdisjoint(words(text)))
+
+
+def test_has_word_on_a_huge_text_does_not_build_one_list_of_its_words() -> None:
+    import tracemalloc
+
+    from proxy.protocol.sql import has_word
+
+    text = b"INSERT INTO t VALUES (1, 'abc def'), " * 200_000  # 7 MB, ~1.4 M words
+    tracemalloc.start()
+    try:
+        assert not has_word(text, frozenset({b"set"}))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(text), peak  # one translated copy and a chunk's words, not 70 MB
