@@ -130,12 +130,23 @@ class App:
         ``max_client_conn`` slots, or all ``max_login_clients`` login slots, are in use.
         """
         config = self.config
+        if len(self.logging_in) >= min(config.max_login_clients, config.max_client_conn):
+            # Make room by closing the oldest connection that has not sent its credentials
+            # yet: an honest client logs in within milliseconds of connecting, so a flood of
+            # sockets that never do only ever pushes out its own oldest ones (it would have
+            # to open max_login_clients sockets within that client's login to crowd it out).
+            oldest = next((c for c in self.logging_in if c.awaiting_credentials), None)
+            if oldest is None:
+                return TooManyLogins(
+                    "too many connections are logging in at once (max_login_clients="
+                    f"{config.max_login_clients}); try again shortly")
+            error = TooManyLogins("too many connections are logging in at once "
+                                  f"(max_login_clients={config.max_login_clients}); the "
+                                  "oldest that had not authenticated was closed")
+            self.log_refused_connection(oldest.peer_host, error)
+            oldest.refuse(error)
         if len(self.clients) >= config.max_client_conn:
             return ProxyError("too many client connections (max_client_conn)")
-        if len(self.logging_in) >= min(config.max_login_clients, config.max_client_conn):
-            return TooManyLogins(
-                "too many connections are logging in at once (max_login_clients="
-                f"{config.max_login_clients}); try again shortly")
         self.clients[client] = None
         self.logging_in[client] = None
         return None

@@ -162,6 +162,15 @@ class ClientConnection(asyncio.Protocol):
             self._fail(refused, sqlstate="53300", quiet=True)
 
     @property
+    def awaiting_credentials(self) -> bool:
+        """Whether this connection has not sent its credentials yet (startup or password)."""
+        return self.state in (ClientState.STARTUP, ClientState.PASSWORD)
+
+    def refuse(self, error: ProxyError) -> None:
+        """End this connection before login with ``error`` (logged by the caller)."""
+        self._fail(error, sqlstate=error.sqlstate, quiet=True)
+
+    @property
     def metrics_state(self) -> str:
         """Returns: login, waiting, active (holds a server) or idle."""
         if self.state is not ClientState.READY:

@@ -335,7 +335,7 @@ class Config:
     max_parsed_query_size: int = field(
         default=64 * 1024,
         metadata=_doc("largest Query/Parse text the statement guard parses (texts with a word "
-                      "it must check); a bigger one ends its connection with 54000, since "
+                      "it must check); a bigger one is refused unparsed (ERROR 54000), since "
                       "parsing blocks the proxy for every client (2-5 s per MB)",
                       unit="bytes"),
     )

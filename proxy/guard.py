@@ -21,7 +21,7 @@ from pglast.parser import ParseError
 from .errors import ProgramLimitExceeded
 from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
 from .protocol.encoding import encoding_key
-from .protocol.refusal import RESERVED_PREFIX
+from .protocol.refusal import RESERVED_PREFIX, RefusalText
 from .protocol.sql import ends_transaction, has_word, is_on, parse
 from .protocol.textcache import TextCache
 
@@ -132,9 +132,9 @@ class Guard:
         Postgres 18's, and an older backend may accept what it rejects (a word that became
         a reserved keyword since), which would smuggle a ``SET ROLE`` past an unparsed text.
         Text without a suspect word is not parsed, so typos there get Postgres's own error.
-        Raises: ProgramLimitExceeded (54000, the client is disconnected) for a text with a
-        suspect word above ``max_parse`` bytes: parsing holds the event loop for every
-        client, 2-5 s per megabyte of adversarial text (parse, JSON load and walk).
+        A text with a suspect word above ``max_parse`` bytes is refused unparsed with
+        SQLSTATE 54000 (a ``RefusalText``): parsing holds the event loop for every client,
+        2-5 s per megabyte of adversarial text (parse, JSON load and walk).
         """
         if not has_word(sql, _ANY_WORDS) and not _has_inside(sql):
             # The common case, decided by one search and never cached: texts that differ
@@ -145,12 +145,15 @@ class Guard:
             suspect = (_SUSPECT.search(sql) is not None or _CHAIN.search(sql) is not None
                        or (b";" in sql and _TXN_END.search(sql) is not None))
             if suspect and len(sql) > self.max_parse:
-                raise ProgramLimitExceeded(
+                # Refused unparsed (not cached: it is big), in the session: Postgres raises
+                # it, so the transaction is aborted exactly as for any other error.
+                self.refusals_by_rule["too_big"] = self.refusals_by_rule.get("too_big", 0) + 1
+                return RefusalText(
                     f"pgtenant: this {len(sql)}-byte statement text has words the statement "
                     "guard checks by parsing (SET, COPY, DO, LOCK...), and texts over "
-                    f"max_parsed_query_size ({self.max_parse} bytes) are not parsed",
-                    hint="send smaller statements (bind values as parameters), or raise "
-                         "max_parsed_query_size")
+                    f"max_parsed_query_size ({self.max_parse} bytes) are not parsed; send "
+                    "smaller statements (bind values as parameters), or raise "
+                    "max_parsed_query_size", ProgramLimitExceeded.sqlstate)
             verdict = self._judge(sql) if suspect else None
             self._cache.put(sql, verdict)
         if verdict is None:

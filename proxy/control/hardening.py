@@ -88,6 +88,17 @@ BEGIN
 END
 $$
 """
+# The same with another SQLSTATE than 42501 (a refusal for a limit, 54000...). Only the
+# class of the code is checked: a tenant cannot choose it (the proxy writes the CALL).
+REFUSE_WITH_SQL: Final = """
+CREATE OR REPLACE PROCEDURE pgtenant.refuse_with(code text, msg text,
+                                                 VARIADIC args text[] DEFAULT '{}')
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = msg;
+END
+$$
+"""
 
 SIGNING_DDL: Final = (
     """CREATE TABLE IF NOT EXISTS pgtenant.signing_keys (
@@ -142,7 +153,12 @@ async def install_hardening(conn: asyncpg.Connection, proxy_role: str,
     proxy = quote_ident(proxy_role)
     control = quote_ident(control_role)
     await conn.execute(REFUSE_SQL)
+    await conn.execute(REFUSE_WITH_SQL)
     await conn.execute("ALTER PROCEDURE pgtenant.refuse(text, text[]) OWNER TO CURRENT_USER")
+    await conn.execute(
+        "ALTER PROCEDURE pgtenant.refuse_with(text, text, text[]) OWNER TO CURRENT_USER")
+    await conn.execute(
+        "GRANT EXECUTE ON PROCEDURE pgtenant.refuse_with(text, text, text[]) TO PUBLIC")
     # Every tenant role may be refused; PUBLIC is simplest and grants nothing dangerous.
     await conn.execute("GRANT EXECUTE ON PROCEDURE pgtenant.refuse(text, text[]) TO PUBLIC")
     await conn.execute("GRANT USAGE ON SCHEMA pgtenant TO PUBLIC")
@@ -303,6 +319,10 @@ async def check_lockdown(conn: asyncpg.Connection, login_role: str,
         "FROM pg_language WHERE lanname = 'plpgsql'"
     ):
         problems.append("PUBLIC may use plpgsql (DO blocks, CREATE FUNCTION)")
+    if not await conn.fetchval(
+            "SELECT to_regprocedure('pgtenant.refuse_with(text, text, text[])') IS NOT NULL"):
+        problems.append("pgtenant.refuse_with(text, text, text[]) is missing (run pgtenant "
+                        "init)")
     if not await conn.fetchval("SELECT to_regprocedure('pgtenant.refuse(text, text[])') "
                                "IS NOT NULL"):
         problems.append("pgtenant.refuse(text, text[]) is missing (run pgtenant init)")

@@ -14,6 +14,7 @@ from ..errors import ClientProtocolError
 __all__ = [
     "FUNCTION_CALL_REFUSAL",
     "RESERVED_PREFIX",
+    "RefusalText",
     "check_statement_name",
     "refusal_sql",
     "refused_parse",
@@ -36,14 +37,34 @@ def check_statement_name(name: bytes) -> None:
         )
 
 
-def refusal_sql(message: str) -> bytes:
-    """Returns: SQL that makes Postgres raise ``message`` with SQLSTATE 42501.
+class RefusalText(str):
+    """A refusal message with another SQLSTATE than 42501 (``refusal_sql`` raises it)."""
 
-    ``pgtenant.refuse`` is installed by ``pgtenant init``; were it missing, the statement
-    still fails (undefined function), so the refused statement never runs either way.
+    sqlstate: str = "42501"
+
+    def __new__(cls, message: str, sqlstate: str) -> RefusalText:
+        text = super().__new__(cls, message)
+        text.sqlstate = sqlstate
+        return text
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''").replace("\x00", "") + "'"
+
+
+def refusal_sql(message: str) -> bytes:
+    """Returns: SQL that makes Postgres raise ``message`` with SQLSTATE 42501 (or the one a
+    ``RefusalText`` carries).
+
+    ``pgtenant.refuse``/``refuse_with`` are installed by ``pgtenant init``; were one
+    missing, the statement still fails (undefined procedure), so the refused statement
+    never runs either way.
     """
-    literal = "'" + message.replace("'", "''").replace("\x00", "") + "'"
-    return b"CALL pgtenant.refuse(" + literal.encode() + b")"
+    code = getattr(message, "sqlstate", "42501")
+    if code != "42501":
+        return (b"CALL pgtenant.refuse_with(" + _literal(code).encode() + b", "
+                + _literal(message).encode() + b")")
+    return b"CALL pgtenant.refuse(" + _literal(message).encode() + b")"
 
 
 def refused_parse(message: str, sql: bytes, param_types: bytes) -> tuple[bytes, bytes]:

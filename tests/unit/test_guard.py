@@ -225,14 +225,15 @@ def test_lock_refusal_names_its_switch() -> None:
 
 
 def test_a_big_text_the_guard_would_parse_is_refused_unparsed_with_54000() -> None:
-    from proxy.errors import ProgramLimitExceeded
+    from proxy.protocol.refusal import refusal_sql
 
     guard = Guard(max_parse=10_000)
     big = b"SELECT 1 WHERE 'x' = 'set';" * 1000
-    with pytest.raises(ProgramLimitExceeded) as info:
-        guard.check(big)
-    assert info.value.sqlstate == "54000"
-    assert "max_parsed_query_size" in info.value.message
+    refusal = guard.check(big)
+    assert refusal is not None and getattr(refusal, "sqlstate", None) == "54000"
+    assert "max_parsed_query_size" in refusal
+    # Raised by Postgres itself with that SQLSTATE, in the session, as any refusal.
+    assert refusal_sql(refusal).startswith(b"CALL pgtenant.refuse_with('54000', 'pgtenant:")
     assert len(guard._cache) == 0  # nothing kept for it
     # Texts with no word to check are never parsed, whatever their size.
     assert guard.check(b"SELECT 1 WHERE 'x' = 'y';" * 100_000) is None
