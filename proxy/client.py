@@ -709,6 +709,8 @@ class ClientConnection(asyncio.Protocol):
         key = self.link.tenant_key
         reset = server.last_tenant is not None and server.last_tenant != key
         server.last_tenant = key
+        if reset and self.stats is not None:
+            self.stats.server_resets += 1
         self.link.attach(server.ctx_state, server.prepared, server.client_encoding,
                          reset=reset, reset_encoding=server.login_encoding)
         if self._writing_paused:

@@ -73,8 +73,8 @@ class LabelStats:
     """Counters of one (database, tenant type)."""
 
     __slots__ = ("bytes_received", "bytes_sent", "errors", "function_calls_refused",
-                 "logins", "queries", "query_seconds", "transaction_seconds", "transactions",
-                 "wait_seconds")
+                 "logins", "queries", "query_seconds", "server_resets", "transaction_seconds",
+                 "transactions", "wait_seconds")
 
     def __init__(self) -> None:
         self.transactions = 0
@@ -83,6 +83,7 @@ class LabelStats:
         self.bytes_received = 0  # from clients
         self.bytes_sent = 0  # to clients
         self.function_calls_refused = 0
+        self.server_resets = 0  # servers emptied (DISCARD ALL) before this label's use
         self.errors: dict[str, int] = {}  # SQLSTATE class -> ErrorResponses sent to clients
         self.transaction_seconds = Histogram(DURATION_BUCKETS)
         self.query_seconds = Histogram(DURATION_BUCKETS)
@@ -203,6 +204,9 @@ class Collector(_CollectorBase):
         yield counter("pgtenant_client_received_bytes", "Bytes received from clients",
                       "bytes_received")
         yield counter("pgtenant_client_sent_bytes", "Bytes sent to clients", "bytes_sent")
+        yield counter("pgtenant_server_resets",
+                      "Servers emptied (DISCARD ALL) because another tenant used them last",
+                      "server_resets")
         yield _histogram("pgtenant_transaction_duration_seconds",
                          "How long a transaction held its server", lbl,
                          ((list(k), s.transaction_seconds) for k, s in label_items))

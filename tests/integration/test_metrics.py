@@ -85,6 +85,8 @@ def test_metrics_count_what_clients_did(metered: tuple[ProxyProcess, int]) -> No
     assert _value(m, "pgtenant_pool_wait_seconds_bucket", le="+Inf", **sme) == 8
     assert _value(m, "pgtenant_client_received_bytes_total", **sme) > 0
     assert _value(m, "pgtenant_client_sent_bytes_total", **sme) > 0
+    # initech's one transaction landed on a server acme used: emptied first, once.
+    assert _value(m, "pgtenant_server_resets_total", **sme) == 1
     assert _value(m, "pgtenant_guard_refusals_total", rule="variable_set") == 1
     assert _value(m, "pgtenant_errors_total", sqlstate_class="42", **sme) == 1
     assert _value(m, "pgtenant_errors_total", sqlstate_class="22", **sme) == 1
