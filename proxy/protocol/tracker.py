@@ -358,9 +358,18 @@ class Link:
     # ------------------------------------------------------------------ client -> server
 
     def _inject_decision(self) -> bool | None:
+        """Whether the next segment gets the context: True, False, or None to wait (HOLD).
+
+        Skipping the context is decided only on a status the server reported with nothing
+        in flight after it: with replies outstanding, a segment is injected when the last
+        status was idle and nothing in flight may have opened a block (injecting into an
+        open block would only repeat the same tenant's SET LOCALs), and waits otherwise.
+        """
         if self.unsure:
             return None
-        return self.status == _I
+        if self.status == _I:
+            return True
+        return None if self.pending else False
 
     def _ext_injection(self, out: bytearray) -> Segment:
         seg = Segment(0)

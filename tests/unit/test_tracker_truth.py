@@ -200,3 +200,19 @@ def test_the_guard_refuses_two_phase_commit_and_proxy_statement_names(sql: bytes
     from proxy.guard import Guard
     assert Guard().check(sql) is not None
     assert Guard().check(b"EXECUTE my_statement") is None
+
+
+def test_inside_a_block_a_pipelined_request_waits_for_the_status_before_skipping_context(
+        ) -> None:
+    """The context is skipped only on a status the server reported with nothing in flight:
+    inside a transaction block, a second pipelined request waits for the first's answer."""
+    link = make_link()
+    start(link, codec.query("BEGIN"))
+    server_sends(link, INJECTED + cc("BEGIN") + Z_T)
+    out, _, outcome = client_sends(link, codec.query("SELECT 1") + codec.query("SELECT 2"))
+    assert out == codec.query("SELECT 1") and outcome == HOLD  # no context: a block is open
+    assert link.cbuf == codec.query("SELECT 2")
+    _, resume = link.feed_server(cc("SELECT 1") + Z_T)
+    assert resume
+    out, _, _ = link.pump_client()
+    assert out == codec.query("SELECT 2")
