@@ -48,9 +48,12 @@ client; SYNTH replies are emitted exactly when everything before them has been a
 The server is the source of truth (issue #10); SQL text may only make the tracker more
 careful:
 
-* Predicting the status across pipelined segments is sound because the statements that can
-  change it are a closed set (sql.py: TransactionStmt, CALL, DO, EXECUTE), recognised by
-  words with false positives only; a statement never seen parsed counts as "may".
+* The context is skipped only on a status the server reported with nothing in flight
+  (``_inject_decision``). With segments in flight, one is injected when the last status was
+  idle and none in flight may change it (a closed set of statements, sql.py: TransactionStmt,
+  CALL, DO, EXECUTE, recognised by words with false positives only; a statement never seen
+  parsed counts as "may"), and waits (HOLD) otherwise: a wrong guess costs a pause or
+  repeats the same tenant's SET LOCALs, never a request without context.
 * Every reply is matched against what was sent: a ReadyForQuery before what a segment owes,
   a frame with nothing outstanding, or a COPY the model cannot place raise
   ServerProtocolError, and the owner closes that server and ends the client.
