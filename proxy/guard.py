@@ -59,7 +59,7 @@ _LEXER_SETTINGS: Final = frozenset({"client_encoding", "standard_conforming_stri
 _SUSPECT = re.compile(
     rb"(?i)u&|\b(set|reset|set_config|discard|load|alter|copy|vacuum|database|concurrently"
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
-    rb"|listen|notify|pg_notify|prepare|prepared|execute|deallocate"
+    rb"|listen|notify|pg_notify|prepare|prepared|execute|deallocate|setseed"
     rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export"
     rb"|lock|explain|" + b"|".join(sorted(n.encode() for n in _LO_FUNCS)) + rb")\b"
 )
@@ -75,11 +75,16 @@ _ANY_WORDS: Final = frozenset(
     b"set reset set_config discard load alter copy vacuum database concurrently tablespace "
     b"cluster subscription do listen notify pg_notify pg_read_file pg_read_binary_file "
     b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
-    b"call execute deallocate prepared lock explain".split()) | {n.encode() for n in _LO_FUNCS}
+    b"call execute deallocate prepared lock explain setseed".split()
+) | {n.encode() for n in _LO_FUNCS}
 # Verdicts kept, by total bytes of their texts (see protocol/textcache.py).
 _CACHE_BYTES = 4 << 20
 RESERVED_NAME_PREFIX: Final = RESERVED_PREFIX.decode()
 _SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# The random() sequence is the backend's: DISCARD ALL does not reseed it, so a seed chosen by
+# one tenant would make random() predictable to it in the next tenant's transactions there.
+_SEED_REFUSAL: Final = ("setseed() and SET seed are not allowed in tenant sessions: the seed "
+                        "outlives the transaction on a server other tenants use")
 _NOT_IN_TXN_HINT = (
     "pgtenant runs every tenant transaction inside a transaction block that carries the "
     "tenant's context; run this statement with an admin connection to Postgres instead"
@@ -235,6 +240,8 @@ class Guard:
             args = stmt.get("args", [])
             value = _const_text(args[0]) if len(args) == 1 else None
             _check_lexer_setting(name, value)
+        if name == "seed":
+            raise Refusal(_SEED_REFUSAL)
         if name and self.is_protected(name):
             verb = "RESET" if kind == "VAR_RESET" else "SET"
             shown = "SESSION AUTHORIZATION" if name == "session_authorization" else name
@@ -265,6 +272,8 @@ class Guard:
         elif name in _NOTIFY_FUNCS:
             raise Refusal("pg_notify() is not allowed in tenant sessions: notification "
                           "channels are shared by every tenant of the database")
+        elif name == "setseed":
+            raise Refusal(_SEED_REFUSAL)
         elif name in _FILE_FUNCS:
             raise Refusal(f"{name}() reads or writes server files; it is not allowed in "
                           "tenant sessions")

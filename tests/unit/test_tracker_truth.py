@@ -216,3 +216,11 @@ def test_inside_a_block_a_pipelined_request_waits_for_the_status_before_skipping
     assert resume
     out, _, _ = link.pump_client()
     assert out == codec.query("SELECT 2")
+
+
+@pytest.mark.parametrize("sql", [b"SELECT setseed(0.5)", b"SET seed = 0", b"RESET seed",
+                                 b"select pg_catalog.SETSEED(0)"])
+def test_the_guard_refuses_seeding_random_on_a_shared_server(sql: bytes) -> None:
+    from proxy.guard import Guard
+    refusal = Guard().check(sql)
+    assert refusal is not None and "seed" in refusal
