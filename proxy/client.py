@@ -372,6 +372,12 @@ class ClientConnection(asyncio.Protocol):
             if lname == "standard_conforming_strings" and not is_on(value):
                 raise UnsupportedProtocol("standard_conforming_strings must be on")
             settings.append((name, value))
+        if not any(name.lower() == "application_name" for name, _ in settings):
+            # Postgres shows a client that named itself nothing an empty application_name;
+            # our backends carry the pool's name ("pgtenant") for pg_stat_activity while
+            # idle, which SHOW would otherwise report. The proxy is named in its own logs
+            # and in SHOW CLIENTS instead.
+            settings.append(("application_name", ""))
         return tuple(settings)
 
     def _on_loopback(self) -> bool:
@@ -441,7 +447,7 @@ class ClientConnection(asyncio.Protocol):
         started = time.monotonic()
         # Decided when the attempt starts, so the attempt that reaches the limit is still
         # answered at once; only failures are delayed (see identity/throttle.py for why).
-        delay = throttle.delay_for(self.peer_host, started)
+        delay = throttle.delay_for(self.peer_host, started, self._attempt(token))
         if self.database == ADMIN_DATABASE:
             await self._authenticate_admin(token, started, delay)
             return

@@ -47,9 +47,10 @@ class AuthThrottle:
         self.delay = delay
         self.max_addresses = max_addresses
         self.retry_window = retry_window
-        # address -> (fingerprint, time) of the failure last counted for it: the one a
-        # client's immediate retry of the same attempt repeats. Same keys as _failures.
-        self._last_attempt: dict[str, tuple[str, float]] = {}
+        # address -> (fingerprint, time, delay it got) of the failure last counted for it:
+        # the one a client's immediate retry of the same attempt repeats, and which waits
+        # as long as that attempt did, not longer. Keys: a subset of _failures'.
+        self._last_attempt: dict[str, tuple[str, float, float]] = {}
         # address -> timestamps of its latest failures (only the last ``limit`` matter:
         # the address is over the limit iff the oldest of them is inside the window).
         self._failures: dict[str, deque[float]] = {}
@@ -66,10 +67,9 @@ class AuthThrottle:
         """
         if self.delay <= 0:
             return  # disabled: keep no state at all
-        if attempt is not None:
-            last = self._last_attempt.get(addr)
-            if last is not None and last[0] == attempt and now - last[1] <= self.retry_window:
-                return
+        if self._retry_of(addr, now, attempt) is not None:
+            return
+        before = self.delay_for(addr, now)  # what this attempt got, for its retry
         times = self._failures.pop(addr, None)
         if times is None:
             if len(self._failures) >= self.max_addresses:
@@ -78,20 +78,32 @@ class AuthThrottle:
         times.append(now)
         self._failures[addr] = times  # re-inserted: dict order is least recently failed first
         if attempt is not None:
-            self._last_attempt[addr] = (attempt, now)
+            self._last_attempt[addr] = (attempt, now, before)
         else:
             self._last_attempt.pop(addr, None)
 
-    def delay_for(self, addr: str, now: float) -> float:
-        """Returns: seconds a failed login from ``addr`` starting at ``now`` must wait (0: none)."""
+    def delay_for(self, addr: str, now: float, attempt: str | None = None) -> float:
+        """Returns: seconds a failed login from ``addr`` starting at ``now`` must wait (0: none);
+        the retry of an attempt (see ``record_failure``) waits what the attempt waited."""
         if self.delay <= 0:
             return 0.0
+        retried = self._retry_of(addr, now, attempt)
+        if retried is not None:
+            return retried
         if self.limit <= 0:
             return self.delay
         times = self._failures.get(addr)
         if times is None or len(times) < self.limit:
             return 0.0
         return self.delay if times[0] > now - self.window else 0.0
+
+    def _retry_of(self, addr: str, now: float, attempt: str | None) -> float | None:
+        """Returns: the delay of the counted attempt that ``attempt`` repeats within
+        ``retry_window``, or None when it is a new attempt."""
+        last = self._last_attempt.get(addr) if attempt is not None else None
+        if last is None or last[0] != attempt or now - last[1] > self.retry_window:
+            return None
+        return last[2]
 
     def _evict(self, now: float) -> None:
         horizon = now - self.window
