@@ -38,6 +38,7 @@ from .errors import (
     TooManyConnections,
     UnknownDatabase,
     UnsupportedProtocol,
+    WrongUser,
 )
 from .identity.context import TenantContext, build_context
 from .logs import fields
@@ -79,9 +80,12 @@ _REPORTED = (
 )
 
 
+# A whole Terminate message ('X', length 4), as the first bytes of a connection.
+_TERMINATE: Final = b"X\x00\x00\x00\x04"
+
 # Login failures by cause, for pgtenant_auth_failures_total{reason}.
 _AUTH_REASONS: Final = {
-    "AuthFailed": "invalid_token", "AuthRefused": "refused",
+    "AuthFailed": "invalid_token", "AuthRefused": "refused", "WrongUser": "wrong_user",
     "UnknownDatabase": "unknown_database", "LoginTimeout": "login_timeout",
     "UnsupportedProtocol": "bad_startup", "InvalidParameter": "bad_startup",
     "ClientProtocolError": "protocol_error", "MessageTooLarge": "protocol_error",
@@ -235,6 +239,12 @@ class ClientConnection(asyncio.Protocol):
             if len(buf) > _MAX_STARTUP:
                 raise ClientProtocolError("too much data during the TLS handshake")
             return
+        if buf[:5] == _TERMINATE:
+            # A Terminate before any startup packet (node-postgres's end() of a client that
+            # never connected): Postgres just closes, and a client that said goodbye does
+            # not expect an ErrorResponse (node-pg crashes on one).
+            self._disconnect("client sent Terminate before startup")
+            return
         while self.state is ClientState.STARTUP and len(buf) >= 8:
             (length,) = _unpack_i32(buf, 0)
             if length < 8 or length > _MAX_STARTUP:
@@ -362,6 +372,12 @@ class ClientConnection(asyncio.Protocol):
             if lname == "standard_conforming_strings" and not is_on(value):
                 raise UnsupportedProtocol("standard_conforming_strings must be on")
             settings.append((name, value))
+        if not any(name.lower() == "application_name" for name, _ in settings):
+            # Postgres shows a client that named itself nothing an empty application_name;
+            # our backends carry the pool's name ("pgtenant") for pg_stat_activity while
+            # idle, which SHOW would otherwise report. The proxy is named in its own logs
+            # and in SHOW CLIENTS instead.
+            settings.append(("application_name", ""))
         return tuple(settings)
 
     def _on_loopback(self) -> bool:
@@ -431,7 +447,7 @@ class ClientConnection(asyncio.Protocol):
         started = time.monotonic()
         # Decided when the attempt starts, so the attempt that reaches the limit is still
         # answered at once; only failures are delayed (see identity/throttle.py for why).
-        delay = throttle.delay_for(self.peer_host, started)
+        delay = throttle.delay_for(self.peer_host, started, self._attempt(token))
         if self.database == ADMIN_DATABASE:
             await self._authenticate_admin(token, started, delay)
             return
@@ -439,13 +455,14 @@ class ClientConnection(asyncio.Protocol):
             identity = await self.app.registry.resolve(token)
             if identity is None:
                 self.app.auth_failures += 1
-                throttle.record_failure(self.peer_host, started)
+                throttle.record_failure(self.peer_host, started, self._attempt(token))
                 if delay > 0:
                     await asyncio.sleep(delay)
                 raise AuthFailed(
                     f'password authentication failed for user "{self.user}"',
                     hint="pgtenant expects a valid, unexpired, unrevoked token as the password",
                 )
+            self._check_user(identity.slug)
             tenant_type = self.app.config.tenant_types.get(identity.tenant_type)
             if tenant_type is None:
                 raise AuthRefused(
@@ -512,6 +529,25 @@ class ClientConnection(asyncio.Protocol):
             self._buf.clear()
             self._pump()
 
+    def _attempt(self, token: str) -> str:
+        """Returns: the fingerprint of this login attempt for the throttle (user, database,
+        token hash), the same on libpq's sslmode=prefer retry of it; no token is kept."""
+        return hashlib.sha256("\0".join((self.user, self.database, token)).encode()).hexdigest()
+
+    def _check_user(self, slug: str) -> None:
+        """Fail closed on a user name that does not match the token: a client that asked
+        for user "bob" must not silently run as whichever tenant its password names.
+        Naming the token's tenant only tells what the holder of the token can learn anyway.
+
+        Raises: WrongUser (28000) unless the user is ``slug`` or listed in ``any_user``.
+        """
+        allowed = self.app.config.any_user
+        if self.user == slug or self.user in allowed or "*" in allowed:
+            return
+        raise WrongUser(
+            f'the token belongs to user "{slug}", not "{self.user}"',
+            hint=f'connect with user={slug}, or list the user name in any_user')
+
     def _route(self, database: str | None, slug: str) -> None:
         """Database per tenant: serve the tenant from its own [databases.<name>] (its
         organization row's, else its tenant type's), whatever dbname it asked for.
@@ -549,7 +585,8 @@ class ClientConnection(asyncio.Protocol):
         expected = self.app.config.admin.token_sha256 or ""
         given = hashlib.sha256(token.encode()).hexdigest()
         if not hmac.compare_digest(given, expected):
-            self.app.auth_throttle.record_failure(self.peer_host, started)
+            self.app.auth_throttle.record_failure(self.peer_host, started,
+                                                  self._attempt(token))
             if delay > 0:
                 await asyncio.sleep(delay)
             if self.state is not ClientState.CLOSED:

@@ -427,6 +427,12 @@ class Config:
         metadata=_doc("also set app.tenant_sig (HMAC): on when pgtenant init installed it",
                       choices=("auto", "on", "off")),
     )
+    any_user: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("user names accepted with any tenant's token, for clients that cannot "
+                      "choose the user (\"*\": every name); otherwise the user must be the "
+                      "token's tenant slug"),
+    )
     auth_failure_limit: int = field(
         default=5, metadata=_doc("failed logins per client address before slowing it down")
     )

@@ -60,6 +60,7 @@ __all__ = [
     "TooManyLogins",
     "UnknownDatabase",
     "UnsupportedProtocol",
+    "WrongUser",
 ]
 
 
@@ -124,6 +125,11 @@ class AuthFailed(AuthError):
 
 class AuthRefused(AuthError):
     sqlstate = "28000"
+
+
+class WrongUser(AuthRefused):
+    """A valid token presented under a user name that is not its tenant's slug (nor one of
+    ``any_user``): refused rather than ignored, so a client's ``user`` means what it says."""
 
 
 class UnknownDatabase(ProxyError):

@@ -232,8 +232,11 @@ async def test_wrong_revoked_and_expired_tokens_fail_alike(proxy: ProxyProcess) 
 
 
 async def test_user_name_is_not_trusted_the_token_decides_the_tenant(
-    proxy: ProxyProcess,
+    start_proxy: Callable[..., ProxyProcess],
 ) -> None:
+    # any_user = ["*"] accepts every user name (else it must be the slug, test_login_match);
+    # even then, and even under another tenant's slug, the token alone picks the tenant.
+    proxy = start_proxy(extra='any_user = ["*"]\n')
     env = proxy.env
     for user in ("postgres", "initech", "anyone"):
         conn = await asyncpg_connect(proxy, "acme", user=user)

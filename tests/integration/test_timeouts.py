@@ -35,7 +35,9 @@ def test_query_timeout_cancels_the_query_and_ends_the_client(
     start_proxy: Callable[..., ProxyProcess],
 ) -> None:
     proxy = start_proxy(extra="query_timeout = 0.5", transform=_named("pgt_qt"))
-    with psycopg.connect(**proxy.conninfo("acme"), autocommit=True) as conn:
+    # The client names itself too: in a transaction its backend shows the client's name.
+    with psycopg.connect(**proxy.conninfo("acme"), application_name="pgt_qt",
+                         autocommit=True) as conn:
         started = time.monotonic()
         with pytest.raises(psycopg.OperationalError, match="query_timeout") as info:
             conn.execute("SELECT pg_sleep(30)")

@@ -90,13 +90,14 @@ async def tenant_rows(conn: psycopg.AsyncConnection[tuple[str]], table: str) -> 
     return [row[0] for row in await cur.fetchall()]
 
 
-async def backend_ssl_flags(cluster: PostgresCluster) -> list[bool]:
-    """Returns: pg_stat_ssl.ssl of every backend the proxy opened (application_name)."""
+async def backend_ssl_flags(cluster: PostgresCluster, role: str) -> list[bool]:
+    """Returns: pg_stat_ssl.ssl of every backend the proxy opened (its login ``role``; not
+    application_name, which is the client's own during the client's transaction)."""
     conn = await asyncpg.connect(cluster.admin_dsn("app"))
     try:
         rows = await conn.fetch(
             "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
-            "WHERE a.application_name = 'pgtenant'"
+            "WHERE a.usename = $1", role
         )
     finally:
         await conn.close()
@@ -251,7 +252,7 @@ async def test_server_tls_require_logs_in_to_the_backend_over_tls(
             assert await tenant_rows(conn, "campaigns") == (
                 tls_env.tenants["acme"].rows["public.campaigns"]
             )
-            flags = await backend_ssl_flags(tls_cluster)
+            flags = await backend_ssl_flags(tls_cluster, tls_env.proxy_role)
             assert flags and all(flags), flags
             cur = await conn.execute(
                 "SELECT repeat('x', 1000) FROM generate_series(1, 20000)"

@@ -104,6 +104,15 @@ async def test_jwt_entity_claim_and_per_tenant_schema_are_honoured(
         await conn.close()
 
 
+async def test_a_jwt_is_refused_under_another_tenants_user_name(
+    jwt_proxy: ProxyProcess,
+) -> None:
+    with pytest.raises(asyncpg.PostgresError) as info:
+        await connect(jwt_proxy, make_jwt(jwt_proxy.env, "acme"), "initech")
+    assert info.value.sqlstate == "28000"
+    assert 'the token belongs to user "acme", not "initech"' in str(info.value)
+
+
 async def test_bad_jwts_fail_exactly_like_a_wrong_opaque_token(jwt_proxy: ProxyProcess) -> None:
     env = jwt_proxy.env
     real = env.tenants["acme"].token
@@ -230,8 +239,10 @@ async def test_failures_past_the_limit_are_delayed_but_good_logins_are_not(
 ) -> None:
     proxy = start_proxy(extra="auth_failure_limit = 2\nauth_failure_delay = 1.0")
     good = proxy.env.tenants["acme"].token
-    wrong = good[:-4] + ("aaaa" if not good.endswith("aaaa") else "bbbb")
-    first, second, third = [await timed_login(proxy, wrong) for _ in range(3)]
+    # A script's guesses: each a different token (the same one retried within 2 s would be
+    # one attempt, see test_login_match).
+    wrongs = [good[:-4] + suffix for suffix in ("aaa1", "aaa2", "aaa3", "aaa4")]
+    first, second, third = [await timed_login(proxy, wrong) for wrong in wrongs[:3]]
     assert not (first[1] or second[1] or third[1])
     assert first[0] < 0.5 and second[0] < 0.5, (first, second)
     assert third[0] >= 1.0, third
@@ -239,7 +250,7 @@ async def test_failures_past_the_limit_are_delayed_but_good_logins_are_not(
     elapsed, ok = await timed_login(proxy, good)
     assert ok and elapsed < 0.5, elapsed
     # ... and a success does not wipe the failures: the next wrong token still waits.
-    elapsed, ok = await timed_login(proxy, wrong)
+    elapsed, ok = await timed_login(proxy, wrongs[3])
     assert not ok and elapsed >= 1.0, elapsed
 
 

@@ -77,3 +77,46 @@ def test_per_address_history_is_capped_at_the_limit() -> None:
     for i in range(1000):
         t.record_failure("a", float(i) / 1000)
     assert len(t._failures["a"]) == 3
+
+
+def test_libpq_retry_of_one_attempt_counts_once_and_waits_no_longer() -> None:
+    # sslmode=prefer: every refused login comes twice, ~10 ms apart (TLS, then plaintext).
+    t = AuthThrottle(limit=5, window=60.0, delay=2.0)
+    now = 0.0
+    for typo in ("tokn1", "tokn2", "tokn3"):  # a person's three typos, then the right token
+        attempt = f"alice\0app\0{typo}"
+        for _ in range(2):
+            assert t.delay_for("h", now, attempt) == 0.0, (typo, now)
+            t.record_failure("h", now, attempt)
+            now += 0.01
+        now += 5.0  # reading the error, typing again
+    assert len(t._failures["h"]) == 3  # one per attempt, not one per connection
+
+
+def test_the_retry_of_a_delayed_attempt_is_delayed_too() -> None:
+    t = AuthThrottle(limit=1, window=60.0, delay=2.0)
+    t.record_failure("h", 0.0, "a")
+    assert t.delay_for("h", 10.0, "b") == 2.0  # over the limit: a new attempt waits
+    t.record_failure("h", 10.0, "b")
+    assert t.delay_for("h", 12.1, "b") == 2.0  # and so does its retry
+    t.record_failure("h", 12.1, "b")
+
+
+def test_scripts_are_still_counted_per_guess_and_per_retry_window() -> None:
+    t = AuthThrottle(limit=3, window=60.0, delay=1.0)
+    for i in range(3):  # three different guesses in a burst: three failures
+        t.record_failure("h", i * 0.01, f"guess{i}")
+    assert t.delay_for("h", 0.1, "guess3") == 1.0
+    u = AuthThrottle(limit=3, window=60.0, delay=1.0, retry_window=2.0)
+    for i in range(7):  # one wrong token hammered every second: counted every 2+ s
+        u.record_failure("h", float(i), "same")
+    assert u.delay_for("h", 7.0, "other") == 1.0
+
+
+def test_same_fingerprint_after_the_retry_window_is_a_new_attempt() -> None:
+    t = AuthThrottle(limit=2, window=60.0, delay=1.0, retry_window=2.0)
+    t.record_failure("h", 0.0, "same")
+    t.record_failure("h", 1.0, "same")  # the retry: not counted
+    assert t.delay_for("h", 3.0, "x") == 0.0
+    t.record_failure("h", 3.0, "same")  # typed the same typo again: counted
+    assert t.delay_for("h", 4.0, "x") == 1.0
