@@ -372,11 +372,11 @@ class ClientConnection(asyncio.Protocol):
             if lname == "standard_conforming_strings" and not is_on(value):
                 raise UnsupportedProtocol("standard_conforming_strings must be on")
             settings.append((name, value))
-        if not any(name.lower() == "application_name" for name, _ in settings):
+        if (self.pool is not None and self.pool.names_backends
+                and not any(name.lower() == "application_name" for name, _ in settings)):
             # Postgres shows a client that named itself nothing an empty application_name;
-            # our backends carry the pool's name ("pgtenant") for pg_stat_activity while
-            # idle, which SHOW would otherwise report. The proxy is named in its own logs
-            # and in SHOW CLIENTS instead.
+            # backends named by their dsn would report theirs, so '' is re-applied with each
+            # transaction (backends are unnamed by default: then this costs nothing).
             settings.append(("application_name", ""))
         return tuple(settings)
 

@@ -90,9 +90,12 @@ class Pool:
         self.verified = False
         self.signing_key: bytes | None = None
         self._verify_lock = asyncio.Lock()
-        # Name our backends in pg_stat_activity unless the dsn already does.
-        named = any(key == "application_name" for key, _ in db.dsn.params)
-        self._login_params = () if named else (("application_name", "pgtenant"),)
+        # Our backends log in with no application_name of their own (they are the login
+        # role's in pg_stat_activity), so a client that named itself nothing sees '' as from
+        # Postgres at no cost per transaction; a dsn that names them makes clients that set
+        # none re-apply '' with every transaction instead (client._startup_settings).
+        self.names_backends = any(key == "application_name" for key, _ in db.dsn.params)
+        self._login_params: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:
         c = {s.value: len(d) for s, d in self.containers.items()}

@@ -18,12 +18,12 @@ SLUGS = ("acme", "initech", "umbrella", "globex", "hooli")
 
 
 async def proxy_backends(env: DemoEnv) -> list[asyncpg.Record]:
-    """Backends the proxy's pools opened (the registry names its own differently)."""
+    """Backends the proxy's pools opened (the registry's log in as the control role)."""
     admin = await asyncpg.connect(env.admin_dsn)
     try:
         return await admin.fetch(
             "SELECT pid, state, xact_start FROM pg_stat_activity "
-            "WHERE usename = $1 AND application_name = 'pgtenant'", env.proxy_role,
+            "WHERE usename = $1", env.proxy_role,
         )
     finally:
         await admin.close()
