@@ -539,8 +539,11 @@ class App:
                 client.check_timeouts(now)
 
     async def drain(self, timeout: float) -> None:
-        """Graceful stop (SIGTERM): accept no one; end each client once it has no
-        transaction running; after ``timeout`` seconds, end everything (``stop``)."""
+        """Graceful stop (SIGTERM): accept no one; end each client at its next transaction
+        boundary (idle ones now; a running one when its server is released, or with 57P01
+        before its next transaction starts: see ClientConnection._request_server); return
+        as soon as no client is left, or after ``timeout`` seconds end everything (``stop``).
+        """
         self.stopping = True
         if self._server is not None:
             self._server.close()
