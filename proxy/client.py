@@ -780,11 +780,6 @@ class ClientConnection(asyncio.Protocol):
             self.pool.discard(server)
         else:
             _after_cancels(server, self.pool.release)
-        if self.app.stopping:
-            # Draining: the transaction is over and its replies are delivered; end the
-            # client at this boundary rather than when it asks again. Bytes it already sent
-            # for its next transaction never reach a server.
-            self.terminate("pgtenant is shutting down")
 
     def _transaction_done(self) -> None:
         """The server goes back (or away): one transaction, in PgBouncer's sense, ended."""

@@ -116,12 +116,17 @@ async def test_sigterm_ends_busy_clients_at_transaction_boundaries_and_exits_whe
 
     loops = [asyncio.ensure_future(loop(i, c)) for i, c in enumerate(conns)]
     sleep = asyncio.ensure_future(sleeper.fetchval("SELECT pg_sleep(2)::text || 'slept'"))
+    # The same from psycopg (autocommit, its own protocol flow), in a thread.
+    sync_sleeper = psycopg.connect(**proxy.conninfo("acme"), autocommit=True)
+    sync_sleep = asyncio.get_running_loop().run_in_executor(
+        None, lambda: sync_sleeper.execute("SELECT 'slept' FROM pg_sleep(2)").fetchone())
     await asyncio.sleep(0.5)  # every loop is busy, the autocommit sleep is in flight
     assert committed and not cut
     started = time.monotonic()
     proxy.proc.send_signal(signal.SIGTERM)
     try:
         assert await sleep == "slept"  # an autocommit statement in flight is not cut
+        assert await sync_sleep == ("slept",)
         await asyncio.wait_for(asyncio.gather(*loops), 5)
         code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 5)
         elapsed = time.monotonic() - started
@@ -131,6 +136,9 @@ async def test_sigterm_ends_busy_clients_at_transaction_boundaries_and_exits_whe
         for conn in conns:
             await conn.close()
         sleeper.terminate()
+        sync_sleeper.close()
+    print(f"drained in {elapsed:.2f}s after SIGTERM; {len(committed)} transactions "
+          f"committed; loops ended by: {sorted(set(e[:60] for e in ended_at_boundary))}")
     assert not cut, cut
     assert code == 0
     assert len(ended_at_boundary) == 8, ended_at_boundary
