@@ -679,7 +679,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.pool is not None and self.context is not None
         if self.app.stopping:
             # Draining (SIGTERM): this is a transaction boundary, and the next transaction
-            # does not start (PgBouncer's safe shutdown; clients retry elsewhere on 57P01).
+            # does not start; a client retries elsewhere on 57P01.
             self.terminate("pgtenant is shutting down")
             return False
         # A token revoked since login ends its sessions at their next transaction (the
