@@ -310,8 +310,9 @@ class AdminConsole:
         for name, pool in self.app.pools.items():
             dsn = pool.db.dsn
             clients = sum(1 for c in self._clients() if c.database == name)
-            rows.append([name, dsn.host, dsn.port, dsn.dbname, dsn.user, pool.db.pool_size, 0,
-                         0, 0, "transaction", None, pool.db.pool_size, pool.total,
+            rows.append([name, dsn.host, dsn.port, dsn.dbname, dsn.user, pool.db.pool_size,
+                         pool.db.min_pool_size, pool.db.reserve_pool, 0, "transaction", None,
+                         pool.db.pool_size, pool.total,
                          config.max_client_conn, clients, int(pool.paused), 0])
         return _table(_DATABASES, rows)
 

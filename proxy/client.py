@@ -644,9 +644,13 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def has_running_transaction(self) -> bool:
-        """Whether a transaction of this client is under way on a server (graceful stop)."""
+        """Whether work of this client is under way on a server (graceful stop): an open
+        transaction, or a request whose reply is still owed (an autocommit statement in
+        flight is a transaction too, and is not cut). A pinned session idle between
+        transactions is not running: it never reaches a release to be ended at."""
+        link = self.link
         return (self.state is ClientState.READY and self.server is not None
-                and self.link is not None and self.link.in_transaction)
+                and link is not None and (link.in_transaction or bool(link.pending)))
 
     @property
     def token_id(self) -> UUID | None:
@@ -710,6 +714,11 @@ class ClientConnection(asyncio.Protocol):
     def _request_server(self) -> bool:
         """Returns: True when a server is attached now; False when we wait (or failed)."""
         assert self.pool is not None and self.context is not None
+        if self.app.stopping:
+            # Draining (SIGTERM): this is a transaction boundary, and the next transaction
+            # does not start; a client retries elsewhere on 57P01.
+            self.terminate("pgtenant is shutting down")
+            return False
         # A token revoked since login ends its sessions at their next transaction (the
         # registry hears revocations through LISTEN; see identity/registry.py).
         if self.app.registry.is_revoked(self.context.identity.token_id):

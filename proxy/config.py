@@ -384,7 +384,8 @@ class Config:
     )
     shutdown_timeout: float = field(
         default=30.0,
-        metadata=_doc("on SIGTERM, how long running transactions may take to finish", unit="s"),
+        metadata=_doc("on SIGTERM, how long running transactions may take to finish (the "
+                      "proxy exits as soon as they are done)", unit="s"),
     )
     context_statements: str = field(
         default="set_local",

@@ -69,9 +69,16 @@ class Pool:
         self.held: dict[object, int] = {}  # servers held, by tenant key
         self._holder: dict[ServerConnection, object] = {}
         # Backends that fail: connects are retried with a growing delay; waiters get the
-        # last connect error once they have waited server_connect_timeout.
+        # last connect error once they have waited server_connect_timeout. The delay grows
+        # once per retry *round*, not per failed connect: the N connects opened together
+        # for N waiters fail together, and counting each would make the delay grow N times
+        # for one outage (8 waiters: a 5 s wait after a 0.6 s outage). A connect belongs to
+        # the round current when it was opened; the first failure of a round ends it.
         self._retry_at = 0.0
         self._backoff = _BACKOFF_FIRST
+        self._round = 0
+        self._round_of: dict[ServerConnection, int] = {}
+        self._retry_timer: asyncio.TimerHandle | None = None
         self.last_connect_error: ProxyError | None = None
         self.server_params: dict[str, str] = {}
         self.out_of_sync = 0  # servers closed because a client left them mid-protocol
@@ -197,6 +204,14 @@ class Pool:
                      "server_lifetime (%gs)", self.db.name, server.id, lifetime)
             self.discard(server)
             return
+        if self.total > self.max_servers:
+            # pool_size was lowered (RELOAD/SIGHUP): shrink as servers come free, so the
+            # new size holds within one transaction per server, busy or not.
+            log.info("database=%s closing server connection #%d: above pool_size (%d) + "
+                     "reserve_pool (%d)", self.db.name, server.id, self.db.pool_size,
+                     self.db.reserve_pool)
+            self.discard(server)
+            return
         server.last_used = now
         self._set_state(server, ServerState.IDLE)
         if self.waiting or self.paused:  # else _dispatch has nothing to do
@@ -264,8 +279,29 @@ class Pool:
         self._dispatch()
 
     def dispatch(self) -> None:
-        """Serve waiters after a change from outside (a reload raised pool_size)."""
+        """Apply a change from outside (a reload): close idle servers above a lowered
+        pool_size, serve waiters a raised one has room for."""
+        self._trim_idle()
         self._dispatch()
+
+    @property
+    def max_servers(self) -> int:
+        """Servers this pool may hold at most: pool_size, plus the reserve (which is opened
+        only for transactions that waited reserve_pool_timeout, and kept like the rest;
+        PgBouncer's janitor also closes only beyond pool_size + reserve_pool_size)."""
+        return self.db.pool_size + self.db.reserve_pool
+
+    def _trim_idle(self) -> None:
+        """Close idle servers beyond ``max_servers``, least recently used first (busy ones
+        are closed as they are released: ``release``)."""
+        idle = self.containers[ServerState.IDLE]
+        excess = self.total - self.max_servers
+        for server in list(idle)[:max(0, excess)]:
+            log.info("database=%s closing server connection #%d: above pool_size (%d) + "
+                     "reserve_pool (%d)", self.db.name, server.id, self.db.pool_size,
+                     self.db.reserve_pool)
+            self._set_state(server, ServerState.CLOSED)
+            server.close()
 
     @property
     def _busy(self) -> bool:
@@ -325,7 +361,12 @@ class Pool:
         if now < self._retry_at:
             return  # the backend failed lately: retry after the backoff (tick calls again)
         demand, oldest = self._demand()
-        want = demand - len(self.containers[ServerState.LOGIN])
+        logging_in = len(self.containers[ServerState.LOGIN])
+        want = demand - logging_in
+        if self.last_connect_error is not None:
+            # The backend failed lately: one connect probes it, the others follow as soon as
+            # it logs in (_connect_succeeded), rather than 50 failing at each retry.
+            want = min(want, 1 - logging_in)
         limit = self.db.pool_size
         if oldest is not None and now - oldest >= self.config.reserve_pool_timeout:
             limit += self.db.reserve_pool
@@ -335,6 +376,7 @@ class Pool:
     def _open(self) -> ServerConnection:
         server = ServerConnection(self.db.dsn, self.server_lost, self.server_tls)
         self._set_state(server, ServerState.LOGIN)
+        self._round_of[server] = self._round
         self._spawn(self._connect(server))
         return server
 
@@ -343,16 +385,53 @@ class Pool:
         try:
             await server.connect(self.config.server_connect_timeout, self._login_params)
             self.connect_seconds.observe(self.clock() - started)
+        except asyncio.CancelledError:
+            self._round_of.pop(server, None)  # the pool is closing
+            raise
         except ProxyError as exc:
-            self.connect_errors += 1
-            self.last_connect_error = exc
-            self._retry_at = self.clock() + self._backoff
-            log.error("database=%s server connect failed (retrying in %.2gs): %s",
-                      self.db.name, self._backoff, exc.message)
-            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
-            self._set_state(server, ServerState.CLOSED)
-            self._fail_waiters(exc)
+            delay = self._connect_failed(server, exc)
+            if delay is not None and not self.closed:
+                # Retry when the delay is over, not at the janitor's next sweep after it
+                # (up to 0.25 s later): service resumes as soon as the backend is back.
+                if self._retry_timer is not None:
+                    self._retry_timer.cancel()
+                self._retry_timer = asyncio.get_running_loop().call_later(delay, self._retry)
             return
+        self._connect_succeeded(server)
+
+    def _connect_failed(self, server: ServerConnection, exc: ProxyError) -> float | None:
+        """A backend connect failed.
+
+        Returns: the delay before the next retry round when this failure ended a round;
+        None when another connect of the same round failed first (counted once).
+        """
+        self.connect_errors += 1
+        self.last_connect_error = exc
+        round_ = self._round_of.pop(server, self._round)
+        self._set_state(server, ServerState.CLOSED)
+        self._fail_waiters(exc)
+        if round_ != self._round:
+            log.debug("database=%s server connect failed (same retry round): %s",
+                      self.db.name, exc.message)
+            return None
+        delay = self._backoff
+        self._round += 1
+        self._retry_at = self.clock() + delay
+        self._backoff = min(delay * 2, _BACKOFF_MAX)
+        log.error("database=%s server connect failed (retrying in %.2gs): %s",
+                  self.db.name, delay, exc.message)
+        return delay
+
+    def _retry(self) -> None:
+        """The backoff delay is over: open connects for whoever waits (a new round)."""
+        self._retry_timer = None
+        self._retry_at = 0.0
+        if not self.closed and not self.paused:
+            self._dispatch()
+
+    def _connect_succeeded(self, server: ServerConnection) -> None:
+        """A backend connect succeeded: the backend is back, the backoff starts over."""
+        self._round_of.pop(server, None)
         if self.last_connect_error is not None:
             log.info("database=%s backend reachable again", self.db.name)
         self.last_connect_error = None
@@ -404,6 +483,7 @@ class Pool:
             )
         if self.closed or self.paused:
             return
+        self._trim_idle()
         self._close_stale_idle(now)
         if self.waiting:
             self._dispatch()  # retries after a backoff; the reserve pool after its timeout
@@ -484,6 +564,9 @@ class Pool:
             for server in list(container):
                 self._set_state(server, ServerState.CLOSED)
                 server.close()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

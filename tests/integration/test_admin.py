@@ -3,6 +3,7 @@ names, SHOW TENANTS, PAUSE/RESUME, RELOAD (and SIGHUP), KILL <tenant>, SHUTDOWN.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import signal
 import subprocess
@@ -10,12 +11,13 @@ import threading
 import time
 from collections.abc import Callable
 
+import asyncpg
 import psycopg
 import pytest
 
 from proxy.control.cluster import find_bindir
 
-from .conftest import ProxyProcess
+from .conftest import ProxyProcess, connect
 
 TOKEN = "pgta_test-admin-token"
 ADMIN = f'[admin]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"'
@@ -178,3 +180,77 @@ def test_reload_applies_changeable_keys_and_names_the_others(admin_proxy: ProxyP
 def test_shutdown_stops_the_proxy(admin_proxy: ProxyProcess) -> None:
     psql(admin_proxy, "SHUTDOWN", check=False)
     assert admin_proxy.proc.wait(10) == 0
+
+
+def _servers(proxy: ProxyProcess) -> int:
+    """Returns: the server connections SHOW POOLS counts (every state)."""
+    (pool,) = rows(proxy, "SHOW POOLS")
+    return sum(int(pool[k]) for k in ("sv_active", "sv_idle", "sv_used", "sv_login"))
+
+
+def _set_pool_size(proxy: ProxyProcess, old: int, new: int) -> None:
+    path = proxy.config_path
+    path.write_text(path.read_text().replace(f"pool_size = {old}", f"pool_size = {new}"))
+    assert "databases.app changed" in psql(proxy, "RELOAD").stderr
+
+
+async def test_lowering_pool_size_by_reload_closes_servers_as_they_are_released(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """pool_size 8 -> 2 while 8 servers are busy: nothing is cut, each server above 2 is
+    closed when its transaction ends (not at server_idle_timeout); raising it works too."""
+    proxy = start_proxy(pool_size=8, extra=ADMIN)
+    conns = [await connect(proxy, "acme") for _ in range(8)]
+    try:
+        busy = asyncio.gather(*(c.fetchval("SELECT pg_sleep(0.8)::text || 'done'")
+                                for c in conns))
+        await asyncio.sleep(0.3)
+        pids = [int(r["remote_pid"]) for r in rows(proxy, "SHOW SERVERS")]
+        assert len(pids) == 8 and _servers(proxy) == 8
+        _set_pool_size(proxy, 8, 2)
+        (db,) = rows(proxy, "SHOW DATABASES")
+        assert (db["pool_size"], db["current_connections"]) == ("2", "8")  # none cut
+        assert await busy == ["done"] * 8
+        for _ in range(3):  # a few transactions: at most one per server to converge
+            assert await asyncio.gather(*(c.fetchval("SELECT 1") for c in conns)) == [1] * 8
+        assert _servers(proxy) <= 2
+        (db,) = rows(proxy, "SHOW DATABASES")
+        assert int(db["current_connections"]) <= 2
+        admin = await asyncpg.connect(proxy.env.admin_dsn)
+        try:  # really closed on the Postgres side, not only forgotten
+            deadline = time.monotonic() + 5
+            while await admin.fetchval("SELECT count(*) FROM pg_stat_activity "
+                                       "WHERE pid = ANY($1::int[])", pids) > 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            await admin.close()
+        assert "above pool_size (2)" in proxy.log()
+        _set_pool_size(proxy, 2, 8)  # and back up: 8 sleeps run side by side again
+        started = time.monotonic()
+        busy = asyncio.gather(*(c.fetchval("SELECT pg_sleep(0.5)") for c in conns))
+        await asyncio.sleep(0.3)
+        assert _servers(proxy) == 8
+        await busy
+        assert time.monotonic() - started < 1.2  # not 4 rounds of 0.5 s on 2 servers
+    finally:
+        for conn in conns:
+            conn.terminate()
+
+
+def test_lowering_pool_size_closes_idle_servers_at_once(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    proxy = start_proxy(pool_size=4, extra=ADMIN)
+    conns = [psycopg.connect(**proxy.conninfo("acme")) for _ in range(4)]
+    try:
+        for conn in conns:  # four transactions open at once: four servers
+            conn.execute("SELECT 1")
+        for conn in conns:
+            conn.commit()
+        assert _servers(proxy) == 4
+        _set_pool_size(proxy, 4, 1)
+        assert _servers(proxy) == 1  # idle ones above the new size: closed by the reload
+    finally:
+        for conn in conns:
+            conn.close()

@@ -12,8 +12,9 @@ import random
 import pytest
 
 from proxy.config import Config, DatabaseConfig, Dsn
-from proxy.errors import PoolClosed, PoolTimeout, ProxyError
+from proxy.errors import PoolClosed, PoolTimeout, ProxyError, ServerUnavailable
 from proxy.pool import Pool
+from proxy.protocol.handshake import LoginResult
 from proxy.server import ServerConnection, ServerState
 
 QUERY_WAIT = 10.0
@@ -426,4 +427,101 @@ def test_server_older_than_server_lifetime_is_closed_on_release() -> None:
     server.created_at = clock.now - pool.config.server_lifetime
     pool.release(server)
     assert server.state is ServerState.CLOSED
+    check_containers(pool, servers)
+
+
+# ------------------------------------------------------------------ backend connect retries
+
+def _connecting_pool(pool_size: int, clock: Clock) -> tuple[Pool, list[ServerConnection]]:
+    """Returns: an empty pool whose connects never run: the test decides their outcome
+    (``_connect_failed`` / ``_connect_succeeded``), and the list of servers it opened."""
+    db = DatabaseConfig(name="app", dsn=Dsn(), pool_size=pool_size)
+    pool = Pool(db, Config(query_wait_timeout=QUERY_WAIT, databases={"app": db}), clock=clock)
+    pool._spawn = lambda coro: coro.close()  # type: ignore[method-assign]
+    opened: list[ServerConnection] = []
+    real_open = pool._open
+
+    def open_() -> ServerConnection:
+        server = real_open()
+        opened.append(server)
+        return server
+
+    pool._open = open_  # type: ignore[method-assign]
+    return pool, opened
+
+
+def _fail_all(pool: Pool, servers: list[ServerConnection]) -> list[float | None]:
+    down = ServerUnavailable("backend 127.0.0.1:5432 is unreachable: connection refused")
+    return [pool._connect_failed(s, down) for s in servers if s.state is ServerState.LOGIN]
+
+
+def test_connects_failing_together_grow_the_backoff_once() -> None:
+    """50 waiters open 50 connects; the outage makes them all fail: that is one failed
+    round (one 0.25 s delay, then 0.5 s), not 50 (which reached the 5 s cap at once)."""
+    clock = Clock()
+    pool, opened = _connecting_pool(50, clock)
+    waiters = [FakeWaiter(f"w{i}") for i in range(50)]
+    for waiter in waiters:
+        assert pool.acquire(waiter) is None
+    assert len(opened) == 50
+    assert _fail_all(pool, opened) == [0.25] + [None] * 49
+    assert pool.total == 0 and pool._retry_at == clock.now + 0.25
+    clock.now += 0.2
+    pool.tick(clock.now)
+    assert len(opened) == 50  # still backing off
+    clock.now += 0.05
+    pool.tick(clock.now)
+    assert len(opened) == 51  # the second round: one connect probes the backend
+    assert _fail_all(pool, opened[50:]) == [0.5]
+    clock.now += 0.5
+    pool.tick(clock.now)
+    assert len(opened) == 52
+    back = opened[51]
+    back.login = LoginResult()
+    pool._connect_succeeded(back)  # the backend is back: a waiter is served at once...
+    assert sum(len(w.assigned) for w in waiters) == 1
+    assert len(pool.containers[ServerState.LOGIN]) == 49  # ...and the rest connect now
+    assert pool._backoff == 0.25 and pool._retry_at == 0.0
+    check_containers(pool, opened)
+
+
+def test_a_late_failure_of_an_earlier_round_does_not_grow_the_backoff() -> None:
+    clock = Clock()
+    pool, opened = _connecting_pool(2, clock)
+    pool.acquire(FakeWaiter("a"))
+    pool.acquire(FakeWaiter("b"))
+    down = ServerUnavailable("connection refused")
+    assert pool._connect_failed(opened[0], down) == 0.25
+    clock.now += 0.25
+    pool.tick(clock.now)  # round 1's other connect still runs: it is the probe
+    assert len(opened) == 2
+    assert pool._connect_failed(opened[1], down) is None  # round 1's straggler
+    pool.tick(clock.now)
+    assert len(opened) == 3  # round 2
+    assert pool._connect_failed(opened[2], down) == 0.5
+    check_containers(pool, opened)
+
+
+# ------------------------------------------------------------------ pool_size lowered
+
+def test_lowered_pool_size_closes_released_servers_above_it() -> None:
+    pool, servers = make_pool(4)
+    busy = [pool.acquire(FakeWaiter(f"c{i}")) for i in range(4)]
+    pool.db = DatabaseConfig(name="app", dsn=Dsn(), pool_size=2)  # RELOAD
+    pool.dispatch()
+    assert pool.total == 4  # all busy: nothing is cut
+    for server in busy[:3]:
+        assert server is not None
+        pool.release(server)
+    assert states(servers).count("closed") == 2 and pool.total == 2
+    assert busy[2] is not None and busy[2].state is ServerState.IDLE
+    check_containers(pool, servers)
+
+
+def test_lowered_pool_size_closes_idle_servers_above_it_at_once() -> None:
+    pool, servers = make_pool(5)
+    pool.db = DatabaseConfig(name="app", dsn=Dsn(), pool_size=3, reserve_pool=1)
+    pool.dispatch()
+    assert pool.total == 4  # pool_size + reserve_pool, as PgBouncer's janitor keeps
+    assert states(servers).count("closed") == 1
     check_containers(pool, servers)
