@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 __all__ = [
     "OUTSIDE_TXN",
+    "PLACEHOLDER_PASSWORDS",
     "TEMPLATE_FIELDS",
     "AdminConfig",
     "Config",
@@ -39,6 +40,8 @@ __all__ = [
     "parse_config",
     "parse_dsn",
     "parse_listen",
+    "placeholder_passwords",
+    "redact_dsn",
 ]
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -844,6 +847,26 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return parse_config(data)
+
+
+# Passwords that only ever stand for "put the real one here": config/pgtenant.example.toml's
+# placeholder, and the word its dsns used before. A config still holding one is refused at
+# start and by `pgtenant init --config`, which would otherwise make it the role's password.
+PLACEHOLDER_PASSWORDS = frozenset({"CHANGE_ME", "secret"})
+
+
+def placeholder_passwords(config: Config) -> list[str]:
+    """Returns: one message per dsn of ``config`` whose password is a placeholder."""
+    dsns: list[tuple[str, Dsn | None]] = [("control.dsn", config.control.dsn)]
+    for name, db in config.databases.items():
+        dsns += [(f"databases.{name}.dsn", db.dsn),
+                 (f"databases.{name}.control_dsn", db.control_dsn)]
+    return [
+        f"{key}: the password of role {dsn.user!r} is the placeholder {dsn.password!r}; put "
+        f"the role's real password there (`pgtenant init` prints it; `pgtenant init "
+        f"--write-config PATH` writes a config with it)"
+        for key, dsn in dsns if dsn is not None and dsn.password in PLACEHOLDER_PASSWORDS
+    ]
 
 
 def is_loopback(host: str) -> bool:
