@@ -380,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scrub(text: str, args: argparse.Namespace) -> str:
+    """Returns: ``text`` without the password of ``--dsn``: a driver's message may quote it."""
+    dsn = getattr(args, "dsn", None)
+    password = parse_dsn(dsn).password if dsn else None
+    return text.replace(password, "***") if password else text
+
+
 def _connection_problem(args: argparse.Namespace, exc: OSError) -> str | None:
     """Returns: a sentence for a failed connection to ``--dsn``, or None for another OSError.
 
@@ -411,6 +418,13 @@ def _connection_problem(args: argparse.Namespace, exc: OSError) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Returns: the process exit code."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "dsn", None):
+        # Checked here, not by asyncpg, whose errors may quote the URL, password included.
+        try:
+            parse_dsn(args.dsn, key="--dsn")
+        except ConfigError as exc:
+            print(f"pgtenant: {exc.message}", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args))
     except ConfigError as exc:
@@ -430,12 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         sentence = _connection_problem(args, exc)
         print(f"pgtenant: {sentence}" if sentence else
-              f"pgtenant: cannot complete the command against the database: {exc}",
-              file=sys.stderr)
+              f"pgtenant: cannot complete the command against the database: "
+              f"{_scrub(str(exc), args)}", file=sys.stderr)
         return 1
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"pgtenant: cannot complete the command against the database: {exc}",
-              file=sys.stderr)
+        print(f"pgtenant: cannot complete the command against the database: "
+              f"{_scrub(str(exc), args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -543,3 +543,12 @@ def test_serve_on_a_busy_port_fails_cleanly(initialised: CliEnv, tmp_path: Path)
         config.write_text(_config_toml(initialised.proxy_dsn, port, initialised.control_dsn))
         out = run_cli("serve", "--config", str(config), timeout=30)
     assert_operator_error(out, str(port))
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://u:hunter2secret@127.0.0.1:xx/db",
+                                 "mysql://u:hunter2secret@127.0.0.1/db"])
+def test_a_bad_dsn_option_is_refused_without_showing_its_password(dsn: str) -> None:
+    out = run_cli("tenant", "list", "--dsn", dsn)
+    assert out.returncode == 2
+    assert_operator_error(out, "--dsn", "***")
+    assert "hunter2secret" not in out.stderr + out.stdout
