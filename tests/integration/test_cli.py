@@ -194,8 +194,9 @@ def test_init_refuses_one_role_for_both_login_and_control(initialised: CliEnv) -
 
 # ------------------------------------------------------------------------------ write-config
 
-def test_init_write_config_writes_a_private_valid_config_with_real_passwords(pg_cluster: PostgresCluster,
-                                                       tmp_path: Path) -> None:
+def test_init_write_config_writes_a_private_valid_config_with_real_passwords(
+    pg_cluster: PostgresCluster, tmp_path: Path,
+) -> None:
     db = "cli_starter_db"
     pg_cluster.create_database(db)
     target = tmp_path / "etc" / "pgtenant.toml"
