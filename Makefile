@@ -3,22 +3,43 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# The demo needs only the runtime dependencies; `make test` adds the test and lint tools.
+DEMO_STAMP := $(VENV)/.demo-stamp
+# The proxy's port for `make demo PORT=7432` (default 6432).
+PORT ?=
 
-.PHONY: install demo test lint unit bench bench-quick clean
+.PHONY: install install-demo demo test lint unit bench bench-quick clean
 
-$(STAMP): pyproject.toml
+# No system Postgres? Use the embedded one from the pgserver wheel.
+define need_postgres
+	@command -v pg_config >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
+	  || { echo "==> no system PostgreSQL: installing the embedded one (pgserver)"; \
+	       $(PY) -m pip install --progress-bar on -e '.[embedded]'; }
+endef
+
+$(VENV)/bin/python:
+	@echo "==> creating the virtualenv $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	@# No system Postgres? Use the embedded one from the pgserver wheel.
-	@command -v pg_config >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
-	  || $(PY) -m pip install --quiet -e '.[embedded]'
-	touch $(STAMP)
+
+$(DEMO_STAMP): pyproject.toml | $(VENV)/bin/python
+	@echo "==> installing pgtenant and its runtime dependencies into $(VENV)"
+	$(PY) -m pip install --progress-bar on -e .
+	$(need_postgres)
+	touch $(DEMO_STAMP)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	@echo "==> installing pgtenant with the test and lint tools into $(VENV)"
+	$(PY) -m pip install --progress-bar on -e '.[test]'
+	$(need_postgres)
+	touch $(STAMP) $(DEMO_STAMP)
 
 install: $(STAMP)
 
-demo: install
-	$(PY) -m proxy demo
+install-demo: $(DEMO_STAMP)
+
+demo: install-demo
+	$(PY) -m proxy demo $(if $(PORT),--port $(PORT),)
 
 lint: install
 	$(PY) -m ruff check proxy tests benchmarks

@@ -1,29 +1,69 @@
 """The ``pgtenant`` command: serve, init, tenant, token and demo.
 
-Owns argument parsing and exit codes only; the work lives in ``app`` and ``control``.
+Owns argument parsing, operator-facing messages and exit codes only; the work lives in
+``app`` and ``control``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hashlib
 import os
 import secrets
+import socket
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from .config import Config, load_config
+from .config import Config, load_config, parse_dsn, placeholder_passwords
 from .control import ControlError
 from .errors import ConfigError, ProxyError
 
 __all__ = ["main"]
 
-_DEFAULT_CONFIG = os.environ.get("PGTENANT_CONFIG", "config/pgtenant.toml")
+_CONFIG_ENV = "PGTENANT_CONFIG"
+_DEFAULT_CONFIG = os.environ.get(_CONFIG_ENV, "config/pgtenant.toml")
+_CONFIG_HELP = (f"the proxy's TOML config (default: ${_CONFIG_ENV}, else config/pgtenant.toml; "
+                f"now {_DEFAULT_CONFIG})")
+_DSN_HELP = ("URL of the database as its owner or a superuser, e.g. "
+             "postgresql://postgres@db.example.com:5432/app (a password not in the URL comes "
+             "from PGPASSWORD or ~/.pgpass)")
+
+_DESCRIPTION = """\
+pgtenant: a tenant-aware, transaction-mode PostgreSQL connection proxy.
+
+Clients connect with any Postgres driver and give a tenant token as their password;
+every transaction then runs with that tenant's role, search_path and app.tenant_id, on
+a small pool of shared server connections.
+"""
+
+_EPILOG = """\
+getting started:
+  pgtenant demo                                       throwaway Postgres + demo tenants
+  pgtenant init --dsn URL --write-config pgtenant.toml
+                                                      install into a database, write a config
+  pgtenant tenant create --dsn URL --config pgtenant.toml --slug acme --type shared
+  pgtenant token issue --dsn URL --tenant acme        prints the token (the client's password)
+  pgtenant serve --config pgtenant.toml
+
+Run `pgtenant COMMAND --help` for a command's options. config/pgtenant.example.toml in the
+sources documents every config key.
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pgtenant")
+    except PackageNotFoundError:  # run from a checkout that was never pip-installed
+        return "unknown (not installed)"
 
 
 def _setup_logging(level: str, fmt: str = "text", worker: str | None = None) -> None:
@@ -33,7 +73,19 @@ def _setup_logging(level: str, fmt: str = "text", worker: str | None = None) -> 
 
 
 def _load(path: str) -> Config:
-    return load_config(path)
+    """Returns: the config at ``path``, refused while a dsn still holds a placeholder
+    password (which ``init --config`` would otherwise make the role's real password)."""
+    if not Path(path).exists():
+        raise ConfigError(
+            f"config file {path!r} not found. Pass --config PATH (or set {_CONFIG_ENV}); "
+            "`pgtenant init --dsn URL --write-config PATH` writes one for a database, and "
+            "config/pgtenant.example.toml in the sources documents every key"
+        )
+    config = load_config(path)
+    problems = placeholder_passwords(config)
+    if problems:
+        raise ConfigError("\n".join([f"{path}:", *(f"  - {p}" for p in problems)]))
+    return config
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -70,6 +122,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
     tenant_types = None
     role, password = args.proxy_role, args.proxy_password
     control_role, control_password = args.control_role, args.control_password
+    write_to = Path(args.write_config) if args.write_config else None
+    if write_to is not None and write_to.exists():  # checked before any role is re-keyed
+        print(f"pgtenant: --write-config {str(write_to)!r} exists; it is never overwritten "
+              "(name a new file)", file=sys.stderr)
+        return 2
     if args.config:
         config = _load(args.config)
         tenant_types = config.tenant_types
@@ -81,11 +138,36 @@ def _cmd_init(args: argparse.Namespace) -> int:
         if config.control.dsn is not None:
             control_role = control_role or config.control.dsn.user
             control_password = control_password or config.control.dsn.password
+    if write_to is not None:
+        from .control.starter import STARTER_TENANT_TYPES
+
+        tenant_types = tenant_types or STARTER_TENANT_TYPES
+        # The file needs both passwords, and init keeps an existing role's password (which
+        # it cannot read back), so both roles get a new one unless given.
+        password = password or secrets.token_urlsafe(24)
+        control_password = control_password or secrets.token_urlsafe(24)
+    admin = parse_dsn(args.dsn, key="--dsn")
     result = asyncio.run(init_database(
         args.dsn, proxy_role=role or DEFAULT_PROXY_ROLE, proxy_password=password,
         control_role=control_role or DEFAULT_CONTROL_ROLE, control_password=control_password,
         tenant_types=tenant_types,
     ))
+    if write_to is not None:
+        from .control.starter import starter_config, write_private
+
+        assert password is not None and control_password is not None
+        write_private(write_to, starter_config(
+            admin, proxy_role=result.proxy_role, proxy_password=password,
+            control_role=result.control_role, control_password=control_password,
+            tenant_types=tenant_types or {},
+        ))
+        print(f"initialised: proxy role {result.proxy_role!r}, control role "
+              f"{result.control_role!r}, tenant types {', '.join(tenant_types or {})}")
+        print(f"wrote {write_to} (mode 600: it holds both roles' new passwords); next:")
+        print(f"  pgtenant tenant create --dsn URL --config {write_to} --slug SLUG "
+              f"--type {next(iter(tenant_types or {}), 'TYPE')}")
+        print(f"  pgtenant serve --config {write_to}")
+        return 0
     logins = (result.proxy_role, result.control_role)
     new_tenant_roles = [r for r in result.created_roles if r not in logins]
     print(f"initialised: proxy role {result.proxy_role!r}, control role "
@@ -120,6 +202,41 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
         schema=args.schema, database=args.database,
     ))
     print(org_id)
+    return 0
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    def text(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, datetime):
+            return value.strftime("%Y-%m-%d %H:%M:%SZ") if value.utcoffset() == timedelta(0) \
+                else value.isoformat(sep=" ", timespec="seconds")
+        return str(value)
+
+    cells = [header, *(tuple(text(v) for v in row) for row in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cmd_tenant_list(args: argparse.Namespace) -> int:
+    from .control.tenants import list_tenants
+
+    rows = asyncio.run(list_tenants(args.dsn))
+    _table(("slug", "type", "schema", "database", "created", "id"),
+           [(r["slug"], r["tenant_type"], r["schema"], r["database"], r["created_at"],
+             r["id"]) for r in rows])
+    return 0
+
+
+def _cmd_token_list(args: argparse.Namespace) -> int:
+    from .control.tenants import list_tokens
+
+    rows = asyncio.run(list_tokens(args.dsn, args.tenant))
+    _table(("id", "label", "entity", "created", "expires", "revoked"),
+           [(r["id"], r["label"], r["entity_id"], r["created_at"], r["expires_at"],
+             r["revoked_at"]) for r in rows])
     return 0
 
 
@@ -164,24 +281,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns: the argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="pgtenant", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="pgtenant", description=_DESCRIPTION, epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pgtenant {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the proxy")
-    p.add_argument("--config", default=_DEFAULT_CONFIG)
+    p = sub.add_parser("serve", help="run the proxy in the foreground",
+                       description="Run the proxy in the foreground until SIGTERM/SIGINT; "
+                                   "SIGHUP re-reads the config.")
+    p.add_argument("--config", default=_DEFAULT_CONFIG, help=_CONFIG_HELP)
     p.add_argument("--workers", type=int, default=1,
-                   help="processes sharing the port (SO_REUSEPORT), under a supervisor")
+                   help="processes sharing the port (SO_REUSEPORT), under a supervisor "
+                        "(default 1)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # "i/N": set by the supervisor
     p.add_argument("--rundir", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("check-config", help="validate a config file and exit")
-    p.add_argument("--config", default=_DEFAULT_CONFIG)
+    p = sub.add_parser("check-config", help="validate a config file and exit",
+                       description="Validate a config file; every problem is listed.")
+    p.add_argument("--config", default=_DEFAULT_CONFIG, help=_CONFIG_HELP)
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("init", help="install the control schema, roles and fail-closed defaults")
-    p.add_argument("--dsn", required=True, help="admin (owner/superuser) URL of the database")
-    p.add_argument("--config", help="take tenant types and the proxy role from this config")
+    p = sub.add_parser(
+        "init", help="install the control schema, roles and fail-closed defaults",
+        description="Install pgtenant into one database (idempotent; run as a superuser): "
+                    "the pgtenant control schema, the proxy's login role, the control role "
+                    "and the tenant types' roles. New roles' passwords are printed once.")
+    p.add_argument("--dsn", required=True, help=_DSN_HELP)
+    p.add_argument("--config", help="take tenant types, roles and passwords from this config "
+                                    "(its dsns must hold real passwords, not CHANGE_ME)")
+    p.add_argument("--write-config", metavar="PATH",
+                   help="write a starter config for this database to PATH (mode 600), with "
+                        "new passwords for the proxy and control roles in its dsns; tenant "
+                        "types from --config, else 'shared' (RLS) and 'isolated' (schema per "
+                        "tenant). PATH must not exist")
     p.add_argument("--proxy-role", help="login role the proxy uses (default pgtenant_proxy)")
     p.add_argument("--proxy-password", help="password for the proxy role (generated if new)")
     p.add_argument("--control-role", help="login role of the control plane: signing key, "
@@ -190,37 +325,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="password for the control role (generated if new)")
     p.set_defaults(func=_cmd_init)
 
-    tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(
-        dest="tenant_command", required=True
+    tenant = sub.add_parser("tenant", help="create and list tenants").add_subparsers(
+        dest="tenant_command", required=True, metavar="ACTION"
     )
     p = tenant.add_parser("create", help="create an organization; prints its id")
-    p.add_argument("--dsn", required=True)
-    p.add_argument("--slug", required=True)
+    p.add_argument("--dsn", required=True, help=_DSN_HELP)
+    p.add_argument("--slug", required=True,
+                   help="the tenant's name: lower-case letters, digits and _ (clients may "
+                        "connect with user=<slug>)")
     p.add_argument("--type", required=True, help="a [tenant_types.<type>] of the config")
     p.add_argument("--schema", help="schema for schema-per-tenant types (default t_<slug>)")
     p.add_argument("--database", help="[databases.<name>] this tenant is served from "
                                       "(database per tenant; default: its type's)")
-    p.add_argument("--config", default=_DEFAULT_CONFIG)
+    p.add_argument("--config", default=_DEFAULT_CONFIG, help=_CONFIG_HELP)
     p.set_defaults(func=_cmd_tenant_create)
+    p = tenant.add_parser("list", help="list organizations: slug, type, schema, database, "
+                                       "created, id")
+    p.add_argument("--dsn", required=True, help=_DSN_HELP)
+    p.set_defaults(func=_cmd_tenant_list)
 
-    token = sub.add_parser("token", help="manage tokens").add_subparsers(
-        dest="token_command", required=True
+    token = sub.add_parser("token", help="issue, list and revoke tokens").add_subparsers(
+        dest="token_command", required=True, metavar="ACTION"
     )
     p = token.add_parser("issue", help="issue a token; prints it once (last line)")
-    p.add_argument("--dsn", required=True)
+    p.add_argument("--dsn", required=True, help=_DSN_HELP)
     p.add_argument("--tenant", required=True, help="tenant slug")
     p.add_argument("--entity", type=UUID, help="bind the token to a workspace entity id")
-    p.add_argument("--expires-in", type=int, help="lifetime in seconds")
-    p.add_argument("--label")
+    p.add_argument("--expires-in", type=int, metavar="SECONDS",
+                   help="lifetime in seconds (default: no expiry)")
+    p.add_argument("--label", help="a note shown by `token list` (e.g. who holds it)")
     p.set_defaults(func=_cmd_token_issue)
+    p = token.add_parser("list", help="list a tenant's tokens: id, label, created, expiry, "
+                                      "revoked (never the token or its hash)")
+    p.add_argument("--dsn", required=True, help=_DSN_HELP)
+    p.add_argument("--tenant", required=True, help="tenant slug")
+    p.set_defaults(func=_cmd_token_list)
     p = token.add_parser("revoke", help="revoke a token by id")
-    p.add_argument("--dsn", required=True)
-    p.add_argument("--token-id", required=True, type=UUID)
+    p.add_argument("--dsn", required=True, help=_DSN_HELP)
+    p.add_argument("--token-id", required=True, type=UUID,
+                   help="the id `token issue` and `token list` print")
     p.set_defaults(func=_cmd_token_revoke)
 
     p = sub.add_parser("demo", help="embedded Postgres + demo tenants + proxy, in the foreground")
-    p.add_argument("--dir", default=".demo", help="where the demo cluster and config live")
-    p.add_argument("--port", type=int, default=6432)
+    p.add_argument("--dir", default=".demo",
+                   help="where the demo cluster, config, tokens and TLS keys live while it "
+                        "runs (default .demo; deleted on exit)")
+    p.add_argument("--port", type=int, default=6432,
+                   help="the proxy's port on 127.0.0.1 (default 6432)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("admin-token", help="make an admin console token; prints its config "
@@ -229,9 +380,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scrub(text: str, args: argparse.Namespace) -> str:
+    """Returns: ``text`` without the password of ``--dsn``: a driver's message may quote it."""
+    dsn = getattr(args, "dsn", None)
+    password = parse_dsn(dsn).password if dsn else None
+    return text.replace(password, "***") if password else text
+
+
+def _connection_problem(args: argparse.Namespace, exc: OSError) -> str | None:
+    """Returns: a sentence for a failed connection to ``--dsn``, or None for another OSError.
+
+    asyncpg's own text ("[Errno 111] Connect call failed ('127.0.0.1', 5432)", or several
+    joined as "Multiple exceptions: ...") names no option and suggests nothing.
+    """
+    dsn = getattr(args, "dsn", None)
+    if not dsn:
+        return None
+    text = str(exc)
+    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED \
+            or "Connect call failed" in text:
+        reason = "connection refused"
+    elif isinstance(exc, socket.gaierror):
+        reason = "unknown host"
+    elif isinstance(exc, TimeoutError):
+        reason = "timed out"
+    else:
+        return None
+    try:
+        target = parse_dsn(dsn, key="--dsn")
+    except ConfigError:
+        return None
+    where = target.unix_socket or f"{target.host}:{target.port}"
+    return (f"cannot connect to PostgreSQL at {where} ({reason}).\n"
+            "HINT: is PostgreSQL running and listening there? Check --dsn.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Returns: the process exit code."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "dsn", None):
+        # Checked here, not by asyncpg, whose errors may quote the URL, password included.
+        try:
+            parse_dsn(args.dsn, key="--dsn")
+        except ConfigError as exc:
+            print(f"pgtenant: {exc.message}", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args))
     except ConfigError as exc:
@@ -244,9 +437,19 @@ def main(argv: list[str] | None = None) -> int:
     except ControlError as exc:  # operator mistakes: unknown tenant, duplicate slug...
         print(f"pgtenant: {exc}", file=sys.stderr)
         return 1
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"pgtenant: cannot complete the command against the database: {exc}",
+    except asyncpg.UndefinedTableError as exc:  # pgtenant.organizations, .tokens ...
+        print(f"pgtenant: {exc}\nHINT: run `pgtenant init --dsn ...` on this database first.",
               file=sys.stderr)
+        return 1
+    except OSError as exc:
+        sentence = _connection_problem(args, exc)
+        print(f"pgtenant: {sentence}" if sentence else
+              f"pgtenant: cannot complete the command against the database: "
+              f"{_scrub(str(exc), args)}", file=sys.stderr)
+        return 1
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"pgtenant: cannot complete the command against the database: "
+              f"{_scrub(str(exc), args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

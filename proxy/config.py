@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 __all__ = [
     "OUTSIDE_TXN",
+    "PLACEHOLDER_PASSWORDS",
     "TEMPLATE_FIELDS",
     "AdminConfig",
     "Config",
@@ -39,6 +40,8 @@ __all__ = [
     "parse_config",
     "parse_dsn",
     "parse_listen",
+    "placeholder_passwords",
+    "redact_dsn",
 ]
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -87,6 +90,15 @@ class Dsn:
         return f"postgresql://{auth}@{host}:{self.port}/{quote(self.dbname)}"
 
 
+def redact_dsn(url: str) -> str:
+    """Returns: ``url`` with its password (userinfo or ``password=`` parameter) as ``***``.
+
+    Error messages quote DSNs; a password must never reach a terminal or a log that way.
+    """
+    url = re.sub(r"(?<=://)([^/@?#:]*):[^/@?#]*@", r"\1:***@", url)
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)
+
+
 def parse_dsn(url: str, *, key: str = "dsn") -> Dsn:
     """Parse a libpq-style URL.
 
@@ -95,13 +107,13 @@ def parse_dsn(url: str, *, key: str = "dsn") -> Dsn:
     """
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql"):
-        raise ConfigError(f"{key}: expected a postgresql:// URL, got {url!r}")
+        raise ConfigError(f"{key}: expected a postgresql:// URL, got {redact_dsn(url)!r}")
     query = dict(parse_qsl(parts.query))
     host = query.pop("host", None) or parts.hostname or "127.0.0.1"
     try:
         port = int(query.pop("port", None) or parts.port or 5432)
-    except ValueError as exc:
-        raise ConfigError(f"{key}: bad port in {url!r}") from exc
+    except ValueError:  # no chaining: the cause would quote the URL
+        raise ConfigError(f"{key}: bad port in {redact_dsn(url)!r}") from None
     # Pop user/password/dbname from the query whatever the URL says, so they never end up
     # twice in the backend StartupMessage; the URL's own parts win, as in libpq.
     q_user, q_password, q_dbname = (query.pop(k, None) for k in ("user", "password", "dbname"))
@@ -480,13 +492,45 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TYPE_SWITCHES = ("allow_lock_table", "allow_large_objects", "allow_explain_analyze")
 
 
+class _Errors:
+    """Collects the ConfigErrors of independent parts of a config, so an operator sees every
+    mistake of a file in one run instead of one per start.
+
+    ``with errors:`` around a part records its ConfigError and carries on with the next part;
+    a part that failed contributes nothing, and ``raise_if_any`` reports them all.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 _tb: object) -> bool:
+        if isinstance(exc, ConfigError):
+            self.messages.extend(exc.message.split("\n"))
+            return True
+        return False
+
+    def raise_if_any(self) -> None:
+        if len(self.messages) == 1:
+            raise ConfigError(self.messages[0])
+        if self.messages:
+            raise ConfigError(f"{len(self.messages)} problems:\n"
+                              + "\n".join(f"  - {m}" for m in self.messages))
+
+
 def _reject_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    problems = []
     for key in table:
         if key not in allowed:
             hint = difflib.get_close_matches(key, sorted(allowed), n=1)
             suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
             loc = f"{where}.{key}" if where else key
-            raise ConfigError(f"unknown config key {loc!r}{suffix}")
+            problems.append(f"unknown config key {loc!r}{suffix}")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def _typed(value: Any, kind: type, key: str) -> Any:
@@ -537,146 +581,222 @@ def _check_template(text: str, key: str) -> None:
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Build a ``Config`` from a parsed TOML document.
 
+    Every section (top-level keys, each database, each tenant type, each other table) is
+    checked even after another failed, so one run reports every mistake of the file.
+
     Returns: the frozen ``Config``.
-    Raises: ConfigError naming the offending key.
+    Raises: ConfigError naming the offending key(s), one line per problem.
     """
+    errors = _Errors()
     top_fields = {f.name for f in dataclasses.fields(Config)}
-    _reject_unknown(data, top_fields, "")
+    with errors:
+        _reject_unknown(data, top_fields, "")
     simple = {k: v for k, v in data.items()
               if k not in ("listen", "control", "databases", "tenant_types", "tls", "jwt",
                            "metrics", "admin", "tenant_limits")}
-    kwargs: dict[str, Any] = _parse_simple(simple, Config, "")
+    kwargs: dict[str, Any] = {}
+    with errors:
+        kwargs = _parse_simple(simple, Config, "")
     if "listen" in data:
-        kwargs["listen"] = parse_listen(data["listen"])
+        with errors:
+            kwargs["listen"] = parse_listen(data["listen"])
     for key in ("max_client_conn", "max_login_clients", "max_parsed_query_size",
                 "max_message_size", "max_prepared_statements",
                 "query_wait_timeout", "reserve_pool_timeout", "shutdown_timeout",
                 "client_login_timeout", "server_connect_timeout", "token_cache_ttl",
                 "auth_failure_window"):
         if key in kwargs:
-            _positive(kwargs[key], key)
+            with errors:
+                _positive(kwargs[key], key)
     for key in ("auth_failure_limit", "auth_failure_delay", "query_timeout",
                 "idle_transaction_timeout", "client_idle_timeout", "server_idle_timeout",
                 "server_lifetime"):
         if kwargs.get(key, 0) < 0:
-            raise ConfigError(f"{key}: must not be negative")
-    if kwargs.get("max_message_size", 1 << 20) < 8192:
-        raise ConfigError("max_message_size: must be at least 8192 bytes")
+            errors.messages.append(f"{key}: must not be negative")
+    if 0 < kwargs.get("max_message_size", 1 << 20) < 8192:
+        errors.messages.append("max_message_size: must be at least 8192 bytes")
 
     databases: dict[str, DatabaseConfig] = {}
-    raw_dbs = _typed(data.get("databases", {}), dict, "databases")
-    for db_name, table in raw_dbs.items():
-        where = f"databases.{db_name}"
-        table = _typed(table, dict, where)
+    raw_dbs: dict[str, Any] | None = None
+    with errors:
+        raw_dbs = _typed(data.get("databases", {}), dict, "databases")
+    for db_name, table in (raw_dbs or {}).items():
+        with errors:
+            databases[db_name] = _parse_database(db_name, table)
+    if raw_dbs == {}:
+        errors.messages.append(
+            "databases: at least one [databases.<name>] section is required")
+    raw_dbs = raw_dbs or {}
+    if "pgtenant" in raw_dbs:
+        errors.messages.append("databases.pgtenant: the name is reserved for the admin console")
+
+    tenant_types: dict[str, TenantTypeConfig] = {}
+    raw_types: dict[str, Any] | None = None
+    with errors:
+        raw_types = _typed(data.get("tenant_types", {}), dict, "tenant_types")
+    for type_name, table in (raw_types or {}).items():
+        with errors:
+            # Checked against every [databases.*] named, even one with errors of its own,
+            # so a mistake there is not reported twice.
+            tenant_types[type_name] = _parse_tenant_type(type_name, table, set(raw_dbs))
+    if raw_types == {}:
+        errors.messages.append(
+            "tenant_types: at least one [tenant_types.<type>] section is required")
+
+    control = ControlConfig()
+    with errors:
+        raw_control = _typed(data.get("control", {}), dict, "control")
+        _reject_unknown(raw_control, {"dsn"}, "control")
+        control = ControlConfig(
+            dsn=parse_dsn(_typed(raw_control["dsn"], str, "control.dsn"), key="control.dsn")
+            if "dsn" in raw_control else None
+        )
+        if control.dsn is None and len(raw_dbs) > 1:
+            raise ConfigError("control.dsn: required when more than one database is "
+                              "configured")
+    tls = TlsConfig()
+    with errors:
+        tls = TlsConfig(**_parse_simple(_typed(data.get("tls", {}), dict, "tls"), TlsConfig,
+                                        "tls"))
+        if bool(tls.cert_file) != bool(tls.key_file):
+            raise ConfigError("tls.cert_file and tls.key_file: give both or neither")
+    jwt = JwtConfig()
+    with errors:
+        jwt = JwtConfig(**_parse_simple(_typed(data.get("jwt", {}), dict, "jwt"), JwtConfig,
+                                        "jwt"))
+        unknown_algs = set(jwt.algorithms) - {"HS256", "RS256", "ES256"}
+        if unknown_algs:
+            raise ConfigError(f"jwt.algorithms: unsupported {sorted(unknown_algs)}; "
+                              "use HS256, RS256 or ES256")
+    metrics = MetricsConfig()
+    with errors:
+        metrics = MetricsConfig(**_parse_simple(
+            _typed(data.get("metrics", {}), dict, "metrics"), MetricsConfig, "metrics"))
+        if metrics.listen is not None:
+            parse_listen(metrics.listen, "metrics.listen")
+        if metrics.top_tenants < 0:
+            raise ConfigError("metrics.top_tenants: must not be negative")
+    admin = AdminConfig()
+    with errors:
+        admin = AdminConfig(**_parse_simple(_typed(data.get("admin", {}), dict, "admin"),
+                                            AdminConfig, "admin"))
+        if admin.token_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}",
+                                                                admin.token_sha256):
+            raise ConfigError("admin.token_sha256: expected 64 lower-case hex digits (the "
+                              "SHA-256 of the admin token; `pgtenant admin-token` prints one)")
+    tenant_limits = TenantLimitsConfig()
+    with errors:
+        tenant_limits = TenantLimitsConfig(**_parse_simple(
+            _typed(data.get("tenant_limits", {}), dict, "tenant_limits"), TenantLimitsConfig,
+            "tenant_limits"))
+        for key in ("max_server_connections", "max_client_connections"):
+            if getattr(tenant_limits, key) < 0:
+                errors.messages.append(f"tenant_limits.{key}: must not be negative")
+    errors.raise_if_any()
+    return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types,
+                  tls=tls, jwt=jwt, metrics=metrics, admin=admin, tenant_limits=tenant_limits)
+
+
+def _parse_database(db_name: str, table: Any) -> DatabaseConfig:
+    """Returns: one ``[databases.<name>]``. Raises: ConfigError, one line per problem."""
+    where = f"databases.{db_name}"
+    table = _typed(table, dict, where)
+    errors = _Errors()
+    with errors:
         _reject_unknown(table, {"dsn", "pool_size", "min_pool_size", "reserve_pool",
                                 "control_dsn"}, where)
+    dsn = None
+    with errors:
         if "dsn" not in table:
             raise ConfigError(f"{where}.dsn: required")
         dsn = parse_dsn(_typed(table["dsn"], str, f"{where}.dsn"), key=f"{where}.dsn")
-        control_dsn = None
-        if "control_dsn" in table:
+    control_dsn = None
+    if "control_dsn" in table:
+        with errors:
             control_dsn = parse_dsn(_typed(table["control_dsn"], str, f"{where}.control_dsn"),
                                     key=f"{where}.control_dsn")
-            if control_dsn.user == dsn.user:
+            if dsn is not None and control_dsn.user == dsn.user:
                 raise ConfigError(f"{where}.control_dsn: its user must be the control role, "
                                   f"not the login role {dsn.user!r} of dsn")
+    pool_size, min_pool, reserve = 20, 0, 0
+    pool_ok = False
+    with errors:
         pool_size = _typed(table.get("pool_size", 20), int, f"{where}.pool_size")
         _positive(pool_size, f"{where}.pool_size")
+        pool_ok = True
+    with errors:
         min_pool = _typed(table.get("min_pool_size", 0), int, f"{where}.min_pool_size")
-        reserve = _typed(table.get("reserve_pool", 0), int, f"{where}.reserve_pool")
-        if not 0 <= min_pool <= pool_size:
+        # Against a bad pool_size this would only repeat that error.
+        if pool_ok and not 0 <= min_pool <= pool_size:
             raise ConfigError(f"{where}.min_pool_size: must be between 0 and pool_size")
+    with errors:
+        reserve = _typed(table.get("reserve_pool", 0), int, f"{where}.reserve_pool")
         if reserve < 0:
             raise ConfigError(f"{where}.reserve_pool: must not be negative")
-        databases[db_name] = DatabaseConfig(name=db_name, dsn=dsn, pool_size=pool_size,
-                                            min_pool_size=min_pool, reserve_pool=reserve,
-                                            control_dsn=control_dsn)
-    if not databases:
-        raise ConfigError("databases: at least one [databases.<name>] section is required")
-    if "pgtenant" in databases:
-        raise ConfigError("databases.pgtenant: the name is reserved for the admin console")
+    if errors.messages or dsn is None:
+        raise ConfigError("\n".join(errors.messages))
+    return DatabaseConfig(name=db_name, dsn=dsn, pool_size=pool_size, min_pool_size=min_pool,
+                          reserve_pool=reserve, control_dsn=control_dsn)
 
-    tenant_types: dict[str, TenantTypeConfig] = {}
-    raw_types = _typed(data.get("tenant_types", {}), dict, "tenant_types")
-    for type_name, table in raw_types.items():
-        where = f"tenant_types.{type_name}"
-        if not _IDENT.match(type_name):
-            raise ConfigError(f"{where}: tenant type names must be identifiers")
-        table = _typed(table, dict, where)
+
+def _parse_tenant_type(type_name: str, table: Any, database_names: set[str]
+                       ) -> TenantTypeConfig:
+    """Returns: one ``[tenant_types.<type>]``. Raises: ConfigError, one line per problem."""
+    where = f"tenant_types.{type_name}"
+    if not _IDENT.match(type_name):
+        raise ConfigError(f"{where}: tenant type names must be identifiers")
+    table = _typed(table, dict, where)
+    errors = _Errors()
+    with errors:
         _reject_unknown(table, {"role", "search_path", "allow_outside_transaction",
                                 "max_server_connections", "max_client_connections",
                                 "database", *_TYPE_SWITCHES}, where)
+    role = ""
+    with errors:
         if "role" not in table:
             raise ConfigError(f"{where}.role: required (the non-login role tenants run as)")
         role = _typed(table["role"], str, f"{where}.role")
         _check_template(role, f"{where}.role")
+    path: list[Any] = []
+    with errors:
         path = _typed(table.get("search_path", ["public"]), list, f"{where}.search_path")
         for i, item in enumerate(path):
-            _check_template(_typed(item, str, f"{where}.search_path[{i}]"), f"{where}.search_path")
+            _check_template(_typed(item, str, f"{where}.search_path[{i}]"),
+                            f"{where}.search_path")
         if not path:
             raise ConfigError(f"{where}.search_path: must name at least one schema")
+    allowed: list[Any] = []
+    with errors:
         allowed = _typed(table.get("allow_outside_transaction", []), list,
                          f"{where}.allow_outside_transaction")
         for item in allowed:
             if item not in OUTSIDE_TXN:
                 raise ConfigError(f"{where}.allow_outside_transaction: unknown statement "
                                   f"{item!r}; allowed: {', '.join(OUTSIDE_TXN)}")
-        limits = {}
-        for key in ("max_server_connections", "max_client_connections"):
-            if key in table:
+    limits = {}
+    for key in ("max_server_connections", "max_client_connections"):
+        if key in table:
+            with errors:
                 limits[key] = _typed(table[key], int, f"{where}.{key}")
                 if limits[key] < 0:
                     raise ConfigError(f"{where}.{key}: must not be negative")
-        database = table.get("database")
-        if database is not None:
+    database = table.get("database")
+    if database is not None:
+        with errors:
             _typed(database, str, f"{where}.database")
-            if database not in databases:
+            if database not in database_names:
                 raise ConfigError(f"{where}.database: no [databases.{database}] section")
-        switches = {key: _typed(table[key], bool, f"{where}.{key}")
-                    for key in _TYPE_SWITCHES if key in table}
-        tenant_types[type_name] = TenantTypeConfig(
-            name=type_name, role=role, search_path=tuple(path),
-            allow_outside_transaction=tuple(allowed), database=database, **limits, **switches,
-        )
-    if not tenant_types:
-        raise ConfigError("tenant_types: at least one [tenant_types.<type>] section is required")
-
-    raw_control = _typed(data.get("control", {}), dict, "control")
-    _reject_unknown(raw_control, {"dsn"}, "control")
-    control = ControlConfig(
-        dsn=parse_dsn(_typed(raw_control["dsn"], str, "control.dsn"), key="control.dsn")
-        if "dsn" in raw_control else None
+    switches = {}
+    for key in _TYPE_SWITCHES:
+        if key in table:
+            with errors:
+                switches[key] = _typed(table[key], bool, f"{where}.{key}")
+    if errors.messages:
+        raise ConfigError("\n".join(errors.messages))
+    return TenantTypeConfig(
+        name=type_name, role=role, search_path=tuple(path),
+        allow_outside_transaction=tuple(allowed), database=database, **limits, **switches,
     )
-    if control.dsn is None and len(databases) > 1:
-        raise ConfigError("control.dsn: required when more than one database is configured")
-    tls = TlsConfig(**_parse_simple(_typed(data.get("tls", {}), dict, "tls"), TlsConfig, "tls"))
-    if bool(tls.cert_file) != bool(tls.key_file):
-        raise ConfigError("tls.cert_file and tls.key_file: give both or neither")
-    jwt = JwtConfig(**_parse_simple(_typed(data.get("jwt", {}), dict, "jwt"), JwtConfig, "jwt"))
-    unknown_algs = set(jwt.algorithms) - {"HS256", "RS256", "ES256"}
-    if unknown_algs:
-        raise ConfigError(f"jwt.algorithms: unsupported {sorted(unknown_algs)}; "
-                          "use HS256, RS256 or ES256")
-    metrics = MetricsConfig(**_parse_simple(_typed(data.get("metrics", {}), dict, "metrics"),
-                                            MetricsConfig, "metrics"))
-    if metrics.listen is not None:
-        parse_listen(metrics.listen, "metrics.listen")
-    if metrics.top_tenants < 0:
-        raise ConfigError("metrics.top_tenants: must not be negative")
-    admin = AdminConfig(**_parse_simple(_typed(data.get("admin", {}), dict, "admin"),
-                                        AdminConfig, "admin"))
-    if admin.token_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}",
-                                                            admin.token_sha256):
-        raise ConfigError("admin.token_sha256: expected 64 lower-case hex digits (the "
-                          "SHA-256 of the admin token; `pgtenant admin-token` prints one)")
-    tenant_limits = TenantLimitsConfig(**_parse_simple(
-        _typed(data.get("tenant_limits", {}), dict, "tenant_limits"), TenantLimitsConfig,
-        "tenant_limits"))
-    for key in ("max_server_connections", "max_client_connections"):
-        if getattr(tenant_limits, key) < 0:
-            raise ConfigError(f"tenant_limits.{key}: must not be negative")
-    return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types,
-                  tls=tls, jwt=jwt, metrics=metrics, admin=admin, tenant_limits=tenant_limits)
 
 
 _SIMPLE_TYPES: dict[str, tuple[type, bool]] = {
@@ -694,22 +814,30 @@ def _parse_simple(table: Mapping[str, Any], cls: type, where: str) -> dict[str, 
     """
     fields = {f.name: f for f in dataclasses.fields(cls)
               if str(f.type) in _SIMPLE_TYPES}
+    errors = _Errors()
     if where:  # top-level unknown keys were already checked against all of Config's fields
-        _reject_unknown(table, set(fields), where)
+        with errors:
+            _reject_unknown(table, set(fields), where)
     out: dict[str, Any] = {}
     for name, value in table.items():
+        if name not in fields:
+            continue
         key = f"{where}.{name}" if where else name
         kind, _ = _SIMPLE_TYPES[str(fields[name].type)]
-        if kind is tuple:
-            items = _typed(value, list, key)
-            for i, item in enumerate(items):
-                _typed(item, str, f"{key}[{i}]")
-            out[name] = tuple(items)
-            continue
-        out[name] = _typed(value, kind, key)
-        choices = fields[name].metadata.get("choices", ())
-        if choices and out[name] not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        with errors:
+            if kind is tuple:
+                items = _typed(value, list, key)
+                for i, item in enumerate(items):
+                    _typed(item, str, f"{key}[{i}]")
+                out[name] = tuple(items)
+                continue
+            parsed = _typed(value, kind, key)
+            choices = fields[name].metadata.get("choices", ())
+            if choices and parsed not in choices:
+                raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+            out[name] = parsed
+    if errors.messages:  # one ConfigError carrying every line; the caller's _Errors splits it
+        raise ConfigError("\n".join(errors.messages))
     return out
 
 
@@ -726,6 +854,26 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return parse_config(data)
+
+
+# Passwords that only ever stand for "put the real one here": config/pgtenant.example.toml's
+# placeholder, and the word its dsns used before. A config still holding one is refused at
+# start and by `pgtenant init --config`, which would otherwise make it the role's password.
+PLACEHOLDER_PASSWORDS = frozenset({"CHANGE_ME", "secret"})
+
+
+def placeholder_passwords(config: Config) -> list[str]:
+    """Returns: one message per dsn of ``config`` whose password is a placeholder."""
+    dsns: list[tuple[str, Dsn | None]] = [("control.dsn", config.control.dsn)]
+    for name, db in config.databases.items():
+        dsns += [(f"databases.{name}.dsn", db.dsn),
+                 (f"databases.{name}.control_dsn", db.control_dsn)]
+    return [
+        f"{key}: the password of role {dsn.user!r} is the placeholder {dsn.password!r}; put "
+        f"the role's real password there (`pgtenant init` prints it; `pgtenant init "
+        f"--write-config PATH` writes a config with it)"
+        for key, dsn in dsns if dsn is not None and dsn.password in PLACEHOLDER_PASSWORDS
+    ]
 
 
 def is_loopback(host: str) -> bool:

@@ -54,6 +54,10 @@ def _rls(table: str, column: str) -> tuple[str, ...]:
     # FORCE so even the table owner is filtered (superusers still bypass: admin tooling only).
     policy = f"{column} = {_TENANT_FILTER}"
     return (
+        # A tenant's INSERT may leave the tenant column out: it defaults to the signed
+        # context (Postgres allows no subquery in a DEFAULT, hence the bare call). WITH CHECK
+        # still refuses any other value written explicitly.
+        f"ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT pgtenant.current_tenant()",
         f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY",
         f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY",
         f"DROP POLICY IF EXISTS tenant_isolation ON {table}",
@@ -423,14 +427,17 @@ async def _insert_rows(conn: asyncpg.Connection, tenants: Mapping[str, DemoTenan
         tenant.rows = {f"{tenant.schema}.projects": sorted(names)}
 
 
-def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10) -> int:
+def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10,
+             metrics_port: int | None = None) -> int:
     """``make demo``: a throwaway cluster with the demo tenants, and the proxy in the foreground.
 
-    Prints one ready-to-paste ``psql`` line per tenant, then serves until Ctrl-C; the cluster
-    is stopped and deleted on the way out.
+    Prints one ready-to-paste ``psql`` line per tenant, the admin console's and the metrics
+    URL, then serves until Ctrl-C; the cluster is stopped and deleted on the way out, and so
+    is ``workdir`` (it holds tokens, the admin token's hash and a TLS key).
 
     Returns: the process exit code.
     """
+    import hashlib
     import socket
 
     from ..app import serve
@@ -438,25 +445,48 @@ def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10) -> int:
     from ..tls import make_self_signed
     from .cluster import PostgresCluster
 
-    with socket.socket() as probe:  # fail before spending seconds on initdb
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as exc:
-            print(f"pgtenant demo: port {port} is busy ({exc.strerror}); pass --port",
+    def bindable(p: int) -> OSError | None:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", p))
+            except OSError as exc:
+                return exc
+        return None
+
+    busy = bindable(port)  # fail before spending seconds on initdb
+    if busy is not None:
+        print(f"pgtenant demo: port {port} is busy ({busy.strerror}); pass --port "
+              "(make demo PORT=...)", file=sys.stderr)
+        return 1
+    if metrics_port is None:
+        metrics_port = next((p for p in (9127, *range(port + 1, port + 50))
+                             if p != port and bindable(p) is None), 0)
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / "pgtenant.toml").exists():  # not ours: never delete it
+            print(f"pgtenant demo: {workdir} exists and is not a demo directory; pass --dir",
                   file=sys.stderr)
             return 1
+        shutil.rmtree(workdir)  # left by a demo that was killed: stale tokens and keys
     workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o700)
     cluster = PostgresCluster()
     print(f"pgtenant demo: starting PostgreSQL from {cluster.bindir} ...", flush=True)
-    cluster.start()
     try:
+        cluster.start()
         cluster.create_database("app")
+        print("pgtenant demo: installing pgtenant, the demo tables and tenants ...", flush=True)
         env = asyncio.run(build_demo(cluster.admin_dsn("app")))
         config_path = workdir / "pgtenant.toml"
         # A throwaway CA per run, so the demo shows TLS with full verification too.
         ca_file, cert_file, key_file = make_self_signed(workdir.resolve() / "tls")
+        admin_token = "pgta_" + secrets.token_urlsafe(32)
+        extra = "\n".join([
+            "[admin]",
+            f'token_sha256 = "{hashlib.sha256(admin_token.encode()).hexdigest()}"',
+            *(["[metrics]", f'listen = "127.0.0.1:{metrics_port}"'] if metrics_port else []),
+        ])
         config_path.write_text(env.config_toml(
-            port, pool_size=pool_size, tls=(str(cert_file), str(key_file))))
+            port, pool_size=pool_size, extra=extra, tls=(str(cert_file), str(key_file))))
         (workdir / "tokens.json").write_text(json.dumps(
             {slug: t.token for slug, t in env.tenants.items()}, indent=2) + "\n")
         psql = "psql" if shutil.which("psql") else (cluster.tool("psql") or "psql")
@@ -473,16 +503,31 @@ def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10) -> int:
             lines.append(f'  {psql} "host=127.0.0.1 port={port} dbname=app user={slug} '
                          f'password={tenant.token}"')
         acme = env.tenants["acme"]
+        lines.append("  # acme writes without naming its org (org_id defaults to the tenant):")
+        lines.append(f'  {psql} "host=127.0.0.1 port={port} dbname=app user=acme '
+                     f'password={acme.token}" -c "INSERT INTO campaigns (name, budget) '
+                     "VALUES ('x', 1) RETURNING org_id\"")
         lines.append("  # acme again, over TLS checked against the demo's throwaway CA:")
         lines.append(f'  {psql} "host=127.0.0.1 port={port} dbname=app user=acme '
                      f'password={acme.token} sslmode=verify-full sslrootcert={ca_file}"')
+        lines.append("Admin console (SHOW POOLS, SHOW TENANTS, SHOW STATS, SHOW HELP ...):")
+        lines.append(f'  {psql} "host=127.0.0.1 port={port} dbname=pgtenant user=admin '
+                     f'password={admin_token}" -c "SHOW POOLS"')
+        if metrics_port:
+            lines.append(f"Metrics: curl http://127.0.0.1:{metrics_port}/metrics "
+                         f"(and /healthz, /readyz)")
         lines.append("Directly, as the superuser (bypasses pgtenant):")
         lines.append(f'  {psql} "{cluster.admin_dsn("app")}"')
-        lines.append("Ctrl-C stops the proxy and deletes the demo cluster.")
+        lines.append(f"Ctrl-C stops the proxy and deletes the demo cluster and {workdir} "
+                     "(tokens, TLS key, config).")
         print("\n".join(lines), flush=True)
         serve(load_config(config_path))
     except KeyboardInterrupt:
         pass
     finally:
         cluster.destroy()
+        # Secrets (tokens, the admin token's hash, a TLS private key) must not outlive the
+        # demo in a directory nobody remembers.
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"pgtenant demo: stopped; deleted the demo cluster and {workdir}", flush=True)
     return 0

@@ -26,7 +26,14 @@ from . import ControlError
 from .init import ensure_tenant_role, grant_role_to_proxy
 from .schema import SLUG_PATTERN
 
-__all__ = ["create_tenant", "issue_token", "revoke_token", "uses_schema"]
+__all__ = [
+    "create_tenant",
+    "issue_token",
+    "list_tenants",
+    "list_tokens",
+    "revoke_token",
+    "uses_schema",
+]
 
 _SLUG = re.compile(SLUG_PATTERN)
 
@@ -201,3 +208,37 @@ async def revoke_token(admin_dsn: str, token_id: UUID) -> bool:
     finally:
         await conn.close()
     return row is not None
+
+
+async def list_tenants(admin_dsn: str) -> list[asyncpg.Record]:
+    """Returns: every organization (slug, tenant_type, schema, database, created_at, id),
+    by slug."""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        return list(await conn.fetch(
+            "SELECT slug, tenant_type, schema, database, created_at, id "
+            "FROM pgtenant.organizations ORDER BY slug"
+        ))
+    finally:
+        await conn.close()
+
+
+async def list_tokens(admin_dsn: str, tenant_slug: str) -> list[asyncpg.Record]:
+    """Returns: a tenant's tokens (id, label, entity_id, created_at, expires_at, revoked_at),
+    oldest first. Never the hash: it is all an attacker needs to test guesses offline.
+
+    Raises: ControlError for an unknown tenant.
+    """
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        org_id = await conn.fetchval(
+            "SELECT id FROM pgtenant.organizations WHERE slug = $1", tenant_slug
+        )
+        if org_id is None:
+            raise ControlError(f"unknown tenant {tenant_slug!r}")
+        return list(await conn.fetch(
+            "SELECT id, label, entity_id, created_at, expires_at, revoked_at "
+            "FROM pgtenant.tokens WHERE org_id = $1 ORDER BY created_at, id", org_id
+        ))
+    finally:
+        await conn.close()

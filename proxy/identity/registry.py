@@ -166,8 +166,13 @@ class Registry:
                     server_settings={"application_name": "pgtenant-revocations"},
                 )
             except _DB_ERRORS as exc:
-                log.warning("revocation listener: cannot connect to the control database "
-                            "(%s); retrying in %.2fs", exc, backoff)
+                # Where and as whom, so the operator can tell a stopped Postgres from a
+                # wrong [control] dsn; never the password.
+                log.warning("revocation listener: cannot connect to the control database at "
+                            "%s:%s as %r (%s); is PostgreSQL running, is [control] dsn "
+                            "right? retrying in %.2fs",
+                            self.dsn.unix_socket or self.dsn.host, self.dsn.port,
+                            self.dsn.user, getattr(exc, "strerror", None) or exc, backoff)
                 self._listen_tried.set()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)

@@ -7,6 +7,7 @@ role (``pgtenant_cli``) and tenant roles, so the demo database ``app`` and its p
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
@@ -191,7 +192,63 @@ def test_init_refuses_one_role_for_both_login_and_control(initialised: CliEnv) -
     assert_operator_error(out, "control role must not be the proxy's login role")
 
 
+# ------------------------------------------------------------------------------ write-config
+
+def test_init_write_config_writes_a_private_valid_config_with_real_passwords(
+    pg_cluster: PostgresCluster, tmp_path: Path,
+) -> None:
+    db = "cli_starter_db"
+    pg_cluster.create_database(db)
+    target = tmp_path / "etc" / "pgtenant.toml"
+    admin = pg_cluster.admin_dsn(db)
+    try:
+        out = run_cli("init", "--dsn", admin, "--write-config", str(target),
+                      "--proxy-role", "cli_starter_proxy",
+                      "--control-role", "cli_starter_control")
+        assert out.returncode == 0, out.stderr
+        assert target.stat().st_mode & 0o077 == 0
+        text = target.read_text()
+        assert "CHANGE_ME" not in text and "cli_starter_proxy:" in text
+        check = run_cli("check-config", "--config", str(target))
+        assert check.returncode == 0, check.stderr
+        out = run_cli("tenant", "create", "--dsn", admin, "--config", str(target),
+                      "--slug", "starter_a", "--type", "isolated")
+        assert out.returncode == 0, out.stderr
+        listed = run_cli("tenant", "list", "--dsn", admin)
+        assert listed.returncode == 0, listed.stderr
+        assert re.search(r"starter_a\s+isolated\s+t_starter_a\s+-\s+\d{4}-", listed.stdout), \
+            listed.stdout
+        again = run_cli("init", "--dsn", admin, "--write-config", str(target))
+        assert_operator_error(again, "exists")
+    finally:
+        pg_cluster.psql(f"DROP DATABASE {db}")
+        for role in ("t_starter_a", "tenant_shared", "cli_starter_proxy",
+                     "cli_starter_control"):
+            pg_cluster.psql(f"DROP ROLE IF EXISTS {role}")
+
+
 # ------------------------------------------------------------------------------ tenants
+
+def test_token_list_shows_ids_labels_and_state_never_the_token(
+    initialised: CliEnv, sme_tenant: tuple[str, subprocess.CompletedProcess[str]],
+) -> None:
+    token_id, token = issue(initialised)
+    labelled = run_cli("token", "issue", "--dsn", initialised.admin_dsn, "--tenant", "cli_sme",
+                       "--label", "ci-runner", "--expires-in", "3600")
+    assert labelled.returncode == 0, labelled.stderr
+    assert run_cli("token", "revoke", "--dsn", initialised.admin_dsn,
+                   "--token-id", token_id).returncode == 0
+    out = run_cli("token", "list", "--dsn", initialised.admin_dsn, "--tenant", "cli_sme")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[:6] == ["id", "label", "entity", "created", "expires", "revoked"]
+    row = next(line for line in out.stdout.splitlines() if line.startswith(token_id))
+    assert row.split()[-2:] != ["-", "-"] and not row.endswith(" -")  # revoked: a time
+    ci = next(line for line in out.stdout.splitlines() if "ci-runner" in line)
+    assert ci.endswith(" -")  # not revoked
+    assert token not in out.stdout and "pgt_" not in out.stdout
+    missing = run_cli("token", "list", "--dsn", initialised.admin_dsn, "--tenant", "nobody")
+    assert_operator_error(missing, "nobody")
+
 
 async def test_tenant_create_prints_the_new_org_id(
     initialised: CliEnv, sme_tenant: tuple[str, subprocess.CompletedProcess[str]],
@@ -284,10 +341,52 @@ def test_token_revoke_with_a_malformed_id_fails_cleanly(initialised: CliEnv) -> 
 
 # ------------------------------------------------------------------------------ check-config
 
-def test_check_config_accepts_the_example_config() -> None:
+def test_check_config_accepts_the_example_config_once_its_passwords_are_real(
+    tmp_path: Path,
+) -> None:
+    # As shipped, the example's CHANGE_ME placeholder is refused, naming the key: it must
+    # never become a role's password (init --config) nor reach Postgres (serve).
     out = run_cli("check-config", "--config", "config/pgtenant.example.toml")
+    assert out.returncode == 2
+    assert_operator_error(out, "databases.app.dsn", "placeholder", "--write-config")
+    text = (ROOT / "config" / "pgtenant.example.toml").read_text()
+    real = tmp_path / "real.toml"
+    real.write_text(text.replace("CHANGE_ME", secrets.token_urlsafe(12)))
+    out = run_cli("check-config", "--config", str(real))
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
+
+
+def test_init_refuses_a_config_with_a_placeholder_password(cli_env: CliEnv,
+                                                           tmp_path: Path) -> None:
+    placeholder = tmp_path / "placeholder.toml"
+    placeholder.write_text(_config_toml(
+        f"postgresql://{PROXY_ROLE}:CHANGE_ME@127.0.0.1:5432/{DB}", cli_env.port))
+    out = run_cli("init", "--dsn", cli_env.admin_dsn, "--config", str(placeholder))
+    assert out.returncode == 2
+    assert_operator_error(out, "placeholder", "CHANGE_ME")
+
+
+def test_check_config_lists_every_problem_at_once(tmp_path: Path) -> None:
+    text = (ROOT / "config" / "pgtenant.example.toml").read_text().replace("CHANGE_ME", "x1")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("log_level = ", "max_client_conns = 5\nlog_level = ", 1)
+                       .replace("pool_size = 20", "pool_size = 0", 1)
+                       .replace('search_path = ["tenant_b", "public"]', "search_path = []"))
+    out = run_cli("check-config", "--config", str(bad))
+    assert out.returncode == 2
+    assert_operator_error(out, "3 problems", "max_client_conns", "databases.app.pool_size",
+                          "tenant_types.agency.search_path")
+
+
+def test_a_dsn_password_is_never_printed_in_an_error(tmp_path: Path) -> None:
+    text = (ROOT / "config" / "pgtenant.example.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("pgtenant_proxy:CHANGE_ME@127.0.0.1:5432",
+                                "pgtenant_proxy:hunter2secret@127.0.0.1:port"))
+    out = run_cli("check-config", "--config", str(bad))
+    assert_operator_error(out, "databases.app.dsn", "***")
+    assert "hunter2secret" not in out.stderr + out.stdout
 
 
 def test_check_config_refuses_an_unknown_key_by_name(tmp_path: Path) -> None:
@@ -304,6 +403,56 @@ def test_check_config_of_a_missing_file_says_so(tmp_path: Path) -> None:
     out = run_cli("check-config", "--config", str(missing))
     assert out.returncode == 2
     assert_operator_error(out, "nope.toml", "not found")
+
+
+def test_serve_without_a_config_says_how_to_get_one(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if k != "PGTENANT_CONFIG"},
+             "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 2
+    assert_operator_error(out, "config/pgtenant.toml", "not found", "--config",
+                          "PGTENANT_CONFIG", "--write-config", "pgtenant.example.toml")
+
+
+# ------------------------------------------------------------------------------ help
+
+def test_help_describes_the_command_and_every_option() -> None:
+    out = run_cli("--help")
+    assert out.returncode == 0
+    assert "tenant-aware, transaction-mode PostgreSQL connection proxy" in out.stdout
+    assert "Returns:" not in out.stdout and "Owns argument parsing" not in out.stdout
+    from proxy.cli import build_parser
+
+    def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    for parser in parsers(build_parser()):
+        bare = [a.option_strings for a in parser._actions
+                if a.option_strings and not a.help]
+        assert not bare, (parser.prog, bare)
+    serve = run_cli("serve", "--help").stdout
+    assert "PGTENANT_CONFIG" in serve and "config/pgtenant.toml" in serve
+
+
+def test_version_is_printed() -> None:
+    out = run_cli("--version")
+    assert out.returncode == 0
+    assert re.fullmatch(r"pgtenant \d+\.\d+\.\d+.*\n", out.stdout), out.stdout
+
+
+def test_a_refused_connection_is_a_sentence_with_a_hint() -> None:
+    port = free_port()
+    out = run_cli("tenant", "list", "--dsn", f"postgresql://postgres:pw@127.0.0.1:{port}/x")
+    assert_operator_error(out, f"127.0.0.1:{port}", "connection refused",
+                          "is PostgreSQL running", "--dsn")
+    assert "Errno" not in out.stderr
 
 
 # ------------------------------------------------------------------------------ serve
@@ -395,3 +544,12 @@ def test_serve_on_a_busy_port_fails_cleanly(initialised: CliEnv, tmp_path: Path)
         config.write_text(_config_toml(initialised.proxy_dsn, port, initialised.control_dsn))
         out = run_cli("serve", "--config", str(config), timeout=30)
     assert_operator_error(out, str(port))
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://u:hunter2secret@127.0.0.1:xx/db",
+                                 "mysql://u:hunter2secret@127.0.0.1/db"])
+def test_a_bad_dsn_option_is_refused_without_showing_its_password(dsn: str) -> None:
+    out = run_cli("tenant", "list", "--dsn", dsn)
+    assert out.returncode == 2
+    assert_operator_error(out, "--dsn", "***")
+    assert "hunter2secret" not in out.stderr + out.stdout

@@ -27,6 +27,8 @@ from proxy.identity.context import TenantIdentity, build_context
 from proxy.identity.tokens import hash_token
 from proxy.protocol.inject import Injection
 
+from .conftest import ProxyProcess, connect
+
 __all__: list[str] = []
 
 DENIED = asyncpg.InsufficientPrivilegeError
@@ -321,6 +323,22 @@ async def test_rls_refuses_writing_a_row_for_another_org(demo_env: DemoEnv) -> N
         # Other tenants' rows are invisible to UPDATE too.
         assert await conn.execute("UPDATE campaigns SET budget = 0 WHERE org_id = $1",
                                   initech) == "UPDATE 0"
+
+
+async def test_a_tenant_insert_may_leave_the_tenant_column_out(
+    demo_env: DemoEnv, proxy: ProxyProcess,
+) -> None:
+    # The demo's own suggestion, through the proxy: org_id defaults to the signed tenant.
+    conn = await connect(proxy, "acme")
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        org = await conn.fetchval(
+            "INSERT INTO campaigns (name, budget) VALUES ('acme: x', 1) RETURNING org_id")
+        assert org == demo_env.tenants["acme"].org_id
+        await tx.rollback()  # other tests count acme's rows
+    finally:
+        await conn.close()
 
 
 async def test_sme_role_cannot_write_agency_tables(demo_env: DemoEnv) -> None:

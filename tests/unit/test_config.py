@@ -609,3 +609,37 @@ def test_shared_role_switches_must_be_booleans() -> None:
 def test_login_cap_and_parse_limit_must_be_positive() -> None:
     assert config_error(minimal(max_login_clients=0)).startswith("max_login_clients")
     assert config_error(minimal(max_parsed_query_size=0)).startswith("max_parsed_query_size")
+
+
+# ---------------------------------------------------------------------- every error at once
+
+
+def test_every_mistake_of_a_file_is_reported_in_one_run() -> None:
+    data = minimal(max_client_conns=5, log_level="loud", listen="nowhere")
+    data["databases"]["app"]["pool_size"] = 0
+    data["databases"]["app"]["pool_sise"] = 3
+    data["tenant_types"]["sme"] = {"search_path": ["public"], "rol": "x"}
+    data["metrics"] = {"top_tenants": -1}
+    message = config_error(data)
+    assert message.startswith("8 problems:"), message
+    for part in ("'max_client_conns' (did you mean 'max_client_conn'?)", "log_level:",
+                 "listen:", "databases.app.pool_size:", "'databases.app.pool_sise'",
+                 "tenant_types.sme.role: required", "'tenant_types.sme.rol'",
+                 "metrics.top_tenants:"):
+        assert part in message, (part, message)
+
+
+def test_a_single_mistake_is_reported_alone() -> None:
+    assert config_error(minimal(log_level="loud")).startswith("log_level: expected one of")
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://proxy:hunter2@db:notaport/app",
+    "mysql://proxy:hunter2@db/app",
+    "postgresql://db:notaport/app?user=proxy&password=hunter2",
+])
+def test_a_dsn_error_never_shows_its_password(url: str) -> None:
+    message = config_error(minimal(databases={"app": {"dsn": url}}))
+    assert "databases.app.dsn" in message
+    assert "hunter2" not in message
+    assert "***" in message
