@@ -30,6 +30,7 @@ from .errors import (
     QueryCanceled,
     ServerUnavailable,
     TooManyLogins,
+    connect_failure,
 )
 from .guard import SWITCHES, Guard
 from .http import HttpEndpoint
@@ -326,7 +327,7 @@ class App:
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise ServerUnavailable(
                 f"cannot connect to backend {dsn.host}:{dsn.port} as {dsn.user!r} to verify "
-                f"database {name!r}: {exc}"
+                f"database {name!r}: {connect_failure(exc)}"
             ) from exc
 
     async def _verify_database(self, pool: Pool) -> None:

@@ -32,6 +32,9 @@ module owns the classes and the SQLSTATE table; it does no I/O.
 
 from __future__ import annotations
 
+import errno
+import socket
+
 __all__ = [
     "AdminShutdown",
     "AuthError",
@@ -61,6 +64,7 @@ __all__ = [
     "UnknownDatabase",
     "UnsupportedProtocol",
     "WrongUser",
+    "connect_failure",
 ]
 
 
@@ -202,3 +206,18 @@ class ProgramLimitExceeded(ProxyError):
     """A text the statement guard would have to parse is above ``max_parsed_query_size``."""
 
     sqlstate = "54000"
+
+
+def connect_failure(exc: BaseException) -> str:
+    """Returns: a sentence for a failed connection to Postgres (asyncpg's and the socket
+    layer's own texts, "[Errno 111] Connect call failed ...", name no cause a person can act
+    on)."""
+    text = str(exc)
+    if (isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED
+            or "Connect call failed" in text):
+        return "connection refused: is PostgreSQL running and listening there?"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host name"
+    if isinstance(exc, TimeoutError):
+        return "timed out: is the host reachable and the port right?"
+    return text or type(exc).__name__

@@ -19,7 +19,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from .config import Dsn
-from .errors import ServerLoginFailed, ServerProtocolError, ServerUnavailable
+from .errors import ServerLoginFailed, ServerProtocolError, ServerUnavailable, connect_failure
 from .protocol import codec
 from .protocol.constants import SSL_REQUEST_CODE
 from .protocol.handshake import Frame, Handshake, LoginResult, Send, server_login
@@ -139,7 +139,8 @@ class ServerConnection(asyncio.Protocol):
         except OSError as exc:
             self.close()
             raise ServerUnavailable(
-                f"cannot connect to backend {self.dsn.host}:{self.dsn.port}: {exc.strerror or exc}"
+                f"cannot connect to backend {self.dsn.host}:{self.dsn.port}: "
+                f"{connect_failure(exc)}"
             ) from exc
         except BaseException:
             self.close()

@@ -204,5 +204,8 @@ async def test_backend_unreachable_fails_waiting_clients_clearly(
         await connect(proxy, "acme")
     assert info.value.sqlstate == "08006"
     assert "cannot connect to backend" in str(info.value)
+    # A sentence a person can act on, not the socket layer's "[Errno 111] Connect call ...".
+    assert "connection refused: is PostgreSQL running" in str(info.value)
+    assert "Errno" not in str(info.value) and "Errno" not in proxy.log()
     assert time.monotonic() - started < 10
     assert "cannot connect to backend" in proxy.log()
