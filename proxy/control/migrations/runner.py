@@ -1,0 +1,590 @@
+"""The migration runner: plan, apply (canaries, waves, concurrency), rollback, status.
+
+Theory of operation. ``plan`` reads the whole fleet in one catalog query (``ledger.
+fetch_fleet``) and compares it with the files: what is pending where, which applied file was
+edited since (refused, naming it), what the lint flags. ``apply`` takes a session advisory
+lock (a second runner is refused at once, naming the run in progress), opens a run, and
+rolls out: the ``:shared`` target first (a failure stops everything), then the canary slugs
+(a failing canary stops everything), then the other tenants smallest first in waves of
+``wave_size``, ``concurrency`` at once, stopping once ``max_failures`` tenants failed
+(running ones finish; none start). Each tenant's pending files run in ONE transaction with
+``SET LOCAL search_path`` = the tenant's schema, ``lock_timeout`` and ``statement_timeout``,
+and its ledger rows are written in that same transaction: a tenant is either at its old
+version or at the new one, never between, and a kill -9 at any moment leaves nothing a
+rerun would apply twice. A ``transaction=off`` file runs alone, outside a transaction, after
+the files before it committed. A lock timeout (55P03) is retried with backoff.
+
+Owns the rollout policy and the per-target SQL execution. Does not own the files
+(``files.py``), the ledger DDL (``ledger.py``), or how events are shown (``progress.py``).
+Database-per-tenant organizations (``organizations.database`` naming another database) are
+reported as skipped: not supported yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeAlias
+from uuid import UUID
+
+import asyncpg
+
+from ...identity.context import quote_ident
+from .. import ControlError
+from .files import Migration, Warning_, lint, split_statements
+from .ledger import (
+    ADVISORY_LOCK_KEY,
+    APP_NAME_PREFIX,
+    SHARED_TARGET,
+    FleetRow,
+    fetch_fleet,
+    finish_run,
+    install_ledger,
+    running_run,
+    start_run,
+)
+
+# A plain connection or one lent by the run's pool.
+Conn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
+
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT_MS",
+    "DEFAULT_STATEMENT_TIMEOUT_MS",
+    "Plan",
+    "Reporter",
+    "RolloutOptions",
+    "RunSummary",
+    "TargetPlan",
+    "apply",
+    "make_plan",
+    "rollback",
+    "status",
+]
+
+# Defaults a team can live with: a DDL that cannot get its lock in 2 s gives up (and is
+# retried) instead of queueing every query of the table behind it; one that runs 5 min on
+# one tenant is not the "small change" a fleet-wide rollout is for.
+DEFAULT_LOCK_TIMEOUT_MS = 2_000
+DEFAULT_STATEMENT_TIMEOUT_MS = 300_000
+LOCK_RETRIES = 3
+LOCK_BACKOFF_S = 0.5
+
+
+class Reporter(Protocol):
+    """Receives the run's events (``progress.py`` shows them)."""
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """One event: run_started, wave_started, target_done, target_failed, retry,
+        stopped, run_finished."""
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutOptions:
+    """How ``apply``/``rollback`` roll out over the fleet."""
+
+    canary: tuple[str, ...] = ()
+    wave_size: int = 50
+    concurrency: int = 4
+    max_failures: int = 1
+    pause: float = 0.0
+    lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
+    statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
+    lock_retries: int = LOCK_RETRIES
+
+    def check(self) -> None:
+        """Raises: ControlError for a value out of range."""
+        for name in ("wave_size", "concurrency", "max_failures", "lock_timeout_ms",
+                     "statement_timeout_ms"):
+            if getattr(self, name) < 1:
+                raise ControlError(f"{name.replace('_', '-')}: must be at least 1")
+        if self.pause < 0 or self.lock_retries < 0:
+            raise ControlError("pause and lock retries must not be negative")
+
+
+@dataclass(slots=True)
+class TargetPlan:
+    """One target and the files it lacks."""
+
+    row: FleetRow
+    pending: list[Migration]
+    skipped: str | None = None
+
+    @property
+    def slug(self) -> str:
+        """Returns: the tenant's slug (``:shared`` for the shared target)."""
+        return self.row.slug
+
+    @property
+    def version(self) -> int:
+        """Returns: the highest applied version (0: none)."""
+        return max(self.row.versions, default=0)
+
+
+@dataclass(slots=True)
+class Plan:
+    """What ``apply`` would do."""
+
+    migrations: list[Migration]
+    targets: list[TargetPlan]
+    edited: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    warnings: list[Warning_] = field(default_factory=list)
+    query_seconds: float = 0.0
+
+    @property
+    def pending_targets(self) -> list[TargetPlan]:
+        """Returns: targets with something to run (skipped ones excluded)."""
+        return [t for t in self.targets if t.pending and t.skipped is None]
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns: the plan as one JSON-able object."""
+        return {
+            "migrations": [{"version": m.version, "file": m.filename, "scope": m.scope,
+                            "transaction": m.transactional, "down": m.down is not None}
+                           for m in self.migrations],
+            "targets": [{"tenant": t.slug, "version": t.version,
+                         "pending": [m.version for m in t.pending], "skipped": t.skipped}
+                        for t in self.targets if t.pending or t.skipped],
+            "up_to_date": sum(1 for t in self.targets if not t.pending and not t.skipped),
+            "edited": self.edited, "missing": self.missing,
+            "warnings": [{"file": w.filename, "statement": w.statement, "message": w.message}
+                         for w in self.warnings],
+        }
+
+
+def _plan_from(fleet: Sequence[FleetRow], migrations: Sequence[Migration],
+               other_databases: frozenset[str]) -> Plan:
+    by_version = {m.version: m for m in migrations}
+    plan = Plan(migrations=list(migrations), targets=[])
+    edited: dict[str, list[str]] = {}
+    for row in fleet:
+        scope = "shared" if row.target == SHARED_TARGET else "tenant"
+        for v, checksum in row.versions.items():
+            mig = by_version.get(v)
+            if mig is None:
+                if f"{v:04d}" not in plan.missing:
+                    plan.missing.append(f"{v:04d}")
+            elif mig.checksum != checksum:
+                edited.setdefault(mig.filename, []).append(row.slug)
+        pending = [m for m in migrations if m.scope == scope and m.version not in row.versions]
+        skipped = None
+        if row.database is not None and row.database in other_databases:
+            skipped = f"database-per-tenant ({row.database}): not supported by the runner yet"
+        plan.targets.append(TargetPlan(row=row, pending=pending, skipped=skipped))
+    plan.edited = [
+        f"{name} was edited after it was applied (checksum differs on "
+        f"{len(slugs)} target(s): {', '.join(slugs[:5])}{' ...' if len(slugs) > 5 else ''}); "
+        "restore it and put the change in a new migration"
+        for name, slugs in sorted(edited.items())
+    ]
+    for mig in migrations:
+        plan.warnings.extend(lint(mig))
+    return plan
+
+
+async def make_plan(conn: asyncpg.Connection, migrations: Sequence[Migration], *,
+                    other_databases: frozenset[str] = frozenset()) -> Plan:
+    """Compare the fleet (one query) with the files.
+
+    ``other_databases``: ``[databases.*]`` names that are not this database (their tenants
+    are skipped). Returns: the Plan (``edited`` non-empty means ``apply`` will refuse).
+    """
+    await install_ledger(conn)
+    started = time.perf_counter()
+    fleet = await fetch_fleet(conn)
+    elapsed = time.perf_counter() - started
+    plan = _plan_from(fleet, migrations, other_databases)
+    plan.query_seconds = elapsed
+    return plan
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """How a run ended."""
+
+    run_id: int
+    status: str  # done | failed | stopped | nothing
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # slug -> reason
+    not_started: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Failed(Exception):
+    def __init__(self, mig: Migration | None, statement: str, exc: BaseException) -> None:
+        self.mig, self.statement, self.exc = mig, statement, exc
+        self.sqlstate = getattr(exc, "sqlstate", None)
+        super().__init__(str(exc))
+
+    def describe(self, slug: str) -> str:
+        where = self.mig.filename if self.mig is not None else "?"
+        stmt = " ".join(self.statement.split())[:160]
+        return (f"tenant {slug}: {where}: {self.exc} (SQLSTATE {self.sqlstate}) "
+                f"in statement: {stmt}")
+
+
+def _groups(pending: Sequence[Migration]) -> list[list[Migration]]:
+    # Consecutive transactional files share one transaction; transaction=off files run alone.
+    out: list[list[Migration]] = []
+    for mig in pending:
+        if mig.transactional and out and out[-1][0].transactional:
+            out[-1].append(mig)
+        else:
+            out.append([mig])
+    return out
+
+
+def _settings_sql(schema: str | None, opts: RolloutOptions, *, local: bool) -> str:
+    scope = "LOCAL " if local else ""
+    parts = [f"SET {scope}lock_timeout = {opts.lock_timeout_ms}",
+             f"SET {scope}statement_timeout = {opts.statement_timeout_ms}"]
+    if schema is not None:
+        # The tenant's schema alone: an unqualified name can never reach a shared table.
+        parts.append(f"SET {scope}search_path = {quote_ident(schema)}")
+    return "; ".join(parts)
+
+
+_LOG_SQL = """
+INSERT INTO pgtenant.migration_log (run_id, target, tenant, version, checksum, status,
+    started_at, finished_at, duration_ms, error, sqlstate, statement)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+"""
+
+
+async def _run_statements(conn: Conn, mig: Migration, sql: str) -> None:
+    for stmt in split_statements(sql):
+        try:
+            await conn.execute(stmt)
+        except asyncpg.PostgresError as exc:
+            raise _Failed(mig, stmt, exc) from exc
+
+
+async def _apply_group(conn: Conn, run_id: int, target: TargetPlan,
+                       group: list[Migration], opts: RolloutOptions) -> None:
+    row = target.row
+    timings: list[tuple[Migration, datetime, datetime, float]] = []
+
+    async def run_all() -> None:
+        for mig in group:
+            started, t0 = datetime.now(UTC), time.perf_counter()
+            await _run_statements(conn, mig, mig.up)
+            timings.append((mig, started, datetime.now(UTC),
+                            (time.perf_counter() - t0) * 1000))
+
+    async def record() -> None:
+        await conn.executemany(
+            "INSERT INTO pgtenant.schema_versions (target, version, name, checksum, run_id) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            [(row.target, m.version, m.name, m.checksum, run_id) for m in group],
+        )
+        await conn.executemany(_LOG_SQL, [
+            (run_id, row.target, row.slug, m.version, m.checksum, "applied", s, f, ms,
+             None, None, None) for m, s, f, ms in timings])
+
+    if group[0].transactional:
+        async with conn.transaction():
+            await conn.execute(_settings_sql(row.schema, opts, local=True))
+            await run_all()
+            await record()  # same transaction as the DDL: all of it or none
+        return
+    # transaction=off: the file alone, then its ledger rows. A kill between the two reruns
+    # the file, which is why plan asks such files to be idempotent.
+    await conn.execute(_settings_sql(row.schema, opts, local=False))
+    try:
+        await run_all()
+        await record()
+    finally:
+        await conn.execute("RESET ALL")
+
+
+async def _record_failure(conn: Conn, run_id: int, target: TargetPlan,
+                          failure: _Failed, started: datetime) -> None:
+    mig = failure.mig or target.pending[0]
+    finished = datetime.now(UTC)
+    try:
+        await conn.execute(
+            _LOG_SQL, run_id, target.row.target, target.slug, mig.version, mig.checksum,
+            "failed", started, finished, (finished - started).total_seconds() * 1000,
+            str(failure.exc), failure.sqlstate, failure.statement[:2000],
+        )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        pass  # the ledger still shows the tenant at its old version; the event says why
+
+
+Work = Callable[[Conn, TargetPlan], Awaitable[None]]
+
+
+async def _with_retries(conn: Conn, target: TargetPlan, opts: RolloutOptions,
+                        reporter: Reporter, work: Work) -> None:
+    attempt = 0
+    while True:
+        try:
+            await work(conn, target)
+            return
+        except _Failed as failure:
+            if not isinstance(failure.exc, asyncpg.LockNotAvailableError) \
+                    or attempt >= opts.lock_retries:
+                raise
+            attempt += 1
+            delay = LOCK_BACKOFF_S * 2 ** (attempt - 1) * (0.5 + random.random())
+            reporter.event("retry", tenant=target.slug, attempt=attempt,
+                           delay=round(delay, 2), reason=str(failure.exc))
+            await asyncio.sleep(delay)
+
+
+async def _rollout(pool: asyncpg.Pool, run_id: int, targets: list[TargetPlan],
+                   opts: RolloutOptions, reporter: Reporter, work: Work, *,
+                   shared_first: bool) -> RunSummary:
+    summary = RunSummary(run_id=run_id, status="done")
+    started = time.perf_counter()
+    shared = [t for t in targets if t.row.target == SHARED_TARGET]
+    tenants = [t for t in targets if t.row.target != SHARED_TARGET]
+    by_slug = {t.slug: t for t in tenants}
+    canaries = [by_slug[s] for s in opts.canary if s in by_slug]
+    rest = sorted((t for t in tenants if t.slug not in opts.canary),
+                  key=lambda t: (t.row.size, t.slug))  # biggest tenants last
+    waves: list[tuple[str, list[TargetPlan]]] = []
+    if shared and shared_first:
+        waves.append(("shared", shared))
+    if canaries:
+        waves.append(("canary", canaries))
+    for i in range(0, len(rest), opts.wave_size):
+        waves.append((f"wave {len(waves) + 1}", rest[i:i + opts.wave_size]))
+    if shared and not shared_first:
+        waves.append(("shared", shared))
+    reporter.event("run_started", run_id=run_id, targets=len(targets), waves=len(waves),
+                   wave_names=[name for name, _ in waves])
+    async def one(target: TargetPlan) -> None:
+        t_started = datetime.now(UTC)
+        t0 = time.perf_counter()
+        async with pool.acquire() as conn:
+            try:
+                try:
+                    await _with_retries(conn, target, opts, reporter, work)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    # the ledger insert (e.g. another runner's orphan got there first) or
+                    # a lost connection: the transaction did not commit
+                    raise _Failed(None, "", exc) from exc
+            except _Failed as failure:
+                await _record_failure(conn, run_id, target, failure, t_started)
+                summary.failed[target.slug] = failure.describe(target.slug)
+                reporter.event(
+                    "target_failed", tenant=target.slug,
+                    file=failure.mig.filename if failure.mig else None,
+                    statement=" ".join(failure.statement.split())[:500],
+                    sqlstate=failure.sqlstate, error=str(failure.exc),
+                    message=failure.describe(target.slug))
+                return
+        summary.done.append(target.slug)
+        reporter.event("target_done", tenant=target.slug,
+                       versions=[m.version for m in target.pending],
+                       seconds=round(time.perf_counter() - t0, 4))
+
+    stop: list[str] = []  # the reason, once the rollout must not start anyone else
+
+    async def worker(name: str, queue: list[TargetPlan]) -> None:
+        while queue and not stop:
+            await one(queue.pop())
+            if name in ("shared", "canary") and summary.failed:
+                stop.append(f"{name} failed: no other tenant is touched")
+            elif len(summary.failed) >= opts.max_failures:
+                stop.append(f"max-failures reached ({len(summary.failed)} failed)")
+
+    for index, (name, wave) in enumerate(waves):
+        if stop:
+            summary.not_started.extend(t.slug for t in wave)
+            continue
+        if index and opts.pause and name.startswith("wave"):
+            await asyncio.sleep(opts.pause)
+        reporter.event("wave_started", wave=name, index=index + 1, size=len(wave))
+        queue = list(reversed(wave))
+        await asyncio.gather(*(worker(name, queue)
+                               for _ in range(min(opts.concurrency, len(wave)))))
+        if stop:
+            summary.not_started.extend(t.slug for t in reversed(queue))
+            reporter.event("stopped", reason=stop[0], not_started=len(queue))
+    if summary.failed:
+        summary.status = "stopped" if summary.not_started else "failed"
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+async def _locked_run(admin_dsn: str, kind: str, args: dict[str, Any],
+                      body: Callable[[asyncpg.Connection, int], Awaitable[RunSummary]]
+                      ) -> RunSummary:
+    lock_conn = await asyncpg.connect(admin_dsn)
+    try:
+        await install_ledger(lock_conn)
+        if not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1, $2)",
+                                        *ADVISORY_LOCK_KEY):
+            info = await running_run(lock_conn)
+            held = info.describe() if info is not None else "a run that has not started yet"
+            raise ControlError(f"another migration runner is active: {held}; "
+                               "wait for it or stop it (its run resumes on the next apply)")
+        run_id = await start_run(lock_conn, kind, args)
+        try:
+            summary = await body(lock_conn, run_id)
+        except BaseException:
+            await finish_run(lock_conn, run_id, "failed")
+            raise
+        await finish_run(lock_conn, run_id, summary.status)
+        return summary
+    finally:
+        await lock_conn.close()  # also releases the advisory lock
+
+
+async def _pool(admin_dsn: str, run_id: int, size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        admin_dsn, min_size=size, max_size=size, statement_cache_size=0,
+        server_settings={"application_name": f"{APP_NAME_PREFIX}{run_id}"},
+    )
+    assert pool is not None
+    return pool
+
+
+async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOptions,
+                reporter: Reporter, *, other_databases: frozenset[str] = frozenset(),
+                args: Mapping[str, Any] | None = None) -> RunSummary:
+    """Apply every pending migration to every target, as a controlled rollout.
+
+    Returns: the summary (status done, failed or stopped).
+    Raises: ControlError when another runner is active, an applied file was edited, or a
+    canary slug is unknown.
+    """
+    opts.check()
+
+    async def body(conn: asyncpg.Connection, run_id: int) -> RunSummary:
+        plan = await make_plan(conn, migrations, other_databases=other_databases)
+        if plan.edited:
+            raise ControlError("; ".join(plan.edited))
+        known = {t.slug for t in plan.targets}
+        unknown = [s for s in opts.canary if s not in known]
+        if unknown:
+            raise ControlError(f"--canary: unknown tenant(s) {', '.join(unknown)}")
+        for t in plan.targets:
+            if t.skipped and t.pending:
+                reporter.event("skipped", tenant=t.slug, reason=t.skipped)
+        targets = plan.pending_targets
+        if not targets:
+            reporter.event("run_started", run_id=run_id, targets=0, waves=0, wave_names=[])
+            return RunSummary(run_id=run_id, status="nothing")
+        pool = await _pool(admin_dsn, run_id, opts.concurrency)
+        try:
+            async def work(c: Conn, target: TargetPlan) -> None:
+                for group in _groups(target.pending):
+                    await _apply_group(c, run_id, target, group, opts)
+
+            return await _rollout(pool, run_id, targets, opts, reporter, work,
+                                  shared_first=True)
+        finally:
+            await pool.close()
+
+    summary = await _locked_run(admin_dsn, "apply", dict(args or {}), body)
+    reporter.event("run_finished", run_id=summary.run_id, status=summary.status,
+                   done=len(summary.done), failed=len(summary.failed),
+                   not_started=len(summary.not_started), seconds=round(summary.seconds, 3))
+    return summary
+
+
+async def rollback(admin_dsn: str, migrations: Sequence[Migration], run: int,
+                   opts: RolloutOptions, reporter: Reporter) -> RunSummary:
+    """Apply the ``down`` sections of what run ``run`` applied, newest first, per target.
+
+    Only targets that run migrated and that still have those versions are touched. A target
+    with a later version on top (from another run) is refused, as is a file with no down.
+    Returns: the summary of the rollback run.
+    Raises: ControlError (unknown run, missing down section, later versions on top).
+    """
+    opts.check()
+    by_version = {m.version: m for m in migrations}
+
+    async def body(conn: asyncpg.Connection, run_id: int) -> RunSummary:
+        rows = await conn.fetch(
+            """
+            SELECT v.target, v.version, v.checksum,
+                   (SELECT max(w.version) FROM pgtenant.schema_versions w
+                     WHERE w.target = v.target) AS top
+              FROM pgtenant.schema_versions v WHERE v.run_id = $1
+            """, run)
+        if not await conn.fetchval("SELECT 1 FROM pgtenant.migration_runs WHERE id = $1 "
+                                   "AND kind = 'apply'", run):
+            raise ControlError(f"no apply run {run}")
+        fleet = {r.target: r for r in await fetch_fleet(conn)}
+        versions: dict[UUID, list[int]] = {}
+        problems: list[str] = []
+        for r in rows:
+            if r["target"] not in fleet:
+                continue  # tenant dropped since
+            versions.setdefault(r["target"], []).append(r["version"])
+        for target, vs in versions.items():
+            if fleet[target].versions and max(fleet[target].versions) > max(vs):
+                problems.append(f"{fleet[target].slug} has later versions on top "
+                                f"({max(fleet[target].versions)})")
+        needed = sorted({v for vs in versions.values() for v in vs})
+        for v in needed:
+            mig = by_version.get(v)
+            if mig is None or mig.down is None:
+                name = mig.filename if mig else f"{v:04d}_*.sql (file missing)"
+                problems.append(f"{name} has no '-- pgtenant: down' section")
+        if problems:
+            raise ControlError(f"cannot roll back run {run}: " + "; ".join(problems[:10]))
+        targets = [TargetPlan(row=fleet[t], pending=[by_version[v] for v in
+                                                      sorted(vs, reverse=True)])
+                   for t, vs in versions.items()]
+        if not targets:
+            return RunSummary(run_id=run_id, status="nothing")
+        pool = await _pool(admin_dsn, run_id, opts.concurrency)
+
+        async def work(c: Conn, target: TargetPlan) -> None:
+            row = target.row
+            async with c.transaction():
+                await c.execute(_settings_sql(row.schema, opts, local=True))
+                for mig in target.pending:  # newest first
+                    started, t0 = datetime.now(UTC), time.perf_counter()
+                    assert mig.down is not None
+                    await _run_statements(c, mig, mig.down)
+                    await c.execute("DELETE FROM pgtenant.schema_versions "
+                                    "WHERE target = $1 AND version = $2", row.target,
+                                    mig.version)
+                    await c.execute(_LOG_SQL, run_id, row.target, row.slug, mig.version,
+                                    mig.checksum, "rolled_back", started, datetime.now(UTC),
+                                    (time.perf_counter() - t0) * 1000, None, None, None)
+
+        try:
+            # Tenants first, the shared target last: tenant objects may depend on it.
+            return await _rollout(pool, run_id, targets, opts, reporter, work,
+                                  shared_first=False)
+        finally:
+            await pool.close()
+
+    summary = await _locked_run(admin_dsn, "rollback", {"run": run}, body)
+    reporter.event("run_finished", run_id=summary.run_id, status=summary.status,
+                   done=len(summary.done), failed=len(summary.failed),
+                   not_started=len(summary.not_started), seconds=round(summary.seconds, 3))
+    return summary
+
+
+def status(plan: Plan) -> list[dict[str, Any]]:
+    """Returns: one object per target: tenant, version, status (ok, behind, failed,
+    skipped), pending versions, and the last error when it failed."""
+    out: list[dict[str, Any]] = []
+    for t in plan.targets:
+        if t.skipped:
+            state = "skipped"
+        elif t.pending and t.row.last_status == "failed":
+            state = "failed"
+        elif t.pending:
+            state = "behind"
+        else:
+            state = "ok"
+        out.append({
+            "tenant": t.slug, "version": t.version, "status": state,
+            "pending": [m.version for m in t.pending], "schema": t.row.schema,
+            "error": t.row.last_error if state == "failed" else None,
+            "failed_version": t.row.last_version if state == "failed" else None,
+        })
+    return out
