@@ -84,6 +84,12 @@ class Fleet:
             await conn.close()
 
 
+def spawn(argv: list[str]) -> subprocess.Popen[str]:
+    """A runner in the background, its JSON lines readable as they come."""
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 def events(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -274,8 +280,7 @@ async def test_lock_timeout_is_retried_with_backoff_then_succeeds(
         tx = holder.transaction()
         await tx.start()
         await holder.execute(f'LOCK TABLE "t_{fleet.slugs[0]}".projects IN ACCESS SHARE MODE')
-        proc = subprocess.Popen(fleet.argv("apply", "--lock-timeout", "200", "--json"),
-                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        proc = spawn(fleet.argv("apply", "--lock-timeout", "200", "--json"))
         await asyncio.sleep(1.0)
         await tx.rollback()
         stdout, _ = proc.communicate(timeout=60)
@@ -308,10 +313,7 @@ async def test_second_runner_refused_and_kill9_mid_wave_resumes_without_doing_an
     fleet = await fleet_of(12)
     fleet.write(BASE_FILES)
     fleet.write({"0003_slow.sql": "INSERT INTO hits VALUES (3);\nSELECT pg_sleep(0.4);\n"})
-    proc = subprocess.Popen(fleet.argv("apply", "--concurrency", "2", "--wave-size", "4",
-                                       "--json"),
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = spawn(fleet.argv("apply", "--concurrency", "2", "--wave-size", "4", "--json"))
     assert proc.stdout is not None
     done = 0
     run_id = None
