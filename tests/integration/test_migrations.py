@@ -389,3 +389,22 @@ async def test_status_summarises_the_fleet_and_json_has_one_object_per_tenant(
     assert sorted(r["tenant"] for r in tenants) == fleet.slugs
     assert all(r["version"] == 1 and r["status"] == "behind" and r["pending"] == [2]
                for r in tenants)
+
+
+async def test_canary_percent_takes_the_smallest_and_the_biggest_and_biggest_go_last(
+        fleet_of: FleetFactory) -> None:
+    fleet = await fleet_of(10)
+    fleet.write({"0001_projects.sql": BASE_FILES["0001_projects.sql"]})
+    assert fleet.cli("apply", "--json").returncode == 0
+    big, bigger = fleet.slugs[2], fleet.slugs[5]
+    for slug, rows in ((big, 20_000), (bigger, 60_000)):
+        await fleet.fetch(f'INSERT INTO "t_{slug}".projects (name) '
+                          f"SELECT 'p' || g FROM generate_series(1, {rows}) g")
+    fleet.write({"0002_budget.sql": BASE_FILES["0002_budget.sql"]})
+    out = fleet.cli("apply", "--canary-percent", "20", "--concurrency", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    evs = events(out.stdout)
+    assert next(e for e in evs if e["event"] == "wave_started")["size"] == 2
+    done = [e["tenant"] for e in evs if e["event"] == "target_done"]
+    assert done[1] == bigger  # canaries: the smallest tenant, then the biggest
+    assert done[-1] == big  # after the canaries, size order: the big one last

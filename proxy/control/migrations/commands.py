@@ -87,6 +87,7 @@ def _options(args: argparse.Namespace, config: Any) -> Any:
 
     return RolloutOptions(
         canary=tuple(s.strip() for s in (args.canary or "").split(",") if s.strip()),
+        canary_percent=getattr(args, "canary_percent", 0.0) or 0.0,
         wave_size=args.wave_size, concurrency=args.concurrency,
         max_failures=args.max_failures, pause=args.pause,
         lock_timeout_ms=args.lock_timeout or config.migrations.lock_timeout_ms,
@@ -104,7 +105,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     summary = asyncio.run(apply(
         args.dsn, load_migrations(directory), opts, make_reporter(args.json),
         other_databases=_other_databases(config, args.dsn),
-        args={"canary": list(opts.canary), "wave_size": opts.wave_size,
+        args={"canary": list(opts.canary), "canary_percent": opts.canary_percent,
+              "wave_size": opts.wave_size,
               "concurrency": opts.concurrency, "max_failures": opts.max_failures,
               "pause": opts.pause, "lock_timeout_ms": opts.lock_timeout_ms,
               "statement_timeout_ms": opts.statement_timeout_ms, "dir": str(directory)},
@@ -197,6 +199,8 @@ def add_migrate_parser(sub: Any, default_config: str) -> None:
     common(p)
     p.add_argument("--canary", help="comma-separated slugs migrated first; if one fails "
                                     "no other tenant is touched")
+    p.add_argument("--canary-percent", type=float, default=0.0,
+                   help="also this percentage of tenants as canaries, spread over sizes")
     rollout(p)
     p.set_defaults(func=_cmd_apply)
 

@@ -106,6 +106,9 @@ async def install_ledger(conn: asyncpg.Connection) -> None:
     if await conn.fetchval("SELECT to_regclass('pgtenant.migration_log') IS NOT NULL"):
         return
     async with conn.transaction():
+        # two runners on a fresh install: the second waits here, then finds the tables
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", ADVISORY_LOCK_KEY[0],
+                           ADVISORY_LOCK_KEY[1] + 1)
         for stmt in LEDGER_DDL:
             await conn.execute(stmt)
 

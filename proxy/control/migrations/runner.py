@@ -87,6 +87,9 @@ class RolloutOptions:
     """How ``apply``/``rollback`` roll out over the fleet."""
 
     canary: tuple[str, ...] = ()
+    # Also this share of the tenants as canaries, spread evenly over the size order (the
+    # smallest, the biggest and between), so the canary wave sees the fleet's shapes.
+    canary_percent: float = 0.0
     wave_size: int = 50
     concurrency: int = 4
     max_failures: int = 1
@@ -101,6 +104,8 @@ class RolloutOptions:
                      "statement_timeout_ms"):
             if getattr(self, name) < 1:
                 raise ControlError(f"{name.replace('_', '-')}: must be at least 1")
+        if not 0 <= self.canary_percent <= 100:
+            raise ControlError("canary-percent: must be between 0 and 100")
         if self.pause < 0 or self.lock_retries < 0:
             raise ControlError("pause and lock retries must not be negative")
 
@@ -344,9 +349,17 @@ async def _rollout(pool: asyncpg.Pool, run_id: int, targets: list[TargetPlan],
     shared = [t for t in targets if t.row.target == SHARED_TARGET]
     tenants = [t for t in targets if t.row.target != SHARED_TARGET]
     by_slug = {t.slug: t for t in tenants}
-    canaries = [by_slug[s] for s in opts.canary if s in by_slug]
-    rest = sorted((t for t in tenants if t.slug not in opts.canary),
-                  key=lambda t: (t.row.size, t.slug))  # biggest tenants last
+    by_size = sorted(tenants, key=lambda t: (t.row.size, t.slug))
+    chosen = [s for s in opts.canary if s in by_slug]
+    if opts.canary_percent and by_size:
+        count = min(len(by_size), max(1, round(len(by_size) * opts.canary_percent / 100)))
+        step = (len(by_size) - 1) / max(count - 1, 1)
+        for i in range(count):
+            slug = by_size[round(i * step)].slug
+            if slug not in chosen:
+                chosen.append(slug)
+    canaries = [by_slug[s] for s in chosen]
+    rest = [t for t in by_size if t.slug not in chosen]  # biggest tenants last
     waves: list[tuple[str, list[TargetPlan]]] = []
     if shared and shared_first:
         waves.append(("shared", shared))
