@@ -187,29 +187,38 @@ class FleetRow:
 
 
 # One query for the whole fleet (the issue's "plan < 2 s on 1,000 tenants"): every
-# organization with its own schema, its schema's size from the catalog (relpages would miss
-# tables never vacuumed, so pg_relation_size: a stat() per relation, still milliseconds),
-# its applied versions and its newest log row; plus the shared pseudo-target.
+# organization with its own schema, its schema's size, its applied versions and its newest
+# log row; plus the shared pseudo-target. Each input is aggregated in ONE pass and joined by
+# hash (a correlated subquery per tenant scanned pg_class once per tenant: 1 s at 1,000).
+# Size: pg_relation_size (a stat() per relation, milliseconds) since relpages misses tables
+# never vacuumed.
 _FLEET_SQL = """
 WITH targets AS (
     SELECT o.id, o.slug, o.schema, o.database FROM pgtenant.organizations o
      WHERE o.schema IS NOT NULL
     UNION ALL
     SELECT $1::uuid, $2::text, NULL, NULL
+), sizes AS (
+    SELECT n.nspname, sum(pg_relation_size(c.oid))::bigint AS size
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind IN ('r', 'm', 'i', 't')
+       AND n.nspname IN (SELECT schema FROM targets WHERE schema IS NOT NULL)
+     GROUP BY n.nspname
+), versions AS (
+    SELECT target, array_agg(version ORDER BY version) AS versions,
+           array_agg(checksum ORDER BY version) AS checksums
+      FROM pgtenant.schema_versions GROUP BY target
+), last_log AS (
+    SELECT DISTINCT ON (target) target, status, error, version
+      FROM pgtenant.migration_log ORDER BY target, id DESC
 )
-SELECT t.id AS target, t.slug, t.schema, t.database,
-       coalesce((SELECT sum(pg_relation_size(c.oid))
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = t.schema AND c.relkind IN ('r', 'm', 'i', 't')), 0)::bigint
-           AS size,
-       coalesce((SELECT array_agg(v.version ORDER BY v.version)
-                   FROM pgtenant.schema_versions v WHERE v.target = t.id), '{}') AS versions,
-       coalesce((SELECT array_agg(v.checksum ORDER BY v.version)
-                   FROM pgtenant.schema_versions v WHERE v.target = t.id), '{}') AS checksums,
+SELECT t.id AS target, t.slug, t.schema, t.database, coalesce(s.size, 0) AS size,
+       coalesce(v.versions, '{}') AS versions, coalesce(v.checksums, '{}') AS checksums,
        l.status AS last_status, l.error AS last_error, l.version AS last_version
   FROM targets t
-  LEFT JOIN LATERAL (SELECT status, error, version FROM pgtenant.migration_log m
-                      WHERE m.target = t.id ORDER BY m.id DESC LIMIT 1) l ON true
+  LEFT JOIN sizes s ON s.nspname = t.schema
+  LEFT JOIN versions v ON v.target = t.id
+  LEFT JOIN last_log l ON l.target = t.id
  ORDER BY t.slug
 """
 
