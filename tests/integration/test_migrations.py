@@ -274,7 +274,11 @@ async def test_lock_timeout_is_retried_with_backoff_then_succeeds(
     fleet = await fleet_of(2)
     fleet.write(BASE_FILES)
     assert fleet.cli("apply", "--json").returncode == 0
-    fleet.write({"0003_col.sql": "ALTER TABLE projects ADD COLUMN c int;\n"})
+    # two steps per tenant: 0003 commits, then 0004 (alone) waits for the lock; the retry
+    # must redo 0004 only
+    fleet.write({"0003_hits.sql": "ALTER TABLE hits ADD COLUMN m int;\n",
+                 "0004_col.sql": "-- pgtenant: transaction=off\n"
+                                 "ALTER TABLE projects ADD COLUMN c int;\n"})
     holder = await asyncpg.connect(fleet.admin_dsn)
     try:
         tx = holder.transaction()
@@ -291,6 +295,7 @@ async def test_lock_timeout_is_retried_with_backoff_then_succeeds(
     retries = [e for e in evs if e["event"] == "retry"]
     assert retries and retries[0]["tenant"] == fleet.slugs[0]
     assert "lock timeout" in retries[0]["reason"]
+    assert {status_by_tenant(fleet)[s]["version"] for s in fleet.slugs} == {4}
 
 
 # ------------------------------------------------------------------- ledger and safety
@@ -408,3 +413,36 @@ async def test_canary_percent_takes_the_smallest_and_the_biggest_and_biggest_go_
     done = [e["tenant"] for e in evs if e["event"] == "target_done"]
     assert done[1] == bigger  # canaries: the smallest tenant, then the biggest
     assert done[-1] == big  # after the canaries, size order: the big one last
+
+
+async def test_shared_files_run_once_first_pause_spaces_waves_and_rollback_ends_with_shared(
+        fleet_of: FleetFactory) -> None:
+    fleet = await fleet_of(4)
+    fleet.write({
+        "0001_plans.sql": "-- pgtenant: scope=shared\n"
+                          "CREATE TABLE public.plans (id int PRIMARY KEY);\n"
+                          "INSERT INTO public.plans VALUES (1);\n"
+                          "-- pgtenant: down\nDROP TABLE public.plans;\n",
+        "0002_subs.sql": "CREATE TABLE subs (plan int REFERENCES public.plans (id));\n"
+                         "-- pgtenant: down\nDROP TABLE subs;\n",
+        "0003_idx.sql": "-- pgtenant: transaction=off\n"
+                        "CREATE INDEX CONCURRENTLY subs_plan ON subs (plan);\n"
+                        "-- pgtenant: down\nDROP INDEX CONCURRENTLY subs_plan;\n",
+    })
+    out = fleet.cli("apply", "--wave-size", "2", "--pause", "0.7", "--json")
+    assert out.returncode == 0, out.stderr
+    evs = events(out.stdout)
+    waves = [e for e in evs if e["event"] == "wave_started"]
+    assert [w["wave"] for w in waves] == ["shared", "wave 2", "wave 3"]
+    assert waves[2]["ts"] - waves[1]["ts"] >= 0.7
+    state = status_by_tenant(fleet)
+    assert state[":shared"]["version"] == 1
+    assert {state[s]["version"] for s in fleet.slugs} == {3}
+    run = evs[-1]["run_id"]
+    back = fleet.cli("rollback", "--run", str(run), "--concurrency", "2", "--json")
+    assert back.returncode == 0, back.stderr
+    done = [e["tenant"] for e in events(back.stdout) if e["event"] == "target_done"]
+    assert done[-1] == ":shared" and sorted(done[:-1]) == fleet.slugs
+    left = await fleet.fetch("SELECT count(*) FROM pg_class WHERE relname IN "
+                             "('plans', 'subs', 'subs_plan')")
+    assert left[0][0] == 0

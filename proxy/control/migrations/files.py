@@ -242,6 +242,10 @@ def lint(mig: Migration) -> list[Warning_]:
             if node.concurrent and mig.transactional:
                 warn(text, "CREATE INDEX CONCURRENTLY cannot run in a transaction: add "
                            "'-- pgtenant: transaction=off' to this file")
+            elif node.concurrent and node.if_not_exists:
+                warn(text, "a failed CONCURRENTLY build leaves an INVALID index that IF NOT "
+                           "EXISTS then skips on the retry: check pg_index.indisvalid and "
+                           "drop it before re-running")
             elif not node.concurrent:
                 warn(text, "CREATE INDEX without CONCURRENTLY blocks writes to the table "
                            "while it builds (fine on small tables, not on big ones)")

@@ -23,6 +23,7 @@ reported as skipped: not supported yet.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -306,6 +307,34 @@ async def _apply_group(conn: Conn, run_id: int, target: TargetPlan,
         await conn.execute("RESET ALL")
 
 
+async def _rollback_group(conn: Conn, run_id: int, target: TargetPlan,
+                          group: list[Migration], opts: RolloutOptions) -> None:
+    row = target.row
+
+    async def run_all() -> None:
+        for mig in group:
+            started, t0 = datetime.now(UTC), time.perf_counter()
+            assert mig.down is not None
+            await _run_statements(conn, mig, mig.down)
+            await conn.execute("DELETE FROM pgtenant.schema_versions "
+                               "WHERE target = $1 AND version = $2", row.target, mig.version)
+            await conn.execute(_LOG_SQL, run_id, row.target, row.slug, mig.version,
+                               mig.checksum, "rolled_back", started, datetime.now(UTC),
+                               (time.perf_counter() - t0) * 1000, None, None, None)
+
+    if group[0].transactional:
+        async with conn.transaction():
+            await conn.execute(_settings_sql(row.schema, opts, local=True))
+            await run_all()
+        return
+    # the down of a transaction=off file (DROP INDEX CONCURRENTLY) runs alone too
+    await conn.execute(_settings_sql(row.schema, opts, local=False))
+    try:
+        await run_all()
+    finally:
+        await conn.execute("RESET ALL")
+
+
 async def _record_failure(conn: Conn, run_id: int, target: TargetPlan,
                           failure: _Failed, started: datetime) -> None:
     mig = failure.mig or target.pending[0]
@@ -323,12 +352,13 @@ async def _record_failure(conn: Conn, run_id: int, target: TargetPlan,
 Work = Callable[[Conn, TargetPlan], Awaitable[None]]
 
 
-async def _with_retries(conn: Conn, target: TargetPlan, opts: RolloutOptions,
-                        reporter: Reporter, work: Work) -> None:
+async def _retry_locks(target: TargetPlan, opts: RolloutOptions, reporter: Reporter,
+                       step: Callable[[], Awaitable[None]]) -> None:
+    # Per transaction, not per tenant: a step that committed is never run again.
     attempt = 0
     while True:
         try:
-            await work(conn, target)
+            await step()
             return
         except _Failed as failure:
             if not isinstance(failure.exc, asyncpg.LockNotAvailableError) \
@@ -377,7 +407,7 @@ async def _rollout(pool: asyncpg.Pool, run_id: int, targets: list[TargetPlan],
         async with pool.acquire() as conn:
             try:
                 try:
-                    await _with_retries(conn, target, opts, reporter, work)
+                    await work(conn, target)
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     # the ledger insert (e.g. another runner's orphan got there first) or
                     # a lost connection: the transaction did not commit
@@ -489,7 +519,8 @@ async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOp
         try:
             async def work(c: Conn, target: TargetPlan) -> None:
                 for group in _groups(target.pending):
-                    await _apply_group(c, run_id, target, group, opts)
+                    await _retry_locks(target, opts, reporter, functools.partial(
+                        _apply_group, c, run_id, target, group, opts))
 
             return await _rollout(pool, run_id, targets, opts, reporter, work,
                                   shared_first=True)
@@ -553,19 +584,9 @@ async def rollback(admin_dsn: str, migrations: Sequence[Migration], run: int,
         pool = await _pool(admin_dsn, run_id, opts.concurrency)
 
         async def work(c: Conn, target: TargetPlan) -> None:
-            row = target.row
-            async with c.transaction():
-                await c.execute(_settings_sql(row.schema, opts, local=True))
-                for mig in target.pending:  # newest first
-                    started, t0 = datetime.now(UTC), time.perf_counter()
-                    assert mig.down is not None
-                    await _run_statements(c, mig, mig.down)
-                    await c.execute("DELETE FROM pgtenant.schema_versions "
-                                    "WHERE target = $1 AND version = $2", row.target,
-                                    mig.version)
-                    await c.execute(_LOG_SQL, run_id, row.target, row.slug, mig.version,
-                                    mig.checksum, "rolled_back", started, datetime.now(UTC),
-                                    (time.perf_counter() - t0) * 1000, None, None, None)
+            for group in _groups(target.pending):  # pending is newest first here
+                await _retry_locks(target, opts, reporter, functools.partial(
+                    _rollback_group, c, run_id, target, group, opts))
 
         try:
             # Tenants first, the shared target last: tenant objects may depend on it.
