@@ -446,3 +446,25 @@ async def test_shared_files_run_once_first_pause_spaces_waves_and_rollback_ends_
     left = await fleet.fetch("SELECT count(*) FROM pg_class WHERE relname IN "
                              "('plans', 'subs', 'subs_plan')")
     assert left[0][0] == 0
+
+
+async def test_database_per_tenant_orgs_are_reported_skipped_and_shared_schema_ones_ignored(
+        fleet_of: FleetFactory) -> None:
+    fleet = await fleet_of(2)
+    fleet.write({"0001_projects.sql": BASE_FILES["0001_projects.sql"]})
+    await fleet.fetch("INSERT INTO pgtenant.organizations (slug, tenant_type, database) "
+                      "VALUES ('dpt_one', 'enterprise', 'elsewhere')")
+    await fleet.fetch("INSERT INTO pgtenant.organizations (slug, tenant_type) "
+                      "VALUES ('sme_one', 'sme')")
+    login = fleet.config.read_text().split('dsn = "')[1].split('"')[0]
+    with fleet.config.open("a") as f:
+        f.write(f'\n[control]\ndsn = "{login}"\n\n[databases.elsewhere]\n'
+                f'dsn = "{login.rsplit("/", 1)[0]}/elsewhere_db"\n')
+    state = status_by_tenant(fleet)
+    assert state["dpt_one"]["status"] == "skipped"
+    assert "sme_one" not in state
+    out = fleet.cli("apply", "--json")
+    assert out.returncode == 0, out.stderr
+    evs = events(out.stdout)
+    assert [e["tenant"] for e in evs if e["event"] == "skipped"] == ["dpt_one"]
+    assert sorted(e["tenant"] for e in evs if e["event"] == "target_done") == fleet.slugs

@@ -195,7 +195,7 @@ class FleetRow:
 _FLEET_SQL = """
 WITH targets AS (
     SELECT o.id, o.slug, o.schema, o.database FROM pgtenant.organizations o
-     WHERE o.schema IS NOT NULL
+     WHERE o.schema IS NOT NULL OR o.database IS NOT NULL
     UNION ALL
     SELECT $1::uuid, $2::text, NULL, NULL
 ), sizes AS (

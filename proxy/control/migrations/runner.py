@@ -180,6 +180,8 @@ def _plan_from(fleet: Sequence[FleetRow], migrations: Sequence[Migration],
         skipped = None
         if row.database is not None and row.database in other_databases:
             skipped = f"database-per-tenant ({row.database}): not supported by the runner yet"
+        elif row.schema is None and scope == "tenant":
+            continue  # a shared-schema tenant served from this database: nothing of its own
         plan.targets.append(TargetPlan(row=row, pending=pending, skipped=skipped))
     plan.edited = [
         f"{name} was edited after it was applied (checksum differs on "
