@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from proxy.config import parse_config
 from proxy.control import ControlError
 from proxy.control.migrations.files import lint, load_migrations, new_migration, parse_migration
 from proxy.control.migrations.progress import JsonLines, RichProgress
+from proxy.errors import ConfigError
 
 
 def test_directives_set_scope_transaction_and_split_off_the_down_part() -> None:
@@ -102,3 +104,16 @@ def test_progress_bar_shows_waves_counts_and_failures() -> None:
     text = out.getvalue()
     assert "FAILED" in text and "tenant b: 0001_x.sql" in text and "42P01" in text
     assert "1 done" in text and "1 failed" in text and "wave 1" in text
+
+
+def test_migrations_config_section_is_validated() -> None:
+    base = {"databases": {"d": {"dsn": "postgresql://u@h/d"}},
+            "tenant_types": {"e": {"role": "{schema}", "search_path": ["{schema}"]}}}
+    config = parse_config({**base, "migrations": {"dir": "db/migrations",
+                                                  "lock_timeout_ms": 500}})
+    assert (config.migrations.dir, config.migrations.lock_timeout_ms,
+            config.migrations.statement_timeout_ms) == ("db/migrations", 500, 300000)
+    with pytest.raises(ConfigError, match=r"migrations\.lock_timeout_ms"):
+        parse_config({**base, "migrations": {"lock_timeout_ms": 0}})
+    with pytest.raises(ConfigError, match="did you mean 'dir'"):
+        parse_config({**base, "migrations": {"dirs": "x"}})
