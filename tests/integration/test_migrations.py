@@ -448,23 +448,45 @@ async def test_shared_files_run_once_first_pause_spaces_waves_and_rollback_ends_
     assert left[0][0] == 0
 
 
-async def test_database_per_tenant_orgs_are_reported_skipped_and_shared_schema_ones_ignored(
-        fleet_of: FleetFactory) -> None:
+async def test_database_per_tenant_is_migrated_in_its_own_database_with_its_own_ledger(
+        fleet_of: FleetFactory, pg_cluster: PostgresCluster) -> None:
     fleet = await fleet_of(2)
-    fleet.write({"0001_projects.sql": BASE_FILES["0001_projects.sql"]})
+    fleet.write({"0001_projects.sql": BASE_FILES["0001_projects.sql"],
+                 "0002_budget.sql": BASE_FILES["0002_budget.sql"]})
+    own_db = f"{fleet.dbname}_dpt"
+    pg_cluster.create_database(own_db)
     await fleet.fetch("INSERT INTO pgtenant.organizations (slug, tenant_type, database) "
                       "VALUES ('dpt_one', 'enterprise', 'elsewhere')")
     await fleet.fetch("INSERT INTO pgtenant.organizations (slug, tenant_type) "
-                      "VALUES ('sme_one', 'sme')")
+                      "VALUES ('sme_one', 'sme')")  # shared schema: not a target
     login = fleet.config.read_text().split('dsn = "')[1].split('"')[0]
     with fleet.config.open("a") as f:
         f.write(f'\n[control]\ndsn = "{login}"\n\n[databases.elsewhere]\n'
-                f'dsn = "{login.rsplit("/", 1)[0]}/elsewhere_db"\n')
+                f'dsn = "{login.rsplit("/", 1)[0]}/{own_db}"\n')
     state = status_by_tenant(fleet)
-    assert state["dpt_one"]["status"] == "skipped"
-    assert "sme_one" not in state
+    assert state["dpt_one"]["status"] == "behind" and "sme_one" not in state
     out = fleet.cli("apply", "--json")
     assert out.returncode == 0, out.stderr
-    evs = events(out.stdout)
-    assert [e["tenant"] for e in evs if e["event"] == "skipped"] == ["dpt_one"]
-    assert sorted(e["tenant"] for e in evs if e["event"] == "target_done") == fleet.slugs
+    assert sorted(e["tenant"] for e in events(out.stdout) if e["event"] == "target_done") \
+        == sorted([*fleet.slugs, "dpt_one"])
+    own = await asyncpg.connect(pg_cluster.admin_dsn(own_db))
+    try:  # the DDL ran there, and that database's ledger committed with it
+        assert await own.fetchval("SELECT count(*) FROM public.hits") == 1
+        assert await own.fetchval("SELECT array_agg(version ORDER BY version) "
+                                  "FROM pgtenant.schema_versions") == [1, 2]
+        assert await own.fetchval("SELECT to_regclass('public.projects') IS NOT NULL")
+    finally:
+        await own.close()
+    assert status_by_tenant(fleet)["dpt_one"]["version"] == 2
+    again = fleet.cli("apply", "--json")
+    assert events(again.stdout)[-1]["status"] == "nothing"
+    # rollback of that run undoes it there too
+    run = events(out.stdout)[-1]["run_id"]
+    assert fleet.cli("rollback", "--run", str(run), "--json").returncode == 0
+    own = await asyncpg.connect(pg_cluster.admin_dsn(own_db))
+    try:
+        assert not await own.fetchval("SELECT to_regclass('public.projects') IS NOT NULL")
+        assert await own.fetchval("SELECT count(*) FROM pgtenant.schema_versions") == 0
+    finally:
+        await own.close()
+    assert status_by_tenant(fleet)["dpt_one"]["version"] == 0

@@ -24,11 +24,16 @@ def _config(args: argparse.Namespace) -> tuple[Any, Path]:
     return config, (Path(args.config).parent / config.migrations.dir)
 
 
-def _other_databases(config: Any, admin_dsn: str) -> frozenset[str]:
+def _other_databases(config: Any, admin_dsn: str) -> dict[str, str]:
+    """Returns: [databases.*] name -> admin URL, for each database that is not --dsn's: the
+    same credentials with that database's name (database per tenant)."""
+    import dataclasses
+
     from ...config import parse_dsn
 
-    here = parse_dsn(admin_dsn, key="--dsn").dbname
-    return frozenset(name for name, db in config.databases.items() if db.dsn.dbname != here)
+    admin = parse_dsn(admin_dsn, key="--dsn")
+    return {name: dataclasses.replace(admin, dbname=db.dsn.dbname).to_url()
+            for name, db in config.databases.items() if db.dsn.dbname != admin.dbname}
 
 
 def _cmd_new(args: argparse.Namespace) -> int:
@@ -124,7 +129,8 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
     config, directory = _config(args)
     summary = asyncio.run(rollback(args.dsn, load_migrations(directory), args.run,
-                                   _options(args, config), make_reporter(args.json)))
+                                   _options(args, config), make_reporter(args.json),
+                                   other_databases=_other_databases(config, args.dsn)))
     return 0 if summary.status in ("done", "nothing") else 1
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "fetch_fleet",
     "finish_run",
     "install_ledger",
+    "install_local_ledger",
     "running_run",
     "start_run",
 ]
@@ -111,6 +112,19 @@ async def install_ledger(conn: asyncpg.Connection) -> None:
                            ADVISORY_LOCK_KEY[1] + 1)
         for stmt in LEDGER_DDL:
             await conn.execute(stmt)
+
+
+async def install_local_ledger(
+        conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]) -> None:
+    """In another database (database per tenant): the schema_versions table its tenants'
+    DDL commits with. The control schema there is created if ``init`` never ran."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", ADVISORY_LOCK_KEY[0],
+                           ADVISORY_LOCK_KEY[1] + 1)
+        await conn.execute("CREATE SCHEMA IF NOT EXISTS pgtenant")
+        await conn.execute("REVOKE ALL ON SCHEMA pgtenant FROM PUBLIC")
+        await conn.execute(LEDGER_DDL[1])
+        await conn.execute("REVOKE ALL ON TABLE pgtenant.schema_versions FROM PUBLIC")
 
 
 @dataclass(frozen=True, slots=True)

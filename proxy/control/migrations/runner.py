@@ -16,17 +16,22 @@ the files before it committed. A lock timeout (55P03) is retried with backoff.
 
 Owns the rollout policy and the per-target SQL execution. Does not own the files
 (``files.py``), the ledger DDL (``ledger.py``), or how events are shown (``progress.py``).
-Database-per-tenant organizations (``organizations.database`` naming another database) are
-reported as skipped: not supported yet.
+Database per tenant: an organization whose ``database`` names another ``[databases.*]``
+is migrated in that database (admin URL: ``--dsn``'s credentials with that database's
+name), in its schema if it has one, else in that database's default search_path. Its DDL
+and its ledger row commit together in *that* database's ``pgtenant.schema_versions`` (the
+truth ``plan`` reads); the control database's copy and log follow right after.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeAlias
@@ -45,6 +50,7 @@ from .ledger import (
     fetch_fleet,
     finish_run,
     install_ledger,
+    install_local_ledger,
     running_run,
     start_run,
 )
@@ -118,6 +124,9 @@ class TargetPlan:
     row: FleetRow
     pending: list[Migration]
     skipped: str | None = None
+    # the [databases.*] name when the tenant lives in another database (database per
+    # tenant): its DDL and its authoritative ledger rows run there, mirrored here after
+    remote: str | None = None
 
     @property
     def slug(self) -> str:
@@ -163,7 +172,7 @@ class Plan:
 
 
 def _plan_from(fleet: Sequence[FleetRow], migrations: Sequence[Migration],
-               other_databases: frozenset[str]) -> Plan:
+               other_databases: Mapping[str, str]) -> Plan:
     by_version = {m.version: m for m in migrations}
     plan = Plan(migrations=list(migrations), targets=[])
     edited: dict[str, list[str]] = {}
@@ -177,12 +186,10 @@ def _plan_from(fleet: Sequence[FleetRow], migrations: Sequence[Migration],
             elif mig.checksum != checksum:
                 edited.setdefault(mig.filename, []).append(row.slug)
         pending = [m for m in migrations if m.scope == scope and m.version not in row.versions]
-        skipped = None
-        if row.database is not None and row.database in other_databases:
-            skipped = f"database-per-tenant ({row.database}): not supported by the runner yet"
-        elif row.schema is None and scope == "tenant":
+        remote = row.database if row.database in other_databases else None
+        if remote is None and row.schema is None and scope == "tenant":
             continue  # a shared-schema tenant served from this database: nothing of its own
-        plan.targets.append(TargetPlan(row=row, pending=pending, skipped=skipped))
+        plan.targets.append(TargetPlan(row=row, pending=pending, remote=remote))
     plan.edited = [
         f"{name} was edited after it was applied (checksum differs on "
         f"{len(slugs)} target(s): {', '.join(slugs[:5])}{' ...' if len(slugs) > 5 else ''}); "
@@ -194,18 +201,61 @@ def _plan_from(fleet: Sequence[FleetRow], migrations: Sequence[Migration],
     return plan
 
 
-async def make_plan(conn: asyncpg.Connection, migrations: Sequence[Migration], *,
-                    other_databases: frozenset[str] = frozenset()) -> Plan:
-    """Compare the fleet (one query) with the files.
+_LOCAL_SIZE_SQL = """
+SELECT CASE WHEN $1::text IS NULL THEN pg_database_size(current_database())
+       ELSE (SELECT coalesce(sum(pg_relation_size(c.oid)), 0) FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1) END::bigint
+"""
 
-    ``other_databases``: ``[databases.*]`` names that are not this database (their tenants
-    are skipped). Returns: the Plan (``edited`` non-empty means ``apply`` will refuse).
+
+async def _read_local_ledger(url: str, ids: list[UUID]) -> dict[UUID, tuple[dict[int, str], int]]:
+    # One query per database: each target's applied versions (none when the ledger was
+    # never installed there); the size ordering uses the whole database's size.
+    conn = await asyncpg.connect(url)
+    try:
+        size: int = await conn.fetchval(_LOCAL_SIZE_SQL, None)
+        if not await conn.fetchval("SELECT to_regclass('pgtenant.schema_versions') IS NOT NULL"):
+            return {i: ({}, size) for i in ids}  # nothing ever migrated there
+        rows = await conn.fetch(
+            """
+            SELECT t.id, coalesce(v.versions, '{}') AS versions,
+                   coalesce(v.checksums, '{}') AS checksums
+              FROM unnest($1::uuid[]) AS t(id)
+              LEFT JOIN (SELECT target, array_agg(version ORDER BY version) AS versions,
+                                array_agg(checksum ORDER BY version) AS checksums
+                           FROM pgtenant.schema_versions GROUP BY target) v
+                ON v.target = t.id
+            """, ids)
+        return {r["id"]: (dict(zip(r["versions"], r["checksums"], strict=True)), size)
+                for r in rows}
+    finally:
+        await conn.close()
+
+
+async def make_plan(conn: asyncpg.Connection, migrations: Sequence[Migration], *,
+                    other_databases: Mapping[str, str] | None = None) -> Plan:
+    """Compare the fleet (one query here, plus one per other database that holds tenants)
+    with the files.
+
+    ``other_databases``: ``[databases.*]`` name -> admin URL of each database that is not
+    this one; organizations whose ``database`` names one are migrated there, and the
+    ledger in that database (written with their DDL) is the truth about their versions.
+    Returns: the Plan (``edited`` non-empty means ``apply`` will refuse).
+    Raises: OSError/asyncpg errors when another database cannot be reached.
     """
+    others = dict(other_databases or {})
     await install_ledger(conn)
     started = time.perf_counter()
     fleet = await fetch_fleet(conn)
+    for name, url in others.items():
+        ids = [r.target for r in fleet if r.database == name]
+        if ids:
+            local = await _read_local_ledger(url, ids)
+            fleet = [dataclasses.replace(r, versions=local[r.target][0],
+                                         size=local[r.target][1])
+                     if r.target in local else r for r in fleet]
     elapsed = time.perf_counter() - started
-    plan = _plan_from(fleet, migrations, other_databases)
+    plan = _plan_from(fleet, migrations, others)
     plan.query_seconds = elapsed
     return plan
 
@@ -271,7 +321,7 @@ async def _run_statements(conn: Conn, mig: Migration, sql: str) -> None:
             raise _Failed(mig, stmt, exc) from exc
 
 
-async def _apply_group(conn: Conn, run_id: int, target: TargetPlan,
+async def _apply_group(conn: Conn, central: Conn, run_id: int, target: TargetPlan,
                        group: list[Migration], opts: RolloutOptions) -> None:
     row = target.row
     timings: list[tuple[Migration, datetime, datetime, float]] = []
@@ -283,21 +333,31 @@ async def _apply_group(conn: Conn, run_id: int, target: TargetPlan,
             timings.append((mig, started, datetime.now(UTC),
                             (time.perf_counter() - t0) * 1000))
 
+    versions = [(row.target, m.version, m.name, m.checksum, run_id) for m in group]
+
     async def record() -> None:
-        await conn.executemany(
-            "INSERT INTO pgtenant.schema_versions (target, version, name, checksum, run_id) "
-            "VALUES ($1, $2, $3, $4, $5)",
-            [(row.target, m.version, m.name, m.checksum, run_id) for m in group],
-        )
-        await conn.executemany(_LOG_SQL, [
-            (run_id, row.target, row.slug, m.version, m.checksum, "applied", s, f, ms,
-             None, None, None) for m, s, f, ms in timings])
+        await conn.executemany(_VERSION_SQL, versions)
+        if conn is central:
+            await conn.executemany(_LOG_SQL, [
+                (run_id, row.target, row.slug, m.version, m.checksum, "applied", s, f, ms,
+                 None, None, None) for m, s, f, ms in timings])
+
+    async def mirror() -> None:
+        # Another database: its own ledger (written above, with the DDL) is the truth; the
+        # central copy follows after its commit (a crash in between: plan reads the local
+        # one, so nothing runs twice; only status' last error and rollback lag behind).
+        if conn is not central:
+            await central.executemany(_VERSION_SQL + " ON CONFLICT DO NOTHING", versions)
+            await central.executemany(_LOG_SQL, [
+                (run_id, row.target, row.slug, m.version, m.checksum, "applied", s, f, ms,
+                 None, None, None) for m, s, f, ms in timings])
 
     if group[0].transactional:
         async with conn.transaction():
             await conn.execute(_settings_sql(row.schema, opts, local=True))
             await run_all()
             await record()  # same transaction as the DDL: all of it or none
+        await mirror()
         return
     # transaction=off: the file alone, then its ledger rows. A kill between the two reruns
     # the file, which is why plan asks such files to be idempotent.
@@ -307,27 +367,42 @@ async def _apply_group(conn: Conn, run_id: int, target: TargetPlan,
         await record()
     finally:
         await conn.execute("RESET ALL")
+    await mirror()
 
 
-async def _rollback_group(conn: Conn, run_id: int, target: TargetPlan,
+_VERSION_SQL = ("INSERT INTO pgtenant.schema_versions (target, version, name, checksum, run_id) "
+                "VALUES ($1, $2, $3, $4, $5)")
+_UNVERSION_SQL = "DELETE FROM pgtenant.schema_versions WHERE target = $1 AND version = $2"
+
+
+async def _rollback_group(conn: Conn, central: Conn, run_id: int, target: TargetPlan,
                           group: list[Migration], opts: RolloutOptions) -> None:
     row = target.row
+    logs: list[tuple[Any, ...]] = []
 
     async def run_all() -> None:
         for mig in group:
             started, t0 = datetime.now(UTC), time.perf_counter()
             assert mig.down is not None
             await _run_statements(conn, mig, mig.down)
-            await conn.execute("DELETE FROM pgtenant.schema_versions "
-                               "WHERE target = $1 AND version = $2", row.target, mig.version)
-            await conn.execute(_LOG_SQL, run_id, row.target, row.slug, mig.version,
-                               mig.checksum, "rolled_back", started, datetime.now(UTC),
-                               (time.perf_counter() - t0) * 1000, None, None, None)
+            await conn.execute(_UNVERSION_SQL, row.target, mig.version)
+            logs.append((run_id, row.target, row.slug, mig.version, mig.checksum,
+                         "rolled_back", started, datetime.now(UTC),
+                         (time.perf_counter() - t0) * 1000, None, None, None))
+            if conn is central:
+                await conn.execute(_LOG_SQL, *logs[-1])
+
+    async def mirror() -> None:
+        if conn is not central:
+            for log in logs:
+                await central.execute(_UNVERSION_SQL, row.target, log[3])
+                await central.execute(_LOG_SQL, *log)
 
     if group[0].transactional:
         async with conn.transaction():
             await conn.execute(_settings_sql(row.schema, opts, local=True))
             await run_all()
+        await mirror()
         return
     # the down of a transaction=off file (DROP INDEX CONCURRENTLY) runs alone too
     await conn.execute(_settings_sql(row.schema, opts, local=False))
@@ -335,6 +410,7 @@ async def _rollback_group(conn: Conn, run_id: int, target: TargetPlan,
         await run_all()
     finally:
         await conn.execute("RESET ALL")
+    await mirror()
 
 
 async def _record_failure(conn: Conn, run_id: int, target: TargetPlan,
@@ -351,7 +427,7 @@ async def _record_failure(conn: Conn, run_id: int, target: TargetPlan,
         pass  # the ledger still shows the tenant at its old version; the event says why
 
 
-Work = Callable[[Conn, TargetPlan], Awaitable[None]]
+Work = Callable[[Conn, Conn, TargetPlan], Awaitable[None]]  # (target's db, control db, ..)
 
 
 async def _retry_locks(target: TargetPlan, opts: RolloutOptions, reporter: Reporter,
@@ -373,7 +449,8 @@ async def _retry_locks(target: TargetPlan, opts: RolloutOptions, reporter: Repor
             await asyncio.sleep(delay)
 
 
-async def _rollout(pool: asyncpg.Pool, run_id: int, targets: list[TargetPlan],
+async def _rollout(pools: Mapping[str | None, asyncpg.Pool], run_id: int,
+                   targets: list[TargetPlan],
                    opts: RolloutOptions, reporter: Reporter, work: Work, *,
                    shared_first: bool) -> RunSummary:
     summary = RunSummary(run_id=run_id, status="done")
@@ -406,16 +483,21 @@ async def _rollout(pool: asyncpg.Pool, run_id: int, targets: list[TargetPlan],
     async def one(target: TargetPlan) -> None:
         t_started = datetime.now(UTC)
         t0 = time.perf_counter()
-        async with pool.acquire() as conn:
+        async with contextlib.AsyncExitStack() as stack:
+            # the control database's connection (ledger, failure rows) and, for a tenant
+            # in another database, that database's; one worker holds at most one of each
+            conn = central = await stack.enter_async_context(pools[None].acquire())
             try:
                 try:
-                    await work(conn, target)
+                    if target.remote is not None:
+                        conn = await stack.enter_async_context(pools[target.remote].acquire())
+                    await work(conn, central, target)
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     # the ledger insert (e.g. another runner's orphan got there first) or
                     # a lost connection: the transaction did not commit
                     raise _Failed(None, "", exc) from exc
             except _Failed as failure:
-                await _record_failure(conn, run_id, target, failure, t_started)
+                await _record_failure(central, run_id, target, failure, t_started)
                 summary.failed[target.slug] = failure.describe(target.slug)
                 reporter.event(
                     "target_failed", tenant=target.slug,
@@ -482,17 +564,33 @@ async def _locked_run(admin_dsn: str, kind: str, args: dict[str, Any],
         await lock_conn.close()  # also releases the advisory lock
 
 
-async def _pool(admin_dsn: str, run_id: int, size: int) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        admin_dsn, min_size=size, max_size=size, statement_cache_size=0,
-        server_settings={"application_name": f"{APP_NAME_PREFIX}{run_id}"},
-    )
-    assert pool is not None
-    return pool
+@contextlib.asynccontextmanager
+async def _pools(admin_dsn: str, others: Mapping[str, str], targets: Sequence[TargetPlan],
+                 run_id: int, size: int) -> AsyncIterator[dict[str | None, asyncpg.Pool]]:
+    # One pool for this database (None) and one per other database a target lives in, each
+    # `size` wide: --concurrency is per database server. Named for the run, so the next
+    # runner can end what a killed one left running.
+    pools: dict[str | None, asyncpg.Pool] = {}
+    try:
+        for name in (None, *sorted({t.remote for t in targets if t.remote is not None})):
+            url = admin_dsn if name is None else others[name]
+            pool = await asyncpg.create_pool(
+                url, min_size=min(size, 2), max_size=size, statement_cache_size=0,
+                server_settings={"application_name": f"{APP_NAME_PREFIX}{run_id}"},
+            )
+            assert pool is not None
+            pools[name] = pool
+            if name is not None:
+                async with pool.acquire() as conn:
+                    await install_local_ledger(conn)
+        yield pools
+    finally:
+        for pool in pools.values():
+            await pool.close()
 
 
 async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOptions,
-                reporter: Reporter, *, other_databases: frozenset[str] = frozenset(),
+                reporter: Reporter, *, other_databases: Mapping[str, str] | None = None,
                 args: Mapping[str, Any] | None = None) -> RunSummary:
     """Apply every pending migration to every target, as a controlled rollout.
 
@@ -501,9 +599,10 @@ async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOp
     canary slug is unknown.
     """
     opts.check()
+    others = dict(other_databases or {})
 
     async def body(conn: asyncpg.Connection, run_id: int) -> RunSummary:
-        plan = await make_plan(conn, migrations, other_databases=other_databases)
+        plan = await make_plan(conn, migrations, other_databases=others)
         if plan.edited:
             raise ControlError("; ".join(plan.edited))
         known = {t.slug for t in plan.targets}
@@ -517,17 +616,14 @@ async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOp
         if not targets:
             reporter.event("run_started", run_id=run_id, targets=0, waves=0, wave_names=[])
             return RunSummary(run_id=run_id, status="nothing")
-        pool = await _pool(admin_dsn, run_id, opts.concurrency)
-        try:
-            async def work(c: Conn, target: TargetPlan) -> None:
-                for group in _groups(target.pending):
-                    await _retry_locks(target, opts, reporter, functools.partial(
-                        _apply_group, c, run_id, target, group, opts))
+        async def work(c: Conn, central: Conn, target: TargetPlan) -> None:
+            for group in _groups(target.pending):
+                await _retry_locks(target, opts, reporter, functools.partial(
+                    _apply_group, c, central, run_id, target, group, opts))
 
-            return await _rollout(pool, run_id, targets, opts, reporter, work,
+        async with _pools(admin_dsn, others, targets, run_id, opts.concurrency) as pools:
+            return await _rollout(pools, run_id, targets, opts, reporter, work,
                                   shared_first=True)
-        finally:
-            await pool.close()
 
     summary = await _locked_run(admin_dsn, "apply", dict(args or {}), body)
     reporter.event("run_finished", run_id=summary.run_id, status=summary.status,
@@ -537,7 +633,8 @@ async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOp
 
 
 async def rollback(admin_dsn: str, migrations: Sequence[Migration], run: int,
-                   opts: RolloutOptions, reporter: Reporter) -> RunSummary:
+                   opts: RolloutOptions, reporter: Reporter, *,
+                   other_databases: Mapping[str, str] | None = None) -> RunSummary:
     """Apply the ``down`` sections of what run ``run`` applied, newest first, per target.
 
     Only targets that run migrated and that still have those versions are touched. A target
@@ -547,6 +644,7 @@ async def rollback(admin_dsn: str, migrations: Sequence[Migration], run: int,
     """
     opts.check()
     by_version = {m.version: m for m in migrations}
+    others = dict(other_databases or {})
 
     async def body(conn: asyncpg.Connection, run_id: int) -> RunSummary:
         rows = await conn.fetch(
@@ -579,23 +677,22 @@ async def rollback(admin_dsn: str, migrations: Sequence[Migration], run: int,
         if problems:
             raise ControlError(f"cannot roll back run {run}: " + "; ".join(problems[:10]))
         targets = [TargetPlan(row=fleet[t], pending=[by_version[v] for v in
-                                                      sorted(vs, reverse=True)])
+                                                      sorted(vs, reverse=True)],
+                              remote=fleet[t].database if fleet[t].database in others
+                              else None)
                    for t, vs in versions.items()]
         if not targets:
             return RunSummary(run_id=run_id, status="nothing")
-        pool = await _pool(admin_dsn, run_id, opts.concurrency)
 
-        async def work(c: Conn, target: TargetPlan) -> None:
+        async def work(c: Conn, central: Conn, target: TargetPlan) -> None:
             for group in _groups(target.pending):  # pending is newest first here
                 await _retry_locks(target, opts, reporter, functools.partial(
-                    _rollback_group, c, run_id, target, group, opts))
+                    _rollback_group, c, central, run_id, target, group, opts))
 
-        try:
+        async with _pools(admin_dsn, others, targets, run_id, opts.concurrency) as pools:
             # Tenants first, the shared target last: tenant objects may depend on it.
-            return await _rollout(pool, run_id, targets, opts, reporter, work,
+            return await _rollout(pools, run_id, targets, opts, reporter, work,
                                   shared_first=False)
-        finally:
-            await pool.close()
 
     summary = await _locked_run(admin_dsn, "rollback", {"run": run}, body)
     reporter.event("run_finished", run_id=summary.run_id, status=summary.status,
