@@ -374,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the proxy's port on 127.0.0.1 (default 6432)")
     p.set_defaults(func=_cmd_demo)
 
+    from .control.migrations.commands import add_migrate_parser
+
+    add_migrate_parser(sub, _DEFAULT_CONFIG)
+
     p = sub.add_parser("admin-token", help="make an admin console token; prints its config "
                                            "line and the token (last line)")
     p.set_defaults(func=_cmd_admin_token)

@@ -32,6 +32,7 @@ __all__ = [
     "Dsn",
     "JwtConfig",
     "MetricsConfig",
+    "MigrationsConfig",
     "TenantLimitsConfig",
     "TenantTypeConfig",
     "TlsConfig",
@@ -252,6 +253,26 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationsConfig:
+    """``[migrations]``: the tenant migration runner (`pgtenant migrate`)."""
+
+    dir: str = field(
+        default="migrations",
+        metadata=_doc("folder of NNNN_name.sql files, relative to the config file"),
+    )
+    lock_timeout_ms: int = field(
+        default=2000,
+        metadata=_doc("lock_timeout per tenant transaction; a timeout is retried with "
+                      "backoff (--lock-timeout overrides)", unit="ms"),
+    )
+    statement_timeout_ms: int = field(
+        default=300000,
+        metadata=_doc("statement_timeout per tenant transaction (--statement-timeout "
+                      "overrides)", unit="ms"),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AdminConfig:
     """``[admin]``: the admin console (``dbname=pgtenant``), a credential of its own."""
 
@@ -460,6 +481,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     tenant_limits: TenantLimitsConfig = field(default_factory=TenantLimitsConfig)
+    migrations: MigrationsConfig = field(default_factory=MigrationsConfig)
     jwt: JwtConfig = field(default_factory=JwtConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
     tenant_types: Mapping[str, TenantTypeConfig] = field(default_factory=dict)
@@ -593,7 +615,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         _reject_unknown(data, top_fields, "")
     simple = {k: v for k, v in data.items()
               if k not in ("listen", "control", "databases", "tenant_types", "tls", "jwt",
-                           "metrics", "admin", "tenant_limits")}
+                           "metrics", "admin", "tenant_limits", "migrations")}
     kwargs: dict[str, Any] = {}
     with errors:
         kwargs = _parse_simple(simple, Config, "")
@@ -689,12 +711,20 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         tenant_limits = TenantLimitsConfig(**_parse_simple(
             _typed(data.get("tenant_limits", {}), dict, "tenant_limits"), TenantLimitsConfig,
             "tenant_limits"))
-        for key in ("max_server_connections", "max_client_connections"):
+        for key in ("max_server_connections", "max_client_connections", "max_pinned_servers"):
             if getattr(tenant_limits, key) < 0:
                 errors.messages.append(f"tenant_limits.{key}: must not be negative")
+    migrations = MigrationsConfig()
+    with errors:
+        migrations = MigrationsConfig(**_parse_simple(
+            _typed(data.get("migrations", {}), dict, "migrations"), MigrationsConfig,
+            "migrations"))
+        for key in ("lock_timeout_ms", "statement_timeout_ms"):
+            _positive(getattr(migrations, key), f"migrations.{key}")
     errors.raise_if_any()
     return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types,
-                  tls=tls, jwt=jwt, metrics=metrics, admin=admin, tenant_limits=tenant_limits)
+                  tls=tls, jwt=jwt, metrics=metrics, admin=admin, tenant_limits=tenant_limits,
+                  migrations=migrations)
 
 
 def _parse_database(db_name: str, table: Any) -> DatabaseConfig:

@@ -33,7 +33,6 @@ module owns the classes and the SQLSTATE table; it does no I/O.
 from __future__ import annotations
 
 import errno
-import socket
 
 __all__ = [
     "AdminShutdown",
@@ -216,6 +215,8 @@ def connect_failure(exc: BaseException) -> str:
     if (isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED
             or "Connect call failed" in text):
         return "connection refused: is PostgreSQL running and listening there?"
+    import socket  # here: protocol/ imports this module and must load no I/O module
+
     if isinstance(exc, socket.gaierror):
         return "unknown host name"
     if isinstance(exc, TimeoutError):

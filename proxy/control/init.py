@@ -20,6 +20,7 @@ from ..config import TenantTypeConfig
 from ..identity.context import quote_ident, quote_literal
 from . import ControlError
 from .hardening import CONTROL_FUNCTIONS, check_lockdown, install_hardening
+from .migrations.ledger import LEDGER_DDL
 from .schema import (
     CONTROL_DDL,
     CONTROL_SCHEMA,
@@ -191,7 +192,7 @@ async def init_database(
     conn = await asyncpg.connect(admin_dsn)
     try:
         async with conn.transaction():
-            for stmt in CONTROL_DDL:
+            for stmt in (*CONTROL_DDL, *LEDGER_DDL):  # the migration ledger too
                 await conn.execute(stmt)
             # Dropped and created (not replaced): their result columns grow between
             # versions; the grants below are given again.

@@ -18,6 +18,7 @@ from proxy.config import (
     Dsn,
     JwtConfig,
     MetricsConfig,
+    MigrationsConfig,
     TenantLimitsConfig,
     TenantTypeConfig,
     TlsConfig,
@@ -531,7 +532,7 @@ def _documented_keys(text: str) -> set[str]:
 
 @pytest.mark.parametrize(
     "cls", [Config, ControlConfig, DatabaseConfig, TenantTypeConfig, TlsConfig, JwtConfig,
-            MetricsConfig, AdminConfig, TenantLimitsConfig],
+            MetricsConfig, AdminConfig, TenantLimitsConfig, MigrationsConfig],
     ids=lambda c: c.__name__,
 )
 def test_every_config_key_is_documented_in_the_example(cls: type) -> None:

@@ -1,0 +1,723 @@
+"""The migration runner: plan, apply (canaries, waves, concurrency), rollback, status.
+
+Theory of operation. ``plan`` reads the whole fleet in one catalog query (``ledger.
+fetch_fleet``) and compares it with the files: what is pending where, which applied file was
+edited since (refused, naming it), what the lint flags. ``apply`` takes a session advisory
+lock (a second runner is refused at once, naming the run in progress), opens a run, and
+rolls out: the ``:shared`` target first (a failure stops everything), then the canary slugs
+(a failing canary stops everything), then the other tenants smallest first in waves of
+``wave_size``, ``concurrency`` at once, stopping once ``max_failures`` tenants failed
+(running ones finish; none start). Each tenant's pending files run in ONE transaction with
+``SET LOCAL search_path`` = the tenant's schema, ``lock_timeout`` and ``statement_timeout``,
+and its ledger rows are written in that same transaction: a tenant is either at its old
+version or at the new one, never between, and a kill -9 at any moment leaves nothing a
+rerun would apply twice. A ``transaction=off`` file runs alone, outside a transaction, after
+the files before it committed. A lock timeout (55P03) is retried with backoff.
+
+Owns the rollout policy and the per-target SQL execution. Does not own the files
+(``files.py``), the ledger DDL (``ledger.py``), or how events are shown (``progress.py``).
+Database per tenant: an organization whose ``database`` names another ``[databases.*]``
+is migrated in that database (admin URL: ``--dsn``'s credentials with that database's
+name), in its schema if it has one, else in that database's default search_path. Its DDL
+and its ledger row commit together in *that* database's ``pgtenant.schema_versions`` (the
+truth ``plan`` reads); the control database's copy and log follow right after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeAlias
+from uuid import UUID
+
+import asyncpg
+
+from ...identity.context import quote_ident
+from .. import ControlError
+from .files import Migration, Warning_, lint, split_statements
+from .ledger import (
+    ADVISORY_LOCK_KEY,
+    APP_NAME_PREFIX,
+    SHARED_TARGET,
+    FleetRow,
+    fetch_fleet,
+    finish_run,
+    install_ledger,
+    install_local_ledger,
+    running_run,
+    start_run,
+)
+
+# A plain connection or one lent by the run's pool.
+Conn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
+
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT_MS",
+    "DEFAULT_STATEMENT_TIMEOUT_MS",
+    "Plan",
+    "Reporter",
+    "RolloutOptions",
+    "RunSummary",
+    "TargetPlan",
+    "apply",
+    "make_plan",
+    "rollback",
+    "status",
+]
+
+# Defaults a team can live with: a DDL that cannot get its lock in 2 s gives up (and is
+# retried) instead of queueing every query of the table behind it; one that runs 5 min on
+# one tenant is not the "small change" a fleet-wide rollout is for.
+DEFAULT_LOCK_TIMEOUT_MS = 2_000
+DEFAULT_STATEMENT_TIMEOUT_MS = 300_000
+LOCK_RETRIES = 3
+LOCK_BACKOFF_S = 0.5
+
+
+class Reporter(Protocol):
+    """Receives the run's events (``progress.py`` shows them)."""
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """One event: run_started, wave_started, target_done, target_failed, retry,
+        stopped, run_finished."""
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutOptions:
+    """How ``apply``/``rollback`` roll out over the fleet."""
+
+    canary: tuple[str, ...] = ()
+    # Also this share of the tenants as canaries, spread evenly over the size order (the
+    # smallest, the biggest and between), so the canary wave sees the fleet's shapes.
+    canary_percent: float = 0.0
+    wave_size: int = 50
+    concurrency: int = 4
+    max_failures: int = 1
+    pause: float = 0.0
+    lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
+    statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
+    lock_retries: int = LOCK_RETRIES
+
+    def check(self) -> None:
+        """Raises: ControlError for a value out of range."""
+        for name in ("wave_size", "concurrency", "max_failures", "lock_timeout_ms",
+                     "statement_timeout_ms"):
+            if getattr(self, name) < 1:
+                raise ControlError(f"{name.replace('_', '-')}: must be at least 1")
+        if not 0 <= self.canary_percent <= 100:
+            raise ControlError("canary-percent: must be between 0 and 100")
+        if self.pause < 0 or self.lock_retries < 0:
+            raise ControlError("pause and lock retries must not be negative")
+
+
+@dataclass(slots=True)
+class TargetPlan:
+    """One target and the files it lacks."""
+
+    row: FleetRow
+    pending: list[Migration]
+    skipped: str | None = None
+    # the [databases.*] name when the tenant lives in another database (database per
+    # tenant): its DDL and its authoritative ledger rows run there, mirrored here after
+    remote: str | None = None
+
+    @property
+    def slug(self) -> str:
+        """Returns: the tenant's slug (``:shared`` for the shared target)."""
+        return self.row.slug
+
+    @property
+    def version(self) -> int:
+        """Returns: the highest applied version (0: none)."""
+        return max(self.row.versions, default=0)
+
+
+@dataclass(slots=True)
+class Plan:
+    """What ``apply`` would do."""
+
+    migrations: list[Migration]
+    targets: list[TargetPlan]
+    edited: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    warnings: list[Warning_] = field(default_factory=list)
+    query_seconds: float = 0.0
+
+    @property
+    def pending_targets(self) -> list[TargetPlan]:
+        """Returns: targets with something to run (skipped ones excluded)."""
+        return [t for t in self.targets if t.pending and t.skipped is None]
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns: the plan as one JSON-able object."""
+        return {
+            "migrations": [{"version": m.version, "file": m.filename, "scope": m.scope,
+                            "transaction": m.transactional, "down": m.down is not None}
+                           for m in self.migrations],
+            "targets": [{"tenant": t.slug, "version": t.version,
+                         "pending": [m.version for m in t.pending], "skipped": t.skipped}
+                        for t in self.targets if t.pending or t.skipped],
+            "up_to_date": sum(1 for t in self.targets if not t.pending and not t.skipped),
+            "edited": self.edited, "missing": self.missing,
+            "warnings": [{"file": w.filename, "statement": w.statement, "message": w.message}
+                         for w in self.warnings],
+        }
+
+
+def _plan_from(fleet: Sequence[FleetRow], migrations: Sequence[Migration],
+               other_databases: Mapping[str, str]) -> Plan:
+    by_version = {m.version: m for m in migrations}
+    plan = Plan(migrations=list(migrations), targets=[])
+    edited: dict[str, list[str]] = {}
+    for row in fleet:
+        scope = "shared" if row.target == SHARED_TARGET else "tenant"
+        for v, checksum in row.versions.items():
+            mig = by_version.get(v)
+            if mig is None:
+                if f"{v:04d}" not in plan.missing:
+                    plan.missing.append(f"{v:04d}")
+            elif mig.checksum != checksum:
+                edited.setdefault(mig.filename, []).append(row.slug)
+        pending = [m for m in migrations if m.scope == scope and m.version not in row.versions]
+        remote = row.database if row.database in other_databases else None
+        if remote is None and row.schema is None and scope == "tenant":
+            continue  # a shared-schema tenant served from this database: nothing of its own
+        plan.targets.append(TargetPlan(row=row, pending=pending, remote=remote))
+    plan.edited = [
+        f"{name} was edited after it was applied (checksum differs on "
+        f"{len(slugs)} target(s): {', '.join(slugs[:5])}{' ...' if len(slugs) > 5 else ''}); "
+        "restore it and put the change in a new migration"
+        for name, slugs in sorted(edited.items())
+    ]
+    for mig in migrations:
+        plan.warnings.extend(lint(mig))
+    return plan
+
+
+_LOCAL_SIZE_SQL = """
+SELECT CASE WHEN $1::text IS NULL THEN pg_database_size(current_database())
+       ELSE (SELECT coalesce(sum(pg_relation_size(c.oid)), 0) FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1) END::bigint
+"""
+
+
+async def _read_local_ledger(url: str, ids: list[UUID]) -> dict[UUID, tuple[dict[int, str], int]]:
+    # One query per database: each target's applied versions (none when the ledger was
+    # never installed there); the size ordering uses the whole database's size.
+    conn = await asyncpg.connect(url)
+    try:
+        size: int = await conn.fetchval(_LOCAL_SIZE_SQL, None)
+        if not await conn.fetchval("SELECT to_regclass('pgtenant.schema_versions') IS NOT NULL"):
+            return {i: ({}, size) for i in ids}  # nothing ever migrated there
+        rows = await conn.fetch(
+            """
+            SELECT t.id, coalesce(v.versions, '{}') AS versions,
+                   coalesce(v.checksums, '{}') AS checksums
+              FROM unnest($1::uuid[]) AS t(id)
+              LEFT JOIN (SELECT target, array_agg(version ORDER BY version) AS versions,
+                                array_agg(checksum ORDER BY version) AS checksums
+                           FROM pgtenant.schema_versions GROUP BY target) v
+                ON v.target = t.id
+            """, ids)
+        return {r["id"]: (dict(zip(r["versions"], r["checksums"], strict=True)), size)
+                for r in rows}
+    finally:
+        await conn.close()
+
+
+async def make_plan(conn: asyncpg.Connection, migrations: Sequence[Migration], *,
+                    other_databases: Mapping[str, str] | None = None) -> Plan:
+    """Compare the fleet (one query here, plus one per other database that holds tenants)
+    with the files.
+
+    ``other_databases``: ``[databases.*]`` name -> admin URL of each database that is not
+    this one; organizations whose ``database`` names one are migrated there, and the
+    ledger in that database (written with their DDL) is the truth about their versions.
+    Returns: the Plan (``edited`` non-empty means ``apply`` will refuse).
+    Raises: OSError/asyncpg errors when another database cannot be reached.
+    """
+    others = dict(other_databases or {})
+    await install_ledger(conn)
+    started = time.perf_counter()
+    fleet = await fetch_fleet(conn)
+    for name, url in others.items():
+        ids = [r.target for r in fleet if r.database == name]
+        if ids:
+            local = await _read_local_ledger(url, ids)
+            fleet = [dataclasses.replace(r, versions=local[r.target][0],
+                                         size=local[r.target][1])
+                     if r.target in local else r for r in fleet]
+    elapsed = time.perf_counter() - started
+    plan = _plan_from(fleet, migrations, others)
+    plan.query_seconds = elapsed
+    return plan
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """How a run ended."""
+
+    run_id: int
+    status: str  # done | failed | stopped | nothing
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # slug -> reason
+    not_started: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Failed(Exception):
+    def __init__(self, mig: Migration | None, statement: str, exc: BaseException) -> None:
+        self.mig, self.statement, self.exc = mig, statement, exc
+        self.sqlstate = getattr(exc, "sqlstate", None)
+        super().__init__(str(exc))
+
+    def describe(self, slug: str) -> str:
+        where = self.mig.filename if self.mig is not None else "?"
+        stmt = " ".join(self.statement.split())[:160]
+        return (f"tenant {slug}: {where}: {self.exc} (SQLSTATE {self.sqlstate}) "
+                f"in statement: {stmt}")
+
+
+def _groups(pending: Sequence[Migration]) -> list[list[Migration]]:
+    # Consecutive transactional files share one transaction; transaction=off files run alone.
+    out: list[list[Migration]] = []
+    for mig in pending:
+        if mig.transactional and out and out[-1][0].transactional:
+            out[-1].append(mig)
+        else:
+            out.append([mig])
+    return out
+
+
+def _settings_sql(schema: str | None, opts: RolloutOptions, *, local: bool) -> str:
+    scope = "LOCAL " if local else ""
+    parts = [f"SET {scope}lock_timeout = {opts.lock_timeout_ms}",
+             f"SET {scope}statement_timeout = {opts.statement_timeout_ms}"]
+    if schema is not None:
+        # The tenant's schema alone: an unqualified name can never reach a shared table.
+        parts.append(f"SET {scope}search_path = {quote_ident(schema)}")
+    return "; ".join(parts)
+
+
+_LOG_SQL = """
+INSERT INTO pgtenant.migration_log (run_id, target, tenant, version, checksum, status,
+    started_at, finished_at, duration_ms, error, sqlstate, statement)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+"""
+
+
+async def _run_statements(conn: Conn, mig: Migration, sql: str) -> None:
+    for stmt in split_statements(sql):
+        try:
+            await conn.execute(stmt)
+        except asyncpg.PostgresError as exc:
+            raise _Failed(mig, stmt, exc) from exc
+
+
+async def _apply_group(conn: Conn, central: Conn, run_id: int, target: TargetPlan,
+                       group: list[Migration], opts: RolloutOptions) -> None:
+    row = target.row
+    timings: list[tuple[Migration, datetime, datetime, float]] = []
+
+    async def run_all() -> None:
+        for mig in group:
+            started, t0 = datetime.now(UTC), time.perf_counter()
+            await _run_statements(conn, mig, mig.up)
+            timings.append((mig, started, datetime.now(UTC),
+                            (time.perf_counter() - t0) * 1000))
+
+    versions = [(row.target, m.version, m.name, m.checksum, run_id) for m in group]
+
+    async def record() -> None:
+        await conn.executemany(_VERSION_SQL, versions)
+        if conn is central:
+            await conn.executemany(_LOG_SQL, [
+                (run_id, row.target, row.slug, m.version, m.checksum, "applied", s, f, ms,
+                 None, None, None) for m, s, f, ms in timings])
+
+    async def mirror() -> None:
+        # Another database: its own ledger (written above, with the DDL) is the truth; the
+        # central copy follows after its commit (a crash in between: plan reads the local
+        # one, so nothing runs twice; only status' last error and rollback lag behind).
+        if conn is not central:
+            await central.executemany(_VERSION_SQL + " ON CONFLICT DO NOTHING", versions)
+            await central.executemany(_LOG_SQL, [
+                (run_id, row.target, row.slug, m.version, m.checksum, "applied", s, f, ms,
+                 None, None, None) for m, s, f, ms in timings])
+
+    if group[0].transactional:
+        async with conn.transaction():
+            await conn.execute(_settings_sql(row.schema, opts, local=True))
+            await run_all()
+            await record()  # same transaction as the DDL: all of it or none
+        await mirror()
+        return
+    # transaction=off: the file alone, then its ledger rows. A kill between the two reruns
+    # the file, which is why plan asks such files to be idempotent.
+    await conn.execute(_settings_sql(row.schema, opts, local=False))
+    try:
+        await run_all()
+        await record()
+    finally:
+        await conn.execute("RESET ALL")
+    await mirror()
+
+
+_VERSION_SQL = ("INSERT INTO pgtenant.schema_versions (target, version, name, checksum, run_id) "
+                "VALUES ($1, $2, $3, $4, $5)")
+_UNVERSION_SQL = "DELETE FROM pgtenant.schema_versions WHERE target = $1 AND version = $2"
+
+
+async def _rollback_group(conn: Conn, central: Conn, run_id: int, target: TargetPlan,
+                          group: list[Migration], opts: RolloutOptions) -> None:
+    row = target.row
+    logs: list[tuple[Any, ...]] = []
+
+    async def run_all() -> None:
+        for mig in group:
+            started, t0 = datetime.now(UTC), time.perf_counter()
+            assert mig.down is not None
+            await _run_statements(conn, mig, mig.down)
+            await conn.execute(_UNVERSION_SQL, row.target, mig.version)
+            logs.append((run_id, row.target, row.slug, mig.version, mig.checksum,
+                         "rolled_back", started, datetime.now(UTC),
+                         (time.perf_counter() - t0) * 1000, None, None, None))
+            if conn is central:
+                await conn.execute(_LOG_SQL, *logs[-1])
+
+    async def mirror() -> None:
+        if conn is not central:
+            for log in logs:
+                await central.execute(_UNVERSION_SQL, row.target, log[3])
+                await central.execute(_LOG_SQL, *log)
+
+    if group[0].transactional:
+        async with conn.transaction():
+            await conn.execute(_settings_sql(row.schema, opts, local=True))
+            await run_all()
+        await mirror()
+        return
+    # the down of a transaction=off file (DROP INDEX CONCURRENTLY) runs alone too
+    await conn.execute(_settings_sql(row.schema, opts, local=False))
+    try:
+        await run_all()
+    finally:
+        await conn.execute("RESET ALL")
+    await mirror()
+
+
+async def _record_failure(conn: Conn, run_id: int, target: TargetPlan,
+                          failure: _Failed, started: datetime) -> None:
+    mig = failure.mig or target.pending[0]
+    finished = datetime.now(UTC)
+    try:
+        await conn.execute(
+            _LOG_SQL, run_id, target.row.target, target.slug, mig.version, mig.checksum,
+            "failed", started, finished, (finished - started).total_seconds() * 1000,
+            str(failure.exc), failure.sqlstate, failure.statement[:2000],
+        )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        pass  # the ledger still shows the tenant at its old version; the event says why
+
+
+Work = Callable[[Conn, Conn, TargetPlan], Awaitable[None]]  # (target's db, control db, ..)
+
+
+async def _retry_locks(target: TargetPlan, opts: RolloutOptions, reporter: Reporter,
+                       step: Callable[[], Awaitable[None]]) -> None:
+    # Per transaction, not per tenant: a step that committed is never run again.
+    attempt = 0
+    while True:
+        try:
+            await step()
+            return
+        except _Failed as failure:
+            if not isinstance(failure.exc, asyncpg.LockNotAvailableError) \
+                    or attempt >= opts.lock_retries:
+                raise
+            attempt += 1
+            delay = LOCK_BACKOFF_S * 2 ** (attempt - 1) * (0.5 + random.random())
+            reporter.event("retry", tenant=target.slug, attempt=attempt,
+                           delay=round(delay, 2), reason=str(failure.exc))
+            await asyncio.sleep(delay)
+
+
+async def _rollout(pools: Mapping[str | None, asyncpg.Pool], run_id: int,
+                   targets: list[TargetPlan],
+                   opts: RolloutOptions, reporter: Reporter, work: Work, *,
+                   shared_first: bool) -> RunSummary:
+    summary = RunSummary(run_id=run_id, status="done")
+    started = time.perf_counter()
+    shared = [t for t in targets if t.row.target == SHARED_TARGET]
+    tenants = [t for t in targets if t.row.target != SHARED_TARGET]
+    by_slug = {t.slug: t for t in tenants}
+    by_size = sorted(tenants, key=lambda t: (t.row.size, t.slug))
+    chosen = [s for s in opts.canary if s in by_slug]
+    if opts.canary_percent and by_size:
+        count = min(len(by_size), max(1, round(len(by_size) * opts.canary_percent / 100)))
+        step = (len(by_size) - 1) / max(count - 1, 1)
+        for i in range(count):
+            slug = by_size[round(i * step)].slug
+            if slug not in chosen:
+                chosen.append(slug)
+    canaries = [by_slug[s] for s in chosen]
+    rest = [t for t in by_size if t.slug not in chosen]  # biggest tenants last
+    waves: list[tuple[str, list[TargetPlan]]] = []
+    if shared and shared_first:
+        waves.append(("shared", shared))
+    if canaries:
+        waves.append(("canary", canaries))
+    for i in range(0, len(rest), opts.wave_size):
+        waves.append((f"wave {len(waves) + 1}", rest[i:i + opts.wave_size]))
+    if shared and not shared_first:
+        waves.append(("shared", shared))
+    reporter.event("run_started", run_id=run_id, targets=len(targets), waves=len(waves),
+                   wave_names=[name for name, _ in waves])
+    async def one(target: TargetPlan) -> None:
+        t_started = datetime.now(UTC)
+        t0 = time.perf_counter()
+        async with contextlib.AsyncExitStack() as stack:
+            # the control database's connection (ledger, failure rows) and, for a tenant
+            # in another database, that database's; one worker holds at most one of each
+            conn = central = await stack.enter_async_context(pools[None].acquire())
+            try:
+                try:
+                    if target.remote is not None:
+                        conn = await stack.enter_async_context(pools[target.remote].acquire())
+                    await work(conn, central, target)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    # the ledger insert (e.g. another runner's orphan got there first) or
+                    # a lost connection: the transaction did not commit
+                    raise _Failed(None, "", exc) from exc
+            except _Failed as failure:
+                await _record_failure(central, run_id, target, failure, t_started)
+                summary.failed[target.slug] = failure.describe(target.slug)
+                reporter.event(
+                    "target_failed", tenant=target.slug,
+                    file=failure.mig.filename if failure.mig else None,
+                    statement=" ".join(failure.statement.split())[:500],
+                    sqlstate=failure.sqlstate, error=str(failure.exc),
+                    message=failure.describe(target.slug))
+                return
+        summary.done.append(target.slug)
+        reporter.event("target_done", tenant=target.slug,
+                       versions=[m.version for m in target.pending],
+                       seconds=round(time.perf_counter() - t0, 4))
+
+    stop: list[str] = []  # the reason, once the rollout must not start anyone else
+
+    async def worker(name: str, queue: list[TargetPlan]) -> None:
+        while queue and not stop:
+            await one(queue.pop())
+            if name in ("shared", "canary") and summary.failed:
+                stop.append(f"{name} failed: no other tenant is touched")
+            elif len(summary.failed) >= opts.max_failures:
+                stop.append(f"max-failures reached ({len(summary.failed)} failed)")
+
+    for index, (name, wave) in enumerate(waves):
+        if stop:
+            summary.not_started.extend(t.slug for t in wave)
+            continue
+        if index and opts.pause and name.startswith("wave"):
+            await asyncio.sleep(opts.pause)
+        reporter.event("wave_started", wave=name, index=index + 1, size=len(wave))
+        queue = list(reversed(wave))
+        await asyncio.gather(*(worker(name, queue)
+                               for _ in range(min(opts.concurrency, len(wave)))))
+        if stop:
+            summary.not_started.extend(t.slug for t in reversed(queue))
+            reporter.event("stopped", reason=stop[0], not_started=len(queue))
+    if summary.failed:
+        summary.status = "stopped" if summary.not_started else "failed"
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+async def _locked_run(admin_dsn: str, kind: str, args: dict[str, Any],
+                      body: Callable[[asyncpg.Connection, int], Awaitable[RunSummary]]
+                      ) -> RunSummary:
+    lock_conn = await asyncpg.connect(admin_dsn)
+    try:
+        await install_ledger(lock_conn)
+        if not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1, $2)",
+                                        *ADVISORY_LOCK_KEY):
+            info = await running_run(lock_conn)
+            held = info.describe() if info is not None else "a run that has not started yet"
+            raise ControlError(f"another migration runner is active: {held}; "
+                               "wait for it or stop it (its run resumes on the next apply)")
+        run_id = await start_run(lock_conn, kind, args)
+        try:
+            summary = await body(lock_conn, run_id)
+        except BaseException:
+            await finish_run(lock_conn, run_id, "failed")
+            raise
+        await finish_run(lock_conn, run_id, summary.status)
+        return summary
+    finally:
+        await lock_conn.close()  # also releases the advisory lock
+
+
+@contextlib.asynccontextmanager
+async def _pools(admin_dsn: str, others: Mapping[str, str], targets: Sequence[TargetPlan],
+                 run_id: int, size: int) -> AsyncIterator[dict[str | None, asyncpg.Pool]]:
+    # One pool for this database (None) and one per other database a target lives in, each
+    # `size` wide: --concurrency is per database server. Named for the run, so the next
+    # runner can end what a killed one left running.
+    pools: dict[str | None, asyncpg.Pool] = {}
+    try:
+        for name in (None, *sorted({t.remote for t in targets if t.remote is not None})):
+            url = admin_dsn if name is None else others[name]
+            pool = await asyncpg.create_pool(
+                url, min_size=min(size, 2), max_size=size, statement_cache_size=0,
+                server_settings={"application_name": f"{APP_NAME_PREFIX}{run_id}"},
+            )
+            assert pool is not None
+            pools[name] = pool
+            if name is not None:
+                async with pool.acquire() as conn:
+                    await install_local_ledger(conn)
+        yield pools
+    finally:
+        for pool in pools.values():
+            await pool.close()
+
+
+async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOptions,
+                reporter: Reporter, *, other_databases: Mapping[str, str] | None = None,
+                args: Mapping[str, Any] | None = None) -> RunSummary:
+    """Apply every pending migration to every target, as a controlled rollout.
+
+    Returns: the summary (status done, failed or stopped).
+    Raises: ControlError when another runner is active, an applied file was edited, or a
+    canary slug is unknown.
+    """
+    opts.check()
+    others = dict(other_databases or {})
+
+    async def body(conn: asyncpg.Connection, run_id: int) -> RunSummary:
+        plan = await make_plan(conn, migrations, other_databases=others)
+        if plan.edited:
+            raise ControlError("; ".join(plan.edited))
+        known = {t.slug for t in plan.targets}
+        unknown = [s for s in opts.canary if s not in known]
+        if unknown:
+            raise ControlError(f"--canary: unknown tenant(s) {', '.join(unknown)}")
+        for t in plan.targets:
+            if t.skipped and t.pending:
+                reporter.event("skipped", tenant=t.slug, reason=t.skipped)
+        targets = plan.pending_targets
+        if not targets:
+            reporter.event("run_started", run_id=run_id, targets=0, waves=0, wave_names=[])
+            return RunSummary(run_id=run_id, status="nothing")
+        async def work(c: Conn, central: Conn, target: TargetPlan) -> None:
+            for group in _groups(target.pending):
+                await _retry_locks(target, opts, reporter, functools.partial(
+                    _apply_group, c, central, run_id, target, group, opts))
+
+        async with _pools(admin_dsn, others, targets, run_id, opts.concurrency) as pools:
+            return await _rollout(pools, run_id, targets, opts, reporter, work,
+                                  shared_first=True)
+
+    summary = await _locked_run(admin_dsn, "apply", dict(args or {}), body)
+    reporter.event("run_finished", run_id=summary.run_id, status=summary.status,
+                   done=len(summary.done), failed=len(summary.failed),
+                   not_started=len(summary.not_started), seconds=round(summary.seconds, 3))
+    return summary
+
+
+async def rollback(admin_dsn: str, migrations: Sequence[Migration], run: int,
+                   opts: RolloutOptions, reporter: Reporter, *,
+                   other_databases: Mapping[str, str] | None = None) -> RunSummary:
+    """Apply the ``down`` sections of what run ``run`` applied, newest first, per target.
+
+    Only targets that run migrated and that still have those versions are touched. A target
+    with a later version on top (from another run) is refused, as is a file with no down.
+    Returns: the summary of the rollback run.
+    Raises: ControlError (unknown run, missing down section, later versions on top).
+    """
+    opts.check()
+    by_version = {m.version: m for m in migrations}
+    others = dict(other_databases or {})
+
+    async def body(conn: asyncpg.Connection, run_id: int) -> RunSummary:
+        rows = await conn.fetch(
+            """
+            SELECT v.target, v.version, v.checksum,
+                   (SELECT max(w.version) FROM pgtenant.schema_versions w
+                     WHERE w.target = v.target) AS top
+              FROM pgtenant.schema_versions v WHERE v.run_id = $1
+            """, run)
+        if not await conn.fetchval("SELECT 1 FROM pgtenant.migration_runs WHERE id = $1 "
+                                   "AND kind = 'apply'", run):
+            raise ControlError(f"no apply run {run}")
+        fleet = {r.target: r for r in await fetch_fleet(conn)}
+        versions: dict[UUID, list[int]] = {}
+        problems: list[str] = []
+        for r in rows:
+            if r["target"] not in fleet:
+                continue  # tenant dropped since
+            versions.setdefault(r["target"], []).append(r["version"])
+        for target, vs in versions.items():
+            if fleet[target].versions and max(fleet[target].versions) > max(vs):
+                problems.append(f"{fleet[target].slug} has later versions on top "
+                                f"({max(fleet[target].versions)})")
+        needed = sorted({v for vs in versions.values() for v in vs})
+        for v in needed:
+            mig = by_version.get(v)
+            if mig is None or mig.down is None:
+                name = mig.filename if mig else f"{v:04d}_*.sql (file missing)"
+                problems.append(f"{name} has no '-- pgtenant: down' section")
+        if problems:
+            raise ControlError(f"cannot roll back run {run}: " + "; ".join(problems[:10]))
+        targets = [TargetPlan(row=fleet[t], pending=[by_version[v] for v in
+                                                      sorted(vs, reverse=True)],
+                              remote=fleet[t].database if fleet[t].database in others
+                              else None)
+                   for t, vs in versions.items()]
+        if not targets:
+            return RunSummary(run_id=run_id, status="nothing")
+
+        async def work(c: Conn, central: Conn, target: TargetPlan) -> None:
+            for group in _groups(target.pending):  # pending is newest first here
+                await _retry_locks(target, opts, reporter, functools.partial(
+                    _rollback_group, c, central, run_id, target, group, opts))
+
+        async with _pools(admin_dsn, others, targets, run_id, opts.concurrency) as pools:
+            # Tenants first, the shared target last: tenant objects may depend on it.
+            return await _rollout(pools, run_id, targets, opts, reporter, work,
+                                  shared_first=False)
+
+    summary = await _locked_run(admin_dsn, "rollback", {"run": run}, body)
+    reporter.event("run_finished", run_id=summary.run_id, status=summary.status,
+                   done=len(summary.done), failed=len(summary.failed),
+                   not_started=len(summary.not_started), seconds=round(summary.seconds, 3))
+    return summary
+
+
+def status(plan: Plan) -> list[dict[str, Any]]:
+    """Returns: one object per target: tenant, version, status (ok, behind, failed,
+    skipped), pending versions, and the last error when it failed."""
+    out: list[dict[str, Any]] = []
+    for t in plan.targets:
+        if t.skipped:
+            state = "skipped"
+        elif t.pending and t.row.last_status == "failed":
+            state = "failed"
+        elif t.pending:
+            state = "behind"
+        else:
+            state = "ok"
+        out.append({
+            "tenant": t.slug, "version": t.version, "status": state,
+            "pending": [m.version for m in t.pending], "schema": t.row.schema,
+            "error": t.row.last_error if state == "failed" else None,
+            "failed_version": t.row.last_version if state == "failed" else None,
+        })
+    return out
