@@ -285,7 +285,16 @@ async def test_lock_timeout_is_retried_with_backoff_then_succeeds(
         await tx.start()
         await holder.execute(f'LOCK TABLE "t_{fleet.slugs[0]}".projects IN ACCESS SHARE MODE')
         proc = spawn(fleet.argv("apply", "--lock-timeout", "200", "--json"))
-        await asyncio.sleep(1.0)
+        # Release only once the runner has really queued behind the lock and timed out at
+        # least once (a busy machine may take over a second just to start the CLI).
+        deadline = time.monotonic() + 30
+        waited = 0
+        while time.monotonic() < deadline and waited < 2:
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE NOT l.granted AND c.relname = 'projects'")
+            waited = waited + 1 if waiting else waited
+            await asyncio.sleep(0.25)
         await tx.rollback()
         stdout, _ = proc.communicate(timeout=60)
     finally:
