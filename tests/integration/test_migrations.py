@@ -285,18 +285,21 @@ async def test_lock_timeout_is_retried_with_backoff_then_succeeds(
         await tx.start()
         await holder.execute(f'LOCK TABLE "t_{fleet.slugs[0]}".projects IN ACCESS SHARE MODE')
         proc = spawn(fleet.argv("apply", "--lock-timeout", "200", "--json"))
-        # Release only once the runner has really queued behind the lock and timed out at
-        # least once (a busy machine may take over a second just to start the CLI).
+        # Release only once the runner reported its first lock-timeout retry (its JSON lines
+        # are flushed as they happen): a fixed sleep raced the CLI's start on a busy machine.
+        assert proc.stdout is not None
+        seen: list[str] = []
         deadline = time.monotonic() + 30
-        waited = 0
-        while time.monotonic() < deadline and waited < 2:
-            waiting = await holder.fetchval(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-                "WHERE NOT l.granted AND c.relname = 'projects'")
-            waited = waited + 1 if waiting else waited
-            await asyncio.sleep(0.25)
+        while time.monotonic() < deadline:
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+            if not line:
+                break
+            seen.append(line)
+            if '"event": "retry"' in line or '"event":"retry"' in line:
+                break
         await tx.rollback()
-        stdout, _ = proc.communicate(timeout=60)
+        rest, _ = proc.communicate(timeout=60)
+        stdout = "".join(seen) + rest
     finally:
         await holder.close()
     evs = events(stdout)
