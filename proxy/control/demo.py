@@ -1,8 +1,11 @@
 """The demo environment: the schema-routing data model from the seed article, with tenants.
 
-Owns the demo DDL (SME tables in ``public``, agency tables in ``tenant_b``, the router function,
-the security-invoker view, schema-per-tenant ``enterprise`` tenants), demo rows and tokens,
-and the proxy config that serves them. Run once per fresh database.
+Owns the demo's tenants, rows and tokens and the proxy config that serves them. The data
+model itself (SME tables in ``public``, agency tables in ``tenant_b``, the router function,
+the security-invoker view, each ``enterprise`` tenant's ``projects``) is not SQL in this file:
+it is the migration history in ``demo_migrations/``, applied by the migration runner as
+``pgtenant migrate apply`` would, so the demo shows the runner at work. Run once per fresh
+database.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import dataclasses
 import json
 import re
 import secrets
+import shlex
 import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -28,7 +33,7 @@ from .init import DEFAULT_CONTROL_ROLE, DEFAULT_PROXY_ROLE, init_database
 from .tenants import create_tenant, issue_token
 
 __all__ = [
-    "DEMO_MODEL_DDL",
+    "DEMO_MIGRATIONS_DIR",
     "DEMO_TENANT_TYPES",
     "DemoEnv",
     "DemoTenant",
@@ -46,152 +51,22 @@ DEMO_TENANT_TYPES: dict[str, TenantTypeConfig] = {
     ),
 }
 
-# Only a context the proxy signed yields a tenant; a forged app.tenant_id yields no rows.
-_TENANT_FILTER = "(SELECT pgtenant.current_tenant())"
+# The demo's data model, as a numbered migration history applied through the runner (the
+# seed story's shapes: 0001 SME tables in public with RLS, 0002 the agency schema tenant_b,
+# 0003 the router function, 0004 the unified view, all scope=shared; 0005 each enterprise
+# tenant's own projects table, scope=tenant). Shipped inside the package so a wheel has it.
+DEMO_MIGRATIONS_DIR = Path(__file__).resolve().parent / "demo_migrations"
 
 
-def _rls(table: str, column: str) -> tuple[str, ...]:
-    # FORCE so even the table owner is filtered (superusers still bypass: admin tooling only).
-    policy = f"{column} = {_TENANT_FILTER}"
-    return (
-        # A tenant's INSERT may leave the tenant column out: it defaults to the signed
-        # context (Postgres allows no subquery in a DEFAULT, hence the bare call). WITH CHECK
-        # still refuses any other value written explicitly.
-        f"ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT pgtenant.current_tenant()",
-        f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY",
-        f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY",
-        f"DROP POLICY IF EXISTS tenant_isolation ON {table}",
-        f"CREATE POLICY tenant_isolation ON {table} USING ({policy}) WITH CHECK ({policy})",
-    )
+class _Recorder:
+    """A silent reporter: build_demo keeps the runner's events to summarise them."""
 
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
 
-_ROUTER = f"""
-CREATE OR REPLACE FUNCTION public.save_resource_routed(
-    p_name text, p_data jsonb, p_entity_id uuid DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, public, tenant_b, pg_temp
-AS $fn$
-DECLARE
-    -- The org comes only from the injected context, never from a parameter: a caller
-    -- cannot name another tenant.
-    v_org    uuid := {_TENANT_FILTER};
-    v_bound  uuid := nullif(current_setting('app.entity_id', true), '')::uuid;
-    v_entity uuid := coalesce(p_entity_id, v_bound);
-    v_type   text;
-    v_id     uuid;
-BEGIN
-    IF v_org IS NULL THEN
-        RAISE EXCEPTION 'save_resource_routed: no tenant context' USING ERRCODE = '42501';
-    END IF;
-    SELECT o.tenant_type INTO v_type FROM pgtenant.organizations o WHERE o.id = v_org;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'save_resource_routed: unknown organization' USING ERRCODE = '42501';
-    END IF;
-    IF v_type = 'sme' THEN
-        INSERT INTO public.brand_guidelines (org_id, name, guidelines)
-        VALUES (v_org, p_name, p_data) RETURNING id INTO v_id;
-        RETURN jsonb_build_object('schema', 'public', 'id', v_id);
-    ELSIF v_type = 'agency' THEN
-        IF v_entity IS NULL THEN
-            RAISE EXCEPTION 'save_resource_routed: agency tenants must name an entity'
-                USING ERRCODE = '22023';
-        END IF;
-        IF v_bound IS NOT NULL AND v_entity <> v_bound THEN
-            RAISE EXCEPTION 'save_resource_routed: token is bound to another entity'
-                USING ERRCODE = '42501';
-        END IF;
-        -- This function runs as the admin, which bypasses RLS: check ownership by hand.
-        PERFORM 1 FROM tenant_b.workspace_entities e
-          WHERE e.id = v_entity AND e.organization_id = v_org;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'save_resource_routed: entity % not found', v_entity
-                USING ERRCODE = '42501';
-        END IF;
-        INSERT INTO tenant_b.entity_data (organization_id, entity_id, data_type, content)
-        VALUES (v_org, v_entity, 'brand_guidelines',
-                jsonb_build_object('name', p_name) || coalesce(p_data, '{{}}'::jsonb))
-        RETURNING id INTO v_id;
-        RETURN jsonb_build_object('schema', 'tenant_b', 'id', v_id);
-    END IF;
-    RAISE EXCEPTION 'save_resource_routed: tenant type % has no resource routing', v_type
-        USING ERRCODE = '0A000';
-END
-$fn$
-"""
+    def event(self, kind: str, **fields: Any) -> None:
+        self.events.append((kind, fields))
 
-DEMO_MODEL_DDL: tuple[str, ...] = (
-    """
-    CREATE TABLE IF NOT EXISTS public.brand_guidelines (
-        id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-        org_id     uuid NOT NULL,
-        name       text,
-        guidelines jsonb,
-        created_at timestamptz NOT NULL DEFAULT now()
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS public.campaigns (
-        id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-        org_id     uuid NOT NULL,
-        name       text,
-        budget     numeric,
-        created_at timestamptz NOT NULL DEFAULT now()
-    )
-    """,
-    "CREATE SCHEMA IF NOT EXISTS tenant_b AUTHORIZATION CURRENT_USER",
-    "REVOKE ALL ON SCHEMA tenant_b FROM PUBLIC",
-    # UNIQUE (organization_id, id) lets entity_data reference the entity *and* its org:
-    # foreign-key checks bypass RLS, so a plain FK would accept another agency's entity id.
-    """
-    CREATE TABLE IF NOT EXISTS tenant_b.workspace_entities (
-        id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-        organization_id uuid NOT NULL,
-        name            text,
-        metadata        jsonb,
-        UNIQUE (organization_id, id)
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS tenant_b.entity_data (
-        id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-        organization_id uuid NOT NULL,
-        entity_id       uuid NOT NULL REFERENCES tenant_b.workspace_entities (id),
-        data_type       text NOT NULL,
-        content         jsonb,
-        FOREIGN KEY (organization_id, entity_id)
-            REFERENCES tenant_b.workspace_entities (organization_id, id)
-    )
-    """,
-    *_rls("public.brand_guidelines", "org_id"),
-    *_rls("public.campaigns", "org_id"),
-    *_rls("tenant_b.workspace_entities", "organization_id"),
-    *_rls("tenant_b.entity_data", "organization_id"),
-    _ROUTER,
-    """
-    CREATE OR REPLACE VIEW public.resources_unified WITH (security_invoker = on) AS
-        SELECT id, org_id AS organization_id, NULL::uuid AS entity_id, guidelines AS data,
-               'public'::text AS source
-          FROM public.brand_guidelines
-        UNION ALL
-        SELECT id, organization_id, entity_id, content AS data, 'tenant_b'::text AS source
-          FROM tenant_b.entity_data
-         WHERE data_type = 'brand_guidelines'
-    """,
-    # Privileges: SME writes only public tables, agency writes only tenant_b tables; each
-    # may read the other side only as far as the unified view needs (RLS hides the rows).
-    "GRANT SELECT, INSERT, UPDATE, DELETE ON public.brand_guidelines, public.campaigns "
-    "TO tenant_sme",
-    "GRANT USAGE ON SCHEMA tenant_b TO tenant_sme, tenant_agency",
-    "GRANT SELECT ON tenant_b.entity_data TO tenant_sme",
-    "GRANT SELECT, INSERT, UPDATE, DELETE ON tenant_b.workspace_entities, tenant_b.entity_data "
-    "TO tenant_agency",
-    "GRANT SELECT ON public.brand_guidelines TO tenant_agency",
-    "GRANT SELECT ON public.resources_unified TO tenant_sme, tenant_agency",
-    "REVOKE EXECUTE ON FUNCTION public.save_resource_routed(text, jsonb, uuid) FROM PUBLIC",
-    "GRANT EXECUTE ON FUNCTION public.save_resource_routed(text, jsonb, uuid) "
-    "TO tenant_sme, tenant_agency",
-)
 
 # Demo rows per tenant. Every row name starts with "<slug>: " so tests can assert visibility
 # by prefix.
@@ -249,6 +124,10 @@ class DemoEnv:
     control_dsn: str = ""
     control_role: str = ""
     control_password: str = ""
+    # The runner's apply that built the model: its run id, and how many targets (the shared
+    # schemas and each enterprise schema) it migrated.
+    migration_run: int = 0
+    migrated_targets: int = 0
 
     def config_toml(self, listen_port: int, *, pool_size: int = 4, extra: str = "",
                     tls: tuple[str, str] | None = None) -> str:
@@ -327,9 +206,6 @@ async def build_demo(admin_dsn: str, *, proxy_role: str = DEFAULT_PROXY_ROLE,
             control_role=control_role, control_password=control_password,
             tenant_types=DEMO_TENANT_TYPES,
         )
-        async with conn.transaction():
-            for stmt in DEMO_MODEL_DDL:
-                await conn.execute(stmt)
         dbname: str = await conn.fetchval("SELECT current_database()")
     finally:
         await conn.close()
@@ -349,6 +225,10 @@ async def build_demo(admin_dsn: str, *, proxy_role: str = DEFAULT_PROXY_ROLE,
             slug=slug, org_id=org_id, tenant_type=type_name, token=token, token_id=token_id,
             role=schema or tenant_type.role, schema=schema,
         )
+
+    # After the tenants exist, so the scope=tenant files reach each enterprise schema (as
+    # they reach a tenant made later by `tenant create`, on the next `migrate apply`).
+    run_id, migrated = await _apply_demo_migrations(admin_dsn)
 
     conn = await asyncpg.connect(admin_dsn)
     try:
@@ -373,8 +253,27 @@ async def build_demo(admin_dsn: str, *, proxy_role: str = DEFAULT_PROXY_ROLE,
         admin_dsn=admin_dsn, proxy_dsn=proxy_dsn, proxy_role=proxy_role,
         proxy_password=password, dbname=dbname, tenant_types=dict(DEMO_TENANT_TYPES),
         tenants=tenants, control_dsn=control_dsn, control_role=control_role,
-        control_password=control_password,
+        control_password=control_password, migration_run=run_id, migrated_targets=migrated,
     )
+
+
+async def _apply_demo_migrations(admin_dsn: str) -> tuple[int, int]:
+    """Apply ``DEMO_MIGRATIONS_DIR`` with the runner's defaults (shared files first, then
+    every enterprise schema).
+
+    Returns: (run id, targets migrated).
+    Raises: ControlError when a target failed (the message names tenant, file, statement).
+    """
+    from .migrations.files import load_migrations
+    from .migrations.runner import RolloutOptions, apply
+
+    recorder = _Recorder()
+    summary = await apply(admin_dsn, load_migrations(DEMO_MIGRATIONS_DIR), RolloutOptions(),
+                          recorder, args={"dir": str(DEMO_MIGRATIONS_DIR), "by": "demo"})
+    if summary.failed or summary.status not in ("done", "nothing"):
+        raise ControlError(f"demo migrations: run {summary.run_id} {summary.status}: "
+                           + "; ".join(summary.failed.values()))
+    return summary.run_id, len(summary.done)
 
 
 async def _insert_rows(conn: asyncpg.Connection, tenants: Mapping[str, DemoTenant]) -> None:
@@ -420,11 +319,41 @@ async def _insert_rows(conn: asyncpg.Connection, tenants: Mapping[str, DemoTenan
     for slug, names in _ENTERPRISE_ROWS.items():
         tenant = tenants[slug]
         assert tenant.schema is not None
+        # The table is 0005_enterprise_projects.sql's, made by the runner in each schema.
         table = f"{quote_ident(tenant.schema)}.projects"
-        # Created after create_tenant, so the schema's default privileges give its role DML.
-        await conn.execute(f"CREATE TABLE {table} (id serial PRIMARY KEY, name text)")
         await conn.executemany(f"INSERT INTO {table} (name) VALUES ($1)", [(n,) for n in names])
         tenant.rows = {f"{tenant.schema}.projects": sorted(names)}
+
+
+def _pgtenant_command() -> str:
+    """Returns: how to run ``pgtenant`` from a shell here: this virtualenv's script (relative
+    when under the current directory, as ``.venv/bin/pgtenant``), else ``python -m proxy``."""
+    script = Path(sys.executable).parent / "pgtenant"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m proxy"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def _migration_lines(env: DemoEnv, admin_dsn: str, config_path: Path) -> list[str]:
+    """Returns: the demo's lines about its migration history: the state, and what to try."""
+    files = sorted(p.name for p in DEMO_MIGRATIONS_DIR.glob("*.sql"))
+    cmd = _pgtenant_command()
+    common = f'--dsn "{admin_dsn}" --config {config_path}'
+    return [
+        f"Migrations: the demo model is {len(files)} files in "
+        f"{config_path.parent / 'migrations'} ({files[0]} ... {files[-1]}), applied by the "
+        f"runner (run {env.migration_run}: {env.migrated_targets} targets, the shared schemas "
+        "and each enterprise schema). The fleet's state:",
+        f"  {cmd} migrate status {common}",
+        "  # a tenant made by `tenant create` gets its schema from the runner:",
+        f"  {cmd} tenant create {common} --slug initrode --type enterprise",
+        f"  {cmd} migrate apply {common}",
+        "  # your own change: migrate new, edit the file, then migrate plan and apply:",
+        f"  {cmd} migrate new --config {config_path} add_budget",
+    ]
 
 
 def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10,
@@ -480,10 +409,15 @@ def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10,
         # A throwaway CA per run, so the demo shows TLS with full verification too.
         ca_file, cert_file, key_file = make_self_signed(workdir.resolve() / "tls")
         admin_token = "pgta_" + secrets.token_urlsafe(32)
+        # A copy of the history next to the config, so `migrate new` in the demo writes into
+        # the throwaway directory and never into the installed package.
+        shutil.copytree(DEMO_MIGRATIONS_DIR, workdir / "migrations")
         extra = "\n".join([
             "[admin]",
             f'token_sha256 = "{hashlib.sha256(admin_token.encode()).hexdigest()}"',
             *(["[metrics]", f'listen = "127.0.0.1:{metrics_port}"'] if metrics_port else []),
+            "[migrations]",
+            'dir = "migrations"',
         ])
         config_path.write_text(env.config_toml(
             port, pool_size=pool_size, extra=extra, tls=(str(cert_file), str(key_file))))
@@ -516,6 +450,7 @@ def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10,
         if metrics_port:
             lines.append(f"Metrics: curl http://127.0.0.1:{metrics_port}/metrics "
                          f"(and /healthz, /readyz)")
+        lines += _migration_lines(env, cluster.admin_dsn("app"), config_path)
         lines.append("Directly, as the superuser (bypasses pgtenant):")
         lines.append(f'  {psql} "{cluster.admin_dsn("app")}"')
         lines.append(f"Ctrl-C stops the proxy and deletes the demo cluster and {workdir} "

@@ -1,11 +1,14 @@
 """``pgtenant demo`` as a newcomer runs it: every line it prints works, Ctrl-C leaves no secret.
 
 Runs the real command in a subprocess (its own throwaway cluster), pastes what it printed,
-then interrupts it as a terminal would.
+then interrupts it as a terminal would. The demo's data model is a migration history applied
+through the runner: the fleet it leaves is at the latest version, and the printed
+``migrate`` lines work as pasted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -16,8 +19,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
+
+from proxy.control.demo import DEMO_MIGRATIONS_DIR, DemoEnv
+from proxy.control.migrations.files import lint, load_migrations
+from proxy.control.migrations.ledger import SHARED_SLUG, SHARED_TARGET
+from proxy.control.migrations.runner import make_plan, status
 
 from .conftest import ROOT, free_port
 
@@ -29,8 +38,44 @@ def _conninfo(printed: str) -> str:
     return shlex.split(printed)[1]
 
 
+def _run_printed(line: str) -> subprocess.CompletedProcess[str]:
+    """Run a printed ``pgtenant ...`` line as a shell would (from the repository root)."""
+    return subprocess.run(shlex.split(line), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _check_migration_lines(lines: list[str], workdir: Path) -> None:
+    """The printed migrate lines: status shows the fleet at the latest file, and a tenant
+    made by the printed ``tenant create`` is brought there by the printed ``migrate apply``."""
+    latest = max(m.version for m in load_migrations(DEMO_MIGRATIONS_DIR))
+    status_line = next(line for line in lines if " migrate status " in line)
+    done = _run_printed(status_line)
+    assert done.returncode == 0, done.stderr
+    assert f"latest file version {latest:04d}" in done.stdout, done.stdout
+    assert f"at {latest:04d}: 2" in done.stdout, done.stdout  # globex and hooli
+    assert "behind" not in done.stdout and "FAILED" not in done.stdout, done.stdout
+
+    create = _run_printed(next(line for line in lines if " tenant create " in line))
+    assert create.returncode == 0, create.stderr
+    apply = _run_printed(next(line for line in lines if " migrate apply " in line))
+    assert apply.returncode == 0, apply.stdout + apply.stderr
+    finished = [json.loads(x) for x in apply.stdout.splitlines() if x.startswith("{")][-1]
+    assert finished["event"] == "run_finished" and finished["done"] == 1, apply.stdout
+    fleet = _run_printed(status_line.replace(" migrate status ", " migrate status --json "))
+    rows = {r["tenant"]: r for r in map(json.loads, fleet.stdout.splitlines())}
+    assert rows["initrode"]["version"] == latest and rows["initrode"]["status"] == "ok", rows
+
+    new = _run_printed(next(line for line in lines if " migrate new " in line))
+    assert new.returncode == 0, new.stderr
+    written = Path(new.stdout.strip())
+    # into the demo's throwaway copy, never into the package's history
+    assert (ROOT / written).resolve().parent == (workdir / "migrations").resolve()
+    assert written.name == f"{latest + 1:04d}_add_budget.sql"
+
+
 @pytest.mark.timeout(180)
-def test_demo_prints_lines_that_work_and_ctrl_c_deletes_its_secrets(tmp_path: Path) -> None:
+def test_demo_prints_lines_that_work_migrate_lines_included_and_ctrl_c_deletes_its_secrets(
+        tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     port = free_port()
     log = (tmp_path / "demo.log").open("w+")
@@ -68,6 +113,8 @@ def test_demo_prints_lines_that_work_and_ctrl_c_deletes_its_secrets(tmp_path: Pa
         with urllib.request.urlopen(url.group(0), timeout=10) as answer:
             assert b"pgtenant_client_connections" in answer.read()
 
+        _check_migration_lines(lines, workdir)
+
         assert (workdir / "tokens.json").exists()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
@@ -89,3 +136,44 @@ def test_make_demo_installs_without_test_tools_and_takes_a_port() -> None:
     installs = [line for line in out.splitlines() if "pip install" in line]
     assert installs and not any(".[test]" in line for line in installs), installs
     assert not any("--quiet" in line for line in installs if "-e" in line), installs
+
+
+async def test_the_demo_model_is_applied_from_scratch_by_the_runner_every_tenant_at_latest(
+        demo_env: DemoEnv) -> None:
+    migrations = load_migrations(DEMO_MIGRATIONS_DIR)
+    latest_shared = max(m.version for m in migrations if m.scope == "shared")
+    latest_tenant = max(m.version for m in migrations if m.scope == "tenant")
+    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    # the demo teaches migration files: its own raise no lock or rewrite warning
+    assert [w for m in migrations for w in lint(m)] == []
+    conn = await asyncpg.connect(demo_env.admin_dsn)
+    try:
+        # every version of the demo was written by the one run build_demo started
+        rows = await conn.fetch(
+            "SELECT o.slug, v.version, v.run_id FROM pgtenant.schema_versions v "
+            "LEFT JOIN pgtenant.organizations o ON o.id = v.target "
+            "WHERE v.run_id = $1 ORDER BY 1, 2", demo_env.migration_run)
+        by_target: dict[str, list[int]] = {}
+        for r in rows:
+            by_target.setdefault(r["slug"] or SHARED_SLUG, []).append(r["version"])
+        assert by_target == {
+            SHARED_SLUG: [m.version for m in migrations if m.scope == "shared"],
+            "globex": [m.version for m in migrations if m.scope == "tenant"],
+            "hooli": [m.version for m in migrations if m.scope == "tenant"],
+        }
+        assert demo_env.migrated_targets == 3
+        shared_versions = await conn.fetchval(
+            "SELECT count(*) FROM pgtenant.schema_versions WHERE target = $1", SHARED_TARGET)
+        assert shared_versions == latest_shared
+        plan = await make_plan(conn, migrations)
+    finally:
+        await conn.close()
+    assert plan.edited == [] and plan.missing == []
+    fleet = {row["tenant"]: row for row in status(plan)}
+    # SME and agency tenants live in shared schemas: only the shared target stands for them
+    assert "acme" not in fleet and "umbrella" not in fleet
+    assert fleet[SHARED_SLUG]["version"] == latest_shared
+    for slug in (SHARED_SLUG, "globex", "hooli"):
+        assert fleet[slug]["status"] == "ok" and fleet[slug]["pending"] == [], fleet[slug]
+    for slug in ("globex", "hooli"):
+        assert fleet[slug]["version"] == latest_tenant
