@@ -148,8 +148,15 @@ class _Quiet:
 
 
 async def _connect(dsn: str) -> asyncpg.Connection:
-    return await asyncpg.connect(dsn, server_settings={"application_name": APP_NAME},
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": APP_NAME},
                                  statement_cache_size=0)
+    if conn.get_server_version().major >= 14:
+        # A provision killed mid-statement (a slow seed) leaves its backend running and
+        # holding the slug's lock until it next writes to the socket; with this check the
+        # server notices the dead client within a second, rolls back and frees the lock, so
+        # the rerun starts at once.
+        await conn.execute("SET client_connection_check_interval = 1000")
+    return conn
 
 
 async def _ensure_status_column(conn: asyncpg.Connection) -> None:

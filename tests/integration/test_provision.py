@@ -1,0 +1,222 @@
+"""``pgtenant tenant provision`` and ``tenant drop`` (issue #12, item 6) against a real Postgres
+and a real proxy: the operator's commands as subprocesses, tenants logging in with tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from proxy.control.demo import DemoEnv
+from proxy.control.tenants import create_tenant, issue_token
+
+from .conftest import ROOT, ProxyProcess
+
+FILES = {
+    "0001_items.sql": "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);\n",
+    "0002_price.sql": "ALTER TABLE items ADD COLUMN price numeric NOT NULL DEFAULT 0;\n",
+    "0003_tags.sql": "CREATE TABLE tags (item int REFERENCES items, tag text);\n"
+                     "CREATE INDEX tags_item ON tags (item);\n",
+}
+SEED = ("INSERT INTO items (name, price) VALUES ('welcome', 1), ('starter', 2);\n"
+        "INSERT INTO tags SELECT id, current_setting('app.tenant_id') FROM items;\n")
+
+
+@pytest.fixture
+def lifecycle(start_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> ProxyProcess:
+    """A proxy whose config also names a migrations folder with FILES."""
+    migs = tmp_path / "migs"
+    migs.mkdir()
+    for name, text in FILES.items():
+        (migs / name).write_text(text)
+    return start_proxy(extra='token_cache_ttl = 0.2\nauth_failure_delay = 0.0\n'
+                             '[migrations]\ndir = "migs"')
+
+
+def argv(proxy: ProxyProcess, action: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "proxy", "tenant", action, "--dsn", proxy.env.admin_dsn,
+            "--config", str(proxy.config_path), *args]
+
+
+def cli(proxy: ProxyProcess, action: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv(proxy, action, *args), cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def token_for(env: DemoEnv, slug: str) -> str:
+    _, token = await issue_token(env.admin_dsn, tenant_slug=slug)
+    return token
+
+
+async def login(proxy: ProxyProcess, slug: str, token: str) -> asyncpg.Connection:
+    return await asyncpg.connect(proxy.dsn(slug, token=token), statement_cache_size=0,
+                                 timeout=30)
+
+
+async def status_of(env: DemoEnv, slug: str) -> str | None:
+    conn = await asyncpg.connect(env.admin_dsn)
+    try:
+        value: str | None = await conn.fetchval(
+            "SELECT status FROM pgtenant.organizations WHERE slug = $1", slug)
+        return value
+    finally:
+        await conn.close()
+
+
+async def test_provisioned_tenant_logs_in_and_sees_its_migrated_seeded_schema(
+        lifecycle: ProxyProcess, tmp_path: Path) -> None:
+    seed = tmp_path / "seed.sql"
+    seed.write_text(SEED)
+    done = cli(lifecycle, "provision", "--slug", "pv_alpha", "--type", "enterprise",
+               "--seed", str(seed), "--json")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    report = json.loads(lines[0])
+    org_id = lines[-1]
+    assert report["org_id"] == org_id and report["applied"] == [1, 2, 3]
+    assert report["seeded"] and report["status"] == "ready"
+    assert set(report["phases"]) >= {"register", "schema", "migrate", "grant", "seed", "ready"}
+    assert await status_of(lifecycle.env, "pv_alpha") == "ready"
+
+    conn = await login(lifecycle, "pv_alpha", await token_for(lifecycle.env, "pv_alpha"))
+    try:
+        rows = await conn.fetch("SELECT name, price FROM items ORDER BY id")
+        assert [(r["name"], int(r["price"])) for r in rows] == [("welcome", 1), ("starter", 2)]
+        assert {r["tag"] for r in await conn.fetch("SELECT tag FROM tags")} == {org_id}
+    finally:
+        await conn.close()
+
+    # Idempotent: a second run changes nothing and says so.
+    again = cli(lifecycle, "provision", "--slug", "pv_alpha", "--type", "enterprise",
+                "--seed", str(seed))
+    assert again.returncode == 0, again.stderr
+    assert "already ready" in again.stdout and again.stdout.strip().splitlines()[-1] == org_id
+
+
+async def test_provision_killed_mid_seed_refuses_logins_and_a_rerun_completes_it(
+        lifecycle: ProxyProcess, tmp_path: Path) -> None:
+    slow = tmp_path / "slow.sql"
+    slow.write_text(SEED + "SELECT pg_sleep(60);\n")
+    proc = subprocess.Popen(argv(lifecycle, "provision", "--slug", "pv_killed", "--type",
+                                 "enterprise", "--seed", str(slow)),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    admin = await asyncpg.connect(lifecycle.env.admin_dsn)
+    try:
+        deadline = time.monotonic() + 60
+        while not await admin.fetchval(
+                "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' "
+                "AND pid <> pg_backend_pid()"):
+            assert time.monotonic() < deadline, "the seed never started"
+            await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        await admin.close()
+    assert await status_of(lifecycle.env, "pv_killed") == "provisioning"
+
+    # Not ready: a valid token is refused with a message that says why, SQLSTATE 57P03.
+    token = await token_for(lifecycle.env, "pv_killed")
+    with pytest.raises(asyncpg.CannotConnectNowError, match="not ready.*being provisioned"):
+        await login(lifecycle, "pv_killed", token)
+
+    fast = tmp_path / "fast.sql"
+    fast.write_text(SEED)
+    started = time.monotonic()
+    rerun = cli(lifecycle, "provision", "--slug", "pv_killed", "--type", "enterprise",
+                "--seed", str(fast), "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout.splitlines()[0])
+    # the migrations committed before the kill are not run again; the seed, rolled back by
+    # the kill, runs once
+    assert report["resumed"] and report["applied"] == [] and report["seeded"]
+    assert time.monotonic() - started < 30  # the dead provision's backend let go
+    conn = await login(lifecycle, "pv_killed", token)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM items") == 2
+    finally:
+        await conn.close()
+
+
+async def test_drop_dumps_the_schema_ends_open_sessions_and_refuses_logins(
+        lifecycle: ProxyProcess, tmp_path: Path) -> None:
+    seed = tmp_path / "seed.sql"
+    seed.write_text(SEED)
+    assert cli(lifecycle, "provision", "--slug", "pv_gone", "--type", "enterprise",
+               "--seed", str(seed)).returncode == 0
+    token = await token_for(lifecycle.env, "pv_gone")
+    conn = await login(lifecycle, "pv_gone", token)
+    assert await conn.fetchval("SELECT count(*) FROM items") == 2
+
+    dump = tmp_path / "pv_gone.sql"
+    dropped = cli(lifecycle, "drop", "--slug", "pv_gone", "--dump", str(dump), "--json")
+    assert dropped.returncode == 0, dropped.stderr
+    report = json.loads(dropped.stdout)
+    assert report["revoked_tokens"] == 1
+    assert "schema t_pv_gone" in report["dropped"] and "role t_pv_gone" in report["dropped"]
+    text = dump.read_text()
+    assert "CREATE TABLE t_pv_gone.items" in text and "welcome" in text
+
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+        await conn.fetchval("SELECT count(*) FROM items")  # revoked: its session is ended
+    await conn.close()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await login(lifecycle, "pv_gone", token)
+
+    admin = await asyncpg.connect(lifecycle.env.admin_dsn)
+    try:
+        assert not await admin.fetchval(
+            "SELECT 1 FROM pg_namespace WHERE nspname = 't_pv_gone'")
+        assert not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = 't_pv_gone'")
+        assert not await admin.fetchval("SELECT 1 FROM pgtenant.organizations "
+                                        "WHERE slug = 'pv_gone'")
+    finally:
+        await admin.close()
+    # Idempotent: dropping it again is not an error.
+    again = cli(lifecycle, "drop", "--slug", "pv_gone")
+    assert again.returncode == 0 and "does not exist" in again.stdout
+
+
+async def test_dropping_tenant_is_refused_at_login(lifecycle: ProxyProcess) -> None:
+    assert cli(lifecycle, "provision", "--slug", "pv_leaving", "--type",
+               "enterprise").returncode == 0
+    token = await token_for(lifecycle.env, "pv_leaving")
+    admin = await asyncpg.connect(lifecycle.env.admin_dsn)
+    try:
+        await admin.execute("UPDATE pgtenant.organizations SET status = 'dropping' "
+                            "WHERE slug = 'pv_leaving'")
+    finally:
+        await admin.close()
+    with pytest.raises(asyncpg.CannotConnectNowError, match="being dropped"):
+        await login(lifecycle, "pv_leaving", token)
+    assert cli(lifecycle, "drop", "--slug", "pv_leaving").returncode == 0
+
+
+async def test_two_provisions_at_once_both_succeed(lifecycle: ProxyProcess) -> None:
+    procs = [subprocess.Popen(argv(lifecycle, "provision", "--slug", slug, "--type",
+                                   "enterprise", "--json"),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for slug in ("pv_twin_a", "pv_twin_b")]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert json.loads(out.splitlines()[0])["applied"] == [1, 2, 3]
+
+
+async def test_concurrent_create_tenant_calls_do_not_collide(demo_env: DemoEnv) -> None:
+    from proxy.control.demo import DEMO_TENANT_TYPES
+
+    await asyncio.gather(*(create_tenant(demo_env.admin_dsn, slug=f"pv_cc{i}",
+                                         tenant_type=DEMO_TENANT_TYPES["enterprise"],
+                                         proxy_role=demo_env.proxy_role)
+                           for i in range(6)))
