@@ -53,6 +53,13 @@ def cli(proxy: ProxyProcess, action: str, *args: str) -> subprocess.CompletedPro
                           text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def spawn(args: list[str], *, quiet: bool = False) -> subprocess.Popen[str]:
+    """A CLI process in the background (output discarded when ``quiet``: it will be killed)."""
+    out = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=out, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 async def token_for(env: DemoEnv, slug: str) -> str:
     _, token = await issue_token(env.admin_dsn, tenant_slug=slug)
     return token
@@ -107,9 +114,8 @@ async def test_provision_killed_mid_seed_refuses_logins_and_a_rerun_completes_it
         lifecycle: ProxyProcess, tmp_path: Path) -> None:
     slow = tmp_path / "slow.sql"
     slow.write_text(SEED + "SELECT pg_sleep(60);\n")
-    proc = subprocess.Popen(argv(lifecycle, "provision", "--slug", "pv_killed", "--type",
-                                 "enterprise", "--seed", str(slow)),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn(argv(lifecycle, "provision", "--slug", "pv_killed", "--type", "enterprise",
+                      "--seed", str(slow)), quiet=True)
     admin = await asyncpg.connect(lifecycle.env.admin_dsn)
     try:
         deadline = time.monotonic() + 60
@@ -126,7 +132,7 @@ async def test_provision_killed_mid_seed_refuses_logins_and_a_rerun_completes_it
 
     # Not ready: a valid token is refused with a message that says why, SQLSTATE 57P03.
     token = await token_for(lifecycle.env, "pv_killed")
-    with pytest.raises(asyncpg.CannotConnectNowError, match="not ready.*being provisioned"):
+    with pytest.raises(asyncpg.CannotConnectNowError, match=r"not ready.*being provisioned"):
         await login(lifecycle, "pv_killed", token)
 
     fast = tmp_path / "fast.sql"
@@ -202,10 +208,8 @@ async def test_dropping_tenant_is_refused_at_login(lifecycle: ProxyProcess) -> N
 
 
 async def test_two_provisions_at_once_both_succeed(lifecycle: ProxyProcess) -> None:
-    procs = [subprocess.Popen(argv(lifecycle, "provision", "--slug", slug, "--type",
-                                   "enterprise", "--json"),
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    procs = [spawn(argv(lifecycle, "provision", "--slug", slug, "--type", "enterprise",
+                        "--json"))
              for slug in ("pv_twin_a", "pv_twin_b")]
     for proc in procs:
         out, err = proc.communicate(timeout=120)
