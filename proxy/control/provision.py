@@ -296,6 +296,8 @@ async def provision_tenant(
         target = conn if remote_url is None else await _connect(remote_url)
         try:
             with timer.phase("schema"):
+                if target is not conn:
+                    await install_local_ledger(target)  # also its pgtenant schema
                 async with target.transaction():
                     await target.execute("SELECT pg_advisory_xact_lock($1, $2)",
                                          *CREATE_LOCK_KEY)
