@@ -142,6 +142,9 @@ async def _run(cluster: PostgresCluster, args: argparse.Namespace, workdir: Path
     # The operator's command, Python start-up and config loading included.
     config = workdir / "pgtenant.toml"
     config.write_text(f"""\
+[control]
+dsn = "postgresql://bench_prov_control:{'c' * 20}@{cluster.host}:{cluster.port}/bench_prov"
+
 [databases.bench_prov]
 dsn = "postgresql://{_PROXY}:{'p' * 20}@{cluster.host}:{cluster.port}/bench_prov"
 
@@ -161,10 +164,13 @@ dir = "migrations"
                "--config", str(config), "--slug", "cli_tenant", "--type", "enterprise",
                "--seed", str(workdir / "seed.sql"), "--json"]
     out = await asyncio.to_thread(subprocess.run, command, cwd=ROOT, capture_output=True,
-                                  text=True, check=True, env=dict(os.environ))
+                                  text=True, env=dict(os.environ))
+    if out.returncode != 0:
+        raise SystemExit(f"tenant provision failed: {out.stderr}")
     cli_wall = time.perf_counter() - t0
-    result["cli"] = {"wall_s": round(cli_wall, 3),
-                     "report": json.loads(out.stdout.splitlines()[0])}
+    report = json.loads(out.stdout.splitlines()[0])
+    result["cli"] = {"wall_s": round(cli_wall, 3), "provision_s": report["seconds"],
+                     "applied": len(report["applied"]), "phases_s": report["phases"]}
 
     # Database per tenant: its own database, created at provision, migrated and seeded there.
     other = dataclasses.replace(parse_dsn(dsn), dbname="bench_dpt").to_url()

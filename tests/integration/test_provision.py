@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -224,3 +225,77 @@ async def test_concurrent_create_tenant_calls_do_not_collide(demo_env: DemoEnv) 
                                          tenant_type=DEMO_TENANT_TYPES["enterprise"],
                                          proxy_role=demo_env.proxy_role)
                            for i in range(6)))
+
+
+def _two_database_config(env: DemoEnv, tmp_path: Path, other: str) -> Path:
+    """The demo config plus ``[databases.<other>]`` (database per tenant) and FILES."""
+    migs = tmp_path / "migs"
+    migs.mkdir(exist_ok=True)
+    for name, text in FILES.items():
+        (migs / name).write_text(text)
+    proxy_dsn = env.proxy_dsn.rsplit("/", 1)[0] + f"/{other}"
+    config = tmp_path / f"two-{other}.toml"
+    config.write_text(env.config_toml(1, extra='[migrations]\ndir = "migs"')
+                      + f'\n[databases.{other}]\ndsn = "{proxy_dsn}"\n')
+    return config
+
+
+def _cli_with(env: DemoEnv, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", "tenant", *args, "--dsn",
+                           env.admin_dsn, "--config", str(config)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+async def test_database_per_tenant_is_created_from_its_template_migrated_and_dropped(
+        demo_env: DemoEnv, pg_cluster: Any, tmp_path: Path) -> None:
+    pg_cluster.create_database("pv_tpl")
+    tpl = await asyncpg.connect(pg_cluster.admin_dsn("pv_tpl"))
+    try:
+        await tpl.execute("CREATE TABLE public.from_template (x int)")
+    finally:
+        await tpl.close()
+    config = _two_database_config(demo_env, tmp_path, "pv_own")
+    seed = tmp_path / "seed.sql"
+    seed.write_text(SEED)
+    done = _cli_with(demo_env, config, "provision", "--slug", "pv_own", "--type",
+                     "enterprise", "--database", "pv_own", "--template", "pv_tpl",
+                     "--seed", str(seed), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[0])
+    assert report["applied"] == [1, 2, 3] and "database" in report["phases"]
+    own = await asyncpg.connect(pg_cluster.admin_dsn("pv_own"))
+    try:
+        assert await own.fetchval("SELECT to_regclass('public.from_template') IS NOT NULL")
+        assert await own.fetchval("SELECT count(*) FROM t_pv_own.items") == 2
+        # its authoritative ledger rows live with its DDL, in its own database
+        assert await own.fetchval("SELECT count(*) FROM pgtenant.schema_versions") == 3
+    finally:
+        await own.close()
+
+    dropped = _cli_with(demo_env, config, "drop", "--slug", "pv_own", "--json")
+    assert dropped.returncode == 0, dropped.stderr
+    own = await asyncpg.connect(pg_cluster.admin_dsn("pv_own"))
+    try:
+        assert not await own.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = 't_pv_own'")
+        assert await own.fetchval("SELECT count(*) FROM pgtenant.schema_versions") == 0
+    finally:
+        await own.close()
+
+
+async def test_tenant_create_with_database_makes_the_schema_in_that_database(
+        demo_env: DemoEnv, pg_cluster: Any, tmp_path: Path) -> None:
+    pg_cluster.create_database("pv_other")
+    config = _two_database_config(demo_env, tmp_path, "pv_other")
+    made = _cli_with(demo_env, config, "create", "--slug", "pv_elsewhere", "--type",
+                     "enterprise", "--database", "pv_other")
+    assert made.returncode == 0, made.stderr
+    other = await asyncpg.connect(pg_cluster.admin_dsn("pv_other"))
+    control = await asyncpg.connect(demo_env.admin_dsn)
+    try:
+        assert await other.fetchval(
+            "SELECT 1 FROM pg_namespace WHERE nspname = 't_pv_elsewhere'")
+        assert not await control.fetchval(
+            "SELECT 1 FROM pg_namespace WHERE nspname = 't_pv_elsewhere'")
+    finally:
+        await other.close()
+        await control.close()
