@@ -273,6 +273,12 @@ async def provision_tenant(
                 raise ControlError(str(exc)) from exc
             result.org_id = org_id
             role = context.role
+            if row is None and schema is not None and await _schema_exists(
+                    conn, remote_url, schema):
+                # Never adopt a schema this provision did not make: it may hold another
+                # tenant's data (and `tenant drop` would drop it).
+                raise ControlError(f"schema {schema!r} already exists; pass --schema, or "
+                                   "drop that schema first")
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *CREATE_LOCK_KEY)
                 if row is None:
@@ -304,9 +310,11 @@ async def provision_tenant(
                     if templated_role:
                         await target.execute(f"GRANT USAGE ON SCHEMA public TO "
                                              f"{quote_ident(role)}")
-                    if schema is not None and not await target.fetchval(
-                            "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
-                        await _create_schema(target, schema, role)
+                    if schema is not None:
+                        exists = await target.fetchval(
+                            "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema)
+                        if not exists:
+                            await _create_schema(target, schema, role)
                 await target.execute(_SEEDS_DDL[0])
                 await target.execute(_SEEDS_DDL[1])
 
@@ -337,6 +345,22 @@ async def provision_tenant(
         await conn.close()  # also releases the session advisory locks
     result.seconds = time.perf_counter() - started
     return result
+
+
+async def _schema_exists(conn: asyncpg.Connection, remote_url: str | None,
+                         schema: str) -> bool:
+    if remote_url is None:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1",
+                                        schema))
+    if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1",
+                               parse_dsn(remote_url).dbname):
+        return False
+    remote = await _connect(remote_url)
+    try:
+        return bool(await remote.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1",
+                                          schema))
+    finally:
+        await remote.close()
 
 
 async def _ensure_database(conn: asyncpg.Connection, remote_url: str,
@@ -451,6 +475,10 @@ async def drop_tenant(admin_dsn: str, *, slug: str, tenant_type: TenantTypeConfi
         own_database = remote_url is not None and schema is None and not await conn.fetchval(
             "SELECT 1 FROM pgtenant.organizations WHERE database = $1 AND id <> $2",
             database, org_id)
+        if dump is not None and schema is None and not own_database:
+            raise ControlError(f"tenant {slug!r} has no schema or database of its own to dump "
+                               "(a shared-schema type): dump its rows with your own query; "
+                               "nothing was changed")
         with timer.phase("refuse"):
             # Status first: new logins are refused from here on (57P03), then the tokens:
             # the trigger NOTIFYs every proxy, which ends open sessions.
@@ -462,10 +490,6 @@ async def drop_tenant(admin_dsn: str, *, slug: str, tenant_type: TenantTypeConfi
         target_url = remote_url or admin_dsn
         if dump is not None:
             with timer.phase("dump"):
-                if schema is None and not own_database:
-                    raise ControlError(f"tenant {slug!r} has no schema or database of its own "
-                                       "to dump (a shared-schema type): dump its rows with "
-                                       "your own query")
                 await _pg_dump(target_url, schema, dump)
                 result.dumped_to = str(dump)
         role: str | None = None

@@ -299,3 +299,16 @@ async def test_tenant_create_with_database_makes_the_schema_in_that_database(
     finally:
         await other.close()
         await control.close()
+
+
+async def test_provision_refuses_to_adopt_a_schema_it_did_not_make(
+        lifecycle: ProxyProcess) -> None:
+    admin = await asyncpg.connect(lifecycle.env.admin_dsn)
+    try:
+        await admin.execute("CREATE SCHEMA t_pv_squat")
+    finally:
+        await admin.close()
+    refused = cli(lifecycle, "provision", "--slug", "pv_squat", "--type", "enterprise")
+    assert refused.returncode == 1 and "schema 't_pv_squat' already exists" in refused.stderr
+    # refused before anything was registered, so no `tenant drop` can remove that schema
+    assert await status_of(lifecycle.env, "pv_squat") is None
