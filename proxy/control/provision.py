@@ -7,7 +7,7 @@ schema and grants, in the database it is served from), ``migrate`` (every tenant
 migration, through the runner's per-target apply: same transactions, ledger rows and lock
 retries as ``migrate apply``), ``grant`` (DML on every table and sequence of its schema to
 its role), ``seed`` (one SQL file, in ONE transaction with the tenant's context: role,
-search_path and ``app.*`` exactly as the proxy injects them; or as the admin), ``ready``
+search_path, ``app.*`` and signature exactly as the proxy injects them; or as the admin), ``ready``
 (status 'ready': logins accepted from then on). The proxy refuses a tenant that is not
 ready with SQLSTATE 57P03 (``identity/registry.py``).
 
@@ -56,6 +56,7 @@ from ..identity.context import (
     render_template,
 )
 from . import ControlError
+from .hardening import fetch_signing_key, sign_context
 from .init import grant_role_to_proxy
 from .migrations.files import Migration
 from .migrations.ledger import ADVISORY_LOCK_KEY, install_ledger, install_local_ledger
@@ -427,9 +428,17 @@ async def _seed(target: asyncpg.Connection, org_id: UUID, context: Any, seed_sql
         if done is not None:
             return False
         path = ", ".join(quote_ident(s) for s in context.search_path) or "''"
+        gucs = dict(context.gucs)
         settings = [f"SET LOCAL search_path = {path}"]
         settings += [f"SET LOCAL {name} = {quote_literal(value)}"
-                     for name, value in context.gucs]
+                     for name, value in gucs.items()]
+        key = await fetch_signing_key(target)
+        if key is not None:
+            # The signed context, as the proxy sets it: shared tables' RLS policies call
+            # pgtenant.current_tenant(), which trusts app.tenant_id only when signed.
+            sig = sign_context(key, gucs["app.tenant_id"], gucs["app.tenant_type"],
+                               gucs.get("app.entity_id", ""))
+            settings.append(f"SET LOCAL app.tenant_sig = {quote_literal(sig)}")
         await target.execute("; ".join(settings))
         if seed_as == "tenant":
             await target.execute(f"SET LOCAL ROLE {quote_ident(context.role)}")

@@ -312,3 +312,20 @@ async def test_provision_refuses_to_adopt_a_schema_it_did_not_make(
     assert refused.returncode == 1 and "schema 't_pv_squat' already exists" in refused.stderr
     # refused before anything was registered, so no `tenant drop` can remove that schema
     assert await status_of(lifecycle.env, "pv_squat") is None
+
+
+async def test_shared_schema_tenant_is_just_a_row_and_its_seed_passes_rls(
+        lifecycle: ProxyProcess, tmp_path: Path) -> None:
+    seed = tmp_path / "shared.sql"
+    seed.write_text("INSERT INTO campaigns (name, budget) VALUES ('launch', 10);\n")
+    done = cli(lifecycle, "provision", "--slug", "pv_small", "--type", "sme",
+               "--seed", str(seed), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[0])
+    assert report["applied"] == [] and report["seeded"]
+    conn = await login(lifecycle, "pv_small", await token_for(lifecycle.env, "pv_small"))
+    try:
+        rows = await conn.fetch("SELECT name, org_id::text FROM campaigns")
+        assert [(r["name"], r["org_id"]) for r in rows] == [("launch", report["org_id"])]
+    finally:
+        await conn.close()
