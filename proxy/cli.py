@@ -324,9 +324,9 @@ def _cmd_tenant_list(args: argparse.Namespace) -> int:
     from .control.tenants import list_tenants
 
     rows = asyncio.run(list_tenants(args.dsn))
-    _table(("slug", "type", "schema", "database", "created", "id"),
+    _table(("slug", "type", "schema", "database", "created", "id", "status"),
            [(r["slug"], r["tenant_type"], r["schema"], r["database"], r["created_at"],
-             r["id"]) for r in rows])
+             r["id"], r["status"]) for r in rows])
     return 0
 
 
@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=_DEFAULT_CONFIG, help=_CONFIG_HELP)
     p.set_defaults(func=_cmd_tenant_drop)
     p = tenant.add_parser("list", help="list organizations: slug, type, schema, database, "
-                                       "created, id")
+                                       "created, id, status")
     p.add_argument("--dsn", required=True, help=_DSN_HELP)
     p.set_defaults(func=_cmd_tenant_list)
 

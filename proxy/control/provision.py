@@ -316,8 +316,12 @@ async def provision_tenant(
                             "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema)
                         if not exists:
                             await _create_schema(target, schema, role)
-                await target.execute(_SEEDS_DDL[0])
-                await target.execute(_SEEDS_DDL[1])
+                    # Under the lock: concurrent CREATE TABLE IF NOT EXISTS of one table
+                    # can fail on pg_type's unique index.
+                    if not await target.fetchval(
+                            "SELECT to_regclass('pgtenant.tenant_seeds') IS NOT NULL"):
+                        for stmt in _SEEDS_DDL:
+                            await target.execute(stmt)
 
             with timer.phase("migrate"):
                 result.applied = await _migrate(conn, target, org_id, slug, migrations,

@@ -248,13 +248,15 @@ async def revoke_token(admin_dsn: str, token_id: UUID) -> bool:
 
 
 async def list_tenants(admin_dsn: str) -> list[asyncpg.Record]:
-    """Returns: every organization (slug, tenant_type, schema, database, created_at, id),
-    by slug."""
+    """Returns: every organization (slug, tenant_type, schema, database, created_at, id,
+    status), by slug."""
     conn = await asyncpg.connect(admin_dsn)
     try:
+        # status through to_jsonb: an install from before the column lists as 'ready'
         return list(await conn.fetch(
-            "SELECT slug, tenant_type, schema, database, created_at, id "
-            "FROM pgtenant.organizations ORDER BY slug"
+            "SELECT slug, tenant_type, schema, database, created_at, id, "
+            "coalesce(to_jsonb(o) ->> 'status', 'ready') AS status "
+            "FROM pgtenant.organizations o ORDER BY slug"
         ))
     finally:
         await conn.close()

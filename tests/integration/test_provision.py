@@ -130,6 +130,11 @@ async def test_provision_killed_mid_seed_refuses_logins_and_a_rerun_completes_it
     finally:
         await admin.close()
     assert await status_of(lifecycle.env, "pv_killed") == "provisioning"
+    listed = subprocess.run([sys.executable, "-m", "proxy", "tenant", "list", "--dsn",
+                             lifecycle.env.admin_dsn], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert any(line.startswith("pv_killed") and line.rstrip().endswith("provisioning")
+               for line in listed.stdout.splitlines()), listed.stdout
 
     # Not ready: a valid token is refused with a message that says why, SQLSTATE 57P03.
     token = await token_for(lifecycle.env, "pv_killed")
