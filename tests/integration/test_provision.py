@@ -54,6 +54,12 @@ def cli(proxy: ProxyProcess, action: str, *args: str) -> subprocess.CompletedPro
                           text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def tenant_list(env: DemoEnv) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", "tenant", "list", "--dsn",
+                           env.admin_dsn], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
 def spawn(args: list[str], *, quiet: bool = False) -> subprocess.Popen[str]:
     """A CLI process in the background (output discarded when ``quiet``: it will be killed)."""
     out = subprocess.DEVNULL if quiet else subprocess.PIPE
@@ -130,9 +136,7 @@ async def test_provision_killed_mid_seed_refuses_logins_and_a_rerun_completes_it
     finally:
         await admin.close()
     assert await status_of(lifecycle.env, "pv_killed") == "provisioning"
-    listed = subprocess.run([sys.executable, "-m", "proxy", "tenant", "list", "--dsn",
-                             lifecycle.env.admin_dsn], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    listed = tenant_list(lifecycle.env)
     assert any(line.startswith("pv_killed") and line.rstrip().endswith("provisioning")
                for line in listed.stdout.splitlines()), listed.stdout
 
