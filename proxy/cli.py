@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import errno
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -197,11 +198,110 @@ def _cmd_tenant_create(args: argparse.Namespace) -> int:
               f"{args.config}", file=sys.stderr)
         return 2
     db = next(iter(config.databases.values()))
+    # --database X served from another database: its schema is made there, as the admin
+    # of --dsn with X's dbname.
+    database_dsn = (_other_databases(config, args.dsn).get(args.database)
+                    if args.database is not None else None)
     org_id = asyncio.run(create_tenant(
         args.dsn, slug=args.slug, tenant_type=tenant_type, proxy_role=db.dsn.user,
-        schema=args.schema, database=args.database,
+        schema=args.schema, database=args.database, database_dsn=database_dsn,
     ))
     print(org_id)
+    return 0
+
+
+def _other_databases(config: Config, admin_dsn: str) -> dict[str, str]:
+    from .control.migrations.commands import _other_databases as others
+
+    return others(config, admin_dsn)
+
+
+def _tenant_type(config: Config, args: argparse.Namespace) -> Any:
+    tenant_type = config.tenant_types.get(args.type)
+    if tenant_type is None:
+        raise ConfigError(
+            f"tenant type {args.type!r} is not in {args.config}; "
+            f"known: {', '.join(sorted(config.tenant_types))}"
+        )
+    return tenant_type
+
+
+def _phase_line(phases: dict[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:.3f} s" for name, seconds in phases.items())
+
+
+def _cmd_tenant_provision(args: argparse.Namespace) -> int:
+    from .control.migrations.files import load_migrations
+    from .control.migrations.runner import RolloutOptions
+    from .control.provision import provision_tenant
+
+    config = _load(args.config)
+    tenant_type = _tenant_type(config, args)
+    if args.database is not None and args.database not in config.databases:
+        print(f"pgtenant: --database {args.database!r}: no [databases.{args.database}] in "
+              f"{args.config}", file=sys.stderr)
+        return 2
+    migrations = load_migrations(Path(args.config).parent / config.migrations.dir)
+    seed = Path(args.seed).read_text() if args.seed else None
+    db = next(iter(config.databases.values()))
+    result = asyncio.run(provision_tenant(
+        args.dsn, slug=args.slug, tenant_type=tenant_type, migrations=migrations,
+        proxy_role=db.dsn.user, schema=args.schema, database=args.database,
+        other_databases=_other_databases(config, args.dsn), template=args.template,
+        seed_sql=seed, seed_as=args.seed_as,
+        opts=RolloutOptions(lock_timeout_ms=config.migrations.lock_timeout_ms,
+                            statement_timeout_ms=config.migrations.statement_timeout_ms),
+    ))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    elif result.already_ready:
+        print(f"tenant {args.slug} is already ready (nothing to do)")
+    else:
+        print(f"tenant {args.slug} ready in {result.seconds:.3f} s"
+              f"{' (resumed)' if result.resumed else ''}: "
+              f"{len(result.applied)} migration(s), seed {'run' if result.seeded else 'none'}"
+              f"\n  phases: {_phase_line(result.phases)}")
+    print(result.org_id)
+    return 0
+
+
+def _cmd_tenant_drop(args: argparse.Namespace) -> int:
+    from .control.provision import drop_tenant
+
+    config = _load(args.config)
+    if args.dump and Path(args.dump).exists():
+        print(f"pgtenant: --dump {args.dump!r} exists; it is never overwritten",
+              file=sys.stderr)
+        return 2
+
+    async def tenant_type() -> Any:
+        import asyncpg as pg
+
+        conn = await pg.connect(args.dsn)
+        try:
+            name = await conn.fetchval(
+                "SELECT tenant_type FROM pgtenant.organizations WHERE slug = $1", args.slug)
+        finally:
+            await conn.close()
+        return config.tenant_types.get(name) if name is not None else None
+
+    async def run() -> Any:
+        return await drop_tenant(args.dsn, slug=args.slug, tenant_type=await tenant_type(),
+                                 other_databases=_other_databases(config, args.dsn),
+                                 dump=Path(args.dump) if args.dump else None)
+
+    result = asyncio.run(run())
+    if args.json:
+        print(json.dumps({"slug": result.slug, "found": result.found,
+                          "revoked_tokens": result.revoked_tokens,
+                          "dumped_to": result.dumped_to, "dropped": result.dropped,
+                          "phases": {k: round(v, 4) for k, v in result.phases.items()}}))
+    elif not result.found:
+        print(f"tenant {args.slug} does not exist (nothing to drop)")
+    else:
+        print(f"tenant {args.slug} dropped: {result.revoked_tokens} token(s) revoked"
+              f"{f', dumped to {result.dumped_to}' if result.dumped_to else ''}; "
+              f"removed {', '.join(result.dropped)}\n  phases: {_phase_line(result.phases)}")
     return 0
 
 
@@ -224,9 +324,9 @@ def _cmd_tenant_list(args: argparse.Namespace) -> int:
     from .control.tenants import list_tenants
 
     rows = asyncio.run(list_tenants(args.dsn))
-    _table(("slug", "type", "schema", "database", "created", "id"),
+    _table(("slug", "type", "schema", "database", "created", "id", "status"),
            [(r["slug"], r["tenant_type"], r["schema"], r["database"], r["created_at"],
-             r["id"]) for r in rows])
+             r["id"], r["status"]) for r in rows])
     return 0
 
 
@@ -325,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="password for the control role (generated if new)")
     p.set_defaults(func=_cmd_init)
 
-    tenant = sub.add_parser("tenant", help="create and list tenants").add_subparsers(
+    tenant = sub.add_parser(
+        "tenant", help="create, provision, drop and list tenants").add_subparsers(
         dest="tenant_command", required=True, metavar="ACTION"
     )
     p = tenant.add_parser("create", help="create an organization; prints its id")
@@ -339,8 +440,41 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(database per tenant; default: its type's)")
     p.add_argument("--config", default=_DEFAULT_CONFIG, help=_CONFIG_HELP)
     p.set_defaults(func=_cmd_tenant_create)
+    p = tenant.add_parser(
+        "provision", help="create a tenant ready to use: row, role, schema, every migration, "
+                          "seed, grants; idempotent and resumable; prints its id (last line)",
+        description="Provision a tenant in phases (register, database, schema, migrate, "
+                    "grant, seed, ready), each timed. Until the last, the proxy refuses its "
+                    "logins (SQLSTATE 57P03). Rerun after any failure or crash to complete "
+                    "it, or remove it with `tenant drop`.")
+    p.add_argument("--dsn", required=True, help=_DSN_HELP)
+    p.add_argument("--slug", required=True, help="the tenant's name (see tenant create)")
+    p.add_argument("--type", required=True, help="a [tenant_types.<type>] of the config")
+    p.add_argument("--schema", help="schema for schema-per-tenant types (default t_<slug>)")
+    p.add_argument("--database", help="[databases.<name>] this tenant is served from; when "
+                                      "its database does not exist it is created")
+    p.add_argument("--template", help="database per tenant: create the tenant's database "
+                                      "from this template database")
+    p.add_argument("--seed", metavar="FILE", help="SQL run once, in one transaction, with the "
+                                                  "tenant's search_path and app.* settings")
+    p.add_argument("--seed-as", choices=("tenant", "admin"), default="tenant",
+                   help="run the seed as the tenant's role (default: its RLS and privileges "
+                        "apply) or as the admin of --dsn")
+    p.add_argument("--json", action="store_true", help="one JSON object (then the id)")
+    p.add_argument("--config", default=_DEFAULT_CONFIG, help=_CONFIG_HELP)
+    p.set_defaults(func=_cmd_tenant_provision)
+    p = tenant.add_parser(
+        "drop", help="remove a tenant: refuse logins, revoke tokens, optional pg_dump, drop "
+                     "its schema/database, role, ledger rows and row; idempotent")
+    p.add_argument("--dsn", required=True, help=_DSN_HELP)
+    p.add_argument("--slug", required=True, help="the tenant to drop")
+    p.add_argument("--dump", metavar="FILE", help="pg_dump its schema (or its database) here "
+                                                  "first; nothing is dropped if it fails")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--config", default=_DEFAULT_CONFIG, help=_CONFIG_HELP)
+    p.set_defaults(func=_cmd_tenant_drop)
     p = tenant.add_parser("list", help="list organizations: slug, type, schema, database, "
-                                       "created, id")
+                                       "created, id, status")
     p.add_argument("--dsn", required=True, help=_DSN_HELP)
     p.set_defaults(func=_cmd_tenant_list)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 __all__ = [
     "CONTROL_DDL",
     "CONTROL_SCHEMA",
+    "ORG_STATUSES",
+    "ORG_STATUS_DDL",
     "PROXY_ROLE_DEFAULTS",
     "RESOLVE_ORG_SIGNATURE",
     "RESOLVE_TOKEN_SIGNATURE",
@@ -43,6 +45,14 @@ PROXY_ROLE_DEFAULTS: tuple[tuple[str, str], ...] = (
     ("search_path", ""),
 )
 
+# The organization lifecycle: 'provisioning' (being built by ``tenant provision``; logins
+# refused), 'ready', 'dropping' (``tenant drop`` started; logins refused).
+ORG_STATUSES = ("provisioning", "ready", "dropping")
+ORG_STATUS_DDL = (
+    "ALTER TABLE pgtenant.organizations ADD COLUMN IF NOT EXISTS status text NOT NULL "
+    "DEFAULT 'ready' CHECK (status IN ('provisioning', 'ready', 'dropping'))"
+)
+
 CONTROL_DDL: tuple[str, ...] = (
     "CREATE SCHEMA IF NOT EXISTS pgtenant",
     # Owned by whoever runs init (the admin); a pre-existing schema is taken over.
@@ -73,6 +83,9 @@ CONTROL_DDL: tuple[str, ...] = (
     # Database per tenant: the [databases.<name>] this organization is served from (NULL:
     # its tenant type's, else the dbname it connects with). Added to older installs too.
     "ALTER TABLE pgtenant.organizations ADD COLUMN IF NOT EXISTS database text NULL",
+    # Lifecycle (``tenant provision``/``tenant drop``): only a 'ready' tenant may log in.
+    # Existing rows and ``tenant create`` get 'ready' from the default.
+    ORG_STATUS_DDL,
     "REVOKE ALL ON TABLE pgtenant.organizations, pgtenant.tokens FROM PUBLIC",
 )
 
@@ -82,15 +95,18 @@ def resolve_token_ddl() -> str:
 
     SECURITY DEFINER so the proxy role needs no privilege on the tables; the pinned
     search_path (pg_temp last) keeps callers from shadowing anything the body resolves.
+    ``status`` is returned, not filtered on, so the proxy can refuse a tenant that is not
+    ready with a message that says so (57P03) instead of "wrong password".
     """
     return """
     CREATE FUNCTION pgtenant.resolve_token(p_hash bytea)
     RETURNS TABLE (token_id uuid, org_id uuid, slug text, tenant_type text,
-                   schema_name text, entity_id uuid, database_name text)
+                   schema_name text, entity_id uuid, database_name text, status text)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pgtenant, pg_temp
     AS $fn$
-        SELECT t.id, o.id, o.slug, o.tenant_type, o.schema, t.entity_id, o.database
+        SELECT t.id, o.id, o.slug, o.tenant_type, o.schema, t.entity_id, o.database,
+               o.status
           FROM pgtenant.tokens AS t
           JOIN pgtenant.organizations AS o ON o.id = t.org_id
          WHERE t.token_hash = p_hash
@@ -109,11 +125,11 @@ def resolve_org_ddl() -> str:
     return """
     CREATE FUNCTION pgtenant.resolve_org(p_org uuid)
     RETURNS TABLE (org_id uuid, slug text, tenant_type text, schema_name text,
-                   database_name text)
+                   database_name text, status text)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pgtenant, pg_temp
     AS $fn$
-        SELECT o.id, o.slug, o.tenant_type, o.schema, o.database
+        SELECT o.id, o.slug, o.tenant_type, o.schema, o.database, o.status
           FROM pgtenant.organizations AS o
          WHERE o.id = p_org
     $fn$

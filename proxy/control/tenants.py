@@ -27,6 +27,7 @@ from .init import ensure_tenant_role, grant_role_to_proxy
 from .schema import SLUG_PATTERN
 
 __all__ = [
+    "CREATE_LOCK_KEY",
     "create_tenant",
     "issue_token",
     "list_tenants",
@@ -51,10 +52,13 @@ async def create_tenant(
     proxy_role: str = "pgtenant_proxy",
     schema: str | None = None,
     database: str | None = None,
+    database_dsn: str | None = None,
 ) -> UUID:
     """Register an organization; for schema-per-tenant types also its schema and role.
     ``database`` names the proxy's ``[databases.<name>]`` it is served from (database per
-    tenant; None: its tenant type's, else the dbname its clients ask for).
+    tenant; None: its tenant type's, else the dbname its clients ask for); ``database_dsn``
+    is an admin URL of that database when it is not ``admin_dsn``'s: the schema and the
+    per-database grants are made there (roles are cluster-wide, the row stays here).
 
     The schema is owned by the admin; a templated role is created NOLOGIN NOINHERIT, granted
     to the proxy, and is the only role given USAGE on the schema (plus default DML
@@ -89,6 +93,9 @@ async def create_tenant(
     conn = await asyncpg.connect(admin_dsn)
     try:
         async with conn.transaction():
+            # Serializes tenant creation cluster-wide: two concurrent GRANTs on the same
+            # object (schema public) fail with "tuple concurrently updated" (XX000).
+            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *CREATE_LOCK_KEY)
             if await conn.fetchval("SELECT 1 FROM pgtenant.organizations WHERE slug = $1", slug):
                 raise ControlError(f"tenant {slug!r} already exists")
             if not templated_role and not await conn.fetchval(
@@ -106,12 +113,40 @@ async def create_tenant(
             if templated_role:
                 await _claim_role(conn, role, slug)
                 await grant_role_to_proxy(conn, role, proxy_role)
-                await conn.execute(f"GRANT USAGE ON SCHEMA public TO {quote_ident(role)}")
-            if schema is not None:
-                await _create_schema(conn, schema, role)
+            if database_dsn is None:
+                await _prepare_database(conn, role, schema, templated_role=templated_role)
+        if database_dsn is not None:
+            # The tenant's own database: its schema and grants live there. Not atomic with
+            # the row above; on a failure here `tenant drop` removes the row and role.
+            await _prepare_remote(database_dsn, role, schema, templated_role=templated_role)
     finally:
         await conn.close()
     return org_id
+
+
+# pg_advisory_xact_lock keys (two int4): "pgtn", "tcre" (tenant creation, cluster-wide
+# because roles and their grants are).
+CREATE_LOCK_KEY = (0x7067746E, 0x74637265)
+
+
+async def _prepare_database(conn: asyncpg.Connection, role: str, schema: str | None, *,
+                            templated_role: bool) -> None:
+    # Inside a transaction holding CREATE_LOCK_KEY (the GRANT below must not race another).
+    if templated_role:
+        await conn.execute(f"GRANT USAGE ON SCHEMA public TO {quote_ident(role)}")
+    if schema is not None:
+        await _create_schema(conn, schema, role)
+
+
+async def _prepare_remote(database_dsn: str, role: str, schema: str | None, *,
+                          templated_role: bool) -> None:
+    remote = await asyncpg.connect(database_dsn)
+    try:
+        async with remote.transaction():
+            await remote.execute("SELECT pg_advisory_xact_lock($1, $2)", *CREATE_LOCK_KEY)
+            await _prepare_database(remote, role, schema, templated_role=templated_role)
+    finally:
+        await remote.close()
 
 
 async def _claim_role(conn: asyncpg.Connection, role: str, slug: str) -> None:
@@ -140,9 +175,11 @@ async def _claim_role(conn: asyncpg.Connection, role: str, slug: str) -> None:
 
 
 async def _create_schema(conn: asyncpg.Connection, schema: str, role: str) -> None:
-    taken = await conn.fetchval(
-        "SELECT count(*) FROM pgtenant.organizations WHERE schema = $1", schema
-    )
+    taken = 0
+    if await conn.fetchval("SELECT to_regclass('pgtenant.organizations') IS NOT NULL"):
+        taken = await conn.fetchval(
+            "SELECT count(*) FROM pgtenant.organizations WHERE schema = $1", schema
+        )
     if taken > 1 or await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
         raise ControlError(f"schema {schema!r} already exists")
     s, r = quote_ident(schema), quote_ident(role)
@@ -211,13 +248,15 @@ async def revoke_token(admin_dsn: str, token_id: UUID) -> bool:
 
 
 async def list_tenants(admin_dsn: str) -> list[asyncpg.Record]:
-    """Returns: every organization (slug, tenant_type, schema, database, created_at, id),
-    by slug."""
+    """Returns: every organization (slug, tenant_type, schema, database, created_at, id,
+    status), by slug."""
     conn = await asyncpg.connect(admin_dsn)
     try:
+        # status through to_jsonb: an install from before the column lists as 'ready'
         return list(await conn.fetch(
-            "SELECT slug, tenant_type, schema, database, created_at, id "
-            "FROM pgtenant.organizations ORDER BY slug"
+            "SELECT slug, tenant_type, schema, database, created_at, id, "
+            "coalesce(to_jsonb(o) ->> 'status', 'ready') AS status "
+            "FROM pgtenant.organizations o ORDER BY slug"
         ))
     finally:
         await conn.close()

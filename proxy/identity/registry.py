@@ -7,10 +7,11 @@ key share one query), the choice
 between opaque ``pgt_`` tokens (``pgtenant.resolve_token``) and JWTs (``jwt.py`` verifies,
 ``pgtenant.resolve_org`` names the organization), and the revocation listener: one dedicated
 connection LISTENs on ``pgtenant_tokens``, where a trigger installed by ``pgtenant init``
-sends the id of every token revoked or deleted. A notified id is dropped from the cache and
-remembered, so new logins with it fail at once and ``client.py`` ends its open sessions at
-their next transaction (``is_revoked``). It does not own the schema (``control/``) nor what
-a failed lookup looks like on the wire (``client.py``).
+sends the id of every token revoked or deleted. A tenant whose organization is not 'ready'
+(``tenant provision``/``tenant drop`` in progress) is refused with ``TenantNotReady``. A
+notified id is dropped from the cache and remembered, so new logins with it fail at once and
+``client.py`` ends its open sessions at their next transaction (``is_revoked``). It does not
+own the schema (``control/``) nor what a failed lookup looks like on the wire (``client.py``).
 
 While the listener is disconnected, revocations are only as fast as the cache TTL; on every
 reconnect the cache is cleared, because notifications sent meanwhile are lost. Sessions
@@ -31,12 +32,12 @@ from uuid import UUID
 import asyncpg
 
 from ..config import Dsn
-from ..errors import ServerUnavailable
+from ..errors import ProxyError, ServerUnavailable
 from .context import TenantIdentity
 from .jwt import JwtVerifier, looks_like_jwt
 from .tokens import hash_token, looks_like_token
 
-__all__ = ["REVOCATION_CHANNEL", "Registry"]
+__all__ = ["REVOCATION_CHANNEL", "Registry", "TenantNotReady"]
 
 log = logging.getLogger("pgtenant.registry")
 
@@ -63,6 +64,29 @@ _KEEPALIVE = 10.0
 # How long start() waits for the first LISTEN before letting the proxy start anyway.
 _START_WAIT = 5.0
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+class TenantNotReady(ProxyError):
+    """A valid token of a tenant that is being provisioned or dropped (``status`` of its
+    organization is not 'ready'). 57P03 cannot_connect_now, as Postgres answers while it
+    starts up: drivers and poolers treat it as "retry later", not as a wrong password.
+    Raised, not cached, so the tenant can log in the moment it becomes ready."""
+
+    sqlstate = "57P03"
+
+
+def _check_ready(row: asyncpg.Record) -> None:
+    # A control schema from before the status column has no such field: every tenant there
+    # is ready (re-run init to get the column).
+    status = row.get("status") or "ready"
+    if status != "ready":
+        what = ("being provisioned" if status == "provisioning" else
+                "being dropped" if status == "dropping" else status)
+        raise TenantNotReady(
+            f'tenant "{row["slug"]}" is not ready: it is {what}',
+            hint="retry once `pgtenant tenant provision` has finished" if status ==
+            "provisioning" else "the tenant is being removed (`pgtenant tenant drop`)",
+        )
 
 
 class Registry:
@@ -311,6 +335,7 @@ class Registry:
         row = await self._fetchrow(_RESOLVE_SQL, key)
         if row is None:
             return None
+        _check_ready(row)
         return TenantIdentity(
             org_id=row["org_id"], slug=row["slug"], tenant_type=row["tenant_type"],
             token_id=row["token_id"], entity_id=row["entity_id"], schema=row["schema_name"],
@@ -321,6 +346,7 @@ class Registry:
         row = await self._fetchrow(_RESOLVE_ORG_SQL, org_id)
         if row is None:
             return None
+        _check_ready(row)
         return TenantIdentity(
             org_id=row["org_id"], slug=row["slug"], tenant_type=row["tenant_type"],
             token_id=_NO_TOKEN, schema=row["schema_name"], database=row.get("database_name"),

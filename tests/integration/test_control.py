@@ -199,6 +199,7 @@ async def test_resolve_token_returns_the_tokens_organization(demo_env: DemoEnv) 
     assert [dict(r) for r in rows] == [{
         "token_id": acme.token_id, "org_id": acme.org_id, "slug": "acme",
         "tenant_type": "sme", "schema_name": None, "entity_id": None, "database_name": None,
+        "status": "ready",
     }]
     globex = (await resolve(demo_env, demo_env.tenants["globex"].token))[0]
     assert (globex["tenant_type"], globex["schema_name"]) == ("enterprise", "t_globex")

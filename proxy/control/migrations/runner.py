@@ -67,6 +67,7 @@ __all__ = [
     "RunSummary",
     "TargetPlan",
     "apply",
+    "apply_one",
     "make_plan",
     "rollback",
     "status",
@@ -721,3 +722,26 @@ def status(plan: Plan) -> list[dict[str, Any]]:
             "failed_version": t.row.last_version if state == "failed" else None,
         })
     return out
+
+
+async def apply_one(conn: Conn, central: Conn, run_id: int, target: TargetPlan,
+                    opts: RolloutOptions, reporter: Reporter) -> None:
+    """Apply one target's pending files outside a rollout (``tenant provision``): the same
+    groups, transactions, ledger rows and lock retries as ``apply``. ``conn`` is the
+    target's database (``central`` itself when it lives in the control database).
+
+    Raises: ControlError naming the file, statement and SQLSTATE of a failure (recorded in
+    the log; the target stays at its previous version).
+    """
+    started = datetime.now(UTC)
+    try:
+        for group in _groups(target.pending):
+            await _retry_locks(target, opts, reporter, functools.partial(
+                _apply_group, conn, central, run_id, target, group, opts))
+    except _Failed as failure:
+        await _record_failure(central, run_id, target, failure, started)
+        raise ControlError(failure.describe(target.slug)) from failure
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        lost = _Failed(None, "", exc)
+        await _record_failure(central, run_id, target, lost, started)
+        raise ControlError(lost.describe(target.slug)) from exc
