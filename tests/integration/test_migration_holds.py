@@ -195,6 +195,7 @@ async def test_a_hold_whose_runner_was_killed_expires_and_the_next_run_clears_it
         probe.write_text("-- pgtenant: scope=tenant\nSELECT 1;\n")
         code, evs, err = await run_runner(hold_proxy)
         assert code == 0, err
+        assert "hooli" in [e["tenant"] for e in evs if e["event"] == "target_done"]
         assert await admin.fetchval("SELECT count(*) FROM pgtenant.tenant_holds") == 0
         print(f"\nstale hold: hooli served {waited:.2f}s after the runner was killed "
               f"(hold_ttl {HOLD_TTL}s)")
