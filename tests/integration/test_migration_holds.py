@@ -59,10 +59,12 @@ async def loop_on(proxy: ProxyProcess, slug: str, stop: asyncio.Event, out: Loop
         while not stop.is_set():
             started = time.monotonic()
             try:
-                if explicit:  # a transaction that is running when the hold arrives
+                if explicit:
+                    # a transaction holding its lock on projects longer than the DDL's
+                    # lock_timeout (300 ms): without the drain the DDL would time out
                     async with conn.transaction():
                         await conn.fetchval("SELECT count(*) FROM projects")
-                        await conn.execute("SELECT pg_sleep(0.3)")
+                        await conn.execute("SELECT pg_sleep(0.5)")
                 else:
                     await conn.fetchval("SELECT count(*) FROM projects")
             except (asyncpg.PostgresError, OSError) as exc:
