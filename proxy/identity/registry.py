@@ -267,6 +267,7 @@ class Registry:
         conn.add_termination_listener(lambda _conn: lost.set())
         await conn.add_listener(REVOCATION_CHANNEL, self._on_notify)
         await conn.add_listener(HOLD_CHANNEL, self._on_hold_notify)
+        self._holds_unavailable = False  # `pgtenant init` may have been re-run meanwhile
         await self._read_holds(conn)  # holds announced while we were away
         if reconnected:
             # Notifications sent while we were away are lost: trust no cached answer.
