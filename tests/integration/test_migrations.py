@@ -285,9 +285,21 @@ async def test_lock_timeout_is_retried_with_backoff_then_succeeds(
         await tx.start()
         await holder.execute(f'LOCK TABLE "t_{fleet.slugs[0]}".projects IN ACCESS SHARE MODE')
         proc = spawn(fleet.argv("apply", "--lock-timeout", "200", "--json"))
-        await asyncio.sleep(1.0)
+        # The lock is held until the runner reports its first retry (a fixed sleep raced
+        # the runner's start on a loaded machine), then released so a retry succeeds.
+        assert proc.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = await asyncio.to_thread(proc.stdout.readline)
+            if not line:
+                break
+            seen.append(line)
+            if '"event": "retry"' in line:
+                break
         await tx.rollback()
-        stdout, _ = proc.communicate(timeout=60)
+        rest, _ = proc.communicate(timeout=60)
+        stdout = "".join(seen) + rest
     finally:
         await holder.close()
     evs = events(stdout)
