@@ -33,6 +33,7 @@ from .errors import (
     connect_failure,
 )
 from .guard import SWITCHES, Guard
+from .holds import TenantHolds
 from .http import HttpEndpoint
 from .identity.jwt import build_verifier
 from .identity.registry import Registry
@@ -69,6 +70,9 @@ class App:
         self.registry = Registry(config.control_dsn, config.token_cache_ttl,
                                  jwt=build_verifier(config.jwt))
         self.registry.on_revoked = self.end_revoked
+        # Tenant holds during migrations (holds.py): read by the registry's listener.
+        self.holds = TenantHolds(lambda: self.pools.values(), self.registry.ack_hold)
+        self.registry.on_holds = self.holds.update
         # One table for the whole proxy: failures are counted per client address.
         self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window,
                                           config.auth_failure_delay)
@@ -476,6 +480,7 @@ class App:
             if pool is None:
                 pool = self.pools[name] = Pool(db, config, server_tls=self.server_tls)
                 pool.verifier = self._verify_database
+                self.holds.apply_to(pool)
             pool.db, pool.config = db, config
             pool.dispatch()  # a bigger pool_size may serve waiters now
         if (config.protected_settings != old.protected_settings
@@ -530,6 +535,7 @@ class App:
         while True:
             await asyncio.sleep(_JANITOR_INTERVAL)
             now = time.monotonic()
+            self.holds.check()  # before the pools: an expired hold serves its waiters
             for pool in list(self.pools.values()):
                 pool.tick(now)
             for name in self.pools:

@@ -270,6 +270,22 @@ class MigrationsConfig:
         metadata=_doc("statement_timeout per tenant transaction (--statement-timeout "
                       "overrides)", unit="ms"),
     )
+    hold: bool = field(
+        default=True,
+        metadata=_doc("while a tenant's DDL runs, every proxy on this control database "
+                      "holds the tenant's new transactions (they wait up to "
+                      "query_wait_timeout) instead of queueing them behind the DDL's locks"),
+    )
+    hold_ttl: float = field(
+        default=15.0,
+        metadata=_doc("a hold not refreshed by its runner (killed) expires after this",
+                      unit="s"),
+    )
+    hold_drain_timeout: float = field(
+        default=5.0,
+        metadata=_doc("how long the runner waits for the proxies to finish the tenant's "
+                      "running transactions before its DDL starts anyway", unit="s"),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -719,8 +735,10 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         migrations = MigrationsConfig(**_parse_simple(
             _typed(data.get("migrations", {}), dict, "migrations"), MigrationsConfig,
             "migrations"))
-        for key in ("lock_timeout_ms", "statement_timeout_ms"):
+        for key in ("lock_timeout_ms", "statement_timeout_ms", "hold_ttl"):
             _positive(getattr(migrations, key), f"migrations.{key}")
+        if migrations.hold_drain_timeout < 0:
+            errors.messages.append("migrations.hold_drain_timeout: must not be negative")
     errors.raise_if_any()
     return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types,
                   tls=tls, jwt=jwt, metrics=metrics, admin=admin, tenant_limits=tenant_limits,

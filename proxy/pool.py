@@ -87,6 +87,10 @@ class Pool:
         # pause() returns once none is busy. Waiting transactions keep waiting (PgBouncer).
         self.paused = False
         self._drained: asyncio.Future[None] | None = None
+        # Tenant holds (the migration runner: control/migrations/holds.py): a held tenant's
+        # new transactions queue as if the pool were full, others are served as usual;
+        # clients already holding a server (open transaction, pinned) are not touched.
+        self.holds: set[object] = set()
         self.connect_errors = 0
         self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -143,7 +147,8 @@ class Pool:
         idle = self.containers[ServerState.IDLE]
         # Idle servers and eligible waiters never coexist (_dispatch hands them out at
         # once), so an idle server here is nobody else's turn.
-        if idle and not self.paused and self._under_cap(waiter.tenant_key, waiter.max_servers):
+        if (idle and not self.paused and waiter.tenant_key not in self.holds
+                and self._under_cap(waiter.tenant_key, waiter.max_servers)):
             server = next(reversed(idle))  # LIFO: the warmest connection
             self._assign(server, waiter.tenant_key)
             return server
@@ -153,6 +158,24 @@ class Pool:
         self._queues.setdefault(waiter.tenant_key, deque()).append(waiter)
         self._dispatch()
         return None
+
+    def hold(self, key: object) -> None:
+        """Hold a tenant's new transactions (they wait, up to query_wait_timeout)."""
+        self.holds.add(key)
+
+    def unhold(self, key: object) -> None:
+        """Release a tenant: its waiting transactions are served now, in their order."""
+        if key in self.holds:
+            self.holds.discard(key)
+            if key in self._queues:
+                self._dispatch()
+
+    def running(self, key: object) -> int:
+        """Returns: the tenant's transactions in flight here (servers whose client is inside
+        a transaction or owes replies; a pinned session between transactions is not)."""
+        return sum(1 for server, holder in self._holder.items()
+                   if holder == key and server.peer is not None
+                   and getattr(server.peer, "has_running_transaction", True))
 
     def cancel_wait(self, waiter: Waiter) -> None:
         """The waiter went away before being served."""
@@ -314,6 +337,8 @@ class Pool:
         best: Waiter | None = None
         best_rank = (0, 0.0)
         for key, queue in self._queues.items():
+            if key in self.holds:
+                continue
             head = queue[0]
             held = self.held.get(key, 0)
             if head.max_servers > 0 and held >= head.max_servers:
@@ -328,6 +353,8 @@ class Pool:
         eligible one started waiting)."""
         demand, oldest = 0, None
         for key, queue in self._queues.items():
+            if key in self.holds:
+                continue  # no server is opened for a held tenant
             cap = queue[0].max_servers
             room = len(queue) if cap <= 0 else min(len(queue), cap - self.held.get(key, 0))
             if room > 0:
@@ -473,6 +500,13 @@ class Pool:
         for waiter in expired:
             del self.waiting[waiter]
             self._unqueue(waiter)
+            if waiter.tenant_key in self.holds:
+                waiter.pool_failed(PoolTimeout(
+                    "this tenant is being migrated: its transactions are held until its "
+                    f"migration ends, and this one waited {self.config.query_wait_timeout:g}s "
+                    "(query_wait_timeout)",
+                    hint="retry shortly; the migration's lock_timeout bounds a hold"))
+                continue
             waiter.pool_failed(
                 PoolTimeout(
                     f"pool for database {self.db.name!r} is exhausted: no server connection "

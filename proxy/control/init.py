@@ -22,13 +22,16 @@ from . import ControlError
 from .hardening import CONTROL_FUNCTIONS, check_lockdown, install_hardening
 from .migrations.ledger import LEDGER_DDL
 from .schema import (
+    ACTIVE_HOLDS_SIGNATURE,
     CONTROL_DDL,
     CONTROL_SCHEMA,
+    HOLDS_TABLE_DDL,
     PROXY_ROLE_DEFAULTS,
     RESOLVE_ORG_SIGNATURE,
     RESOLVE_TOKEN_SIGNATURE,
     TOKEN_REVOCATION_DDL,
     TOKEN_REVOCATION_FUNCTION,
+    active_holds_ddl,
     resolve_org_ddl,
     resolve_token_ddl,
 )
@@ -36,7 +39,8 @@ from .schema import (
 # The registry's SECURITY DEFINER lookups: only the control role may call them (with
 # pgtenant.signing_key(), see hardening.CONTROL_FUNCTIONS), never the data-path login role,
 # whose sessions a hostile tenant might reach without the injected context.
-_REGISTRY_FUNCTIONS = (RESOLVE_TOKEN_SIGNATURE, RESOLVE_ORG_SIGNATURE)
+# active_holds: which tenants the migration runner holds right now (registry.py re-reads it).
+_REGISTRY_FUNCTIONS = (RESOLVE_TOKEN_SIGNATURE, RESOLVE_ORG_SIGNATURE, ACTIVE_HOLDS_SIGNATURE)
 DEFAULT_PROXY_ROLE = "pgtenant_proxy"
 DEFAULT_CONTROL_ROLE = "pgtenant_control"
 
@@ -192,7 +196,7 @@ async def init_database(
     conn = await asyncpg.connect(admin_dsn)
     try:
         async with conn.transaction():
-            for stmt in (*CONTROL_DDL, *LEDGER_DDL):  # the migration ledger too
+            for stmt in (*CONTROL_DDL, *LEDGER_DDL, *HOLDS_TABLE_DDL):  # + the runner's
                 await conn.execute(stmt)
             # Dropped and created (not replaced): their result columns grow between
             # versions; the grants below are given again.
@@ -200,6 +204,7 @@ async def init_database(
                 await conn.execute(f"DROP FUNCTION IF EXISTS {fn}")
             await conn.execute(resolve_token_ddl())
             await conn.execute(resolve_org_ddl())
+            await conn.execute(active_holds_ddl())
             for stmt in TOKEN_REVOCATION_DDL:
                 await conn.execute(stmt)
             for fn in (*_REGISTRY_FUNCTIONS, TOKEN_REVOCATION_FUNCTION):

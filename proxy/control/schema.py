@@ -9,8 +9,12 @@ Owns the DDL only (every statement idempotent); ``init.py`` decides when and as 
 from __future__ import annotations
 
 __all__ = [
+    "ACTIVE_HOLDS_SIGNATURE",
     "CONTROL_DDL",
     "CONTROL_SCHEMA",
+    "HOLDS_TABLE_DDL",
+    "HOLD_ACK_CHANNEL",
+    "HOLD_CHANNEL",
     "ORG_STATUSES",
     "ORG_STATUS_DDL",
     "PROXY_ROLE_DEFAULTS",
@@ -20,6 +24,7 @@ __all__ = [
     "TOKEN_CHANNEL",
     "TOKEN_REVOCATION_DDL",
     "TOKEN_REVOCATION_FUNCTION",
+    "active_holds_ddl",
     "resolve_org_ddl",
     "resolve_token_ddl",
 ]
@@ -168,3 +173,45 @@ TOKEN_REVOCATION_DDL: tuple[str, ...] = (
     """,
     f"REVOKE ALL ON FUNCTION {TOKEN_REVOCATION_FUNCTION} FROM PUBLIC",
 )
+
+
+# Tenant holds (the migration runner asks every proxy to hold a tenant's NEW transactions
+# while that tenant's DDL runs; see control/migrations/holds.py). The runner owns the rows
+# (one per tenant being migrated, refreshed while it runs) and NOTIFYs HOLD_CHANNEL on every
+# change; a proxy treats a notification only as "re-read", and re-reads through
+# ACTIVE_HOLDS_SIGNATURE (SECURITY DEFINER, the control role's), because any role may
+# NOTIFY any channel: a tenant forging a notification must not be able to hold another
+# tenant. A row past its expires_at is ignored (a runner killed -9 cannot hold forever).
+# Proxies answer on HOLD_ACK_CHANNEL once their in-flight transactions of the tenant ended.
+HOLD_CHANNEL = "pgtenant_holds"
+HOLD_ACK_CHANNEL = "pgtenant_hold_acks"
+ACTIVE_HOLDS_SIGNATURE = "pgtenant.active_holds()"
+
+HOLDS_TABLE_DDL: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS pgtenant.tenant_holds (
+        org_id      uuid PRIMARY KEY,
+        run_id      bigint NOT NULL,
+        since       timestamptz NOT NULL DEFAULT now(),
+        expires_at  timestamptz NOT NULL
+    )
+    """,
+    "REVOKE ALL ON TABLE pgtenant.tenant_holds FROM PUBLIC",
+)
+
+
+def active_holds_ddl() -> str:
+    """Returns: the ``CREATE FUNCTION pgtenant.active_holds`` statement: the holds in force
+    with the seconds each has left (relative, so proxy and database clocks need not agree)."""
+    return """
+    CREATE FUNCTION pgtenant.active_holds()
+    RETURNS TABLE (org_id uuid, run_id bigint, seconds_left double precision)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pgtenant, pg_temp
+    AS $fn$
+        SELECT h.org_id, h.run_id,
+               extract(epoch FROM h.expires_at - pg_catalog.clock_timestamp())::float8
+          FROM pgtenant.tenant_holds AS h
+         WHERE h.expires_at > pg_catalog.clock_timestamp()
+    $fn$
+    """

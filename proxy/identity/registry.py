@@ -16,6 +16,13 @@ own the schema (``control/``) nor what a failed lookup looks like on the wire (`
 While the listener is disconnected, revocations are only as fast as the cache TTL; on every
 reconnect the cache is cleared, because notifications sent meanwhile are lost. Sessions
 opened before a missed revocation are not ended (the control role cannot list revocations).
+
+The same connection LISTENs on ``pgtenant_holds`` for the migration runner's tenant holds
+(``control/migrations/holds.py``). A notification only means "re-read": the holds in force
+come from ``pgtenant.active_holds()`` (any role may NOTIFY, so a tenant must not be able to
+hold another by forging one), read again on every (re)connect so a missed NOTIFY is caught
+up, and handed to ``on_holds``. ``ack_hold`` answers the runner on this connection (the
+runner knows the proxies by their listener's pid).
 """
 
 from __future__ import annotations
@@ -37,12 +44,17 @@ from .context import TenantIdentity
 from .jwt import JwtVerifier, looks_like_jwt
 from .tokens import hash_token, looks_like_token
 
-__all__ = ["REVOCATION_CHANNEL", "Registry", "TenantNotReady"]
+__all__ = ["HOLD_ACK_CHANNEL", "HOLD_CHANNEL", "REVOCATION_CHANNEL", "Registry", "TenantNotReady"]
 
 log = logging.getLogger("pgtenant.registry")
 
 # Must match the channel of the trigger in control/schema.py.
 REVOCATION_CHANNEL = "pgtenant_tokens"
+# Must match control/schema.py's HOLD_CHANNEL and HOLD_ACK_CHANNEL (identity/ does not
+# import control/).
+HOLD_CHANNEL = "pgtenant_holds"
+HOLD_ACK_CHANNEL = "pgtenant_hold_acks"
+_HOLDS_SQL = "SELECT org_id, run_id, seconds_left FROM pgtenant.active_holds()"
 
 # SELECT *: a control schema from before database_name still resolves (re-run init).
 _RESOLVE_SQL = "SELECT * FROM pgtenant.resolve_token($1)"
@@ -112,6 +124,12 @@ class Registry:
         # Called with each newly revoked token id: the proxy ends the token's open sessions
         # (a pinned session never asks for a server again, so is_revoked alone misses it).
         self.on_revoked: Callable[[UUID], None] | None = None
+        # Called with every tenant hold in force (org id -> (run id, seconds left)) each time
+        # they are read; see the module docstring.
+        self.on_holds: Callable[[dict[UUID, tuple[int, float]]], None] | None = None
+        self._holds_dirty = asyncio.Event()
+        self._conn_lock = asyncio.Lock()  # one query at a time on the listener connection
+        self._holds_unavailable = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,6 +198,52 @@ class Registry:
             return
         self.revoked(token_id)
 
+    def _on_hold_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        self._holds_dirty.set()  # a hint only: the holds are re-read (see the docstring)
+
+    async def _read_holds(self, conn: asyncpg.Connection) -> None:
+        if self.on_holds is None or self._holds_unavailable:
+            return
+        try:
+            async with self._conn_lock:
+                rows = await conn.fetch(_HOLDS_SQL, timeout=_KEEPALIVE)
+        except (asyncpg.UndefinedFunctionError, asyncpg.InsufficientPrivilegeError) as exc:
+            # an install from before holds: migrations still work, without the proxy's help
+            self._holds_unavailable = True
+            log.warning("tenant holds unavailable (%s): re-run `pgtenant init` so proxies "
+                        "hold tenants during their migrations", exc)
+            return
+        self.on_holds({r["org_id"]: (r["run_id"], r["seconds_left"]) for r in rows})
+
+    async def _holds_loop(self, conn: asyncpg.Connection) -> None:
+        while True:
+            await self._holds_dirty.wait()
+            self._holds_dirty.clear()  # notifications meanwhile: one more read after this
+            try:
+                await self._read_holds(conn)
+            except _DB_ERRORS as exc:
+                log.warning("tenant holds: cannot read them: %s", exc)
+                await asyncio.sleep(_BACKOFF_MIN)
+                self._holds_dirty.set()
+                if conn.is_closed():
+                    return
+
+    async def ack_hold(self, org_id: UUID, run_id: int) -> None:
+        """Tell the migration runner this proxy runs no transaction of ``org_id`` any more.
+
+        Returns: None; without a listener connection nothing is sent (the runner then waits
+        its drain timeout, then relies on the DDL's lock_timeout).
+        """
+        conn = self._listen_conn
+        if conn is None or conn.is_closed():
+            return
+        try:
+            async with self._conn_lock:
+                await conn.execute("SELECT pg_notify($1, $2)", HOLD_ACK_CHANNEL,
+                                   f"{org_id} {run_id}", timeout=_KEEPALIVE)
+        except _DB_ERRORS as exc:
+            log.warning("tenant holds: cannot answer the runner: %s", exc)
+
     async def _listen_forever(self) -> None:
         backoff = _BACKOFF_MIN
         connected_before = False
@@ -226,6 +290,9 @@ class Registry:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         await conn.add_listener(REVOCATION_CHANNEL, self._on_notify)
+        await conn.add_listener(HOLD_CHANNEL, self._on_hold_notify)
+        self._holds_unavailable = False  # `pgtenant init` may have been re-run meanwhile
+        await self._read_holds(conn)  # holds announced while we were away
         if reconnected:
             # Notifications sent while we were away are lost: trust no cached answer.
             self._cache.clear()
@@ -234,11 +301,18 @@ class Registry:
             log.info("revocation listener: listening on %s", REVOCATION_CHANNEL)
         self.listening = True
         self._listen_tried.set()
-        while not conn.is_closed() and not lost.is_set():
-            try:
-                await asyncio.wait_for(lost.wait(), _KEEPALIVE)
-            except TimeoutError:
-                await conn.execute("SELECT 1", timeout=_KEEPALIVE)
+        holds = asyncio.ensure_future(self._holds_loop(conn))
+        try:
+            while not conn.is_closed() and not lost.is_set():
+                try:
+                    await asyncio.wait_for(lost.wait(), _KEEPALIVE)
+                except TimeoutError:
+                    async with self._conn_lock:
+                        await conn.execute("SELECT 1", timeout=_KEEPALIVE)
+        finally:
+            holds.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *_DB_ERRORS):
+                await holds
 
     # ------------------------------------------------------------------ lookups
 

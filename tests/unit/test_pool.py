@@ -525,3 +525,58 @@ def test_lowered_pool_size_closes_idle_servers_above_it_at_once() -> None:
     assert pool.total == 4  # pool_size + reserve_pool, as PgBouncer's janitor keeps
     assert states(servers).count("closed") == 1
     check_containers(pool, servers)
+
+
+# ---------------------------------------------------------------------- tenant holds
+
+
+def test_a_held_tenant_waits_while_idle_servers_serve_other_tenants() -> None:
+    pool, servers = make_pool(2)
+    pool.hold("migrating")
+    held, other = FakeWaiter("held", tenant="migrating"), FakeWaiter("other", tenant="x")
+    assert pool.acquire(held) is None  # an idle server is there, but not for it
+    assert pool.acquire(other) is not None
+    assert held.assigned == [] and list(pool.waiting) == [held]
+    check_containers(pool, servers)
+
+
+def test_unhold_serves_the_held_tenants_waiters_in_order_at_once() -> None:
+    events: list[tuple[str, str, object]] = []
+    pool, servers = make_pool(2)
+    pool.hold("m")
+    first, second = FakeWaiter("first", events, tenant="m"), FakeWaiter("second", events,
+                                                                       tenant="m")
+    pool.acquire(first)
+    pool.acquire(second)
+    assert events == [] and len(pool.containers[ServerState.IDLE]) == 2  # idle, not theirs
+    pool.unhold("m")
+    assert [(kind, name) for kind, name, _ in events] == [("assigned", "first"),
+                                                          ("assigned", "second")]
+    check_containers(pool, servers)
+
+
+def test_a_held_waiter_past_query_wait_timeout_is_told_its_tenant_is_being_migrated() -> None:
+    clock = Clock()
+    pool, _ = make_pool(1, clock=clock)
+    pool.hold("m")
+    waiter = FakeWaiter("w", tenant="m")
+    pool.acquire(waiter)
+    pool.tick(clock.now + QUERY_WAIT)
+    (error,) = waiter.failed
+    assert isinstance(error, PoolTimeout) and "being migrated" in error.message
+
+
+def test_running_counts_only_the_tenants_servers_with_a_transaction_in_flight() -> None:
+    pool, _ = make_pool(3)
+
+    class Peer:
+        def __init__(self, running: bool) -> None:
+            self.has_running_transaction = running
+
+    a = pool.acquire(FakeWaiter("a", tenant="m"))
+    b = pool.acquire(FakeWaiter("b", tenant="m"))
+    c = pool.acquire(FakeWaiter("c", tenant="other"))
+    assert a is not None and b is not None and c is not None
+    a.peer, b.peer, c.peer = Peer(True), Peer(False), Peer(True)  # type: ignore[assignment]
+    assert pool.running("m") == 1  # b: a pinned session between transactions
+    assert pool.running("other") == 1 and pool.running("nobody") == 0

@@ -97,6 +97,9 @@ def _options(args: argparse.Namespace, config: Any) -> Any:
         max_failures=args.max_failures, pause=args.pause,
         lock_timeout_ms=args.lock_timeout or config.migrations.lock_timeout_ms,
         statement_timeout_ms=args.statement_timeout or config.migrations.statement_timeout_ms,
+        hold=config.migrations.hold, hold_ttl=config.migrations.hold_ttl,
+        hold_drain_timeout=config.migrations.hold_drain_timeout,
+        listener_user=config.control_dsn.user,
     )
 
 

@@ -42,6 +42,7 @@ import asyncpg
 from ...identity.context import quote_ident
 from .. import ControlError
 from .files import Migration, Warning_, lint, split_statements
+from .holds import DEFAULT_DRAIN_TIMEOUT, DEFAULT_HOLD_TTL, Holds, clear_stale_holds
 from .ledger import (
     ADVISORY_LOCK_KEY,
     APP_NAME_PREFIX,
@@ -105,6 +106,12 @@ class RolloutOptions:
     lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
     lock_retries: int = LOCK_RETRIES
+    # Tenant holds (holds.py): proxies hold a tenant's new transactions while its DDL runs.
+    hold: bool = True
+    hold_ttl: float = DEFAULT_HOLD_TTL
+    hold_drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    # the role proxies' listeners log in as ([control] dsn's user); None: any
+    listener_user: str | None = None
 
     def check(self) -> None:
         """Raises: ControlError for a value out of range."""
@@ -116,6 +123,8 @@ class RolloutOptions:
             raise ControlError("canary-percent: must be between 0 and 100")
         if self.pause < 0 or self.lock_retries < 0:
             raise ControlError("pause and lock retries must not be negative")
+        if self.hold_ttl <= 0 or self.hold_drain_timeout < 0:
+            raise ControlError("hold-ttl must be positive, hold-drain-timeout not negative")
 
 
 @dataclass(slots=True)
@@ -431,6 +440,37 @@ async def _record_failure(conn: Conn, run_id: int, target: TargetPlan,
 Work = Callable[[Conn, Conn, TargetPlan], Awaitable[None]]  # (target's db, control db, ..)
 
 
+@contextlib.asynccontextmanager
+async def _held(holds: Holds | None, target: TargetPlan,
+                reporter: Reporter) -> AsyncIterator[None]:
+    # The tenant's new transactions wait in every proxy while its DDL runs (holds.py); the
+    # hold covers the lock-timeout retries too, and ends whether the tenant commits or fails.
+    if holds is None or target.row.target == SHARED_TARGET:
+        yield
+        return
+    try:
+        drained = await holds.hold(target.row.target)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise _Failed(None, "(hold the tenant at the proxies)", exc) from exc
+    reporter.event("held", tenant=target.slug, **drained)
+    try:
+        yield
+    finally:
+        await holds.release(target.row.target)
+
+
+@contextlib.asynccontextmanager
+async def _run_holds(admin_dsn: str, run_id: int,
+                     opts: RolloutOptions) -> AsyncIterator[Holds | None]:
+    if not opts.hold:
+        yield None
+        return
+    async with Holds(admin_dsn, run_id, ttl=opts.hold_ttl,
+                     drain_timeout=opts.hold_drain_timeout,
+                     listener_user=opts.listener_user) as holds:
+        yield holds
+
+
 async def _retry_locks(target: TargetPlan, opts: RolloutOptions, reporter: Reporter,
                        step: Callable[[], Awaitable[None]]) -> None:
     # Per transaction, not per tenant: a step that committed is never run again.
@@ -554,6 +594,8 @@ async def _locked_run(admin_dsn: str, kind: str, args: dict[str, Any],
             raise ControlError(f"another migration runner is active: {held}; "
                                "wait for it or stop it (its run resumes on the next apply)")
         run_id = await start_run(lock_conn, kind, args)
+        # an interrupted run's holds: expired already or soon, but release them now
+        await clear_stale_holds(lock_conn)
         try:
             summary = await body(lock_conn, run_id)
         except BaseException:
@@ -618,11 +660,13 @@ async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOp
             reporter.event("run_started", run_id=run_id, targets=0, waves=0, wave_names=[])
             return RunSummary(run_id=run_id, status="nothing")
         async def work(c: Conn, central: Conn, target: TargetPlan) -> None:
-            for group in _groups(target.pending):
-                await _retry_locks(target, opts, reporter, functools.partial(
-                    _apply_group, c, central, run_id, target, group, opts))
+            async with _held(holds, target, reporter):
+                for group in _groups(target.pending):
+                    await _retry_locks(target, opts, reporter, functools.partial(
+                        _apply_group, c, central, run_id, target, group, opts))
 
-        async with _pools(admin_dsn, others, targets, run_id, opts.concurrency) as pools:
+        async with _pools(admin_dsn, others, targets, run_id, opts.concurrency) as pools, \
+                _run_holds(admin_dsn, run_id, opts) as holds:
             return await _rollout(pools, run_id, targets, opts, reporter, work,
                                   shared_first=True)
 
@@ -686,11 +730,13 @@ async def rollback(admin_dsn: str, migrations: Sequence[Migration], run: int,
             return RunSummary(run_id=run_id, status="nothing")
 
         async def work(c: Conn, central: Conn, target: TargetPlan) -> None:
-            for group in _groups(target.pending):  # pending is newest first here
-                await _retry_locks(target, opts, reporter, functools.partial(
-                    _rollback_group, c, central, run_id, target, group, opts))
+            async with _held(holds, target, reporter):
+                for group in _groups(target.pending):  # pending is newest first here
+                    await _retry_locks(target, opts, reporter, functools.partial(
+                        _rollback_group, c, central, run_id, target, group, opts))
 
-        async with _pools(admin_dsn, others, targets, run_id, opts.concurrency) as pools:
+        async with _pools(admin_dsn, others, targets, run_id, opts.concurrency) as pools, \
+                _run_holds(admin_dsn, run_id, opts) as holds:
             # Tenants first, the shared target last: tenant objects may depend on it.
             return await _rollout(pools, run_id, targets, opts, reporter, work,
                                   shared_first=False)
