@@ -193,7 +193,8 @@ def add_migrate_parser(sub: Any, default_config: str) -> None:
     p.set_defaults(func=_cmd_plan)
 
     def rollout(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--concurrency", type=int, default=4, help="tenants at once (4)")
+        p.add_argument("--concurrency", type=int, default=4,
+                       help="tenants at once per database server, host:port (4)")
         p.add_argument("--wave-size", type=int, default=50, help="tenants per wave (50)")
         p.add_argument("--max-failures", type=int, default=1,
                        help="stop starting tenants once this many failed (1)")

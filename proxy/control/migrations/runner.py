@@ -6,13 +6,14 @@ edited since (refused, naming it), what the lint flags. ``apply`` takes a sessio
 lock (a second runner is refused at once, naming the run in progress), opens a run, and
 rolls out: the ``:shared`` target first (a failure stops everything), then the canary slugs
 (a failing canary stops everything), then the other tenants smallest first in waves of
-``wave_size``, ``concurrency`` at once, stopping once ``max_failures`` tenants failed
-(running ones finish; none start). Each tenant's pending files run in ONE transaction with
-``SET LOCAL search_path`` = the tenant's schema, ``lock_timeout`` and ``statement_timeout``,
-and its ledger rows are written in that same transaction: a tenant is either at its old
-version or at the new one, never between, and a kill -9 at any moment leaves nothing a
-rerun would apply twice. A ``transaction=off`` file runs alone, outside a transaction, after
-the files before it committed. A lock timeout (55P03) is retried with backoff.
+``wave_size``, ``concurrency`` at once per database server (host:port), stopping once
+``max_failures`` tenants failed (running ones finish; none start). Each tenant's pending
+files run in ONE transaction with ``SET LOCAL search_path`` = the tenant's schema,
+``lock_timeout`` and ``statement_timeout``, and its ledger rows are written in that same
+transaction: a tenant is either at its old version or at the new one, never between, and a
+kill -9 at any moment leaves nothing a rerun would apply twice. A ``transaction=off`` file
+runs alone, outside a transaction, after the files before it committed. A lock timeout
+(55P03) is retried with backoff.
 
 Owns the rollout policy and the per-target SQL execution. Does not own the files
 (``files.py``), the ledger DDL (``ledger.py``), or how events are shown (``progress.py``).
@@ -34,11 +35,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 from uuid import UUID
 
 import asyncpg
 
+from ...config import parse_dsn
+from ...errors import ConfigError
 from ...identity.context import quote_ident
 from .. import ControlError
 from .files import Migration, Warning_, lint, split_statements
@@ -490,10 +493,59 @@ async def _retry_locks(target: TargetPlan, opts: RolloutOptions, reporter: Repor
             await asyncio.sleep(delay)
 
 
+def _server_key(url: str) -> str:
+    """Returns: ``host:port`` of the database server ``url`` reaches (the unit of
+    ``--concurrency``); the URL itself when it cannot be parsed."""
+    try:
+        dsn = parse_dsn(url)
+    except ConfigError:
+        return url
+    return f"{dsn.host}:{dsn.port}"
+
+
+def _servers(admin_dsn: str, others: Mapping[str, str]) -> dict[str | None, str]:
+    """Returns: database (None: the control database, else a ``[databases.*]`` name) ->
+    the server key of the URL the runner uses for it. Today every other database is
+    reached with ``--dsn``'s host and port, so they all share one key."""
+    return {None: _server_key(admin_dsn),
+            **{name: _server_key(url) for name, url in others.items()}}
+
+
+_T = TypeVar("_T")
+
+
+async def _run_wave(wave: Sequence[_T], server_of: Callable[[_T], str], concurrency: int,
+                    run_one: Callable[[_T], Awaitable[None]], stop: list[str]) -> list[_T]:
+    """Run one wave with at most ``concurrency`` targets at once *per server*.
+
+    The wave is split by server (order kept, so smallest first still holds within each
+    server), and each server gets ``min(concurrency, its targets)`` workers pulling from its
+    own queue. With one server this is exactly one queue and ``concurrency`` workers. A
+    worker starts no new target once ``stop`` is non-empty (``run_one`` fills it); running
+    ones finish.
+    Returns: the targets never started, in wave order.
+    """
+    queues: dict[str, list[_T]] = {}
+    for target in wave:
+        queues.setdefault(server_of(target), []).append(target)
+    for queue in queues.values():
+        queue.reverse()  # pop() takes them in wave order
+
+    async def worker(queue: list[_T]) -> None:
+        while queue and not stop:
+            await run_one(queue.pop())
+
+    await asyncio.gather(*(worker(queue) for queue in queues.values()
+                           for _ in range(min(concurrency, len(queue)))))
+    left = {id(t) for queue in queues.values() for t in queue}
+    return [t for t in wave if id(t) in left]
+
+
 async def _rollout(pools: Mapping[str | None, asyncpg.Pool], run_id: int,
                    targets: list[TargetPlan],
                    opts: RolloutOptions, reporter: Reporter, work: Work, *,
-                   shared_first: bool) -> RunSummary:
+                   shared_first: bool, servers: Mapping[str | None, str]) -> RunSummary:
+    # servers: target.remote (None: the control database) -> its server key (_servers)
     summary = RunSummary(run_id=run_id, status="done")
     started = time.perf_counter()
     shared = [t for t in targets if t.row.target == SHARED_TARGET]
@@ -554,13 +606,12 @@ async def _rollout(pools: Mapping[str | None, asyncpg.Pool], run_id: int,
 
     stop: list[str] = []  # the reason, once the rollout must not start anyone else
 
-    async def worker(name: str, queue: list[TargetPlan]) -> None:
-        while queue and not stop:
-            await one(queue.pop())
-            if name in ("shared", "canary") and summary.failed:
-                stop.append(f"{name} failed: no other tenant is touched")
-            elif len(summary.failed) >= opts.max_failures:
-                stop.append(f"max-failures reached ({len(summary.failed)} failed)")
+    async def run_one(name: str, target: TargetPlan) -> None:
+        await one(target)
+        if name in ("shared", "canary") and summary.failed:
+            stop.append(f"{name} failed: no other tenant is touched")
+        elif len(summary.failed) >= opts.max_failures:
+            stop.append(f"max-failures reached ({len(summary.failed)} failed)")
 
     for index, (name, wave) in enumerate(waves):
         if stop:
@@ -569,12 +620,11 @@ async def _rollout(pools: Mapping[str | None, asyncpg.Pool], run_id: int,
         if index and opts.pause and name.startswith("wave"):
             await asyncio.sleep(opts.pause)
         reporter.event("wave_started", wave=name, index=index + 1, size=len(wave))
-        queue = list(reversed(wave))
-        await asyncio.gather(*(worker(name, queue)
-                               for _ in range(min(opts.concurrency, len(wave)))))
+        left = await _run_wave(wave, lambda t: servers[t.remote], opts.concurrency,
+                               functools.partial(run_one, name), stop)
         if stop:
-            summary.not_started.extend(t.slug for t in reversed(queue))
-            reporter.event("stopped", reason=stop[0], not_started=len(queue))
+            summary.not_started.extend(t.slug for t in left)
+            reporter.event("stopped", reason=stop[0], not_started=len(left))
     if summary.failed:
         summary.status = "stopped" if summary.not_started else "failed"
     summary.seconds = time.perf_counter() - started
@@ -610,15 +660,22 @@ async def _locked_run(admin_dsn: str, kind: str, args: dict[str, Any],
 @contextlib.asynccontextmanager
 async def _pools(admin_dsn: str, others: Mapping[str, str], targets: Sequence[TargetPlan],
                  run_id: int, size: int) -> AsyncIterator[dict[str | None, asyncpg.Pool]]:
-    # One pool for this database (None) and one per other database a target lives in, each
-    # `size` wide: --concurrency is per database server. Named for the run, so the next
-    # runner can end what a killed one left running.
+    # One pool for this database (None) and one per other database a target lives in.
+    # --concurrency (`size`) is per database server, and one server runs at most `size`
+    # targets, so `size` connections suffice for each other database; but every running
+    # target also holds a control-database connection, so that pool is `size` per server
+    # the targets live on. Named for the run, so the next runner can end what a killed one
+    # left running.
+    servers = _servers(admin_dsn, others)
+    remotes = sorted({t.remote for t in targets if t.remote is not None})
+    central = size * len({servers[t.remote] for t in targets} or {servers[None]})
     pools: dict[str | None, asyncpg.Pool] = {}
     try:
-        for name in (None, *sorted({t.remote for t in targets if t.remote is not None})):
+        for name in (None, *remotes):
             url = admin_dsn if name is None else others[name]
+            width = central if name is None else size
             pool = await asyncpg.create_pool(
-                url, min_size=min(size, 2), max_size=size, statement_cache_size=0,
+                url, min_size=min(width, 2), max_size=width, statement_cache_size=0,
                 server_settings={"application_name": f"{APP_NAME_PREFIX}{run_id}"},
             )
             assert pool is not None
@@ -668,7 +725,7 @@ async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOp
         async with _pools(admin_dsn, others, targets, run_id, opts.concurrency) as pools, \
                 _run_holds(admin_dsn, run_id, opts) as holds:
             return await _rollout(pools, run_id, targets, opts, reporter, work,
-                                  shared_first=True)
+                                  shared_first=True, servers=_servers(admin_dsn, others))
 
     summary = await _locked_run(admin_dsn, "apply", dict(args or {}), body)
     reporter.event("run_finished", run_id=summary.run_id, status=summary.status,
@@ -739,7 +796,7 @@ async def rollback(admin_dsn: str, migrations: Sequence[Migration], run: int,
                 _run_holds(admin_dsn, run_id, opts) as holds:
             # Tenants first, the shared target last: tenant objects may depend on it.
             return await _rollout(pools, run_id, targets, opts, reporter, work,
-                                  shared_first=False)
+                                  shared_first=False, servers=_servers(admin_dsn, others))
 
     summary = await _locked_run(admin_dsn, "rollback", {"run": run}, body)
     reporter.event("run_finished", run_id=summary.run_id, status=summary.status,
