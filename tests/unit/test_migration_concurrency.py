@@ -74,7 +74,7 @@ async def _run(targets: list[TargetPlan], servers: Mapping[str | None, str],
         total_peak = max(total_peak, sum(running.values()))
         # a failing target fails half-way through the others' time, so what runs next to
         # it is still running when it fails
-        await asyncio.sleep(0.005 if target.slug in fail else 0.01)
+        await asyncio.sleep(0.005 if target.slug in fail else 0.05)
         running[server] -= 1
         if target.slug in fail:
             raise OSError("boom")
