@@ -288,13 +288,18 @@ def _cmd_tenant_drop(args: argparse.Namespace) -> int:
     async def run() -> Any:
         return await drop_tenant(args.dsn, slug=args.slug, tenant_type=await tenant_type(),
                                  other_databases=_other_databases(config, args.dsn),
-                                 dump=Path(args.dump) if args.dump else None)
+                                 dump=Path(args.dump) if args.dump else None,
+                                 hold_drain_timeout=config.migrations.hold_drain_timeout,
+                                 hold_ttl=config.migrations.hold_ttl,
+                                 listener_user=config.control_dsn.user,
+                                 lock_timeout_ms=config.migrations.lock_timeout_ms)
 
     result = asyncio.run(run())
     if args.json:
         print(json.dumps({"slug": result.slug, "found": result.found,
                           "revoked_tokens": result.revoked_tokens,
                           "dumped_to": result.dumped_to, "dropped": result.dropped,
+                          "drain": result.drain,
                           "phases": {k: round(v, 4) for k, v in result.phases.items()}}))
     elif not result.found:
         print(f"tenant {args.slug} does not exist (nothing to drop)")

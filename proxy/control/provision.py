@@ -59,6 +59,7 @@ from . import ControlError
 from .hardening import fetch_signing_key, sign_context
 from .init import grant_role_to_proxy
 from .migrations.files import Migration
+from .migrations.holds import DEFAULT_DRAIN_TIMEOUT, DEFAULT_HOLD_TTL, Holds
 from .migrations.ledger import ADVISORY_LOCK_KEY, install_ledger, install_local_ledger
 from .migrations.runner import RolloutOptions, apply_one, make_plan
 from .schema import ORG_STATUS_DDL, SLUG_PATTERN
@@ -81,6 +82,13 @@ _SLUG_LOCK_SQL = "SELECT pg_advisory_lock(1886680174, hashtext($1))"
 # How long a provision waits for a `migrate apply` in progress before giving up.
 RUNNER_WAIT_S = 60
 APP_NAME = "pgtenant-provision"
+# The run id of a drop's hold in pgtenant.tenant_holds (holds.py): migration runs are
+# numbered from 1 (pgtenant.migration_runs.id), so 0 is never a run the ledger ends.
+DROP_HOLD_RUN_ID = 0
+# A drop's DROP SCHEMA / DROP DATABASE waits at most this long for its lock per attempt,
+# and tries this many times (a transaction the drain did not wait for still holds it).
+DROP_LOCK_TIMEOUT_MS = 2000
+DROP_LOCK_ATTEMPTS = 4
 
 _SEEDS_DDL = (
     "CREATE TABLE IF NOT EXISTS pgtenant.tenant_seeds (target uuid PRIMARY KEY, "
@@ -122,6 +130,8 @@ class DropResult:
     dumped_to: str | None = None
     dropped: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
+    # The hold at the proxies (holds.py): proxies asked, drained, seconds waited.
+    drain: dict[str, Any] = field(default_factory=dict)
 
 
 class _Timer:
@@ -460,8 +470,21 @@ async def _seed(target: asyncpg.Connection, org_id: UUID, context: Any, seed_sql
 
 async def drop_tenant(admin_dsn: str, *, slug: str, tenant_type: TenantTypeConfig | None,
                       other_databases: Mapping[str, str] | None = None,
-                      dump: Path | None = None) -> DropResult:
-    """Remove a tenant: refuse its logins, revoke its tokens, dump it, drop its objects.
+                      dump: Path | None = None, hold_drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+                      hold_ttl: float = DEFAULT_HOLD_TTL, listener_user: str | None = None,
+                      lock_timeout_ms: int = DROP_LOCK_TIMEOUT_MS,
+                      lock_attempts: int = DROP_LOCK_ATTEMPTS) -> DropResult:
+    """Remove a tenant: refuse its logins, drain it at the proxies, revoke its tokens, dump
+    it, drop its objects.
+
+    Drain: once its status is 'dropping', the tenant is held at every proxy
+    (migrations/holds.py, run id ``DROP_HOLD_RUN_ID``): its new transactions wait there, and
+    the drop waits (up to ``hold_drain_timeout``) until every proxy reports that the tenant's
+    running transactions ended, so the ``DROP`` gets its lock at once instead of queueing
+    behind them. Only then are its tokens revoked (which ends its sessions, the held ones
+    too: a revocation ends a session even inside a transaction, so revoking first would cut
+    the running transactions). The drops run with ``lock_timeout_ms`` (``lock_attempts``
+    tries); the hold is released at the end, also on failure.
 
     Idempotent: an unknown slug returns ``found=False``; a drop that crashed is finished.
     ``tenant_type`` (its config entry) tells whether its role is its own (templated) and
@@ -493,61 +516,109 @@ async def drop_tenant(admin_dsn: str, *, slug: str, tenant_type: TenantTypeConfi
                                "(a shared-schema type): dump its rows with your own query; "
                                "nothing was changed")
         with timer.phase("refuse"):
-            # Status first: new logins are refused from here on (57P03), then the tokens:
-            # the trigger NOTIFYs every proxy, which ends open sessions.
+            # Status first: new logins are refused from here on (57P03).
             await conn.execute("UPDATE pgtenant.organizations SET status = 'dropping' "
                                "WHERE id = $1", org_id)
-            result.revoked_tokens = int((await conn.execute(
-                "UPDATE pgtenant.tokens SET revoked_at = now() "
-                "WHERE org_id = $1 AND revoked_at IS NULL", org_id)).split()[-1])
-        target_url = remote_url or admin_dsn
-        if dump is not None:
-            with timer.phase("dump"):
-                await _pg_dump(target_url, schema, dump)
-                result.dumped_to = str(dump)
-        role: str | None = None
-        if tenant_type is not None and "{" in tenant_type.role:
-            identity = TenantIdentity(org_id=org_id, slug=slug, tenant_type=row["tenant_type"],
-                                      token_id=uuid.UUID(int=0), schema=schema,
-                                      database=database)
-            try:
-                role = build_context(identity, tenant_type).role
-            except ContextError:
-                role = None
-        with timer.phase("drop"):
-            if own_database and remote_url is not None:
-                dbname = parse_dsn(remote_url).dbname
-                if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", dbname):
-                    await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(dbname)} "
-                                       "WITH (FORCE)")
-                    result.dropped.append(f"database {dbname}")
-            else:
-                target = conn if remote_url is None else await _connect(remote_url)
-                try:
-                    await _drop_in(target, org_id, schema, role, result)
-                finally:
-                    if target is not conn:
-                        await target.close()
-            if role is not None and await conn.fetchval(
-                    "SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-                await conn.execute(f"DROP OWNED BY {quote_ident(role)}")
-                await conn.execute(f"DROP ROLE {quote_ident(role)}")
-                result.dropped.append(f"role {role}")
-            for table in ("pgtenant.tenant_seeds", "pgtenant.schema_versions"):
-                if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
-                    await conn.execute(f"DELETE FROM {table} WHERE target = $1", org_id)
-            await conn.execute("DELETE FROM pgtenant.organizations WHERE id = $1", org_id)
-            result.dropped.append(f"organization {slug}")
+        async with Holds(admin_dsn, DROP_HOLD_RUN_ID, ttl=hold_ttl,
+                         drain_timeout=hold_drain_timeout,
+                         listener_user=listener_user) as holds:
+            with timer.phase("drain"):
+                # The tenant's new transactions now wait in the proxies; its running ones
+                # finish (up to hold_drain_timeout). The hold is released on exit.
+                result.drain = await holds.hold(org_id)
+            with timer.phase("revoke"):
+                # Then the tokens: the trigger NOTIFYs every proxy, which ends the tenant's
+                # sessions, the held ones too (their transactions never ran). Revoking
+                # before the drain would cut the running transactions instead of waiting.
+                result.revoked_tokens = int((await conn.execute(
+                    "UPDATE pgtenant.tokens SET revoked_at = now() "
+                    "WHERE org_id = $1 AND revoked_at IS NULL", org_id)).split()[-1])
+            await _dump_and_drop(conn, org_id, slug, row["tenant_type"], schema, database,
+                                 tenant_type, remote_url, own_database, admin_dsn, dump,
+                                 result, timer, lock_timeout_ms, max(1, lock_attempts))
     finally:
         await conn.close()
     return result
 
 
+async def _dump_and_drop(conn: asyncpg.Connection, org_id: UUID, slug: str, type_name: str,
+                         schema: str | None, database: str | None,
+                         tenant_type: TenantTypeConfig | None, remote_url: str | None,
+                         own_database: bool, admin_dsn: str, dump: Path | None,
+                         result: DropResult, timer: _Timer, lock_timeout_ms: int,
+                         lock_attempts: int) -> None:
+    target_url = remote_url or admin_dsn
+    if dump is not None:
+        with timer.phase("dump"):
+            await _pg_dump(target_url, schema, dump)
+            result.dumped_to = str(dump)
+    role: str | None = None
+    if tenant_type is not None and "{" in tenant_type.role:
+        identity = TenantIdentity(org_id=org_id, slug=slug, tenant_type=type_name,
+                                  token_id=uuid.UUID(int=0), schema=schema,
+                                  database=database)
+        try:
+            role = build_context(identity, tenant_type).role
+        except ContextError:
+            role = None
+    with timer.phase("drop"):
+        if own_database and remote_url is not None:
+            dbname = parse_dsn(remote_url).dbname
+            if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", dbname):
+                await _with_lock_timeout(
+                    conn, lock_timeout_ms, lock_attempts,
+                    f"DROP DATABASE IF EXISTS {quote_ident(dbname)} WITH (FORCE)")
+                result.dropped.append(f"database {dbname}")
+        else:
+            target = conn if remote_url is None else await _connect(remote_url)
+            try:
+                await _drop_in(target, org_id, schema, role, result,
+                               lock_timeout_ms, lock_attempts)
+            finally:
+                if target is not conn:
+                    await target.close()
+        if role is not None and await conn.fetchval(
+                "SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+            await conn.execute(f"DROP OWNED BY {quote_ident(role)}")
+            await conn.execute(f"DROP ROLE {quote_ident(role)}")
+            result.dropped.append(f"role {role}")
+        for table in ("pgtenant.tenant_seeds", "pgtenant.schema_versions"):
+            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+                await conn.execute(f"DELETE FROM {table} WHERE target = $1", org_id)
+        await conn.execute("DELETE FROM pgtenant.organizations WHERE id = $1", org_id)
+        result.dropped.append(f"organization {slug}")
+
+
+async def _with_lock_timeout(conn: asyncpg.Connection, lock_timeout_ms: int, attempts: int,
+                             sql: str) -> None:
+    """Run ``sql`` with ``lock_timeout``; a lock timeout (55P03) is retried with backoff.
+
+    Raises: ControlError after the last attempt timed out (nothing of ``sql`` was done).
+    """
+    for attempt in range(1, attempts + 1):
+        await conn.execute(f"SET lock_timeout = {int(lock_timeout_ms)}")
+        try:
+            await conn.execute(sql)
+            return
+        except asyncpg.LockNotAvailableError as exc:
+            if attempt == attempts:
+                raise ControlError(
+                    f"{sql.split(' CASCADE')[0]}: still locked after {attempts} tries of "
+                    f"{lock_timeout_ms} ms (a long transaction of the tenant?); drop again "
+                    "later (the tenant stays refused)") from exc
+            await asyncio.sleep(min(0.2 * 2 ** attempt, 2.0))
+        finally:
+            await conn.execute("RESET lock_timeout")
+
+
 async def _drop_in(target: asyncpg.Connection, org_id: UUID, schema: str | None,
-                   role: str | None, result: DropResult) -> None:
+                   role: str | None, result: DropResult,
+                   lock_timeout_ms: int = DROP_LOCK_TIMEOUT_MS,
+                   lock_attempts: int = DROP_LOCK_ATTEMPTS) -> None:
     if schema is not None and await target.fetchval(
             "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
-        await target.execute(f"DROP SCHEMA {quote_ident(schema)} CASCADE")
+        await _with_lock_timeout(target, lock_timeout_ms, lock_attempts,
+                                 f"DROP SCHEMA {quote_ident(schema)} CASCADE")
         result.dropped.append(f"schema {schema}")
     for table in ("pgtenant.tenant_seeds", "pgtenant.schema_versions"):
         if await target.fetchval("SELECT to_regclass($1) IS NOT NULL", table):

@@ -202,6 +202,68 @@ async def test_drop_dumps_the_schema_ends_open_sessions_and_refuses_logins(
     assert again.returncode == 0 and "does not exist" in again.stdout
 
 
+@pytest.fixture
+def drainable(start_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> ProxyProcess:
+    """A proxy whose migrations folder has one file, numbered past the demo's (whose own
+    files are already applied to the shared target)."""
+    migs = tmp_path / "migs"
+    migs.mkdir()
+    (migs / "9001_items.sql").write_text(FILES["0001_items.sql"])
+    return start_proxy(extra='token_cache_ttl = 0.2\nauth_failure_delay = 0.0\n'
+                             '[migrations]\ndir = "migs"')
+
+
+async def test_drop_drains_an_open_transaction_at_the_proxy_then_drops(
+        drainable: ProxyProcess) -> None:
+    lifecycle = drainable
+    # A client of the tenant is inside an explicit transaction (it read items: its lock
+    # blocks DROP SCHEMA) when the drop starts: the drop holds the tenant at the proxy and
+    # waits for the transaction to end instead of failing on its lock or cutting it.
+    assert cli(lifecycle, "provision", "--slug", "pv_busy", "--type",
+               "enterprise").returncode == 0
+    token = await token_for(lifecycle.env, "pv_busy")
+    busy = await login(lifecycle, "pv_busy", token)
+    other = await login(lifecycle, "pv_busy", token)
+    tx = busy.transaction()
+    await tx.start()
+    await busy.execute("INSERT INTO items (name) VALUES ('in flight')")
+
+    drop = spawn(argv(lifecycle, "drop", "--slug", "pv_busy", "--json"))
+    deadline = time.monotonic() + 30
+    while await status_of(lifecycle.env, "pv_busy") != "dropping":
+        assert time.monotonic() < deadline and drop.poll() is None
+        await asyncio.sleep(0.05)
+    # A new transaction of the tenant during the drop is held at the proxy ...
+    held = asyncio.ensure_future(other.fetchval("SELECT count(*) FROM items"))
+    await asyncio.sleep(1.0)
+    assert not held.done()
+    assert drop.poll() is None, drop.communicate()  # waiting for the open transaction
+    assert await busy.fetchval("SELECT count(*) FROM items") == 1
+    await tx.commit()  # ended by the client, not cut by the drop
+    # ... then refused: the drained tenant's tokens are revoked, its sessions ended.
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+        await asyncio.wait_for(held, 30)
+    other.terminate()
+    busy.terminate()
+
+    out, err = drop.communicate(timeout=60)
+    assert drop.returncode == 0, err
+    report = json.loads(out)
+    assert report["drain"]["proxies"] >= 1
+    assert report["drain"]["drained"] == report["drain"]["proxies"]
+    assert report["drain"]["seconds"] >= 0.9
+    assert "schema t_pv_busy" in report["dropped"]
+    admin = await asyncpg.connect(lifecycle.env.admin_dsn)
+    try:
+        assert not await admin.fetchval("SELECT 1 FROM pgtenant.tenant_holds")
+        assert not await admin.fetchval(
+            "SELECT 1 FROM pg_namespace WHERE nspname = 't_pv_busy'")
+    finally:
+        await admin.close()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await login(lifecycle, "pv_busy", token)
+
+
 async def test_dropping_tenant_is_refused_at_login(lifecycle: ProxyProcess) -> None:
     assert cli(lifecycle, "provision", "--slug", "pv_leaving", "--type",
                "enterprise").returncode == 0
