@@ -66,8 +66,9 @@ class TenantHolds:
                 for pool in self._pools():
                     pool.hold(org)
                 self._undrained.add((org, run_id))
-                log.info("tenant org=%s held: migration run %d is changing its schema; its "
-                         "new transactions wait", org, run_id)
+                why = (f"migration run {run_id} is changing its schema" if run_id
+                       else "it is being dropped")  # run 0: tenant drop (provision.py)
+                log.info("tenant org=%s held: %s; its new transactions wait", org, why)
         self.check()
 
     def apply_to(self, pool: HoldPool) -> None:

@@ -23,10 +23,12 @@ from proxy.control.tenants import create_tenant, issue_token
 
 from .conftest import ROOT, ProxyProcess
 
+# Numbered after the demo's own history (0001-0005, applied to the same database by the
+# demo_env fixture): a number is one file for the whole fleet.
 FILES = {
-    "0001_items.sql": "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);\n",
-    "0002_price.sql": "ALTER TABLE items ADD COLUMN price numeric NOT NULL DEFAULT 0;\n",
-    "0003_tags.sql": "CREATE TABLE tags (item int REFERENCES items, tag text);\n"
+    "9001_items.sql": "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);\n",
+    "9002_price.sql": "ALTER TABLE items ADD COLUMN price numeric NOT NULL DEFAULT 0;\n",
+    "9003_tags.sql": "CREATE TABLE tags (item int REFERENCES items, tag text);\n"
                      "CREATE INDEX tags_item ON tags (item);\n",
 }
 SEED = ("INSERT INTO items (name, price) VALUES ('welcome', 1), ('starter', 2);\n"
@@ -77,6 +79,15 @@ async def login(proxy: ProxyProcess, slug: str, token: str) -> asyncpg.Connectio
                                  timeout=30)
 
 
+async def org_of(env: DemoEnv, slug: str) -> str:
+    admin = await asyncpg.connect(env.admin_dsn)
+    try:
+        return str(await admin.fetchval(
+            "SELECT id FROM pgtenant.organizations WHERE slug = $1", slug))
+    finally:
+        await admin.close()
+
+
 async def status_of(env: DemoEnv, slug: str) -> str | None:
     conn = await asyncpg.connect(env.admin_dsn)
     try:
@@ -97,7 +108,7 @@ async def test_provisioned_tenant_logs_in_and_sees_its_migrated_seeded_schema(
     lines = done.stdout.strip().splitlines()
     report = json.loads(lines[0])
     org_id = lines[-1]
-    assert report["org_id"] == org_id and report["applied"] == [1, 2, 3]
+    assert report["org_id"] == org_id and report["applied"] == [9001, 9002, 9003]
     assert report["seeded"] and report["status"] == "ready"
     assert set(report["phases"]) >= {"register", "schema", "migrate", "grant", "seed", "ready"}
     assert await status_of(lifecycle.env, "pv_alpha") == "ready"
@@ -208,7 +219,7 @@ def drainable(start_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> Proxy
     files are already applied to the shared target)."""
     migs = tmp_path / "migs"
     migs.mkdir()
-    (migs / "9001_items.sql").write_text(FILES["0001_items.sql"])
+    (migs / "9001_items.sql").write_text(FILES["9001_items.sql"])
     return start_proxy(extra='token_cache_ttl = 0.2\nauth_failure_delay = 0.0\n'
                              '[migrations]\ndir = "migs"')
 
@@ -231,6 +242,10 @@ async def test_drop_drains_an_open_transaction_at_the_proxy_then_drops(
     drop = spawn(argv(lifecycle, "drop", "--slug", "pv_busy", "--json"))
     deadline = time.monotonic() + 30
     while await status_of(lifecycle.env, "pv_busy") != "dropping":
+        assert time.monotonic() < deadline and drop.poll() is None
+        await asyncio.sleep(0.05)
+    org = await org_of(lifecycle.env, "pv_busy")
+    while f"tenant org={org} held" not in lifecycle.log():  # the proxy heard of the hold
         assert time.monotonic() < deadline and drop.poll() is None
         await asyncio.sleep(0.05)
     # A new transaction of the tenant during the drop is held at the proxy ...
@@ -286,7 +301,7 @@ async def test_two_provisions_at_once_both_succeed(lifecycle: ProxyProcess) -> N
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-        assert json.loads(out.splitlines()[0])["applied"] == [1, 2, 3]
+        assert json.loads(out.splitlines()[0])["applied"] == [9001, 9002, 9003]
 
 
 async def test_concurrent_create_tenant_calls_do_not_collide(demo_env: DemoEnv) -> None:
@@ -333,7 +348,7 @@ async def test_database_per_tenant_is_created_from_its_template_migrated_and_dro
                      "--seed", str(seed), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[0])
-    assert report["applied"] == [1, 2, 3] and "database" in report["phases"]
+    assert report["applied"] == [9001, 9002, 9003] and "database" in report["phases"]
     own = await asyncpg.connect(pg_cluster.admin_dsn("pv_own"))
     try:
         assert await own.fetchval("SELECT to_regclass('public.from_template') IS NOT NULL")
