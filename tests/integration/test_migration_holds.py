@@ -117,7 +117,7 @@ async def test_a_client_looping_on_its_table_during_its_migration_sees_latency_n
     migs = hold_proxy.config_path.parent / "migs"
     # hooli's DDL keeps its ACCESS EXCLUSIVE lock 1.5 s; globex's (the other schema tenant)
     # is instant, so globex is held only for a moment, after hooli (canary) is done.
-    (migs / "0001_hold_probe.sql").write_text("""\
+    (migs / "9101_hold_probe.sql").write_text("""\
 -- pgtenant: scope=tenant
 ALTER TABLE projects ADD COLUMN hold_probe int;
 SELECT pg_sleep(CASE WHEN current_schema() = 't_hooli' THEN 1.5 ELSE 0 END);
@@ -166,7 +166,7 @@ SELECT pg_sleep(CASE WHEN current_schema() = 't_hooli' THEN 1.5 ELSE 0 END);
 async def test_a_hold_whose_runner_was_killed_expires_and_the_next_run_clears_it(
         hold_proxy: ProxyProcess) -> None:
     migs = hold_proxy.config_path.parent / "migs"
-    probe = migs / "0001_slow.sql"
+    probe = migs / "9102_slow.sql"
     # No lock on projects: only the hold can delay hooli's clients.
     probe.write_text("-- pgtenant: scope=tenant\nSELECT pg_sleep(60);\n")
     runner = await asyncio.create_subprocess_exec(
