@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,28 @@ def tenant_list(env: DemoEnv) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
+_SPAWNED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left() -> Iterator[None]:
+    """A test that fails half-way must not leave its CLI process (and open pipes) behind
+    for a later test to trip over."""
+    yield
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
 def spawn(args: list[str], *, quiet: bool = False) -> subprocess.Popen[str]:
     """A CLI process in the background (output discarded when ``quiet``: it will be killed)."""
     out = subprocess.DEVNULL if quiet else subprocess.PIPE
-    return subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=out, text=True,
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=out, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _SPAWNED.append(proc)
+    return proc
 
 
 async def token_for(env: DemoEnv, slug: str) -> str:
