@@ -211,11 +211,7 @@ async def issue_token(
     token = generate_token()
     conn = await asyncpg.connect(admin_dsn)
     try:
-        org_id = await conn.fetchval(
-            "SELECT id FROM pgtenant.organizations WHERE slug = $1", tenant_slug
-        )
-        if org_id is None:
-            raise ControlError(f"unknown tenant {tenant_slug!r}")
+        org_id = await _org_id(conn, tenant_slug)
         token_id = await conn.fetchval(
             """
             INSERT INTO pgtenant.tokens (org_id, entity_id, token_hash, label, expires_at)
@@ -262,6 +258,15 @@ async def list_tenants(admin_dsn: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
+async def _org_id(conn: asyncpg.Connection, slug: str) -> object:
+    """Returns: the organization id of tenant ``slug``.
+    Raises: ControlError for an unknown tenant."""
+    org_id = await conn.fetchval("SELECT id FROM pgtenant.organizations WHERE slug = $1", slug)
+    if org_id is None:
+        raise ControlError(f"unknown tenant {slug!r}")
+    return org_id
+
+
 async def list_tokens(admin_dsn: str, tenant_slug: str) -> list[asyncpg.Record]:
     """Returns: a tenant's tokens (id, label, entity_id, created_at, expires_at, revoked_at),
     oldest first. Never the hash: it is all an attacker needs to test guesses offline.
@@ -270,11 +275,7 @@ async def list_tokens(admin_dsn: str, tenant_slug: str) -> list[asyncpg.Record]:
     """
     conn = await asyncpg.connect(admin_dsn)
     try:
-        org_id = await conn.fetchval(
-            "SELECT id FROM pgtenant.organizations WHERE slug = $1", tenant_slug
-        )
-        if org_id is None:
-            raise ControlError(f"unknown tenant {tenant_slug!r}")
+        org_id = await _org_id(conn, tenant_slug)
         return list(await conn.fetch(
             "SELECT id, label, entity_id, created_at, expires_at, revoked_at "
             "FROM pgtenant.tokens WHERE org_id = $1 ORDER BY created_at, id", org_id

@@ -11,9 +11,6 @@ database happen only inside transactions that are rolled back.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +26,8 @@ from proxy.control.hardening import check_lockdown
 from proxy.control.init import check_fail_closed, init_database
 from proxy.identity.tokens import hash_token
 
-from .conftest import ROOT, ProxyProcess, connect, free_port
+from .conftest import ProxyProcess, connect, free_port
+from .test_lockdown import _serve
 
 __all__: list[str] = []
 
@@ -312,26 +310,6 @@ async def test_tenants_are_served_with_the_key_read_as_the_control_role(
         assert names == acme.rows["public.campaigns"]
     finally:
         await conn.close()
-
-
-def _serve(config: Path, wait_for: str, timeout: float = 20) -> tuple[int | None, str]:
-    """Run ``pgtenant serve``; stop it once ``wait_for`` is logged. Returns: (exit code or
-    None when it was still running, log)."""
-    log = config.with_suffix(".log")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and proc.poll() is None:
-            if wait_for in log.read_text(errors="replace"):
-                break
-            time.sleep(0.05)
-        code = proc.poll()
-        if code is None:
-            proc.terminate()
-            proc.wait(10)
-    return code, log.read_text(errors="replace")
 
 
 async def test_proxy_refuses_a_login_role_that_still_holds_the_key(
