@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import hashlib
 import json
 import os
 import secrets
-import socket
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,7 +22,7 @@ import asyncpg
 
 from .config import Config, load_config, parse_dsn, placeholder_passwords
 from .control import ControlError
-from .errors import ConfigError, ProxyError
+from .errors import ConfigError, ProxyError, connect_failure_kind
 
 __all__ = ["main"]
 
@@ -539,15 +537,8 @@ def _connection_problem(args: argparse.Namespace, exc: OSError) -> str | None:
     dsn = getattr(args, "dsn", None)
     if not dsn:
         return None
-    text = str(exc)
-    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED \
-            or "Connect call failed" in text:
-        reason = "connection refused"
-    elif isinstance(exc, socket.gaierror):
-        reason = "unknown host"
-    elif isinstance(exc, TimeoutError):
-        reason = "timed out"
-    else:
+    reason = connect_failure_kind(exc)
+    if reason is None:
         return None
     try:
         target = parse_dsn(dsn, key="--dsn")

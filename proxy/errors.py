@@ -33,6 +33,7 @@ module owns the classes and the SQLSTATE table; it does no I/O.
 from __future__ import annotations
 
 import errno
+from typing import Final
 
 __all__ = [
     "AdminShutdown",
@@ -64,6 +65,7 @@ __all__ = [
     "UnsupportedProtocol",
     "WrongUser",
     "connect_failure",
+    "connect_failure_kind",
 ]
 
 
@@ -207,18 +209,31 @@ class ProgramLimitExceeded(ProxyError):
     sqlstate = "54000"
 
 
+def connect_failure_kind(exc: BaseException) -> str | None:
+    """Returns: "connection refused", "unknown host" or "timed out" for a failed connection
+    to Postgres, None for any other error."""
+    if (isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED
+            or "Connect call failed" in str(exc)):
+        return "connection refused"
+    import socket  # here: protocol/ imports this module and must load no I/O module
+
+    if isinstance(exc, socket.gaierror):
+        return "unknown host"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return None
+
+
+_CONNECT_HINTS: Final = {
+    "connection refused": "connection refused: is PostgreSQL running and listening there?",
+    "unknown host": "unknown host name",
+    "timed out": "timed out: is the host reachable and the port right?",
+}
+
+
 def connect_failure(exc: BaseException) -> str:
     """Returns: a sentence for a failed connection to Postgres (asyncpg's and the socket
     layer's own texts, "[Errno 111] Connect call failed ...", name no cause a person can act
     on)."""
-    text = str(exc)
-    if (isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED
-            or "Connect call failed" in text):
-        return "connection refused: is PostgreSQL running and listening there?"
-    import socket  # here: protocol/ imports this module and must load no I/O module
-
-    if isinstance(exc, socket.gaierror):
-        return "unknown host name"
-    if isinstance(exc, TimeoutError):
-        return "timed out: is the host reachable and the port right?"
-    return text or type(exc).__name__
+    kind = connect_failure_kind(exc)
+    return _CONNECT_HINTS[kind] if kind else (str(exc) or type(exc).__name__)
