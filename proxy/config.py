@@ -289,6 +289,27 @@ class MigrationsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuditConfig:
+    """``[audit]``: what `pgtenant audit` (and the audit of provision and migrate) judges by."""
+
+    tenant_columns: tuple[str, ...] = field(
+        default=("org_id", "tenant_id", "organization_id"),
+        metadata=_doc("columns that mark a table as holding tenant data"),
+    )
+    allow_temp: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("tenant types whose roles may hold TEMP on the database (an error "
+                      "for any other type)"),
+    )
+    baseline: str | None = field(
+        default=None,
+        metadata=_doc("baseline file of accepted findings, relative to the config file, "
+                      "used by `migrate apply` and `tenant provision` (--baseline overrides "
+                      "it for `pgtenant audit`)"),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AdminConfig:
     """``[admin]``: the admin console (``dbname=pgtenant``), a credential of its own."""
 
@@ -498,6 +519,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     tenant_limits: TenantLimitsConfig = field(default_factory=TenantLimitsConfig)
     migrations: MigrationsConfig = field(default_factory=MigrationsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     jwt: JwtConfig = field(default_factory=JwtConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
     tenant_types: Mapping[str, TenantTypeConfig] = field(default_factory=dict)
@@ -631,7 +653,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         _reject_unknown(data, top_fields, "")
     simple = {k: v for k, v in data.items()
               if k not in ("listen", "control", "databases", "tenant_types", "tls", "jwt",
-                           "metrics", "admin", "tenant_limits", "migrations")}
+                           "metrics", "admin", "tenant_limits", "migrations", "audit")}
     kwargs: dict[str, Any] = {}
     with errors:
         kwargs = _parse_simple(simple, Config, "")
@@ -739,10 +761,19 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             _positive(getattr(migrations, key), f"migrations.{key}")
         if migrations.hold_drain_timeout < 0:
             errors.messages.append("migrations.hold_drain_timeout: must not be negative")
+    audit = AuditConfig()
+    with errors:
+        audit = AuditConfig(**_parse_simple(_typed(data.get("audit", {}), dict, "audit"),
+                                            AuditConfig, "audit"))
+        for name in audit.allow_temp:
+            if name not in (raw_types or {}):
+                errors.messages.append(f"audit.allow_temp: unknown tenant type {name!r}")
+        if not audit.tenant_columns:
+            errors.messages.append("audit.tenant_columns: name at least one column")
     errors.raise_if_any()
     return Config(**kwargs, control=control, databases=databases, tenant_types=tenant_types,
                   tls=tls, jwt=jwt, metrics=metrics, admin=admin, tenant_limits=tenant_limits,
-                  migrations=migrations)
+                  migrations=migrations, audit=audit)
 
 
 def _parse_database(db_name: str, table: Any) -> DatabaseConfig:

@@ -85,6 +85,10 @@ CHECKS: Final[dict[str, Check]] = _checks(
     Check("cross_type_write", "Table written by more than one tenant type",
           "Tenant types exist to keep different data models apart; a table that two types "
           "can write mixes them (the seed story's 'agencies were writing to SME tables')."),
+    Check("rls_bypass_privilege", "A privilege that row-level security does not limit",
+          "Policies filter rows, not these: TRUNCATE empties every tenant's rows at once, "
+          "TRIGGER lets a tenant attach its own code to every tenant's writes, and REFERENCES "
+          "lets it probe other tenants' keys through a foreign key."),
     Check("view_bypasses_rls", "View over tenant data that bypasses row-level security",
           "A view runs with its owner's rights unless security_invoker is on; an owner that "
           "is exempt from the tables' policies returns every tenant's rows."),
