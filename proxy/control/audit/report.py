@@ -21,7 +21,8 @@ from .baseline import Baseline, Entry
 from .findings import CHECKS, Finding, Severity
 from .runner import AuditReport
 
-__all__ = ["exit_status", "render_json", "render_sarif", "render_text", "sarif_log",
+__all__ = ["exit_status", "fingerprint", "json_findings", "render_json", "render_sarif",
+           "render_text", "sarif_log",
            "use_color"]
 
 WIDTH: Final = 100
