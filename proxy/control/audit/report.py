@@ -22,8 +22,7 @@ from .findings import CHECKS, Finding, Severity
 from .runner import AuditReport
 
 __all__ = ["exit_status", "fingerprint", "json_findings", "render_json", "render_sarif",
-           "render_text", "sarif_log",
-           "use_color"]
+           "render_text", "sarif_log", "use_color"]
 
 WIDTH: Final = 100
 SARIF_SCHEMA: Final = "https://json.schemastore.org/sarif-2.1.0.json"
