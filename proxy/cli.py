@@ -50,6 +50,7 @@ getting started:
   pgtenant tenant create --dsn URL --config pgtenant.toml --slug acme --type shared
   pgtenant token issue --dsn URL --tenant acme        prints the token (the client's password)
   pgtenant serve --config pgtenant.toml
+  pgtenant audit --dsn URL --config pgtenant.toml     tenant-isolation holes (exit 1 on errors)
 
 Run `pgtenant COMMAND --help` for a command's options. config/pgtenant.example.toml in the
 sources documents every config key.
@@ -514,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .control.migrations.commands import add_migrate_parser
 
     add_migrate_parser(sub, _DEFAULT_CONFIG)
+
+    from .control.audit.commands import add_audit_parser
+
+    add_audit_parser(sub, _DEFAULT_CONFIG)
 
     p = sub.add_parser("admin-token", help="make an admin console token; prints its config "
                                            "line and the token (last line)")
