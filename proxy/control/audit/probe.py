@@ -89,6 +89,7 @@ class _Outcome:
     reads: dict[_Table, list[str]] = field(default_factory=dict)
     writes: dict[_Table, list[str]] = field(default_factory=dict)
     cross: dict[_Table, list[str]] = field(default_factory=dict)
+    owners: dict[_Table, str] = field(default_factory=dict)  # (b) tables: whose they are
     write_attempts: int = 0
     write_inconclusive: int = 0
     other_inconclusive: int = 0
@@ -235,8 +236,16 @@ async def _probe_as(admin_dsn: str, config: Config, prober: ProbeTenant,
             conn = await asyncpg.connect(host=host, port=port, user=prober.slug,
                                          password=token, database=dbname,
                                          statement_cache_size=0, timeout=_CONNECT_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise ProbeError(f"cannot connect to pgtenant at {host}:{port}: {exc}") from exc
+        except (asyncpg.InvalidAuthorizationSpecificationError,
+                asyncpg.InvalidCatalogNameError) as exc:
+            # A token issued a moment ago refused, or the database unknown: whatever answers
+            # there does not serve this database's registry (a plain Postgres, another
+            # pgtenant). Every type would fail alike, so say it once.
+            raise ProbeError(
+                f"pgtenant at {host}:{port} refused tenant {prober.slug!r} with a fresh token "
+                f"({exc}): is it the pgtenant serving database {dbname!r}?") from exc
         except asyncpg.PostgresError as exc:
             # pgtenant answered but would not let this tenant in: this type goes unprobed.
             return [_failed(prober, f"pgtenant at {host}:{port} refused the login: {exc}",
@@ -258,8 +267,9 @@ async def _probe_as(admin_dsn: str, config: Config, prober: ProbeTenant,
                 other_type = type_schemas.get(table.schema)
                 if other_type is not None and other_type != prober.tenant_type:
                     await probe.cross_type(table, other_type)
-        except (asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError, OSError,
-                TimeoutError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            # Only a lost connection, a timeout or a failing BEGIN/SAVEPOINT gets here (each
+            # probe statement's own errors are its result): keep what was found so far.
             findings = _findings(outcome, subject, role)
             return [*findings, _failed(prober, f"the probe stopped early: {exc!r}",
                                        Severity.WARNING)]
@@ -336,7 +346,7 @@ class _Prober:
     async def tenant_table(self, table: _Table) -> None:
         """(a) A table with a tenant column: other tenants' rows read, updated, planted,
         deleted. Bounded by _ROW_LIMIT via (tableoid, ctid) so a big table is not rewritten."""
-        t, col = table.sql, quote_ident(table.tenant_column or "")
+        t, col, where = table.sql, quote_ident(table.tenant_column or ""), table.label
         other = f"{col}::text IS DISTINCT FROM $1::text"
         some = f"(tableoid, ctid) IN (SELECT tableoid, ctid FROM {t} WHERE {other} " \
                f"LIMIT {_ROW_LIMIT})"
@@ -344,20 +354,23 @@ class _Prober:
             f"SELECT count(*) FROM (SELECT 1 FROM {t} WHERE {other} LIMIT {_ROW_LIMIT}) s",
             self.own)
         if read:
-            self.note(self.out.reads, table, f"read {_rows(read)} of other tenants")
+            self.note(self.out.reads, table, f"read {_rows(read)} of other tenants in {where}")
         updated = await self.counted(
             f"WITH w AS (UPDATE {t} SET {col} = {col} WHERE {other} AND {some} RETURNING 1) "
             "SELECT count(*) FROM w", self.own)
         if updated:
-            self.note(self.out.writes, table, f"updated {_rows(updated)} of other tenants")
+            self.note(self.out.writes, table,
+                      f"updated {_rows(updated)} of other tenants in {where}")
         deleted = await self.counted(
             f"WITH w AS (DELETE FROM {t} WHERE {other} AND {some} RETURNING 1) "
             "SELECT count(*) FROM w", self.own)
         if deleted:
-            self.note(self.out.writes, table, f"deleted {_rows(deleted)} of other tenants")
+            self.note(self.out.writes, table,
+                      f"deleted {_rows(deleted)} of other tenants in {where}")
         if await self.insert(f"INSERT INTO {t} ({col}) VALUES "
                              f"(CAST($1::text AS {table.tenant_type_sql}))", self.foreign):
-            self.note(self.out.writes, table, "inserted a row with another tenant's id")
+            self.note(self.out.writes, table,
+                      f"inserted a row with another tenant's id into {where}")
 
     async def insert(self, sql: str, *args: object) -> bool:
         """Returns: whether the INSERT went through. A constraint error (not-null, foreign
@@ -372,21 +385,22 @@ class _Prober:
     async def foreign_object(self, table: _Table, owner: ProbeTenant) -> None:
         """(b) A table in another tenant's own schema: opening it at all is the hole."""
         t = table.sql
-        whose = f"of tenant {owner.slug}"
+        whose = f"(a table of tenant {owner.slug})"
+        self.out.owners[table] = owner.slug
         status, _ = await self.attempt(f"SELECT 1 FROM {t} LIMIT 0")
         if status == "ok":
-            self.note(self.out.reads, table, f"opened it ({whose})")
+            self.note(self.out.reads, table, f"opened {table.label} {whose}")
         if await self.insert(f"INSERT INTO {t} DEFAULT VALUES"):
-            self.note(self.out.writes, table, f"inserted a row ({whose})")
+            self.note(self.out.writes, table, f"inserted a row into {table.label} {whose}")
         # WHERE false touches nothing: it succeeds exactly when the privilege is held.
         status, _ = await self.attempt(f"DELETE FROM {t} WHERE false")
         if status == "ok":
-            self.note(self.out.writes, table, f"was allowed to DELETE ({whose})")
+            self.note(self.out.writes, table, f"was allowed to DELETE from {table.label} {whose}")
         if table.first_column is not None:
             c = quote_ident(table.first_column)
             status, _ = await self.attempt(f"UPDATE {t} SET {c} = {c} WHERE false")
             if status == "ok":
-                self.note(self.out.writes, table, f"was allowed to UPDATE ({whose})")
+                self.note(self.out.writes, table, f"was allowed to UPDATE {table.label} {whose}")
 
     async def cross_type(self, table: _Table, other_type: str) -> None:
         """(c) A table in a schema of another tenant type: a row with the tenant's own id
@@ -414,30 +428,38 @@ def _rows(n: int) -> str:
 
 def _findings(out: _Outcome, subject: str, role: str) -> list[Finding]:
     r = quote_ident(role)
+    check_policies = "(pgtenant audit without --probe names the hole)"
     findings: list[Finding] = []
+
+    def revoke(t: _Table, privileges: str) -> str:
+        text = f"REVOKE {privileges} ON {t.sql} FROM {r} (or from PUBLIC / the role it " \
+               "inherits it from)"
+        if t in out.owners:  # another tenant's schema: the USAGE grant is a hole of its own
+            text += f"; REVOKE USAGE ON SCHEMA {quote_ident(t.schema)} FROM {r}"
+        return text
+
     for t, what in out.reads.items():
-        findings.append(Finding(
-            "probe_read", Severity.ERROR, t.label,
-            f"tenant {subject} {' and '.join(what)} in {t.label}",
-            f"REVOKE SELECT ON {t.sql} FROM {r} (or from PUBLIC / the role it inherits it from), "
-            f"or ALTER TABLE {t.sql} ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY; check "
-            "its policies (pgtenant audit without --probe names the hole)",
-            subject=subject, kind="table"))
+        fix = revoke(t, "SELECT")
+        if t.tenant_column is not None and t not in out.owners:
+            fix += (f", or ALTER TABLE {t.sql} ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL "
+                    f"SECURITY; check its policies {check_policies}")
+        findings.append(Finding("probe_read", Severity.ERROR, t.label,
+                                f"tenant {subject} {'; '.join(what)}", fix,
+                                subject=subject, kind="table"))
     for t, what in out.writes.items():
-        findings.append(Finding(
-            "probe_write", Severity.ERROR, t.label,
-            f"tenant {subject} {', '.join(what)} in {t.label} (rolled back)",
-            f"REVOKE INSERT, UPDATE, DELETE ON {t.sql} FROM {r} (or from PUBLIC / the role it "
-            f"inherits it from), or ALTER TABLE {t.sql} FORCE ROW LEVEL SECURITY; check its "
-            "policies and their WITH CHECK (pgtenant audit without --probe names the hole)",
-            subject=subject, kind="table"))
+        fix = revoke(t, "INSERT, UPDATE, DELETE")
+        if t.tenant_column is not None and t not in out.owners:
+            fix += (f", or ALTER TABLE {t.sql} ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL "
+                    f"SECURITY; check its policies and their WITH CHECK {check_policies}")
+        findings.append(Finding("probe_write", Severity.ERROR, t.label,
+                                f"tenant {subject} {'; '.join(what)} (rolled back)", fix,
+                                subject=subject, kind="table"))
     for t, what in out.cross.items():
         findings.append(Finding(
             "probe_cross_type_write", Severity.ERROR, t.label,
-            f"tenant {subject} {' and '.join(what)} (rolled back)",
-            f"REVOKE INSERT ON {t.sql} FROM {r} (or from PUBLIC / the role it inherits it "
-            "from); tenants write their own type's tables (pgtenant audit without --probe "
-            "names the hole)", subject=subject, kind="table"))
+            f"tenant {subject} {'; '.join(what)} (rolled back)",
+            f"{revoke(t, 'INSERT')}: tenants write their own type's tables {check_policies}",
+            subject=subject, kind="table"))
     return findings
 
 
