@@ -13,7 +13,7 @@ from collections.abc import Callable
 import asyncpg
 import pytest
 
-from proxy.config import load_config, parse_config
+from proxy.config import load_config, parse_config, parse_dsn
 from proxy.control.audit.findings import Finding, Severity
 from proxy.control.audit.probe import TOKEN_LABEL, ProbeError, run_probe
 from proxy.control.demo import DemoEnv
@@ -129,4 +129,14 @@ async def test_wrong_port_raises_probe_error(demo_env: DemoEnv) -> None:
     config = parse_config(tomllib.loads(demo_env.config_toml(port)))
     with pytest.raises(ProbeError, match=f"cannot connect to pgtenant at 127.0.0.1:{port}"):
         await run_probe(demo_env.admin_dsn, config, host="127.0.0.1", port=port)
+    assert await _live_probe_tokens(demo_env) == 0
+
+
+async def test_plain_postgres_is_not_taken_for_pgtenant(demo_env: DemoEnv) -> None:
+    # The cluster itself answers there, but knows no tenant: one clear error, not a finding
+    # per tenant type.
+    backend = parse_dsn(demo_env.admin_dsn)
+    config = parse_config(tomllib.loads(demo_env.config_toml(free_port())))
+    with pytest.raises(ProbeError, match=f"pgtenant at {backend.host}:{backend.port} refused"):
+        await run_probe(demo_env.admin_dsn, config, host=backend.host, port=backend.port)
     assert await _live_probe_tokens(demo_env) == 0

@@ -278,8 +278,9 @@ async def _probe_as(admin_dsn: str, config: Config, prober: ProbeTenant,
         findings = _findings(outcome, subject, role)
         if outcome.write_attempts and outcome.write_inconclusive == outcome.write_attempts:
             findings.append(_failed(
-                prober, f"all {outcome.write_attempts} INSERT probes were inconclusive (the "
-                "statement failed on a constraint, not on a privilege or policy; "
+                prober, f"all {outcome.write_attempts} INSERT probes were inconclusive (each "
+                "failed on something other than a privilege or policy: a constraint, a "
+                "timeout, a refusal by pgtenant; "
                 f"{outcome.other_inconclusive} other probes were inconclusive too)",
                 Severity.INFO))
         return findings
