@@ -90,7 +90,7 @@ async def test_planted_holes_are_found(demo_env: DemoEnv,
         assert "read 1 row of other tenants in public.audit_probe_leaky" in read.message
         (write,) = _by_check(findings, "probe_write", "public.audit_probe_leaky")
         assert write.subject == sme
-        for what in ("updated 1 row", "deleted 1 row", "inserted a row with another"):
+        for what in ("updated 1 row", "deleted 1 row", "got a row with another"):
             assert what in write.message
         assert "tenant_sme" in write.fix
 

@@ -400,8 +400,8 @@ def fake_audit(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         calls.append(("audit", admin_dsn))
         return report(INDEX, TEMP, RLS, CROSS)
 
-    async def run_probe(admin_dsn: str, config: Config, *, host: str,
-                        port: int) -> list[Finding]:
+    async def run_probe(admin_dsn: str, config: Config, *, host: str, port: int,
+                        tenant_columns: tuple[str, ...] = ()) -> list[Finding]:
         calls.append(("probe", host, port))
         return [Finding("probe_read", Severity.ERROR, "tenant_b.entity_data", "read 3 rows",
                         "see cross_type_access", subject="acme")]

@@ -102,7 +102,8 @@ async def _audit(args: argparse.Namespace, config: Config) -> AuditReport:
     from .probe import run_probe
 
     host, port = _proxy_address(args, config)
-    probed = await run_probe(args.dsn, config, host=host, port=port)
+    probed = await run_probe(args.dsn, config, host=host, port=port,
+                               tenant_columns=config.audit.tenant_columns)
     return dataclasses.replace(report, findings=sort_findings([*report.findings, *probed]))
 
 
@@ -131,9 +132,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.proxy is not None and not args.probe:
         return _fail("--proxy is the address the probe uses: add --probe")
     try:
-        # The baseline before the database: a typo in it should not cost a full audit.
-        baseline: Baseline | None = load_baseline(args.baseline) if args.baseline else None
         config = _load_config(args.config)
+        # The baseline before the database: a typo in it should not cost a full audit.
+        # --baseline, else [audit] baseline (relative to the config file).
+        path = args.baseline or (str(Path(args.config).parent / config.audit.baseline)
+                                 if config.audit.baseline else None)
+        baseline: Baseline | None = load_baseline(path) if path else None
         if args.probe:
             _proxy_address(args, config)
         report = _run(args, config)
@@ -186,7 +190,7 @@ def add_audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                      help="SARIF 2.1.0 on stdout (for code scanning)")
     p.add_argument("--baseline", metavar="FILE",
                    help="TOML of accepted findings, each with a reason: shown as accepted, "
-                        "they do not fail the audit")
+                        "they do not fail the audit (default: [audit] baseline)")
     p.add_argument("--write-baseline", metavar="FILE",
                    help="write every finding to FILE as an entry with an empty reason, and "
                         "exit 0; the file loads once each reason is written")

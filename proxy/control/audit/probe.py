@@ -371,14 +371,19 @@ class _Prober:
         if await self.insert(f"INSERT INTO {t} ({col}) VALUES "
                              f"(CAST($1::text AS {table.tenant_type_sql}))", self.foreign):
             self.note(self.out.writes, table,
-                      f"inserted a row with another tenant's id into {where}")
+                      f"got a row with another tenant's id past the privileges and policies "
+                      f"of {where}")
 
     async def insert(self, sql: str, *args: object) -> bool:
-        """Returns: whether the INSERT went through. A constraint error (not-null, foreign
-        key, check) happens after privileges and policies passed, but the row never
-        existed: inconclusive, counted, no finding."""
+        """Returns: whether privileges and policies let the row in. Postgres checks an
+        INSERT's row-level security WITH CHECK before the table's constraints, so a
+        constraint error (class 23: not-null, check, unique, foreign key) means the policy
+        accepted the row and only the probe's incomplete row stopped it: a finding too.
+        Any other error is inconclusive (counted, no finding)."""
         self.out.write_attempts += 1
-        status, _ = await self.attempt(sql, *args)
+        status, value = await self.attempt(sql, *args)
+        if status == "inconclusive" and str(value).startswith("23"):
+            return True
         if status == "inconclusive":
             self.out.write_inconclusive += 1
         return status == "ok"
@@ -414,8 +419,8 @@ class _Prober:
             ok = await self.insert(f"INSERT INTO {table.sql} DEFAULT VALUES")
         if ok:
             self.note(self.out.cross, table,
-                      f"inserted a row (with its own id) into {table.label}, a table of "
-                      f"tenant type {other_type}")
+                      f"got a row (with its own id) past the privileges and policies of "
+                      f"{table.label}, a table of tenant type {other_type}")
 
     @staticmethod
     def note(into: dict[_Table, list[str]], table: _Table, what: str) -> None:
