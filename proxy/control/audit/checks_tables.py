@@ -116,11 +116,17 @@ class TableChecks:
             return
         column = rel.tenant_columns[0]
         if len(writers) >= 2:
+            home = self._home_types(rel.schema) & writers
+            keep = sorted(home)[0] if len(home) == 1 else sorted(writers)[0]
+            revoke = [r.name for r in roles if r.tenant_type in writers
+                      and r.tenant_type != keep]
             self._add("cross_type_write", Severity.ERROR, name,
                       f"tenant types {', '.join(sorted(writers))} can all write {name}",
-                      "-- keep the writes of the type the table belongs to, e.g.:\n" + "\n".join(
-                          f"REVOKE INSERT, UPDATE, DELETE ON {name} FROM {r.name};"
-                          for r in roles if r.tenant_type in sorted(writers)[1:]))
+                      f"-- keep the writes of the type it belongs to ({keep}"
+                      + (f": {rel.schema} is first on its search_path" if len(home) == 1
+                         else "?") + "):\n"
+                      + "\n".join(f"REVOKE INSERT, UPDATE, DELETE ON {name} FROM {r};"
+                                  for r in sorted(set(revoke))))
         for role in roles:
             risky = reach[role.oid] & {"TRUNCATE", "TRIGGER", "REFERENCES"}
             if risky:
@@ -166,6 +172,12 @@ class TableChecks:
             self.sound.add(rel.oid)
         self._index(rel, column)
 
+    def _home_types(self, schema: str) -> set[str]:
+        """Returns: the tenant types whose search_path starts with ``schema`` (where their
+        unqualified CREATE TABLE lands)."""
+        return {name for name, t in self.model.config.tenant_types.items()
+                if t.search_path and t.search_path[0] == schema}
+
     def _index(self, rel: Relation, column: str) -> None:
         leads = {c.lower() for c in rel.index_leads}
         if not leads & {c.lower() for c in rel.tenant_columns}:
@@ -204,66 +216,71 @@ class TableChecks:
 
     def _confined(self, rel: Relation, role: TenantRole, privileges: set[str],
                   policies: list[Policy], column: str) -> bool:
-        """Report commands of ``role`` on ``rel`` whose rows are not confined to the tenant.
+        """Report the commands of ``role`` on ``rel`` whose rows are not confined to the
+        tenant (one finding for the reads, one for the writes, naming the policies).
         Returns: whether all of them are."""
-        ok = True
         mine = [p for p in policies if self._applies(p, role)]
-        for command in _FILTERS:
-            if command not in privileges:
+        ok = True
+        for write, commands in ((False, _FILTERS), (True, _CHECKS)):
+            loose: dict[str, Policy] = {}
+            hit: list[str] = []
+            for command in commands:
+                if command not in privileges:
+                    continue
+                bad = self._unconfined(mine, command, rel.tenant_columns, write=write)
+                if bad:
+                    hit.append(command)
+                    loose.update((p.name, p) for p in bad)
+            if not hit:
                 continue
-            bad = self._unconfined(mine, command, rel.tenant_columns, write=False)
-            if bad is not None:
-                ok = False
-                self._add("policy_not_tenant_scoped", Severity.ERROR, rel.qualified,
-                          f"{command} on {rel.qualified} by {role.label} is not confined to "
-                          f"the tenant: {bad}",
-                          f"ALTER POLICY <policy> ON {rel.qualified} USING ({column} = "
-                          f"{self.value});\n-- or drop the permissive policies that do not "
-                          f"check {column}", subject=role.name)
-        for command in _CHECKS:
-            if command not in privileges:
-                continue
-            bad = self._unconfined(mine, command, rel.tenant_columns, write=True)
-            if bad is not None:
-                ok = False
+            ok = False
+            shown = "; ".join(self._describe(p, write, rel.tenant_columns)
+                              for p in loose.values())
+            clause = "WITH CHECK" if write else "USING"
+            fix = "\n".join(
+                f"ALTER POLICY {p.name} ON {rel.qualified} {clause} ({column} = {self.value});"
+                for p in loose.values())
+            if write:
                 self._add("policy_write_unchecked", Severity.ERROR, rel.qualified,
-                          f"{command} into {rel.qualified} by {role.label} may write rows of "
-                          f"any tenant: {bad}",
-                          f"ALTER POLICY <policy> ON {rel.qualified} WITH CHECK ({column} = "
-                          f"{self.value});", subject=role.name)
+                          f"{', '.join(hit)} into {rel.qualified} by {role.label} may write rows "
+                          f"of any tenant: {shown}", fix, subject=role.name)
+            else:
+                self._add("policy_not_tenant_scoped", Severity.ERROR, rel.qualified,
+                          f"{', '.join(hit)} on {rel.qualified} by {role.label} are not confined "
+                          f"to the tenant's rows: {shown}",
+                          fix + f"\n-- or drop the permissive policies that do not check {column}",
+                          subject=role.name)
         return ok
 
+    @staticmethod
+    def _write_expr(p: Policy) -> str | None:
+        # Postgres uses USING as the check of an ALL/UPDATE policy without WITH CHECK; an
+        # INSERT policy without one accepts every row.
+        return p.check if p.check is not None or p.command == "a" else p.using
+
+    def _describe(self, p: Policy, write: bool, columns: list[str]) -> str:
+        text = self._write_expr(p) if write else p.using
+        what = "WITH CHECK" if write and (p.check is not None or p.command == "a") else "USING"
+        shown = f"{what} ({text})" if text is not None else "no WITH CHECK"
+        return (f"permissive policy {p.name} ({shown}) does not compare "
+                f"{'/'.join(columns)} with the tenant")
+
     def _unconfined(self, policies: list[Policy], command: str, columns: list[str], *,
-                    write: bool) -> str | None:
-        """Returns: why ``command``'s rows are not confined (naming the policies), or None
-        when they are (or when no permissive policy applies: nothing is allowed then)."""
+                    write: bool) -> list[Policy]:
+        """Returns: the permissive policies that let ``command``'s rows escape the tenant;
+        empty when the rows are confined (or when no permissive policy applies: nothing is
+        allowed then)."""
         letter = _COMMAND_OF[command]
         relevant = [p for p in policies if p.command in ("*", letter)]
         permissive = [p for p in relevant if p.permissive]
         restrictive = [p for p in relevant if not p.permissive]
-        if not permissive:
-            return None
 
         def expr(p: Policy) -> str | None:
-            if not write:
-                return p.using
-            # Postgres uses USING as the check of an ALL/UPDATE policy without WITH CHECK;
-            # an INSERT policy without one accepts every row.
-            return p.check if p.check is not None or p.command == "a" else p.using
+            return self._write_expr(p) if write else p.using
 
-        if any(self.facts(expr(p), columns).constrains for p in restrictive):
-            return None
-        loose = [p for p in permissive if not self.facts(expr(p), columns).constrains]
-        if not loose:
-            return None
-        parts = []
-        for p in loose:
-            text = expr(p)
-            what = "USING" if not write or (p.check is None and p.command != "a") else "WITH CHECK"
-            shown = f"{what} ({text})" if text is not None else "no WITH CHECK"
-            parts.append(f"policy {p.name} ({shown})")
-        return ("permissive " + "; ".join(parts) + " does not compare "
-                + "/".join(columns) + " with the tenant")
+        if not permissive or any(self.facts(expr(p), columns).constrains for p in restrictive):
+            return []
+        return [p for p in permissive if not self.facts(expr(p), columns).constrains]
 
     def _policy_style(self, rel: Relation, policy: Policy) -> None:
         facts = [self.facts(e, rel.tenant_columns) for e in (policy.using, policy.check)
