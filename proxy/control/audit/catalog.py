@@ -141,12 +141,12 @@ class Snapshot:
     database_grants: dict[int, set[str]]
     organizations: list[Organization]
     signing_installed: bool
+    _by_name: dict[str, int] = field(default_factory=dict)
 
     def role_oid(self, name: str) -> int | None:
-        for role in self.roles.values():
-            if role.name == name:
-                return role.oid
-        return None
+        if not self._by_name:
+            self._by_name.update((r.name, r.oid) for r in self.roles.values())
+        return self._by_name.get(name)
 
     def role_name(self, oid: int) -> str:
         return "PUBLIC" if oid == PUBLIC else self.roles[oid].name if oid in self.roles \

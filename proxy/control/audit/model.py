@@ -86,6 +86,7 @@ class Model:
         self.missing_roles = missing_roles
         self.proxy_role = proxy_role
         self.by_oid: dict[int, TenantRole] = {r.oid: r for r in tenant_roles}
+        self._usage: dict[str, frozenset[int]] = {}
 
     def owner(self, schema: str) -> SchemaOwner:
         return self.owners.get(schema, SchemaOwner("shared"))
@@ -142,17 +143,29 @@ class Model:
 
     def usage(self, schema: str) -> frozenset[int]:
         """Returns: the tenant roles (oids) with USAGE on ``schema``."""
-        found = self.snapshot.schemas.get(schema)
-        if found is None:
-            return frozenset()
-        return frozenset(self.holding(found.grants, frozenset({"USAGE"})))
+        if schema not in self._usage:
+            found = self.snapshot.schemas.get(schema)
+            self._usage[schema] = frozenset() if found is None else frozenset(
+                self.holding(found.grants, frozenset({"USAGE"})))
+        return self._usage[schema]
 
     def reach(self, grants: Mapping[int, Iterable[str]], schema: str,
               wanted: frozenset[str] | None = None) -> dict[int, set[str]]:
         """Returns: what each tenant role can really use of an object: its privileges on it,
         for the roles that also have USAGE on its schema."""
         gate = self.usage(schema)
-        return {oid: p for oid, p in self.holding(grants, wanted).items() if oid in gate}
+        out: dict[int, set[str]] = {}
+        if not gate:
+            return out
+        for grantee, privileges in grants.items():
+            chosen = set(privileges) if wanted is None else set(privileges) & wanted
+            if not chosen:
+                continue
+            # Intersecting iterates the smaller side: PUBLIC's holders are every tenant
+            # role, the gate of a tenant's schema is one.
+            for oid in self.holders.get(grantee, frozenset()) & gate:
+                out.setdefault(oid, set()).update(chosen)
+        return out
 
     @staticmethod
     def tenants_of(roles: Iterable[TenantRole]) -> int:
