@@ -28,6 +28,9 @@ RAW = "(current_setting('app.tenant_id'::text))::uuid"
     "current_setting('app.tenant_id')::uuid))",
     "((org_id)::text = current_setting('app.tenant_id'::text, true))",
     "(org_id = app_tenant())",  # a helper whose body reads the context (see below)
+    "(org_id = ( SELECT (NULLIF(current_setting('app.tenant_id'::text, true), ''::text))::uuid"
+    " AS nullif))",
+    "(org_id = (COALESCE(current_setting('app.tenant_id'::text, true), ''::text))::uuid)",
 ])
 def test_tenant_scoped(expr: str) -> None:
     assert analyse(expr, COLS, {"app_tenant"}).constrains, expr
@@ -45,6 +48,7 @@ def test_tenant_scoped(expr: str) -> None:
     "(current_setting('app.tenant_id'::text) IS NOT NULL)",  # reads it, filters nothing
     "(org_id = (current_setting('app.other'::text))::uuid)",
     "(org_id IN ( SELECT o.id FROM orgs o))",   # a sub-select that ignores the tenant
+    "(org_id = COALESCE(x, pgtenant.current_tenant()))",  # x first: any value a row has
     "(this is not sql",                         # unparsable: never counted as a check
 ])
 def test_not_tenant_scoped(expr: str | None) -> None:

@@ -55,6 +55,8 @@ def function_checks(model: Model, tenant_tables: dict[tuple[str, str], Relation]
         holders = model.holding(nsp.grants, frozenset({"CREATE"}))
         if holders:
             creatable[nsp.name] = sorted(model.by_oid[o].name for o in holders)
+    temp_users = sorted(model.by_oid[o].name for o in model.holding(
+        model.snapshot.database_grants, frozenset({"TEMPORARY"})))
     by_name: dict[str, list[Relation]] = {}
     for (_, name), rel in tenant_tables.items():
         by_name.setdefault(name, []).append(rel)
@@ -76,6 +78,11 @@ def function_checks(model: Model, tenant_tables: dict[tuple[str, str], Relation]
         else:
             entries = [e.strip().strip('"') for e in path.split(",")]
             open_ = [e for e in entries if e in creatable]
+            if temp_users and entries[-1:] != ["pg_temp"]:
+                # Not listed, pg_temp is searched *first* for tables (listed, where it
+                # stands): a tenant's temporary table shadows the one the body names.
+                open_.append("pg_temp")
+                creatable.setdefault("pg_temp", temp_users)
             if open_:
                 findings.append(Finding(
                     "definer_search_path_mutable", Severity.ERROR, sig,
@@ -83,8 +90,9 @@ def function_checks(model: Model, tenant_tables: dict[tuple[str, str], Relation]
                     f"{', '.join(open_)}, where tenant roles "
                     f"{', '.join(sorted({r for e in open_ for r in creatable[e]}))} can create "
                     f"objects; {who} can call it",
-                    f"REVOKE CREATE ON SCHEMA {', '.join(open_)} FROM "
-                    f"{', '.join(sorted({r for e in open_ for r in creatable[e]}))};",
+                    f"ALTER FUNCTION {sig} SET search_path = pg_catalog, pg_temp;\n-- or "
+                    f"revoke CREATE (TEMPORARY for pg_temp) from "
+                    f"{', '.join(sorted({r for e in open_ for r in creatable[e]}))}",
                     kind="function"))
         body = fn.source.lower()
         if any(marker in body for marker in _TENANT_MARKERS):

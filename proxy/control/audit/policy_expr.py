@@ -126,6 +126,13 @@ class _Reader:
         kind, body = _one(node)
         if kind == "TypeCast":
             return self.is_tenant_value(body["arg"])
+        if kind == "A_Expr" and body.get("kind") == "AEXPR_NULLIF":
+            return self.is_tenant_value(body.get("lexpr"))  # nullif(setting, ''): NULL or it
+        if kind == "CoalesceExpr":
+            # coalesce(setting, fallback): the tenant, or a constant no row carries (a
+            # constant that is a real tenant's id would be a hole no parse tree can see).
+            args = body.get("args") or []
+            return bool(args) and self.is_tenant_value(args[0])
         if kind == "SubLink" and body.get("subLinkType") == "EXPR_SUBLINK":
             select = _one(body.get("subselect"))[1]
             targets = select.get("targetList") or []
