@@ -128,15 +128,20 @@ class Model:
         return {k: frozenset(v) for k, v in out.items()}
 
     def holding(self, grants: Mapping[int, Iterable[str]],
-                wanted: frozenset[str] | None = None) -> dict[int, set[str]]:
+                wanted: frozenset[str] | None = None, *,
+                among: frozenset[int] | None = None) -> dict[int, set[str]]:
         """Returns: tenant role oid -> the privileges of ``grants`` (an exploded ACL) it holds,
-        limited to ``wanted`` when given. Schema USAGE is not considered here."""
+        limited to ``wanted`` when given, and to the roles ``among`` when given. Schema USAGE
+        is not considered here."""
         out: dict[int, set[str]] = {}
         for grantee, privileges in grants.items():
             chosen = set(privileges) if wanted is None else set(privileges) & wanted
             if not chosen:
                 continue
-            for oid in self.holders.get(grantee, ()):
+            holders = self.holders.get(grantee, frozenset())
+            # A grant to PUBLIC is held by every tenant role: intersect (it iterates the
+            # smaller side) rather than visit them all for each object.
+            for oid in holders if among is None else holders & among:
                 out.setdefault(oid, set()).update(chosen)
         return out
 
@@ -151,8 +156,7 @@ class Model:
               wanted: frozenset[str] | None = None) -> dict[int, set[str]]:
         """Returns: what each tenant role can really use of an object: its privileges on it,
         for the roles that also have USAGE on its schema."""
-        gate = self.usage(schema)
-        return {oid: p for oid, p in self.holding(grants, wanted).items() if oid in gate}
+        return self.holding(grants, wanted, among=self.usage(schema))
 
     @staticmethod
     def tenants_of(roles: Iterable[TenantRole]) -> int:
