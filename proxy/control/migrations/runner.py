@@ -13,7 +13,9 @@ files run in ONE transaction with ``SET LOCAL search_path`` = the tenant's schem
 transaction: a tenant is either at its old version or at the new one, never between, and a
 kill -9 at any moment leaves nothing a rerun would apply twice. A ``transaction=off`` file
 runs alone, outside a transaction, after the files before it committed. A lock timeout
-(55P03) is retried with backoff.
+(55P03) is retried with backoff. With ``opts.audit`` (``audit/gate.py``), the audit runs
+before the rollout and after each wave on what it migrated; a new error stops the rollout
+like a failed wave (event ``audit_failed``, run status 'stopped' or 'failed').
 
 Owns the rollout policy and the per-target SQL execution. Does not own the files
 (``files.py``), the ledger DDL (``ledger.py``), or how events are shown (``progress.py``).
