@@ -243,13 +243,20 @@ def _cmd_tenant_provision(args: argparse.Namespace) -> int:
     migrations = load_migrations(Path(args.config).parent / config.migrations.dir)
     seed = Path(args.seed).read_text() if args.seed else None
     db = next(iter(config.databases.values()))
+    others = _other_databases(config, args.dsn)
+    gate = None
+    if not args.no_audit:
+        from .control.audit.gate import AuditGate
+
+        gate = AuditGate(args.dsn, config, Path(args.config).parent, other_databases=others)
     result = asyncio.run(provision_tenant(
         args.dsn, slug=args.slug, tenant_type=tenant_type, migrations=migrations,
         proxy_role=db.dsn.user, schema=args.schema, database=args.database,
-        other_databases=_other_databases(config, args.dsn), template=args.template,
+        other_databases=others, template=args.template,
         seed_sql=seed, seed_as=args.seed_as,
         opts=RolloutOptions(lock_timeout_ms=config.migrations.lock_timeout_ms,
                             statement_timeout_ms=config.migrations.statement_timeout_ms),
+        audit=gate,
     ))
     if args.json:
         print(json.dumps(result.to_json()))
@@ -464,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-as", choices=("tenant", "admin"), default="tenant",
                    help="run the seed as the tenant's role (default: its RLS and privileges "
                         "apply) or as the admin of --dsn")
+    p.add_argument("--no-audit", action="store_true",
+                   help="skip the audit of the tenant's schema around its migrations (by "
+                        "default a new audit error, one the [audit] baseline does not "
+                        "accept, fails the provision and the tenant stays 'provisioning')")
     p.add_argument("--json", action="store_true", help="one JSON object (then the id)")
     p.add_argument("--config", default=_DEFAULT_CONFIG, help=_CONFIG_HELP)
     p.set_defaults(func=_cmd_tenant_provision)

@@ -5,7 +5,9 @@ Provision, in phases, each timed: ``register`` (the organization row with status
 DATABASE from a template when the tenant's database does not exist yet), ``schema`` (its
 schema and grants, in the database it is served from), ``migrate`` (every tenant-scope
 migration, through the runner's per-target apply: same transactions, ledger rows and lock
-retries as ``migrate apply``), ``grant`` (DML on every table and sequence of its schema to
+retries as ``migrate apply``), ``audit`` (when an ``AuditGate`` is given: the tenant's schema,
+or its own database, audited before and after the migrations; a new error fails the provision
+and the tenant stays 'provisioning'), ``grant`` (DML on every table and sequence of its schema to
 its role), ``seed`` (one SQL file, in ONE transaction with the tenant's context: role,
 search_path, ``app.*`` and signature exactly as the proxy injects them; or as the admin), ``ready``
 (status 'ready': logins accepted from then on). The proxy refuses a tenant that is not
@@ -37,10 +39,10 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -56,6 +58,7 @@ from ..identity.context import (
     render_template,
 )
 from . import ControlError
+from .audit.gate import AuditGate, describe
 from .hardening import fetch_signing_key, sign_context
 from .init import grant_role_to_proxy
 from .migrations.files import Migration
@@ -216,6 +219,7 @@ async def provision_tenant(
     seed_sql: str | None = None,
     seed_as: SeedAs = "tenant",
     opts: RolloutOptions | None = None,
+    audit: AuditGate | None = None,
 ) -> ProvisionResult:
     """Bring a tenant from nothing (or from a crashed provision) to ready.
 
@@ -225,7 +229,9 @@ async def provision_tenant(
     DATABASE ... TEMPLATE template`` when given) if it does not exist. ``seed_as``:
     'tenant' runs the seed as the tenant's role under its RLS and privileges (the default:
     a seed can write no other tenant's rows), 'admin' as the admin with the same
-    search_path and ``app.*`` settings (for seeds that need more).
+    search_path and ``app.*`` settings (for seeds that need more). ``audit``: the gate
+    that audits the tenant's schema (or own database) around its migrations; a new error
+    raises ControlError listing it, and the tenant stays 'provisioning'.
 
     Returns: the result with each phase's time.
     Raises: ControlError (bad slug, a tenant of that slug of another type or being dropped,
@@ -333,9 +339,30 @@ async def provision_tenant(
                         for stmt in _SEEDS_DDL:
                             await target.execute(stmt)
 
+            # Its schema; or, in a database of its own without one, that whole database.
+            audited = audit is not None and (schema is not None or remote_url is not None)
+            scope = {database if remote_url is not None else None:
+                     [schema] if schema is not None else None}
+            if audit is not None and audited:
+                with timer.phase("audit"):
+                    audit.own_schemas.update(s for s in (schema,) if s is not None)
+                    await _audit(audit.before(scope), slug)
+
             with timer.phase("migrate"):
                 result.applied = await _migrate(conn, target, org_id, slug, migrations,
                                                 others, opts)
+
+            if audit is not None and audited:
+                with timer.phase("audit"):
+                    db, schemas = next(iter(scope.items()))
+                    found = await _audit(audit.check(schemas, database=db), slug)
+                    if found:
+                        raise ControlError(
+                            f"tenant {slug}: the audit after its migrations found "
+                            f"{len(found)} new error(s); it stays in status 'provisioning' "
+                            "(logins refused): fix them in a new migration and provision "
+                            "again, accept them in [audit] baseline, or `tenant drop` it:\n  "
+                            + "\n  ".join(describe(found)))
 
             with timer.phase("grant"):
                 if schema is not None and templated_role:
@@ -360,6 +387,17 @@ async def provision_tenant(
         await conn.close()  # also releases the session advisory locks
     result.seconds = time.perf_counter() - started
     return result
+
+
+_A = TypeVar("_A")
+
+
+async def _audit(step: Awaitable[_A], slug: str) -> _A:
+    try:
+        return await step
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise ControlError(f"tenant {slug}: the audit could not run: {exc} (--no-audit "
+                           "skips it)") from exc
 
 
 async def _schema_exists(conn: asyncpg.Connection, remote_url: str | None,

@@ -162,3 +162,27 @@ async def test_database_per_tenant_layout_routes_each_tenant_to_its_own_database
             assert result.transactions == 50, via
     finally:
         pgt.stop()
+
+
+async def test_audit_benchmark_builds_a_clean_fleet_and_audits_it(
+    pg_cluster: PostgresCluster,
+) -> None:
+    from benchmarks.audit import build_fleet, config_for, measure
+
+    pg_cluster.create_database("bench_audit_small")
+    dsn = pg_cluster.admin_dsn("bench_audit_small")
+    try:
+        await build_fleet(dsn, 20, sme=3, prefix="bq")
+        result = await measure(dsn, config_for(dsn, "bench_audit_small"), 1)
+        assert result["errors"] == 0, result["error_lines"]
+        assert result["stats"]["schemas"] >= 21 and result["stats"]["tenant_roles"] == 21
+        assert result["stats"]["views"] == 20 and result["stats"]["policies"] == 3
+    finally:  # roles are cluster-wide: leave none of the fleet's behind
+        conn = await asyncpg.connect(pg_cluster.admin_dsn())
+        try:
+            await conn.execute("DROP DATABASE bench_audit_small WITH (FORCE)")
+            for (role,) in await conn.fetch(
+                    "SELECT rolname FROM pg_roles WHERE rolname LIKE 't\\_bq%'"):
+                await conn.execute(f'DROP ROLE "{role}"')
+        finally:
+            await conn.close()

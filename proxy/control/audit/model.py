@@ -129,15 +129,20 @@ class Model:
         return {k: frozenset(v) for k, v in out.items()}
 
     def holding(self, grants: Mapping[int, Iterable[str]],
-                wanted: frozenset[str] | None = None) -> dict[int, set[str]]:
+                wanted: frozenset[str] | None = None, *,
+                among: frozenset[int] | None = None) -> dict[int, set[str]]:
         """Returns: tenant role oid -> the privileges of ``grants`` (an exploded ACL) it holds,
-        limited to ``wanted`` when given. Schema USAGE is not considered here."""
+        limited to ``wanted`` when given, and to the roles ``among`` when given. Schema USAGE
+        is not considered here."""
         out: dict[int, set[str]] = {}
         for grantee, privileges in grants.items():
             chosen = set(privileges) if wanted is None else set(privileges) & wanted
             if not chosen:
                 continue
-            for oid in self.holders.get(grantee, ()):
+            holders = self.holders.get(grantee, frozenset())
+            # A grant to PUBLIC is held by every tenant role: intersect (it iterates the
+            # smaller side) rather than visit them all for each object.
+            for oid in holders if among is None else holders & among:
                 out.setdefault(oid, set()).update(chosen)
         return out
 
@@ -153,19 +158,7 @@ class Model:
               wanted: frozenset[str] | None = None) -> dict[int, set[str]]:
         """Returns: what each tenant role can really use of an object: its privileges on it,
         for the roles that also have USAGE on its schema."""
-        gate = self.usage(schema)
-        out: dict[int, set[str]] = {}
-        if not gate:
-            return out
-        for grantee, privileges in grants.items():
-            chosen = set(privileges) if wanted is None else set(privileges) & wanted
-            if not chosen:
-                continue
-            # Intersecting iterates the smaller side: PUBLIC's holders are every tenant
-            # role, the gate of a tenant's schema is one.
-            for oid in self.holders.get(grantee, frozenset()) & gate:
-                out.setdefault(oid, set()).update(chosen)
-        return out
+        return self.holding(grants, wanted, among=self.usage(schema))
 
     @staticmethod
     def tenants_of(roles: Iterable[TenantRole]) -> int:

@@ -110,18 +110,33 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     config, directory = _config(args)
     opts = _options(args, config)
+    others = _other_databases(config, args.dsn)
+    if not args.no_audit:
+        import dataclasses
+
+        from ..audit.gate import AuditGate, MigrateAudit
+
+        gate = AuditGate(args.dsn, config, Path(args.config).parent, other_databases=others)
+        opts = dataclasses.replace(opts, audit=MigrateAudit(gate))
     summary = asyncio.run(apply(
         args.dsn, load_migrations(directory), opts, make_reporter(args.json),
-        other_databases=_other_databases(config, args.dsn),
+        other_databases=others,
         args={"canary": list(opts.canary), "canary_percent": opts.canary_percent,
               "wave_size": opts.wave_size,
               "concurrency": opts.concurrency, "max_failures": opts.max_failures,
               "pause": opts.pause, "lock_timeout_ms": opts.lock_timeout_ms,
-              "statement_timeout_ms": opts.statement_timeout_ms, "dir": str(directory)},
+              "statement_timeout_ms": opts.statement_timeout_ms, "dir": str(directory),
+              "audit": not args.no_audit},
     ))
     if summary.failed and not args.json:
         for message in summary.failed.values():
             print(message, file=sys.stderr)
+    if summary.audit and not args.json:
+        print(f"stopped by the audit: {len(summary.audit)} new error(s) in what was "
+              "migrated (fix them in a new migration, accept them in [audit] baseline, or "
+              "rerun with --no-audit):", file=sys.stderr)
+        for line in summary.audit:
+            print(f"  {line}", file=sys.stderr)
     return 0 if summary.status in ("done", "nothing") else 1
 
 
@@ -214,6 +229,11 @@ def add_migrate_parser(sub: Any, default_config: str) -> None:
                                     "no other tenant is touched")
     p.add_argument("--canary-percent", type=float, default=0.0,
                    help="also this percentage of tenants as canaries, spread over sizes")
+    p.add_argument("--no-audit", action="store_true",
+                   help="skip the audit after each wave (by default the audit runs on what "
+                        "each wave migrated, and a new error, one that was not there before "
+                        "the run and that [audit] baseline does not accept, stops the "
+                        "rollout like a failed wave)")
     rollout(p)
     p.set_defaults(func=_cmd_apply)
 

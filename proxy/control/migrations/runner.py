@@ -13,7 +13,9 @@ files run in ONE transaction with ``SET LOCAL search_path`` = the tenant's schem
 transaction: a tenant is either at its old version or at the new one, never between, and a
 kill -9 at any moment leaves nothing a rerun would apply twice. A ``transaction=off`` file
 runs alone, outside a transaction, after the files before it committed. A lock timeout
-(55P03) is retried with backoff.
+(55P03) is retried with backoff. With ``opts.audit`` (``audit/gate.py``), the audit runs
+before the rollout and after each wave on what it migrated; a new error stops the rollout
+like a failed wave (event ``audit_failed``, run status 'stopped' or 'failed').
 
 Owns the rollout policy and the per-target SQL execution. Does not own the files
 (``files.py``), the ledger DDL (``ledger.py``), or how events are shown (``progress.py``).
@@ -70,6 +72,7 @@ __all__ = [
     "RolloutOptions",
     "RunSummary",
     "TargetPlan",
+    "WaveAudit",
     "apply",
     "apply_one",
     "make_plan",
@@ -84,6 +87,18 @@ DEFAULT_LOCK_TIMEOUT_MS = 2_000
 DEFAULT_STATEMENT_TIMEOUT_MS = 300_000
 LOCK_RETRIES = 3
 LOCK_BACKOFF_S = 0.5
+
+
+class WaveAudit(Protocol):
+    """The audit of ``apply`` (``audit/gate.py``'s ``MigrateAudit``): ``before`` the rollout
+    changes anything, and after each wave on the targets it migrated."""
+
+    async def before(self, targets: Sequence[TargetPlan]) -> None:
+        """Remember what the audit finds before the rollout (errors already there)."""
+
+    async def after_wave(self, wave: str, targets: Sequence[TargetPlan]) -> list[str]:
+        """Returns: one line per new audit error (none: the rollout goes on)."""
+        return []
 
 
 class Reporter(Protocol):
@@ -115,6 +130,8 @@ class RolloutOptions:
     hold_drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     # the role proxies' listeners log in as ([control] dsn's user); None: any
     listener_user: str | None = None
+    # apply only: audited after each wave; a new error stops the rollout (None: no audit)
+    audit: WaveAudit | None = None
 
     def check(self) -> None:
         """Raises: ControlError for a value out of range."""
@@ -283,6 +300,7 @@ class RunSummary:
     failed: dict[str, str] = field(default_factory=dict)  # slug -> reason
     not_started: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    audit: list[str] = field(default_factory=list)  # the new audit errors that stopped it
 
 
 class _Failed(Exception):
@@ -544,7 +562,8 @@ async def _run_wave(wave: Sequence[_T], server_of: Callable[[_T], str], concurre
 async def _rollout(pools: Mapping[str | None, asyncpg.Pool], run_id: int,
                    targets: list[TargetPlan],
                    opts: RolloutOptions, reporter: Reporter, work: Work, *,
-                   shared_first: bool, servers: Mapping[str | None, str]) -> RunSummary:
+                   shared_first: bool, servers: Mapping[str | None, str],
+                   audit: WaveAudit | None = None) -> RunSummary:
     # servers: target.remote (None: the control database) -> its server key (_servers)
     summary = RunSummary(run_id=run_id, status="done")
     started = time.perf_counter()
@@ -620,12 +639,20 @@ async def _rollout(pools: Mapping[str | None, asyncpg.Pool], run_id: int,
         if index and opts.pause and name.startswith("wave"):
             await asyncio.sleep(opts.pause)
         reporter.event("wave_started", wave=name, index=index + 1, size=len(wave))
+        before = len(summary.done)
         left = await _run_wave(wave, lambda t: servers[t.remote], opts.concurrency,
                                functools.partial(run_one, name), stop)
+        migrated = set(summary.done[before:])
+        if audit is not None and migrated:
+            problems = await audit.after_wave(name, [t for t in wave if t.slug in migrated])
+            if problems:
+                summary.audit.extend(problems)
+                reporter.event("audit_failed", wave=name, findings=problems)
+                stop.append(f"audit after {name}: {len(problems)} new error(s)")
         if stop:
             summary.not_started.extend(t.slug for t in left)
             reporter.event("stopped", reason=stop[0], not_started=len(left))
-    if summary.failed:
+    if summary.failed or summary.audit:
         summary.status = "stopped" if summary.not_started else "failed"
     summary.seconds = time.perf_counter() - started
     return summary
@@ -716,6 +743,9 @@ async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOp
         if not targets:
             reporter.event("run_started", run_id=run_id, targets=0, waves=0, wave_names=[])
             return RunSummary(run_id=run_id, status="nothing")
+        if opts.audit is not None:
+            await opts.audit.before(targets)
+
         async def work(c: Conn, central: Conn, target: TargetPlan) -> None:
             async with _held(holds, target, reporter):
                 for group in _groups(target.pending):
@@ -725,7 +755,8 @@ async def apply(admin_dsn: str, migrations: Sequence[Migration], opts: RolloutOp
         async with _pools(admin_dsn, others, targets, run_id, opts.concurrency) as pools, \
                 _run_holds(admin_dsn, run_id, opts) as holds:
             return await _rollout(pools, run_id, targets, opts, reporter, work,
-                                  shared_first=True, servers=_servers(admin_dsn, others))
+                                  shared_first=True, servers=_servers(admin_dsn, others),
+                                  audit=opts.audit)
 
     summary = await _locked_run(admin_dsn, "apply", dict(args or {}), body)
     reporter.event("run_finished", run_id=summary.run_id, status=summary.status,
