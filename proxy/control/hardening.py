@@ -260,6 +260,27 @@ SELECT r.rolname, f.sig FROM pg_roles r, unnest($2::text[]) AS f(sig)
 """
 
 
+_TENANT_ROLES = """
+SELECT t.name, r.oid, r.rolsuper, r.rolbypassrls, r.rolcanlogin,
+       r.oid IS NOT NULL AND has_function_privilege(
+           r.oid, 'pg_catalog.set_config(text, text, boolean)', 'EXECUTE') AS set_config
+  FROM unnest($1::text[]) AS t(name) LEFT JOIN pg_roles r ON r.rolname = t.name
+"""
+# CREATE on a schema: its owner's (acldefault) and its grantees'; a role holds it when it
+# has the privileges of a grantee (pg_has_role USAGE: membership with INHERIT) or PUBLIC
+# holds it. The same answer as has_schema_privilege, without one call per role and schema.
+_TENANT_CREATE = """
+SELECT DISTINCT r.rolname, n.nspname
+  FROM pg_namespace n,
+       aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a,
+       pg_roles r
+ WHERE r.rolname = ANY($1::text[]) AND a.privilege_type = 'CREATE'
+   AND (a.grantee = 0 OR pg_has_role(r.oid, a.grantee, 'USAGE'))
+   AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+ ORDER BY 1, 2
+"""
+
+
 async def check_lockdown(conn: asyncpg.Connection, login_role: str,
                          tenant_roles: Iterable[str]) -> list[str]:
     """Check the lockdown from the proxy's own connection (catalog reads only).
@@ -326,25 +347,24 @@ async def check_lockdown(conn: asyncpg.Connection, login_role: str,
     if not await conn.fetchval("SELECT to_regprocedure('pgtenant.refuse(text, text[])') "
                                "IS NOT NULL"):
         problems.append("pgtenant.refuse(text, text[]) is missing (run pgtenant init)")
-    for role in tenant_roles:
-        tenant = await conn.fetchrow(
-            "SELECT rolsuper, rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname = $1", role
-        )
-        if tenant is None:
+    # One query per question for every tenant role at once (a thousand templated roles
+    # must not mean thousands of round trips).
+    roles = list(tenant_roles)
+    found = {rec["name"]: rec for rec in await conn.fetch(_TENANT_ROLES, roles)}
+    creatable: dict[str, list[str]] = {}
+    for rec in await conn.fetch(_TENANT_CREATE, roles):
+        creatable.setdefault(rec["rolname"], []).append(rec["nspname"])
+    for role in roles:
+        tenant = found.get(role)
+        if tenant is None or tenant["oid"] is None:
             problems.append(f"tenant role {role!r} does not exist")
             continue
         for column, what in (("rolsuper", "is a superuser"), ("rolbypassrls",
                              "can bypass row-level security"), ("rolcanlogin", "can log in")):
             if tenant[column]:
                 problems.append(f"tenant role {role!r} {what}")
-        if await conn.fetchval("SELECT has_function_privilege($1, "
-                               "'pg_catalog.set_config(text, text, boolean)', 'EXECUTE')", role):
+        if tenant["set_config"]:
             problems.append(f"tenant role {role!r} may execute set_config")
-        creatable = await conn.fetch(
-            "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' "
-            "AND nspname <> 'information_schema' AND has_schema_privilege($1, oid, 'CREATE')",
-            role,
-        )
-        for rec in creatable:
-            problems.append(f"tenant role {role!r} may CREATE in schema {rec[0]!r}")
+        for schema in creatable.get(role, []):
+            problems.append(f"tenant role {role!r} may CREATE in schema {schema!r}")
     return problems
