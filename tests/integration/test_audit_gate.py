@@ -69,11 +69,27 @@ async def test_a_new_rls_hole_stops_the_rollout_after_the_wave_that_made_it(
     state = status_by_tenant(fleet)
     assert state[":shared"]["version"] == 1
     assert {state[s]["version"] for s in fleet.slugs} == {0}
-    # Only NEW errors stop a run: a rerun finds the hole already there and goes on (which
-    # is why the message says to fix it first).
+    # The error that stopped it is remembered: a rerun refuses to start while it is
+    # still there (though it is not "new" any more, and no wave of the rerun touches it).
     again = fleet.cli("apply", "--json")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert events(again.stdout)[-1]["done"] == 4
+    assert again.returncode != 0, again.stdout + again.stderr
+    assert "an earlier run stopped on these audit errors" in again.stdout + again.stderr
+    assert "rls_disabled public.gate_leak" in again.stdout + again.stderr
+    assert {status_by_tenant(fleet)[s]["version"] for s in fleet.slugs} == {0}
+    # Fixed, it is forgotten and the rollout goes on.
+    conn = await asyncpg.connect(fleet.admin_dsn)
+    try:
+        await conn.execute("ALTER TABLE public.gate_leak ENABLE ROW LEVEL SECURITY; "
+                           "ALTER TABLE public.gate_leak FORCE ROW LEVEL SECURITY; "
+                           "CREATE POLICY iso ON public.gate_leak USING "
+                           "(org_id = (SELECT pgtenant.current_tenant())); "
+                           "CREATE INDEX ON public.gate_leak (org_id)")
+        fixed = fleet.cli("apply", "--json")
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        assert events(fixed.stdout)[-1]["done"] == 4
+        assert await conn.fetchval("SELECT count(*) FROM pgtenant.audit_stops") == 0
+    finally:
+        await conn.close()
 
 
 async def test_no_audit_lets_the_same_rollout_through(

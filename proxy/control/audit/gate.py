@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 
 from .. import ControlError
-from ..migrations.ledger import SHARED_TARGET
+from ..migrations.ledger import LEDGER_DDL, SHARED_TARGET
 from .baseline import Baseline, BaselineError, load_baseline
 from .findings import Finding, sort_findings
 from .runner import run_audit
@@ -40,6 +40,8 @@ __all__ = ["SHARED", "AuditGate", "MigrateAudit", "Scope", "describe"]
 # schema that is no tenant's own (what a scope=shared migration can touch).
 SHARED: Final = "\x00shared"
 Scope = Collection[str] | None
+
+_STOPS_DDL: Final = next(s for s in LEDGER_DDL if "audit_stops" in s and "CREATE" in s)
 
 _SHARED_SCHEMAS_SQL = """
 SELECT n.nspname FROM pg_namespace n
@@ -116,11 +118,67 @@ class AuditGate:
     async def before(self, scopes: Mapping[str | None, Scope]) -> None:
         """Remember the errors already there: ``scopes`` maps each database the run will
         change to the schemas it will change there (None: all of them).
-        Raises: asyncpg.PostgresError / OSError when a database cannot be audited."""
+
+        An error that stopped an earlier run (``pgtenant.audit_stops``) is not "already
+        there": while one is still found (and the baseline does not accept it), the run
+        refuses to start, whatever schemas it would touch; one no longer found is forgotten.
+        Raises: ControlError for such an error; asyncpg.PostgresError / OSError when a
+        database cannot be audited."""
+        stopped = await self._stops()
+        unresolved: list[str] = []
         for database, scope in scopes.items():
+            mine = {k[1:] for k in stopped if k[0] == (database or "")}
+            if mine:
+                everything = await self._errors(database, None)
+                still = [f for f in everything if f.key in mine
+                         and (self.baseline is None or self.baseline.match(f) is None)]
+                await self._forget(database, mine - {f.key for f in everything})
+                where = f"database {database}: " if database is not None else ""
+                unresolved += [where + line for line in describe(still)]
             errors = await self._errors(database, scope)
             self._before.setdefault(database, set()).update(
                 f.key for f in errors if not self._own(f))
+        if unresolved:
+            raise ControlError(
+                "an earlier run stopped on these audit errors, still there: fix each, or "
+                "accept it with a reason in the [audit] baseline, then run again:\n  "
+                + "\n  ".join(unresolved))
+
+    async def _forget(self, database: str | None,
+                      keys: Collection[tuple[str, str, str]]) -> None:
+        if not keys:
+            return
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.executemany(
+                "DELETE FROM pgtenant.audit_stops WHERE database = $1 AND check_name = $2 "
+                "AND object = $3 AND subject = $4", [(database or "", *k) for k in keys])
+        finally:
+            await conn.close()
+
+    async def _stops(self) -> set[tuple[str, str, str, str]]:
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(_STOPS_DDL)  # installs from before the table: made here
+            return {(r[0], r[1], r[2], r[3]) for r in await conn.fetch(
+                "SELECT database, check_name, object, subject FROM pgtenant.audit_stops")}
+        finally:
+            await conn.close()
+
+    async def record(self, findings: Collection[Finding], *, database: str | None) -> None:
+        """Remember ``findings`` as errors that stopped a run (see ``before``).
+        Raises: asyncpg.PostgresError / OSError when the control database is unreachable."""
+        if not findings:
+            return
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(_STOPS_DDL)
+            await conn.executemany(
+                "INSERT INTO pgtenant.audit_stops (database, check_name, object, subject) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                [(database or "", *f.key) for f in findings])
+        finally:
+            await conn.close()
 
     async def check(self, schemas: Scope, *, database: str | None = None) -> list[Finding]:
         """Audit ``schemas`` (names, SHARED among them; None: all) of ``database`` after a
@@ -131,9 +189,11 @@ class AuditGate:
         Raises: asyncpg.PostgresError / OSError when the database cannot be audited.
         """
         before = self._before.get(database, set())
-        return [f for f in await self._errors(database, schemas)
-                if f.key not in before
-                and (self.baseline is None or self.baseline.match(f) is None)]
+        new = [f for f in await self._errors(database, schemas)
+               if f.key not in before
+               and (self.baseline is None or self.baseline.match(f) is None)]
+        await self.record(new, database=database)
+        return new
 
 
 class MigrateAudit:

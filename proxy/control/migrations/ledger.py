@@ -94,8 +94,20 @@ LEDGER_DDL: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS migration_log_run_idx ON pgtenant.migration_log (run_id)",
     "CREATE INDEX IF NOT EXISTS migration_log_target_idx "
     "ON pgtenant.migration_log (target, id)",
+    # The audit errors that stopped a rollout or a provisioning (audit/gate.py): they stay
+    # "new" for later runs, so a rerun stops again until the hole is fixed or baselined.
+    """
+    CREATE TABLE IF NOT EXISTS pgtenant.audit_stops (
+        database    text NOT NULL,
+        check_name  text NOT NULL,
+        object      text NOT NULL,
+        subject     text NOT NULL,
+        stopped_at  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (database, check_name, object, subject)
+    )
+    """,
     "REVOKE ALL ON TABLE pgtenant.migration_runs, pgtenant.schema_versions, "
-    "pgtenant.migration_log FROM PUBLIC",
+    "pgtenant.migration_log, pgtenant.audit_stops FROM PUBLIC",
 )
 
 
