@@ -140,3 +140,24 @@ async def test_plain_postgres_is_not_taken_for_pgtenant(demo_env: DemoEnv) -> No
     with pytest.raises(ProbeError, match=f"pgtenant at {backend.host}:{backend.port} refused"):
         await run_probe(demo_env.admin_dsn, config, host=backend.host, port=backend.port)
     assert await _live_probe_tokens(demo_env) == 0
+
+
+def test_cli_audit_with_probe_on_the_demo_exits_0(demo_env: DemoEnv,
+                                                   start_proxy: Callable[..., ProxyProcess]
+                                                   ) -> None:
+    """The whole command: catalog audit, then the probe through the proxy the config's
+    listen names; the demo is clean, so exit status 0 and no error in the JSON."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    proxy = start_proxy()
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "audit", "--dsn", demo_env.admin_dsn, "--config",
+         str(proxy.config_path), "--probe", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    findings = json.loads(done.stdout)
+    assert not [f for f in findings if f["severity"] == "error"], findings
