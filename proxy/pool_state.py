@@ -107,7 +107,8 @@ class Decisions(Generic[S, W]):
     log ('' for none). ``fail``: waiters already dequeued, to be told why. ``assign``:
     servers already ACTIVE for these waiters (a handoff is synchronous and always accepted).
     ``open``: new servers in LOGIN, to be connected. ``retry_in``: call ``on_retry`` after
-    this delay (set by ``on_connect_failed`` when the failure ended a retry round). ``drained``: paused, and no server is busy any more.
+    this delay (set by ``on_connect_failed`` when the failure ended a retry round).
+    ``drained``: paused, and no server is busy any more.
     """
 
     close: list[tuple[S, str]] = field(default_factory=list)
