@@ -81,7 +81,6 @@ class Pool:
         # Postgres at no cost per transaction; a dsn that names them makes clients that set
         # none re-apply '' with every transaction instead (client._startup_settings).
         self.names_backends = any(key == "application_name" for key, _ in db.dsn.params)
-        self._login_params: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:
         c = {s.value: len(d) for s, d in self.containers.items()}
@@ -130,10 +129,6 @@ class Pool:
         return self.state.held
 
     @property
-    def holds(self) -> set[object]:
-        return self.state.holds
-
-    @property
     def paused(self) -> bool:
         return self.state.paused
 
@@ -148,14 +143,6 @@ class Pool:
     @property
     def total(self) -> int:
         return self.state.total
-
-    @property
-    def max_servers(self) -> int:
-        return self.state.max_servers
-
-    @property
-    def last_connect_error(self) -> ProxyError | None:
-        return self.state.last_connect_error
 
     # ------------------------------------------------------------------ applying decisions
 
@@ -288,7 +275,7 @@ class Pool:
     async def _connect(self, server: ServerConnection) -> None:
         started = self.clock()
         try:
-            await server.connect(self._config.server_connect_timeout, self._login_params)
+            await server.connect(self._config.server_connect_timeout)
             self.connect_seconds.observe(self.clock() - started)
         except asyncio.CancelledError:
             self.state.on_connect_cancelled(server)  # the pool is closing
