@@ -15,11 +15,11 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from .config import Dsn
 from .errors import ServerLoginFailed, ServerProtocolError, ServerUnavailable, connect_failure
+from .pool_state import ServerState
 from .protocol import codec
 from .protocol.constants import SSL_REQUEST_CODE
 from .protocol.handshake import Frame, Handshake, LoginResult, Send, server_login
@@ -37,20 +37,6 @@ _Z = ord("Z")
 _E = ord("E")
 _N = ord("N")
 _S = ord("S")
-
-
-class ServerState(Enum):
-    """Which pool container holds the connection (pgbouncer's SV_* states)."""
-
-    LOGIN = "login"
-    IDLE = "idle"
-    ACTIVE = "active"
-    RESET = "reset"  # rolling back after a client left mid-transaction
-    CLOSED = "closed"
-
-    # Members are singletons: identity hashing spares Enum's Python-level __hash__ on every
-    # container move (twice per transaction).
-    __hash__ = object.__hash__
 
 
 class ServerPeer(Protocol):
@@ -74,7 +60,7 @@ class ServerConnection(asyncio.Protocol):
         self.dsn = dsn
         self.tls = tls
         self.tls_in_use = False
-        self.state = ServerState.LOGIN  # only Pool._set_state assigns this
+        self.state = ServerState.LOGIN  # only PoolState._set_state assigns this
         self.transport: asyncio.Transport | None = None
         self.peer: ServerPeer | None = None
         self.ctx_state = CTX_NONE

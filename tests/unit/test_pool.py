@@ -60,7 +60,7 @@ def make_pool(n: int, *, clock: Clock | None = None) -> tuple[Pool, list[ServerC
     servers = []
     for _ in range(n):
         server = ServerConnection(db.dsn, on_lost=pool.server_lost)
-        pool._set_state(server, ServerState.IDLE)
+        pool.state._set_state(server, ServerState.IDLE)
         servers.append(server)
     check_containers(pool, servers)
     return pool, servers
@@ -394,17 +394,17 @@ def test_reserve_pool_opens_after_reserve_pool_timeout() -> None:
     clock = Clock()
     pool, _ = make_pool(1, clock=clock)
     pool.db = DatabaseConfig(name="app", dsn=Dsn(), pool_size=1, reserve_pool=1)
-    opened: list[int] = []
-    pool._open = lambda: opened.append(1)  # type: ignore[method-assign,assignment,return-value]
+    pool._spawn = lambda coro: coro.close()  # type: ignore[method-assign]
     pool.acquire(FakeWaiter("holder"))
     pool.acquire(FakeWaiter("w"))
-    assert opened == []  # pool_size reached
+    assert len(pool.containers[ServerState.LOGIN]) == 0  # pool_size reached
     clock.now += pool.config.reserve_pool_timeout - 0.01
     pool.tick(clock.now)
-    assert opened == []
+    assert len(pool.containers[ServerState.LOGIN]) == 0
     clock.now += 0.02
     pool.tick(clock.now)
-    assert opened == [1]  # one reserve connection for the transaction that waited
+    assert len(pool.containers[ServerState.LOGIN]) == 1  # one reserve connection for the
+    # transaction that waited
 
 
 def test_idle_servers_are_closed_after_server_idle_timeout_keeping_min_pool_size() -> None:
@@ -439,14 +439,14 @@ def _connecting_pool(pool_size: int, clock: Clock) -> tuple[Pool, list[ServerCon
     pool = Pool(db, Config(query_wait_timeout=QUERY_WAIT, databases={"app": db}), clock=clock)
     pool._spawn = lambda coro: coro.close()  # type: ignore[method-assign]
     opened: list[ServerConnection] = []
-    real_open = pool._open
+    real_new = pool.state.new_server
 
-    def open_() -> ServerConnection:
-        server = real_open()
+    def new_server() -> ServerConnection:
+        server = real_new()
         opened.append(server)
         return server
 
-    pool._open = open_  # type: ignore[method-assign]
+    pool.state.new_server = new_server
     return pool, opened
 
 
@@ -465,7 +465,7 @@ def test_connects_failing_together_grow_the_backoff_once() -> None:
         assert pool.acquire(waiter) is None
     assert len(opened) == 50
     assert _fail_all(pool, opened) == [0.25] + [None] * 49
-    assert pool.total == 0 and pool._retry_at == clock.now + 0.25
+    assert pool.total == 0 and pool.state.retry_at == clock.now + 0.25
     clock.now += 0.2
     pool.tick(clock.now)
     assert len(opened) == 50  # still backing off
@@ -481,7 +481,7 @@ def test_connects_failing_together_grow_the_backoff_once() -> None:
     pool._connect_succeeded(back)  # the backend is back: a waiter is served at once...
     assert sum(len(w.assigned) for w in waiters) == 1
     assert len(pool.containers[ServerState.LOGIN]) == 49  # ...and the rest connect now
-    assert pool._backoff == 0.25 and pool._retry_at == 0.0
+    assert pool.state.backoff == 0.25 and pool.state.retry_at == 0.0
     check_containers(pool, opened)
 
 
