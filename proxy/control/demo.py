@@ -54,7 +54,7 @@ DEMO_TENANT_TYPES: dict[str, TenantTypeConfig] = {
 # The demo's data model, as a numbered migration history applied through the runner (the
 # seed story's shapes: 0001 SME tables in public with RLS, 0002 the agency schema tenant_b,
 # 0003 the router function, 0004 the unified view, all scope=shared; 0005 each enterprise
-# tenant's own projects table, scope=tenant; 0006 tenant-leading indexes, which `pgtenant
+# tenant's own projects table, scope=tenant; 0006-0008 tenant-leading indexes, which `pgtenant
 # audit` asks for). Shipped inside the package so a wheel has it.
 DEMO_MIGRATIONS_DIR = Path(__file__).resolve().parent / "demo_migrations"
 
