@@ -28,7 +28,8 @@ from typing import Any
 
 import asyncpg
 
-from proxy.config import Config, TenantTypeConfig, parse_config
+from proxy.config import Config, TenantTypeConfig
+from proxy.configfile import parse_config
 from proxy.control.audit.catalog import read_snapshot
 from proxy.control.audit.runner import AuditReport, run_audit
 from proxy.control.cluster import PostgresCluster

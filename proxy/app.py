@@ -20,7 +20,8 @@ import uvloop
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from .client import ClientConnection
-from .config import Config, Dsn, TenantTypeConfig, load_config, parse_listen
+from .config import Config, Dsn, TenantTypeConfig
+from .configfile import load_config, parse_listen
 from .control.hardening import check_lockdown, fetch_signing_key
 from .control.init import static_role
 from .errors import (

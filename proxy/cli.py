@@ -20,7 +20,8 @@ from uuid import UUID
 
 import asyncpg
 
-from .config import Config, load_config, parse_dsn, placeholder_passwords
+from .config import Config, parse_dsn, placeholder_passwords
+from .configfile import load_config
 from .control import ControlError
 from .errors import ConfigError, ProxyError, connect_failure_kind
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from .config import Config, parse_listen
+from .config import Config
+from .configfile import parse_listen
 
 __all__ = ["ControlServer", "WorkerInfo", "ask_worker", "merge_expositions", "run_supervisor"]
 

@@ -139,7 +139,7 @@ class DemoEnv:
         A ``[control]`` table with ``control_dsn`` is added unless ``extra`` has its own.
         ``tls`` is (cert_file, key_file) for a ``[tls]`` table offering TLS to clients.
 
-        Returns: TOML text accepted by ``proxy.config.parse_config``.
+        Returns: TOML text accepted by ``proxy.configfile.parse_config``.
         """
         lines = [f"listen = {_toml_str(f'127.0.0.1:{listen_port}')}"]
         if extra.strip():
@@ -371,7 +371,7 @@ def run_demo(workdir: Path, *, port: int = 6432, pool_size: int = 10,
     import socket
 
     from ..app import serve
-    from ..config import load_config
+    from ..configfile import load_config
     from ..tls import make_self_signed
     from .cluster import PostgresCluster
 

@@ -44,7 +44,7 @@ def starter_config(admin: Dsn, *, proxy_role: str, proxy_password: str, control_
     The dsns keep the admin URL's host, port and database, with the login and control roles
     and their passwords instead of the admin's.
 
-    Returns: TOML text accepted by ``proxy.config.parse_config``.
+    Returns: TOML text accepted by ``proxy.configfile.parse_config``.
     """
     proxy_dsn = dataclasses.replace(admin, user=proxy_role, password=proxy_password, params=())
     control_dsn = dataclasses.replace(admin, user=control_role, password=control_password,

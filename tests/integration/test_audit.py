@@ -18,7 +18,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.config import Config, parse_config
+from proxy.config import Config
+from proxy.configfile import parse_config
 from proxy.control.audit.runner import AuditReport, run_audit
 from proxy.control.cluster import PostgresCluster
 from proxy.control.demo import DemoEnv

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import asyncpg
 import pytest
 
-from proxy.config import load_config, parse_config, parse_dsn
+from proxy.config import parse_dsn
+from proxy.configfile import load_config, parse_config
 from proxy.control.audit.findings import Finding, Severity
 from proxy.control.audit.probe import TOKEN_LABEL, ProbeError, run_probe
 from proxy.control.demo import DemoEnv

@@ -17,7 +17,8 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from proxy.config import TenantTypeConfig, parse_config
+from proxy.config import TenantTypeConfig
+from proxy.configfile import parse_config
 from proxy.control import ControlError
 from proxy.control.cluster import PostgresCluster
 from proxy.control.demo import DemoEnv, build_demo

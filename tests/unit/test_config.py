@@ -23,10 +23,9 @@ from proxy.config import (
     TenantTypeConfig,
     TlsConfig,
     is_loopback,
-    load_config,
-    parse_config,
     parse_dsn,
 )
+from proxy.configfile import load_config, parse_config
 from proxy.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "pgtenant.example.toml"

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 from proxy.cli import build_parser
-from proxy.config import load_config
+from proxy.configfile import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

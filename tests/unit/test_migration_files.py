@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from proxy.config import parse_config
+from proxy.configfile import parse_config
 from proxy.control import ControlError
 from proxy.control.migrations.files import lint, load_migrations, new_migration, parse_migration
 from proxy.control.migrations.progress import JsonLines, RichProgress

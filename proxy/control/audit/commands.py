@@ -65,7 +65,7 @@ def _where(dsn: str) -> str:
 
 
 def _load_config(path: str) -> Config:
-    from ...config import load_config
+    from ...configfile import load_config
     from ...errors import ConfigError
 
     if not Path(path).exists():
@@ -79,7 +79,7 @@ def _load_config(path: str) -> Config:
 def _proxy_address(args: argparse.Namespace, config: Config) -> tuple[str, int]:
     """Returns: where the probe reaches pgtenant: --proxy, else the config's listen (a
     wildcard listen address is reached on loopback)."""
-    from ...config import parse_listen
+    from ...configfile import parse_listen
     from ...errors import ConfigError
 
     if args.proxy is None:

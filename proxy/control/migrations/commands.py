@@ -18,7 +18,7 @@ __all__ = ["add_migrate_parser"]
 
 
 def _config(args: argparse.Namespace) -> tuple[Any, Path]:
-    from ...config import load_config
+    from ...configfile import load_config
 
     config = load_config(args.config)
     return config, (Path(args.config).parent / config.migrations.dir)
