@@ -15,8 +15,8 @@ per-tenant counters may step down; the per-type totals never do.)
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterable, Iterator, Mapping, Sized
+from typing import Final, Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -26,11 +26,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector as _CollectorBase
 
-if TYPE_CHECKING:
-    from .app import App
+from .pool_state import ServerState
 
 __all__ = ["CONNECT_BUCKETS", "DURATION_BUCKETS", "WAIT_BUCKETS", "Collector", "Histogram",
-           "LabelStats", "Metrics", "TenantStats"]
+           "LabelStats", "Metrics", "MetricsSource", "TenantStats"]
 
 DURATION_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                            1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -153,10 +152,56 @@ def _histogram(name: str, doc: str, labels: list[str],
     return family
 
 
+class _ClientView(Protocol):
+    @property
+    def database(self) -> str | None: ...
+    @property
+    def tenant_type(self) -> str | None: ...
+    @property
+    def metrics_state(self) -> str: ...
+
+
+class _PoolView(Protocol):
+    @property
+    def containers(self) -> Mapping[ServerState, Sized]: ...
+    @property
+    def connect_seconds(self) -> Histogram: ...
+    @property
+    def waiting_count(self) -> int: ...
+
+
+class _GuardView(Protocol):
+    @property
+    def refusals_by_rule(self) -> Mapping[str, int]: ...
+
+
+class _RegistryView(Protocol):
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+
+
+class MetricsSource(Protocol):
+    """What a scrape reads (the App, structurally): metrics.py does not import the app, so
+    the layers stay a DAG (app composes metrics, never the other way)."""
+
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def clients(self) -> Iterable[_ClientView]: ...
+    @property
+    def pools(self) -> Mapping[str, _PoolView]: ...
+    @property
+    def guard(self) -> _GuardView: ...
+    @property
+    def registry(self) -> _RegistryView: ...
+
+
 class Collector(_CollectorBase):
     """Builds every ``pgtenant_*`` family from the running App at scrape time."""
 
-    def __init__(self, app: App):
+    def __init__(self, app: MetricsSource):
         self.app = app
 
     def collect(self) -> Iterator[Metric]:
