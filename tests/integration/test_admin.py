@@ -4,9 +4,7 @@ names, SHOW TENANTS, PAUSE/RESUME, RELOAD (and SIGHUP), KILL <tenant>, SHUTDOWN.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -15,13 +13,11 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.control.cluster import find_bindir
-
 from .conftest import ProxyProcess, connect
-
-TOKEN = "pgta_test-admin-token"
-ADMIN = f'[admin]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"'
-PSQL = str(find_bindir() / "psql")
+from .helpers import ADMIN
+from .helpers import ADMIN_TOKEN as TOKEN
+from .helpers import admin_psql as psql
+from .helpers import admin_rows as rows
 
 # PgBouncer's own column lists (src/admin.c, src/stats.c), then pgtenant's extra column.
 POOLS_COLUMNS = ("database user cl_active cl_waiting cl_active_cancel_req cl_waiting_cancel_req "
@@ -30,23 +26,6 @@ POOLS_COLUMNS = ("database user cl_active cl_waiting cl_active_cancel_req cl_wai
 SOCKET_COLUMNS = ("type user database replication state addr port local_addr local_port "
                   "connect_time request_time wait wait_us close_needed ptr link remote_pid tls "
                   "application_name prepared_statements id tenant").split()
-
-
-def psql(proxy: ProxyProcess, sql: str, *, token: str = TOKEN, user: str = "admin",
-         check: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(
-        [PSQL, "-X", "-A", "-F", "|", "-P", "footer=off", "-v", "ON_ERROR_STOP=1", "-c", sql,
-         f"host=127.0.0.1 port={proxy.port} dbname=pgtenant user={user} password={token}"],
-        capture_output=True, text=True, timeout=30)
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
-
-
-def rows(proxy: ProxyProcess, sql: str) -> list[dict[str, str]]:
-    lines = psql(proxy, sql).stdout.splitlines()
-    header = lines[0].split("|")
-    return [dict(zip(header, line.split("|"), strict=True)) for line in lines[1:]]
 
 
 @pytest.fixture

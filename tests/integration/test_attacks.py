@@ -35,6 +35,8 @@ from proxy.control.demo import DemoEnv
 from proxy.protocol import codec
 
 from .conftest import ProxyProcess
+from .helpers import TenantRaw as Raw
+from .helpers import data_rows, errors, extended
 
 READ_TIMEOUT = 5.0
 ATTACKER = "acme"
@@ -213,83 +215,6 @@ async def refused_everywhere(proxy: ProxyProcess, sql: str, *, sqlstate: str = "
 
 
 # --- raw protocol -----------------------------------------------------------------------
-
-
-class Raw:
-    """A raw protocol client logged in as one tenant; every read times out."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
-        self.key = (0, 0)  # BackendKeyData: (pid, secret) for a CancelRequest
-
-    @classmethod
-    async def login(cls, proxy: ProxyProcess, slug: str = ATTACKER) -> Raw:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", proxy.port), READ_TIMEOUT)
-        raw = cls(reader, writer)
-        raw.writer.write(codec.startup_message([("user", slug), ("database", "app")]))
-        assert await raw.read() == ("R", struct.pack("!i", 3))
-        raw.writer.write(codec.password_message(proxy.env.tenants[slug].token.encode()))
-        seen = await raw.until()
-        assert seen[-1] == ("Z", b"I")
-        for kind, body in seen:
-            if kind == "K":
-                pid, secret = struct.unpack("!ii", body)
-                raw.key = (pid, secret)
-        return raw
-
-    async def read(self) -> tuple[str, bytes]:
-        header = await asyncio.wait_for(self.reader.readexactly(5), READ_TIMEOUT)
-        msg_type, length = codec.HEADER.unpack(header)
-        body = (await asyncio.wait_for(self.reader.readexactly(length - 4), READ_TIMEOUT)
-                if length > 4 else b"")
-        return chr(msg_type), body
-
-    async def until(self, wanted: str = "Z") -> list[tuple[str, bytes]]:
-        seen = []
-        while True:
-            seen.append(await self.read())
-            if seen[-1][0] == wanted:
-                return seen
-
-    async def request(self, *messages: bytes) -> list[tuple[str, bytes]]:
-        self.writer.write(b"".join(messages))
-        await self.writer.drain()
-        return await self.until()
-
-    async def fatal_and_close(self, *messages: bytes) -> dict[str, str]:
-        """Send ``messages``; expect a FATAL ErrorResponse, then the proxy closing."""
-        self.writer.write(b"".join(messages))
-        await self.writer.drain()
-        kind, body = await self.read()
-        while kind in "123CDTnstN":  # replies to what came before the refused message
-            kind, body = await self.read()
-        assert kind == "E", (kind, body)
-        fields = {chr(k): v.decode() for k, v in codec.parse_error_fields(body)}
-        assert fields["S"] == "FATAL", fields
-        assert await asyncio.wait_for(self.reader.read(), READ_TIMEOUT) == b""
-        return fields
-
-    async def close(self) -> None:
-        self.writer.write(codec.terminate())
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
-
-
-def errors(messages: list[tuple[str, bytes]]) -> list[dict[str, str]]:
-    return [{chr(k): v.decode() for k, v in codec.parse_error_fields(body)}
-            for t, body in messages if t == "E"]
-
-
-def data_rows(messages: list[tuple[str, bytes]]) -> list[bytes]:
-    return [body for t, body in messages if t == "D"]
-
-
-def extended(sql: str, name: str = "", params: tuple[bytes, ...] = ()) -> bytes:
-    return codec.parse(name, sql) + codec.bind("", name, list(params)) + codec.execute()
 
 
 # ------------------------------------------------------------------------------ 1. roles

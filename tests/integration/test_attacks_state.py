@@ -24,7 +24,8 @@ from proxy.control.demo import DemoEnv
 from proxy.protocol import codec
 
 from .conftest import ProxyProcess
-from .test_attacks import Raw, data_rows, errors
+from .helpers import TenantRaw as Raw
+from .helpers import data_rows, errors
 
 ATTACKER = "acme"  # sme: role tenant_sme, RLS on the shared tables
 VICTIM = "initech"  # the same tenant type and role: only the signed context separates them

@@ -20,7 +20,7 @@ import asyncpg
 from proxy.control.cluster import PostgresCluster
 
 from .conftest import ROOT, ProxyProcess
-from .test_migrations import events, make_fleet, status_by_tenant
+from .fleet import events, make_fleet, status_by_tenant
 
 # A shared table with a tenant column, readable by two tenants' roles, no row-level
 # security: every tenant reads every tenant's rows.

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import asyncpg
 import psycopg
@@ -23,135 +22,21 @@ from proxy.protocol import codec
 from proxy.protocol.constants import GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE
 
 from .conftest import ProxyProcess
+from .helpers import (
+    assert_healthy,
+    asyncpg_connect,
+    data_values,
+    error_fields,
+    expect_fatal_and_close,
+    login,
+    raw_client,
+    simple_query,
+    startup,
+    versioned_startup,
+)
 
-READ_TIMEOUT = 5.0
 # Longer than the module proxy's token_cache_ttl (0.2 s): a cached lookup has expired by then.
 PAST_CACHE_TTL = 0.5
-
-
-# ------------------------------------------------------------------------------ raw helpers
-
-class Raw:
-    """A raw TCP client of the proxy; every read times out instead of hanging."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader = reader
-        self.writer = writer
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def read_exactly(self, n: int, timeout: float = READ_TIMEOUT) -> bytes:
-        return await asyncio.wait_for(self.reader.readexactly(n), timeout)
-
-    async def read_message(self, timeout: float = READ_TIMEOUT) -> tuple[str, bytes]:
-        """Returns: (type byte as a character, body) of the next backend message."""
-        header = await self.read_exactly(5, timeout)
-        msg_type, length = codec.HEADER.unpack(header)
-        body = await self.read_exactly(length - 4, timeout) if length > 4 else b""
-        return chr(msg_type), body
-
-    async def read_until(self, wanted: str, timeout: float = READ_TIMEOUT
-                         ) -> list[tuple[str, bytes]]:
-        """Returns: all messages up to and including the first of type ``wanted``."""
-        seen: list[tuple[str, bytes]] = []
-        while True:
-            msg = await self.read_message(timeout)
-            seen.append(msg)
-            if msg[0] == wanted:
-                return seen
-
-    async def at_eof(self, timeout: float = READ_TIMEOUT) -> bool:
-        """Returns: whether the proxy closed the connection (no further bytes arrive)."""
-        try:
-            rest = await asyncio.wait_for(self.reader.read(), timeout)
-        except ConnectionResetError:
-            return True
-        return rest == b""
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
-
-
-@asynccontextmanager
-async def raw_client(proxy: ProxyProcess) -> AsyncIterator[Raw]:
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", proxy.port), READ_TIMEOUT
-    )
-    raw = Raw(reader, writer)
-    try:
-        yield raw
-    finally:
-        await raw.close()
-
-
-def error_fields(body: bytes) -> dict[str, str]:
-    return {chr(code): value.decode() for code, value in codec.parse_error_fields(body)}
-
-
-async def expect_fatal_and_close(raw: Raw, sqlstate: str, *,
-                                 timeout: float = READ_TIMEOUT) -> dict[str, str]:
-    """Read an ErrorResponse with ``sqlstate`` then EOF. Returns: its fields."""
-    msg_type, body = await raw.read_message(timeout)
-    assert msg_type == "E", (msg_type, body)
-    fields = error_fields(body)
-    assert fields["C"] == sqlstate, fields
-    assert fields["S"] == "FATAL", fields
-    assert await raw.at_eof(), "the proxy kept the connection open after a FATAL error"
-    return fields
-
-
-def startup(user: str, database: str = "app") -> bytes:
-    return codec.startup_message([("user", user), ("database", database)])
-
-
-def versioned_startup(version: int, user: str = "acme") -> bytes:
-    body = struct.pack("!i", version) + b"user\x00" + user.encode() + b"\x00database\x00app\x00\x00"
-    return struct.pack("!i", len(body) + 4) + body
-
-
-async def login(raw: Raw, env: DemoEnv, slug: str = "acme") -> None:
-    """Run startup and cleartext token auth up to the first ReadyForQuery."""
-    await raw.send(startup(slug))
-    msg_type, body = await raw.read_message()
-    assert (msg_type, body) == ("R", struct.pack("!i", 3)), "expected a cleartext request"
-    await raw.send(codec.password_message(env.tenants[slug].token.encode()))
-    messages = await raw.read_until("Z")
-    assert ("R", struct.pack("!i", 0)) in messages
-    assert messages[-1] == ("Z", b"I")
-
-
-async def simple_query(raw: Raw, sql: str) -> list[tuple[str, bytes]]:
-    await raw.send(codec.query(sql))
-    return await raw.read_until("Z")
-
-
-def data_values(messages: list[tuple[str, bytes]]) -> list[str]:
-    """Returns: the first column of every DataRow in ``messages`` (text format)."""
-    values = []
-    for msg_type, body in messages:
-        if msg_type == "D":
-            (length,) = struct.unpack_from("!i", body, 2)
-            values.append(body[6 : 6 + length].decode())
-    return values
-
-
-async def asyncpg_connect(proxy: ProxyProcess, slug: str, **kw: str) -> asyncpg.Connection:
-    return await asyncpg.connect(proxy.dsn(slug, **kw), statement_cache_size=0, timeout=10)
-
-
-async def assert_healthy(proxy: ProxyProcess, slug: str = "initech") -> None:
-    conn = await asyncpg_connect(proxy, slug)
-    try:
-        assert await conn.fetchval("SELECT current_setting('app.tenant_id')") == str(
-            proxy.env.tenants[slug].org_id)
-    finally:
-        await conn.close()
 
 
 # ------------------------------------------------------------------------------ tokens

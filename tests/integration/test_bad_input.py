@@ -24,7 +24,7 @@ from proxy.protocol import codec
 from proxy.protocol.constants import PROTOCOL_3_0, SSL_REQUEST_CODE
 
 from .conftest import ProxyProcess
-from .test_auth_protocol import (
+from .helpers import (
     Raw,
     assert_healthy,
     asyncpg_connect,

@@ -26,15 +26,17 @@ from proxy.protocol.constants import CANCEL_REQUEST_CODE, SSL_REQUEST_CODE
 from proxy.tls import make_self_signed
 
 from .conftest import ProxyProcess, free_port
-from .test_admin import ADMIN, rows
-from .test_auth_protocol import (
+from .helpers import (
+    ADMIN,
     Raw,
     asyncpg_connect,
     error_fields,
     expect_fatal_and_close,
     raw_client,
     startup,
+    wait_for,
 )
+from .helpers import admin_rows as rows
 
 __all__: list[str] = []
 
@@ -47,13 +49,6 @@ def client_count(metrics_port: int) -> float:
     conn.close()
     return sum(s.value for family in text_string_to_metric_families(body)
                for s in family.samples if s.name == "pgtenant_client_connections")
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def open_raw(proxy: ProxyProcess) -> Raw:

@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from proxy.control.cluster import PostgresCluster
 from proxy.control.demo import DemoEnv
 
-from .conftest import ROOT, free_port
+from .conftest import free_port
+from .helpers import serve_until as _serve
 
 
 def _config(env: DemoEnv, dbname: str, port: int, extra: str = "") -> str:
     dsn = env.proxy_dsn.rsplit("/", 1)[0] + f"/{dbname}"
     return (f'listen = "127.0.0.1:{port}"\n{extra}\n[databases.{dbname}]\ndsn = "{dsn}"\n'
             '[tenant_types.sme]\nrole = "tenant_sme"\n')
-
-
-def _serve(config: Path, wait_for: str, timeout: float = 20) -> tuple[int | None, str]:
-    log = config.with_suffix(".log")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and proc.poll() is None:
-            if wait_for in log.read_text(errors="replace"):
-                break
-            time.sleep(0.05)
-        code = proc.poll()
-        if code is None:
-            proc.terminate()
-            proc.wait(10)
-    return code, log.read_text(errors="replace")
 
 
 def test_a_database_without_lockdown_is_refused_at_start_or_warned_about(

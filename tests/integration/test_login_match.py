@@ -20,8 +20,7 @@ from proxy.protocol import codec
 from proxy.tls import make_self_signed
 
 from .conftest import ProxyProcess
-from .test_auth_protocol import data_values, login, raw_client, simple_query
-from .test_dos import wait_for
+from .helpers import data_values, login, raw_client, simple_query, wait_for
 
 __all__: list[str] = []
 

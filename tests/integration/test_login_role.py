@@ -27,7 +27,7 @@ from proxy.control.init import check_fail_closed, init_database
 from proxy.identity.tokens import hash_token
 
 from .conftest import ProxyProcess, connect, free_port
-from .test_lockdown import _serve
+from .helpers import serve_until as _serve
 
 __all__: list[str] = []
 

@@ -3,49 +3,15 @@ scraped while real clients work through it, parsed with prometheus-client's own 
 
 from __future__ import annotations
 
-import http.client
-import time
 from collections.abc import Callable
 
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import ProxyProcess, free_port
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def _get(port: int, path: str, method: str = "GET") -> tuple[int, str, str]:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request(method, path)
-            resp = conn.getresponse()
-            body = resp.read().decode()
-            conn.close()
-            return resp.status, resp.getheader("content-type") or "", body
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def _scrape(port: int) -> Samples:
-    status, ctype, body = _get(port, "/metrics")
-    assert status == 200 and ctype.startswith("text/plain")
-    samples: Samples = {}
-    for family in text_string_to_metric_families(body):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return samples
-
-
-def _value(samples: Samples, name: str, **labels: str) -> float:
-    """Returns: the sum of ``name`` over the series whose labels include ``labels``."""
-    want = set(labels.items())
-    return sum(v for (n, lbls), v in samples.items() if n == name and want <= lbls)
+from .helpers import http_get as _get
+from .helpers import metric_value as _value
+from .helpers import scrape as _scrape
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import psycopg
 import pytest
 
 from .conftest import ProxyProcess, free_port
-from .test_metrics import _scrape, _value
+from .helpers import metric_value as _value
+from .helpers import scrape as _scrape
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def test_workers_share_the_port_and_their_metrics_are_summed(
 
 
 def _scrape_status(port: int, path: str) -> tuple[int, str, str]:
-    from .test_metrics import _get
+    from .helpers import http_get as _get
 
     return _get(port, path)
 
