@@ -117,10 +117,10 @@ def _simple_case() -> Callable[[int], float]:
 
     def run(n: int) -> float:
         step = _transaction
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for i in range(n):
             step(link, server, queries[i % 1000], reply)
-        return time.perf_counter() - t0
+        return time.process_time() - t0
     return run
 
 
@@ -143,10 +143,10 @@ def _extended_case() -> Callable[[int], float]:
 
     def run(n: int) -> float:
         step = _transaction
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for i in range(n):
             step(link, server, batches[i % 1000], reply)
-        return time.perf_counter() - t0
+        return time.process_time() - t0
     return run
 
 

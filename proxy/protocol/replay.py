@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Final
 
 from . import codec
+from .ledger import Expected
 
 __all__ = ["Replay"]
 
@@ -37,7 +38,7 @@ class Replay:
 
     __slots__ = ("complete", "data", "described", "entry")
 
-    def __init__(self, entry: list[object], bind: bytes | bytearray):
+    def __init__(self, entry: Expected, bind: bytes | bytearray):
         # The reply-queue entry of the opening Bind: only its error is healed.
         self.entry = entry
         self.data = bytearray(bind)
