@@ -40,6 +40,11 @@ from .constants import (
     COPY_BOTH_RESPONSE,
     COPY_IN_RESPONSE,
     ERROR_RESPONSE,
+    FIELD_MESSAGE,
+    FIELD_POSITION,
+    FIELD_SEVERITY,
+    FIELD_SEVERITY_NONLOCALIZED,
+    FIELD_SQLSTATE,
     NOTIFICATION_RESPONSE,
     PARAMETER_STATUS,
     READY_FOR_QUERY,
@@ -65,12 +70,6 @@ __all__ = ["Backend"]
 
 _unpack_i32 = struct.Struct("!i").unpack_from
 _PLAN_CHANGED: Final = b"0A000"  # feature_not_supported: "cached plan must not change ..."
-# ErrorResponse field codes (protocol-error-fields.html).
-_FIELD_SEVERITY: Final = ord("S")
-_FIELD_SEVERITY_V: Final = ord("V")  # not localized
-_FIELD_CODE: Final = ord("C")
-_FIELD_MESSAGE: Final = ord("M")
-_FIELD_POSITION: Final = ord("P")
 
 
 class Backend:
@@ -350,17 +349,18 @@ class Backend:
 
 
 def _error_code(frame: memoryview) -> bytes:
-    return dict(codec.parse_error_fields(bytes(frame[5:]))).get(_FIELD_CODE, b"")
+    return dict(codec.parse_error_fields(bytes(frame[5:]))).get(FIELD_SQLSTATE, b"")
 
 
 def _error_message(frame: memoryview) -> str:
     fields = dict(codec.parse_error_fields(bytes(frame[5:])))
-    return fields.get(_FIELD_MESSAGE, b"").decode("utf-8", "replace")
+    return fields.get(FIELD_MESSAGE, b"").decode("utf-8", "replace")
 
 
 def _is_fatal(frame: memoryview) -> bool:
     fields = dict(codec.parse_error_fields(bytes(frame[5:])))
-    return fields.get(_FIELD_SEVERITY_V, fields.get(_FIELD_SEVERITY, b"")) in (b"FATAL", b"PANIC")
+    severity = fields.get(FIELD_SEVERITY_NONLOCALIZED, fields.get(FIELD_SEVERITY, b""))
+    return severity in (b"FATAL", b"PANIC")
 
 
 def _shift_error(body: bytes, shift: int) -> bytes:
@@ -368,7 +368,7 @@ def _shift_error(body: bytes, shift: int) -> bytes:
     fields = codec.parse_error_fields(body)
     out: list[tuple[int, bytes]] = []
     for code, value in fields:
-        if code == _FIELD_POSITION:
+        if code == FIELD_POSITION:
             try:
                 position = int(value) - shift
             except ValueError:

@@ -29,6 +29,13 @@ __all__ = [
     "EMPTY_QUERY_RESPONSE",
     "ERROR_RESPONSE",
     "EXECUTE",
+    "FIELD_DETAIL",
+    "FIELD_HINT",
+    "FIELD_MESSAGE",
+    "FIELD_POSITION",
+    "FIELD_SEVERITY",
+    "FIELD_SEVERITY_NONLOCALIZED",
+    "FIELD_SQLSTATE",
     "FLUSH",
     "FUNCTION_CALL",
     "FUNCTION_CALL_RESPONSE",
@@ -49,6 +56,8 @@ __all__ = [
     "ROW_DESCRIPTION",
     "SSL_REQUEST_CODE",
     "SYNC",
+    "TARGET_PORTAL",
+    "TARGET_STATEMENT",
     "TERMINATE",
     "TXN_BLOCK",
     "TXN_FAILED",
@@ -146,6 +155,18 @@ ROW_DESCRIPTION: Final = BackendMsg.ROW_DESCRIPTION.value
 TXN_IDLE: Final = ord("I")  # not in a transaction block
 TXN_BLOCK: Final = ord("T")  # in a transaction block
 TXN_FAILED: Final = ord("E")  # in a failed transaction block
+
+# ErrorResponse/NoticeResponse field codes (PostgreSQL's PG_DIAG_*, protocol-error-fields).
+FIELD_SEVERITY: Final = ord("S")  # localized
+FIELD_SEVERITY_NONLOCALIZED: Final = ord("V")
+FIELD_SQLSTATE: Final = ord("C")
+FIELD_MESSAGE: Final = ord("M")
+FIELD_DETAIL: Final = ord("D")
+FIELD_HINT: Final = ord("H")
+FIELD_POSITION: Final = ord("P")
+# What a Describe or Close names: a prepared statement or a portal.
+TARGET_STATEMENT: Final = ord("S")
+TARGET_PORTAL: Final = ord("P")
 
 # Special startup-packet codes (the "protocol version" field of untyped first packets).
 PROTOCOL_3_0: Final = 196608  # 3 << 16

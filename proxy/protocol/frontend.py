@@ -56,6 +56,7 @@ from . import codec
 from .constants import (
     BIND,
     CLOSE,
+    CLOSE_COMPLETE,
     COPY_DATA,
     COPY_DONE,
     COPY_FAIL,
@@ -66,6 +67,7 @@ from .constants import (
     PARSE,
     QUERY,
     SYNC,
+    TARGET_STATEMENT,
     TXN_IDLE,
 )
 from .constants import TERMINATE as TERMINATE_MESSAGE
@@ -127,10 +129,9 @@ _CLIENT_EXTENDED: Final = frozenset((PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, FLUS
 # What a logged-in client may send.
 _CLIENT_TYPES: Final = _CLIENT_EXTENDED | _CLIENT_COPY | frozenset(
     (QUERY, SYNC, TERMINATE_MESSAGE, FUNCTION_CALL))
-_STATEMENT: Final = ord("S")  # Close/Describe target: a statement ('S') or a portal ('P')
 _QUERY_BYTE: Final = bytes((QUERY,))
 _SYNC_FRAME: Final = codec.sync()
-_CLOSE_COMPLETE: Final = codec.frame(ord("3"), b"")
+_CLOSE_COMPLETE: Final = codec.frame(CLOSE_COMPLETE, b"")
 _CLOSE_SYNTH: Final = Expected(ReplyKind.CLOSE, ReplyAction.SYNTH, _CLOSE_COMPLETE)
 _ROLLBACK: Final = re.compile(rb"(?i)\b(rollback|abort)\b")
 # The reset of a server that changes tenant (ARCHITECTURE §5: a server changes tenant
@@ -608,7 +609,7 @@ class Frontend:
         stmts = self.stmts
         what = buf[pos + 5] if end - pos > 5 else 0
         name = b""
-        if what == _STATEMENT:
+        if what == TARGET_STATEMENT:
             name, _ = codec.read_cstring(buf, pos + 6, limit=end)
             check_statement_name(name)
         mapped = stmts.client.get(name) if name else None
@@ -625,16 +626,16 @@ class Frontend:
         elif mapped is not None:
             out += buf[span:pos]
             global_name = stmts.use(out, mapped)
-            out += codec.frame(DESCRIBE, b"S" + global_name + b"\x00")
+            out += codec.frame(DESCRIBE, bytes((TARGET_STATEMENT,)) + global_name + b"\x00")
             self.ledger.expect(DESC_S_FWD)
             return end
-        elif what == _STATEMENT and not name:
+        elif what == TARGET_STATEMENT and not name:
             out += buf[span:pos]
             span = pos
             stmts.ensure_unnamed(out)
             self.ledger.expect(DESC_S_FWD)
         else:
-            self.ledger.expect(DESC_S_FWD if what == _STATEMENT else DESC_P_FWD)
+            self.ledger.expect(DESC_S_FWD if what == TARGET_STATEMENT else DESC_P_FWD)
         return span
 
     def _flush(self, buf: bytearray, pos: int, end: int, span: int, out: bytearray,

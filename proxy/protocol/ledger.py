@@ -45,9 +45,17 @@ from .constants import (
     BIND_COMPLETE,
     CLOSE_COMPLETE,
     COMMAND_COMPLETE,
+    COPY_BOTH_RESPONSE,
+    COPY_DATA,
+    COPY_DONE,
+    COPY_IN_RESPONSE,
+    COPY_OUT_RESPONSE,
+    DATA_ROW,
     EMPTY_QUERY_RESPONSE,
     ERROR_RESPONSE,
     NO_DATA,
+    NOTICE_RESPONSE,
+    NOTIFICATION_RESPONSE,
     PARAMETER_STATUS,
     PARSE_COMPLETE,
     PORTAL_SUSPENDED,
@@ -148,14 +156,16 @@ QUERY_FWD: Final = Expected(ReplyKind.QUERY, FWD)
 # Backend frames that always need a look: ReadyForQuery, ErrorResponse, ParameterStatus,
 # and CopyInResponse/CopyBothResponse (the server then ignores Syncs: see
 # Backend._copy_started).
-_SERVER_SPECIAL: Final = frozenset(b"ZESGW")
-# Frames that are neither counted nor dropped while dropping injected replies:
-# NoticeResponse, ParameterStatus, NotificationResponse.
-SERVER_ASYNC: Final = frozenset(b"NSA")
+_SERVER_SPECIAL: Final = frozenset((READY_FOR_QUERY, ERROR_RESPONSE, PARAMETER_STATUS,
+                                     COPY_IN_RESPONSE, COPY_BOTH_RESPONSE))
+# Frames that are neither counted nor dropped while dropping injected replies.
+SERVER_ASYNC: Final = frozenset((NOTICE_RESPONSE, PARAMETER_STATUS, NOTIFICATION_RESPONSE))
 NOT_A_REPLY: Final = frozenset((READY_FOR_QUERY, ERROR_RESPONSE, PARAMETER_STATUS)) | SERVER_ASYNC
 # Frame types forwarded without a look, by state of the head segment.
 PASS_ALL: Final = frozenset(range(256)) - _SERVER_SPECIAL
-PASS_EXEC: Final = frozenset(b"DdcHNA")  # rows and copy-out data of a forwarded Execute
+# Rows and copy-out data of a forwarded Execute (and notices, notifications on the way).
+PASS_EXEC: Final = frozenset((DATA_ROW, COPY_DATA, COPY_DONE, COPY_OUT_RESPONSE,
+                              NOTICE_RESPONSE, NOTIFICATION_RESPONSE))
 PASS_NONE: Final[frozenset[int]] = frozenset()
 
 

@@ -36,7 +36,7 @@ from collections import OrderedDict, deque
 from typing import Final
 
 from . import codec
-from .constants import CLOSE, PARSE
+from .constants import CLOSE, PARSE, PARSE_COMPLETE, TARGET_STATEMENT
 from .inject import CLOSE_UNNAMED_STATEMENT, CTX_CLOSE, CTX_PARSE
 from .ledger import (
     BIND_DROP,
@@ -67,7 +67,8 @@ _NAME_KEY: Final = secrets.token_bytes(16)
 # those hold only SELECT/DML, which cannot move the transaction status; or it does not exist
 # and its Execute fails. Not knowing is still treated as "may": the next request waits.
 UNKNOWN_TXN: Final = TXN_CONTROL
-_PARSE_COMPLETE: Final = codec.frame(ord("1"), b"")
+_PARSE_COMPLETE: Final = codec.frame(PARSE_COMPLETE, b"")
+_CLOSE_STATEMENT: Final = bytes((TARGET_STATEMENT,))
 _PARSE_SYNTH: Final = Expected(ReplyKind.PARSE, ReplyAction.SYNTH, _PARSE_COMPLETE)
 # The extended-protocol injection's replies once the context statement is ready:
 # Bind, Execute, Close of the unnamed portal, all the proxy's own.
@@ -188,7 +189,7 @@ class PreparedStatements:
         expect = self._ledger.expect
         server = self.server
         if server.get(name) is False:  # may still exist: Close (never fails) first
-            out += codec.frame(CLOSE, b"S" + name + b"\x00")
+            out += codec.frame(CLOSE, _CLOSE_STATEMENT + name + b"\x00")
             expect(CLOSE_DROP)
         out += codec.frame(PARSE, name + b"\x00" + sql + b"\x00" + types)
         expect(Expected(ReplyKind.PARSE, action, name))
@@ -196,7 +197,7 @@ class PreparedStatements:
         server.move_to_end(name)
         while len(server) > self.max_prepared:
             old, _ = server.popitem(last=False)
-            out += codec.frame(CLOSE, b"S" + old + b"\x00")
+            out += codec.frame(CLOSE, _CLOSE_STATEMENT + old + b"\x00")
             expect(CLOSE_DROP)
 
     def use(self, out: bytearray, mapped: tuple[bytes, bytes, bytes]) -> bytes:
