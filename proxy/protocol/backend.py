@@ -11,7 +11,7 @@ Theory of operation
 Frames are forwarded in contiguous spans; which types pass without a look depends on the
 head segment (``Ledger.pass_``): everything but ``Z``/``E``/``S`` normally, rows and copy
 data while a forwarded Execute runs, nothing while injected replies are owed. The rest go
-through ``_special``:
+through ``_ready`` (``Z``, the commonest) or ``_special``:
 
 * ``Z`` closes the head segment, checks that it owed nothing more, records the status and
   emits the SYNTH replies whose turn has come.
@@ -54,6 +54,7 @@ from .ledger import (
     NOT_A_REPLY,
     SERVER_ASYNC,
     SYNTH,
+    TERMINAL_OF,
     Expected,
     Ledger,
     ReplyKind,
@@ -145,7 +146,10 @@ class Backend:
             if pos > span:
                 chunks.append(mv[span:pos])
             span = end
-            replacement = self._special(t, data, pos, end)
+            if t == READY_FOR_QUERY:  # the commonest frame that needs a look: one call
+                replacement = self._ready(data, pos, end)
+            else:
+                replacement = self._special(t, data, pos, end)
             if replacement is not None:
                 chunks.append(replacement)
             if t == COPY_IN_RESPONSE and front.held:
@@ -166,12 +170,6 @@ class Backend:
         ledger = self.ledger
         head = ledger.pending[0] if ledger.pending else None
         frame = memoryview(data)[pos:end]
-        if t == READY_FOR_QUERY:
-            if head is None:
-                raise ServerProtocolError("ReadyForQuery with no request outstanding")
-            if end - pos != 6:
-                raise ServerProtocolError("malformed ReadyForQuery")
-            return self._ready(head, data[pos + 5], frame)
         if t == ERROR_RESPONSE:
             return self._error(head, frame)
         if t == PARAMETER_STATUS:
@@ -198,9 +196,15 @@ class Backend:
             ledger.update_pass()
         return frame
 
-    def _ready(self, head: Segment, status: int,
-               frame: memoryview) -> bytes | memoryview | None:
-        """ReadyForQuery closes ``head``. Returns: what the client gets for it."""
+    def _ready(self, data: bytes, pos: int, end: int) -> bytes | memoryview | None:
+        """A ReadyForQuery closes the head segment. Returns: what the client gets for it."""
+        ledger = self.ledger
+        if not ledger.pending:
+            raise ServerProtocolError("ReadyForQuery with no request outstanding")
+        if end - pos != 6:
+            raise ServerProtocolError("malformed ReadyForQuery")
+        head = ledger.pending[0]
+        status = data[pos + 5]
         if not head.failed and (head.drop or (head.expect and any(
                 e.action != SYNTH and e.kind != ReplyKind.QUERY for e in head.expect))):
             # Postgres answers every request of a segment before its ReadyForQuery, unless
@@ -210,7 +214,6 @@ class Backend:
             raise ServerProtocolError(
                 f"ReadyForQuery before the replies pgtenant expected ({head.drop} "
                 f"injected, requests {unanswered} unanswered)")
-        ledger = self.ledger
         front = self.front
         front.copy_in = False
         ledger.pending.popleft()
@@ -235,6 +238,7 @@ class Backend:
             if head.failed and head.split:
                 front.skip_to_sync = True  # the rest of the client's batch must not run
             return owed or None
+        frame = memoryview(data)[pos:end]
         if owed:
             return owed + bytes(frame)
         if head.await_first and head.drop == 0:
@@ -319,7 +323,7 @@ class Backend:
         forward = entry.action == FWD
         if t in SERVER_ASYNC:
             return frame if forward or t == NOTIFICATION_RESPONSE else None
-        if t not in entry.terminal:
+        if t not in TERMINAL_OF[entry.kind]:
             return frame if forward else None
         expect.popleft()
         owed = b""

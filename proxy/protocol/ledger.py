@@ -133,11 +133,6 @@ class Expected:
     action: ReplyAction
     data: bytes | None = None
 
-    @property
-    def terminal(self) -> frozenset[int]:
-        """The reply types that complete this request."""
-        return TERMINAL_OF[self.kind]
-
 
 # The entries that carry no data, shared (an Expected is immutable): no allocation per request.
 # Only a Bind of a renamed statement makes its own entry, whose identity replay.py relies on.

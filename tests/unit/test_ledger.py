@@ -39,9 +39,9 @@ def test_expected_entries_are_immutable_so_constants_can_be_shared() -> None:
 
 def test_every_kind_has_its_terminal_replies() -> None:
     assert len(TERMINAL_OF) == len(ReplyKind)
-    assert Expected(ReplyKind.EXECUTE, FWD).terminal == frozenset(b"CIs")
-    assert Expected(ReplyKind.DESCRIBE_STATEMENT, FWD).terminal == frozenset(b"Tn")
-    assert Expected(ReplyKind.QUERY, FWD).terminal == frozenset()
+    assert TERMINAL_OF[ReplyKind.EXECUTE] == frozenset(b"CIs")
+    assert TERMINAL_OF[ReplyKind.DESCRIBE_STATEMENT] == frozenset(b"Tn")
+    assert TERMINAL_OF[ReplyKind.QUERY] == frozenset()
 
 
 def test_synth_reply_whose_turn_came_is_answered_at_once() -> None:
