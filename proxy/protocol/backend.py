@@ -1,7 +1,7 @@
 """Server -> client: matching every server frame against the ledger, forwarding in bulk.
 
-Owns the server-side framing state (an incomplete frame kept for the next read, the rest of a
-large frame being forwarded) and a FATAL the server sent unasked. Every frame is checked
+Owns a FATAL the server sent unasked and the flag that a healed batch waits to be pumped
+again; the stream position (a frame cut by a read) is the ledger's. Every frame is checked
 against the ledger (ledger.py); ReadyForQuery settles the segment's settings (settings.py);
 errors mark statements stale (prepared.py) and may heal a plan change (replay.py) by putting
 the client's batch back in front of the client side's buffer (frontend.py). No I/O.
@@ -86,15 +86,8 @@ class Backend:
         # A FATAL the server sent while the client awaited nothing (pg_terminate_backend):
         # kept until the socket closes, so the client gets error and close together.
         self.unsolicited_fatal: bytes | None = None
-        self.leftover = b""  # incomplete server frame
-        self.remaining = 0  # bytes of a large pass-through frame still to forward
         # A healed batch (replay.py) was put back at the head of cbuf: pump it again.
         self._replay_ready = False
-
-    def attach(self) -> None:
-        """A server was attached: nothing of a previous server's bytes is kept."""
-        self.leftover = b""
-        self.remaining = 0
 
     def feed(self, data: bytes) -> tuple[list[bytes | memoryview], bool]:
         """Handle bytes from the attached server.
@@ -102,20 +95,20 @@ class Backend:
         Returns: (chunks for the client, whether a held client segment may now proceed).
         Raises: ServerProtocolError when the server breaks the protocol.
         """
-        if self.leftover:
-            data = self.leftover + data
-            self.leftover = b""
+        ledger = self.ledger
+        if ledger.leftover:
+            data = ledger.leftover + data
+            ledger.leftover = b""
         mv = memoryview(data)
         n = len(data)
         pos = 0
         chunks: list[bytes | memoryview] = []
         resume = False
-        if self.remaining:
-            take = min(self.remaining, n)
-            self.remaining -= take
+        if ledger.remaining:
+            take = min(ledger.remaining, n)
+            ledger.remaining -= take
             pos = take
         span = 0
-        ledger = self.ledger
         head = ledger.pending[0] if ledger.pending else None
         injection = self.settings.injection
         if (head is not None and pos == 0 and head.drop == injection.q_drop
@@ -136,7 +129,7 @@ class Backend:
             end = pos + 1 + length
             if t in ledger.pass_:
                 if end > n:
-                    self.remaining = end - n
+                    ledger.remaining = end - n
                     pos = n
                     break
                 pos = end
@@ -162,7 +155,7 @@ class Backend:
         if pos > span:
             chunks.append(mv[span:pos])
         if pos < n:
-            self.leftover = bytes(data[pos:])
+            ledger.leftover = bytes(data[pos:])
         return chunks, resume
 
     def _special(self, t: int, data: bytes, pos: int, end: int) -> bytes | memoryview | None:

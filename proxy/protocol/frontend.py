@@ -85,6 +85,7 @@ from .ledger import (
     ReplyAction,
     ReplyKind,
     Segment,
+    expected,
 )
 from .prepared import UNKNOWN_TXN, PreparedStatements
 from .refusal import FUNCTION_CALL_REFUSAL, check_statement_name, refusal_sql, refused_parse
@@ -293,6 +294,7 @@ class Frontend:
         out = bytearray()
         reply = bytearray()
         outcome: Pump = IDLE
+        dispatch = self._dispatch
         while n - pos >= 1:
             t = buf[pos]
             if t not in _CLIENT_TYPES:
@@ -418,7 +420,7 @@ class Frontend:
                 ledger.mark_txn(seg)
                 pos = end
                 continue
-            handler = self._dispatch.get(t)
+            handler = dispatch.get(t)
             if handler is not None:
                 fresh = False
                 if not self.open_extended:
@@ -583,7 +585,7 @@ class Frontend:
         out += buf[span:pos]
         global_name = stmts.use(out, mapped)
         out += codec.frame(BIND, portal + b"\x00" + global_name + b"\x00" + bytes(buf[rest:end]))
-        entry = Expected(ReplyKind.BIND, ReplyAction.FWD, global_name)
+        entry = expected(ReplyKind.BIND, ReplyAction.FWD, global_name)  # its own: replay.py
         self.ledger.expect(entry)
         if fresh and end - pos <= REPLAY_LIMIT:
             seg.replay = Replay(entry, buf[pos:end])

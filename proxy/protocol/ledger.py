@@ -2,7 +2,8 @@
 
 Owns the in-flight model of the server (``Ledger``): the segments sent and not yet closed by
 a ReadyForQuery, the transaction status the server last reported, how many segments in flight
-may change it, and which frame types may pass without a look. It does not own what the
+may change it, which frame types may pass without a look, and where the server's byte stream
+stands (a frame cut by a read). It does not own what the
 requests were made of (prepared.py, settings.py) nor the byte framing (frontend.py,
 backend.py). No I/O.
 
@@ -81,6 +82,7 @@ __all__ = [
     "ReplyAction",
     "ReplyKind",
     "Segment",
+    "expected",
 ]
 
 
@@ -108,6 +110,9 @@ FWD: Final = ReplyAction.FWD
 DROP: Final = ReplyAction.DROP
 SYNTH: Final = ReplyAction.SYNTH
 
+_EXECUTE: Final = ReplyKind.EXECUTE  # module-level aliases for the hot path (Rule 9)
+_QUERY: Final = ReplyKind.QUERY
+
 # The reply that completes each kind of request ('t' comes before a statement's 'T'/'n'),
 # indexed by ReplyKind. A Query's replies end only with its ReadyForQuery.
 TERMINAL_OF: Final[tuple[frozenset[int], ...]] = (
@@ -132,6 +137,23 @@ class Expected:
     kind: ReplyKind
     action: ReplyAction
     data: bytes | None = None
+
+
+_new_object = object.__new__
+# The slots' own setters: what the frozen dataclass's __init__ does through
+# object.__setattr__, at half the cost (a Bind of a renamed statement makes one per request).
+_set_kind = Expected.__dict__["kind"].__set__
+_set_action = Expected.__dict__["action"].__set__
+_set_data = Expected.__dict__["data"].__set__
+
+
+def expected(kind: ReplyKind, action: ReplyAction, data: bytes | None) -> Expected:
+    """Returns: a new ``Expected`` (the hot-path form of ``Expected(kind, action, data)``)."""
+    entry: Expected = _new_object(Expected)
+    _set_kind(entry, kind)
+    _set_action(entry, action)
+    _set_data(entry, data)
+    return entry
 
 
 # The entries that carry no data, shared (an Expected is immutable): no allocation per request.
@@ -203,7 +225,7 @@ def _no_clock() -> float:
 class Ledger:
     """The segments in flight on the attached server and the status it last reported."""
 
-    __slots__ = ("clock", "pass_", "pending", "status", "unsure")
+    __slots__ = ("clock", "leftover", "pass_", "pending", "remaining", "status", "unsure")
 
     def __init__(self) -> None:
         self.pending: deque[Segment] = deque()
@@ -212,6 +234,9 @@ class Ledger:
         # Which frame types the head segment lets through without a look (update_pass).
         self.pass_: frozenset[int] = PASS_NONE
         self.clock: Callable[[], float] = _no_clock  # the owner's monotonic clock
+        # Where the server's byte stream stands: a frame cut by a read is owed too.
+        self.leftover = b""  # incomplete server frame
+        self.remaining = 0  # bytes of a large pass-through frame still to forward
 
     def reset(self) -> None:
         """A server was attached: it is idle and owes nothing (pool invariant)."""
@@ -219,6 +244,8 @@ class Ledger:
         self.pending.clear()
         self.status = TXN_IDLE
         self.unsure = 0
+        self.leftover = b""
+        self.remaining = 0
 
     def push(self, seg: Segment) -> None:
         """``seg`` was sent: its replies come after those of every segment before it."""
@@ -258,9 +285,9 @@ class Ledger:
             self.pass_ = PASS_NONE  # nothing is owed: anything but async frames is wrong
         elif head.expect is not None:
             entry = head.expect[0] if head.expect else None
-            if entry is not None and entry.kind == ReplyKind.EXECUTE and entry.action == FWD:
+            if entry is not None and entry.kind == _EXECUTE and entry.action == FWD:
                 self.pass_ = PASS_EXEC
-            elif entry is not None and entry.kind == ReplyKind.QUERY:
+            elif entry is not None and entry.kind == _QUERY:
                 self.pass_ = PASS_ALL
             else:
                 self.pass_ = PASS_NONE

@@ -120,7 +120,6 @@ class Link:
         self._stmts.attach(prepared, ctx_state)
         self._settings.attach(server_encoding, reset, reset_encoding)
         self._front.attach()
-        self._back.attach()
 
     def detach(self) -> int:
         """The server goes away (released or closed). Returns: its context-statement state."""
@@ -135,8 +134,8 @@ class Link:
             and not self.pending
             and self._ledger.status == TXN_IDLE
             and not self._front.open_extended
-            and not self._back.leftover
-            and not self._back.remaining
+            and not self._ledger.leftover
+            and not self._ledger.remaining
         )
 
     @property

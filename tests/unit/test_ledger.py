@@ -21,6 +21,7 @@ from proxy.protocol.ledger import (
     Ledger,
     ReplyKind,
     Segment,
+    expected,
 )
 
 
@@ -35,6 +36,10 @@ def test_expected_entries_are_immutable_so_constants_can_be_shared() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(BIND_FWD, "action", DROP)  # noqa: B010 (the attribute assignment is the test)
     assert Expected(ReplyKind.BIND, FWD) == BIND_FWD
+    fast = expected(ReplyKind.BIND, FWD, b"g")
+    assert fast == Expected(ReplyKind.BIND, FWD, b"g") and fast is not BIND_FWD
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(fast, "data", None)  # noqa: B010 (the attribute assignment is the test)
 
 
 def test_every_kind_has_its_terminal_replies() -> None:
