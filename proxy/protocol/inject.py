@@ -72,7 +72,7 @@ EXECUTE_UNNAMED: Final = codec.execute("", 0)
 CLOSE_UNNAMED_PORTAL: Final = codec.frame(CLOSE, bytes((TARGET_PORTAL, 0)))
 # The unnamed statement outlives Sync on a server; a previous client's must not be Bound by
 # the next one. Sent once per attachment, before a Bind/Describe of "" by a client that has
-# not parsed an unnamed statement of its own (see Link._ensure_unnamed).
+# not parsed an unnamed statement of its own (see PreparedStatements.ensure_unnamed).
 CLOSE_UNNAMED_STATEMENT: Final = codec.frame(CLOSE, bytes((TARGET_STATEMENT, 0)))
 
 # Core settings flagged GUC_LIST_QUOTE (guc_tables.c): SET quotes a string literal given
