@@ -6,7 +6,7 @@ DISCARD, LOAD, ALTER SYSTEM, COPY to/from programs or server files, dynamic-SQL 
 DO blocks) and statements that cannot run inside the transaction block every tenant
 transaction is. Parsing is pglast (libpg_query: the server's own grammar), and verdicts are
 cached by query text so the cost is paid once per distinct statement. It does not own how a
-refusal reaches the client (``protocol/tracker.py`` rewrites the request so that Postgres
+refusal reaches the client (``protocol/frontend.py`` rewrites the request so that Postgres
 itself raises the error, keeping replies in order and transaction state exact).
 """
 

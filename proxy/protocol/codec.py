@@ -11,7 +11,33 @@ from collections.abc import Iterable, Sequence
 from typing import Final
 
 from ..errors import ClientProtocolError, ServerProtocolError
-from .constants import PROTOCOL_3_0
+from .constants import (
+    AUTHENTICATION,
+    BACKEND_KEY_DATA,
+    BIND,
+    COMMAND_COMPLETE,
+    DATA_ROW,
+    EMPTY_QUERY_RESPONSE,
+    ERROR_RESPONSE,
+    EXECUTE,
+    FIELD_DETAIL,
+    FIELD_HINT,
+    FIELD_MESSAGE,
+    FIELD_SEVERITY,
+    FIELD_SEVERITY_NONLOCALIZED,
+    FIELD_SQLSTATE,
+    NEGOTIATE_PROTOCOL_VERSION,
+    NOTICE_RESPONSE,
+    PARAMETER_STATUS,
+    PARSE,
+    PASSWORD,
+    PROTOCOL_3_0,
+    QUERY,
+    READY_FOR_QUERY,
+    ROW_DESCRIPTION,
+    SYNC,
+    TERMINATE,
+)
 
 __all__ = [
     "HEADER",
@@ -87,64 +113,64 @@ def encode_error_fields(fields: Iterable[tuple[int, bytes]]) -> bytes:
 def _report(msg_type: int, severity: str, sqlstate: str, message: str,
             detail: str | None, hint: str | None) -> bytes:
     fields: list[tuple[int, bytes]] = [
-        (ord("S"), severity.encode()),
-        (ord("V"), severity.encode()),
-        (ord("C"), sqlstate.encode()),
-        (ord("M"), message.encode("utf-8", "replace").replace(b"\x00", b"")),
+        (FIELD_SEVERITY, severity.encode()),
+        (FIELD_SEVERITY_NONLOCALIZED, severity.encode()),
+        (FIELD_SQLSTATE, sqlstate.encode()),
+        (FIELD_MESSAGE, message.encode("utf-8", "replace").replace(b"\x00", b"")),
     ]
     if detail:
-        fields.append((ord("D"), detail.encode("utf-8", "replace").replace(b"\x00", b"")))
+        fields.append((FIELD_DETAIL, detail.encode("utf-8", "replace").replace(b"\x00", b"")))
     if hint:
-        fields.append((ord("H"), hint.encode("utf-8", "replace").replace(b"\x00", b"")))
+        fields.append((FIELD_HINT, hint.encode("utf-8", "replace").replace(b"\x00", b"")))
     return frame(msg_type, encode_error_fields(fields))
 
 
 def error_response(sqlstate: str, message: str, *, severity: str = "ERROR",
                    detail: str | None = None, hint: str | None = None) -> bytes:
     """Returns: an ErrorResponse ('E') message."""
-    return _report(ord("E"), severity, sqlstate, message, detail, hint)
+    return _report(ERROR_RESPONSE, severity, sqlstate, message, detail, hint)
 
 
 def notice_response(sqlstate: str, message: str, *, severity: str = "NOTICE",
                     detail: str | None = None, hint: str | None = None) -> bytes:
     """Returns: a NoticeResponse ('N') message."""
-    return _report(ord("N"), severity, sqlstate, message, detail, hint)
+    return _report(NOTICE_RESPONSE, severity, sqlstate, message, detail, hint)
 
 
 def auth_request(code: int, extra: bytes = b"") -> bytes:
     """Returns: an Authentication ('R') message with sub-code ``code``."""
-    return frame(ord("R"), _pack_i32(code) + extra)
+    return frame(AUTHENTICATION, _pack_i32(code) + extra)
 
 
 def parameter_status(name: str, value: str) -> bytes:
     """Returns: a ParameterStatus ('S') message."""
-    return frame(ord("S"), _cstr(name) + _cstr(value))
+    return frame(PARAMETER_STATUS, _cstr(name) + _cstr(value))
 
 
 def backend_key_data(pid: int, secret: int) -> bytes:
     """Returns: a BackendKeyData ('K') message (protocol 3.0: two int32)."""
-    return frame(ord("K"), _pack_i32(pid) + _pack_i32(secret))
+    return frame(BACKEND_KEY_DATA, _pack_i32(pid) + _pack_i32(secret))
 
 
 def negotiate_protocol_version(newest_minor: int, unrecognized: Sequence[str]) -> bytes:
     """Returns: a NegotiateProtocolVersion ('v') message."""
     body = _pack_i32(newest_minor) + _pack_i32(len(unrecognized))
-    return frame(ord("v"), body + b"".join(_cstr(name) for name in unrecognized))
+    return frame(NEGOTIATE_PROTOCOL_VERSION, body + b"".join(_cstr(name) for name in unrecognized))
 
 
 def ready_for_query(status: bytes) -> bytes:
     """Returns: a ReadyForQuery ('Z') message with status b'I', b'T' or b'E'."""
-    return frame(ord("Z"), status)
+    return frame(READY_FOR_QUERY, status)
 
 
 def empty_query_response() -> bytes:
     """Returns: an EmptyQueryResponse ('I') message."""
-    return frame(ord("I"), b"")
+    return frame(EMPTY_QUERY_RESPONSE, b"")
 
 
 def command_complete(tag: str) -> bytes:
     """Returns: a CommandComplete ('C') message."""
-    return frame(ord("C"), _cstr(tag))
+    return frame(COMMAND_COMPLETE, _cstr(tag))
 
 
 _TEXT_OID: Final = 25
@@ -158,7 +184,7 @@ def row_description(columns: Sequence[tuple[str, bool]]) -> bytes:
     for name, is_int in columns:
         oid, size = (_INT8_OID, 8) if is_int else (_TEXT_OID, -1)
         body += _cstr(name) + struct.pack("!ihihih", 0, 0, oid, size, -1, 0)
-    return frame(ord("T"), bytes(body))
+    return frame(ROW_DESCRIPTION, bytes(body))
 
 
 def data_row(values: Sequence[object]) -> bytes:
@@ -170,7 +196,7 @@ def data_row(values: Sequence[object]) -> bytes:
             continue
         data = str(value).encode()
         body += _pack_i32(len(data)) + data
-    return frame(ord("D"), bytes(body))
+    return frame(DATA_ROW, bytes(body))
 
 
 # ------------------------------------------------------------------ frontend messages we make
@@ -188,29 +214,29 @@ def cancel_request(pid: int, secret: int) -> bytes:
 
 def password_message(password: bytes) -> bytes:
     """Returns: a PasswordMessage ('p'), NUL-terminated."""
-    return frame(ord("p"), password + b"\x00")
+    return frame(PASSWORD, password + b"\x00")
 
 
 def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
     """Returns: a SASLInitialResponse ('p')."""
-    return frame(ord("p"), _cstr(mechanism) + _pack_i32(len(data)) + data)
+    return frame(PASSWORD, _cstr(mechanism) + _pack_i32(len(data)) + data)
 
 
 def sasl_response(data: bytes) -> bytes:
     """Returns: a SASLResponse ('p')."""
-    return frame(ord("p"), data)
+    return frame(PASSWORD, data)
 
 
 def query(text: str | bytes) -> bytes:
     """Returns: a simple Query ('Q')."""
-    return frame(ord("Q"), _cstr(text))
+    return frame(QUERY, _cstr(text))
 
 
 def parse(name: str, text: str, param_types: Sequence[int] = ()) -> bytes:
     """Returns: a Parse ('P') message."""
     body = _cstr(name) + _cstr(text) + _pack_i16(len(param_types))
     body += b"".join(_pack_i32(t) for t in param_types)
-    return frame(ord("P"), body)
+    return frame(PARSE, body)
 
 
 def bind(portal: str, statement: str, params: Sequence[bytes | None]) -> bytes:
@@ -219,22 +245,22 @@ def bind(portal: str, statement: str, params: Sequence[bytes | None]) -> bytes:
     for value in params:
         body += _pack_i32(-1) if value is None else _pack_i32(len(value)) + value
     body += _pack_i16(0)
-    return frame(ord("B"), body)
+    return frame(BIND, body)
 
 
 def execute(portal: str = "", max_rows: int = 0) -> bytes:
     """Returns: an Execute ('E') message."""
-    return frame(ord("E"), _cstr(portal) + _pack_i32(max_rows))
+    return frame(EXECUTE, _cstr(portal) + _pack_i32(max_rows))
 
 
 def sync() -> bytes:
     """Returns: a Sync ('S') message."""
-    return frame(ord("S"), b"")
+    return frame(SYNC, b"")
 
 
 def terminate() -> bytes:
     """Returns: a Terminate ('X') message."""
-    return frame(ord("X"), b"")
+    return frame(TERMINATE, b"")
 
 
 # ------------------------------------------------------------------ decoders

@@ -26,6 +26,15 @@ from .constants import (
     AUTH_SASL,
     AUTH_SASL_CONTINUE,
     AUTH_SASL_FINAL,
+    AUTHENTICATION,
+    BACKEND_KEY_DATA,
+    ERROR_RESPONSE,
+    FIELD_MESSAGE,
+    FIELD_SQLSTATE,
+    NEGOTIATE_PROTOCOL_VERSION,
+    NOTICE_RESPONSE,
+    PARAMETER_STATUS,
+    READY_FOR_QUERY,
 )
 
 __all__ = [
@@ -125,20 +134,13 @@ class ScramClient:
             raise ServerLoginFailed("SCRAM server signature does not verify")
 
 
-_R = ord("R")
-_S = ord("S")
-_K = ord("K")
-_Z = ord("Z")
-_E = ord("E")
-_N = ord("N")
-_V = ord("v")
 _unpack_i32 = struct.Struct("!i").unpack_from
 
 
 def _error_text(body: bytes) -> tuple[str, str]:
     fields = dict(codec.parse_error_fields(body))
-    sqlstate = fields.get(ord("C"), b"").decode("ascii", "replace")
-    return sqlstate, fields.get(ord("M"), b"").decode("utf-8", "replace")
+    sqlstate = fields.get(FIELD_SQLSTATE, b"").decode("ascii", "replace")
+    return sqlstate, fields.get(FIELD_MESSAGE, b"").decode("utf-8", "replace")
 
 
 def server_login(user: str, password: str | None, database: str,
@@ -157,7 +159,7 @@ def server_login(user: str, password: str | None, database: str,
         msg = yield RECV
         assert msg is not None
         msg_type, body = msg
-        if msg_type == _R:
+        if msg_type == AUTHENTICATION:
             if len(body) < 4:
                 raise ServerProtocolError("short Authentication message from backend")
             (code,) = _unpack_i32(body, 0)
@@ -187,19 +189,19 @@ def server_login(user: str, password: str | None, database: str,
                     raise ServerLoginFailed(f"backend offers no SCRAM-SHA-256: {mechanisms!r}")
                 scram = ScramClient(password)
                 yield Send(codec.sasl_initial_response(ScramClient.MECHANISM, scram.client_first()))
-        elif msg_type == _S:
+        elif msg_type == PARAMETER_STATUS:
             name, value = codec.parse_parameter_status(body)
             result.parameters[name] = value
-        elif msg_type == _K:
+        elif msg_type == BACKEND_KEY_DATA:
             if len(body) < 8:
                 raise ServerProtocolError("short BackendKeyData")
             result.backend_pid, result.backend_secret = struct.unpack_from("!ii", body, 0)
-        elif msg_type == _Z:
+        elif msg_type == READY_FOR_QUERY:
             return result
-        elif msg_type == _E:
+        elif msg_type == ERROR_RESPONSE:
             sqlstate, message = _error_text(body)
             raise ServerLoginFailed(f"backend refused login of {user!r}: {message} ({sqlstate})")
-        elif msg_type in (_N, _V):
+        elif msg_type in (NOTICE_RESPONSE, NEGOTIATE_PROTOCOL_VERSION):
             continue
         else:
             raise ServerProtocolError(f"unexpected message {chr(msg_type)!r} during backend login")

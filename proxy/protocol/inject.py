@@ -24,6 +24,7 @@ from typing import Final
 
 from ..identity.context import TenantContext, context_signature, quote_ident, quote_literal
 from . import codec
+from .constants import CLOSE, COMMAND_COMPLETE, TARGET_PORTAL, TARGET_STATEMENT
 
 __all__ = [
     "CLOSE_UNNAMED_PORTAL",
@@ -64,15 +65,15 @@ _TEXT_OID: Final = 25
 CTX_PARSE: Final = codec.parse(CTX_STATEMENT, CTX_SQL, (_TEXT_OID,) * _CTX_PARAMS)
 # Close of a statement that does not exist is not an error, so Close+Parse re-establishes
 # the statement when we cannot be sure it survived (DEALLOCATE ALL, DISCARD ALL, errors).
-CTX_CLOSE: Final = codec.frame(ord("C"), b"S" + CTX_STATEMENT.encode() + b"\x00")
+CTX_CLOSE: Final = codec.frame(CLOSE, bytes((TARGET_STATEMENT,)) + CTX_STATEMENT.encode() + b"\x00")
 EXECUTE_UNNAMED: Final = codec.execute("", 0)
 # Close the unnamed portal the injection used, so a client's Describe/Execute of portal ""
 # without its own Bind gets Postgres's 34000 instead of the proxy's portal (see #3).
-CLOSE_UNNAMED_PORTAL: Final = codec.frame(ord("C"), b"P\x00")
+CLOSE_UNNAMED_PORTAL: Final = codec.frame(CLOSE, bytes((TARGET_PORTAL, 0)))
 # The unnamed statement outlives Sync on a server; a previous client's must not be Bound by
 # the next one. Sent once per attachment, before a Bind/Describe of "" by a client that has
-# not parsed an unnamed statement of its own (see Link._ensure_unnamed).
-CLOSE_UNNAMED_STATEMENT: Final = codec.frame(ord("C"), b"S\x00")
+# not parsed an unnamed statement of its own (see PreparedStatements.ensure_unnamed).
+CLOSE_UNNAMED_STATEMENT: Final = codec.frame(CLOSE, bytes((TARGET_STATEMENT, 0)))
 
 # Core settings flagged GUC_LIST_QUOTE (guc_tables.c): SET quotes a string literal given
 # for them as one identifier, so they are injected with set_config instead.
@@ -81,7 +82,7 @@ _LIST_QUOTE_SETTINGS: Final = frozenset({
     "local_preload_libraries", "shared_preload_libraries", "unix_socket_directories"})
 # Replies the server sends for the injected part, which the client must never see:
 Q_DROP: Final = 3  # of a SELECT set_config(...): RowDescription, DataRow, CommandComplete
-SET_COMPLETE: Final = codec.frame(ord("C"), b"SET\x00")  # the reply to each SET LOCAL
+SET_COMPLETE: Final = codec.frame(COMMAND_COMPLETE, b"SET\x00")  # the reply to each SET LOCAL
 # BindComplete, DataRow, CommandComplete, CloseComplete (+1 ParseComplete, +1 CloseComplete)
 EXT_DROP: Final = 4
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 from typing import Final
 
 from . import codec
+from .constants import BIND, CLOSE, DESCRIBE, EXECUTE, FLUSH, SYNC, TARGET_PORTAL
+from .ledger import Expected
 
 __all__ = ["Replay"]
 
 LIMIT: Final = 64 * 1024  # bytes of client batch kept for a retry; larger ones are not healed
 
-_B, _D, _E, _H, _C, _S = (ord(c) for c in "BDEHCS")
 
 
 class Replay:
@@ -37,7 +38,7 @@ class Replay:
 
     __slots__ = ("complete", "data", "described", "entry")
 
-    def __init__(self, entry: list[object], bind: bytes | bytearray):
+    def __init__(self, entry: Expected, bind: bytes | bytearray):
         # The reply-queue entry of the opening Bind: only its error is healed.
         self.entry = entry
         self.data = bytearray(bind)
@@ -51,23 +52,23 @@ class Replay:
         """
         if self.complete or len(self.data) + len(frame) > LIMIT:
             return False
-        if t == _B:
+        if t == BIND:
             portal, _ = codec.read_cstring(frame, 5, limit=len(frame))
             self.described.discard(portal)
-        elif t == _D:
-            if len(frame) > 5 and frame[5] == ord("P"):
+        elif t == DESCRIBE:
+            if len(frame) > 5 and frame[5] == TARGET_PORTAL:
                 portal, _ = codec.read_cstring(frame, 6, limit=len(frame))
                 self.described.add(portal)
-        elif t == _E:
+        elif t == EXECUTE:
             portal, _ = codec.read_cstring(frame, 5, limit=len(frame))
             if portal not in self.described:
                 return False  # the client reads these rows with a description it cached
-        elif t == _C:
-            if len(frame) <= 5 or frame[5] != ord("P"):
+        elif t == CLOSE:
+            if len(frame) <= 5 or frame[5] != TARGET_PORTAL:
                 return False  # closing a statement: the retry would Bind a forgotten name
-        elif t == _S:
+        elif t == SYNC:
             self.complete = True
-        elif t != _H:
+        elif t != FLUSH:
             return False  # Parse, Query, FunctionCall: answered or run once already
         self.data += frame
         return True

@@ -42,7 +42,7 @@ SESSION_STATE: Final = 4  # may leave state that outlives the transaction
 TXN_END: Final = 8  # may end the transaction (COMMIT, ROLLBACK, PREPARE TRANSACTION, CALL)
 # May put the server in COPY-in mode (COPY ... FROM STDIN, or EXECUTE of a statement that
 # might be one): the tracker waits for its replies before the next request, so that the
-# server's CopyInResponse tells exactly which Syncs it will ignore (see tracker.py).
+# server's CopyInResponse tells exactly which Syncs it will ignore (see backend.py, _copy_started).
 MAY_COPY_IN: Final = 16
 
 # What may change the transaction status is a closed set of statements in Postgres's

@@ -93,6 +93,24 @@ def test_relative_imports_are_resolved_against_the_package() -> None:
 def test_protocol_package_has_the_expected_modules() -> None:
     names = {p.stem for p in MODULES}
     assert {"__init__", "codec", "constants", "handshake", "inject", "tracker"} <= names
+    assert set(TRACKER_LAYERS_FLAT) <= names
+
+
+# The link tracker's parts, in dependency order: a module may import only those of earlier
+# layers (tracker.py composes the rest). Keeps the split acyclic (a DAG, not a knot).
+TRACKER_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("ledger",), ("prepared", "settings"), ("frontend",), ("backend",), ("tracker",))
+TRACKER_LAYERS_FLAT = tuple(name for layer in TRACKER_LAYERS for name in layer)
+
+
+@pytest.mark.parametrize("name", TRACKER_LAYERS_FLAT)
+def test_tracker_parts_import_only_earlier_layers(name: str) -> None:
+    depth = next(i for i, layer in enumerate(TRACKER_LAYERS) if name in layer)
+    allowed = {n for layer in TRACKER_LAYERS[:depth] for n in layer}
+    imported = imports_of(PROTOCOL / f"{name}.py")
+    parts = {n.rsplit(".", 1)[-1] for n in imported if n.startswith("proxy.protocol.")}
+    bad = (parts & set(TRACKER_LAYERS_FLAT)) - allowed
+    assert not bad, f"{name}.py imports {sorted(bad)}, of its own layer or a later one"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
@@ -148,7 +166,7 @@ def test_codec_handshake_and_constants_load_nothing_above_them(
         assert not _violations(loaded[f"proxy.protocol.{name}"], UPWARD), name
 
 
-@pytest.mark.parametrize("name", ["inject", "tracker"])
+@pytest.mark.parametrize("name", ["inject", *TRACKER_LAYERS_FLAT])
 def test_inject_and_tracker_load_nothing_above_them(
     name: str, loaded: dict[str, set[str]]
 ) -> None:

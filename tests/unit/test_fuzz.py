@@ -235,7 +235,7 @@ def test_attached_pump_forwards_every_client_byte_in_order(frames: list[bytes],
     link.attach(CTX_NONE)
     # Those would look injected; named statements are renamed on purpose (issue #4); copy
     # messages are dropped on purpose while the server has not said a COPY runs (as
-    # Postgres itself ignores them outside COPY; see Link._copy_started).
+    # Postgres itself ignores them outside COPY; see Backend._copy_started in protocol/backend.py).
     data = b"".join(f for f in frames
                     if f not in (CTX_CLOSE, CLOSE_UNNAMED_STATEMENT) and not _names_statement(f)
                     and f[:1] not in (b"d", b"c", b"f"))

@@ -306,7 +306,7 @@ def test_session_state_marks_the_link_dirty_until_the_next_attach() -> None:
 def test_named_parse_is_renamed_to_a_global_statement_not_left_dirty() -> None:
     link = make_link()
     out = start(link, codec.parse("s1", "SELECT 1") + codec.sync())
-    global_name = link._client_stmts[b"s1"][0]
+    global_name = link.client_statements[b"s1"][0]
     assert global_name.startswith(b"__pgtenant_p")
     assert out.endswith(codec.parse(global_name.decode(), "SELECT 1") + codec.sync())
     assert not link.session_dirty and global_name in link.prepared
@@ -331,7 +331,7 @@ def test_refused_parse_keeps_name_and_parameters() -> None:
     parse = codec.parse("s", "SELECT set_config('ROLE', $1, $2)", (25,))
     to_server = start(link, parse + codec.sync(), ctx_state=CTX_READY)
     refusal = "CALL pgtenant.refuse('pgtenant: no', $1::text, $2::text)"
-    global_name = link._client_stmts[b"s"][0].decode()
+    global_name = link.client_statements[b"s"][0].decode()
     expected = codec.parse(global_name, refusal, (25,))
     assert to_server == (link.injection.ext_bind + EXECUTE_UNNAMED
                          + CLOSE_UNNAMED_PORTAL + expected + codec.sync())
@@ -474,7 +474,7 @@ INJ_READY = BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
 def test_statement_already_on_the_server_gets_a_synthetic_parse_complete_in_order() -> None:
     link = make_link()
     first = start(link, codec.parse("q", "SELECT 1") + codec.sync(), ctx_state=CTX_READY)
-    global_name = link._client_stmts[b"q"][0]
+    global_name = link.client_statements[b"q"][0]
     assert codec.parse(global_name.decode(), "SELECT 1") in first
     server_sends(link, INJ_READY + PARSE_COMPLETE + Z_I)
     prepared = link.prepared
@@ -499,7 +499,7 @@ def test_statement_missing_on_this_server_is_prepared_again_quietly() -> None:
     client_sends(link, codec.bind("", "q", []) + codec.execute("", 0) + codec.sync())
     link.attach(CTX_READY)  # another server: nothing prepared there
     out, _, _ = link.pump_client()
-    global_name = link._client_stmts[b"q"][0].decode()
+    global_name = link.client_statements[b"q"][0].decode()
     assert (codec.parse(global_name, "SELECT 2") + codec.bind("", global_name, [])) in out
     seen = server_sends(link, INJ_READY + PARSE_COMPLETE + BIND_COMPLETE + ROW
                         + cc("SELECT 1") + Z_I)
@@ -516,7 +516,7 @@ def _prepared_link(sql: str) -> tuple[Link, str]:
     link = make_link()
     start(link, codec.parse("q", sql) + codec.sync(), ctx_state=CTX_READY)
     server_sends(link, INJ_READY + PARSE_COMPLETE + Z_I)
-    return link, link._client_stmts[b"q"][0].decode()
+    return link, link.client_statements[b"q"][0].decode()
 
 
 def test_plan_change_is_healed_when_the_batch_describes_its_portal() -> None:
@@ -584,7 +584,7 @@ def test_close_of_a_named_statement_is_answered_by_the_proxy() -> None:
     out, reply, _ = client_sends(link, codec.frame(ord("C"), b"Sq\x00") + codec.sync())
     assert b"Sq\x00" not in out and reply == b""
     assert server_sends(link, INJ_READY + Z_I) == CLOSE_COMPLETE + Z_I
-    assert b"q" not in link._client_stmts
+    assert b"q" not in link.client_statements
 
 
 def test_least_recently_used_statements_are_closed_beyond_the_limit() -> None:
@@ -592,9 +592,9 @@ def test_least_recently_used_statements_are_closed_beyond_the_limit() -> None:
     link.max_prepared = 1
     out = start(link, codec.parse("a", "SELECT 4") + codec.parse("b", "SELECT 5")
                 + codec.sync(), ctx_state=CTX_READY)
-    first = link._client_stmts[b"a"][0]
+    first = link.client_statements[b"a"][0]
     assert codec.frame(ord("C"), b"S" + first + b"\x00") in out
-    assert list(link.prepared) == [link._client_stmts[b"b"][0]]
+    assert list(link.prepared) == [link.client_statements[b"b"][0]]
     seen = server_sends(link, INJ_READY + PARSE_COMPLETE + PARSE_COMPLETE + CLOSE_COMPLETE + Z_I)
     assert seen == PARSE_COMPLETE * 2 + Z_I  # the eviction's CloseComplete is not the client's
 
@@ -605,7 +605,7 @@ def test_deallocate_and_discard_all_of_the_clients_view_are_answered_locally() -
     server_sends(link, INJ_READY + PARSE_COMPLETE + Z_I)
     out, reply, outcome = client_sends(link, codec.query("DEALLOCATE q"))
     assert (out, outcome) == (b"", IDLE)
-    assert reply == cc("DEALLOCATE") + Z_I and b"q" not in link._client_stmts
+    assert reply == cc("DEALLOCATE") + Z_I and b"q" not in link.client_statements
     out, reply, _ = client_sends(link, codec.query("DEALLOCATE sql_prepared_name"))
     assert out.endswith(b"DEALLOCATE sql_prepared_name\x00") and reply == b""  # Postgres's
     server_sends(link, INJECTED + cc("DEALLOCATE") + Z_I)
@@ -641,9 +641,9 @@ def test_local_answer_waits_for_replies_still_owed_then_happens_once() -> None:
     # Pipelined before the Parse's replies arrived: the DEALLOCATE must wait its turn.
     out, reply, outcome = client_sends(link, codec.query("DEALLOCATE q"))
     assert (out, reply, outcome) == (b"", b"", HOLD)
-    assert b"q" in link._client_stmts  # nothing changed yet
+    assert b"q" in link.client_statements  # nothing changed yet
     _, resume = link.feed_server(INJ_READY + PARSE_COMPLETE + Z_I)
     assert resume
     out, reply, outcome = link.pump_client()
     assert (out, reply, outcome) == (b"", cc("DEALLOCATE") + Z_I, IDLE)
-    assert b"q" not in link._client_stmts
+    assert b"q" not in link.client_statements
