@@ -40,9 +40,10 @@ from .identity.jwt import build_verifier
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
 from .logs import fields
-from .metrics import Collector, Metrics
+from .metrics import Collector
 from .pool import Pool
 from .server import send_cancel
+from .stats import Metrics
 from .tls import backend_tls, client_context
 from .workers import ControlServer, WorkerInfo, ask_worker
 

@@ -42,7 +42,6 @@ from .errors import (
 )
 from .identity.context import TenantContext, build_context
 from .logs import fields
-from .metrics import LabelStats, TenantStats
 from .protocol import codec
 from .protocol.constants import (
     AUTH_CLEARTEXT,
@@ -57,6 +56,7 @@ from .protocol.inject import Injection
 from .protocol.sql import is_on, pins_server
 from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
 from .server import ServerConnection
+from .stats import LabelStats, TenantStats
 from .tls import cleartext_token_allowed
 
 if TYPE_CHECKING:

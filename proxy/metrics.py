@@ -1,10 +1,11 @@
-"""Prometheus metrics (issue #5): plain counters on the hot path, families built at scrape.
+"""Prometheus metrics (issue #5): the families built at scrape from the counters of stats.py.
 
-The data path only adds to integers and bucket arrays of objects it already holds (one
-``LabelStats`` per (database, tenant type), one ``TenantStats`` per tenant): no locks, no
-label lookups, no allocation per message. ``Collector.collect`` runs on the event loop thread
-(the HTTP endpoint is served there too), reads those numbers plus the pools' and clients'
-current states, and builds the metric families prometheus-client renders.
+The data path only adds to integers and bucket arrays of objects it already holds
+(``stats.py``: one ``LabelStats`` per (database, tenant type), one ``TenantStats`` per
+tenant): no locks, no label lookups, no allocation per message. ``Collector.collect`` runs
+on the event loop thread (the HTTP endpoint is served there too), reads those numbers plus
+the pools' and clients' current states, and builds the metric families prometheus-client
+renders.
 
 Per-tenant series are limited to the ``top_tenants`` tenants with the most transactions,
 plus one ``tenant="other"`` series with the rest, so 10,000 tenants cost a bounded number of
@@ -14,9 +15,8 @@ per-tenant counters may step down; the per-type totals never do.)
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sized
-from typing import Final, Protocol
+from typing import Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -27,122 +27,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector as _CollectorBase
 
 from .pool_state import ServerState
+from .stats import Histogram, Metrics
 
-__all__ = ["CONNECT_BUCKETS", "DURATION_BUCKETS", "WAIT_BUCKETS", "Collector", "Histogram",
-           "LabelStats", "Metrics", "MetricsSource", "TenantStats"]
-
-DURATION_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                           1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-WAIT_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
-                       30.0, 60.0, 120.0)
-CONNECT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                          5.0, 10.0, 15.0)
-
-
-class Histogram:
-    """Fixed buckets; ``observe`` is one bisect and two additions."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Returns: cumulative (le, count) pairs as Prometheus wants them."""
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
-            running += count
-            out.append((bound, running))
-        return out
-
-    def merge(self, other: Histogram) -> None:
-        for i, count in enumerate(other.counts):
-            self.counts[i] += count
-        self.total += other.total
-
-
-class LabelStats:
-    """Counters of one (database, tenant type)."""
-
-    __slots__ = ("bytes_received", "bytes_sent", "errors", "function_calls_refused",
-                 "logins", "queries", "query_seconds", "server_resets", "transaction_seconds",
-                 "transactions", "wait_seconds")
-
-    def __init__(self) -> None:
-        self.transactions = 0
-        self.queries = 0
-        self.logins = 0
-        self.bytes_received = 0  # from clients
-        self.bytes_sent = 0  # to clients
-        self.function_calls_refused = 0
-        self.server_resets = 0  # servers emptied (DISCARD ALL) before this label's use
-        self.errors: dict[str, int] = {}  # SQLSTATE class -> ErrorResponses sent to clients
-        self.transaction_seconds = Histogram(DURATION_BUCKETS)
-        self.query_seconds = Histogram(DURATION_BUCKETS)
-        self.wait_seconds = Histogram(WAIT_BUCKETS)
-
-    def error(self, sqlstate: str) -> None:
-        key = sqlstate[:2]
-        self.errors[key] = self.errors.get(key, 0) + 1
-
-
-class TenantStats:
-    """Counters of one tenant (for the top-N series and SHOW TENANTS)."""
-
-    __slots__ = ("transactions", "wait_count", "wait_total")
-
-    def __init__(self) -> None:
-        self.transactions = 0
-        self.wait_count = 0
-        self.wait_total = 0.0
-
-
-class Metrics:
-    """The process's counters, by label set."""
-
-    def __init__(self, top_tenants: int = 20):
-        self.top_tenants = top_tenants
-        self.by_label: dict[tuple[str, str], LabelStats] = {}
-        self.tenants: dict[tuple[str, str, str], TenantStats] = {}  # (db, type, slug)
-        self.auth_failures: dict[str, int] = {}  # reason -> count
-
-    def labels(self, database: str, tenant_type: str) -> LabelStats:
-        key = (database, tenant_type)
-        stats = self.by_label.get(key)
-        if stats is None:
-            stats = self.by_label[key] = LabelStats()
-        return stats
-
-    def tenant(self, database: str, tenant_type: str, slug: str) -> TenantStats:
-        key = (database, tenant_type, slug)
-        stats = self.tenants.get(key)
-        if stats is None:
-            stats = self.tenants[key] = TenantStats()
-        return stats
-
-    def auth_failure(self, reason: str) -> None:
-        self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
-
-    def top(self) -> list[tuple[tuple[str, str, str], TenantStats]]:
-        """Returns: the per-tenant series to export: the busiest ``top_tenants`` tenants,
-        then one ``other`` entry per (database, type) with the rest summed."""
-        ranked = sorted(self.tenants.items(), key=lambda kv: kv[1].transactions, reverse=True)
-        out = ranked[: self.top_tenants]
-        rest: dict[tuple[str, str, str], TenantStats] = {}
-        for (db, ttype, _), stats in ranked[self.top_tenants:]:
-            other = rest.setdefault((db, ttype, "other"), TenantStats())
-            other.transactions += stats.transactions
-            other.wait_count += stats.wait_count
-            other.wait_total += stats.wait_total
-        return out + list(rest.items())
-
+__all__ = ["Collector", "MetricsSource"]
 
 def _histogram(name: str, doc: str, labels: list[str],
                series: Iterable[tuple[list[str], Histogram]]) -> HistogramMetricFamily:

@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 from .config import Config, DatabaseConfig
 from .errors import ProxyError, ServerUnavailable
-from .metrics import CONNECT_BUCKETS, Histogram
 from .pool_state import Decisions, Limits, PoolState, Requester, ServerState
 from .protocol.tracker import CTX_NONE
 from .server import ServerConnection, send_cancel
+from .stats import CONNECT_BUCKETS, Histogram
 from .tls import BackendTls
 
 __all__ = ["Pool", "Waiter"]

@@ -64,7 +64,7 @@ from .prepared import PreparedStatements
 from .settings import SessionSettings
 
 if TYPE_CHECKING:
-    from ..metrics import LabelStats
+    from ..stats import LabelStats
     from .frontend import Frontend
 
 __all__ = ["Backend"]

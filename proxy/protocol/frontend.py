@@ -72,7 +72,12 @@ from .constants import (
 )
 from .constants import TERMINATE as TERMINATE_MESSAGE
 from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED, Q_DROP
-from .ledger import (
+from .ledger import Ledger, Segment
+from .prepared import UNKNOWN_TXN, PreparedStatements
+from .refusal import FUNCTION_CALL_REFUSAL, check_statement_name, refusal_sql, refused_parse
+from .replay import LIMIT as REPLAY_LIMIT
+from .replay import Replay
+from .replies import (
     BIND_FWD,
     CLOSE_FWD,
     DESC_P_FWD,
@@ -81,16 +86,10 @@ from .ledger import (
     PARSE_FWD,
     QUERY_FWD,
     Expected,
-    Ledger,
     ReplyAction,
     ReplyKind,
-    Segment,
     expected,
 )
-from .prepared import UNKNOWN_TXN, PreparedStatements
-from .refusal import FUNCTION_CALL_REFUSAL, check_statement_name, refusal_sql, refused_parse
-from .replay import LIMIT as REPLAY_LIMIT
-from .replay import Replay
 from .settings import SessionSettings
 from .sql import (
     DROPS_STATEMENTS,
@@ -103,7 +102,7 @@ from .sql import (
 )
 
 if TYPE_CHECKING:
-    from ..metrics import LabelStats
+    from ..stats import LabelStats
 
 __all__ = ["HOLD", "IDLE", "NEED_SERVER", "TERMINATE", "Frontend", "Pump"]
 

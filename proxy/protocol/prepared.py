@@ -38,16 +38,15 @@ from typing import Final
 from . import codec
 from .constants import CLOSE, PARSE, PARSE_COMPLETE, TARGET_STATEMENT
 from .inject import CLOSE_UNNAMED_STATEMENT, CTX_CLOSE, CTX_PARSE
-from .ledger import (
+from .ledger import Ledger, Segment
+from .replies import (
     BIND_DROP,
     CLOSE_DROP,
     EXEC_DROP,
     PARSE_DROP,
     Expected,
-    Ledger,
     ReplyAction,
     ReplyKind,
-    Segment,
 )
 from .sql import TXN_CONTROL
 

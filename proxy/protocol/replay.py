@@ -25,7 +25,7 @@ from typing import Final
 
 from . import codec
 from .constants import BIND, CLOSE, DESCRIBE, EXECUTE, FLUSH, SYNC, TARGET_PORTAL
-from .ledger import Expected
+from .replies import Expected
 
 __all__ = ["Replay"]
 

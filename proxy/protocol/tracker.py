@@ -55,7 +55,7 @@ from .prepared import CTX_NONE, CTX_READY, CTX_UNKNOWN, PreparedStatements
 from .settings import HIDDEN_PARAMETERS, SessionSettings
 
 if TYPE_CHECKING:
-    from ..metrics import LabelStats
+    from ..stats import LabelStats
 
 __all__ = [
     "CTX_NONE",

@@ -7,20 +7,16 @@ from collections import deque
 
 import pytest
 
-from proxy.protocol.ledger import (
+from proxy.protocol.ledger import PASS_ALL, PASS_EXEC, PASS_NONE, Ledger, Segment
+from proxy.protocol.replies import (
     BIND_FWD,
     DROP,
     EXEC_FWD,
     FWD,
-    PASS_ALL,
-    PASS_EXEC,
-    PASS_NONE,
     SYNTH,
     TERMINAL_OF,
     Expected,
-    Ledger,
     ReplyKind,
-    Segment,
     expected,
 )
 
