@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from . import __version__
 from .errors import ConfigError, ProxyError
 from .protocol import codec
+from .protocol.constants import ADMIN_DATABASE
 from .server import ServerState
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ __all__ = ["ADMIN_DATABASE", "AdminConsole"]
 
 log = logging.getLogger("pgtenant.admin")
 
-ADMIN_DATABASE: Final = "pgtenant"
 _MAX_MESSAGE: Final = 1 << 20
 _EXTENDED: Final = frozenset(b"PBDECHSdcfF")
 _Z_IDLE: Final = codec.ready_for_query(b"I")
