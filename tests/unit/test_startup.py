@@ -7,9 +7,11 @@ included: every refusal is asserted with the SQLSTATE and words the client sees.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -56,18 +58,19 @@ def _protected(name: str) -> bool:
     return name in ("role", "search_path", "session_authorization") or name.startswith("app.")
 
 
-def rules(**overrides: object) -> StartupRules:
-    values: dict[str, object] = {
-        "peer": "127.0.0.1",
-        "tls_available": False,
-        "cleartext_allowed": lambda encrypted: True,
-        "databases": {"app": FakeDatabase(), "named": FakeDatabase(names_backends=True)},
-        "is_protected": _protected,
-        "admin_token_set": True,
-        "admin_users": ("admin",),
-    }
-    values.update(overrides)
-    return StartupRules(**values)  # type: ignore[arg-type]
+BASE = StartupRules(
+    peer="127.0.0.1",
+    tls_available=False,
+    cleartext_allowed=lambda encrypted: True,
+    databases={"app": FakeDatabase(), "named": FakeDatabase(names_backends=True)},
+    is_protected=_protected,
+    admin_token_set=True,
+    admin_users=("admin",),
+)
+
+
+def rules(**overrides: Any) -> StartupRules:
+    return dataclasses.replace(BASE, **overrides)
 
 
 def startup(*params: tuple[str, str], version: int = 196608) -> bytes:
