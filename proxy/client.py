@@ -61,6 +61,7 @@ from .protocol.startup import (
     Authenticate,
     Cancel,
     Goodbye,
+    Identify,
     StartTls,
     Startup,
     StartupRules,
@@ -144,7 +145,7 @@ class ClientConnection(asyncio.Protocol):
         self.tls = False  # True once the TLS handshake after SSLRequest succeeded
         # The startup generator (protocol/startup.py) and the op it is suspended at.
         self._startup: Startup | None = None
-        self._op: Send | Recv | StartTls | None = None
+        self._op: Send | Recv | StartTls | Identify | None = None
         # Bytes the startup generator is not reading right now (TLS handshake, token lookup).
         self._buf = bytearray()
         # Why reading from the client is paused: "wait" (for a server), "buffer" (unhandled
@@ -289,6 +290,9 @@ class ClientConnection(asyncio.Protocol):
                 data = None
                 if isinstance(op, Send):
                     self._write(op.data)
+                    continue
+                if isinstance(op, Identify):  # logged with a refusal of the rest
+                    self.user, self.database = op.user, op.database
                     continue
                 self._op = op
                 if isinstance(op, StartTls):

@@ -3,7 +3,8 @@ protocol version, startup settings and the cleartext password exchange.
 
 Bytes in, ops out (STYLE rule 1, like ``handshake.py`` for the backend login): it yields
 ``Send`` (bytes for the client), ``RECV`` (resume with the next bytes the client sent) or
-``START_TLS`` (the driver upgrades the connection, then resumes with None), and returns what
+``START_TLS`` (the driver upgrades the connection, then resumes with None) or ``Identify``
+(who the client says it is, for the logs; resume with None), and returns what
 the connection asks for: ``Authenticate`` (check this token), ``Cancel`` (forward this key)
 or ``Goodbye``. A refusal is raised as a ``ProxyError`` carrying the client-visible SQLSTATE.
 ``client.py`` holds the one method that drives it. It does not look tokens up, route
@@ -50,6 +51,7 @@ __all__ = [
     "Cancel",
     "Database",
     "Goodbye",
+    "Identify",
     "StartTls",
     "Startup",
     "StartupRules",
@@ -75,6 +77,15 @@ class StartTls:
 
 
 START_TLS: Final = StartTls()
+
+
+@dataclass(frozen=True, slots=True)
+class Identify:
+    """The client named its user and database (resume with None): the driver keeps them, so
+    that a refusal of the rest of its StartupMessage is logged with them."""
+
+    user: str
+    database: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +139,7 @@ class StartupRules:
     admin_users: Collection[str] = ()
 
 
-StartupOp = Send | Recv | StartTls
+StartupOp = Send | Recv | StartTls | Identify
 Startup = Generator[StartupOp, bytes | None, Authenticate | Cancel | Goodbye]
 
 
@@ -179,8 +190,13 @@ def client_startup(rules: StartupRules) -> Startup:
             unknown = sorted(k for k in params if k.startswith("_pq_."))
             if code != PROTOCOL_3_0 or unknown:
                 yield Send(codec.negotiate_protocol_version(0, unknown))
-            login = _startup(rules, {k: v for k, v in params.items()
-                                     if not k.startswith("_pq_.")}, encrypted)
+            params = {k: v for k, v in params.items() if not k.startswith("_pq_.")}
+            user = params.get("user")
+            if not user:
+                raise ClientProtocolError("no user name in the startup packet")
+            database = params.get("database") or user
+            yield Identify(user, database)
+            login = _startup(rules, user, database, params, encrypted)
             yield Send(codec.auth_request(AUTH_CLEARTEXT))
             token = yield from _password(buf)
             return Authenticate(login.user, login.database, token, login.settings,
@@ -215,16 +231,13 @@ def _password(buf: bytearray) -> Generator[Recv, bytes | None, str]:
     return raw.decode("utf-8", "replace")
 
 
-def _startup(rules: StartupRules, params: dict[str, str], encrypted: bool) -> Authenticate:
-    """Check a StartupMessage's parameters.
+def _startup(rules: StartupRules, user: str, database: str, params: dict[str, str],
+             encrypted: bool) -> Authenticate:
+    """Check the rest of a StartupMessage's parameters.
 
     Returns: the login so far (an ``Authenticate`` without its token).
     Raises: see ``client_startup``.
     """
-    user = params.get("user")
-    if not user:
-        raise ClientProtocolError("no user name in the startup packet")
-    database = params.get("database") or user
     if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
         raise UnsupportedProtocol("replication connections are not supported by pgtenant")
     if database == ADMIN_DATABASE:

@@ -37,6 +37,7 @@ from proxy.protocol.startup import (
     Authenticate,
     Cancel,
     Goodbye,
+    Identify,
     Startup,
     StartupRules,
     client_startup,
@@ -89,6 +90,7 @@ class Run:
     sent: list[bytes | str]  # bytes for Send, "TLS" for START_TLS
     outcome: Authenticate | Cancel | Goodbye | None = None  # None: still wants bytes
     error: ProxyError | None = None
+    who: Identify | None = None  # what the client said it is, before any refusal
 
 
 def run(*chunks: bytes, given: StartupRules | None = None) -> Run:
@@ -103,6 +105,9 @@ def run(*chunks: bytes, given: StartupRules | None = None) -> Run:
             value = None
             if isinstance(op, Send):
                 result.sent.append(op.data)
+            elif isinstance(op, Identify):
+                assert result.who is None and ASK_PASSWORD not in result.sent
+                result.who = op
             elif op is START_TLS:
                 result.sent.append("TLS")
             else:
@@ -131,6 +136,7 @@ def refused(run_: Run, kind: type[ProxyError], sqlstate: str, words: str) -> Non
 def test_startup_asks_for_a_password_and_returns_the_token() -> None:
     r = run(startup(("user", "acme"), ("database", "app")), password("tok"))
     assert r.sent == [ASK_PASSWORD]
+    assert r.who == Identify("acme", "app")
     assert r.outcome == Authenticate("acme", "app", "tok")
 
 
@@ -324,6 +330,7 @@ def test_replication_connections_are_refused() -> None:
 def test_unknown_database_is_refused_with_the_configured_ones() -> None:
     r = run(startup(("user", "acme"), ("database", "nope")))
     refused(r, UnknownDatabase, "3D000", 'database "nope" is not configured in pgtenant')
+    assert r.who == Identify("acme", "nope")  # so the refusal is logged with them
     assert r.error is not None and r.error.hint == "configured databases: app, named"
 
 
