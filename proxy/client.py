@@ -11,8 +11,6 @@ become an ErrorResponse for the client (STYLE rule 7).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import socket
 import ssl
@@ -30,7 +28,6 @@ from .config import Config, TenantTypeConfig, is_loopback
 from .errors import (
     AdminShutdown,
     AuthFailed,
-    AuthRefused,
     ClientIdleTimeout,
     ClientProtocolError,
     IdleInTransactionTimeout,
@@ -41,18 +38,16 @@ from .errors import (
     ServerProtocolError,
     ServerUnavailable,
     TooManyConnections,
-    UnknownDatabase,
-    WrongUser,
 )
 from .guard import Guard
 from .identity.context import TenantContext, build_context
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
 from .limits import ClientLimits
+from .login import Attempt, check_admin_token, resolve_tenant, served_from, tenant_caps
 from .logs import fields
 from .metrics import LabelStats, Metrics, TenantStats
 from .protocol import codec
-from .protocol.constants import ADMIN_DATABASE, AUTH_OK
 from .protocol.handshake import Recv, Send
 from .protocol.inject import Injection
 from .protocol.sql import pins_server
@@ -65,7 +60,9 @@ from .protocol.startup import (
     StartTls,
     Startup,
     StartupRules,
+    admin_greeting,
     client_startup,
+    greeting,
 )
 from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
 from .server import ServerConnection
@@ -79,12 +76,6 @@ __all__ = ["ClientConnection", "ClientServices", "ClientState"]
 log = logging.getLogger("pgtenant.client")
 # Stop reading from a client whose unhandled bytes pile up while it waits or holds.
 _CLIENT_BUFFER_HIGH = 1 << 20
-# Parameters reported to clients from the server's set, as Postgres reports them at login.
-_REPORTED = (
-    "server_version", "server_encoding", "client_encoding", "DateStyle", "IntervalStyle",
-    "TimeZone", "integer_datetimes", "standard_conforming_strings", "in_hot_standby",
-    "default_transaction_read_only", "scram_iterations",
-)
 
 # Login failures by cause, for pgtenant_auth_failures_total{reason}.
 _AUTH_REASONS: Final = {
@@ -316,7 +307,7 @@ class ClientConnection(asyncio.Protocol):
             if not decision.admin:  # else ADMIN_DATABASE
                 self.pool = self.services.pools[decision.database]
             self.state = ClientState.AUTHENTICATING
-            self._auth_task = asyncio.ensure_future(self._authenticate(decision.token))
+            self._auth_task = asyncio.ensure_future(self._authenticate(decision))
         elif isinstance(decision, Cancel):
             if decision.key is not None:
                 self.services.cancels.cancel(*decision.key)
@@ -366,37 +357,28 @@ class ClientConnection(asyncio.Protocol):
         # in self._buf and fed at the generator's next Recv.
         self._advance(None)
 
-    async def _authenticate(self, token: str) -> None:
+    async def _authenticate(self, login: Authenticate) -> None:
+        """The token lookup's task: log in, or end the client with the reason."""
         services = self.services
-        throttle = services.throttle
-        started = time.monotonic()
-        # Decided when the attempt starts, so the attempt that reaches the limit is still
-        # answered at once; only failures are delayed (see identity/throttle.py for why).
-        delay = throttle.delay_for(self.peer_host, started, self._attempt(token))
-        if self.database == ADMIN_DATABASE:
-            await self._authenticate_admin(token, started, delay)
+        attempt = Attempt(self.peer_host, login.user, login.database, login.token)
+        if login.admin:
+            await self._authenticate_admin(attempt)
             return
         try:
-            identity = await services.registry.resolve(token)
-            if identity is None:
-                throttle.record_failure(self.peer_host, started, self._attempt(token))
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                raise AuthFailed(
-                    f'password authentication failed for user "{self.user}"',
-                    hint="pgtenant expects a valid, unexpired, unrevoked token as the password",
-                )
-            self._check_user(identity.slug)
-            tenant_type = services.config.tenant_types.get(identity.tenant_type)
-            if tenant_type is None:
-                raise AuthRefused(
-                    f"tenant {identity.slug!r} has tenant type {identity.tenant_type!r}, "
-                    "which this proxy has no [tenant_types] entry for"
-                )
+            identity, tenant_type = await resolve_tenant(services.registry, services.throttle,
+                                                         services.config, attempt)
             self.context = build_context(identity, tenant_type)
-            self._route(identity.database or tenant_type.database, identity.slug)
-            self._apply_tenant_limits(identity.org_id, identity.slug, tenant_type)
-            assert self.pool is not None
+            database = served_from(identity.database or tenant_type.database, self.database,
+                                   identity.slug, services.pools)
+            self.pool, self.database = services.pools[database], database
+            self.max_servers, max_clients = tenant_caps(tenant_type,
+                                                        services.config.tenant_limits)
+            if not services.limits.tenant_login(identity.org_id, max_clients):
+                raise TooManyConnections(
+                    f"too many connections for tenant {identity.slug!r} "
+                    f"(max_client_connections={max_clients})",
+                    hint="close idle connections of this tenant, or raise the limit")
+            self.tenant_key = identity.org_id  # counted in: counted out at disconnect
             params = await self.pool.startup_parameters()
         except ProxyError as exc:
             if self.state is not ClientState.CLOSED:
@@ -409,11 +391,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.state is ClientState.CLOSED:
             return
-        self._logged_in(tenant_type, params)
+        self._logged_in(login, tenant_type, params)
 
-    def _logged_in(self, tenant_type: TenantTypeConfig, params: Mapping[str, str]) -> None:
+    def _logged_in(self, login: Authenticate, tenant_type: TenantTypeConfig,
+                   params: Mapping[str, str]) -> None:
         """The token checked out: build the session and greet the client as Postgres
-        would (AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery)."""
+        would."""
         services = self.services
         config = services.config
         assert self.pool is not None and self.context is not None
@@ -432,22 +415,8 @@ class ClientConnection(asyncio.Protocol):
         self.link.stats = self.stats
         self.stats.logins += 1
         self.link.clock = time.monotonic
-        pid, secret = self.cancel_key = services.cancels.register(self)
-        out = [codec.auth_request(AUTH_OK)]
-        # What Postgres would report: the server's values, overridden by the client's own.
-        chosen = {name.lower(): value for name, value in self.settings}
-        chosen["client_encoding"] = self.client_encoding
-        for name in _REPORTED:
-            if name.lower() in chosen:
-                out.append(codec.parameter_status(name, chosen[name.lower()]))
-            elif name in params:
-                out.append(codec.parameter_status(name, params[name]))
-        out.append(codec.parameter_status("application_name", chosen.get("application_name", "")))
-        out.append(codec.parameter_status("is_superuser", "off"))
-        out.append(codec.parameter_status("session_authorization", self.user))
-        out.append(codec.backend_key_data(pid, secret))
-        out.append(codec.ready_for_query(b"I"))
-        self._write(b"".join(out))
+        self.cancel_key = services.cancels.register(self)
+        self._write(greeting(login, params, self.cancel_key))
         self.state = ClientState.READY
         services.limits.client_logged_in(self)
         log.info("login: client=%s user=%s db=%s tenant=%s type=%s org=%s", self.peer_host,
@@ -458,66 +427,9 @@ class ClientConnection(asyncio.Protocol):
             self._buf.clear()
             self._pump()
 
-    def _attempt(self, token: str) -> str:
-        """Returns: the fingerprint of this login attempt for the throttle (user, database,
-        token hash), the same on libpq's sslmode=prefer retry of it; no token is kept."""
-        return hashlib.sha256("\0".join((self.user, self.database, token)).encode()).hexdigest()
-
-    def _check_user(self, slug: str) -> None:
-        """Fail closed on a user name that does not match the token: a client that asked
-        for user "bob" must not silently run as whichever tenant its password names.
-        Naming the token's tenant only tells what the holder of the token can learn anyway.
-
-        Raises: WrongUser (28000) unless the user is ``slug`` or listed in ``any_user``.
-        """
-        allowed = self.services.config.any_user
-        if self.user == slug or self.user in allowed or "*" in allowed:
-            return
-        raise WrongUser(
-            f'the token belongs to user "{slug}", not "{self.user}"',
-            hint=f'connect with user={slug}, or list the user name in any_user')
-
-    def _route(self, database: str | None, slug: str) -> None:
-        """Database per tenant: serve the tenant from its own [databases.<name>] (its
-        organization row's, else its tenant type's), whatever dbname it asked for.
-        Raises: UnknownDatabase when that database is not configured here."""
-        if database is None or database == self.database:
-            return
-        pool = self.services.pools.get(database)
-        if pool is None:
-            raise UnknownDatabase(
-                f"tenant {slug!r} is served from database {database!r}, which is not "
-                "configured in this pgtenant", hint=f"add [databases.{database}]")
-        self.pool, self.database = pool, database
-
-    def _apply_tenant_limits(self, org_id: object, slug: str,
-                             tenant_type: TenantTypeConfig) -> None:
-        """Set the tenant's server cap and enforce its client cap.
-
-        Raises: TooManyConnections (53300).
-        """
-        limits = self.services.config.tenant_limits
-        self.max_servers = (tenant_type.max_server_connections
-                            if tenant_type.max_server_connections is not None
-                            else limits.max_server_connections)
-        max_clients = (tenant_type.max_client_connections
-                       if tenant_type.max_client_connections is not None
-                       else limits.max_client_connections)
-        if not self.services.limits.tenant_login(org_id, max_clients):
-            raise TooManyConnections(
-                f"too many connections for tenant {slug!r} (max_client_connections="
-                f"{max_clients})", hint="close idle connections of this tenant, or raise "
-                "the limit")
-        self.tenant_key = org_id  # counted in: counted out at disconnect
-
-    async def _authenticate_admin(self, token: str, started: float, delay: float) -> None:
+    async def _authenticate_admin(self, attempt: Attempt) -> None:
         services = self.services
-        expected = services.config.admin.token_sha256 or ""
-        given = hashlib.sha256(token.encode()).hexdigest()
-        if not hmac.compare_digest(given, expected):
-            services.throttle.record_failure(self.peer_host, started, self._attempt(token))
-            if delay > 0:
-                await asyncio.sleep(delay)
+        if not await check_admin_token(services.throttle, services.config, attempt):
             if self.state is not ClientState.CLOSED:
                 log.warning("admin: login refused: user=%s client=%s", self.user,
                             self.peer_host)
@@ -530,13 +442,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.READY
         services.limits.client_logged_in(self)
         log.info("admin: login: user=%s client=%s", self.user, self.peer_host)
-        self._write(codec.auth_request(AUTH_OK)
-                    + codec.parameter_status("server_version", f"pgtenant {__version__}")
-                    + codec.parameter_status("client_encoding", "UTF8")
-                    + codec.parameter_status("server_encoding", "UTF8")
-                    + codec.parameter_status("standard_conforming_strings", "on")
-                    + codec.parameter_status("DateStyle", "ISO, MDY")
-                    + codec.backend_key_data(0, 0) + codec.ready_for_query(b"I"))
+        self._write(admin_greeting(__version__))
         if self._buf:
             data = bytes(self._buf)
             self._buf.clear()

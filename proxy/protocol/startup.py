@@ -35,6 +35,7 @@ from . import codec
 from .constants import (
     ADMIN_DATABASE,
     AUTH_CLEARTEXT,
+    AUTH_OK,
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
     PROTOCOL_3_0,
@@ -55,7 +56,9 @@ __all__ = [
     "StartTls",
     "Startup",
     "StartupRules",
+    "admin_greeting",
     "client_startup",
+    "greeting",
     "parse_options",
 ]
 
@@ -66,6 +69,12 @@ _MAX_PASSWORD: Final = 4096
 # A whole Terminate message ('X', length 4), as the first bytes of a connection.
 _TERMINATE: Final = b"X\x00\x00\x00\x04"
 _P: Final = ord("p")
+# Parameters reported to clients from the server's set, as Postgres reports them at login.
+_REPORTED: Final = (
+    "server_version", "server_encoding", "client_encoding", "DateStyle", "IntervalStyle",
+    "TimeZone", "integer_datetimes", "standard_conforming_strings", "in_hot_standby",
+    "default_transaction_read_only", "scram_iterations",
+)
 _unpack_i32 = struct.Struct("!i").unpack_from
 _unpack_ii = struct.Struct("!ii").unpack
 _unpack_header = codec.HEADER.unpack_from
@@ -361,3 +370,35 @@ def parse_options(options: str) -> list[tuple[str, str]]:
         pairs.append((name.replace("-", "_"), value))
         i += 1
     return pairs
+
+
+def greeting(login: Authenticate, server_params: Mapping[str, str],
+             cancel_key: tuple[int, int]) -> bytes:
+    """Returns: what a logged-in tenant client gets, as from Postgres: AuthenticationOk,
+    ParameterStatus (the server's values, overridden by the client's own), BackendKeyData
+    and ReadyForQuery."""
+    out = [codec.auth_request(AUTH_OK)]
+    chosen = {name.lower(): value for name, value in login.settings}
+    chosen["client_encoding"] = login.client_encoding
+    for name in _REPORTED:
+        if name.lower() in chosen:
+            out.append(codec.parameter_status(name, chosen[name.lower()]))
+        elif name in server_params:
+            out.append(codec.parameter_status(name, server_params[name]))
+    out.append(codec.parameter_status("application_name", chosen.get("application_name", "")))
+    out.append(codec.parameter_status("is_superuser", "off"))
+    out.append(codec.parameter_status("session_authorization", login.user))
+    out.append(codec.backend_key_data(*cancel_key))
+    out.append(codec.ready_for_query(b"I"))
+    return b"".join(out)
+
+
+def admin_greeting(version: str) -> bytes:
+    """Returns: what a logged-in admin console client gets (no cancel key: nothing runs)."""
+    return (codec.auth_request(AUTH_OK)
+            + codec.parameter_status("server_version", f"pgtenant {version}")
+            + codec.parameter_status("client_encoding", "UTF8")
+            + codec.parameter_status("server_encoding", "UTF8")
+            + codec.parameter_status("standard_conforming_strings", "on")
+            + codec.parameter_status("DateStyle", "ISO, MDY")
+            + codec.backend_key_data(0, 0) + codec.ready_for_query(b"I"))
