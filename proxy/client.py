@@ -28,13 +28,9 @@ from .config import Config, TenantTypeConfig, is_loopback
 from .errors import (
     AdminShutdown,
     AuthFailed,
-    ClientIdleTimeout,
     ClientProtocolError,
-    IdleInTransactionTimeout,
-    LoginTimeout,
     ProxyError,
     QueryCanceled,
-    QueryTimeout,
     ServerProtocolError,
     ServerUnavailable,
     TooManyConnections,
@@ -43,14 +39,21 @@ from .guard import Guard
 from .identity.context import TenantContext, build_context
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
-from .limits import ClientLimits
-from .login import Attempt, check_admin_token, resolve_tenant, served_from, tenant_caps
+from .limits import ClientLimits, login_timeout, session_timeout
+from .login import (
+    Attempt,
+    check_admin_token,
+    outside_transaction_check,
+    pin_capped,
+    resolve_tenant,
+    served_from,
+    tenant_caps,
+)
 from .logs import fields
 from .metrics import LabelStats, Metrics, TenantStats
 from .protocol import codec
 from .protocol.handshake import Recv, Send
 from .protocol.inject import Injection
-from .protocol.sql import pins_server
 from .protocol.startup import (
     MAX_STARTUP,
     Authenticate,
@@ -398,14 +401,18 @@ class ClientConnection(asyncio.Protocol):
         """The token checked out: build the session and greet the client as Postgres
         would."""
         services = self.services
-        config = services.config
+        config, limits = services.config, services.limits
         assert self.pool is not None and self.context is not None
         set_local = config.context_statements == "set_local"
         self.link = Link(Injection(self.context, self.pool.signing_key, self.settings,
                                    set_local=set_local),
                          config.max_message_size,
-                         guard=self._statement_policy(services.guard_for(tenant_type).check),
-                         outside_txn=self._outside_transaction_check(tenant_type),
+                         guard=pin_capped(
+                             services.guard_for(tenant_type).check,
+                             lambda: self._pin_counted or limits.may_pin(self.tenant_key),
+                             lambda: services.config.tenant_limits.max_pinned_servers),
+                         outside_txn=outside_transaction_check(
+                             services.guard_for(tenant_type), tenant_type),
                          max_prepared=config.max_prepared_statements,
                          client_encoding=self.client_encoding)
         ident = self.context.identity
@@ -518,15 +525,6 @@ class ClientConnection(asyncio.Protocol):
     def terminate(self, message: str) -> None:
         """End this client with an admin_shutdown FATAL (KILL, shutdown)."""
         self._fail(AdminShutdown(message))
-
-    def _outside_transaction_check(self, tenant_type: TenantTypeConfig
-                                   ) -> Callable[[bytes], bool] | None:
-        """Returns: the test for statements this tenant type may run outside a transaction."""
-        allowed = frozenset(tenant_type.allow_outside_transaction)
-        if not allowed:
-            return None
-        kind_of = self.services.guard_for(tenant_type).outside_transaction_kind
-        return lambda sql: kind_of(sql) in allowed
 
     # ------------------------------------------------------------------ transaction loop
 
@@ -736,30 +734,6 @@ class ClientConnection(asyncio.Protocol):
             self._pin_counted = False
             self.services.limits.pin(self.tenant_key, -1)
 
-    def _statement_policy(self, check: Callable[[bytes], str | None]
-                          ) -> Callable[[bytes], str | None]:
-        """Returns: the statement guard's ``check``, plus the tenant's cap on pinned servers
-        (a statement that would pin one more server than max_pinned_servers is refused
-        before it runs, so one tenant cannot starve the pool by pinning; see
-        ClientLimits.may_pin)."""
-        services = self.services
-
-        def policy(sql: bytes) -> str | None:
-            refusal = check(sql)
-            limits = services.limits
-            if refusal is not None or self._pin_counted or limits.may_pin(self.tenant_key):
-                return refusal
-            if pins_server(sql):
-                limit = services.config.tenant_limits.max_pinned_servers
-                return (f"pgtenant: this statement would keep a server connection for this "
-                        f"session, and this tenant's sessions already keep {limit} "
-                        "(max_pinned_servers); end one of them, or avoid session state "
-                        "(use protocol-level prepared statements, transaction-scoped locks "
-                        "and cursors)")
-            return None
-
-        return policy
-
     def _drop_server(self, *, out_of_sync: bool) -> None:
         self._unpin()
         server, self.server = self.server, None
@@ -863,34 +837,18 @@ class ClientConnection(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         """Janitor: PgBouncer's client-side timeouts, each ending with its own SQLSTATE."""
         config = self.services.config
-        if self.state in (ClientState.STARTUP, ClientState.AUTHENTICATING):
-            if now - self.connected_at > config.client_login_timeout:
-                self._fail(LoginTimeout("client did not complete login in time "
-                                        "(client_login_timeout)"))
-            return
         link = self.link
-        if self.state is not ClientState.READY or link is None or self.waiting:
+        if self.state in (ClientState.STARTUP, ClientState.AUTHENTICATING):
+            error = login_timeout(config, now, self.connected_at)
+        elif self.state is ClientState.READY and link is not None and not self.waiting:
+            error = session_timeout(
+                config, now, query_started=link.pending[0].t0 if link.pending else None,
+                quiet_since=max(self.last_request, self.last_server_data),
+                in_transaction=link.in_transaction, open_extended=link.open_extended)
+        else:
             return
-        if link.pending:
-            limit = config.query_timeout
-            if limit > 0 and now - link.pending[0].t0 > limit:
-                self._fail(QueryTimeout(
-                    f"query_timeout: the query ran longer than {limit:g}s; it was cancelled "
-                    "and this connection closed", hint="raise query_timeout, or make the "
-                    "query faster (a server-side statement_timeout slightly below "
-                    "query_timeout ends it with a plain error instead)"))
-            return
-        quiet = now - max(self.last_request, self.last_server_data)
-        if link.in_transaction:
-            limit = config.idle_transaction_timeout
-            if limit > 0 and quiet > limit and not link.open_extended:
-                self._fail(IdleInTransactionTimeout(
-                    f"idle_transaction_timeout: idle in a transaction for more than "
-                    f"{limit:g}s; the transaction was rolled back and this connection closed"))
-        elif config.client_idle_timeout > 0 and quiet > config.client_idle_timeout:
-            self._fail(ClientIdleTimeout(
-                f"client_idle_timeout: no request for {config.client_idle_timeout:g}s; "
-                "connection closed"))
+        if error is not None:
+            self._fail(error)
 
     # ------------------------------------------------------------------ I/O helpers
 

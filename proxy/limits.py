@@ -1,5 +1,6 @@
 """Connection limits: the client table, login slots and per-tenant counts of clients and of
-pinned servers (``max_client_conn``, ``max_login_clients``, ``tenant_limits``).
+pinned servers (``max_client_conn``, ``max_login_clients``, ``tenant_limits``), and which
+client-side timeout a connection has run into (PgBouncer's, decided from times passed in).
 
 Owns the counters and the refusals they imply; it does not end connections itself beyond
 asking the oldest unauthenticated one to go (``refuse``), nor know what a client does.
@@ -12,10 +13,17 @@ import time
 from typing import Generic, Protocol, TypeVar
 
 from .config import Config
-from .errors import ProxyError, TooManyLogins
+from .errors import (
+    ClientIdleTimeout,
+    IdleInTransactionTimeout,
+    LoginTimeout,
+    ProxyError,
+    QueryTimeout,
+    TooManyLogins,
+)
 from .logs import fields
 
-__all__ = ["ClientLimits", "LimitedClient"]
+__all__ = ["ClientLimits", "LimitedClient", "login_timeout", "session_timeout"]
 
 log = logging.getLogger("pgtenant")
 
@@ -125,3 +133,43 @@ class ClientLimits(Generic[C]):
         """Returns: whether a client of tenant ``key`` may pin one more server."""
         limit = self.config.tenant_limits.max_pinned_servers
         return limit <= 0 or self.tenant_pinned.get(key, 0) < limit
+
+
+def login_timeout(config: Config, now: float, connected_at: float) -> ProxyError | None:
+    """Returns: LoginTimeout when a client connected at ``connected_at`` is still not logged
+    in at ``now`` (client_login_timeout), else None."""
+    if now - connected_at > config.client_login_timeout:
+        return LoginTimeout("client did not complete login in time (client_login_timeout)")
+    return None
+
+
+def session_timeout(config: Config, now: float, *, query_started: float | None,
+                    quiet_since: float, in_transaction: bool,
+                    open_extended: bool) -> ProxyError | None:
+    """Returns: the timeout a logged-in client (not waiting for a server) ran into, each with
+    its own SQLSTATE, else None.
+
+    ``query_started``: when its oldest request still owed a reply started (None: nothing
+    pending); ``quiet_since``: its last request or its server's last reply.
+    """
+    if query_started is not None:
+        limit = config.query_timeout
+        if limit > 0 and now - query_started > limit:
+            return QueryTimeout(
+                f"query_timeout: the query ran longer than {limit:g}s; it was cancelled "
+                "and this connection closed", hint="raise query_timeout, or make the "
+                "query faster (a server-side statement_timeout slightly below "
+                "query_timeout ends it with a plain error instead)")
+        return None
+    quiet = now - quiet_since
+    if in_transaction:
+        limit = config.idle_transaction_timeout
+        if limit > 0 and quiet > limit and not open_extended:
+            return IdleInTransactionTimeout(
+                f"idle_transaction_timeout: idle in a transaction for more than "
+                f"{limit:g}s; the transaction was rolled back and this connection closed")
+    elif config.client_idle_timeout > 0 and quiet > config.client_idle_timeout:
+        return ClientIdleTimeout(
+            f"client_idle_timeout: no request for {config.client_idle_timeout:g}s; "
+            "connection closed")
+    return None

@@ -1,5 +1,6 @@
 """Checking the password a client's startup carried: a tenant token (registry lookup, user
-match, tenant type, routing, the tenant's caps) or the admin token, with failures throttled.
+match, tenant type, routing, the tenant's caps) or the admin token, with failures throttled;
+and the statement policies the tenant's session then gets.
 
 Owns the login decisions and their refusals (with the SQLSTATEs clients see). It does not own
 the connection: ``client.py`` calls these, keeps the slots they imply and greets the client.
@@ -11,20 +12,24 @@ import asyncio
 import hashlib
 import hmac
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from .config import Config, TenantLimitsConfig, TenantTypeConfig
 from .errors import AuthFailed, AuthRefused, UnknownDatabase, WrongUser
+from .guard import Guard
 from .identity.context import TenantIdentity
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
+from .protocol.sql import pins_server
 
 __all__ = [
     "Attempt",
     "attempt_fingerprint",
     "check_admin_token",
     "check_user",
+    "outside_transaction_check",
+    "pin_capped",
     "resolve_tenant",
     "served_from",
     "tenant_caps",
@@ -141,3 +146,37 @@ def tenant_caps(tenant_type: TenantTypeConfig, limits: TenantLimitsConfig) -> tu
                    if tenant_type.max_client_connections is not None
                    else limits.max_client_connections)
     return max_servers, max_clients
+
+
+def outside_transaction_check(guard: Guard, tenant_type: TenantTypeConfig
+                              ) -> Callable[[bytes], bool] | None:
+    """Returns: the test for statements ``tenant_type`` may run outside a transaction
+    (None: no such statement)."""
+    allowed = frozenset(tenant_type.allow_outside_transaction)
+    if not allowed:
+        return None
+    kind_of = guard.outside_transaction_kind
+    return lambda sql: kind_of(sql) in allowed
+
+
+def pin_capped(check: Callable[[bytes], str | None], may_pin: Callable[[], bool],
+               limit: Callable[[], int]) -> Callable[[bytes], str | None]:
+    """Returns: the statement guard's ``check``, plus the tenant's cap on pinned servers
+    (a statement that would pin one more server than max_pinned_servers, ``limit()``, is
+    refused before it runs, so one tenant cannot starve the pool by pinning; ``may_pin()``
+    says whether the session may pin: it already does, or its tenant is under the cap; see
+    ClientLimits.may_pin)."""
+
+    def policy(sql: bytes) -> str | None:
+        refusal = check(sql)
+        if refusal is not None or may_pin():
+            return refusal
+        if pins_server(sql):
+            return (f"pgtenant: this statement would keep a server connection for this "
+                    f"session, and this tenant's sessions already keep {limit()} "
+                    "(max_pinned_servers); end one of them, or avoid session state "
+                    "(use protocol-level prepared statements, transaction-scoped locks "
+                    "and cursors)")
+        return None
+
+    return policy
