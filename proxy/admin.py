@@ -17,23 +17,25 @@ import dataclasses
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from . import __version__
+from .config import Config
 from .errors import ConfigError, ProxyError
 from .protocol import codec
+from .protocol.constants import ADMIN_DATABASE
 from .server import ServerState
+from .stats import Metrics
 
 if TYPE_CHECKING:
-    from .app import App
     from .client import ClientConnection
+    from .pool import Pool
 
-__all__ = ["ADMIN_DATABASE", "AdminConsole"]
+__all__ = ["ADMIN_DATABASE", "AdminConsole", "AdminPeer", "AdminServices"]
 
 log = logging.getLogger("pgtenant.admin")
 
-ADMIN_DATABASE: Final = "pgtenant"
 _MAX_MESSAGE: Final = 1 << 20
 _EXTENDED: Final = frozenset(b"PBDECHSdcfF")
 _Z_IDLE: Final = codec.ready_for_query(b"I")
@@ -106,10 +108,30 @@ _HELP = ("SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|CONFIG|VERSION|TENANTS|HELP
          "PAUSE [db]; RESUME [db]; RELOAD; KILL <tenant>; SHUTDOWN")
 
 
+class AdminServices(Protocol):
+    """What the console reads and asks of the running proxy (the App, structurally): admin.py
+    does not import the app, so the composition root stays on top (app -> admin, never back).
+    """
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+    @property
+    def clients(self) -> Iterable[ClientConnection]: ...
+    @property
+    def metrics(self) -> Metrics: ...
+
+    def reload(self) -> list[str]: ...
+    def kill_tenant(self, slug: str) -> int | None: ...
+    def request_shutdown(self, why: str) -> None: ...
+    def database_stats(self, name: str) -> tuple[list[int], list[int]]: ...
+
+
 class AdminConsole:
     """One admin session: frames in, rows out."""
 
-    def __init__(self, app: App, peer: AdminPeer):
+    def __init__(self, app: AdminServices, peer: AdminPeer):
         self.app = app
         self.peer = peer
         self.buf = bytearray()
@@ -317,7 +339,8 @@ class AdminConsole:
         return _table(_DATABASES, rows)
 
     def _show_config(self) -> bytes:
-        return _table(_cols("ssss", "key value default changeable"), config_rows(self.app))
+        return _table(_cols("ssss", "key value default changeable"),
+                      config_rows(self.app.config))
 
     def _show_version(self) -> bytes:
         return _table([("version", False)], [[f"pgtenant {__version__}"]])
@@ -352,10 +375,8 @@ class AdminConsole:
     }
 
 
-def config_rows(app: App) -> list[list[object]]:
+def config_rows(config: Config) -> list[list[object]]:
     """Returns: (key, value, default, changeable) for every scalar config key."""
-    from .config import Config
-
     rows: list[list[object]] = []
 
     def walk(obj: Any, cls: type, prefix: str) -> None:
@@ -381,7 +402,7 @@ def config_rows(app: App) -> list[list[object]]:
             changeable = "yes" if f.metadata.get("reload", True) else "no"
             rows.append([key, _show(value), _show(dflt), changeable])
 
-    walk(app.config, Config, "")
+    walk(config, Config, "")
     return rows
 
 

@@ -1,7 +1,8 @@
 """Composition root: config -> pools, registry, listener and janitor; signals; shutdown.
 
-Owns process-wide tables (clients, cancel keys) and their lifecycle. It holds no protocol
-logic; clients and pools do the work.
+Builds the process-wide tables (client limits in ``limits.py``, cancel keys in
+``cancel.py``) and the ``ClientServices`` clients get instead of the App, and keeps them
+current on reload. It holds no protocol logic; clients and pools do the work.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import secrets
 import signal
 import time
 from pathlib import Path
@@ -19,7 +19,9 @@ import asyncpg
 import uvloop
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
-from .client import ClientConnection
+from .admin import AdminConsole
+from .cancel import CancelTable
+from .client import ClientConnection, ClientServices
 from .config import Config, Dsn, TenantTypeConfig
 from .configfile import load_config, parse_listen
 from .control.hardening import check_lockdown, fetch_signing_key
@@ -27,10 +29,7 @@ from .control.init import static_role
 from .errors import (
     ConfigError,
     ContextError,
-    ProxyError,
-    QueryCanceled,
     ServerUnavailable,
-    TooManyLogins,
     connect_failure,
 )
 from .guard import SWITCHES, Guard
@@ -39,13 +38,12 @@ from .http import HttpEndpoint
 from .identity.jwt import build_verifier
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
-from .logs import fields
+from .limits import ClientLimits
 from .metrics import Collector
 from .pool import Pool
-from .server import send_cancel
 from .stats import Metrics
 from .tls import backend_tls, client_context
-from .workers import ControlServer, WorkerInfo, ask_worker
+from .workers import ControlServer, WorkerInfo
 
 __all__ = ["App", "serve"]
 
@@ -78,25 +76,21 @@ class App:
         # One table for the whole proxy: failures are counted per client address.
         self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window,
                                           config.auth_failure_delay)
-        self.clients: dict[ClientConnection, None] = {}
-        # Of self.clients, those not authenticated yet (max_login_clients). Both tables are
-        # sets keyed by the client, so giving a slot back is idempotent: every path that
-        # ends a connection may release, none can release twice or leak.
-        self.logging_in: dict[ClientConnection, None] = {}
-        self._refused = 0  # connections refused at connect since the last log line about it
-        self._refused_logged_at = float("-inf")
-        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
-        self.tenant_clients: dict[object, int] = {}  # logged-in clients per tenant
-        self.tenant_pinned: dict[object, int] = {}  # servers pinned by a tenant's clients
-        self.auth_failures = 0
+        self.limits: ClientLimits[ClientConnection] = ClientLimits(config)
+        self.cancels = CancelTable(worker)
         self.metrics = Metrics(config.metrics.top_tenants)
+        # What client connections may use of the proxy (no App: see client.py).
+        self.services = ClientServices(
+            config=config, client_tls=self.client_tls, pools=self.pools,
+            registry=self.registry, metrics=self.metrics, throttle=self.auth_throttle,
+            guard=self.guard, guard_for=self.guard_for, limits=self.limits,
+            cancels=self.cancels, admin_console=lambda peer: AdminConsole(self, peer))
         # Our own registry (not prometheus-client's global one): one per App, so several
         # Apps in one process (tests) never clash; process_* series come with it.
         self.registry_prom = CollectorRegistry()
         self.registry_prom.register(Collector(self))
         ProcessCollector(registry=self.registry_prom)
         self.http: HttpEndpoint | None = None
-        self.stopping = False
         self.started_at = time.monotonic()
         self._server: asyncio.Server | None = None
         self._janitor: asyncio.Task[None] | None = None
@@ -128,142 +122,26 @@ class App:
             self._guards[allow] = guard
         return guard
 
-    # ------------------------------------------------------------------ client table
+    # ------------------------------------------------------------------ shared with clients
 
-    def client_connected(self, client: ClientConnection) -> ProxyError | None:
-        """Take a client slot and a login slot for a new connection.
+    @property
+    def clients(self) -> dict[ClientConnection, None]:
+        """Every client connection (the limits' table)."""
+        return self.limits.clients
 
-        Returns: None when taken, else why the client is refused (53300): all
-        ``max_client_conn`` slots, or all ``max_login_clients`` login slots, are in use.
-        """
-        config = self.config
-        if len(self.logging_in) >= min(config.max_login_clients, config.max_client_conn):
-            # Make room by closing the oldest connection that has not sent its credentials
-            # yet: an honest client logs in within milliseconds of connecting, so a flood of
-            # sockets that never do only ever pushes out its own oldest ones (it would have
-            # to open max_login_clients sockets within that client's login to crowd it out).
-            oldest = next((c for c in self.logging_in if c.awaiting_credentials), None)
-            if oldest is None:
-                return TooManyLogins(
-                    "too many connections are logging in at once (max_login_clients="
-                    f"{config.max_login_clients}); try again shortly")
-            error = TooManyLogins("too many connections are logging in at once "
-                                  f"(max_login_clients={config.max_login_clients}); the "
-                                  "oldest that had not authenticated was closed")
-            self.log_refused_connection(oldest.peer_host, error)
-            oldest.refuse(error)
-        if len(self.clients) >= config.max_client_conn:
-            return ProxyError("too many client connections (max_client_conn)")
-        self.clients[client] = None
-        self.logging_in[client] = None
-        return None
+    @property
+    def stopping(self) -> bool:
+        return self.services.stopping
 
-    def log_refused_connection(self, peer: str, error: ProxyError) -> None:
-        """Log a connection refused at connect (53300), at most one line a second: each
-        line counts the refusals it stands for (all are counted in auth failure metrics)."""
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged_at < 1.0:
-            return
-        log.warning("connection refused: client=%s sqlstate=53300: %s (%d refused since the "
-                    "last such line)", peer, error.message, self._refused,
-                    extra=fields(event="refused", client=peer, reason=error.reason,
-                                 sqlstate="53300", error=error.message, count=self._refused))
-        self._refused, self._refused_logged_at = 0, now
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self.services.stopping = value
 
-    def client_logged_in(self, client: ClientConnection) -> None:
-        """Give back ``client``'s login slot (it keeps its client slot)."""
-        self.logging_in.pop(client, None)
-
-    def client_disconnected(self, client: ClientConnection) -> None:
-        """Give back whatever ``client`` holds; idempotent."""
-        self.clients.pop(client, None)
-        self.logging_in.pop(client, None)
-        if client.cancel_key is not None:
-            self.cancel_keys.pop(client.cancel_key, None)
-
-    def tenant_login(self, key: object, limit: int) -> bool:
-        """Count a tenant's client in. Returns: False (not counted) at ``limit`` (0: none)."""
-        count = self.tenant_clients.get(key, 0)
-        if limit > 0 and count >= limit:
-            return False
-        self.tenant_clients[key] = count + 1
-        return True
-
-    def pin(self, key: object, delta: int) -> None:
-        """Count a tenant's pinned servers (``delta`` +1 or -1)."""
-        count = self.tenant_pinned.get(key, 0) + delta
-        if count > 0:
-            self.tenant_pinned[key] = count
-        else:
-            self.tenant_pinned.pop(key, None)
-
-    def may_pin(self, key: object) -> bool:
-        """Returns: whether a client of tenant ``key`` may pin one more server."""
-        limit = self.config.tenant_limits.max_pinned_servers
-        return limit <= 0 or self.tenant_pinned.get(key, 0) < limit
-
-    def tenant_logout(self, key: object) -> None:
-        count = self.tenant_clients.get(key, 0) - 1
-        if count > 0:
-            self.tenant_clients[key] = count
-        else:
-            self.tenant_clients.pop(key, None)
-
-    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
-        """Returns: a fresh (pid, secret) pair the client will present to cancel (with
-        workers, ``pid % count`` is this worker's index, so any worker can route it)."""
-        while True:
-            pid = secrets.randbits(31)
-            if self.worker is not None:
-                count = self.worker.count
-                pid = pid - pid % count + self.worker.index
-                if pid >= 1 << 31:
-                    continue
-            key = (pid, secrets.randbits(31) - (1 << 30))
-            if key not in self.cancel_keys:
-                self.cancel_keys[key] = client
-                return key
-
-    def cancel(self, pid: int, secret: int) -> None:
-        """Forward a CancelRequest to the backend the client is using right now, if any."""
-        worker = self.worker
-        if worker is not None and pid % worker.count != worker.index:
-            # The kernel gave this CancelRequest to another worker than its client's.
-            target = pid % worker.count
-            log.info("cancel request passed to worker %d", target)
-            passed = asyncio.ensure_future(
-                ask_worker(worker.socket(target), f"cancel {pid} {secret}"))
-            passed.add_done_callback(lambda t: t.cancelled() or t.exception())
-            return
-        client = self.cancel_keys.get((pid, secret))
-        if client is not None and client.waiting and client.pool is not None:
-            # Not on a server yet: end the wait, as Postgres would end the statement.
-            client.pool.cancel_wait(client)
-            client.pool_failed(QueryCanceled("canceling statement due to user request"))
-            return
-        server = client.server if client is not None else None
-        link = client.link if client is not None else None
-        if server is None or server.login is None or link is None or not link.pending:
-            # Unknown key, or nothing of this client's is running on a server: Postgres also
-            # ignores such requests. Forwarded only while the client's own request is in
-            # flight on the server, so a cancel can never reach the next client's query.
-            return
-        login = server.login
-        server.cancels_in_flight += 1
-        task = asyncio.ensure_future(
-            send_cancel(server.dsn, login.backend_pid, login.backend_secret)
-        )
-
-        def settled(done: asyncio.Future[None]) -> None:
-            if not done.cancelled():
-                done.exception()
-            server.cancels_in_flight -= 1
-            if not server.cancels_in_flight and server.on_cancels_settled is not None:
-                give_back, server.on_cancels_settled = server.on_cancels_settled, None
-                give_back()
-
-        task.add_done_callback(settled)
+    def _share(self) -> None:
+        """Hand what reload swaps to the clients' services and the limits."""
+        self.services.config = self.limits.config = self.config
+        self.services.guard = self.guard
+        self.services.throttle = self.auth_throttle
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -272,8 +150,8 @@ class App:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
-                lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True,
-                reuse_port=self.worker is not None,
+                lambda: ClientConnection(self.services), host, port, backlog=1024,
+                reuse_address=True, reuse_port=self.worker is not None,
             )
         except OSError as exc:
             raise ConfigError(f"listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
@@ -291,7 +169,7 @@ class App:
             self._control = ControlServer(
                 self.worker.socket(self.worker.index),
                 metrics=lambda: generate_latest(self.registry_prom),
-                readiness=self.not_ready_reasons, cancel=self.cancel)
+                readiness=self.not_ready_reasons, cancel=self.cancels.cancel)
             await self._control.start()
         elif self.config.metrics.listen is not None:
             mhost, mport = parse_listen(self.config.metrics.listen, "metrics.listen")
@@ -493,6 +371,7 @@ class App:
         self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window,
                                           config.auth_failure_delay)
         self.metrics.top_tenants = config.metrics.top_tenants
+        self._share()
         logging.getLogger().setLevel(config.log_level.upper())
         if not notes:
             notes.append("no changes")

@@ -1,87 +1,91 @@
-"""One client connection: startup, token auth, then the transaction loop.
+"""One client connection: the asyncio adapter around startup, token auth and the
+transaction loop.
 
-Owns the client socket, the startup/auth state machine and the glue between the client's
-``Link`` (protocol/tracker.py) and the server attached for the current transaction. This is
-the one place where exceptions become an ErrorResponse for the client (STYLE rule 7).
+Owns the client socket and the glue between the client's ``Link`` (protocol/tracker.py) and
+the server attached for the current transaction. Startup parsing is the sans-I/O generator
+of ``protocol/startup.py``, driven here by ``_advance``; cancel keys are ``cancel.py``'s;
+the proxy's tables reach it as ``ClientServices``. This is the one place where exceptions
+become an ErrorResponse for the client (STYLE rule 7).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import socket
-import struct
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 from uuid import UUID
 
 from . import __version__
-from .admin import ADMIN_DATABASE, AdminConsole
-from .config import TenantTypeConfig, is_loopback
+from .cancel import CancelTable, after_cancels
+from .config import Config, TenantTypeConfig, is_loopback
 from .errors import (
     AdminShutdown,
     AuthFailed,
-    AuthRefused,
-    ClientIdleTimeout,
     ClientProtocolError,
-    IdleInTransactionTimeout,
-    InvalidParameter,
-    LoginTimeout,
     ProxyError,
-    QueryTimeout,
+    QueryCanceled,
     ServerProtocolError,
     ServerUnavailable,
     TooManyConnections,
-    UnknownDatabase,
-    UnsupportedProtocol,
-    WrongUser,
 )
+from .guard import Guard
 from .identity.context import TenantContext, build_context
+from .identity.registry import Registry
+from .identity.throttle import AuthThrottle
+from .limits import ClientLimits, login_timeout, session_timeout
+from .login import (
+    Attempt,
+    check_admin_token,
+    outside_transaction_check,
+    pin_capped,
+    resolve_tenant,
+    served_from,
+    tenant_caps,
+)
 from .logs import fields
 from .protocol import codec
-from .protocol.constants import (
-    AUTH_CLEARTEXT,
-    AUTH_OK,
-    CANCEL_REQUEST_CODE,
-    GSSENC_REQUEST_CODE,
-    PROTOCOL_3_0,
-    SSL_REQUEST_CODE,
-)
-from .protocol.encoding import UNSAFE, canonical, encoding_key
+from .protocol.handshake import Recv, Send
 from .protocol.inject import Injection
-from .protocol.sql import is_on, pins_server
+from .protocol.startup import (
+    MAX_STARTUP,
+    Authenticate,
+    Cancel,
+    Goodbye,
+    Identify,
+    StartTls,
+    Startup,
+    StartupRules,
+    admin_greeting,
+    client_startup,
+    greeting,
+)
 from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
 from .server import ServerConnection
-from .stats import LabelStats, TenantStats
+from .stats import LabelStats, Metrics, TenantStats
 from .tls import cleartext_token_allowed
 
 if TYPE_CHECKING:
-    from .app import App
     from .pool import Pool
 
-__all__ = ["ClientConnection", "ClientState"]
+__all__ = ["ClientConnection", "ClientServices", "ClientState", "Console"]
+
+
+class Console(Protocol):
+    """An admin-console session (admin.AdminConsole), as the client drives it: the client
+    does not import admin.py (admin lists clients; the app composes both)."""
+
+    def feed(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
 
 log = logging.getLogger("pgtenant.client")
-_unpack_i32 = struct.Struct("!i").unpack_from
-_unpack_header = codec.HEADER.unpack_from
-# A startup packet is small; anything bigger is an attack or a confused client.
-_MAX_STARTUP = 10_000
 # Stop reading from a client whose unhandled bytes pile up while it waits or holds.
 _CLIENT_BUFFER_HIGH = 1 << 20
-# Parameters reported to clients from the server's set, as Postgres reports them at login.
-_REPORTED = (
-    "server_version", "server_encoding", "client_encoding", "DateStyle", "IntervalStyle",
-    "TimeZone", "integer_datetimes", "standard_conforming_strings", "in_hot_standby",
-    "default_transaction_read_only", "scram_iterations",
-)
-
-
-# A whole Terminate message ('X', length 4), as the first bytes of a connection.
-_TERMINATE: Final = b"X\x00\x00\x00\x04"
 
 # Login failures by cause, for pgtenant_auth_failures_total{reason}.
 _AUTH_REASONS: Final = {
@@ -94,9 +98,27 @@ _AUTH_REASONS: Final = {
 }
 
 
+@dataclass(slots=True, kw_only=True)
+class ClientServices:
+    """What a client connection may use of the proxy (built and kept current by the app:
+    ``config``, ``guard``, ``throttle`` and ``stopping`` are swapped on reload and stop)."""
+
+    config: Config
+    client_tls: ssl.SSLContext | None  # [tls]: SSLRequest is answered 'S'
+    pools: Mapping[str, Pool]
+    registry: Registry
+    metrics: Metrics
+    throttle: AuthThrottle
+    guard: Guard  # every switch allowed: for is_protected (startup settings)
+    guard_for: Callable[[TenantTypeConfig], Guard]  # the statement guard of a tenant type
+    limits: ClientLimits[ClientConnection]
+    cancels: CancelTable
+    admin_console: Callable[[ClientConnection], Console]
+    stopping: bool = False  # draining: no new transaction starts
+
+
 class ClientState(Enum):
-    STARTUP = "startup"  # waiting for SSLRequest/StartupMessage/CancelRequest
-    PASSWORD = "password"  # AuthenticationCleartextPassword sent
+    STARTUP = "startup"  # the startup generator runs (startup packets, then the password)
     AUTHENTICATING = "authenticating"  # token lookup in flight
     READY = "ready"  # transaction loop (attached, waiting or idle)
     CLOSED = "closed"
@@ -105,14 +127,13 @@ class ClientState(Enum):
 class ClientConnection(asyncio.Protocol):
     """A client of the proxy; see the module docstring."""
 
-    def __init__(self, app: App):
-        self.app = app
+    def __init__(self, services: ClientServices):
+        self.services = services
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
         self.peer_host = ""
         self.user = ""
         self.database = ""
-        self.startup_params: dict[str, str] = {}
         self.settings: tuple[tuple[str, str], ...] = ()
         self.client_encoding = "UTF8"  # canonical name; see Link.encoding
         self.context: TenantContext | None = None
@@ -122,6 +143,11 @@ class ClientConnection(asyncio.Protocol):
         self.waiting = False
         self.connected_at = time.monotonic()
         self.cancel_key: tuple[int, int] | None = None
+        self.tls = False  # True once the TLS handshake after SSLRequest succeeded
+        # The startup generator (protocol/startup.py) and the op it is suspended at.
+        self._startup: Startup | None = None
+        self._op: Send | Recv | StartTls | Identify | None = None
+        # Bytes the startup generator is not reading right now (TLS handshake, token lookup).
         self._buf = bytearray()
         # Why reading from the client is paused: "wait" (for a server), "buffer" (unhandled
         # bytes piling up), "backend" (the server's socket buffer is full). Reading resumes
@@ -140,8 +166,8 @@ class ClientConnection(asyncio.Protocol):
         self.wait_started = 0.0
         self.last_request = self.connected_at
         self.last_server_data = self.connected_at
-        self.admin: AdminConsole | None = None  # dbname=pgtenant: the admin console
-        self._pin_counted = False  # its server is pinned and counted in App.tenant_pinned
+        self.admin: Console | None = None  # dbname=pgtenant: the admin console
+        self._pin_counted = False  # its server is pinned and counted in limits.tenant_pinned
 
     def __repr__(self) -> str:
         tenant = self.context.identity.slug if self.context else "-"
@@ -152,23 +178,25 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports are not asyncio.Transport subclasses, but speak its interface.
         self.transport = transport  # type: ignore[assignment]
-        self.tls = False  # True once the TLS handshake after SSLRequest succeeded
-        self._tls_upgrading = False  # between our 'S' and the end of the handshake
         peer = transport.get_extra_info("peername")
         self.peer_host = peer[0] if isinstance(peer, tuple) else "unix"
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        refused = self.app.client_connected(self)
+        limits = self.services.limits
+        refused = limits.client_connected(self)
         if refused is not None:
-            # Logged by the app at most once a second: a flood must not flood the log too.
-            self.app.log_refused_connection(self.peer_host, refused)
+            # Logged at most once a second: a flood must not flood the log too.
+            limits.log_refused_connection(self.peer_host, refused)
             self._fail(refused, sqlstate="53300", quiet=True)
+            return
+        self._startup = client_startup(self._startup_rules())
+        self._advance(None)
 
     @property
     def awaiting_credentials(self) -> bool:
         """Whether this connection has not sent its credentials yet (startup or password)."""
-        return self.state in (ClientState.STARTUP, ClientState.PASSWORD)
+        return self.state is ClientState.STARTUP
 
     def refuse(self, error: ProxyError) -> None:
         """End this connection before login with ``error`` (logged by the caller)."""
@@ -200,16 +228,19 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.state is ClientState.CLOSED:
             return
+        if self.state is ClientState.STARTUP and isinstance(self._op, Recv):
+            self._advance(data)
+            return
+        # Nobody reads these yet: the TLS handshake or the token lookup is under way.
         self._buf += data
-        try:
+        if len(self._buf) > MAX_STARTUP:
             if self.state is ClientState.STARTUP:
-                self._handle_startup()
-            elif self.state is ClientState.PASSWORD:
-                self._handle_password()
-            elif len(self._buf) > _MAX_STARTUP:
-                raise ClientProtocolError("unexpected data while authenticating")
-        except ProxyError as exc:
-            self._fail(exc)
+                # Only decrypted bytes reach us now, possibly before start_tls has handed
+                # us the TLS transport: kept until _upgrade_to_tls resumes the startup, so
+                # no reply goes out in cleartext; but not without bound.
+                self._fail(ClientProtocolError("too much data during the TLS handshake"))
+            else:
+                self._fail(ClientProtocolError("unexpected data while authenticating"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disconnect("client closed the connection")
@@ -230,164 +261,76 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ startup and auth
 
-    def _handle_startup(self) -> None:
-        buf = self._buf
-        if self._tls_upgrading:
-            # Only decrypted bytes reach us now, possibly before start_tls has handed us the
-            # TLS transport: keep them until _upgrade_to_tls resumes, so no reply goes out
-            # in cleartext.
-            if len(buf) > _MAX_STARTUP:
-                raise ClientProtocolError("too much data during the TLS handshake")
-            return
-        if buf[:5] == _TERMINATE:
-            # A Terminate before any startup packet (node-postgres's end() of a client that
-            # never connected): Postgres just closes, and a client that said goodbye does
-            # not expect an ErrorResponse (node-pg crashes on one).
-            self._disconnect("client sent Terminate before startup")
-            return
-        while self.state is ClientState.STARTUP and len(buf) >= 8:
-            (length,) = _unpack_i32(buf, 0)
-            if length < 8 or length > _MAX_STARTUP:
-                raise ClientProtocolError(f"invalid startup packet length {length}")
-            if len(buf) < length:
-                return
-            (code,) = _unpack_i32(buf, 4)
-            body = bytes(buf[8:length])
-            del buf[:length]
-            if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
-                if buf:  # bytes after the request before our answer: a buffer-stuffing attack
-                    raise ClientProtocolError("unexpected data after encryption request")
-                if self.tls:  # as Postgres: one negotiation per connection
-                    raise ClientProtocolError("encryption request on an encrypted connection")
-                if code == SSL_REQUEST_CODE and self.app.client_tls is not None:
+    def _startup_rules(self) -> StartupRules:
+        """Returns: what the startup generator may allow this connection."""
+        services = self.services
+        config = services.config
+        loopback = self.peer_host == "unix" or is_loopback(self.peer_host)
+        guard = services.guard
+        return StartupRules(
+            peer=self.peer_host,
+            tls_available=services.client_tls is not None,
+            cleartext_allowed=lambda encrypted: cleartext_token_allowed(
+                encrypted=encrypted, loopback=loopback,
+                allow_plaintext_remote=config.allow_plaintext_remote),
+            databases=services.pools,
+            is_protected=guard.is_protected,
+            admin_token_set=config.admin.token_sha256 is not None,
+            admin_users=config.admin.users,
+        )
+
+    def _advance(self, data: bytes | None) -> None:
+        """The one driver of the startup generator: resume it with ``data`` (the client's
+        next bytes, or None after a Send or a TLS upgrade) and carry out its ops until it
+        waits for bytes nobody has yet, starts TLS, or decides."""
+        gen = self._startup
+        assert gen is not None
+        try:
+            while True:
+                op = gen.send(data)
+                data = None
+                if isinstance(op, Send):
+                    self._write(op.data)
+                    continue
+                if isinstance(op, Identify):  # logged with a refusal of the rest
+                    self.user, self.database = op.user, op.database
+                    continue
+                self._op = op
+                if isinstance(op, StartTls):
                     self._start_tls_upgrade()
                     return
-                self._write(b"N")
-            elif code == CANCEL_REQUEST_CODE:
-                self._handle_cancel(body)
-                return
-            elif code >> 16 == 3:
-                # Like Postgres (ProcessStartupPacket): a newer 3.x minor or _pq_.* options
-                # are negotiated down to 3.0 with NegotiateProtocolVersion, not refused.
-                params = codec.parse_startup_params(body)
-                unknown = sorted(k for k in params if k.startswith("_pq_."))
-                if code != PROTOCOL_3_0 or unknown:
-                    self._write(codec.negotiate_protocol_version(0, unknown))
-                self._startup({k: v for k, v in params.items() if not k.startswith("_pq_.")})
-            else:
-                raise UnsupportedProtocol(
-                    f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
-                    "pgtenant speaks 3.0"
-                )
-        if buf and self.state is ClientState.PASSWORD:
-            self._handle_password()
-
-    def _handle_cancel(self, body: bytes) -> None:
-        if len(body) == 8:
-            pid, secret = struct.unpack("!ii", body)
-            self.app.cancel(pid, secret)
-        # Through _disconnect, like every other end: it gives back the slots connection_made
-        # took (marking the client CLOSED here first leaked them, one per CancelRequest).
-        self._disconnect("cancel request")
-
-    def _startup(self, params: dict[str, str]) -> None:
-        user = params.get("user")
-        if not user:
-            raise ClientProtocolError("no user name in the startup packet")
-        self.user = user
-        self.database = params.get("database") or user
-        self.startup_params = params
-        if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
-            raise UnsupportedProtocol("replication connections are not supported by pgtenant")
-        if self.database == ADMIN_DATABASE:
-            admin = self.app.config.admin
-            if admin.token_sha256 is None:
-                raise AuthRefused("the admin console is not configured",
-                                  hint="set [admin] token_sha256 (see `pgtenant admin-token`)")
-            if user not in admin.users:
-                raise AuthRefused(f'user "{user}" may not use the admin console',
-                                  hint=f"[admin] users = {list(admin.users)}")
-            self._require_safe_password_channel()
-            self.state = ClientState.PASSWORD
-            self._write(codec.auth_request(AUTH_CLEARTEXT))
+                if not self._buf:  # Recv, and nothing kept for it
+                    return
+                data = bytes(self._buf)
+                self._buf.clear()
+        except StopIteration as done:
+            decision: Authenticate | Cancel | Goodbye = done.value
+        except ProxyError as exc:
+            self._startup = self._op = None
+            self._fail(exc)
             return
-        pool = self.app.pools.get(self.database)
-        if pool is None:
-            raise UnknownDatabase(
-                f'database "{self.database}" is not configured in pgtenant',
-                hint=f"configured databases: {', '.join(sorted(self.app.pools))}",
-            )
-        self.pool = pool
-        self.settings = self._startup_settings(params)
-        self._require_safe_password_channel()
-        self.state = ClientState.PASSWORD
-        self._write(codec.auth_request(AUTH_CLEARTEXT))
-
-    def _require_safe_password_channel(self) -> None:
-        """Raises: AuthRefused when a cleartext token would cross an unencrypted network."""
-        if not cleartext_token_allowed(
-            encrypted=self.tls, loopback=self._on_loopback(),
-            allow_plaintext_remote=self.app.config.allow_plaintext_remote,
-        ):
-            raise AuthRefused(
-                "pgtenant refuses cleartext tokens over an unencrypted connection from "
-                f"{self.peer_host}",
-                hint="connect with sslmode=require (or verify-full)"
-                if self.app.client_tls is not None
-                else "configure [tls] cert_file and key_file and connect with TLS, connect "
-                     "over loopback, or set allow_plaintext_remote = true",
-            )
-
-    def _startup_settings(self, params: dict[str, str]) -> tuple[tuple[str, str], ...]:
-        """The settings a client asked for at startup, to re-apply with every transaction.
-
-        Returns: (name, value) pairs, `options` ``-c name=value`` included.
-        Raises: AuthRefused (28000) for settings pgtenant owns (role, search_path, app.*);
-        UnsupportedProtocol for a client-only client_encoding (SJIS...) or
-        standard_conforming_strings off (the statement guard lexes like Postgres only
-        without them); InvalidParameter for an encoding Postgres does not know.
-        """
-        pairs = [(k, v) for k, v in params.items()
-                 if k not in ("user", "database", "replication", "options")]
-        pairs += _parse_options(params.get("options", ""))
-        settings = []
-        for name, value in pairs:
-            lname = name.lower()
-            if self.app.guard.is_protected(lname):
-                raise AuthRefused(f"startup parameter {name!r} is set by pgtenant for every "
-                                  "transaction and cannot be chosen by the client")
-            if lname == "client_encoding":
-                name_ = canonical(value)
-                if name_ is None:
-                    if encoding_key(value) in UNSAFE:
-                        raise UnsupportedProtocol(
-                            f"client_encoding {value!r} is not supported: its multibyte "
-                            "characters can contain ASCII bytes, which defeats the statement "
-                            "guard", hint="connect with client_encoding=UTF8")
-                    raise InvalidParameter(
-                        f'invalid value for parameter "client_encoding": "{value}"',
-                        hint="use an encoding Postgres knows, such as UTF8 or LATIN1")
-                self.client_encoding = name_  # session state of the servers, not replayed
-                continue
-            if lname == "standard_conforming_strings" and not is_on(value):
-                raise UnsupportedProtocol("standard_conforming_strings must be on")
-            settings.append((name, value))
-        if (self.pool is not None and self.pool.names_backends
-                and not any(name.lower() == "application_name" for name, _ in settings)):
-            # Postgres shows a client that named itself nothing an empty application_name;
-            # backends named by their dsn would report theirs, so '' is re-applied with each
-            # transaction (backends are unnamed by default: then this costs nothing).
-            settings.append(("application_name", ""))
-        return tuple(settings)
-
-    def _on_loopback(self) -> bool:
-        return self.peer_host == "unix" or is_loopback(self.peer_host)
+        self._startup = self._op = None
+        if isinstance(decision, Authenticate):
+            self._buf += decision.rest
+            self.user, self.database = decision.user, decision.database
+            self.settings, self.client_encoding = decision.settings, decision.client_encoding
+            if not decision.admin:  # else ADMIN_DATABASE
+                self.pool = self.services.pools[decision.database]
+            self.state = ClientState.AUTHENTICATING
+            self._auth_task = asyncio.ensure_future(self._authenticate(decision))
+        elif isinstance(decision, Cancel):
+            if decision.key is not None:
+                self.services.cancels.cancel(*decision.key)
+            # Through _disconnect, like every other end: it gives back the slots
+            # connection_made took (marking the client CLOSED here first leaked them, one
+            # per CancelRequest).
+            self._disconnect("cancel request")
+        else:
+            self._disconnect(decision.reason)
 
     def _start_tls_upgrade(self) -> None:
-        """Answer SSLRequest with 'S' and run the server-side TLS handshake in a task."""
+        """Run the server-side TLS handshake in a task (our 'S' went out just before)."""
         assert self.transport is not None
-        self._tls_upgrading = True
-        self._write(b"S")
         # Until start_tls installs its TLS layer, the ClientHello must not reach
         # data_received as if it were a startup packet; start_tls resumes reading itself.
         self.transport.pause_reading()
@@ -401,11 +344,12 @@ class ClientConnection(asyncio.Protocol):
         A failed handshake cannot be answered with an ErrorResponse (the client expects TLS
         records), so the connection is just closed and the reason logged.
         """
-        assert self.transport is not None and self.app.client_tls is not None
+        context = self.services.client_tls
+        assert self.transport is not None and context is not None
         try:
             transport = await asyncio.get_running_loop().start_tls(
-                self.transport, self, self.app.client_tls, server_side=True,
-                ssl_handshake_timeout=self.app.config.client_login_timeout,
+                self.transport, self, context, server_side=True,
+                ssl_handshake_timeout=self.services.config.client_login_timeout,
             )
         except OSError as exc:  # ssl.SSLError, resets, the handshake timeout
             why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
@@ -419,60 +363,32 @@ class ClientConnection(asyncio.Protocol):
             return
         self.transport = transport
         self.tls = True
-        self._tls_upgrading = False
-        if self._buf:  # a StartupMessage that arrived with the end of the handshake
-            try:
-                self._handle_startup()
-            except ProxyError as exc:
-                self._fail(exc)
+        # Resumed with None; a StartupMessage that arrived with the end of the handshake is
+        # in self._buf and fed at the generator's next Recv.
+        self._advance(None)
 
-    def _handle_password(self) -> None:
-        buf = self._buf
-        if len(buf) < 5:
-            return
-        msg_type, length = _unpack_header(buf, 0)
-        if msg_type != ord("p"):
-            raise ClientProtocolError(f"expected a password message, got {chr(msg_type)!r}")
-        if length < 5 or length > 4096:
-            raise ClientProtocolError(f"invalid password message length {length}")
-        if len(buf) < length + 1:
-            return
-        raw, _ = codec.read_cstring(bytes(buf[5 : length + 1]), 0)
-        del buf[: length + 1]
-        self.state = ClientState.AUTHENTICATING
-        self._auth_task = asyncio.ensure_future(self._authenticate(raw.decode("utf-8", "replace")))
-
-    async def _authenticate(self, token: str) -> None:
-        throttle = self.app.auth_throttle
-        started = time.monotonic()
-        # Decided when the attempt starts, so the attempt that reaches the limit is still
-        # answered at once; only failures are delayed (see identity/throttle.py for why).
-        delay = throttle.delay_for(self.peer_host, started, self._attempt(token))
-        if self.database == ADMIN_DATABASE:
-            await self._authenticate_admin(token, started, delay)
+    async def _authenticate(self, login: Authenticate) -> None:
+        """The token lookup's task: log in, or end the client with the reason."""
+        services = self.services
+        attempt = Attempt(self.peer_host, login.user, login.database, login.token)
+        if login.admin:
+            await self._authenticate_admin(attempt)
             return
         try:
-            identity = await self.app.registry.resolve(token)
-            if identity is None:
-                self.app.auth_failures += 1
-                throttle.record_failure(self.peer_host, started, self._attempt(token))
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                raise AuthFailed(
-                    f'password authentication failed for user "{self.user}"',
-                    hint="pgtenant expects a valid, unexpired, unrevoked token as the password",
-                )
-            self._check_user(identity.slug)
-            tenant_type = self.app.config.tenant_types.get(identity.tenant_type)
-            if tenant_type is None:
-                raise AuthRefused(
-                    f"tenant {identity.slug!r} has tenant type {identity.tenant_type!r}, "
-                    "which this proxy has no [tenant_types] entry for"
-                )
+            identity, tenant_type = await resolve_tenant(services.registry, services.throttle,
+                                                         services.config, attempt)
             self.context = build_context(identity, tenant_type)
-            self._route(identity.database or tenant_type.database, identity.slug)
-            self._apply_tenant_limits(identity.org_id, identity.slug, tenant_type)
-            assert self.pool is not None
+            database = served_from(identity.database or tenant_type.database, self.database,
+                                   identity.slug, services.pools)
+            self.pool, self.database = services.pools[database], database
+            self.max_servers, max_clients = tenant_caps(tenant_type,
+                                                        services.config.tenant_limits)
+            if not services.limits.tenant_login(identity.org_id, max_clients):
+                raise TooManyConnections(
+                    f"too many connections for tenant {identity.slug!r} "
+                    f"(max_client_connections={max_clients})",
+                    hint="close idle connections of this tenant, or raise the limit")
+            self.tenant_key = identity.org_id  # counted in: counted out at disconnect
             params = await self.pool.startup_parameters()
         except ProxyError as exc:
             if self.state is not ClientState.CLOSED:
@@ -485,42 +401,38 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.state is ClientState.CLOSED:
             return
-        assert self.pool is not None
-        set_local = self.app.config.context_statements == "set_local"
+        self._logged_in(login, tenant_type, params)
+
+    def _logged_in(self, login: Authenticate, tenant_type: TenantTypeConfig,
+                   params: Mapping[str, str]) -> None:
+        """The token checked out: build the session and greet the client as Postgres
+        would."""
+        services = self.services
+        config, limits = services.config, services.limits
+        assert self.pool is not None and self.context is not None
+        set_local = config.context_statements == "set_local"
         self.link = Link(Injection(self.context, self.pool.signing_key, self.settings,
                                    set_local=set_local),
-                         self.app.config.max_message_size,
-                         guard=self._statement_policy(self.app.guard_for(tenant_type).check),
-                         outside_txn=self._outside_transaction_check(tenant_type),
-                         max_prepared=self.app.config.max_prepared_statements,
+                         config.max_message_size,
+                         guard=pin_capped(
+                             services.guard_for(tenant_type).check,
+                             lambda: self._pin_counted or limits.may_pin(self.tenant_key),
+                             lambda: services.config.tenant_limits.max_pinned_servers),
+                         outside_txn=outside_transaction_check(
+                             services.guard_for(tenant_type), tenant_type),
+                         max_prepared=config.max_prepared_statements,
                          client_encoding=self.client_encoding)
         ident = self.context.identity
         self.tenant_type = ident.tenant_type
-        self.stats = self.app.metrics.labels(self.database, ident.tenant_type)
-        self.tenant_stats = self.app.metrics.tenant(self.database, ident.tenant_type, ident.slug)
+        self.stats = services.metrics.labels(self.database, ident.tenant_type)
+        self.tenant_stats = services.metrics.tenant(self.database, ident.tenant_type, ident.slug)
         self.link.stats = self.stats
         self.stats.logins += 1
         self.link.clock = time.monotonic
-        pid, secret = self.app.register_cancel_key(self)
-        self.cancel_key = (pid, secret)
-        out = [codec.auth_request(AUTH_OK)]
-        # What Postgres would report: the server's values, overridden by the client's own.
-        chosen = {name.lower(): value for name, value in self.settings}
-        chosen["client_encoding"] = self.client_encoding
-        for name in _REPORTED:
-            if name.lower() in chosen:
-                out.append(codec.parameter_status(name, chosen[name.lower()]))
-            elif name in params:
-                out.append(codec.parameter_status(name, params[name]))
-        out.append(codec.parameter_status("application_name", chosen.get("application_name", "")))
-        out.append(codec.parameter_status("is_superuser", "off"))
-        out.append(codec.parameter_status("session_authorization", self.user))
-        out.append(codec.backend_key_data(pid, secret))
-        out.append(codec.ready_for_query(b"I"))
-        self._write(b"".join(out))
+        self.cancel_key = services.cancels.register(self)
+        self._write(greeting(login, params, self.cancel_key))
         self.state = ClientState.READY
-        self.app.client_logged_in(self)
-        ident = self.context.identity
+        services.limits.client_logged_in(self)
         log.info("login: client=%s user=%s db=%s tenant=%s type=%s org=%s", self.peer_host,
                  self.user, self.database, ident.slug, ident.tenant_type, ident.org_id,
                  extra=self._log_fields(event="login", org=str(ident.org_id)))
@@ -529,66 +441,9 @@ class ClientConnection(asyncio.Protocol):
             self._buf.clear()
             self._pump()
 
-    def _attempt(self, token: str) -> str:
-        """Returns: the fingerprint of this login attempt for the throttle (user, database,
-        token hash), the same on libpq's sslmode=prefer retry of it; no token is kept."""
-        return hashlib.sha256("\0".join((self.user, self.database, token)).encode()).hexdigest()
-
-    def _check_user(self, slug: str) -> None:
-        """Fail closed on a user name that does not match the token: a client that asked
-        for user "bob" must not silently run as whichever tenant its password names.
-        Naming the token's tenant only tells what the holder of the token can learn anyway.
-
-        Raises: WrongUser (28000) unless the user is ``slug`` or listed in ``any_user``.
-        """
-        allowed = self.app.config.any_user
-        if self.user == slug or self.user in allowed or "*" in allowed:
-            return
-        raise WrongUser(
-            f'the token belongs to user "{slug}", not "{self.user}"',
-            hint=f'connect with user={slug}, or list the user name in any_user')
-
-    def _route(self, database: str | None, slug: str) -> None:
-        """Database per tenant: serve the tenant from its own [databases.<name>] (its
-        organization row's, else its tenant type's), whatever dbname it asked for.
-        Raises: UnknownDatabase when that database is not configured here."""
-        if database is None or database == self.database:
-            return
-        pool = self.app.pools.get(database)
-        if pool is None:
-            raise UnknownDatabase(
-                f"tenant {slug!r} is served from database {database!r}, which is not "
-                "configured in this pgtenant", hint=f"add [databases.{database}]")
-        self.pool, self.database = pool, database
-
-    def _apply_tenant_limits(self, org_id: object, slug: str,
-                             tenant_type: TenantTypeConfig) -> None:
-        """Set the tenant's server cap and enforce its client cap.
-
-        Raises: TooManyConnections (53300).
-        """
-        limits = self.app.config.tenant_limits
-        self.max_servers = (tenant_type.max_server_connections
-                            if tenant_type.max_server_connections is not None
-                            else limits.max_server_connections)
-        max_clients = (tenant_type.max_client_connections
-                       if tenant_type.max_client_connections is not None
-                       else limits.max_client_connections)
-        if not self.app.tenant_login(org_id, max_clients):
-            raise TooManyConnections(
-                f"too many connections for tenant {slug!r} (max_client_connections="
-                f"{max_clients})", hint="close idle connections of this tenant, or raise "
-                "the limit")
-        self.tenant_key = org_id  # counted in: counted out at disconnect
-
-    async def _authenticate_admin(self, token: str, started: float, delay: float) -> None:
-        expected = self.app.config.admin.token_sha256 or ""
-        given = hashlib.sha256(token.encode()).hexdigest()
-        if not hmac.compare_digest(given, expected):
-            self.app.auth_throttle.record_failure(self.peer_host, started,
-                                                  self._attempt(token))
-            if delay > 0:
-                await asyncio.sleep(delay)
+    async def _authenticate_admin(self, attempt: Attempt) -> None:
+        services = self.services
+        if not await check_admin_token(services.throttle, services.config, attempt):
             if self.state is not ClientState.CLOSED:
                 log.warning("admin: login refused: user=%s client=%s", self.user,
                             self.peer_host)
@@ -597,17 +452,11 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.state is ClientState.CLOSED:
             return
-        self.admin = AdminConsole(self.app, self)
+        self.admin = services.admin_console(self)
         self.state = ClientState.READY
-        self.app.client_logged_in(self)
+        services.limits.client_logged_in(self)
         log.info("admin: login: user=%s client=%s", self.user, self.peer_host)
-        self._write(codec.auth_request(AUTH_OK)
-                    + codec.parameter_status("server_version", f"pgtenant {__version__}")
-                    + codec.parameter_status("client_encoding", "UTF8")
-                    + codec.parameter_status("server_encoding", "UTF8")
-                    + codec.parameter_status("standard_conforming_strings", "on")
-                    + codec.parameter_status("DateStyle", "ISO, MDY")
-                    + codec.backend_key_data(0, 0) + codec.ready_for_query(b"I"))
+        self._write(admin_greeting(__version__))
         if self._buf:
             data = bytes(self._buf)
             self._buf.clear()
@@ -663,18 +512,26 @@ class ClientConnection(asyncio.Protocol):
         if self.state is ClientState.READY:
             self._fail(_token_revoked())
 
+    def cancel_request(self) -> ServerConnection | None:
+        """CancelTable: a CancelRequest with this client's key arrived.
+
+        Returns: the server to forward it to, only while a request of this client is pending
+        on that server (so a cancel can never reach the next client's query); else None
+        (Postgres ignores such requests too). A client still waiting for a server has its
+        wait ended instead, as Postgres would end the statement.
+        """
+        if self.waiting and self.pool is not None:
+            self.pool.cancel_wait(self)
+            self.pool_failed(QueryCanceled("canceling statement due to user request"))
+            return None
+        server, link = self.server, self.link
+        if server is None or server.login is None or link is None or not link.pending:
+            return None
+        return server
+
     def terminate(self, message: str) -> None:
         """End this client with an admin_shutdown FATAL (KILL, shutdown)."""
         self._fail(AdminShutdown(message))
-
-    def _outside_transaction_check(self, tenant_type: TenantTypeConfig
-                                   ) -> Callable[[bytes], bool] | None:
-        """Returns: the test for statements this tenant type may run outside a transaction."""
-        allowed = frozenset(tenant_type.allow_outside_transaction)
-        if not allowed:
-            return None
-        kind_of = self.app.guard_for(tenant_type).outside_transaction_kind
-        return lambda sql: kind_of(sql) in allowed
 
     # ------------------------------------------------------------------ transaction loop
 
@@ -714,14 +571,14 @@ class ClientConnection(asyncio.Protocol):
     def _request_server(self) -> bool:
         """Returns: True when a server is attached now; False when we wait (or failed)."""
         assert self.pool is not None and self.context is not None
-        if self.app.stopping:
+        if self.services.stopping:
             # Draining (SIGTERM): this is a transaction boundary, and the next transaction
             # does not start; a client retries elsewhere on 57P01.
             self.terminate("pgtenant is shutting down")
             return False
         # A token revoked since login ends its sessions at their next transaction (the
         # registry hears revocations through LISTEN; see identity/registry.py).
-        if self.app.registry.is_revoked(self.context.identity.token_id):
+        if self.services.registry.is_revoked(self.context.identity.token_id):
             self._fail(_token_revoked())
             return False
         try:
@@ -816,7 +673,7 @@ class ClientConnection(asyncio.Protocol):
             # would follow the server to the next tenant: close it instead (fail closed).
             self.pool.discard(server)
         else:
-            _after_cancels(server, self.pool.release)
+            after_cancels(server, self.pool.release)
 
     def _transaction_done(self) -> None:
         """The server goes back (or away): one transaction, in PgBouncer's sense, ended."""
@@ -845,7 +702,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if link.pinned and not self._pin_counted:
             self._pin_counted = True
-            self.app.pin(self.tenant_key, +1)
+            self.services.limits.pin(self.tenant_key, +1)
         if chunks and self.transport is not None:
             self.transport.writelines(chunks)
             assert self.stats is not None
@@ -882,29 +739,7 @@ class ClientConnection(asyncio.Protocol):
         """The pinned server is gone: it no longer counts against the tenant's cap."""
         if self._pin_counted:
             self._pin_counted = False
-            self.app.pin(self.tenant_key, -1)
-
-    def _statement_policy(self, check: Callable[[bytes], str | None]
-                          ) -> Callable[[bytes], str | None]:
-        """Returns: the statement guard's ``check``, plus the tenant's cap on pinned servers
-        (a statement that would pin one more server than max_pinned_servers is refused
-        before it runs, so one tenant cannot starve the pool by pinning; see App.may_pin)."""
-        app = self.app
-
-        def policy(sql: bytes) -> str | None:
-            refusal = check(sql)
-            if refusal is not None or self._pin_counted or app.may_pin(self.tenant_key):
-                return refusal
-            if pins_server(sql):
-                limit = app.config.tenant_limits.max_pinned_servers
-                return (f"pgtenant: this statement would keep a server connection for this "
-                        f"session, and this tenant's sessions already keep {limit} "
-                        "(max_pinned_servers); end one of them, or avoid session state "
-                        "(use protocol-level prepared statements, transaction-scoped locks "
-                        "and cursors)")
-            return None
-
-        return policy
+            self.services.limits.pin(self.tenant_key, -1)
 
     def _drop_server(self, *, out_of_sync: bool) -> None:
         self._unpin()
@@ -938,7 +773,7 @@ class ClientConnection(asyncio.Protocol):
             server.ctx_state = link.detach()
             self._transaction_done()
             server.client_encoding = ""  # the rollback may revert a SET: switch next time
-            _after_cancels(server, self.pool.release_dirty)
+            after_cancels(server, self.pool.release_dirty)
 
     def _fail(self, error: ProxyError, *, sqlstate: str | None = None,
               quiet: bool = False) -> None:
@@ -952,7 +787,7 @@ class ClientConnection(asyncio.Protocol):
         if self.stats is not None:
             self.stats.error(code)
         elif self.state is not ClientState.READY:
-            self.app.metrics.auth_failure(_AUTH_REASONS.get(error.reason, "other"))
+            self.services.metrics.auth_failure(_AUTH_REASONS.get(error.reason, "other"))
         # Logged before the error is sent, so the line is written by the time the client
         # can see the error (tests and operators correlate the two).
         log_fn = log.info if isinstance(error, AuthFailed) else log.warning
@@ -992,9 +827,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _release_slots(self) -> None:
         """Give back the client, login and tenant slots this connection took; idempotent."""
-        self.app.client_disconnected(self)
+        limits = self.services.limits
+        limits.client_disconnected(self)
+        self.services.cancels.forget(self.cancel_key)
         if self.tenant_key is not None:
-            self.app.tenant_logout(self.tenant_key)
+            limits.tenant_logout(self.tenant_key)
             self.tenant_key = None
 
     def _log_fields(self, **more: object) -> dict[str, dict[str, object]]:
@@ -1006,35 +843,19 @@ class ClientConnection(asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         """Janitor: PgBouncer's client-side timeouts, each ending with its own SQLSTATE."""
-        config = self.app.config
-        if self.state in (ClientState.STARTUP, ClientState.PASSWORD, ClientState.AUTHENTICATING):
-            if now - self.connected_at > config.client_login_timeout:
-                self._fail(LoginTimeout("client did not complete login in time "
-                                        "(client_login_timeout)"))
-            return
+        config = self.services.config
         link = self.link
-        if self.state is not ClientState.READY or link is None or self.waiting:
+        if self.state in (ClientState.STARTUP, ClientState.AUTHENTICATING):
+            error = login_timeout(config, now, self.connected_at)
+        elif self.state is ClientState.READY and link is not None and not self.waiting:
+            error = session_timeout(
+                config, now, query_started=link.pending[0].t0 if link.pending else None,
+                quiet_since=max(self.last_request, self.last_server_data),
+                in_transaction=link.in_transaction, open_extended=link.open_extended)
+        else:
             return
-        if link.pending:
-            limit = config.query_timeout
-            if limit > 0 and now - link.pending[0].t0 > limit:
-                self._fail(QueryTimeout(
-                    f"query_timeout: the query ran longer than {limit:g}s; it was cancelled "
-                    "and this connection closed", hint="raise query_timeout, or make the "
-                    "query faster (a server-side statement_timeout slightly below "
-                    "query_timeout ends it with a plain error instead)"))
-            return
-        quiet = now - max(self.last_request, self.last_server_data)
-        if link.in_transaction:
-            limit = config.idle_transaction_timeout
-            if limit > 0 and quiet > limit and not link.open_extended:
-                self._fail(IdleInTransactionTimeout(
-                    f"idle_transaction_timeout: idle in a transaction for more than "
-                    f"{limit:g}s; the transaction was rolled back and this connection closed"))
-        elif config.client_idle_timeout > 0 and quiet > config.client_idle_timeout:
-            self._fail(ClientIdleTimeout(
-                f"client_idle_timeout: no request for {config.client_idle_timeout:g}s; "
-                "connection closed"))
+        if error is not None:
+            self._fail(error)
 
     # ------------------------------------------------------------------ I/O helpers
 
@@ -1059,67 +880,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-def _after_cancels(server: ServerConnection,
-                   give_back: Callable[[ServerConnection], None]) -> None:
-    """Give ``server`` back to its pool, once no CancelRequest for it is in flight.
-
-    A CancelRequest reaches the backend as a signal some time after it was sent; were the
-    server handed to another client before that, the signal could cancel that client's
-    query. It waits until Postgres closed the cancel connection (it has then signalled the
-    backend, which, idle, ignores it): App.cancel counts and settles them.
-    """
-    if not server.cancels_in_flight:
-        give_back(server)
-        return
-    server.peer = None  # nobody's until then
-
-    def settled() -> None:
-        give_back(server)
-
-    server.on_cancels_settled = settled
 
 
 def _token_revoked() -> AuthFailed:
     return AuthFailed("token revoked: this session's token was revoked",
                       hint="reconnect with a valid token")
-
-
-def _parse_options(options: str) -> list[tuple[str, str]]:
-    """Returns: the ``-c name=value`` / ``--name=value`` settings of a libpq ``options`` string
-    (space separated, backslash escapes a space), as Postgres's pg_split_opts reads it.
-    """
-    tokens: list[str] = []
-    current: list[str] = []
-    escaped = False
-    for ch in options:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch.isspace():
-            if current:
-                tokens.append("".join(current))
-                current = []
-        else:
-            current.append(ch)
-    if current:
-        tokens.append("".join(current))
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if token == "-c" and i + 1 < len(tokens):
-            token, i = tokens[i + 1], i + 1
-        elif token.startswith("-c"):
-            token = token[2:]
-        elif token.startswith("--"):
-            token = token[2:]
-        else:
-            raise ClientProtocolError(f"unsupported option {token!r} in startup options")
-        name, sep, value = token.partition("=")
-        if not sep:
-            raise ClientProtocolError(f"startup option {token!r} has no value")
-        pairs.append((name.replace("-", "_"), value))
-        i += 1
-    return pairs

@@ -10,6 +10,7 @@ from enum import IntEnum
 from typing import Final
 
 __all__ = [
+    "ADMIN_DATABASE",
     "AUTHENTICATION",
     "BACKEND_KEY_DATA",
     "BIND",
@@ -181,3 +182,6 @@ AUTH_MD5: Final = 5
 AUTH_SASL: Final = 10
 AUTH_SASL_CONTINUE: Final = 11
 AUTH_SASL_FINAL: Final = 12
+
+# The database name that reaches pgtenant's admin console instead of a tenant's database.
+ADMIN_DATABASE: Final = "pgtenant"

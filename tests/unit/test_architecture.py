@@ -92,7 +92,8 @@ def test_relative_imports_are_resolved_against_the_package() -> None:
 
 def test_protocol_package_has_the_expected_modules() -> None:
     names = {p.stem for p in MODULES}
-    assert {"__init__", "codec", "constants", "handshake", "inject", "tracker"} <= names
+    assert {"__init__", "codec", "constants", "handshake", "inject", "startup",
+            "tracker"} <= names
     assert set(TRACKER_LAYERS_FLAT) <= names
 
 
@@ -159,10 +160,10 @@ def test_importing_protocol_module_loads_no_io_module(
     assert not bad, f"importing {path.name} loads {sorted(bad)}"
 
 
-def test_codec_handshake_and_constants_load_nothing_above_them(
+def test_codec_handshake_startup_and_constants_load_nothing_above_them(
     loaded: dict[str, set[str]]
 ) -> None:
-    for name in ("codec", "constants", "handshake"):
+    for name in ("codec", "constants", "handshake", "startup"):
         assert not _violations(loaded[f"proxy.protocol.{name}"], UPWARD), name
 
 

@@ -30,12 +30,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("identity", ("identity.context", "identity.jwt", "identity.registry")),
     ("protocol", ("protocol", "protocol.*")),
     ("policy", ("guard", "tls", "metrics", "pool_state")),
-    ("backend", ("server", "pool", "cancel")),
-    ("frontend", ("client", "admin", "services")),
+    # workers: the supervisor and its control sockets (cancel asks a sibling worker).
+    ("backend", ("server", "pool", "cancel", "workers")),
+    ("frontend", ("client", "admin", "login", "limits")),
     # The operator's tools (init, tenants, migrations, audit) work on the database, not on
     # a running proxy; the app uses init's lockdown check at start, so they sit below it.
     ("control", ("control", "control.*")),
-    ("app", ("app", "workers")),
+    ("app", ("app",)),
     # The demo runs a proxy in-process: it composes the app and the tools, like the CLI.
     ("cli", ("cli", "__main__", "control.demo")),
 )
