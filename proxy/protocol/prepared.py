@@ -79,7 +79,8 @@ class PreparedStatements:
 
     __slots__ = ("_global_names", "_ledger", "_search_path", "client", "ctx_state",
                  "drops_statements", "max_prepared", "portal_flags", "scrub_unnamed", "server",
-                 "stmt_flags", "stmt_sets", "unnamed", "unnamed_here", "unnamed_seg")
+                 "quiet_parses", "stmt_flags", "stmt_sets", "unnamed", "unnamed_here",
+                 "unnamed_seg")
 
     def __init__(self, ledger: Ledger, max_prepared: int, search_path: bytes):
         self._ledger = ledger
@@ -95,6 +96,7 @@ class PreparedStatements:
         self.unnamed_here = False  # that Parse is the attached server's unnamed statement
         self.unnamed_seg: Segment | None = None  # the segment that sent that Parse
         self.scrub_unnamed = False  # the server's unnamed statement may be another client's
+        self.quiet_parses = 0  # Parses of the client's unnamed statement sent again quietly
         # What the client's statements and portals may do, by name: classify() flags of a
         # statement, TXN_CONTROL | TXN_END | MAY_COPY_IN of a portal, and a statement's SETs.
         self.stmt_flags: dict[bytes, int] = {}
@@ -280,6 +282,7 @@ class PreparedStatements:
         text, types = self.unnamed
         out += codec.frame(PARSE, b"\x00" + text + b"\x00" + types)
         self._ledger.expect(PARSE_DROP)
+        self.quiet_parses += 1
         self.unnamed_here = True
         self.unnamed_seg = seg
         seg.unnamed_parse = True

@@ -202,6 +202,12 @@ class Link:
         return self._stmts.server
 
     @property
+    def quiet_parses(self) -> int:
+        """How many times the client's unnamed statement was parsed again quietly (its
+        Parse may have been skipped by the server): for tests and debugging."""
+        return self._stmts.quiet_parses
+
+    @property
     def client_statements(self) -> dict[bytes, tuple[bytes, bytes, bytes]]:
         """The client's named prepared statements (name -> global name, text, types)."""
         return self._stmts.client

@@ -7,7 +7,6 @@ a fresh interpreter and looks at what ended up in ``sys.modules`` (catches trans
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -15,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .imports import imported_modules
 
 REPO = Path(__file__).resolve().parents[2]
 PROTOCOL = REPO / "proxy" / "protocol"
@@ -34,28 +35,6 @@ def _module_name(path: Path) -> str:
     rel = path.relative_to(REPO).with_suffix("")
     parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
     return ".".join(parts)
-
-
-def imported_modules(source: str, module: str, *, is_package: bool = False) -> set[str]:
-    """Returns: every absolute module name ``source`` (the text of ``module``) imports.
-
-    ``from a import b`` gives both ``a`` and ``a.b``, since ``b`` may be a submodule.
-    """
-    package = module if is_package else module.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - (node.level - 1)])
-                name = f"{base}.{node.module}" if node.module else base
-            else:
-                name = node.module or ""
-            found.add(name)
-            found.update(f"{name}.{alias.name}" for alias in node.names)
-    return found
 
 
 def imports_of(path: Path) -> set[str]:

@@ -10,11 +10,12 @@ The tests at the end pin the bugs this module found (each fixed in the same chan
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import (
@@ -35,7 +36,7 @@ from proxy.protocol.inject import (
 from proxy.protocol.sql import local_command
 from proxy.protocol.tracker import CTX_NONE, NEED_SERVER, TERMINATE, Link
 
-from .test_tracker import make_link
+from .links import make_link
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -226,6 +227,8 @@ def _names_statement(frame: bytes) -> bool:
 
 @FUZZ
 @given(frames=st.lists(client_frame(VALID_CLIENT_TYPES), max_size=12), cuts=cuts_st)
+# A Bind of "" while the batch that parsed it is in flight: the proxy parses it again.
+@example(frames=[codec.parse("", "SELECT 1"), codec.sync(), codec.bind("", "", [])], cuts=[])
 def test_attached_pump_forwards_every_client_byte_in_order(frames: list[bytes],
                                                            cuts: list[int]) -> None:
     """With a server attached, nothing is lost, reordered or altered: what went to the
@@ -244,7 +247,24 @@ def test_attached_pump_forwards_every_client_byte_in_order(frames: list[bytes],
     except ClientProtocolError:
         return  # e.g. a garbage body without its C strings
     assert reply == b""
-    assert strip_injection(link, sent) + bytes(link.cbuf) == data
+    assert _without_quiet_parses(strip_injection(link, sent), link.quiet_parses,
+                                 bytes(link.cbuf), data)
+
+
+def _without_quiet_parses(stripped: bytes, quiet: int, rest: bytes, data: bytes) -> bool:
+    """Whether ``stripped`` (+ ``rest``) is the client's ``data`` once the link's ``quiet``
+    re-Parses are taken out. A quiet re-Parse is a byte copy of the client's last unnamed
+    Parse, sent right before the Bind/Describe of "" that needs it (see
+    PreparedStatements.ensure_unnamed): the same bytes as a Parse the client may send itself
+    at such a place, so which copies are the proxy's is found by trying them."""
+    frames = [codec.frame(t, body) for t, body in split_frames(stripped)]
+    spots = [n for n, f in enumerate(frames[:-1])
+             if f[:1] == b"P" and f[5:6] == b"\x00" and frames[n + 1][:1] in (b"B", b"D")]
+    for chosen in itertools.combinations(spots, quiet):
+        kept = b"".join(f for n, f in enumerate(frames) if n not in chosen)
+        if kept + rest == data:
+            return True
+    return False
 
 
 # ------------------------------------------------------------------------------ server frames

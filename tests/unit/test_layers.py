@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_architecture import imported_modules
+from .imports import imported_modules
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "proxy"

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
-from proxy.config import TenantTypeConfig
 from proxy.errors import ClientProtocolError, MessageTooLarge
-from proxy.identity.context import TenantIdentity, build_context
 from proxy.protocol import codec
 from proxy.protocol.inject import (
     CLOSE_UNNAMED_PORTAL,
@@ -16,7 +12,6 @@ from proxy.protocol.inject import (
     CTX_CLOSE,
     CTX_PARSE,
     EXECUTE_UNNAMED,
-    Injection,
 )
 from proxy.protocol.tracker import (
     CTX_NONE,
@@ -29,52 +24,23 @@ from proxy.protocol.tracker import (
     Link,
 )
 
-ORG = uuid.UUID("11111111-2222-3333-4444-555555555555")
-
-
-def make_link() -> Link:
-    identity = TenantIdentity(org_id=ORG, slug="acme", tenant_type="sme", token_id=uuid.uuid4())
-    ctx = build_context(identity, TenantTypeConfig(name="sme", role="tenant_sme",
-                                                   search_path=("public",)))
-    return Link(Injection(ctx), max_message_size=1 << 20)
-
-
-def cc(tag: str) -> bytes:
-    return codec.command_complete(tag)
-
-
-INJECTED = cc("SET") * 6  # the replies to the six SET LOCALs of a simple-query prefix
-# The replies to the session form's one ``SELECT set_config(..., false)`` (q_session).
-INJECTED_SELECT = (codec.frame(ord("T"), b"\x00\x05") + codec.frame(ord("D"), b"\x00\x00")
-                   + cc("SELECT 1"))
-ROWDESC = codec.frame(ord("T"), b"\x00\x00")  # zero columns is enough for the tracker
-ROW = codec.frame(ord("D"), b"\x00\x01\x00\x00\x00\x011")
-Z_I = codec.ready_for_query(b"I")
-Z_T = codec.ready_for_query(b"T")
-Z_E = codec.ready_for_query(b"E")
-PARSE_COMPLETE = codec.frame(ord("1"), b"")
-BIND_COMPLETE = codec.frame(ord("2"), b"")
-CLOSE_COMPLETE = codec.frame(ord("3"), b"")
-
-
-def client_sends(link: Link, data: bytes) -> tuple[bytes, bytes, int]:
-    link.cbuf += data
-    return link.pump_client()
-
-
-def server_sends(link: Link, data: bytes) -> bytes:
-    chunks, _ = link.feed_server(data)
-    return b"".join(bytes(c) for c in chunks)
-
-
-def start(link: Link, data: bytes, ctx_state: int = CTX_NONE) -> bytes:
-    """Send ``data`` from a client with no server, attach one, return what reaches it."""
-    out, _, outcome = client_sends(link, data)
-    assert (out, outcome) == (b"", NEED_SERVER)
-    link.attach(ctx_state)
-    out, reply, outcome = link.pump_client()
-    assert outcome in (IDLE, HOLD) and reply == b""
-    return out
+from .links import (
+    BIND_COMPLETE,
+    CLOSE_COMPLETE,
+    INJECTED,
+    INJECTED_SELECT,
+    PARSE_COMPLETE,
+    ROW,
+    ROWDESC,
+    Z_E,
+    Z_I,
+    Z_T,
+    cc,
+    client_sends,
+    make_link,
+    server_sends,
+    start,
+)
 
 
 def test_simple_query_is_prefixed_and_set_replies_are_dropped() -> None:

@@ -15,7 +15,7 @@ from proxy.protocol import codec
 from proxy.protocol.sql import MAY_COPY_IN, SESSION_STATE, TXN_CONTROL, TXN_END, classify
 from proxy.protocol.tracker import CTX_NONE, CTX_READY, HOLD, Link
 
-from .test_tracker import (
+from .links import (
     BIND_COMPLETE,
     INJECTED,
     PARSE_COMPLETE,
