@@ -3,7 +3,7 @@
 Owns the server side of a client connection: the ``Link`` of the session, the server
 attached for the current transaction (or the wait for one), pinning, the "wait", "buffer"
 and "backend" reasons to stop reading the client, and the per-transaction metrics. It talks
-to its client connection (client.py) only through ``SessionClient``: fail, disconnect, log.
+to its client connection (client.py) only through ``SessionClient``: fail, close, log.
 
 Where a transaction starts: ``Session.pump``. When the client's Link needs a server for the
 next request (NEED_SERVER), ``_request_server`` asks the pool and ``_attach`` binds the
