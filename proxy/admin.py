@@ -305,7 +305,7 @@ class AdminConsole:
             for state, members in pool.containers.items():
                 for s in members:
                     peer = s.peer
-                    client = peer if peer is not None and hasattr(peer, "context") else None
+                    client = getattr(peer, "client", None)  # session.Session's
                     tenant = (client.context.identity.slug
                               if client is not None and client.context is not None else None)
                     label = {"idle": "idle", "active": "active", "reset": "tested",

@@ -430,7 +430,7 @@ class App:
         """Graceful stop (SIGTERM): accept no one; end each client at its next transaction
         boundary (idle ones by this loop, within 50 ms of their server's release; one that
         asks for its next transaction first gets 57P01 before it starts: see
-        ClientConnection._request_server); return
+        session.Session._request_server); return
         as soon as no client is left, or after ``timeout`` seconds end everything (``stop``).
         """
         self.stopping = True

@@ -1,11 +1,13 @@
-"""One client connection: the asyncio adapter around startup, token auth and the
-transaction loop.
+"""One client connection: the asyncio adapter around startup, token auth and, once logged
+in, its session.
 
-Owns the client socket and the glue between the client's ``Link`` (protocol/tracker.py) and
-the server attached for the current transaction. Startup parsing is the sans-I/O generator
-of ``protocol/startup.py``, driven here by ``_advance``; cancel keys are ``cancel.py``'s;
-the proxy's tables reach it as ``ClientServices``. This is the one place where exceptions
-become an ErrorResponse for the client (STYLE rule 7).
+Owns the client socket, the login and the connection's end. Startup parsing is the
+sans-I/O generator of ``protocol/startup.py``, driven here by ``_advance``; login checks are
+``login.py``'s; cancel keys are ``cancel.py``'s; the proxy's tables reach it as
+``ClientServices``. The transaction loop (the server attached for the current transaction,
+where a transaction starts and where a server is released) is ``session.py``'s ``Session``,
+created at login. This is the one place where exceptions become a FATAL ErrorResponse for
+the client (STYLE rule 7).
 """
 
 from __future__ import annotations
@@ -22,16 +24,13 @@ from typing import TYPE_CHECKING, Final, Protocol
 from uuid import UUID
 
 from . import __version__
-from .cancel import CancelTable, after_cancels
+from .cancel import CancelTable
 from .config import Config, TenantTypeConfig, is_loopback
 from .errors import (
     AdminShutdown,
     AuthFailed,
     ClientProtocolError,
     ProxyError,
-    QueryCanceled,
-    ServerProtocolError,
-    ServerUnavailable,
     TooManyConnections,
 )
 from .guard import Guard
@@ -42,16 +41,15 @@ from .limits import ClientLimits, login_timeout, session_timeout
 from .login import (
     Attempt,
     check_admin_token,
-    outside_transaction_check,
-    pin_capped,
+    new_link,
     resolve_tenant,
     served_from,
     tenant_caps,
+    token_revoked,
 )
 from .logs import fields
 from .protocol import codec
 from .protocol.handshake import Recv, Send
-from .protocol.inject import Injection
 from .protocol.startup import (
     MAX_STARTUP,
     Authenticate,
@@ -65,8 +63,8 @@ from .protocol.startup import (
     client_startup,
     greeting,
 )
-from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
 from .server import ServerConnection
+from .session import Session
 from .stats import LabelStats, Metrics, TenantStats
 from .tls import cleartext_token_allowed
 
@@ -84,8 +82,6 @@ class Console(Protocol):
     def close(self) -> None: ...
 
 log = logging.getLogger("pgtenant.client")
-# Stop reading from a client whose unhandled bytes pile up while it waits or holds.
-_CLIENT_BUFFER_HIGH = 1 << 20
 
 # Login failures by cause, for pgtenant_auth_failures_total{reason}.
 _AUTH_REASONS: Final = {
@@ -120,7 +116,7 @@ class ClientServices:
 class ClientState(Enum):
     STARTUP = "startup"  # the startup generator runs (startup packets, then the password)
     AUTHENTICATING = "authenticating"  # token lookup in flight
-    READY = "ready"  # transaction loop (attached, waiting or idle)
+    READY = "ready"  # logged in: the session's transaction loop, or the admin console
     CLOSED = "closed"
 
 
@@ -137,10 +133,8 @@ class ClientConnection(asyncio.Protocol):
         self.settings: tuple[tuple[str, str], ...] = ()
         self.client_encoding = "UTF8"  # canonical name; see Link.encoding
         self.context: TenantContext | None = None
-        self.link: Link | None = None
         self.pool: Pool | None = None
-        self.server: ServerConnection | None = None
-        self.waiting = False
+        self.session: Session | None = None  # once logged in (not the admin console)
         self.connected_at = time.monotonic()
         self.cancel_key: tuple[int, int] | None = None
         self.tls = False  # True once the TLS handshake after SSLRequest succeeded
@@ -149,25 +143,17 @@ class ClientConnection(asyncio.Protocol):
         self._op: Send | Recv | StartTls | Identify | None = None
         # Bytes the startup generator is not reading right now (TLS handshake, token lookup).
         self._buf = bytearray()
-        # Why reading from the client is paused: "wait" (for a server), "buffer" (unhandled
-        # bytes piling up), "backend" (the server's socket buffer is full). Reading resumes
-        # only when no reason is left, so one cause cannot undo another's backpressure.
-        self._pause_reasons: set[str] = set()
-        self._writing_paused = False
+        self.writing_paused = False  # the client's socket buffer is full (pause_writing)
         self._auth_task: asyncio.Task[None] | None = None
         # Metrics (metrics.py): the label set's and the tenant's counters, once logged in.
         self.tenant_type = ""
-        # Pool fairness and limits (pool.Waiter): the tenant, and its server cap.
+        # The tenant (its slots in limits.py) and its server cap, handed to the session.
         self.tenant_key: object = None
         self.max_servers = 0
         self.stats: LabelStats | None = None
         self.tenant_stats: TenantStats | None = None
-        self._attached_at = 0.0
-        self.wait_started = 0.0
         self.last_request = self.connected_at
-        self.last_server_data = self.connected_at
         self.admin: Console | None = None  # dbname=pgtenant: the admin console
-        self._pin_counted = False  # its server is pinned and counted in limits.tenant_pinned
 
     def __repr__(self) -> str:
         tenant = self.context.identity.slug if self.context else "-"
@@ -188,7 +174,7 @@ class ClientConnection(asyncio.Protocol):
         if refused is not None:
             # Logged at most once a second: a flood must not flood the log too.
             limits.log_refused_connection(self.peer_host, refused)
-            self._fail(refused, sqlstate="53300", quiet=True)
+            self.fail(refused, sqlstate="53300", quiet=True)
             return
         self._startup = client_startup(self._startup_rules())
         self._advance(None)
@@ -200,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
 
     def refuse(self, error: ProxyError) -> None:
         """End this connection before login with ``error`` (logged by the caller)."""
-        self._fail(error, sqlstate=error.sqlstate, quiet=True)
+        self.fail(error, sqlstate=error.sqlstate, quiet=True)
 
     @property
     def metrics_state(self) -> str:
@@ -211,20 +197,26 @@ class ClientConnection(asyncio.Protocol):
             return "waiting"
         return "active" if self.server is not None else "idle"
 
+    # The session's, for the admin views and the metrics (None/False without one).
+    @property
+    def server(self) -> ServerConnection | None:
+        return self.session.server if self.session is not None else None
+
+    @property
+    def waiting(self) -> bool:
+        return self.session is not None and self.session.waiting
+
+    @property
+    def wait_started(self) -> float:
+        return self.session.wait_started if self.session is not None else 0.0
+
     def data_received(self, data: bytes) -> None:
-        if self.admin is not None and self.state is ClientState.READY:
-            self.admin.feed(data)
-            return
         if self.state is ClientState.READY:
-            self.last_request = time.monotonic()
-            link = self.link
-            assert link is not None and self.stats is not None
-            self.stats.bytes_received += len(data)
-            link.cbuf += data
-            if self.server is not None or not self.waiting:
-                self._pump()
-            elif len(link.cbuf) > _CLIENT_BUFFER_HIGH:
-                self._pause_reading("buffer")
+            if self.session is not None:
+                self.last_request = time.monotonic()
+                self.session.client_data(data)
+            elif self.admin is not None:
+                self.admin.feed(data)
             return
         if self.state is ClientState.CLOSED:
             return
@@ -238,9 +230,9 @@ class ClientConnection(asyncio.Protocol):
                 # Only decrypted bytes reach us now, possibly before start_tls has handed
                 # us the TLS transport: kept until _upgrade_to_tls resumes the startup, so
                 # no reply goes out in cleartext; but not without bound.
-                self._fail(ClientProtocolError("too much data during the TLS handshake"))
+                self.fail(ClientProtocolError("too much data during the TLS handshake"))
             else:
-                self._fail(ClientProtocolError("unexpected data while authenticating"))
+                self.fail(ClientProtocolError("unexpected data while authenticating"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disconnect("client closed the connection")
@@ -250,14 +242,14 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slower than its server writes: stop reading from the server.
-        self._writing_paused = True
-        if self.server is not None:
-            self.server.pause_reading()
+        self.writing_paused = True
+        if self.session is not None:
+            self.session.client_backpressure(True)
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self.server is not None:
-            self.server.resume_reading()
+        self.writing_paused = False
+        if self.session is not None:
+            self.session.client_backpressure(False)
 
     # ------------------------------------------------------------------ startup and auth
 
@@ -307,7 +299,7 @@ class ClientConnection(asyncio.Protocol):
             decision: Authenticate | Cancel | Goodbye = done.value
         except ProxyError as exc:
             self._startup = self._op = None
-            self._fail(exc)
+            self.fail(exc)
             return
         self._startup = self._op = None
         if isinstance(decision, Authenticate):
@@ -392,12 +384,12 @@ class ClientConnection(asyncio.Protocol):
             params = await self.pool.startup_parameters()
         except ProxyError as exc:
             if self.state is not ClientState.CLOSED:
-                self._fail(exc)
+                self.fail(exc)
             return
         except Exception as exc:  # never let a task die silently with a client hanging
             log.exception("unexpected error authenticating %r", self)
             if self.state is not ClientState.CLOSED:
-                self._fail(ProxyError(f"internal error during authentication: {exc}"))
+                self.fail(ProxyError(f"internal error during authentication: {exc}"))
             return
         if self.state is ClientState.CLOSED:
             return
@@ -408,38 +400,32 @@ class ClientConnection(asyncio.Protocol):
         """The token checked out: build the session and greet the client as Postgres
         would."""
         services = self.services
-        config, limits = services.config, services.limits
-        assert self.pool is not None and self.context is not None
-        set_local = config.context_statements == "set_local"
-        self.link = Link(Injection(self.context, self.pool.signing_key, self.settings,
-                                   set_local=set_local),
-                         config.max_message_size,
-                         guard=pin_capped(
-                             services.guard_for(tenant_type).check,
-                             lambda: self._pin_counted or limits.may_pin(self.tenant_key),
-                             lambda: services.config.tenant_limits.max_pinned_servers),
-                         outside_txn=outside_transaction_check(
-                             services.guard_for(tenant_type), tenant_type),
-                         max_prepared=config.max_prepared_statements,
-                         client_encoding=self.client_encoding)
-        ident = self.context.identity
+        pool, context = self.pool, self.context
+        assert pool is not None and context is not None and self.transport is not None
+        ident = context.identity
         self.tenant_type = ident.tenant_type
         self.stats = services.metrics.labels(self.database, ident.tenant_type)
         self.tenant_stats = services.metrics.tenant(self.database, ident.tenant_type, ident.slug)
-        self.link.stats = self.stats
         self.stats.logins += 1
-        self.link.clock = time.monotonic
+        config, guard = services.config, services.guard_for(tenant_type)
+        self.session = Session(
+            self, services, self.transport, pool=pool, tenant_key=self.tenant_key,
+            max_servers=self.max_servers, stats=self.stats, tenant_stats=self.tenant_stats,
+            link=lambda may_pin: new_link(
+                config, context, pool.signing_key, self.settings, self.client_encoding,
+                guard=guard, tenant_type=tenant_type, may_pin=may_pin,
+                max_pinned=lambda: services.config.tenant_limits.max_pinned_servers))
         self.cancel_key = services.cancels.register(self)
         self._write(greeting(login, params, self.cancel_key))
         self.state = ClientState.READY
         services.limits.client_logged_in(self)
         log.info("login: client=%s user=%s db=%s tenant=%s type=%s org=%s", self.peer_host,
                  self.user, self.database, ident.slug, ident.tenant_type, ident.org_id,
-                 extra=self._log_fields(event="login", org=str(ident.org_id)))
+                 extra=self.log_fields(event="login", org=str(ident.org_id)))
         if self._buf:  # pipelined bytes after the password
-            self.link.cbuf += self._buf
+            self.session.link.cbuf += self._buf
             self._buf.clear()
-            self._pump()
+            self.session.pump()
 
     async def _authenticate_admin(self, attempt: Attempt) -> None:
         services = self.services
@@ -447,8 +433,8 @@ class ClientConnection(asyncio.Protocol):
             if self.state is not ClientState.CLOSED:
                 log.warning("admin: login refused: user=%s client=%s", self.user,
                             self.peer_host)
-                self._fail(AuthFailed(f'password authentication failed for user "{self.user}"',
-                                      hint="the admin console takes the admin token"))
+                self.fail(AuthFailed(f'password authentication failed for user "{self.user}"',
+                                     hint="the admin console takes the admin token"))
             return
         if self.state is ClientState.CLOSED:
             return
@@ -489,7 +475,7 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def prepared_count(self) -> int:
-        return len(self.link.client_statements) if self.link is not None else 0
+        return len(self.session.link.client_statements) if self.session is not None else 0
 
     @property
     def has_running_transaction(self) -> bool:
@@ -497,9 +483,8 @@ class ClientConnection(asyncio.Protocol):
         transaction, or a request whose reply is still owed (an autocommit statement in
         flight is a transaction too, and is not cut). A pinned session idle between
         transactions is not running: it never reaches a release to be ended at."""
-        link = self.link
-        return (self.state is ClientState.READY and self.server is not None
-                and link is not None and (link.in_transaction or bool(link.pending)))
+        return (self.state is ClientState.READY and self.session is not None
+                and self.session.has_running_transaction)
 
     @property
     def token_id(self) -> UUID | None:
@@ -510,7 +495,7 @@ class ClientConnection(asyncio.Protocol):
         """Registry: this client's token was revoked; end the session now, also when it is
         pinned to a server (session state), which never asks for a server again."""
         if self.state is ClientState.READY:
-            self._fail(_token_revoked())
+            self.fail(token_revoked())
 
     def cancel_request(self) -> ServerConnection | None:
         """CancelTable: a CancelRequest with this client's key arrived.
@@ -520,270 +505,23 @@ class ClientConnection(asyncio.Protocol):
         (Postgres ignores such requests too). A client still waiting for a server has its
         wait ended instead, as Postgres would end the statement.
         """
-        if self.waiting and self.pool is not None:
-            self.pool.cancel_wait(self)
-            self.pool_failed(QueryCanceled("canceling statement due to user request"))
-            return None
-        server, link = self.server, self.link
-        if server is None or server.login is None or link is None or not link.pending:
-            return None
-        return server
+        return self.session.cancel_request() if self.session is not None else None
 
     def terminate(self, message: str) -> None:
         """End this client with an admin_shutdown FATAL (KILL, shutdown)."""
-        self._fail(AdminShutdown(message))
-
-    # ------------------------------------------------------------------ transaction loop
-
-    def _pump(self) -> None:
-        link = self.link
-        assert link is not None
-        while True:
-            try:
-                to_server, to_client, outcome = link.pump_client()
-            except ProxyError as exc:
-                self._fail(exc)
-                return
-            except Exception as exc:  # a bug must cost one client, never the proxy
-                log.exception("%r: internal error handling client data", self)
-                self._fail(ProxyError(f"pgtenant internal error: {exc!r}"))
-                return
-            if to_server:
-                assert self.server is not None
-                self.server.write(to_server)
-            if to_client:
-                self._write(to_client)
-            if outcome == NEED_SERVER:
-                if self._request_server():
-                    continue
-                return
-            if outcome == TERMINATE:
-                self._disconnect("client sent Terminate")
-                return
-            if outcome == HOLD and len(link.cbuf) > _CLIENT_BUFFER_HIGH:
-                self._pause_reading("buffer")
-            elif self._pause_reasons:
-                self._resume_reading("buffer")
-            if not link.pending:  # else replies are owed: not releasable yet
-                self._maybe_release()
-            return
-
-    def _request_server(self) -> bool:
-        """Returns: True when a server is attached now; False when we wait (or failed)."""
-        assert self.pool is not None and self.context is not None
-        if self.services.stopping:
-            # Draining (SIGTERM): this is a transaction boundary, and the next transaction
-            # does not start; a client retries elsewhere on 57P01.
-            self.terminate("pgtenant is shutting down")
-            return False
-        # A token revoked since login ends its sessions at their next transaction (the
-        # registry hears revocations through LISTEN; see identity/registry.py).
-        if self.services.registry.is_revoked(self.context.identity.token_id):
-            self._fail(_token_revoked())
-            return False
-        try:
-            server = self.pool.acquire(self)
-        except ProxyError as exc:
-            self._fail(exc)
-            return False
-        if server is None:
-            self.waiting = True
-            self.wait_started = time.monotonic()
-            self._pause_reading("wait")
-            return False
-        self._waited(0.0)
-        self._attach(server)
-        return True
-
-    def _waited(self, seconds: float) -> None:
-        assert self.stats is not None and self.tenant_stats is not None
-        self.stats.wait_seconds.observe(seconds)
-        self.tenant_stats.wait_count += 1
-        self.tenant_stats.wait_total += seconds
-
-    def _attach(self, server: ServerConnection) -> None:
-        assert self.link is not None
-        self.server = server
-        self._attached_at = time.monotonic()
-        server.peer = self
-        # A server that last ran another tenant's transactions is emptied before this
-        # client's first request (Link._prelude): by construction, whatever that tenant left
-        # in the session (settings, statements, sequence state...) is gone.
-        key = self.link.tenant_key
-        reset = server.last_tenant is not None and server.last_tenant != key
-        server.last_tenant = key
-        if reset and self.stats is not None:
-            self.stats.server_resets += 1
-        self.link.attach(server.ctx_state, server.prepared, server.client_encoding,
-                         reset=reset, reset_encoding=server.login_encoding)
-        if self._writing_paused:
-            server.pause_reading()
-        else:
-            server.resume_reading()
-
-    def server_assigned(self, server: ServerConnection) -> None:
-        """Pool callback: a waited-for server is ours (synchronous handoff, always accepted)."""
-        self.waiting = False
-        if self.state is not ClientState.READY:
-            assert self.pool is not None
-            self.pool.release(server)
-            return
-        self._waited(time.monotonic() - self.wait_started)
-        self._attach(server)
-        self._resume_reading("wait")
-        self._pump()
-
-    def pool_failed(self, error: ProxyError) -> None:
-        """Pool callback: no server will come for this transaction.
-
-        The waiting segment gets an ERROR (not FATAL): like a statement timeout, the client
-        keeps its connection and may retry.
-        """
-        self.waiting = False
-        if self.state is not ClientState.READY or self.link is None:
-            self._fail(error)
-            return
-        self._waited(time.monotonic() - self.wait_started)
-        assert self.stats is not None
-        self.stats.error(error.sqlstate)
-        log.warning("transaction refused: client=%s user=%s db=%s tenant=%s reason=%s: %s",
-                    self.peer_host, self.user, self.database, self.link.injection.context
-                    .identity.slug, error.reason, error.message,
-                    extra=self._log_fields(event="error", reason=error.reason,
-                                           sqlstate=error.sqlstate, error=error.message))
-        self._write(self.link.fail_segment(codec.error_response(
-            error.sqlstate, error.message, detail=error.detail, hint=error.hint)))
-        self._resume_reading("wait")
-        self._pump()
-
-    def _maybe_release(self) -> None:
-        link, server = self.link, self.server
-        if server is None or link is None or not link.can_release or link.pinned:
-            return
-        dirty = link.session_dirty
-        server.client_encoding = link.server_encoding
-        server.ctx_state = link.detach()
-        self.server = None
-        self._transaction_done()
-        if self._pause_reasons:  # that server's buffer is no longer our concern
-            self._resume_reading("backend")
-        assert self.pool is not None
-        if dirty:
-            # Session state (LISTEN, WITH HOLD, temp objects, session SET, named statements...)
-            # would follow the server to the next tenant: close it instead (fail closed).
-            self.pool.discard(server)
-        else:
-            after_cancels(server, self.pool.release)
-
-    def _transaction_done(self) -> None:
-        """The server goes back (or away): one transaction, in PgBouncer's sense, ended."""
-        assert self.stats is not None and self.tenant_stats is not None
-        self.stats.transactions += 1
-        self.stats.transaction_seconds.observe(time.monotonic() - self._attached_at)
-        self.tenant_stats.transactions += 1
-
-    def server_data(self, data: bytes) -> None:
-        link = self.link
-        assert link is not None
-        self.last_server_data = time.monotonic()
-        try:
-            chunks, resume = link.feed_server(data)
-        except ServerProtocolError as exc:
-            # The server and the proxy's model of it disagree: that server is closed and
-            # this client ended; nothing more of that server reaches anyone.
-            log.warning("%r: closing its server: %s", self, exc.message)
-            self._drop_server(out_of_sync=True)
-            self._fail(ServerUnavailable(f"server connection lost: {exc.message}"))
-            return
-        except Exception as exc:  # a bug: cost one client only
-            log.exception("%r: error handling backend data", self)
-            self._drop_server(out_of_sync=True)
-            self._fail(ServerUnavailable(f"server connection lost: {exc}"))
-            return
-        if link.pinned and not self._pin_counted:
-            self._pin_counted = True
-            self.services.limits.pin(self.tenant_key, +1)
-        if chunks and self.transport is not None:
-            self.transport.writelines(chunks)
-            assert self.stats is not None
-            for chunk in chunks:
-                self.stats.bytes_sent += len(chunk)
-        if resume:
-            self._pump()
-        else:
-            self._maybe_release()
-
-    def server_lost(self, exc: Exception | None) -> None:
-        """The attached server's socket closed under us."""
-        self._unpin()
-        self.server = None
-        if self.link is not None:
-            self.link.detach()
-            if self.link.unsolicited_fatal is not None:  # Postgres's own words, then close
-                self._write(self.link.unsolicited_fatal)
-                self._disconnect("server terminated the session")
-                return
-        self._fail(ServerUnavailable(
-            "server connection lost in the middle of a transaction; its outcome is unknown"
-        ))
-
-    def server_pause_writing(self) -> None:
-        self._pause_reading("backend")
-
-    def server_resume_writing(self) -> None:
-        self._resume_reading("backend")
+        self.fail(AdminShutdown(message))
 
     # ------------------------------------------------------------------ ending
 
-    def _unpin(self) -> None:
-        """The pinned server is gone: it no longer counts against the tenant's cap."""
-        if self._pin_counted:
-            self._pin_counted = False
-            self.services.limits.pin(self.tenant_key, -1)
-
-    def _drop_server(self, *, out_of_sync: bool) -> None:
-        self._unpin()
-        server, self.server = self.server, None
-        if server is None:
-            return
-        assert self.link is not None and self.pool is not None
-        state = self.link.detach()
-        server.ctx_state = state
-        self._transaction_done()
-        self._resume_reading("backend")
-        self.pool.discard(server, out_of_sync=out_of_sync)
-
-    def _leave_server(self) -> None:
-        """Apply the release rule for a client that is going away (ARCHITECTURE §4)."""
-        server, link = self.server, self.link
-        if server is None or link is None:
-            return
-        assert self.pool is not None
-        in_flight = bool(link.pending) or link.open_extended or link.held
-        if in_flight:
-            log.warning("%r left with requests in flight; closing its server", self)
-            self._drop_server(out_of_sync=True)  # and cancel what still runs there
-        elif link.session_dirty or link.pinned:  # its session state ends with the client
-            self._drop_server(out_of_sync=False)
-        elif link.can_release:
-            self._maybe_release()
-        else:
-            # Open transaction block, nothing in flight: roll it back, then reuse.
-            self.server = None
-            server.ctx_state = link.detach()
-            self._transaction_done()
-            server.client_encoding = ""  # the rollback may revert a SET: switch next time
-            after_cancels(server, self.pool.release_dirty)
-
-    def _fail(self, error: ProxyError, *, sqlstate: str | None = None,
-              quiet: bool = False) -> None:
+    def fail(self, error: ProxyError, *, sqlstate: str | None = None,
+             quiet: bool = False) -> None:
         """Send ``error`` as a FATAL ErrorResponse and end this client only (``quiet``: the
         caller logged it)."""
         if self.state is ClientState.CLOSED:
             return
         code = sqlstate or error.sqlstate
-        if self.server is not None and self.link is not None and self.link.in_transaction:
-            self._drop_server(out_of_sync=True)
+        if self.session is not None:
+            self.session.abort()
         if self.stats is not None:
             self.stats.error(code)
         elif self.state is not ClientState.READY:
@@ -795,9 +533,9 @@ class ClientConnection(asyncio.Protocol):
         if not quiet:
             log_fn("disconnect: client=%s user=%s db=%s tenant=%s reason=%s sqlstate=%s: %s",
                    self.peer_host, self.user, self.database, tenant, error.reason, code,
-                   error.message, extra=self._log_fields(event="disconnect",
-                                                         reason=error.reason, sqlstate=code,
-                                                         error=error.message))
+                   error.message, extra=self.log_fields(event="disconnect",
+                                                        reason=error.reason, sqlstate=code,
+                                                        error=error.message))
         self._write(codec.error_response(
             code, error.message, severity="FATAL", detail=error.detail, hint=error.hint
         ))
@@ -808,10 +546,8 @@ class ClientConnection(asyncio.Protocol):
             return
         was_ready = self.state is ClientState.READY
         self.state = ClientState.CLOSED
-        if self.pool is not None and self.waiting:
-            self.pool.cancel_wait(self)
-            self.waiting = False
-        self._leave_server()
+        if self.session is not None:
+            self.session.close()
         if self._auth_task is not None and not self._auth_task.done():
             self._auth_task.cancel()
         self._release_slots()
@@ -821,7 +557,7 @@ class ClientConnection(asyncio.Protocol):
             tenant = self.context.identity.slug if self.context else "-"
             log.info("disconnect: client=%s user=%s db=%s tenant=%s reason=%s", self.peer_host,
                      self.user, self.database, tenant, reason,
-                     extra=self._log_fields(event="disconnect", reason=reason))
+                     extra=self.log_fields(event="disconnect", reason=reason))
         if self.transport is not None:
             self.transport.close()
 
@@ -834,7 +570,7 @@ class ClientConnection(asyncio.Protocol):
             limits.tenant_logout(self.tenant_key)
             self.tenant_key = None
 
-    def _log_fields(self, **more: object) -> dict[str, dict[str, object]]:
+    def log_fields(self, **more: object) -> dict[str, dict[str, object]]:
         """Returns: ``extra=`` for a connection log line (JSON logs get these as keys)."""
         ident = self.context.identity if self.context is not None else None
         return fields(client=self.peer_host, user=self.user, database=self.database,
@@ -844,18 +580,19 @@ class ClientConnection(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         """Janitor: PgBouncer's client-side timeouts, each ending with its own SQLSTATE."""
         config = self.services.config
-        link = self.link
+        session = self.session
         if self.state in (ClientState.STARTUP, ClientState.AUTHENTICATING):
             error = login_timeout(config, now, self.connected_at)
-        elif self.state is ClientState.READY and link is not None and not self.waiting:
+        elif self.state is ClientState.READY and session is not None and not session.waiting:
+            link = session.link
             error = session_timeout(
                 config, now, query_started=link.pending[0].t0 if link.pending else None,
-                quiet_since=max(self.last_request, self.last_server_data),
+                quiet_since=max(self.last_request, session.last_server_data),
                 in_transaction=link.in_transaction, open_extended=link.open_extended)
         else:
             return
         if error is not None:
-            self._fail(error)
+            self.fail(error)
 
     # ------------------------------------------------------------------ I/O helpers
 
@@ -864,24 +601,3 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
             if self.stats is not None:
                 self.stats.bytes_sent += len(data)
-
-    def _pause_reading(self, reason: str) -> None:
-        paused = bool(self._pause_reasons)
-        self._pause_reasons.add(reason)
-        if not paused and self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    def _resume_reading(self, reason: str) -> None:
-        if reason not in self._pause_reasons:
-            return
-        self._pause_reasons.discard(reason)
-        if (not self._pause_reasons and self.transport is not None
-                and not self.transport.is_closing()):
-            self.transport.resume_reading()
-
-
-
-
-def _token_revoked() -> AuthFailed:
-    return AuthFailed("token revoked: this session's token was revoked",
-                      hint="reconnect with a valid token")

@@ -18,21 +18,25 @@ from dataclasses import dataclass
 from .config import Config, TenantLimitsConfig, TenantTypeConfig
 from .errors import AuthFailed, AuthRefused, UnknownDatabase, WrongUser
 from .guard import Guard
-from .identity.context import TenantIdentity
+from .identity.context import TenantContext, TenantIdentity
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
+from .protocol.inject import Injection
 from .protocol.sql import pins_server
+from .protocol.tracker import Link
 
 __all__ = [
     "Attempt",
     "attempt_fingerprint",
     "check_admin_token",
     "check_user",
+    "new_link",
     "outside_transaction_check",
     "pin_capped",
     "resolve_tenant",
     "served_from",
     "tenant_caps",
+    "token_revoked",
 ]
 
 
@@ -180,3 +184,25 @@ def pin_capped(check: Callable[[bytes], str | None], may_pin: Callable[[], bool]
         return None
 
     return policy
+
+
+def new_link(config: Config, context: TenantContext, signing_key: bytes | None,
+             settings: tuple[tuple[str, str], ...], client_encoding: str, *, guard: Guard,
+             tenant_type: TenantTypeConfig, may_pin: Callable[[], bool],
+             max_pinned: Callable[[], int]) -> Link:
+    """Returns: the Link (protocol/tracker.py) of a tenant's session: its context injection
+    and the statement policies of its tenant type (``guard``), with the cap on pinned
+    servers (``max_pinned()``: read when a statement is refused, so a reload applies)."""
+    return Link(Injection(context, signing_key, settings,
+                          set_local=config.context_statements == "set_local"),
+                config.max_message_size,
+                guard=pin_capped(guard.check, may_pin, max_pinned),
+                outside_txn=outside_transaction_check(guard, tenant_type),
+                max_prepared=config.max_prepared_statements,
+                client_encoding=client_encoding)
+
+
+def token_revoked() -> AuthFailed:
+    """Returns: the error that ends a session whose token was revoked."""
+    return AuthFailed("token revoked: this session's token was revoked",
+                      hint="reconnect with a valid token")

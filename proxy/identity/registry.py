@@ -10,7 +10,7 @@ connection LISTENs on ``pgtenant_tokens``, where a trigger installed by ``pgtena
 sends the id of every token revoked or deleted. A tenant whose organization is not 'ready'
 (``tenant provision``/``tenant drop`` in progress) is refused with ``TenantNotReady``. A
 notified id is dropped from the cache and remembered, so new logins with it fail at once and
-``client.py`` ends its open sessions at their next transaction (``is_revoked``). It does not
+``session.py`` ends its open sessions at their next transaction (``is_revoked``). It does not
 own the schema (``control/``) nor what a failed lookup looks like on the wire (``client.py``).
 
 While the listener is disconnected, revocations are only as fast as the cache TTL; on every

@@ -25,7 +25,8 @@ IO_MODULES = frozenset(
     {"asyncio", "socket", "logging", "time", "select", "selectors", "ssl", "threading",
      "subprocess"}
 )
-UPWARD = frozenset({"proxy.config", "proxy.server", "proxy.pool", "proxy.client", "proxy.app"})
+UPWARD = frozenset({"proxy.config", "proxy.server", "proxy.pool", "proxy.client", "proxy.session",
+                    "proxy.app"})
 # What a fresh interpreter must not gain by importing a protocol module. ``time`` is left
 # out: CPython loads it at start-up, so its presence in sys.modules proves nothing.
 RUNTIME_IO = frozenset(IO_MODULES - {"time"} | {"asyncpg", "uvloop"})

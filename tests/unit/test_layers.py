@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("policy", ("guard", "tls", "metrics", "pool_state")),
     # workers: the supervisor and its control sockets (cancel asks a sibling worker).
     ("backend", ("server", "pool", "cancel", "workers")),
-    ("frontend", ("client", "admin", "login", "limits")),
+    ("frontend", ("client", "session", "admin", "login", "limits")),
     # The operator's tools (init, tenants, migrations, audit) work on the database, not on
     # a running proxy; the app uses init's lockdown check at start, so they sit below it.
     ("control", ("control", "control.*")),

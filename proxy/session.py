@@ -1,0 +1,441 @@
+"""The transaction loop of one logged-in client: its binding to a server.
+
+Owns the server side of a client connection: the ``Link`` of the session, the server
+attached for the current transaction (or the wait for one), pinning, the "wait", "buffer"
+and "backend" reasons to stop reading the client, and the per-transaction metrics. It talks
+to its client connection (client.py) only through ``SessionClient``: fail, close, log.
+
+Where a transaction starts: ``Session.pump``. When the client's Link needs a server for the
+next request (NEED_SERVER), ``_request_server`` asks the pool and ``_attach`` binds the
+server to this session, at once or, after a wait, in ``server_assigned``.
+
+Where a server is released: ``Session._maybe_release``, after every chunk of server replies
+(``server_data``) and after client bytes that owe no reply (``pump``). It gives the server
+back only when the Link says ``can_release`` (ReadyForQuery 'I', no reply owed, no COPY
+open) and the session is not pinned; if the transaction left session state behind
+(``session_dirty``) the server is closed instead, so nothing follows it to another tenant
+(ARCHITECTURE §4, fail closed). The other ends: ``_leave_server`` (the client goes away:
+release, roll back then reuse, or close) and ``_drop_server`` (a server out of sync, or one
+whose session state ends with the client: closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from .cancel import after_cancels
+from .errors import (
+    AdminShutdown,
+    ProxyError,
+    QueryCanceled,
+    ServerProtocolError,
+    ServerUnavailable,
+)
+from .identity.registry import Registry
+from .login import token_revoked
+from .protocol import codec
+from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
+from .server import ServerConnection
+from .stats import LabelStats, TenantStats
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+__all__ = ["CLIENT_BUFFER_HIGH", "Session", "SessionClient", "SessionServices"]
+
+log = logging.getLogger("pgtenant.client")
+# Stop reading from a client whose unhandled bytes pile up while it waits or holds.
+CLIENT_BUFFER_HIGH = 1 << 20
+
+
+class SessionClient(Protocol):
+    """The client connection, as its session drives it (client.ClientConnection)."""
+
+    @property
+    def peer_host(self) -> str: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def database(self) -> str: ...
+    @property
+    def writing_paused(self) -> bool: ...  # the client's socket buffer is full
+
+    def fail(self, error: ProxyError) -> None: ...  # a FATAL error, then disconnect
+    def close(self, reason: str) -> None: ...
+    def log_fields(self, **more: object) -> dict[str, dict[str, object]]: ...
+
+
+class TenantPins(Protocol):
+    """The tenant's count of pinned servers (limits.ClientLimits)."""
+
+    def pin(self, key: object, delta: int) -> None: ...
+    def may_pin(self, key: object) -> bool: ...
+
+
+class SessionServices(Protocol):
+    """What a session uses of the proxy (client.ClientServices, read when used: the app
+    swaps ``stopping`` on stop)."""
+
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def limits(self) -> TenantPins: ...
+
+
+class Session:
+    """The server side of one logged-in tenant client; see the module docstring.
+
+    It is the pool's ``Waiter`` and the attached server's ``ServerPeer``.
+    """
+
+    def __init__(self, client: SessionClient, services: SessionServices,
+                 transport: asyncio.Transport, *, pool: Pool,
+                 link: Callable[[Callable[[], bool]], Link], tenant_key: object,
+                 max_servers: int, stats: LabelStats, tenant_stats: TenantStats):
+        """``link`` builds the session's Link around its pin check (``may_pin``)."""
+        self.client = client
+        self.services = services
+        self.transport = transport  # the client's
+        self.pool = pool
+        self.tenant_key = tenant_key  # pool.Waiter: fairness, and the tenant's server cap
+        self.max_servers = max_servers
+        self.stats = stats
+        self.tenant_stats = tenant_stats
+        self.link = link(self.may_pin)
+        self.link.stats = stats
+        self.link.clock = time.monotonic
+        self.server: ServerConnection | None = None
+        self.waiting = False
+        self.wait_started = 0.0
+        self.closed = False
+        self.last_server_data = time.monotonic()
+        self._attached_at = 0.0
+        self._pin_counted = False  # its server is pinned and counted in limits.tenant_pinned
+        # Why reading from the client is paused: "wait" (for a server), "buffer" (unhandled
+        # bytes piling up), "backend" (the server's socket buffer is full). Reading resumes
+        # only when no reason is left, so one cause cannot undo another's backpressure.
+        self._pause_reasons: set[str] = set()
+
+    def __repr__(self) -> str:
+        return repr(self.client)
+
+    def may_pin(self) -> bool:
+        """Whether this session may pin a server: it already does, or its tenant is under
+        max_pinned_servers (login.pin_capped)."""
+        return self._pin_counted or self.services.limits.may_pin(self.tenant_key)
+
+    @property
+    def has_running_transaction(self) -> bool:
+        """Whether work is under way on a server: an open transaction, or a request whose
+        reply is still owed (see ClientConnection.has_running_transaction)."""
+        link = self.link
+        return (not self.closed and self.server is not None
+                and (link.in_transaction or bool(link.pending)))
+
+    # ------------------------------------------------------------------ the client side
+
+    def client_data(self, data: bytes) -> None:
+        """Bytes from the client."""
+        link = self.link
+        self.stats.bytes_received += len(data)
+        link.cbuf += data
+        if self.server is not None or not self.waiting:
+            self.pump()
+        elif len(link.cbuf) > CLIENT_BUFFER_HIGH:
+            self._pause_reading("buffer")
+
+    def client_backpressure(self, paused: bool) -> None:
+        """The client reads slower than its server writes (or caught up again)."""
+        if self.server is not None:
+            if paused:
+                self.server.pause_reading()
+            else:
+                self.server.resume_reading()
+
+    def pump(self) -> None:
+        """Run the client's requests through the Link; a transaction starts here."""
+        link = self.link
+        while True:
+            try:
+                to_server, to_client, outcome = link.pump_client()
+            except ProxyError as exc:
+                self.client.fail(exc)
+                return
+            except Exception as exc:  # a bug must cost one client, never the proxy
+                log.exception("%r: internal error handling client data", self)
+                self.client.fail(ProxyError(f"pgtenant internal error: {exc!r}"))
+                return
+            if to_server:
+                assert self.server is not None
+                self.server.write(to_server)
+            if to_client:
+                self._write(to_client)
+            if outcome == NEED_SERVER:
+                if self._request_server():
+                    continue
+                return
+            if outcome == TERMINATE:
+                self.client.close("client sent Terminate")
+                return
+            if outcome == HOLD and len(link.cbuf) > CLIENT_BUFFER_HIGH:
+                self._pause_reading("buffer")
+            elif self._pause_reasons:
+                self._resume_reading("buffer")
+            if not link.pending:  # else replies are owed: not releasable yet
+                self._maybe_release()
+            return
+
+    def cancel_request(self) -> ServerConnection | None:
+        """Returns: the server a CancelRequest of this client goes to, or None; a wait for a
+        server is ended instead (see ClientConnection.cancel_request)."""
+        if self.waiting:
+            self.pool.cancel_wait(self)
+            self.pool_failed(QueryCanceled("canceling statement due to user request"))
+            return None
+        server, link = self.server, self.link
+        if server is None or server.login is None or not link.pending:
+            return None
+        return server
+
+    # ------------------------------------------------------------------ getting a server
+
+    def _request_server(self) -> bool:
+        """Returns: True when a server is attached now; False when we wait (or failed)."""
+        services = self.services
+        if services.stopping:
+            # Draining (SIGTERM): this is a transaction boundary, and the next transaction
+            # does not start; a client retries elsewhere on 57P01.
+            self.client.fail(AdminShutdown("pgtenant is shutting down"))
+            return False
+        # A token revoked since login ends its sessions at their next transaction (the
+        # registry hears revocations through LISTEN; see identity/registry.py).
+        if services.registry.is_revoked(self.link.injection.context.identity.token_id):
+            self.client.fail(token_revoked())
+            return False
+        try:
+            server = self.pool.acquire(self)
+        except ProxyError as exc:
+            self.client.fail(exc)
+            return False
+        if server is None:
+            self.waiting = True
+            self.wait_started = time.monotonic()
+            self._pause_reading("wait")
+            return False
+        self._waited(0.0)
+        self._attach(server)
+        return True
+
+    def _waited(self, seconds: float) -> None:
+        self.stats.wait_seconds.observe(seconds)
+        self.tenant_stats.wait_count += 1
+        self.tenant_stats.wait_total += seconds
+
+    def _attach(self, server: ServerConnection) -> None:
+        self.server = server
+        self._attached_at = time.monotonic()
+        server.peer = self
+        # A server that last ran another tenant's transactions is emptied before this
+        # client's first request (Link._prelude): by construction, whatever that tenant left
+        # in the session (settings, statements, sequence state...) is gone.
+        key = self.link.tenant_key
+        reset = server.last_tenant is not None and server.last_tenant != key
+        server.last_tenant = key
+        if reset:
+            self.stats.server_resets += 1
+        self.link.attach(server.ctx_state, server.prepared, server.client_encoding,
+                         reset=reset, reset_encoding=server.login_encoding)
+        if self.client.writing_paused:
+            server.pause_reading()
+        else:
+            server.resume_reading()
+
+    def server_assigned(self, server: ServerConnection) -> None:
+        """Pool callback: a waited-for server is ours (synchronous handoff, always accepted)."""
+        self.waiting = False
+        if self.closed:
+            self.pool.release(server)
+            return
+        self._waited(time.monotonic() - self.wait_started)
+        self._attach(server)
+        self._resume_reading("wait")
+        self.pump()
+
+    def pool_failed(self, error: ProxyError) -> None:
+        """Pool callback: no server will come for this transaction.
+
+        The waiting segment gets an ERROR (not FATAL): like a statement timeout, the client
+        keeps its connection and may retry.
+        """
+        self.waiting = False
+        if self.closed:
+            return
+        self._waited(time.monotonic() - self.wait_started)
+        self.stats.error(error.sqlstate)
+        client = self.client
+        log.warning("transaction refused: client=%s user=%s db=%s tenant=%s reason=%s: %s",
+                    client.peer_host, client.user, client.database,
+                    self.link.injection.context.identity.slug, error.reason, error.message,
+                    extra=client.log_fields(event="error", reason=error.reason,
+                                            sqlstate=error.sqlstate, error=error.message))
+        self._write(self.link.fail_segment(codec.error_response(
+            error.sqlstate, error.message, detail=error.detail, hint=error.hint)))
+        self._resume_reading("wait")
+        self.pump()
+
+    # ------------------------------------------------------------------ the server side
+
+    def server_data(self, data: bytes) -> None:
+        link = self.link
+        self.last_server_data = time.monotonic()
+        try:
+            chunks, resume = link.feed_server(data)
+        except ServerProtocolError as exc:
+            # The server and the proxy's model of it disagree: that server is closed and
+            # this client ended; nothing more of that server reaches anyone.
+            log.warning("%r: closing its server: %s", self, exc.message)
+            self._drop_server(out_of_sync=True)
+            self.client.fail(ServerUnavailable(f"server connection lost: {exc.message}"))
+            return
+        except Exception as exc:  # a bug: cost one client only
+            log.exception("%r: error handling backend data", self)
+            self._drop_server(out_of_sync=True)
+            self.client.fail(ServerUnavailable(f"server connection lost: {exc}"))
+            return
+        if link.pinned and not self._pin_counted:
+            self._pin_counted = True
+            self.services.limits.pin(self.tenant_key, +1)
+        if chunks:
+            self.transport.writelines(chunks)
+            stats = self.stats
+            for chunk in chunks:
+                stats.bytes_sent += len(chunk)
+        if resume:
+            self.pump()
+        else:
+            self._maybe_release()
+
+    def server_lost(self, exc: Exception | None) -> None:
+        """The attached server's socket closed under us."""
+        self._unpin()
+        self.server = None
+        self.link.detach()
+        if self.link.unsolicited_fatal is not None:  # Postgres's own words, then close
+            self._write(self.link.unsolicited_fatal)
+            self.client.close("server terminated the session")
+            return
+        self.client.fail(ServerUnavailable(
+            "server connection lost in the middle of a transaction; its outcome is unknown"
+        ))
+
+    def server_pause_writing(self) -> None:
+        self._pause_reading("backend")
+
+    def server_resume_writing(self) -> None:
+        self._resume_reading("backend")
+
+    # ------------------------------------------------------------------ giving it back
+
+    def _maybe_release(self) -> None:
+        """The release rule (ARCHITECTURE §4): back to the pool at a provably clean
+        transaction boundary; closed if session state would outlive the transaction."""
+        link, server = self.link, self.server
+        if server is None or not link.can_release or link.pinned:
+            return
+        dirty = link.session_dirty
+        server.client_encoding = link.server_encoding
+        server.ctx_state = link.detach()
+        self.server = None
+        self._transaction_done()
+        if self._pause_reasons:  # that server's buffer is no longer our concern
+            self._resume_reading("backend")
+        if dirty:
+            # Session state (LISTEN, WITH HOLD, temp objects, session SET, named statements...)
+            # would follow the server to the next tenant: close it instead (fail closed).
+            self.pool.discard(server)
+        else:
+            after_cancels(server, self.pool.release)
+
+    def _transaction_done(self) -> None:
+        """The server goes back (or away): one transaction, in PgBouncer's sense, ended."""
+        self.stats.transactions += 1
+        self.stats.transaction_seconds.observe(time.monotonic() - self._attached_at)
+        self.tenant_stats.transactions += 1
+
+    def _unpin(self) -> None:
+        """The pinned server is gone: it no longer counts against the tenant's cap."""
+        if self._pin_counted:
+            self._pin_counted = False
+            self.services.limits.pin(self.tenant_key, -1)
+
+    def _drop_server(self, *, out_of_sync: bool) -> None:
+        self._unpin()
+        server, self.server = self.server, None
+        if server is None:
+            return
+        server.ctx_state = self.link.detach()
+        self._transaction_done()
+        self._resume_reading("backend")
+        self.pool.discard(server, out_of_sync=out_of_sync)
+
+    def abort(self) -> None:
+        """The client is failing: a server inside a transaction is closed (its outcome is
+        unknown to the client, and work may still run there)."""
+        if self.server is not None and self.link.in_transaction:
+            self._drop_server(out_of_sync=True)
+
+    def close(self) -> None:
+        """The client is going away: stop waiting, and apply the release rule to its
+        server (``_leave_server``)."""
+        self.closed = True
+        if self.waiting:
+            self.pool.cancel_wait(self)
+            self.waiting = False
+        self._leave_server()
+
+    def _leave_server(self) -> None:
+        """Apply the release rule for a client that is going away (ARCHITECTURE §4)."""
+        server, link = self.server, self.link
+        if server is None:
+            return
+        in_flight = bool(link.pending) or link.open_extended or link.held
+        if in_flight:
+            log.warning("%r left with requests in flight; closing its server", self)
+            self._drop_server(out_of_sync=True)  # and cancel what still runs there
+        elif link.session_dirty or link.pinned:  # its session state ends with the client
+            self._drop_server(out_of_sync=False)
+        elif link.can_release:
+            self._maybe_release()
+        else:
+            # Open transaction block, nothing in flight: roll it back, then reuse.
+            self.server = None
+            server.ctx_state = link.detach()
+            self._transaction_done()
+            server.client_encoding = ""  # the rollback may revert a SET: switch next time
+            after_cancels(server, self.pool.release_dirty)
+
+    # ------------------------------------------------------------------ the client's socket
+
+    def _write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+            self.stats.bytes_sent += len(data)
+
+    def _pause_reading(self, reason: str) -> None:
+        paused = bool(self._pause_reasons)
+        self._pause_reasons.add(reason)
+        if not paused and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def _resume_reading(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and not self.transport.is_closing():
+            self.transport.resume_reading()
