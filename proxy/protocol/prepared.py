@@ -78,9 +78,9 @@ class PreparedStatements:
     """The client's prepared statements and portals, and the attached server's."""
 
     __slots__ = ("_global_names", "_ledger", "_search_path", "client", "ctx_state",
-                 "drops_statements", "max_prepared", "portal_flags", "scrub_unnamed", "server",
-                 "quiet_parses", "stmt_flags", "stmt_sets", "unnamed", "unnamed_here",
-                 "unnamed_seg")
+                 "drops_statements", "max_prepared", "portal_flags", "quiet_parses",
+                 "scrub_unnamed", "server", "stmt_flags", "stmt_sets", "unnamed",
+                 "unnamed_here", "unnamed_seg")
 
     def __init__(self, ledger: Ledger, max_prepared: int, search_path: bytes):
         self._ledger = ledger
