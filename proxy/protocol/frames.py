@@ -42,6 +42,7 @@ __all__ = [
     "frame_at",
     "frame_end",
     "startup_at",
+    "unpack_length",
 ]
 
 # Bytes needed before a typed frame's length is known: type byte + int32 length.
@@ -69,7 +70,9 @@ STARTUP_LIMIT: Final = 10_000
 #: A password message longer than this is no token (JWTs included) but a buffer-stuffer.
 PASSWORD_LIMIT: Final = 4096
 
-_unpack_i32 = struct.Struct("!i").unpack_from
+#: The int32 reader of a frame's length, for the hot loops that inline ``frame_end``.
+unpack_length: Final = struct.Struct("!i").unpack_from
+_unpack_i32 = unpack_length
 
 
 class FrameError(ProtocolError):

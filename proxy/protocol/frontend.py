@@ -70,7 +70,7 @@ from .constants import (
     TXN_IDLE,
 )
 from .constants import TERMINATE as TERMINATE_MESSAGE
-from .frames import FrameError
+from .frames import MIN_LENGTH, FrameError
 from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED, Q_DROP
 from .ledger import Ledger, Segment
 from .prepared import UNKNOWN_TXN, PreparedStatements
@@ -121,7 +121,8 @@ NEED_SERVER: Final = Pump.NEED_SERVER
 HOLD: Final = Pump.HOLD
 TERMINATE: Final = Pump.TERMINATE
 
-_frame_end = frames.frame_end  # once per frame in the pump: a module-level alias
+_unpack_i32 = frames.unpack_length
+_frame_end = frames.frame_end
 _pack_header = codec.HEADER.pack
 
 _CLIENT_COPY: Final = frozenset((COPY_DATA, COPY_DONE, COPY_FAIL))  # only while copying in
@@ -312,10 +313,11 @@ class Frontend:
                 raise ClientProtocolError(f"unexpected message type {chr(t)!r} from client")
             if n - pos < 5:
                 break
-            try:
-                end = _frame_end(buf, pos, limit)
-            except FrameError as exc:
-                raise _client_frame_error(exc) from None
+            # frames.frame_end inline: a call per frame costs 3 % of a transaction here.
+            (length,) = _unpack_i32(buf, pos + 1)
+            if length < MIN_LENGTH or length > limit:
+                raise _client_frame_error(FrameError(length, limit, t))
+            end = pos + 1 + length
             if end > n:
                 break
             if self.skip_to_sync:
@@ -659,12 +661,10 @@ class Frontend:
         n = len(buf)
         if n < 6 or buf[n - 1] != 0:
             return None
-        try:
-            end = _frame_end(buf, 0, self.max_message_size)
-        except FrameError:
-            return None  # the general path words the error
-        if end != n or self.ledger.status != TXN_IDLE:
-            return None
+        (length,) = _unpack_i32(buf, 1)  # frames.frame_end inline (hot path)
+        if (length + 1 != n or length > self.max_message_size
+                or self.ledger.status != TXN_IDLE):
+            return None  # a bad length included: the general path words the error
         text = bytes(buf[5 : n - 1])
         # The pass before a server was attached (NEED_SERVER) classified this same text.
         if text != self._plain_text and classify(text):
