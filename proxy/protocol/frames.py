@@ -16,8 +16,11 @@ awaited or kept (untrusted input has bounded cost). The caller turns it into its
 client-visible error; the limits themselves are all here, except ``max_message_size``,
 which is configurable and passed in.
 
-Hot loops (``frontend.py``, ``backend.py``) call ``frame_end`` once per frame through a
-module-level alias; the rest use ``frame_at`` / ``startup_at``.
+The two hot loops (``Frontend.pump``, ``Backend.feed``) inline ``frame_end``: the header is
+unpacked with ``unpack_length`` and judged against ``MIN_LENGTH`` and the limit in place,
+as a call per frame cost 3-6 % of a transaction (benchmarks/tracker_loop.py);
+``tests/unit/test_frames.py`` checks that they refuse exactly what ``frame_end`` refuses.
+Everything else calls ``frame_at`` / ``frame_end`` / ``startup_at``.
 """
 
 from __future__ import annotations
