@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -25,6 +24,7 @@ from .config import Config
 from .errors import ConfigError, ProxyError
 from .protocol import codec
 from .protocol.constants import ADMIN_DATABASE
+from .protocol.frames import ADMIN_LIMIT, HEADER_SIZE, FrameError, frame_at
 from .server import ServerState
 from .stats import Metrics
 
@@ -36,7 +36,6 @@ __all__ = ["ADMIN_DATABASE", "AdminConsole", "AdminPeer", "AdminServices"]
 
 log = logging.getLogger("pgtenant.admin")
 
-_MAX_MESSAGE: Final = 1 << 20
 _EXTENDED: Final = frozenset(b"PBDECHSdcfF")
 _Z_IDLE: Final = codec.ready_for_query(b"I")
 
@@ -149,18 +148,19 @@ class AdminConsole:
 
     def _pump(self) -> None:
         buf = self.buf
-        while not self._busy and len(buf) >= 5:
-            t = buf[0]
-            (length,) = struct.unpack_from("!i", buf, 1)
-            if length < 4 or length > _MAX_MESSAGE:
+        while not self._busy:
+            try:
+                end = frame_at(buf, 0, ADMIN_LIMIT)
+            except FrameError:
                 self.peer.write(codec.error_response("08P01", "invalid message length",
                                                      severity="FATAL"))
                 self.peer.close("protocol error on the admin console")
                 return
-            if len(buf) < 1 + length:
+            if end < 0:
                 return
-            body = bytes(buf[5 : 1 + length])
-            del buf[: 1 + length]
+            t = buf[0]
+            body = bytes(buf[HEADER_SIZE:end])
+            del buf[:end]
             if t == ord("Q"):
                 self._busy = True
                 self._task = asyncio.ensure_future(self._run(body.rstrip(b"\x00")))

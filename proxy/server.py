@@ -22,6 +22,7 @@ from .errors import ServerLoginFailed, ServerProtocolError, ServerUnavailable, c
 from .pool_state import ServerState
 from .protocol import codec
 from .protocol.constants import SSL_REQUEST_CODE
+from .protocol.frames import HEADER_SIZE, LOGIN_LIMIT, NO_LIMIT, FrameError, frame_at
 from .protocol.handshake import Frame, Handshake, LoginResult, Send, server_login
 from .protocol.tracker import CTX_NONE
 from .tls import BackendTls
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["ServerConnection", "ServerPeer", "ServerState", "send_cancel"]
 
 log = logging.getLogger("pgtenant.server")
-_unpack_header = codec.HEADER.unpack_from
 _Z = ord("Z")
 _E = ord("E")
 _N = ord("N")
@@ -211,14 +211,16 @@ class ServerConnection(asyncio.Protocol):
 
     async def _next_frame(self) -> Frame:
         while True:
-            if len(self._buf) >= 5:
-                msg_type, length = _unpack_header(self._buf, 0)
-                if length < 4 or length > 1 << 24:
-                    raise ServerProtocolError(f"invalid frame length {length} during login")
-                if len(self._buf) >= length + 1:
-                    body = bytes(self._buf[5 : length + 1])
-                    del self._buf[: length + 1]
-                    return msg_type, body
+            try:
+                end = frame_at(self._buf, 0, LOGIN_LIMIT)
+            except FrameError as exc:
+                raise ServerProtocolError(
+                    f"invalid frame length {exc.length} during login") from None
+            if end >= 0:
+                msg_type = self._buf[0]
+                body = bytes(self._buf[HEADER_SIZE:end])
+                del self._buf[:end]
+                return msg_type, body
             if self._closed:
                 raise ServerUnavailable("backend closed the connection during login")
             self._frame_waiter = asyncio.get_running_loop().create_future()
@@ -258,12 +260,12 @@ class ServerConnection(asyncio.Protocol):
     def _frame_types(self) -> set[int]:
         kinds: set[int] = set()
         pos = 0
-        while len(self._buf) - pos >= 5:
-            msg_type, length = _unpack_header(self._buf, pos)
-            if pos + 1 + length > len(self._buf):
-                break
-            kinds.add(msg_type)
-            pos += 1 + length
+        try:
+            while (end := frame_at(self._buf, pos, NO_LIMIT)) >= 0:
+                kinds.add(self._buf[pos])
+                pos = end
+        except FrameError:
+            pass  # a bad length: left in the buffer, so the server is judged not clean
         del self._buf[:pos]
         return kinds
 
@@ -341,14 +343,19 @@ class ServerConnection(asyncio.Protocol):
     def _reset_data(self, data: bytes) -> None:
         self._buf += data
         pos = 0
-        while len(self._buf) - pos >= 5:
-            msg_type, length = _unpack_header(self._buf, pos)
-            end = pos + 1 + length
-            if end > len(self._buf):
+        while True:
+            try:
+                end = frame_at(self._buf, pos, NO_LIMIT)
+            except FrameError:  # a server that cannot be followed is not clean
+                if self._reset_done is not None and not self._reset_done.done():
+                    self._reset_done.set_result(False)
                 break
+            if end < 0:
+                break
+            msg_type = self._buf[pos]
             if msg_type == _Z and self._reset_done is not None and not self._reset_done.done():
                 # Clean only if ReadyForQuery 'I' is the last thing the server sent.
-                idle = self._buf[pos + 5] == ord("I")
+                idle = self._buf[pos + HEADER_SIZE : end] == b"I"
                 self._reset_done.set_result(idle and end == len(self._buf))
             elif msg_type == _E and self._reset_done is not None and not self._reset_done.done():
                 self._reset_done.set_result(False)

@@ -42,6 +42,16 @@ from .constants import (
     SSL_REQUEST_CODE,
 )
 from .encoding import UNSAFE, canonical, encoding_key
+from .frames import (
+    HEADER_SIZE,
+    MIN_PASSWORD,
+    PASSWORD_LIMIT,
+    STARTUP_HEADER_SIZE,
+    STARTUP_LIMIT,
+    FrameError,
+    frame_at,
+    startup_at,
+)
 from .handshake import RECV, Recv, Send
 from .sql import is_on
 
@@ -62,10 +72,8 @@ __all__ = [
     "parse_options",
 ]
 
-# A startup packet is small; anything bigger is an attack or a confused client.
-MAX_STARTUP: Final = 10_000
-# A password message longer than this is no token (JWTs included) but a buffer-stuffer.
-_MAX_PASSWORD: Final = 4096
+# The startup packet's cap (frames.py holds every frame limit; kept here as it was public).
+MAX_STARTUP: Final = STARTUP_LIMIT
 # A whole Terminate message ('X', length 4), as the first bytes of a connection.
 _TERMINATE: Final = b"X\x00\x00\x00\x04"
 _P: Final = ord("p")
@@ -77,7 +85,6 @@ _REPORTED: Final = (
 )
 _unpack_i32 = struct.Struct("!i").unpack_from
 _unpack_ii = struct.Struct("!ii").unpack
-_unpack_header = codec.HEADER.unpack_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,14 +175,16 @@ def client_startup(rules: StartupRules) -> Startup:
             # never connected): Postgres just closes, and a client that said goodbye does
             # not expect an ErrorResponse (node-pg crashes on one).
             return Goodbye("client sent Terminate before startup")
-        if len(buf) < 8:
+        if len(buf) < STARTUP_HEADER_SIZE:
             buf += yield from _recv()
             continue
-        (length,) = _unpack_i32(buf, 0)
-        if length < 8 or length > MAX_STARTUP:
-            raise ClientProtocolError(f"invalid startup packet length {length}")
-        while len(buf) < length:
+        try:
+            length = startup_at(buf, 0, MAX_STARTUP)
+        except FrameError as exc:
+            raise ClientProtocolError(f"invalid startup packet length {exc.length}") from None
+        if length < 0:
             buf += yield from _recv()
+            continue
         (code,) = _unpack_i32(buf, 4)
         body = bytes(buf[8:length])
         del buf[:length]
@@ -226,17 +235,17 @@ def _recv() -> Generator[Recv, bytes | None, bytes]:
 def _password(buf: bytearray) -> Generator[Recv, bytes | None, str]:
     """Returns: the token of the client's PasswordMessage, consumed from ``buf``.
     Raises: ClientProtocolError for anything but a sane 'p' message."""
-    while len(buf) < 5:
+    while len(buf) < HEADER_SIZE:
         buf += yield from _recv()
-    msg_type, length = _unpack_header(buf, 0)
-    if msg_type != _P:
-        raise ClientProtocolError(f"expected a password message, got {chr(msg_type)!r}")
-    if length < 5 or length > _MAX_PASSWORD:
-        raise ClientProtocolError(f"invalid password message length {length}")
-    while len(buf) < length + 1:
-        buf += yield from _recv()
-    raw, _ = codec.read_cstring(bytes(buf[5 : length + 1]), 0)
-    del buf[: length + 1]
+    if buf[0] != _P:
+        raise ClientProtocolError(f"expected a password message, got {chr(buf[0])!r}")
+    try:
+        while (end := frame_at(buf, 0, PASSWORD_LIMIT, MIN_PASSWORD)) < 0:
+            buf += yield from _recv()
+    except FrameError as exc:
+        raise ClientProtocolError(f"invalid password message length {exc.length}") from None
+    raw, _ = codec.read_cstring(bytes(buf[HEADER_SIZE:end]), 0)
+    del buf[:end]
     return raw.decode("utf-8", "replace")
 
 
