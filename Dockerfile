@@ -10,7 +10,7 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY proxy ./proxy
+COPY pgtenant ./pgtenant
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # ---- runtime: the wheels only, run as an unprivileged user

@@ -39,10 +39,10 @@ install: $(STAMP)
 install-demo: $(DEMO_STAMP)
 
 demo: install-demo
-	$(PY) -m proxy demo $(if $(PORT),--port $(PORT),)
+	$(PY) -m pgtenant demo $(if $(PORT),--port $(PORT),)
 
 lint: install
-	$(PY) -m ruff check proxy tests benchmarks
+	$(PY) -m ruff check pgtenant tests benchmarks
 	$(PY) -m mypy
 
 unit: install

@@ -28,12 +28,12 @@ from typing import Any
 
 import asyncpg
 
-from proxy.config import Config, TenantTypeConfig
-from proxy.configfile import parse_config
-from proxy.control.audit.catalog import read_snapshot
-from proxy.control.audit.runner import AuditReport, run_audit
-from proxy.control.cluster import PostgresCluster
-from proxy.control.init import TENANT_ROLE_OPTIONS, init_database
+from pgtenant.config import Config, TenantTypeConfig
+from pgtenant.configfile import parse_config
+from pgtenant.control.audit.catalog import read_snapshot
+from pgtenant.control.audit.runner import AuditReport, run_audit
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.init import TENANT_ROLE_OPTIONS, init_database
 
 __all__ = ["build_fleet", "main", "measure"]
 

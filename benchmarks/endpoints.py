@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from proxy.control.cluster import PostgresCluster
+from pgtenant.control.cluster import PostgresCluster
 
 from .fixture import (
     APP_PASSWORD,
@@ -175,7 +175,7 @@ pool_size = {pool_size}
         self.log = workdir / f"pgtenant-{self.port}.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                [sys.executable, "-m", "pgtenant", "serve", "--config", str(config)],
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         _wait_port(self.port, self.proc, self.log)
 

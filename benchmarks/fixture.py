@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from proxy.config import TenantTypeConfig
-from proxy.control.cluster import PostgresCluster
-from proxy.control.init import init_database
-from proxy.control.tenants import create_tenant, issue_token
+from pgtenant.config import TenantTypeConfig
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.init import init_database
+from pgtenant.control.tenants import create_tenant, issue_token
 
 __all__ = ["APP_PASSWORD", "APP_ROLE", "BenchDb", "Tenant", "add_database_per_tenant",
            "build_database"]

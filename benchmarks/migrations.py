@@ -20,12 +20,12 @@ from typing import Any
 
 import asyncpg
 
-from proxy.config import TenantTypeConfig
-from proxy.control.cluster import PostgresCluster
-from proxy.control.init import init_database
-from proxy.control.migrations.files import load_migrations
-from proxy.control.migrations.runner import RolloutOptions, apply, make_plan
-from proxy.control.tenants import create_tenant
+from pgtenant.config import TenantTypeConfig
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.init import init_database
+from pgtenant.control.migrations.files import load_migrations
+from pgtenant.control.migrations.runner import RolloutOptions, apply, make_plan
+from pgtenant.control.tenants import create_tenant
 
 __all__ = ["main"]
 

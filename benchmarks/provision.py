@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.config import TenantTypeConfig, parse_dsn
-from proxy.control.cluster import PostgresCluster
-from proxy.control.init import init_database
-from proxy.control.migrations.files import load_migrations
-from proxy.control.migrations.runner import RolloutOptions, apply
-from proxy.control.provision import drop_tenant, provision_tenant
-from proxy.control.tenants import create_tenant
+from pgtenant.config import TenantTypeConfig, parse_dsn
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.init import init_database
+from pgtenant.control.migrations.files import load_migrations
+from pgtenant.control.migrations.runner import RolloutOptions, apply
+from pgtenant.control.provision import drop_tenant, provision_tenant
+from pgtenant.control.tenants import create_tenant
 
 __all__ = ["main", "migration_history"]
 
@@ -160,7 +160,7 @@ dir = "migrations"
 """)
     (workdir / "seed.sql").write_text(seed)
     t0 = time.perf_counter()
-    command = [sys.executable, "-m", "proxy", "tenant", "provision", "--dsn", dsn,
+    command = [sys.executable, "-m", "pgtenant", "tenant", "provision", "--dsn", dsn,
                "--config", str(config), "--slug", "cli_tenant", "--type", "enterprise",
                "--seed", str(workdir / "seed.sql"), "--json"]
     out = await asyncio.to_thread(subprocess.run, command, cwd=ROOT, capture_output=True,

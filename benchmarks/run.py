@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from proxy.control.cluster import PostgresCluster
+from pgtenant.control.cluster import PostgresCluster
 
 from .endpoints import Endpoint, PgBouncer, Pgtenant, Splice, find_pgbouncer
 from .fixture import (

@@ -1,6 +1,6 @@
 """In-process cost of the link tracker per transaction: no sockets, no event loop.
 
-Drives one ``Link`` the way ``proxy/client.py`` does (pump the client's bytes, attach a
+Drives one ``Link`` the way ``pgtenant/client.py`` does (pump the client's bytes, attach a
 server on NEED_SERVER, pump again, feed the server's replies, release when
 ``can_release``), with two realistic transactions:
 
@@ -27,11 +27,11 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 
-from proxy.config import TenantTypeConfig
-from proxy.identity.context import TenantIdentity, build_context
-from proxy.protocol import codec
-from proxy.protocol.inject import Injection
-from proxy.protocol.tracker import CTX_NONE, IDLE, NEED_SERVER, Link
+from pgtenant.config import TenantTypeConfig
+from pgtenant.identity.context import TenantIdentity, build_context
+from pgtenant.protocol import codec
+from pgtenant.protocol.inject import Injection
+from pgtenant.protocol.tracker import CTX_NONE, IDLE, NEED_SERVER, Link
 
 __all__ = ["main"]
 

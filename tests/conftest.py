@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from proxy.control.cluster import PostgresCluster
-from proxy.control.demo import DemoEnv, build_demo
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.demo import DemoEnv, build_demo
 
 __all__ = ["demo_env", "pg_cluster"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.control.demo import DemoEnv
+from pgtenant.control.demo import DemoEnv
 
 __all__ = ["ProxyProcess", "connect", "free_port"]
 
@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 class ProxyProcess:
-    """``python -m proxy serve`` as a subprocess."""
+    """``python -m pgtenant serve`` as a subprocess."""
 
     def __init__(self, env: DemoEnv, workdir: Path, *, pool_size: int = 4, extra: str = "",
                  transform: Callable[[str], str] | None = None, args: tuple[str, ...] = (),
@@ -55,7 +55,7 @@ class ProxyProcess:
         self.log_path = workdir / f"pgtenant-{self.port}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(self.config_path), *args],
+            [sys.executable, "-m", "pgtenant", "serve", "--config", str(self.config_path), *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

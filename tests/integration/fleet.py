@@ -17,10 +17,10 @@ from typing import Any
 
 import asyncpg
 
-from proxy.config import TenantTypeConfig
-from proxy.control.cluster import PostgresCluster
-from proxy.control.init import init_database
-from proxy.control.tenants import create_tenant
+from pgtenant.config import TenantTypeConfig
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.init import init_database
+from pgtenant.control.tenants import create_tenant
 
 from .conftest import ROOT
 
@@ -50,7 +50,7 @@ class Fleet:
 
     def argv(self, command: str, *args: str) -> list[str]:
         extra = ["--dsn", self.admin_dsn] if command != "new" else []
-        return [sys.executable, "-m", "proxy", "migrate", command, "--config",
+        return [sys.executable, "-m", "pgtenant", "migrate", command, "--config",
                 str(self.config), *extra, *args]
 
     async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:

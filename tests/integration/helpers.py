@@ -22,9 +22,9 @@ from pathlib import Path
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.control.cluster import find_bindir
-from proxy.control.demo import DemoEnv
-from proxy.protocol import codec
+from pgtenant.control.cluster import find_bindir
+from pgtenant.control.demo import DemoEnv
+from pgtenant.protocol import codec
 
 from .conftest import ROOT, ProxyProcess
 
@@ -302,7 +302,8 @@ def serve_until(config: Path, wait_for: str, timeout: float = 20) -> tuple[int |
     its log."""
     log = config.with_suffix(".log")
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "pgtenant", "serve", "--config",
+                                 str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + timeout

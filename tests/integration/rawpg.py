@@ -6,7 +6,7 @@ pipelined in ONE write by ``send``), and reads parsed replies until N ReadyForQu
 read bounded by a timeout. ``RawPg.cancel`` sends a CancelRequest on a separate socket with
 the BackendKeyData the proxy gave this client.
 
-Frame builders not in ``proxy.protocol.codec`` (Describe, Flush, Close, the copy messages)
+Frame builders not in ``pgtenant.protocol.codec`` (Describe, Flush, Close, the copy messages)
 live here too, so a test reads as the list of messages it sends.
 """
 
@@ -16,7 +16,7 @@ import asyncio
 import struct
 from dataclasses import dataclass, field
 
-from proxy.protocol import codec
+from pgtenant.protocol import codec
 
 __all__ = [
     "Msg",

@@ -31,8 +31,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.control.demo import DemoEnv
-from proxy.protocol import codec
+from pgtenant.control.demo import DemoEnv
+from pgtenant.protocol import codec
 
 from .conftest import ProxyProcess
 from .helpers import TenantRaw as Raw

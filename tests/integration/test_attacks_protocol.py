@@ -33,8 +33,8 @@ from collections.abc import Callable
 import asyncpg
 import pytest
 
-from proxy.config import Config
-from proxy.control.demo import DemoEnv
+from pgtenant.config import Config
+from pgtenant.control.demo import DemoEnv
 
 from . import rawpg
 from .conftest import ProxyProcess

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 import asyncpg
 import pytest
 
-from proxy.control.demo import DemoEnv
-from proxy.protocol import codec
+from pgtenant.control.demo import DemoEnv
+from pgtenant.protocol import codec
 
 from .conftest import ProxyProcess
 from .helpers import TenantRaw as Raw

@@ -18,13 +18,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.config import Config
-from proxy.configfile import parse_config
-from proxy.control.audit.runner import AuditReport, run_audit
-from proxy.control.cluster import PostgresCluster
-from proxy.control.demo import DemoEnv
-from proxy.control.init import init_database
-from proxy.control.tenants import create_tenant
+from pgtenant.config import Config
+from pgtenant.configfile import parse_config
+from pgtenant.control.audit.runner import AuditReport, run_audit
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.demo import DemoEnv
+from pgtenant.control.init import init_database
+from pgtenant.control.tenants import create_tenant
 
 pytestmark = pytest.mark.asyncio
 
@@ -346,7 +346,7 @@ async def test_demo_database_audits_clean(demo_env: DemoEnv) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", "audit", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "pgtenant", "audit", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 

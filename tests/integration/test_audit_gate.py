@@ -17,7 +17,7 @@ from pathlib import Path
 
 import asyncpg
 
-from proxy.control.cluster import PostgresCluster
+from pgtenant.control.cluster import PostgresCluster
 
 from .conftest import ROOT, ProxyProcess
 from .fleet import events, make_fleet, status_by_tenant
@@ -32,7 +32,7 @@ GRANT SELECT ON public.gate_leak TO {roles};
 DROP TABLE public.gate_leak;
 """
 def _pgtenant(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "pgtenant", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

@@ -13,11 +13,11 @@ from collections.abc import Callable
 import asyncpg
 import pytest
 
-from proxy.config import parse_dsn
-from proxy.configfile import load_config, parse_config
-from proxy.control.audit.findings import Finding, Severity
-from proxy.control.audit.probe import TOKEN_LABEL, ProbeError, run_probe
-from proxy.control.demo import DemoEnv
+from pgtenant.config import parse_dsn
+from pgtenant.configfile import load_config, parse_config
+from pgtenant.control.audit.findings import Finding, Severity
+from pgtenant.control.audit.probe import TOKEN_LABEL, ProbeError, run_probe
+from pgtenant.control.demo import DemoEnv
 
 from .conftest import ProxyProcess, free_port
 
@@ -156,7 +156,7 @@ def test_cli_audit_with_probe_on_the_demo_exits_0(demo_env: DemoEnv,
 
     proxy = start_proxy()
     done = subprocess.run(
-        [sys.executable, "-m", "proxy", "audit", "--dsn", demo_env.admin_dsn, "--config",
+        [sys.executable, "-m", "pgtenant", "audit", "--dsn", demo_env.admin_dsn, "--config",
          str(proxy.config_path), "--probe", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

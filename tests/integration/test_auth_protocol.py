@@ -1,7 +1,7 @@
 """Startup, token authentication and wire-protocol hygiene of a real pgtenant process.
 
 Clients are real drivers (asyncpg, psycopg) or raw sockets speaking bytes built with
-``proxy.protocol.codec``; every read has a timeout so a misbehaving proxy fails a test instead
+``pgtenant.protocol.codec``; every read has a timeout so a misbehaving proxy fails a test instead
 of hanging it.
 """
 
@@ -16,10 +16,10 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.control.demo import DemoEnv
-from proxy.control.tenants import issue_token, revoke_token
-from proxy.protocol import codec
-from proxy.protocol.constants import GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE
+from pgtenant.control.demo import DemoEnv
+from pgtenant.control.tenants import issue_token, revoke_token
+from pgtenant.protocol import codec
+from pgtenant.protocol.constants import GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE
 
 from .conftest import ProxyProcess
 from .helpers import (

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.control.demo import DemoEnv
-from proxy.protocol import codec
-from proxy.protocol.constants import PROTOCOL_3_0, SSL_REQUEST_CODE
+from pgtenant.control.demo import DemoEnv
+from pgtenant.protocol import codec
+from pgtenant.protocol.constants import PROTOCOL_3_0, SSL_REQUEST_CODE
 
 from .conftest import ProxyProcess
 from .helpers import (

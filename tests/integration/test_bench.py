@@ -23,7 +23,7 @@ from benchmarks.fixture import (
 from benchmarks.measure import Load, run_loads
 from benchmarks.report import markdown
 from benchmarks.run import tenant_loads
-from proxy.control.cluster import PostgresCluster
+from pgtenant.control.cluster import PostgresCluster
 
 
 @pytest.fixture(scope="module")

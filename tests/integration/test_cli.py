@@ -25,7 +25,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.control.cluster import PostgresCluster
+from pgtenant.control.cluster import PostgresCluster
 
 from .conftest import ROOT, free_port
 
@@ -39,7 +39,7 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy", *args], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "pgtenant", *args], cwd=ROOT, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -407,7 +407,7 @@ def test_check_config_of_a_missing_file_says_so(tmp_path: Path) -> None:
 
 def test_serve_without_a_config_says_how_to_get_one(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "proxy", "serve"], cwd=tmp_path, capture_output=True,
+        [sys.executable, "-m", "pgtenant", "serve"], cwd=tmp_path, capture_output=True,
         text=True, timeout=60,
         env={**{k: v for k, v in os.environ.items() if k != "PGTENANT_CONFIG"},
              "PYTHONPATH": str(ROOT)},
@@ -424,7 +424,7 @@ def test_help_describes_the_command_and_every_option() -> None:
     assert out.returncode == 0
     assert "tenant-aware, transaction-mode PostgreSQL connection proxy" in out.stdout
     assert "Returns:" not in out.stdout and "Owns argument parsing" not in out.stdout
-    from proxy.cli import build_parser
+    from pgtenant.cli import build_parser
 
     def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
         yield parser
@@ -458,13 +458,13 @@ def test_a_refused_connection_is_a_sentence_with_a_hint() -> None:
 # ------------------------------------------------------------------------------ serve
 
 class Served:
-    """``python -m proxy serve`` started by the test, stopped with SIGTERM."""
+    """``python -m pgtenant serve`` started by the test, stopped with SIGTERM."""
 
     def __init__(self, config: Path, log: Path):
         self.log_path = log
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+            [sys.executable, "-m", "pgtenant", "serve", "--config", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

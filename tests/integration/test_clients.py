@@ -12,8 +12,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.control.demo import DemoEnv
-from proxy.protocol import codec
+from pgtenant.control.demo import DemoEnv
+from pgtenant.protocol import codec
 
 from .conftest import ProxyProcess
 
@@ -50,7 +50,7 @@ def psql(proxy: ProxyProcess, slug: str, *args: str, token: str | None = None,
 
 
 def _cluster_tool(name: str) -> str | None:
-    from proxy.control.cluster import find_bindir
+    from pgtenant.control.cluster import find_bindir
 
     path = find_bindir() / name
     return str(path) if path.exists() else None

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from proxy.protocol import codec
+from pgtenant.protocol import codec
 
 from .conftest import ProxyProcess
 
@@ -53,7 +53,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def _tool(name: str) -> str | None:
-    from proxy.control.cluster import find_bindir
+    from pgtenant.control.cluster import find_bindir
 
     path = find_bindir() / name
     return str(path) if path.exists() else shutil.which(name)

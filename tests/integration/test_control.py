@@ -17,16 +17,16 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from proxy.config import TenantTypeConfig
-from proxy.configfile import parse_config
-from proxy.control import ControlError
-from proxy.control.cluster import PostgresCluster
-from proxy.control.demo import DemoEnv, build_demo
-from proxy.control.init import check_fail_closed, init_database
-from proxy.control.tenants import create_tenant, issue_token, revoke_token
-from proxy.identity.context import TenantIdentity, build_context
-from proxy.identity.tokens import hash_token
-from proxy.protocol.inject import Injection
+from pgtenant.config import TenantTypeConfig
+from pgtenant.configfile import parse_config
+from pgtenant.control import ControlError
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.demo import DemoEnv, build_demo
+from pgtenant.control.init import check_fail_closed, init_database
+from pgtenant.control.tenants import create_tenant, issue_token, revoke_token
+from pgtenant.identity.context import TenantIdentity, build_context
+from pgtenant.identity.tokens import hash_token
+from pgtenant.protocol.inject import Injection
 
 from .conftest import ProxyProcess, connect
 

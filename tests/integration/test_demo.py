@@ -23,10 +23,10 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.control.demo import DEMO_MIGRATIONS_DIR, DemoEnv
-from proxy.control.migrations.files import lint, load_migrations
-from proxy.control.migrations.ledger import SHARED_SLUG, SHARED_TARGET
-from proxy.control.migrations.runner import make_plan, status
+from pgtenant.control.demo import DEMO_MIGRATIONS_DIR, DemoEnv
+from pgtenant.control.migrations.files import lint, load_migrations
+from pgtenant.control.migrations.ledger import SHARED_SLUG, SHARED_TARGET
+from pgtenant.control.migrations.runner import make_plan, status
 
 from .conftest import ROOT, free_port
 
@@ -85,7 +85,7 @@ def test_demo_prints_lines_that_work_migrate_lines_included_and_ctrl_c_deletes_i
     port = free_port()
     log = (tmp_path / "demo.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "demo", "--dir", str(workdir), "--port", str(port)],
+        [sys.executable, "-m", "pgtenant", "demo", "--dir", str(workdir), "--port", str(port)],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -137,7 +137,7 @@ def test_make_demo_installs_without_test_tools_and_takes_a_port() -> None:
         ["make", "-n", "-B", "demo", "PORT=7432"], cwd=ROOT, capture_output=True, text=True,
         timeout=30, check=True,
     ).stdout
-    assert "-m proxy demo --port 7432" in out
+    assert "-m pgtenant demo --port 7432" in out
     installs = [line for line in out.splitlines() if "pip install" in line]
     assert installs and not any(".[test]" in line for line in installs), installs
     assert not any("--quiet" in line for line in installs if "-e" in line), installs

@@ -20,10 +20,10 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.control.tenants import issue_token, revoke_token
-from proxy.protocol import codec
-from proxy.protocol.constants import CANCEL_REQUEST_CODE, SSL_REQUEST_CODE
-from proxy.tls import make_self_signed
+from pgtenant.control.tenants import issue_token, revoke_token
+from pgtenant.protocol import codec
+from pgtenant.protocol.constants import CANCEL_REQUEST_CODE, SSL_REQUEST_CODE
+from pgtenant.tls import make_self_signed
 
 from .conftest import ProxyProcess, free_port
 from .helpers import (

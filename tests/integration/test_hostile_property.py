@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.control.demo import DemoEnv
+from pgtenant.control.demo import DemoEnv
 
 from . import rawpg
 from .conftest import ProxyProcess

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 
-from proxy.control.demo import DemoEnv
-from proxy.control.tenants import create_tenant, issue_token
+from pgtenant.control.demo import DemoEnv
+from pgtenant.control.tenants import create_tenant, issue_token
 
 from .conftest import ProxyProcess
 

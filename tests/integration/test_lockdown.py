@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxy.control.cluster import PostgresCluster
-from proxy.control.demo import DemoEnv
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.demo import DemoEnv
 
 from .conftest import free_port
 from .helpers import serve_until as _serve

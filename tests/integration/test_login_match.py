@@ -15,9 +15,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.control.cluster import find_bindir
-from proxy.protocol import codec
-from proxy.tls import make_self_signed
+from pgtenant.control.cluster import find_bindir
+from pgtenant.protocol import codec
+from pgtenant.tls import make_self_signed
 
 from .conftest import ProxyProcess
 from .helpers import data_values, login, raw_client, simple_query, wait_for

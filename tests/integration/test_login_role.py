@@ -20,11 +20,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy.control.cluster import PostgresCluster
-from proxy.control.demo import DemoEnv
-from proxy.control.hardening import check_lockdown
-from proxy.control.init import check_fail_closed, init_database
-from proxy.identity.tokens import hash_token
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.demo import DemoEnv
+from pgtenant.control.hardening import check_lockdown
+from pgtenant.control.init import check_fail_closed, init_database
+from pgtenant.identity.tokens import hash_token
 
 from .conftest import ProxyProcess, connect, free_port
 from .helpers import serve_until as _serve

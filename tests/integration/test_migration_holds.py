@@ -23,8 +23,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy.control.cluster import PostgresCluster
-from proxy.control.demo import DemoEnv, build_demo
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.demo import DemoEnv, build_demo
 
 from .conftest import ROOT, ProxyProcess
 
@@ -98,7 +98,7 @@ hold_ttl = {HOLD_TTL}
 
 
 def runner_argv(proxy: ProxyProcess, *args: str) -> list[str]:
-    return [sys.executable, "-m", "proxy", "migrate", "apply", "--config",
+    return [sys.executable, "-m", "pgtenant", "migrate", "apply", "--config",
             str(proxy.config_path), "--dsn", proxy.env.admin_dsn, "--json", *args]
 
 

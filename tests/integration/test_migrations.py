@@ -20,7 +20,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.control.cluster import PostgresCluster
+from pgtenant.control.cluster import PostgresCluster
 
 from .conftest import ROOT
 from .fleet import (
@@ -65,7 +65,7 @@ def test_migrate_new_writes_the_next_numbered_file_with_a_header(tmp_path: Path)
                       '[tenant_types.e]\nrole = "{schema}"\nsearch_path = ["{schema}"]\n')
     (tmp_path / "migrations").mkdir()
     (tmp_path / "migrations" / "0033_old.sql").write_text("SELECT 1;\n")
-    out = subprocess.run([sys.executable, "-m", "proxy", "migrate", "new", "--config",
+    out = subprocess.run([sys.executable, "-m", "pgtenant", "migrate", "new", "--config",
                           str(config), "Add budget"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     path = Path(out.stdout.strip())

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import asyncpg
 import pytest
 
-from proxy.control.demo import DemoEnv
+from pgtenant.control.demo import DemoEnv
 
 from .conftest import ProxyProcess, connect
 

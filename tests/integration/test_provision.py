@@ -18,8 +18,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy.control.demo import DemoEnv
-from proxy.control.tenants import create_tenant, issue_token
+from pgtenant.control.demo import DemoEnv
+from pgtenant.control.tenants import create_tenant, issue_token
 
 from .conftest import ROOT, ProxyProcess
 
@@ -47,7 +47,7 @@ def lifecycle(start_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> Proxy
 
 
 def argv(proxy: ProxyProcess, action: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "proxy", "tenant", action, "--dsn", proxy.env.admin_dsn,
+    return [sys.executable, "-m", "pgtenant", "tenant", action, "--dsn", proxy.env.admin_dsn,
             "--config", str(proxy.config_path), *args]
 
 
@@ -57,7 +57,7 @@ def cli(proxy: ProxyProcess, action: str, *args: str) -> subprocess.CompletedPro
 
 
 def tenant_list(env: DemoEnv) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", "tenant", "list", "--dsn",
+    return subprocess.run([sys.executable, "-m", "pgtenant", "tenant", "list", "--dsn",
                            env.admin_dsn], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
 
@@ -322,7 +322,7 @@ async def test_two_provisions_at_once_both_succeed(lifecycle: ProxyProcess) -> N
 
 
 async def test_concurrent_create_tenant_calls_do_not_collide(demo_env: DemoEnv) -> None:
-    from proxy.control.demo import DEMO_TENANT_TYPES
+    from pgtenant.control.demo import DEMO_TENANT_TYPES
 
     await asyncio.gather(*(create_tenant(demo_env.admin_dsn, slug=f"pv_cc{i}",
                                          tenant_type=DEMO_TENANT_TYPES["enterprise"],
@@ -344,7 +344,7 @@ def _two_database_config(env: DemoEnv, tmp_path: Path, other: str) -> Path:
 
 
 def _cli_with(env: DemoEnv, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", "tenant", *args, "--dsn",
+    return subprocess.run([sys.executable, "-m", "pgtenant", "tenant", *args, "--dsn",
                            env.admin_dsn, "--config", str(config)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 

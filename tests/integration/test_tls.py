@@ -23,11 +23,11 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.control.cluster import PostgresCluster
-from proxy.control.demo import DemoEnv, build_demo
-from proxy.protocol import codec
-from proxy.protocol.constants import GSSENC_REQUEST_CODE, SSL_REQUEST_CODE
-from proxy.tls import make_self_signed
+from pgtenant.control.cluster import PostgresCluster
+from pgtenant.control.demo import DemoEnv, build_demo
+from pgtenant.protocol import codec
+from pgtenant.protocol.constants import GSSENC_REQUEST_CODE, SSL_REQUEST_CODE
+from pgtenant.tls import make_self_signed
 
 from .conftest import ROOT, ProxyProcess, free_port
 
@@ -232,7 +232,7 @@ def test_unreadable_cert_file_stops_the_proxy_at_start_naming_tls_cert_file(
     config = tmp_path / "bad-tls.toml"
     config.write_text(demo_env.config_toml(
         free_port(), tls=(str(tmp_path / "missing.crt"), str(tmp_path / "missing.key"))))
-    proc = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+    proc = subprocess.run([sys.executable, "-m", "pgtenant", "serve", "--config", str(config)],
                           cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "tls.cert_file" in proc.stderr and "missing.crt" in proc.stderr

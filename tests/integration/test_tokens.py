@@ -18,8 +18,8 @@ import jwt
 import psycopg
 import pytest
 
-from proxy.control.demo import DemoEnv
-from proxy.control.tenants import issue_token, revoke_token
+from pgtenant.control.demo import DemoEnv
+from pgtenant.control.tenants import issue_token, revoke_token
 
 from .conftest import ProxyProcess
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import uuid
 
-from proxy.config import TenantTypeConfig
-from proxy.identity.context import TenantIdentity, build_context
-from proxy.protocol import codec
-from proxy.protocol.inject import Injection
-from proxy.protocol.tracker import CTX_NONE, HOLD, IDLE, NEED_SERVER, Link
+from pgtenant.config import TenantTypeConfig
+from pgtenant.identity.context import TenantIdentity, build_context
+from pgtenant.protocol import codec
+from pgtenant.protocol.inject import Injection
+from pgtenant.protocol.tracker import CTX_NONE, HOLD, IDLE, NEED_SERVER, Link
 
 ORG = uuid.UUID("11111111-2222-3333-4444-555555555555")
 

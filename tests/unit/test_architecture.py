@@ -1,4 +1,4 @@
-"""The sans-I/O rule for ``proxy/protocol``: no I/O modules, no upward imports.
+"""The sans-I/O rule for ``pgtenant/protocol``: no I/O modules, no upward imports.
 
 Two checks: a static one (``ast``) over each module's own import statements, including
 relative ones and imports nested in functions; and a dynamic one that imports each module in
@@ -18,15 +18,15 @@ import pytest
 from .imports import imported_modules
 
 REPO = Path(__file__).resolve().parents[2]
-PROTOCOL = REPO / "proxy" / "protocol"
+PROTOCOL = REPO / "pgtenant" / "protocol"
 MODULES = sorted(p for p in PROTOCOL.glob("*.py"))
 
 IO_MODULES = frozenset(
     {"asyncio", "socket", "logging", "time", "select", "selectors", "ssl", "threading",
      "subprocess"}
 )
-UPWARD = frozenset({"proxy.config", "proxy.server", "proxy.pool", "proxy.client", "proxy.session",
-                    "proxy.app"})
+UPWARD = frozenset({"pgtenant.config", "pgtenant.server", "pgtenant.pool", "pgtenant.client",
+                    "pgtenant.session", "pgtenant.app"})
 # What a fresh interpreter must not gain by importing a protocol module. ``time`` is left
 # out: CPython loads it at start-up, so its presence in sys.modules proves nothing.
 RUNTIME_IO = frozenset(IO_MODULES - {"time"} | {"asyncpg", "uvloop"})
@@ -59,11 +59,12 @@ def test_relative_imports_are_resolved_against_the_package() -> None:
         "import asyncio.events\n"
         "def f():\n    import socket\n"
     )
-    names = imported_modules(source, "proxy.protocol.example")
-    assert _violations(names, UPWARD) == {"proxy.config", "proxy.config.Config", "proxy.pool"}
+    names = imported_modules(source, "pgtenant.protocol.example")
+    assert _violations(names, UPWARD) == {"pgtenant.config", "pgtenant.config.Config",
+                                          "pgtenant.pool"}
     assert _violations(names, IO_MODULES) == {"asyncio.events", "socket"}
-    assert "proxy.protocol.codec" in names
-    assert "proxy.protocol.x" in imported_modules("from .x import y", "proxy.protocol",
+    assert "pgtenant.protocol.codec" in names
+    assert "pgtenant.protocol.x" in imported_modules("from .x import y", "pgtenant.protocol",
                                                   is_package=True)
 
 
@@ -89,7 +90,7 @@ def test_tracker_parts_import_only_earlier_layers(name: str) -> None:
     depth = next(i for i, layer in enumerate(TRACKER_LAYERS) if name in layer)
     allowed = {n for layer in TRACKER_LAYERS[:depth] for n in layer}
     imported = imports_of(PROTOCOL / f"{name}.py")
-    parts = {n.rsplit(".", 1)[-1] for n in imported if n.startswith("proxy.protocol.")}
+    parts = {n.rsplit(".", 1)[-1] for n in imported if n.startswith("pgtenant.protocol.")}
     bad = (parts & set(TRACKER_LAYERS_FLAT)) - allowed
     assert not bad, f"{name}.py imports {sorted(bad)}, of its own layer or a later one"
 
@@ -144,12 +145,12 @@ def test_codec_handshake_startup_and_constants_load_nothing_above_them(
     loaded: dict[str, set[str]]
 ) -> None:
     for name in ("codec", "constants", "handshake", "startup"):
-        assert not _violations(loaded[f"proxy.protocol.{name}"], UPWARD), name
+        assert not _violations(loaded[f"pgtenant.protocol.{name}"], UPWARD), name
 
 
 @pytest.mark.parametrize("name", ["inject", *TRACKER_LAYERS_FLAT])
 def test_inject_and_tracker_load_nothing_above_them(
     name: str, loaded: dict[str, set[str]]
 ) -> None:
-    bad = _violations(loaded[f"proxy.protocol.{name}"], UPWARD)
+    bad = _violations(loaded[f"pgtenant.protocol.{name}"], UPWARD)
     assert not bad, f"importing {name} loads {sorted(bad)}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.control.audit.policy_expr import analyse
+from pgtenant.control.audit.policy_expr import analyse
 
 COLS = ("org_id",)
 SIGNED = "( SELECT pgtenant.current_tenant() AS current_tenant)"

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from proxy import cli
-from proxy.config import Config
-from proxy.control.audit import probe as probe_module
-from proxy.control.audit import runner as runner_module
-from proxy.control.audit.baseline import (
+from pgtenant import cli
+from pgtenant.config import Config
+from pgtenant.control.audit import probe as probe_module
+from pgtenant.control.audit import runner as runner_module
+from pgtenant.control.audit.baseline import (
     Baseline,
     BaselineError,
     Entry,
@@ -28,8 +28,8 @@ from proxy.control.audit.baseline import (
     toml_string,
     write_baseline,
 )
-from proxy.control.audit.findings import CHECKS, Finding, Severity, sort_findings
-from proxy.control.audit.report import (
+from pgtenant.control.audit.findings import CHECKS, Finding, Severity, sort_findings
+from pgtenant.control.audit.report import (
     exit_status,
     render_json,
     render_sarif,
@@ -37,7 +37,7 @@ from proxy.control.audit.report import (
     sarif_log,
     use_color,
 )
-from proxy.control.audit.runner import AuditReport
+from pgtenant.control.audit.runner import AuditReport
 
 RLS = Finding("rls_disabled", Severity.ERROR, "tenant_a.orders",
               "tenant_a.orders has no row-level security; tenant_sme can read and write it",

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import ClientProtocolError, ServerProtocolError
-from proxy.protocol import codec
+from pgtenant.errors import ClientProtocolError, ServerProtocolError
+from pgtenant.protocol import codec
 
 GOLDEN: list[tuple[str, bytes, bytes]] = [
     # ---------------------------------------------------------------- backend messages

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import (
+from pgtenant.config import (
     TEMPLATE_FIELDS,
     AdminConfig,
     Config,
@@ -25,8 +25,8 @@ from proxy.config import (
     is_loopback,
     parse_dsn,
 )
-from proxy.configfile import load_config, parse_config
-from proxy.errors import ConfigError
+from pgtenant.configfile import load_config, parse_config
+from pgtenant.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "pgtenant.example.toml"
 APP_DSN = "postgresql://proxy:secret@127.0.0.1:5432/app"

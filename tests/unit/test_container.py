@@ -10,8 +10,8 @@ import re
 import tomllib
 from pathlib import Path
 
-from proxy.cli import build_parser
-from proxy.configfile import load_config
+from pgtenant.cli import build_parser
+from pgtenant.configfile import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -40,7 +40,7 @@ def test_image_command_is_the_cli_serving_the_documented_config_path() -> None:
     (cmd,) = _instructions("CMD")
     argv = json.loads(entrypoint) + json.loads(cmd)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert argv[0] in scripts and scripts[argv[0]] == "proxy.cli:main"
+    assert argv[0] in scripts and scripts[argv[0]] == "pgtenant.cli:main"
     args = build_parser().parse_args(argv[1:])
     assert args.command == "serve" and args.config == CONFIG_PATH
     assert f"PGTENANT_CONFIG={CONFIG_PATH}" in DOCKERFILE
@@ -68,3 +68,37 @@ def test_compose_has_the_four_services_and_mounts_files_that_exist() -> None:
     argv = json.loads(init.group(1))
     args = build_parser().parse_args(argv)
     assert args.command == "init" and args.config == CONFIG_PATH
+
+
+def test_the_wheel_ships_the_example_config_and_the_demo_history(tmp_path: Path) -> None:
+    """`pip install pgtenant` gives the example config (`pgtenant example-config`) and the
+    demo's migration history: both are package data of the import package ``pgtenant``."""
+    import subprocess
+    import sys
+    import zipfile
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps",
+         "--wheel-dir", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = tmp_path.glob("pgtenant-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "pgtenant/pgtenant.example.toml" in names
+    assert "pgtenant/__main__.py" in names and "pgtenant/protocol/frames.py" in names
+    assert any(n.startswith("pgtenant/control/demo_migrations/0001") for n in names)
+    assert not any(n.startswith(("proxy/", "tests/", "benchmarks/")) for n in names)
+    example = zipfile.ZipFile(wheel).read("pgtenant/pgtenant.example.toml").decode()
+    assert example == (ROOT / "config" / "pgtenant.example.toml").read_text()
+    load_config_text = tomllib.loads(example)
+    assert "databases" in load_config_text and "tenant_types" in load_config_text
+
+
+def test_example_config_command_prints_the_packaged_file() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pgtenant", "example-config"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (ROOT / "config" / "pgtenant.example.toml").read_text()

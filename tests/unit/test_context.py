@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from proxy.config import TenantTypeConfig
-from proxy.errors import ContextError
-from proxy.identity.context import (
+from pgtenant.config import TenantTypeConfig
+from pgtenant.errors import ContextError
+from pgtenant.identity.context import (
     TenantContext,
     TenantIdentity,
     build_context,
@@ -20,8 +20,8 @@ from proxy.identity.context import (
     quote_literal,
     render_template,
 )
-from proxy.protocol import codec
-from proxy.protocol.inject import (
+from pgtenant.protocol import codec
+from pgtenant.protocol.inject import (
     CTX_CLOSE,
     CTX_PARSE,
     CTX_SQL,

@@ -1,4 +1,4 @@
-"""The one framer (``proxy/protocol/frames.py``): complete, incomplete at every byte, lengths
+"""The one framer (``pgtenant/protocol/frames.py``): complete, incomplete at every byte, lengths
 below the minimum or above the limit, the untyped startup packet; and the hot loops that
 inline it (frontend pump, backend feed) agree with it."""
 
@@ -8,15 +8,15 @@ import struct
 
 import pytest
 
-from proxy.errors import (
+from pgtenant.errors import (
     ClientProtocolError,
     MessageTooLarge,
     ProtocolError,
     ProxyError,
     ServerProtocolError,
 )
-from proxy.protocol import codec
-from proxy.protocol.frames import (
+from pgtenant.protocol import codec
+from pgtenant.protocol.frames import (
     HEADER_SIZE,
     MIN_LENGTH,
     MIN_PASSWORD,
@@ -28,7 +28,7 @@ from proxy.protocol.frames import (
     frame_end,
     startup_at,
 )
-from proxy.protocol.tracker import CTX_NONE
+from pgtenant.protocol.tracker import CTX_NONE
 
 from .test_tracker import client_sends, make_link, server_sends
 

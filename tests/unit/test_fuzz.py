@@ -1,7 +1,7 @@
 """Property-based fuzzing of the codec, the link tracker and the backend login generator.
 
 The contract under test (issue #3, item 7): whatever bytes arrive, these pure functions
-either return normally or raise a ``proxy.errors.ProxyError`` subclass -- never any other
+either return normally or raise a ``pgtenant.errors.ProxyError`` subclass -- never any other
 exception, which ``client.py`` would turn into an "internal error" -- and what they hand
 on is well framed. Valid streams split at arbitrary points behave exactly as whole ones.
 
@@ -18,23 +18,23 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import (
+from pgtenant.errors import (
     ClientProtocolError,
     ProxyError,
     ServerLoginFailed,
     ServerProtocolError,
 )
-from proxy.protocol import codec
-from proxy.protocol.handshake import RECV, Send, server_login
-from proxy.protocol.inject import (
+from pgtenant.protocol import codec
+from pgtenant.protocol.handshake import RECV, Send, server_login
+from pgtenant.protocol.inject import (
     CLOSE_UNNAMED_PORTAL,
     CLOSE_UNNAMED_STATEMENT,
     CTX_CLOSE,
     CTX_PARSE,
     EXECUTE_UNNAMED,
 )
-from proxy.protocol.sql import local_command
-from proxy.protocol.tracker import CTX_NONE, NEED_SERVER, TERMINATE, Link
+from pgtenant.protocol.sql import local_command
+from pgtenant.protocol.tracker import CTX_NONE, NEED_SERVER, TERMINATE, Link
 
 from .links import make_link
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.guard import Guard
+from pgtenant.guard import Guard
 
 GUARD = Guard(("app.", "myapp.tenant"))
 
@@ -174,8 +174,8 @@ def test_prefilter_passes_each_fragment_the_guard_patterns_match(parts: list[byt
 
 @given(st.lists(st.sampled_from(_FRAGMENTS), max_size=12))
 def test_prefilter_passes_every_text_the_guard_patterns_match(parts: list[bytes]) -> None:
-    from proxy.guard import _ANY_WORDS, _CHAIN, _SUSPECT, _TXN_END, _has_inside
-    from proxy.protocol.sql import words
+    from pgtenant.guard import _ANY_WORDS, _CHAIN, _SUSPECT, _TXN_END, _has_inside
+    from pgtenant.protocol.sql import words
 
     text = b"".join(parts)
     if _SUSPECT.search(text) or _CHAIN.search(text) or _TXN_END.search(text):
@@ -225,7 +225,7 @@ def test_lock_refusal_names_its_switch() -> None:
 
 
 def test_a_big_text_the_guard_would_parse_is_refused_unparsed_with_54000() -> None:
-    from proxy.protocol.refusal import refusal_sql
+    from pgtenant.protocol.refusal import refusal_sql
 
     guard = Guard(max_parse=10_000)
     big = b"SELECT 1 WHERE 'x' = 'set';" * 1000
@@ -252,7 +252,7 @@ def test_guard_cache_is_bounded_in_bytes_and_keeps_no_huge_text() -> None:
 
 
 def test_text_cache_evicts_oldest_first_and_refuses_big_items() -> None:
-    from proxy.protocol.textcache import TextCache
+    from pgtenant.protocol.textcache import TextCache
 
     cache: TextCache[int] = TextCache(max_bytes=1000, max_item=300)
     cache.put(b"a" * 400, 1)
@@ -266,7 +266,7 @@ def test_text_cache_evicts_oldest_first_and_refuses_big_items() -> None:
 
 
 def test_classifier_caches_are_bounded_in_bytes() -> None:
-    from proxy.protocol import sql
+    from pgtenant.protocol import sql
 
     for i in range(2000):
         sql.classify(b"SET work_mem = 1 -- " + str(i).encode() + b"z" * 3000)
@@ -279,7 +279,7 @@ def test_classifier_caches_are_bounded_in_bytes() -> None:
 
 
 def test_guard_and_classifier_share_one_parse() -> None:
-    from proxy.protocol import sql
+    from pgtenant.protocol import sql
 
     text = b"SET LOCAL work_mem = '2MB' -- shared parse"
     sql.classify(text)
@@ -302,7 +302,7 @@ def test_outside_transaction_kind_survives_its_own_cache_entry_being_evicted() -
 
 
 def test_a_bigger_text_is_parsed_once_for_classifier_and_guard() -> None:
-    from proxy.protocol import sql
+    from pgtenant.protocol import sql
 
     text = b"UPDATE t SET a = 1 WHERE b IN (" + b",".join(b"%d" % i for i in range(4000)) + b")"
     assert sql._TREES.max_item < len(text) <= sql.CLASSIFY_PARSE_MAX

@@ -14,9 +14,9 @@ import struct
 
 import pytest
 
-from proxy.errors import ServerLoginFailed, ServerProtocolError
-from proxy.protocol import codec
-from proxy.protocol.handshake import (
+from pgtenant.errors import ServerLoginFailed, ServerProtocolError
+from pgtenant.protocol import codec
+from pgtenant.protocol.handshake import (
     RECV,
     Frame,
     Handshake,

@@ -1,11 +1,11 @@
-"""The proxy's side of tenant holds (proxy/holds.py) with fake pools and a fake clock."""
+"""The proxy's side of tenant holds (pgtenant/holds.py) with fake pools and a fake clock."""
 
 from __future__ import annotations
 
 import asyncio
 from uuid import UUID, uuid4
 
-from proxy.holds import TenantHolds
+from pgtenant.holds import TenantHolds
 
 
 class FakePool:

@@ -1,4 +1,4 @@
-"""JWT verification (proxy/identity/jwt.py): keys generated here, no network, no database."""
+"""JWT verification (pgtenant/identity/jwt.py): keys generated here, no network, no database."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from proxy.config import JwtConfig
-from proxy.errors import ConfigError
-from proxy.identity.jwt import (
+from pgtenant.config import JwtConfig
+from pgtenant.errors import ConfigError
+from pgtenant.identity.jwt import (
     JWT_TOKEN_NAMESPACE,
     JwtVerifier,
     build_verifier,

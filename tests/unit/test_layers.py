@@ -16,7 +16,7 @@ import pytest
 from .imports import imported_modules
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGE = "proxy"
+PACKAGE = "pgtenant"
 ROOT = REPO / PACKAGE
 MAX_LINES = 800
 

@@ -7,8 +7,8 @@ from collections import deque
 
 import pytest
 
-from proxy.protocol.ledger import PASS_ALL, PASS_EXEC, PASS_NONE, Ledger, Segment
-from proxy.protocol.replies import (
+from pgtenant.protocol.ledger import PASS_ALL, PASS_EXEC, PASS_NONE, Ledger, Segment
+from pgtenant.protocol.replies import (
     BIND_FWD,
     DROP,
     EXEC_FWD,

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from proxy.control.migrations.files import parse_migration
-from proxy.control.migrations.ledger import FleetRow
-from proxy.control.migrations.runner import (
+from pgtenant.control.migrations.files import parse_migration
+from pgtenant.control.migrations.ledger import FleetRow
+from pgtenant.control.migrations.runner import (
     Conn,
     RolloutOptions,
     TargetPlan,

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from proxy.configfile import parse_config
-from proxy.control import ControlError
-from proxy.control.migrations.files import lint, load_migrations, new_migration, parse_migration
-from proxy.control.migrations.progress import JsonLines, RichProgress
-from proxy.errors import ConfigError
+from pgtenant.configfile import parse_config
+from pgtenant.control import ControlError
+from pgtenant.control.migrations.files import lint, load_migrations, new_migration, parse_migration
+from pgtenant.control.migrations.progress import JsonLines, RichProgress
+from pgtenant.errors import ConfigError
 
 
 def test_directives_set_scope_transaction_and_split_off_the_down_part() -> None:

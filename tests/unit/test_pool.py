@@ -11,11 +11,11 @@ import random
 
 import pytest
 
-from proxy.config import Config, DatabaseConfig, Dsn
-from proxy.errors import PoolClosed, PoolTimeout, ProxyError, ServerUnavailable
-from proxy.pool import Pool
-from proxy.protocol.handshake import LoginResult
-from proxy.server import ServerConnection, ServerState
+from pgtenant.config import Config, DatabaseConfig, Dsn
+from pgtenant.errors import PoolClosed, PoolTimeout, ProxyError, ServerUnavailable
+from pgtenant.pool import Pool
+from pgtenant.protocol.handshake import LoginResult
+from pgtenant.server import ServerConnection, ServerState
 
 QUERY_WAIT = 10.0
 

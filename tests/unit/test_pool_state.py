@@ -1,4 +1,4 @@
-"""PoolState (proxy/pool_state.py) driven directly: fake connections, a fake clock, no loop.
+"""PoolState (pgtenant/pool_state.py) driven directly: fake connections, a fake clock, no loop.
 
 Each step asserts the decisions returned (rendered by ``show``) and a ``repr`` snapshot of
 the containers, as httpcore's ``tests/_async/test_connection_pool.py`` does.
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from proxy.errors import PoolClosed, ServerUnavailable
-from proxy.pool_state import Decisions, Limits, PoolState, ServerState
+from pgtenant.errors import PoolClosed, ServerUnavailable
+from pgtenant.pool_state import Decisions, Limits, PoolState, ServerState
 
 T0 = 1000.0
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from proxy.config import parse_dsn
-from proxy.identity.registry import Registry, TenantNotReady
-from proxy.identity.tokens import generate_token
+from pgtenant.config import parse_dsn
+from pgtenant.identity.registry import Registry, TenantNotReady
+from pgtenant.identity.tokens import generate_token
 
 
 def _registry(rows: list[dict[str, Any] | None]) -> Registry:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.protocol.sql import DROPS_STATEMENTS, SESSION_STATE, TXN_CONTROL, classify
+from pgtenant.protocol.sql import DROPS_STATEMENTS, SESSION_STATE, TXN_CONTROL, classify
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_classify_prefilter_passes_each_fragment_the_patterns_match(parts: list[
 
 @given(st.lists(st.sampled_from(_SQL_FRAGMENTS), max_size=12))
 def test_classify_prefilter_passes_every_text_the_patterns_match(parts: list[bytes]) -> None:
-    from proxy.protocol import sql
+    from pgtenant.protocol import sql
 
     text = b"".join(parts)
     if any(p.search(text) for p in (sql._TXN_RE, sql._DROPS_RE, sql._SESSION_RE,
@@ -102,7 +102,7 @@ def test_classify_prefilter_passes_every_text_the_patterns_match(parts: list[byt
        st.integers(min_value=1, max_value=12))
 def test_has_word_in_chunks_finds_exactly_what_words_finds(parts: list[bytes],
                                                            chunk: int) -> None:
-    from proxy.protocol.sql import has_word, words
+    from pgtenant.protocol.sql import has_word, words
 
     text = b"".join(parts)
     for wanted in (frozenset({b"set"}), frozenset({b"commit", b"x1"}), frozenset({b"t_"})):
@@ -112,7 +112,7 @@ def test_has_word_in_chunks_finds_exactly_what_words_finds(parts: list[bytes],
 def test_has_word_on_a_huge_text_does_not_build_one_list_of_its_words() -> None:
     import tracemalloc
 
-    from proxy.protocol.sql import has_word
+    from pgtenant.protocol.sql import has_word
 
     text = b"INSERT INTO t VALUES (1, 'abc def'), " * 200_000  # 7 MB, ~1.4 M words
     tracemalloc.start()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from proxy.errors import (
+from pgtenant.errors import (
     AuthRefused,
     ClientProtocolError,
     InvalidParameter,
@@ -23,15 +23,15 @@ from proxy.errors import (
     UnknownDatabase,
     UnsupportedProtocol,
 )
-from proxy.protocol import codec
-from proxy.protocol.constants import (
+from pgtenant.protocol import codec
+from pgtenant.protocol.constants import (
     AUTH_CLEARTEXT,
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
     SSL_REQUEST_CODE,
 )
-from proxy.protocol.handshake import RECV, Send
-from proxy.protocol.startup import (
+from pgtenant.protocol.handshake import RECV, Send
+from pgtenant.protocol.startup import (
     MAX_STARTUP,
     START_TLS,
     Authenticate,

@@ -1,8 +1,8 @@
-"""Login-failure throttling per address (proxy/identity/throttle.py), with a fake clock."""
+"""Login-failure throttling per address (pgtenant/identity/throttle.py), with a fake clock."""
 
 from __future__ import annotations
 
-from proxy.identity.throttle import AuthThrottle
+from pgtenant.identity.throttle import AuthThrottle
 
 __all__: list[str] = []
 

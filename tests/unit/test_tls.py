@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import TlsConfig
-from proxy.errors import ConfigError
-from proxy.tls import backend_tls, cleartext_token_allowed, client_context, make_self_signed
+from pgtenant.config import TlsConfig
+from pgtenant.errors import ConfigError
+from pgtenant.tls import backend_tls, cleartext_token_allowed, client_context, make_self_signed
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.errors import ClientProtocolError, MessageTooLarge
-from proxy.protocol import codec
-from proxy.protocol.inject import (
+from pgtenant.errors import ClientProtocolError, MessageTooLarge
+from pgtenant.protocol import codec
+from pgtenant.protocol.inject import (
     CLOSE_UNNAMED_PORTAL,
     CLOSE_UNNAMED_STATEMENT,
     CTX_CLOSE,
     CTX_PARSE,
     EXECUTE_UNNAMED,
 )
-from proxy.protocol.tracker import (
+from pgtenant.protocol.tracker import (
     CTX_NONE,
     CTX_READY,
     CTX_UNKNOWN,

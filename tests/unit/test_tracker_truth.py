@@ -10,10 +10,10 @@ from collections import OrderedDict
 
 import pytest
 
-from proxy.errors import ClientProtocolError, ServerProtocolError
-from proxy.protocol import codec
-from proxy.protocol.sql import MAY_COPY_IN, SESSION_STATE, TXN_CONTROL, TXN_END, classify
-from proxy.protocol.tracker import CTX_NONE, CTX_READY, HOLD, Link
+from pgtenant.errors import ClientProtocolError, ServerProtocolError
+from pgtenant.protocol import codec
+from pgtenant.protocol.sql import MAY_COPY_IN, SESSION_STATE, TXN_CONTROL, TXN_END, classify
+from pgtenant.protocol.tracker import CTX_NONE, CTX_READY, HOLD, Link
 
 from .links import (
     BIND_COMPLETE,
@@ -197,7 +197,7 @@ def test_after_an_error_the_unnamed_statement_is_reparsed_before_use() -> None:
                                  b"DEALLOCATE __PGTENANT_CTX_0",
                                  b"PREPARE __pgtenant_x AS SELECT 1"])
 def test_the_guard_refuses_two_phase_commit_and_proxy_statement_names(sql: bytes) -> None:
-    from proxy.guard import Guard
+    from pgtenant.guard import Guard
     assert Guard().check(sql) is not None
     assert Guard().check(b"EXECUTE my_statement") is None
 
@@ -221,6 +221,6 @@ def test_inside_a_block_a_pipelined_request_waits_for_the_status_before_skipping
 @pytest.mark.parametrize("sql", [b"SELECT setseed(0.5)", b"SET seed = 0", b"RESET seed",
                                  b"select pg_catalog.SETSEED(0)"])
 def test_the_guard_refuses_seeding_random_on_a_shared_server(sql: bytes) -> None:
-    from proxy.guard import Guard
+    from pgtenant.guard import Guard
     refusal = Guard().check(sql)
     assert refusal is not None and "seed" in refusal

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.workers import merge_expositions
+from pgtenant.workers import merge_expositions
 
 A = """# HELP pgtenant_transactions Transactions
 # TYPE pgtenant_transactions counter

@@ -173,7 +173,7 @@ async def _supervise(config: Config, config_path: str, count: int) -> int:
 
     def spawn(index: int) -> None:
         procs[index] = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", config_path,
+            [sys.executable, "-m", "pgtenant", "serve", "--config", config_path,
              "--worker", f"{index}/{count}", "--rundir", str(rundir)])
 
     def forward(sig: int) -> None:

@@ -139,7 +139,7 @@ class DemoEnv:
         A ``[control]`` table with ``control_dsn`` is added unless ``extra`` has its own.
         ``tls`` is (cert_file, key_file) for a ``[tls]`` table offering TLS to clients.
 
-        Returns: TOML text accepted by ``proxy.configfile.parse_config``.
+        Returns: TOML text accepted by ``pgtenant.configfile.parse_config``.
         """
         lines = [f"listen = {_toml_str(f'127.0.0.1:{listen_port}')}"]
         if extra.strip():
@@ -328,10 +328,10 @@ async def _insert_rows(conn: asyncpg.Connection, tenants: Mapping[str, DemoTenan
 
 def _pgtenant_command() -> str:
     """Returns: how to run ``pgtenant`` from a shell here: this virtualenv's script (relative
-    when under the current directory, as ``.venv/bin/pgtenant``), else ``python -m proxy``."""
+    when under the current directory, as ``.venv/bin/pgtenant``), else ``python -m pgtenant``."""
     script = Path(sys.executable).parent / "pgtenant"
     if not script.exists():
-        return f"{shlex.quote(sys.executable)} -m proxy"
+        return f"{shlex.quote(sys.executable)} -m pgtenant"
     try:
         return str(script.relative_to(Path.cwd()))
     except ValueError:

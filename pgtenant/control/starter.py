@@ -2,7 +2,7 @@
 
 Owns only the text: a config that serves the database ``init`` just prepared, with the real
 passwords of the login and control roles in its dsns, so nobody copies a placeholder into
-production. ``config/pgtenant.example.toml`` documents every other key.
+production. The example config (``pgtenant example-config``) documents every other key.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def starter_config(admin: Dsn, *, proxy_role: str, proxy_password: str, control_
     The dsns keep the admin URL's host, port and database, with the login and control roles
     and their passwords instead of the admin's.
 
-    Returns: TOML text accepted by ``proxy.configfile.parse_config``.
+    Returns: TOML text accepted by ``pgtenant.configfile.parse_config``.
     """
     proxy_dsn = dataclasses.replace(admin, user=proxy_role, password=proxy_password, params=())
     control_dsn = dataclasses.replace(admin, user=control_role, password=control_password,
@@ -52,7 +52,7 @@ def starter_config(admin: Dsn, *, proxy_role: str, proxy_password: str, control_
     lines = [
         "# Written by `pgtenant init --write-config`. It holds the passwords of two login",
         "# roles: keep it readable by the proxy's user only. Every other key, with its",
-        "# default, is documented in config/pgtenant.example.toml of the pgtenant sources.",
+        "# default, is documented in the example config (`pgtenant example-config`).",
         "",
         f"listen = {_str(listen)}",
         "",

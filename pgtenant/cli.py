@@ -53,8 +53,8 @@ getting started:
   pgtenant serve --config pgtenant.toml
   pgtenant audit --dsn URL --config pgtenant.toml     tenant-isolation holes (exit 1 on errors)
 
-Run `pgtenant COMMAND --help` for a command's options. config/pgtenant.example.toml in the
-sources documents every config key.
+Run `pgtenant COMMAND --help` for a command's options. `pgtenant example-config` prints the
+example config, which documents every key.
 """
 
 
@@ -80,7 +80,7 @@ def _load(path: str) -> Config:
         raise ConfigError(
             f"config file {path!r} not found. Pass --config PATH (or set {_CONFIG_ENV}); "
             "`pgtenant init --dsn URL --write-config PATH` writes one for a database, and "
-            "config/pgtenant.example.toml in the sources documents every key"
+            "`pgtenant example-config` prints one that documents every key"
         )
     config = load_config(path)
     problems = placeholder_passwords(config)
@@ -384,6 +384,13 @@ def _cmd_admin_token(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_example_config(_args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    sys.stdout.write((files(__package__) / "pgtenant.example.toml").read_text())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .control.demo import run_demo
 
@@ -535,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("admin-token", help="make an admin console token; prints its config "
                                            "line and the token (last line)")
     p.set_defaults(func=_cmd_admin_token)
+    p = sub.add_parser("example-config",
+                       help="print the example config (every key, its default and why)")
+    p.set_defaults(func=_cmd_example_config)
     return parser
 
 

@@ -1,5 +1,0 @@
-"""``python -m proxy`` runs the pgtenant command line."""
-
-from .cli import main
-
-raise SystemExit(main())
