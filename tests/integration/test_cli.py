@@ -414,7 +414,7 @@ def test_serve_without_a_config_says_how_to_get_one(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert_operator_error(out, "config/pgtenant.toml", "not found", "--config",
-                          "PGTENANT_CONFIG", "--write-config", "pgtenant.example.toml")
+                          "PGTENANT_CONFIG", "--write-config", "pgtenant example-config")
 
 
 # ------------------------------------------------------------------------------ help
