@@ -23,7 +23,7 @@ from . import __version__
 from .config import Config
 from .errors import ConfigError, ProxyError
 from .protocol import codec
-from .protocol.constants import ADMIN_DATABASE
+from .protocol.constants import ADMIN_DATABASE, QUERY, SYNC, TERMINATE
 from .protocol.frames import ADMIN_LIMIT, HEADER_SIZE, FrameError, frame_at
 from .server import ServerState
 from .stats import Metrics
@@ -161,15 +161,15 @@ class AdminConsole:
             t = buf[0]
             body = bytes(buf[HEADER_SIZE:end])
             del buf[:end]
-            if t == ord("Q"):
+            if t == QUERY:
                 self._busy = True
                 self._task = asyncio.ensure_future(self._run(body.rstrip(b"\x00")))
                 self._task.add_done_callback(self._done)
-            elif t == ord("X"):
+            elif t == TERMINATE:
                 self.peer.close("admin sent Terminate")
                 return
             elif t in _EXTENDED:
-                if t == ord("S"):
+                if t == SYNC:
                     self._skip_to_sync = False
                     self.peer.write(_Z_IDLE)
                 elif not self._skip_to_sync:

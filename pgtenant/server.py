@@ -21,7 +21,13 @@ from .config import Dsn
 from .errors import ServerLoginFailed, ServerProtocolError, ServerUnavailable, connect_failure
 from .pool_state import ServerState
 from .protocol import codec
-from .protocol.constants import SSL_REQUEST_CODE
+from .protocol.constants import (
+    ERROR_RESPONSE,
+    NOTICE_RESPONSE,
+    PARAMETER_STATUS,
+    READY_FOR_QUERY,
+    SSL_REQUEST_CODE,
+)
 from .protocol.frames import HEADER_SIZE, LOGIN_LIMIT, NO_LIMIT, FrameError, frame_at
 from .protocol.handshake import Frame, Handshake, LoginResult, Send, server_login
 from .protocol.tracker import CTX_NONE
@@ -33,10 +39,13 @@ if TYPE_CHECKING:
 __all__ = ["ServerConnection", "ServerPeer", "ServerState", "send_cancel"]
 
 log = logging.getLogger("pgtenant.server")
-_Z = ord("Z")
-_E = ord("E")
-_N = ord("N")
-_S = ord("S")
+_Z = READY_FOR_QUERY
+_E = ERROR_RESPONSE
+_N = NOTICE_RESPONSE
+_S = PARAMETER_STATUS
+# The one-byte answers to an SSLRequest (not message types).
+_SSL_YES = ord("S")
+_SSL_NO = ord("N")
 
 
 class ServerPeer(Protocol):
@@ -152,7 +161,7 @@ class ServerConnection(asyncio.Protocol):
             self._frame_waiter = asyncio.get_running_loop().create_future()
             await self._frame_waiter
         answer = self._buf[0]
-        if answer == ord("N"):
+        if answer == _SSL_NO:
             del self._buf[:1]
             if tls.required:
                 raise ServerLoginFailed(
@@ -162,7 +171,7 @@ class ServerConnection(asyncio.Protocol):
                          "tls.server_tls = \"prefer\" or \"disable\"",
                 )
             return
-        if answer != ord("S"):
+        if answer != _SSL_YES:
             raise ServerProtocolError(
                 f"backend {where} answered SSLRequest with {bytes([answer])!r}"
             )

@@ -38,6 +38,7 @@ from .constants import (
     AUTH_OK,
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
+    PASSWORD,
     PROTOCOL_3_0,
     SSL_REQUEST_CODE,
 )
@@ -76,7 +77,7 @@ __all__ = [
 MAX_STARTUP: Final = STARTUP_LIMIT
 # A whole Terminate message ('X', length 4), as the first bytes of a connection.
 _TERMINATE: Final = b"X\x00\x00\x00\x04"
-_P: Final = ord("p")
+_P: Final = PASSWORD
 # Parameters reported to clients from the server's set, as Postgres reports them at login.
 _REPORTED: Final = (
     "server_version", "server_encoding", "client_encoding", "DateStyle", "IntervalStyle",
