@@ -488,3 +488,13 @@ def test_cli_unreachable_database_exits_2_without_the_password(
     assert err.startswith("pgtenant audit: cannot connect to PostgreSQL at 127.0.0.1:1 "
                           "(connection refused")
     assert "s3cret" not in err and err.count("\n") == 1
+
+
+def test_sort_findings_keeps_one_per_key_the_worst_and_orders_worst_first() -> None:
+    latent = Finding("cross_tenant_access", Severity.WARNING, "t_b.x", "latent", "fix",
+                     subject="t_a")
+    live = Finding("cross_tenant_access", Severity.ERROR, "t_b.x", "live", "fix",
+                   subject="t_a")
+    index = Finding("tenant_index_missing", Severity.WARNING, "public.a", "m", "fix")
+    for order in ([latent, live, index], [live, latent, index], [index, live, latent]):
+        assert sort_findings(order) == [live, index]

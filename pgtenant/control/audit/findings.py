@@ -196,6 +196,10 @@ class Finding:
 
 
 def sort_findings(findings: list[Finding]) -> list[Finding]:
-    """Returns: ``findings`` without duplicates, worst first, then by check and object."""
-    unique = {f.key: f for f in findings}
+    """Returns: ``findings`` without duplicates (one per key, the worst of them), worst
+    first, then by check and object."""
+    unique: dict[tuple[str, str, str], Finding] = {}
+    for f in findings:
+        if f.key not in unique or f.severity > unique[f.key].severity:
+            unique[f.key] = f
     return sorted(unique.values(), key=lambda f: (-f.severity, f.check, f.object, f.subject))
