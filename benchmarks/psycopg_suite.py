@@ -9,7 +9,7 @@ pgtenant into a scratch database with one tenant type whose static role may CREA
 functions), makes one tenant and a token, starts ``pgtenant serve`` on a free port and runs
 
     python -m pytest PSYCOPG/tests -m "not slow and not timing and not flakey"
-        --ignore=PSYCOPG/tests/pool --ignore=PSYCOPG/tests/crdb ...
+        --ignore=PSYCOPG/tests/pool --ignore=PSYCOPG/tests/crdb -q -rfE ...
 
 with ``PSYCOPG_IMPL=python`` and ``PSYCOPG_TEST_DSN`` pointing at the proxy (the token as
 password), psycopg's sources first on ``PYTHONPATH``. psycopg's test dependencies (pytest,
@@ -227,7 +227,9 @@ def pytest_argv(psycopg: Path, junit: Path, limit: str | None,
     tests = psycopg / "tests"
     argv = [sys.executable, "-m", "pytest", str(tests), "-m", MARKERS,
             f"--ignore={tests / 'pool'}", f"--ignore={tests / 'crdb'}",
-            "-p", "no:cacheprovider", "-p", "no:asyncio", "-p", "no:randomly",
+            # psycopg's conftest needs the cache plugin: its cache goes to the temp dir.
+            "-o", f"cache_dir={junit.parent / 'pytest_cache'}",
+            "-p", "no:asyncio", "-p", "no:randomly",
             "-q", "-rfE", f"--junitxml={junit}"]
     if timeout:
         argv.append(f"--timeout={timeout}")
@@ -257,27 +259,28 @@ def run_suite(psycopg: Path, dsn: str, workdir: Path, args: argparse.Namespace,
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
         raise RuntimeError(f"pytest wrote no junit XML (exit {rc}):\n{tail}")
     summary = parse_junit(junit)
-    summary.update(exit_code=rc, seconds=seconds,
-                   argv=[a for a in argv[1:] if not a.startswith("--junitxml")])
+    shown = " ".join(argv[1:]).replace(f"-o cache_dir={workdir / 'pytest_cache'} ", "")
+    shown = shown.replace(f" --junitxml={junit}", "").replace(str(psycopg), "PSYCOPG")
+    summary.update(exit_code=rc, seconds=seconds, command=f"python {shown}")
     if args.keep_log:
         Path(args.keep_log).write_bytes(log.read_bytes())
     return summary
 
 
-def save(mode: str, summary: dict[str, Any], psycopg: Path) -> None:
-    """Store the summary under ``mode`` in the results file (other modes are kept)."""
+def save(mode: str, summary: dict[str, Any], psycopg: Path, out: Path = RESULTS) -> None:
+    """Store the summary under ``mode`` in ``out`` (other modes are kept)."""
     data: dict[str, Any] = {}
-    if RESULTS.exists():
+    if out.exists():
         try:
-            loaded = json.loads(RESULTS.read_text())
+            loaded = json.loads(out.read_text())
             data = loaded if isinstance(loaded, dict) else {}
         except ValueError:
             data = {}
     rev = subprocess.run(["git", "-C", str(psycopg), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True, check=False).stdout.strip()
     data[mode] = {"psycopg_rev": rev or None, **summary}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def run(psycopg: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -331,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="give up on the whole suite after this long")
     parser.add_argument("--keep-log", metavar="FILE",
                         help="copy pytest's output to FILE (the proxy's to FILE.proxy.log)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="the results JSON (default: benchmarks/results/psycopg_suite.json)")
     args = parser.parse_args(argv)
     psycopg = Path(args.psycopg).resolve() if args.psycopg else None
     if psycopg is None or not (psycopg / "tests" / "conftest.py").is_file():
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "direct" if args.direct else "pgtenant"
     summary = run(psycopg, args)
     print_summary(mode, summary)
-    save(mode, summary, psycopg)
+    save(mode, summary, psycopg, args.out)
     return 0
 
 
