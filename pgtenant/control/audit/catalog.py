@@ -66,6 +66,15 @@ class Relation:
         return f"{_ident(self.schema)}.{_ident(self.name)}"
 
     @property
+    def all_grants(self) -> dict[int, set[str]]:
+        """Returns: grantee -> privileges on the table or on some of its columns (a column
+        grant reaches the rows as much as a table grant does)."""
+        grants: dict[int, set[str]] = {g: set(p) for g, p in self.grants.items()}
+        for grantee, privileges in self.column_grants.items():
+            grants.setdefault(grantee, set()).update(privileges)
+        return grants
+
+    @property
     def security_invoker(self) -> bool:
         return any(o.lower() in ("security_invoker=true", "security_invoker=on",
                                  "security_invoker=1", "security_invoker=yes")

@@ -46,9 +46,7 @@ class _Access:
             owner = self.model.owner(rel.schema)
             if owner.kind == "shared":
                 continue
-            grants: dict[int, set[str]] = {g: set(p) for g, p in rel.grants.items()}
-            for grantee, privileges in rel.column_grants.items():
-                grants.setdefault(grantee, set()).update(privileges)
+            grants = rel.all_grants
             gate = self.model.usage(rel.schema)
             kind = _KIND.get(rel.kind, "relation")
             for oid, privileges in self.model.holding(grants).items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from .catalog import Function, Relation
+from .checks_tables import reads_tenant
 from .findings import Finding, Severity
 from .model import Model
 
@@ -21,7 +22,6 @@ __all__ = ["function_checks"]
 _WRITE = re.compile(r"\b(?:insert\s+into|update|delete\s+from|merge\s+into)\s+(?:only\s+)?"
                     r"((?:\"[^\"]+\"|[a-z_][a-z0-9_$]*)(?:\s*\.\s*(?:\"[^\"]+\"|[a-z_][a-z0-9_$]*))?)",
                     re.IGNORECASE)
-_TENANT_MARKERS = ("current_tenant", "app.tenant_id")
 
 
 def _unquote(name: str) -> str:
@@ -94,8 +94,7 @@ def function_checks(model: Model, tenant_tables: dict[tuple[str, str], Relation]
                     f"revoke CREATE (TEMPORARY for pg_temp) from "
                     f"{', '.join(sorted({r for e in open_ for r in creatable[e]}))}",
                     kind="function"))
-        body = fn.source.lower()
-        if any(marker in body for marker in _TENANT_MARKERS):
+        if reads_tenant(fn.source):
             continue
         path_schemas = [e.strip().strip('"') for e in (path or "public").split(",")]
         hit: list[str] = []

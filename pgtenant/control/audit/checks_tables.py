@@ -21,7 +21,7 @@ from .findings import Finding, Severity
 from .model import WRITE_PRIVILEGES, Model, TenantRole
 from .policy_expr import ExprFacts, analyse
 
-__all__ = ["TableChecks", "tenant_functions", "tenant_value_sql"]
+__all__ = ["TableChecks", "reads_tenant", "tenant_functions", "tenant_value_sql"]
 
 # Policy command letters (pg_policy.polcmd) by the privilege that runs them.
 _COMMAND_OF = {"SELECT": "r", "INSERT": "a", "UPDATE": "w", "DELETE": "d"}
@@ -37,13 +37,18 @@ def tenant_value_sql(signing: bool) -> str:
     return "(SELECT nullif(current_setting('app.tenant_id', true), '')::uuid)"
 
 
+def reads_tenant(source: str) -> bool:
+    """Returns: whether a function body reads the tenant context (by its text)."""
+    body = source.lower()
+    return any(marker in body for marker in _TENANT_MARKERS)
+
+
 def tenant_functions(model: Model) -> frozenset[str]:
     """Returns: lower-case names (bare and qualified) of functions whose body reads the
     tenant context, so a policy calling one of them counts as a tenant check."""
     names: set[str] = set()
     for fn in model.snapshot.functions:
-        body = fn.source.lower()
-        if any(marker in body for marker in _TENANT_MARKERS):
+        if reads_tenant(fn.source):
             names.add(fn.name.lower())
             names.add(f"{fn.schema}.{fn.name}".lower())
     return frozenset(names)
@@ -76,10 +81,7 @@ class TableChecks:
     def reach(self, rel: Relation, wanted: frozenset[str] | None = None) -> dict[int, set[str]]:
         """Returns: tenant role oid -> its privileges on ``rel`` (column grants included),
         for roles with USAGE on the schema."""
-        grants: dict[int, set[str]] = {g: set(p) for g, p in rel.grants.items()}
-        for grantee, privileges in rel.column_grants.items():
-            grants.setdefault(grantee, set()).update(privileges)
-        return self.model.reach(grants, rel.schema, wanted)
+        return self.model.reach(rel.all_grants, rel.schema, wanted)
 
     def _add(self, check: str, severity: Severity, obj: str, message: str, fix: str,
              subject: str = "", kind: str = "table") -> None:

@@ -129,13 +129,16 @@ class AuditGate:
         for database, scope in scopes.items():
             mine = {k[1:] for k in stopped if k[0] == (database or "")}
             if mine:
-                everything = await self._errors(database, None)
+                # The whole database, once: it answers the scoped question below too (the
+                # keys of objects outside the scope are never asked about again).
+                errors = everything = await self._errors(database, None)
                 still = [f for f in everything if f.key in mine
                          and (self.baseline is None or self.baseline.match(f) is None)]
                 await self._forget(database, mine - {f.key for f in everything})
                 where = f"database {database}: " if database is not None else ""
                 unresolved += [where + line for line in describe(still)]
-            errors = await self._errors(database, scope)
+            else:
+                errors = await self._errors(database, scope)
             self._before.setdefault(database, set()).update(
                 f.key for f in errors if not self._own(f))
         if unresolved:
