@@ -21,7 +21,8 @@ from pglast.parser import ParseError
 from .errors import ProgramLimitExceeded
 from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
 from .protocol.encoding import encoding_key
-from .protocol.refusal import RESERVED_PREFIX, RefusalText
+from .protocol.redirect import CATALOG, redirect_calls
+from .protocol.refusal import RESERVED_PREFIX, RefusalText, Verdict
 from .protocol.sql import ends_transaction, has_word, is_on, parse
 from .protocol.textcache import TextCache
 
@@ -77,6 +78,9 @@ _ANY_WORDS: Final = frozenset(
     b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
     b"call execute deallocate prepared lock explain setseed".split()
 ) | {n.encode() for n in _LO_FUNCS}
+# Built-ins tenants may not execute, and the stand-ins their calls are rewritten to
+# (control/safe_settings.py): Postgres then decides on the values it is given.
+_REDIRECTS: Final = {"set_config": "pgtenant.set_config"}
 # Verdicts kept, by total bytes of their texts (see protocol/textcache.py).
 _CACHE_BYTES = 4 << 20
 RESERVED_NAME_PREFIX: Final = RESERVED_PREFIX.decode()
@@ -122,17 +126,22 @@ class Guard:
         self._prefixes = tuple(n for n in names if n.endswith("."))
         self.allow = frozenset(allow)
         self.max_parse = max_parse
-        # text -> (message, rule); bounded in bytes, texts above max_parse never parsed.
-        self._cache: TextCache[tuple[str, str] | None] = TextCache(_CACHE_BYTES, max_parse)
+        # text -> (message, rule), or the rewritten text; bounded in bytes, texts above
+        # max_parse never parsed.
+        self._cache: TextCache[tuple[str, str] | bytes | None] = TextCache(_CACHE_BYTES,
+                                                                            max_parse)
         # single statements refused only for NotInTransaction
         self._outside: TextCache[str] = TextCache(_CACHE_BYTES // 16, 64 * 1024)
         self.refusals = 0
         self.refusals_by_rule: dict[str, int] = {}  # pgtenant_guard_refusals_total{rule}
+        self._redirects = 0  # calls to rewrite found by the walk of the text being judged
 
-    def check(self, sql: bytes) -> str | None:
+    def check(self, sql: bytes) -> Verdict:
         """Judge one Query or Parse text.
 
-        Returns: None when the statement may run, else the refusal message (SQLSTATE 42501).
+        Returns: None when the statement may run as sent; the text to run instead when it
+        calls a built-in tenants reach through a stand-in (``set_config``: see
+        protocol/redirect.py); else the refusal message (SQLSTATE 42501).
         Text with a suspect word that pglast cannot parse is refused: pglast's grammar is
         Postgres 18's, and an older backend may accept what it rejects (a word that became
         a reserved keyword since), which would smuggle a ``SET ROLE`` past an unparsed text.
@@ -161,8 +170,8 @@ class Guard:
                     "max_parsed_query_size", ProgramLimitExceeded.sqlstate)
             verdict = self._judge(sql) if suspect else None
             self._cache.put(sql, verdict)
-        if verdict is None:
-            return None
+        if verdict is None or isinstance(verdict, bytes):
+            return verdict
         message, rule = verdict  # type: ignore[misc]
         self.refusals_by_rule[rule] = self.refusals_by_rule.get(rule, 0) + 1
         return message
@@ -187,8 +196,9 @@ class Guard:
 
     # ------------------------------------------------------------------ rules
 
-    def _judge(self, sql: bytes) -> tuple[str, str] | None:
+    def _judge(self, sql: bytes) -> tuple[str, str] | bytes | None:
         stmts: list[dict[str, Any]] = []
+        self._redirects = 0
         try:
             tree = parse(sql)  # shared with the classifier (protocol/sql.py)
             stmts = [item.get("stmt", {}) for item in tree.get("stmts", [])]
@@ -210,6 +220,13 @@ class Guard:
         except ValueError:
             return ("pgtenant: the statement guard cannot read this text, so it was not run",
                     "unreadable")
+        if self._redirects:
+            rewritten = redirect_calls(sql, _REDIRECTS, self._redirects)
+            if rewritten is None:
+                return ("pgtenant: the statement guard cannot rewrite this text's set_config() "
+                        "calls to pgtenant.set_config(), so it was not run; call "
+                        "pgtenant.set_config() yourself", "unrewritable")
+            return rewritten
         return None
 
     def _walk(self, node: Any) -> None:
@@ -252,20 +269,24 @@ class Guard:
         parts = [p.get("String", {}).get("sval", "") for p in call.get("funcname", [])]
         name = parts[-1].lower() if parts else ""
         if name == "set_config":
+            if parts == [name] or parts == [CATALOG, name]:
+                self._redirects += 1  # the built-in: rewritten to pgtenant.set_config
             args = call.get("args", [])
             first = args[0] if args else None
             setting = None
             if isinstance(first, dict):
                 setting = first.get("A_Const", {}).get("sval", {}).get("sval")
-            if setting is None:
-                raise Refusal("set_config() with a computed setting name is not allowed in "
-                              "tenant sessions")
-            if self.is_protected(setting):
+            # A computed name or value is judged by pgtenant.set_config on the value
+            # Postgres sees; constants are refused here already, with the guard's message.
+            if setting is not None and setting.lower() == "seed":
+                raise Refusal(_SEED_REFUSAL)
+            if setting is not None and self.is_protected(setting):
                 raise Refusal(f"set_config('{setting}', ...) is not allowed in tenant "
                               "sessions: pgtenant sets it for every transaction")
-            if setting.lower() in _LEXER_SETTINGS:
-                _check_lexer_setting(setting.lower(),
-                                     _const_text(args[1]) if len(args) > 1 else None)
+            if setting is not None and setting.lower() in _LEXER_SETTINGS:
+                value = _const_text(args[1]) if len(args) > 1 else None
+                if value is not None:
+                    _check_lexer_setting(setting.lower(), value)
         elif name in _DYNAMIC_SQL_FUNCS:
             raise Refusal(f"{name}() runs SQL text pgtenant cannot check; it is not allowed "
                           "in tenant sessions")

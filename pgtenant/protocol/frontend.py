@@ -74,7 +74,14 @@ from .frames import MIN_LENGTH, FrameError
 from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED, Q_DROP
 from .ledger import Ledger, Segment
 from .prepared import UNKNOWN_TXN, PreparedStatements
-from .refusal import FUNCTION_CALL_REFUSAL, check_statement_name, refusal_sql, refused_parse
+from .refusal import (
+    FUNCTION_CALL_REFUSAL,
+    StatementPolicy,
+    Verdict,
+    check_statement_name,
+    refusal_sql,
+    refused_parse,
+)
 from .replay import LIMIT as REPLAY_LIMIT
 from .replay import Replay
 from .replies import (
@@ -159,13 +166,13 @@ class Frontend:
     """The client side of a link: cuts the client's frames and sends them on, rewritten."""
 
     def __init__(self, ledger: Ledger, stmts: PreparedStatements, settings: SessionSettings,
-                 max_message_size: int, guard: Callable[[bytes], str | None] | None,
+                 max_message_size: int, guard: StatementPolicy | None,
                  outside_txn: Callable[[bytes], bool] | None):
         self.ledger = ledger
         self.stmts = stmts
         self.settings = settings
         self.max_message_size = max_message_size
-        self.guard = guard  # statement policy: None to allow, else the refusal message
+        self.guard = guard  # statement policy (refusal.Verdict)
         # Whether a refused statement may run outside a transaction block for this tenant.
         self.outside_txn = outside_txn
         self.refused = 0
@@ -415,13 +422,17 @@ class Frontend:
                 seg = pending[-1]
                 seg.replay = None
                 reply += ledger.expect(QUERY_FWD)
-                refusal = self.guard(text) if self.guard is not None else None
-                if refusal is not None:
+                verdict = self.guard(text) if self.guard is not None else None
+                if isinstance(verdict, str):
                     self.refused += 1
                     out += buf[span:pos]
-                    out += codec.query(refusal_sql(refusal))
+                    out += codec.query(refusal_sql(verdict))
                     span = end
                 else:
+                    if verdict is not None:  # run the rewritten text instead
+                        out += buf[span:pos]
+                        out += codec.query(verdict)
+                        span = end
                     self._note_sql(seg, text, text_flags)
                 ledger.mark_txn(seg)
                 pos = end
@@ -491,13 +502,16 @@ class Frontend:
         """A Query or FunctionCall opens a segment of its own: refused, injected or
         forwarded as it is. Writes the frame (rewritten or not) into ``out``."""
         injection = self.settings.injection
+        rewritten = b""
         if t == FUNCTION_CALL:
             refusal: str | None = FUNCTION_CALL_REFUSAL
             if self.stats is not None:
                 self.stats.function_calls_refused += 1
             body = b""
         else:
-            refusal = self.guard(text) if self.guard is not None else None
+            verdict = self.guard(text) if self.guard is not None else None
+            refusal = verdict if isinstance(verdict, str) else None
+            rewritten = verdict if isinstance(verdict, bytes) else b""
         if (refusal is not None and inject and t == QUERY and self.outside_txn is not None
                 and self.outside_txn(text)):
             # Allowed for this tenant type (VACUUM, CREATE INDEX CONCURRENTLY...): set the
@@ -518,6 +532,8 @@ class Frontend:
             self.refused += 1
             text = b""
             body = refusal_sql(refusal) + b"\x00"
+        elif rewritten:
+            body = rewritten + b"\x00"
         elif inject:
             body = bytes(buf[pos + 5 : end])
         self.stmts.unnamed_here = False  # a simple Query destroys the unnamed statement
@@ -526,7 +542,7 @@ class Frontend:
             out += _pack_header(QUERY, 4 + len(injection.q_prefix) + len(body))
             out += injection.q_prefix
             out += body
-        elif refusal is not None:
+        elif refusal is not None or rewritten:
             seg = Segment(0)
             out += _pack_header(QUERY, 4 + len(body))
             out += body
@@ -546,11 +562,13 @@ class Frontend:
         sql, tpos = codec.read_cstring(buf, npos, limit=end)
         types = bytes(buf[tpos:end])
         text = sql
-        refusal = self.guard(sql) if self.guard is not None else None
-        if refusal is not None:
+        verdict: Verdict = self.guard(sql) if self.guard is not None else None
+        if isinstance(verdict, str):
             self.refused += 1
-            text, types = refused_parse(refusal, sql, types)
+            text, types = refused_parse(verdict, sql, types)
             sql = b""
+        elif verdict is not None:
+            text = verdict  # run the rewritten text instead (what it does: ``sql``'s)
         stmts = self.stmts
         if name:
             # Renamed to a proxy-global statement (prepared.py).
@@ -558,7 +576,7 @@ class Frontend:
             span = end
             reply += stmts.parse_named(out, name, text, types)
         else:
-            if refusal is not None:
+            if verdict is not None:
                 out += buf[span:pos]
                 span = end
                 out += codec.frame(PARSE, b"\x00" + text + b"\x00" + types)

@@ -277,6 +277,12 @@ def _session_func(call: dict[str, Any]) -> bool:
         return True
     if name == "set_config":
         args = call.get("args", [])
+        first = args[0] if args and isinstance(args[0], dict) else {}
+        if str(first.get("A_Const", {}).get("sval", {}).get("sval", "")).lower() == (
+                "client_encoding"):
+            # The server session's, followed through its ParameterStatus like a SET of it
+            # (settings.py): the proxy switches it back for the next client.
+            return False
         is_local = args[2] if len(args) == 3 else None
         return not (isinstance(is_local, dict)
                     and is_local.get("A_Const", {}).get("boolval", {}).get("boolval") is True)

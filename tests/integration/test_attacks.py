@@ -254,7 +254,7 @@ async def test_reset_session_authorization_is_refused(solo: ProxyProcess) -> Non
     "SELECT set_config('Role', 't_hooli', true)",
     "SELECT set_config('session_authorization', 'pgtenant_proxy', true)",
     "SELECT set_config('ro' || 'le', 't_hooli', true)",
-    "SELECT set_config(name, 't_hooli', true) FROM pg_settings WHERE name = 'role'",
+    "SELECT set_config(name, 't_hooli', true) FROM (VALUES ('role')) AS v(name)",
     "SELECT set_config(/* c */ 'role' /* c */, 't_hooli', true)",
 ], ids=["plain", "session", "pg_catalog", "mixed_case", "quoted_ident", "name_case",
         "session_authorization", "computed_name", "name_from_table", "comments"])
