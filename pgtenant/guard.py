@@ -252,7 +252,14 @@ class Guard:
         kind = stmt.get("kind", "")
         name = str(stmt.get("name", "")).lower()
         if kind == "VAR_RESET_ALL":
-            raise Refusal("RESET ALL is not allowed in tenant sessions")
+            raise Refusal("RESET ALL would also reset the tenant's context here; pgtenant "
+                          "answers it itself when it is sent alone, outside a transaction "
+                          "block (protocol/local.py)")
+        if (name == "search_path" and kind in ("VAR_RESET", "VAR_SET_DEFAULT")
+                and not stmt.get("is_local")):
+            raise Refusal("RESET search_path is answered by pgtenant itself when it is sent "
+                          "as a statement of its own (the search_path is always the "
+                          "tenant's); here it would run on the server and drop it")
         if name in _LEXER_SETTINGS and kind == "VAR_SET_VALUE":
             args = stmt.get("args", [])
             value = _const_text(args[0]) if len(args) == 1 else None
@@ -304,6 +311,14 @@ class Guard:
                               "object (allow_large_objects)")
             refusal.rule = "large_object"
             raise refusal
+
+    def _discard(self, stmt: dict[str, Any]) -> None:
+        # PLANS, SEQUENCES and TEMP only remove what the session holds; ALL would also
+        # reset the context (RESET ALL, SET SESSION AUTHORIZATION DEFAULT).
+        if stmt.get("target") == "DISCARD_ALL":
+            raise Refusal("DISCARD ALL would also reset the tenant's context here; pgtenant "
+                          "answers it itself when it is sent alone, outside a transaction "
+                          "block (protocol/local.py)")
 
     def _lock(self, _stmt: dict[str, Any]) -> None:
         if "lock_table" not in self.allow:
@@ -455,7 +470,7 @@ _RULES: Final[dict[str, Any]] = {
     "DeallocateStmt": _statement_name,
     "LockStmt": Guard._lock,
     "ExplainStmt": Guard._explain,
-    "DiscardStmt": _refuse("DISCARD is not allowed in tenant sessions"),
+    "DiscardStmt": Guard._discard,
     # Channels are database-wide: a listener would hear every tenant's payloads, and a
     # notifier could speak into every tenant's channels.
     "ListenStmt": _refuse("LISTEN is not allowed in tenant sessions: notification channels "

@@ -51,7 +51,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
 from ..errors import ClientProtocolError, MessageTooLarge
-from . import codec, frames
+from . import codec, frames, local
 from .constants import (
     BIND,
     CLOSE,
@@ -73,6 +73,7 @@ from .constants import TERMINATE as TERMINATE_MESSAGE
 from .frames import MIN_LENGTH, FrameError
 from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED, Q_DROP
 from .ledger import Ledger, Segment
+from .local import WAIT
 from .prepared import UNKNOWN_TXN, PreparedStatements
 from .refusal import (
     FUNCTION_CALL_REFUSAL,
@@ -146,6 +147,10 @@ _ROLLBACK: Final = re.compile(rb"(?i)\b(rollback|abort)\b")
 # empty): settings, prepared statements (the proxy's too), portals, temp objects, sequence
 # state, LISTEN, advisory locks. Sent in the same write as the new tenant's first request.
 _DISCARD_ALL: Final = codec.query("DISCARD ALL")
+_LOCAL_FLAGS: Final = DROPS_STATEMENTS | SESSION_STATE  # what local_command's texts are
+# A Parse longer than this is not one of them (the longest: DEALLOCATE PREPARE of a quoted
+# 63-byte name, with comments allowed for): not looked at, so other batches pay nothing.
+_LOCAL_PARSE_MAX: Final = 256
 _INJECTION_TAIL: Final = EXECUTE_UNNAMED + CLOSE_UNNAMED_PORTAL
 
 # An extended-protocol message handler: (buf, pos, end, span, out, reply, seg, fresh) ->
@@ -373,9 +378,10 @@ class Frontend:
                 continue
             text = bytes(buf[pos + 5 : end - 1]) if t == QUERY else b""  # without the NUL
             text_flags = classify(text) if t == QUERY else 0
-            # local_command's words (DEALLOCATE, DISCARD) are what DROPS_STATEMENTS flags.
-            if (t == QUERY and text_flags & DROPS_STATEMENTS and not self.open_extended
-                    and not self.settings.pinned and local_command(text) is not None):
+            # local_command's words are flagged DROPS_STATEMENTS (DEALLOCATE, DISCARD) or
+            # SESSION_STATE (RESET, SET).
+            if (t == QUERY and text_flags & _LOCAL_FLAGS and not self.open_extended
+                    and local_command(text) is not None):
                 if pending:  # decide (and answer) in order, after the replies owed
                     outcome = HOLD
                     self.held = True
@@ -437,6 +443,21 @@ class Frontend:
                 ledger.mark_txn(seg)
                 pos = end
                 continue
+            if (t == PARSE and buf[pos + 5] == 0 and end - pos <= _LOCAL_PARSE_MAX
+                    and not self.open_extended):
+                # A batch of the unnamed statement: one the proxy answers (local.py)?
+                answered = self._local_batch(buf, pos, end, bool(pending))
+                if answered == WAIT:
+                    break  # the rest of the batch decides: wait for its bytes
+                if isinstance(answered, tuple):
+                    if pending:  # answer in order, after the replies owed
+                        outcome = HOLD
+                        self.held = True
+                        break
+                    out += buf[span:pos]
+                    span = pos = answered[0]
+                    reply += answered[1]
+                    continue
             handler = dispatch.get(t)
             if handler is not None:
                 fresh = False
@@ -705,28 +726,26 @@ class Frontend:
                 b"", IDLE)
 
     def _answer_locally(self, sql: bytes) -> bytes | None:
-        """DEALLOCATE of the client's statements and DISCARD ALL concern only the client's
-        own view (renamed statements, replayed settings): the proxy answers them itself.
+        """A session command the proxy answers itself (local.py), sent as a Query.
 
         Returns: CommandComplete + ReadyForQuery to send, or None to send ``sql`` on (then
         nothing was changed). Call it only when no reply is owed, so the answer is in order.
         """
         command = local_command(sql)
-        if command is None or (self.attached and self.ledger.status != TXN_IDLE):
+        status = self.ledger.status if self.attached else TXN_IDLE
+        tag = local.answer(command, self.stmts, self.settings, status) if command else None
+        if tag is None:
             return None
-        kind, name = command
-        if kind == "deallocate":
-            if name is None or not self.stmts.deallocate(name.encode()):
-                return None  # an SQL PREPAREd name, or an unknown one: Postgres answers
-            tag = "DEALLOCATE"
-        elif kind == "deallocate_all":
-            self.stmts.forget_all(portals=False)
-            tag = "DEALLOCATE ALL"
-        else:
-            self.stmts.forget_all(portals=True)
-            self.settings.discard_all()
-            tag = "DISCARD ALL"
-        return codec.command_complete(tag) + codec.ready_for_query(b"I")
+        return codec.command_complete(tag) + codec.ready_for_query(bytes((status,)))
+
+    def _local_batch(self, buf: bytearray, pos: int, end: int,
+                     owed: bool) -> tuple[int, bytes] | int | None:
+        """At a Parse of the unnamed statement that starts a batch (see local.batch_answer).
+        Returns: (end of the batch, the replies to send), WAIT, or None (the ordinary way).
+        """
+        status = self.ledger.status if self.attached else TXN_IDLE
+        return local.batch_answer(buf, pos, end, owed, self.stmts, self.settings, status,
+                                  self.max_message_size)
 
     def fail_segment(self, error: bytes) -> bytes:
         """The segment at the head of ``cbuf`` cannot get a server: answer it with ``error``.
