@@ -104,6 +104,7 @@ class Refusal(Exception):
     """Internal: carries the message of the first rule a statement breaks."""
 
     rule: str | None = None  # metrics label; set to the parse-node kind when not given
+    sqlstate: str = "42501"  # what Postgres raises for it (refusal.RefusalText)
 
 
 class NotInTransaction(Refusal):
@@ -210,7 +211,10 @@ class Guard:
                 self._outside.put(sql, refusal.what)
             return f"pgtenant: {refusal}", "not_in_transaction"
         except Refusal as refusal:
-            return f"pgtenant: {refusal}", refusal.rule or "statement"
+            message = f"pgtenant: {refusal}"
+            if refusal.sqlstate != Refusal.sqlstate:
+                message = RefusalText(message, refusal.sqlstate)
+            return message, refusal.rule or "statement"
         except RecursionError:  # cannot be checked, so it does not run (fail closed)
             return ("pgtenant: statement is nested too deeply for the statement guard",
                     "too_deep")
@@ -424,8 +428,13 @@ def _transaction(_guard: Guard, stmt: dict[str, Any]) -> None:
     if stmt.get("kind") in _TWO_PHASE:
         # A prepared transaction outlives the session and holds its locks; any session of
         # the same role (every tenant of a shared-role type) may COMMIT/ROLLBACK PREPARED it.
-        raise Refusal("two-phase commit (PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED) is "
-                      "not allowed in tenant sessions")
+        refusal = Refusal("prepared transactions (PREPARE TRANSACTION, COMMIT/ROLLBACK "
+                          "PREPARED) are not available through pgtenant: one would outlive "
+                          "the session and could be finished by any session of the same role")
+        # Postgres's own SQLSTATE when prepared transactions are disabled
+        # (max_prepared_transactions = 0), which drivers map to "not supported".
+        refusal.sqlstate = "55000"
+        raise refusal
     if stmt.get("chain"):
         raise Refusal("COMMIT/ROLLBACK AND CHAIN is not allowed in tenant sessions: the chained "
                       "transaction would start without the tenant's context")
