@@ -15,7 +15,8 @@ suite creates schemas, tables, types, functions), makes one tenant and a token, 
 with ``PSYCOPG_IMPL=python`` and ``PSYCOPG_TEST_DSN`` pointing at the proxy (the token as
 password), psycopg's sources first on ``PYTHONPATH``. psycopg's test dependencies (pytest,
 anyio; pproxy for its proxy tests) must be importable by this interpreter (e.g.
-``pip install --target DIR anyio pproxy`` and ``PYTHONPATH=DIR``); when they are not, it says which and exits 0. The junit XML is
+``pip install --target DIR anyio pproxy`` and ``PYTHONPATH=DIR``); when they are not, it
+says which and exits 0. The junit XML is
 summarised (passed, failed, errors, skipped, failures grouped by the first line of their
 message) and stored under the mode's key in ``benchmarks/results/psycopg_suite.json``.
 ``--limit-tests EXPR`` passes ``-k EXPR`` for quick runs.
@@ -113,8 +114,8 @@ def print_summary(mode: str, summary: dict[str, Any]) -> None:
 # would fail in this virtualenv, direct too. A module that refuses the import hides it
 # (ModuleNotFoundError: the one pproxy catches).
 _NO_UVLOOP = (
-    "raise ModuleNotFoundError('hidden from psycopg\\'s suite: pproxy would pick it, and uvloop\\'s "
-    "get_event_loop() raises where pproxy expects a new loop')\n")
+    "raise ModuleNotFoundError('hidden from psycopg\\'s suite: pproxy would pick it, and "
+    "uvloop\\'s get_event_loop() raises where pproxy expects a new loop')\n")
 
 
 def suite_env(psycopg: Path, dsn: str, shim: Path | None = None) -> dict[str, str]:
