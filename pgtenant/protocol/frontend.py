@@ -51,7 +51,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
 from ..errors import ClientProtocolError, MessageTooLarge
-from . import codec, frames, local
+from . import codec, frames, local, redirect
 from .constants import (
     BIND,
     CLOSE,
@@ -437,7 +437,7 @@ class Frontend:
                 else:
                     if verdict is not None:  # run the rewritten text instead
                         out += buf[span:pos]
-                        out += codec.query(verdict)
+                        out += codec.query(self._rewritten(verdict))
                         span = end
                     self._note_sql(seg, text, text_flags)
                 ledger.mark_txn(seg)
@@ -532,7 +532,8 @@ class Frontend:
         else:
             verdict = self.guard(text) if self.guard is not None else None
             refusal = verdict if isinstance(verdict, str) else None
-            rewritten = verdict if isinstance(verdict, bytes) else b""
+            rewritten = (self._rewritten(verdict) if verdict is not None
+                         and not isinstance(verdict, str) else b"")
         if (refusal is not None and inject and t == QUERY and self.outside_txn is not None
                 and self.outside_txn(text)):
             # Allowed for this tenant type (VACUUM, CREATE INDEX CONCURRENTLY...): set the
@@ -588,18 +589,20 @@ class Frontend:
             self.refused += 1
             text, types = refused_parse(verdict, sql, types)
             sql = b""
-        elif verdict is not None:
-            text = verdict  # run the rewritten text instead (what it does: ``sql``'s)
         stmts = self.stmts
         if name:
             # Renamed to a proxy-global statement (prepared.py).
             out += buf[span:pos]
             span = end
+            if verdict is not None and not isinstance(verdict, str):
+                text = self._rewritten(verdict, out, name)  # (what it does: ``sql``'s)
             reply += stmts.parse_named(out, name, text, types)
         else:
             if verdict is not None:
                 out += buf[span:pos]
                 span = end
+                if not isinstance(verdict, str):
+                    text = self._rewritten(verdict, out)  # (what it does: ``sql``'s)
                 out += codec.frame(PARSE, b"\x00" + text + b"\x00" + types)
             self.ledger.expect(PARSE_FWD)
             stmts.parsed_unnamed(text, types, seg)
@@ -724,6 +727,21 @@ class Frontend:
         prefix = injection.q_prefix
         return (_pack_header(QUERY, 5 + len(prefix) + len(text)) + prefix + text + b"\x00",
                 b"", IDLE)
+
+    def _rewritten(self, verdict: bytes | tuple[bytes, ...], out: bytearray | None = None,
+                   name: bytes | None = None) -> bytes:
+        """The text the guard rewrote, in parts joined with the client's statements when it
+        reads pgtenant.prepared_statements (redirect.py): ``name``, the statement being
+        parsed, is one of them. With ``out`` (an extended batch), every statement of the
+        client is first made sure to be on the attached server (quiet Parses), so that each
+        of them shows with the server's details."""
+        if isinstance(verdict, bytes):
+            return verdict
+        stmts = self.stmts
+        if out is not None:
+            for mapped in list(stmts.client.values()):
+                stmts.use(out, mapped)
+        return redirect.render(verdict, redirect.client_statements(stmts.client, name))
 
     def _answer_locally(self, sql: bytes) -> bytes | None:
         """A session command the proxy answers itself (local.py), sent as a Query.
