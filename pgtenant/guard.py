@@ -21,7 +21,7 @@ from pglast.parser import ParseError
 from .errors import ProgramLimitExceeded
 from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
 from .protocol.encoding import encoding_key
-from .protocol.redirect import CATALOG, redirect
+from .protocol.redirect import CATALOG, CLIENT_PID, redirect
 from .protocol.refusal import RESERVED_PREFIX, RefusalText, Verdict
 from .protocol.sql import ends_transaction, has_word, is_on, parse
 from .protocol.textcache import TextCache
@@ -62,7 +62,7 @@ _SUSPECT = re.compile(
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
     rb"|listen|notify|pg_notify|prepare|prepared|execute|deallocate|setseed"
     rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export"
-    rb"|lock|explain|pg_prepared_statements|"
+    rb"|lock|explain|pg_prepared_statements|pg_terminate_backend|"
     + b"|".join(sorted(n.encode() for n in _LO_FUNCS)) + rb")\b"
 )
 # A transaction end inside a multi-statement text, or AND CHAIN, would leave the statements
@@ -77,11 +77,16 @@ _ANY_WORDS: Final = frozenset(
     b"set reset set_config discard load alter copy vacuum database concurrently tablespace "
     b"cluster subscription do listen notify pg_notify pg_read_file pg_read_binary_file "
     b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
-    b"call execute deallocate prepared lock explain setseed pg_prepared_statements".split()
+    b"call execute deallocate prepared lock explain setseed pg_prepared_statements "
+    b"pg_terminate_backend".split()
 ) | {n.encode() for n in _LO_FUNCS}
 # Built-ins tenants may not execute, and the stand-ins their calls are rewritten to
 # (control/safe_settings.py): Postgres then decides on the values it is given.
-_REDIRECTS: Final = {"set_config": "pgtenant.set_config"}
+_REDIRECTS: Final[dict[str, tuple[str, bytes | None]]] = {
+    "set_config": ("pgtenant.set_config", None),
+    # Its first argument is the pid the client's connection reported (BackendKeyData).
+    "pg_terminate_backend": ("pgtenant.pg_terminate_backend", CLIENT_PID),
+}
 # System views that show the server session's state, and the functions that show the
 # client's own instead (given the client's statements: protocol/redirect.py).
 _VIEWS: Final = {"pg_prepared_statements": "pgtenant.prepared_statements"}
@@ -243,9 +248,9 @@ class Guard:
             parts = redirect(sql, _REDIRECTS, self._redirects, _VIEWS, self._views)
             if parts is None:
                 return _Refused("pgtenant: the statement guard cannot rewrite this text's "
-                                "set_config() calls or pg_prepared_statements references to "
-                                "pgtenant's own, so it was not run; name pgtenant.set_config()"
-                                " or pgtenant.prepared_statements(...) yourself",
+                                "set_config() or pg_terminate_backend() calls or "
+                                "pg_prepared_statements references to pgtenant's stand-ins, "
+                                "so it was not run; write their names plainly",
                                 "unrewritable")
             return parts[0] if len(parts) == 1 else parts
         return None
@@ -296,9 +301,9 @@ class Guard:
     def _func_call(self, call: dict[str, Any]) -> None:
         parts = [p.get("String", {}).get("sval", "") for p in call.get("funcname", [])]
         name = parts[-1].lower() if parts else ""
+        if name in _REDIRECTS and (parts == [name] or parts == [CATALOG, name]):
+            self._redirects += 1  # the built-in: rewritten to pgtenant's stand-in
         if name == "set_config":
-            if parts == [name] or parts == [CATALOG, name]:
-                self._redirects += 1  # the built-in: rewritten to pgtenant.set_config
             args = call.get("args", [])
             first = args[0] if args else None
             setting = None

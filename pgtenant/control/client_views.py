@@ -1,7 +1,18 @@
-"""What a tenant reads of the server session, shown as its own session would have it.
+"""What a tenant reads of, and does to, the server session, as its own session would.
 
 Owns ``pgtenant.prepared_statements(text[])``, which the statement guard reads a tenant's
-``pg_prepared_statements`` through (guard.py, protocol/redirect.py), and its start-up check.
+``pg_prepared_statements`` through, and ``pgtenant.pg_terminate_backend(...)``, which its
+``pg_terminate_backend(...)`` calls become (guard.py, protocol/redirect.py), the role that
+owns the latter, and their start-up checks.
+
+Terminating its own backend is what a client that calls ``pg_terminate_backend`` with its
+own pid (``pg_backend_pid()``, or the pid its connection reported, which is the proxy's)
+means: the server ends with FATAL 57P01 and the proxy ends the client with those words, as
+Postgres would. The stand-in signals ``pg_backend_pid()`` and nothing else, whatever it is
+given: the pid only decides whether it does so or refuses (42501), so even a forged call
+can end only the caller's own server. It runs as ``pgtenant_signal``, a NOLOGIN role holding
+``pg_signal_backend`` (a backend of the login role may not be signalled by another role
+without it); no role is a member of it.
 
 Why: a pooled server's ``pg_prepared_statements`` lists the server session's statements:
 pgtenant's context statement and, under proxy-global names, every statement the tenant's
@@ -25,9 +36,29 @@ from typing import Final
 
 import asyncpg
 
-__all__ = ["CLIENT_PREPARED_STATEMENTS", "check_client_views", "install_client_views"]
+__all__ = ["CLIENT_PREPARED_STATEMENTS", "SIGNAL_OWNER", "TERMINATE_OWN",
+           "check_client_views", "install_client_views"]
 
 CLIENT_PREPARED_STATEMENTS: Final = "pgtenant.prepared_statements(text[])"
+TERMINATE_OWN: Final = "pgtenant.pg_terminate_backend(integer, integer, bigint)"
+SIGNAL_OWNER: Final = "pgtenant_signal"
+
+_TERMINATE_SQL: Final = """
+CREATE OR REPLACE FUNCTION pgtenant.pg_terminate_backend(client_pid integer, pid integer,
+                                                         timeout bigint DEFAULT 0)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pid IS DISTINCT FROM pg_backend_pid() AND pid IS DISTINCT FROM client_pid THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = 'pgtenant: a tenant session may '
+            'terminate only its own backend (pg_backend_pid(), or the pid its connection '
+            'reported)';
+    END IF;
+    -- Its own backend only, and without waiting (it would wait for itself).
+    RETURN pg_terminate_backend(pg_backend_pid());
+END
+$$
+"""
 
 # The view's own row type, so its columns (which vary between Postgres versions) are kept;
 # jsonb_populate_record sets the client's name over the server's.
@@ -47,16 +78,36 @@ $$
 
 
 async def install_client_views(conn: asyncpg.Connection) -> None:
-    """Install ``pgtenant.prepared_statements`` (idempotent; inside init's transaction)."""
+    """Install ``pgtenant.prepared_statements`` and ``pgtenant.pg_terminate_backend``
+    (idempotent; inside init's transaction, as a superuser)."""
     await conn.execute(_SQL)
     await conn.execute(f"REVOKE ALL ON FUNCTION {CLIENT_PREPARED_STATEMENTS} FROM PUBLIC")
     await conn.execute(f"GRANT EXECUTE ON FUNCTION {CLIENT_PREPARED_STATEMENTS} TO PUBLIC")
+    if not await conn.fetchval("SELECT count(*) FROM pg_roles WHERE rolname = $1",
+                               SIGNAL_OWNER):
+        await conn.execute(f"CREATE ROLE {SIGNAL_OWNER} NOLOGIN")
+    await conn.execute(f"GRANT pg_signal_backend TO {SIGNAL_OWNER}")
+    await conn.execute(f"GRANT USAGE ON SCHEMA pgtenant TO {SIGNAL_OWNER}")
+    await conn.execute(_TERMINATE_SQL)
+    await conn.execute(f"ALTER FUNCTION {TERMINATE_OWN} OWNER TO {SIGNAL_OWNER}")
+    await conn.execute(f"REVOKE ALL ON FUNCTION {TERMINATE_OWN} FROM PUBLIC")
+    await conn.execute(f"GRANT EXECUTE ON FUNCTION {TERMINATE_OWN} TO PUBLIC")
 
 
 async def check_client_views(conn: asyncpg.Connection) -> list[str]:
-    """Returns: a problem line when ``pgtenant.prepared_statements`` is missing."""
-    if await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL",
-                           CLIENT_PREPARED_STATEMENTS):
-        return []
-    return [f"function {CLIENT_PREPARED_STATEMENTS} is missing (run pgtenant init): tenants' "
-            "reads of pg_prepared_statements fail until it is installed"]
+    """Returns: a problem line for each stand-in missing or not as installed."""
+    problems = []
+    for signature, what in ((CLIENT_PREPARED_STATEMENTS, "reads of pg_prepared_statements"),
+                            (TERMINATE_OWN, "pg_terminate_backend() calls")):
+        if not await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", signature):
+            problems.append(f"function {signature} is missing (run pgtenant init): tenants' "
+                            f"{what} fail until it is installed")
+    row = await conn.fetchrow(
+        "SELECT p.prosrc, r.rolname, r.rolcanlogin, r.rolsuper FROM pg_proc p "
+        "JOIN pg_roles r ON r.oid = p.proowner WHERE p.oid = to_regprocedure($1)",
+        TERMINATE_OWN)
+    if row is not None and (row["prosrc"] != _TERMINATE_SQL.split("$$")[1]
+                            or row["rolcanlogin"] or row["rolsuper"]):
+        problems.append(f"{TERMINATE_OWN} is not the one this pgtenant installs, or its owner "
+                        f"{row['rolname']!r} can log in or is a superuser (run pgtenant init)")
+    return problems

@@ -181,6 +181,7 @@ class Frontend:
         # Whether a refused statement may run outside a transaction block for this tenant.
         self.outside_txn = outside_txn
         self.refused = 0
+        self.client_pid = 0  # the pid the client's BackendKeyData reported (its own)
         # The client's (database, tenant type) counters (metrics.py), set by its owner.
         self.stats: LabelStats | None = None
         self.cbuf = bytearray()  # client bytes not yet handled
@@ -730,18 +731,21 @@ class Frontend:
 
     def _rewritten(self, verdict: bytes | tuple[bytes, ...], out: bytearray | None = None,
                    name: bytes | None = None) -> bytes:
-        """The text the guard rewrote, in parts joined with the client's statements when it
-        reads pgtenant.prepared_statements (redirect.py): ``name``, the statement being
-        parsed, is one of them. With ``out`` (an extended batch), every statement of the
-        client is first made sure to be on the attached server (quiet Parses), so that each
-        of them shows with the server's details."""
+        """The text the guard rewrote, its holes filled (redirect.py): the client's pid, and
+        the client's statements when it reads pgtenant.prepared_statements (``name``, the
+        statement being parsed, is one of them). With ``out`` (an extended batch), every
+        statement of the client is first made sure to be on the attached server (quiet
+        Parses), so that each of them shows with the server's details."""
         if isinstance(verdict, bytes):
             return verdict
-        stmts = self.stmts
-        if out is not None:
-            for mapped in list(stmts.client.values()):
-                stmts.use(out, mapped)
-        return redirect.render(verdict, redirect.client_statements(stmts.client, name))
+        fill = {redirect.CLIENT_PID: b"%d" % self.client_pid}
+        if redirect.STATEMENTS in verdict:
+            stmts = self.stmts
+            if out is not None:
+                for mapped in list(stmts.client.values()):
+                    stmts.use(out, mapped)
+            fill[redirect.STATEMENTS] = redirect.client_statements(stmts.client, name)
+        return redirect.render(verdict, fill)
 
     def _answer_locally(self, sql: bytes) -> bytes | None:
         """A session command the proxy answers itself (local.py), sent as a Query.

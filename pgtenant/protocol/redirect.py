@@ -1,19 +1,29 @@
-"""Function calls in a tenant's SQL sent to pgtenant's safe stand-ins instead.
+"""Function calls and views in a tenant's SQL sent to pgtenant's stand-ins instead.
 
-Owns the one text rewrite the statement guard makes to statements it allows: a call of a
-built-in that tenants may not execute (``set_config``) becomes a call of the function
-``pgtenant init`` installs in its place (``pgtenant.set_config``), which Postgres runs with
-its own checks (control/safe_settings.py). No I/O.
+Owns the one text rewrite the statement guard makes to statements it allows:
 
-How: the guard counts, in the parse tree, the calls to redirect (unqualified or
-``pg_catalog.``-qualified names); this module finds the same calls in the token stream of
-Postgres's own scanner and splices the new name over the old one. The text is scanned as
+* a call of a built-in tenants may not execute becomes a call of the function ``pgtenant
+  init`` installs in its place, which Postgres runs with its own checks:
+  ``set_config`` -> ``pgtenant.set_config`` (control/safe_settings.py), and
+  ``pg_terminate_backend(...)`` -> ``pgtenant.pg_terminate_backend(<the client's pid>, ...)``
+  (control/client_views.py: a session may end only its own backend);
+* a reference to a view of the server session's state becomes a call of a function given
+  the client's own share of it: ``pg_prepared_statements`` ->
+  ``pgtenant.prepared_statements(<the client's statements>) AS pg_prepared_statements``.
+
+What only the proxy knows of the client (its statements, its pid) goes in holes the
+frontend fills for each use (``render``); the rest is decided once per text and cached. No
+I/O.
+
+How: the guard counts, in the parse tree, the calls and views to redirect (unqualified or
+``pg_catalog.``-qualified names); this module finds the same ones in the token stream of
+Postgres's own scanner and splices the new text over the old. The text is scanned as
 Latin-1, so that character offsets are byte offsets whatever the client's encoding (every
 byte of 0x80 and above is an identifier byte to Postgres's lexer, one character here or
-two). When the number of calls found in the tokens is not the number in the tree (a
-``U&"..."`` name, something unforeseen), nothing is rewritten and the caller refuses the
-statement: fail closed. Error positions Postgres reports after a rewritten call are off by
-the difference in length; they are not shifted back.
+two). When what the tokens show is not what the tree has (a ``U&"..."`` name, a CTE named
+like the view, something unforeseen), nothing is rewritten and the caller refuses the
+statement: fail closed. Error positions Postgres reports after a rewrite are off by the
+difference in length; they are not shifted back.
 """
 
 from __future__ import annotations
@@ -23,9 +33,13 @@ from typing import Any, Final
 
 from pglast.parser import ParseError, scan
 
-__all__ = ["CATALOG", "client_statements", "redirect", "render"]
+__all__ = ["CATALOG", "CLIENT_PID", "STATEMENTS", "client_statements", "redirect", "render"]
 
 CATALOG: Final = "pg_catalog"
+# Holes in a rewritten text, filled per use. They start with a NUL byte, which no text a
+# client sends can contain, so they never mistake the client's own words for a hole.
+STATEMENTS: Final = b"\x00statements"
+CLIENT_PID: Final = b"\x00client_pid"
 _OPEN: Final = "ASCII_40"  # "("
 _DOT: Final = "ASCII_46"  # "."
 
@@ -38,58 +52,66 @@ def _ident(text: str) -> str:
     return text.lower()
 
 
-def redirect(sql: bytes, calls: Mapping[str, str], call_count: int,
-             relations: Mapping[str, str] | None = None,
+def redirect(sql: bytes, calls: Mapping[str, tuple[str, bytes | None]], call_count: int,
+             views: Mapping[str, str] | None = None,
              aliased: Sequence[bool] = ()) -> tuple[bytes, ...] | None:
-    """Rewrite calls of the functions named in ``calls`` (lower-case name -> qualified
-    replacement) and references to the relations named in ``relations`` (name -> a
-    set-returning function taking the client's statements: see ``client_statements``),
-    each unqualified or qualified with pg_catalog.
+    """Rewrite calls of the functions named in ``calls`` (lower-case name -> (qualified
+    replacement, a hole passed as its first argument or None)) and references to the views
+    named in ``views`` (name -> a set-returning function given the STATEMENTS hole), each
+    unqualified or qualified with pg_catalog.
 
-    ``call_count``: how many such calls the parse tree has; ``aliased``: for each such
-    relation reference in text order, whether it has an alias (else the function gets the
-    relation's name as its alias, so column references keep working). Returns: the text
-    in parts, to be joined with the client's statements literal (one part when no relation
-    was rewritten); None when the tokens do not match the tree (then refuse).
+    ``call_count``: how many such calls the parse tree has; ``aliased``: for each such view
+    reference in text order, whether it has an alias (else the function gets the view's
+    name as its alias, so column references keep working).
+    Returns: the new text as parts: text, hole, text, hole, ..., text (one part when it has
+    no hole); None when the tokens do not match the tree (then refuse).
     """
-    relations = relations or {}
+    views = views or {}
     text = sql.decode("latin-1")
     try:
         tokens = scan(text)
     except ParseError:
         return None
-    spans: list[tuple[int, int, bytes, bytes | None]] = []
-    found_calls = 0
+    # (start, end, replacement, hole, replacement after the hole)
+    spans: list[tuple[int, int, bytes, bytes | None, bytes]] = []
+    found_calls = found_views = 0
     for i, token in enumerate(tokens):
         if token.name != "IDENT":
             continue
         name = _ident(text[token.start:token.end + 1])
-        is_call = i + 1 < len(tokens) and tokens[i + 1].name == _OPEN
-        target = calls.get(name) if is_call else relations.get(name)
-        if target is None:
-            continue
-        start = _qualified_start(text, tokens, i)
-        if start is None:
-            continue  # another schema's object, or a three-part name: not ours
-        if is_call:
+        after = tokens[i + 1].name if i + 1 < len(tokens) else ""
+        is_call = after == _OPEN
+        if is_call and name in calls:
+            start = _qualified_start(text, tokens, i)
+            if start is None:
+                continue  # another schema's function, or a three-part name: not ours
             found_calls += 1
-            spans.append((start, token.end + 1, target.encode(), None))
-        else:
-            index = len(spans) - found_calls
-            if index >= len(aliased):
+            target, hole = calls[name]
+            if hole is None:
+                spans.append((start, token.end + 1, target.encode(), None, b""))
+            else:  # the name and its "(": the hole is the first argument
+                spans.append((start, tokens[i + 1].end + 1, target.encode() + b"(", hole,
+                              b", "))
+        elif not is_call and after != _DOT and name in views:  # (not "view.column")
+            start = _qualified_start(text, tokens, i)
+            if start is None:
+                continue
+            if found_views >= len(aliased):
                 return None
-            alias = b"" if aliased[index] else b" AS " + name.encode()
-            spans.append((start, token.end + 1, target.encode() + b"(", b")" + alias))
-    if found_calls != call_count or len(spans) - found_calls != len(aliased):
+            alias = b"" if aliased[found_views] else b" AS " + name.encode()
+            found_views += 1
+            spans.append((start, token.end + 1, views[name].encode() + b"(", STATEMENTS,
+                          b")" + alias))
+    if found_calls != call_count or found_views != len(aliased):
         return None
     parts: list[bytes] = []
     out = bytearray()
     last = 0
-    for start, end, head, tail in spans:
+    for start, end, head, hole, tail in spans:
         out += sql[last:start]
         out += head
-        if tail is not None:
-            parts.append(bytes(out))
+        if hole is not None:
+            parts += (bytes(out), hole)
             out = bytearray(tail)
         last = end
     out += sql[last:]
@@ -134,6 +156,10 @@ def _element(value: bytes) -> bytes:
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-def render(parts: tuple[bytes, ...], literal: bytes) -> bytes:
-    """Returns: ``redirect``'s parts joined with ``literal`` (client_statements')."""
-    return literal.join(parts)
+def render(parts: tuple[bytes, ...], fill: Mapping[bytes, bytes]) -> bytes:
+    """Returns: ``redirect``'s parts with each hole filled from ``fill``."""
+    out = bytearray(parts[0])
+    for i in range(1, len(parts), 2):
+        out += fill[parts[i]]
+        out += parts[i + 1]
+    return bytes(out)

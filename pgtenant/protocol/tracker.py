@@ -235,6 +235,16 @@ class Link:
         self._settings.injection = value
 
     @property
+    def client_pid(self) -> int:
+        """The pid the client's BackendKeyData reported: a session may terminate only its
+        own backend, by that pid or pg_backend_pid() (guard.py, redirect.py)."""
+        return self._front.client_pid
+
+    @client_pid.setter
+    def client_pid(self, value: int) -> None:
+        self._front.client_pid = value
+
+    @property
     def guard(self) -> StatementPolicy | None:
         """The statement policy: None to allow, else the refusal message."""
         return self._front.guard

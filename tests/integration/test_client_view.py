@@ -157,3 +157,34 @@ async def test_lockdown_check_notices_a_missing_or_weakened_stand_in(
     assert "has a SET clause" in problems
     assert "lets tenants set 'app.'" in problems
     assert "pgtenant.prepared_statements(text[]) is missing" in problems
+
+
+@pytest.mark.parametrize("how", ["pg_backend_pid()", "reported"])
+def test_a_session_may_terminate_its_own_backend_only(
+        start_proxy: Callable[..., ProxyProcess], how: str) -> None:
+    """pg_terminate_backend with its own pid (the server's, or the one its connection
+    reported) ends the session as Postgres would (57P01); any other pid is refused, and the
+    other session lives on."""
+    proxy = start_proxy(pool_size=2)
+    with psycopg.connect(proxy.dsn("initech")) as victim:  # holds its server: a block is open
+        victim_pid = _who(victim)[3]
+        with psycopg.connect(proxy.dsn("acme"), autocommit=True) as conn:
+            for pid in (victim_pid, victim.pgconn.backend_pid, 1):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="only its own"):
+                    conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+            # Not even by naming the stand-in with a forged "own" pid: it ends the caller's
+            # backend, never the one it is given.
+            with pytest.raises(psycopg.errors.AdminShutdown):
+                conn.execute("SELECT pgtenant.pg_terminate_backend(%s, %s)",
+                             [victim_pid, victim_pid])
+        assert _who(victim)[3] == victim_pid  # the victim's server lives, in its block
+        with psycopg.connect(proxy.dsn("acme"), autocommit=True) as conn:
+            arg = "pg_backend_pid()" if how == "pg_backend_pid()" else str(
+                conn.pgconn.backend_pid)
+            with pytest.raises(psycopg.errors.AdminShutdown):
+                conn.execute(f"SELECT pg_terminate_backend({arg})")
+            assert conn.closed
+        assert _who(victim)[3] == victim_pid
+        victim.rollback()
+    with psycopg.connect(proxy.dsn("acme"), autocommit=True) as after:
+        assert _context(after)[0] == "tenant_sme"  # the pool serves on

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgtenant.guard import Guard
-from pgtenant.protocol.redirect import client_statements, render
+from pgtenant.protocol.redirect import CLIENT_PID, STATEMENTS, client_statements, render
 
 GUARD = Guard(("app.", "myapp.tenant"))
 
@@ -372,7 +372,7 @@ def test_pg_prepared_statements_is_read_through_the_clients_view(sql: str,
                                                                  expected: str) -> None:
     verdict = GUARD.check(sql.encode())
     assert isinstance(verdict, tuple)
-    assert b"@".join(verdict) == expected.encode()
+    assert render(verdict, {STATEMENTS: b"@"}) == expected.encode()
 
 
 def test_the_clients_statement_names_cannot_leave_their_literal() -> None:
@@ -387,7 +387,7 @@ def test_the_clients_statement_names_cannot_leave_their_literal() -> None:
     hostile = [b"x'); SET ROLE postgres; --", b'q"\\', b"\\'", b"ok"]
     statements = {name: (b"__pgtenant_p%d" % i, b"SELECT 1", b"")
                   for i, name in enumerate(hostile)}
-    text = render(parts, client_statements(statements, itself=b"self'"))
+    text = render(parts, {STATEMENTS: client_statements(statements, itself=b"self'")})
     tree = json.loads(parse_sql_json(text.decode()))
     assert len(tree["stmts"]) == 1
     call = tree["stmts"][0]["stmt"]["SelectStmt"]["fromClause"][0]["RangeFunction"]
@@ -396,3 +396,19 @@ def test_the_clients_statement_names_cannot_leave_their_literal() -> None:
     literal = arg["TypeCast"]["arg"]["A_Const"]["sval"]["sval"]
     assert literal.startswith('{"__pgtenant_p0","x\'); SET ROLE postgres; --"')
     assert literal.endswith(',NULL,"self\'"}')
+
+
+@pytest.mark.parametrize(("sql", "expected"), [
+    ("SELECT pg_terminate_backend(pg_backend_pid())",
+     "SELECT pgtenant.pg_terminate_backend(@, pg_backend_pid())"),
+    ("select PG_CATALOG . pg_terminate_backend ( $1 )",
+     "select pgtenant.pg_terminate_backend(@,  $1 )"),
+    ("SELECT pg_terminate_backend($1::int, 100), pg_prepared_statements.name "
+     "FROM pg_prepared_statements",
+     "SELECT pgtenant.pg_terminate_backend(@, $1::int, 100), pg_prepared_statements.name "
+     "FROM pgtenant.prepared_statements(#) AS pg_prepared_statements"),
+])
+def test_pg_terminate_backend_is_given_the_clients_pid(sql: str, expected: str) -> None:
+    verdict = GUARD.check(sql.encode())
+    assert isinstance(verdict, tuple)
+    assert render(verdict, {CLIENT_PID: b"@", STATEMENTS: b"#"}) == expected.encode()
