@@ -416,6 +416,7 @@ class ClientConnection(asyncio.Protocol):
                 guard=guard, tenant_type=tenant_type, may_pin=may_pin,
                 max_pinned=lambda: services.config.tenant_limits.max_pinned_servers))
         self.cancel_key = services.cancels.register(self)
+        self.session.set_notify_pid(self.cancel_key[0])
         self._write(greeting(login, params, self.cancel_key))
         self.state = ClientState.READY
         services.limits.client_logged_in(self)

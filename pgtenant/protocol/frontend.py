@@ -73,6 +73,7 @@ from .constants import TERMINATE as TERMINATE_MESSAGE
 from .frames import MIN_LENGTH, FrameError
 from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED, Q_DROP
 from .ledger import Ledger, Segment
+from .listen import HOLD_FOR_REPLIES, Listens
 from .prepared import UNKNOWN_TXN, PreparedStatements
 from .refusal import FUNCTION_CALL_REFUSAL, check_statement_name, refusal_sql, refused_parse
 from .replay import LIMIT as REPLAY_LIMIT
@@ -94,6 +95,7 @@ from .settings import SessionSettings
 from .sql import (
     DROPS_STATEMENTS,
     MAY_COPY_IN,
+    NOTIFIES,
     SESSION_STATE,
     TXN_CONTROL,
     TXN_END,
@@ -182,6 +184,8 @@ class Frontend:
         self._plain_text = b""  # a plain Query's text, classified before NEED_SERVER
         self._ended_in_batch = False  # the open batch executed something that may end a txn
         self.replaying = False  # a healed batch (replay.py) is being re-sent: never healed twice
+        # The client's LISTEN/NOTIFY (listen.py); None refuses them (no signing key).
+        self.listens: Listens | None = None
         # One handler per extended-protocol message type, bound once.
         self._dispatch: dict[int, _Handler] = {
             PARSE: self._parse, BIND: self._bind, EXECUTE: self._execute,
@@ -379,6 +383,25 @@ class Frontend:
                     span = pos = end
                     reply += answer
                     continue
+            if (t == QUERY and text_flags & NOTIFIES and self.listens is not None
+                    and not self.open_extended):
+                # A lone LISTEN/UNLISTEN is the proxy's (listen.py); decided in order.
+                answer = self.listens.answer(text, bool(pending), ledger.status
+                                             if self.attached else TXN_IDLE,
+                                             self.settings.encoding)
+                if answer is HOLD_FOR_REPLIES:
+                    outcome = HOLD
+                    self.held = True
+                    break
+                if answer is not None:
+                    out += buf[span:pos]
+                    span = pos = end
+                    reply += answer
+                    if self.listens.waiting:  # answered once the listener hears it
+                        outcome = HOLD
+                        self.held = True
+                        break
+                    continue
             if (t == QUERY or t == FUNCTION_CALL) and not self.open_extended:
                 if not self.attached:
                     outcome = NEED_SERVER
@@ -491,13 +514,21 @@ class Frontend:
         """A Query or FunctionCall opens a segment of its own: refused, injected or
         forwarded as it is. Writes the frame (rewritten or not) into ``out``."""
         injection = self.settings.injection
+        rewritten = None
+        if text_flags & NOTIFIES and self.listens is not None:
+            # NOTIFY c: to the tenant's own channel, in the client's transaction (listen.py).
+            rewritten = self.listens.rewrite(text, self.settings.encoding, record=True)
+            if rewritten is not None:
+                buf, pos, text = bytearray(codec.query(rewritten)), 0, rewritten
+                end = len(buf)
         if t == FUNCTION_CALL:
             refusal: str | None = FUNCTION_CALL_REFUSAL
             if self.stats is not None:
                 self.stats.function_calls_refused += 1
             body = b""
         else:
-            refusal = self.guard(text) if self.guard is not None else None
+            refusal = (self.guard(text) if self.guard is not None and rewritten is None
+                       else None)
         if (refusal is not None and inject and t == QUERY and self.outside_txn is not None
                 and self.outside_txn(text)):
             # Allowed for this tenant type (VACUUM, CREATE INDEX CONCURRENTLY...): set the
@@ -545,8 +576,17 @@ class Frontend:
         check_statement_name(name)
         sql, tpos = codec.read_cstring(buf, npos, limit=end)
         types = bytes(buf[tpos:end])
+        rewritten = None
+        if self.listens is not None and classify(sql) & NOTIFIES:
+            rewritten = self.listens.rewrite(sql, self.settings.encoding, record=False)
+            if rewritten is not None:
+                if not name:  # the frame itself is rewritten below, like a refusal
+                    out += buf[span:pos]
+                    span = end
+                    out += codec.frame(PARSE, b"\x00" + rewritten + b"\x00" + types)
+                sql = rewritten
         text = sql
-        refusal = self.guard(sql) if self.guard is not None else None
+        refusal = self.guard(sql) if self.guard is not None and rewritten is None else None
         if refusal is not None:
             self.refused += 1
             text, types = refused_parse(refusal, sql, types)
