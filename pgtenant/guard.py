@@ -87,10 +87,10 @@ _SEED_REFUSAL: Final = ("setseed() and SET seed are not allowed in tenant sessio
                         "outlives the transaction on a server other tenants use")
 # What pgtenant supports of LISTEN/NOTIFY (protocol/listen.py); anything else is refused.
 _LISTEN_REFUSAL: Final = (
-    "{} is supported through pgtenant only as the only statement of {}, on a database with "
-    "a context-signing key, where channel names are private to the tenant"
+    "{} is supported through pgtenant only as the only statement of a Query or a Parse (not "
+    "in a multi-statement text), on a database with a context-signing key, where channel "
+    "names are private to the tenant"
 )
-_QUERY_ONLY: Final = "a simple Query (not in a multi-statement text, not through Parse)"
 _NOT_IN_TXN_HINT = (
     "pgtenant runs every tenant transaction inside a transaction block that carries the "
     "tenant's context; run this statement with an admin connection to Postgres instead"
@@ -446,10 +446,10 @@ _RULES: Final[dict[str, Any]] = {
     "DiscardStmt": _refuse("DISCARD is not allowed in tenant sessions"),
     # Channels are database-wide: the proxy maps a tenant's channels to its own
     # (protocol/listen.py) where it can see the statement; everywhere else, refused.
-    "ListenStmt": _refuse(_LISTEN_REFUSAL.format("LISTEN", _QUERY_ONLY)),
-    "UnlistenStmt": _refuse(_LISTEN_REFUSAL.format("UNLISTEN", _QUERY_ONLY)),
-    "NotifyStmt": _refuse(_LISTEN_REFUSAL.format("NOTIFY", "a Query or a Parse") + "; "
-                          "elsewhere, call pgtenant.pg_notify(channel, payload)"),
+    "ListenStmt": _refuse(_LISTEN_REFUSAL.format("LISTEN")),
+    "UnlistenStmt": _refuse(_LISTEN_REFUSAL.format("UNLISTEN")),
+    "NotifyStmt": _refuse(_LISTEN_REFUSAL.format("NOTIFY") + "; elsewhere, call "
+                          "pgtenant.pg_notify(channel, payload)"),
     "LoadStmt": _refuse("LOAD is not allowed in tenant sessions"),
     "AlterSystemStmt": _refuse("ALTER SYSTEM is not allowed in tenant sessions"),
     # Per-role and per-database defaults would apply to every later session of the login role.

@@ -251,9 +251,15 @@ class Backend:
         frame = memoryview(data)[pos:end]
         if not owed and head.await_first and head.drop == 0:
             owed = codec.empty_query_response()
-        if listens is not None and listens.queue and status == TXN_IDLE:
-            # Between transactions, before the ReadyForQuery: where Postgres delivers them.
-            owed += listens.flush()
+        if listens is not None and status == TXN_IDLE:
+            if listens.queue:
+                # Between transactions, before the ReadyForQuery: where Postgres sends them.
+                owed += listens.flush()
+            if listens.waiting and not ledger.pending:
+                # Its LISTEN took effect: the client hears of it once the listener hears
+                # the channel (session.py sends ``deferred``); nothing else is in flight.
+                listens.deferred += owed + bytes(frame)
+                return None
         if owed:
             return owed + bytes(frame)
         return frame

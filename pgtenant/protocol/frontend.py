@@ -577,8 +577,8 @@ class Frontend:
         sql, tpos = codec.read_cstring(buf, npos, limit=end)
         types = bytes(buf[tpos:end])
         rewritten = None
-        if self.listens is not None and classify(sql) & NOTIFIES:
-            rewritten = self.listens.rewrite(sql, self.settings.encoding, record=False)
+        if self.listens is not None:  # NOTIFY rewritten, LISTEN a no-op (listen.py)
+            rewritten = self.listens.parse(name, sql, classify(sql), self.settings.encoding)
             if rewritten is not None:
                 if not name:  # the frame itself is rewritten below, like a refusal
                     out += buf[span:pos]
@@ -619,6 +619,9 @@ class Frontend:
         check_statement_name(stmt)
         flags = stmts.stmt_flags.get(stmt, UNKNOWN_TXN)
         stmts.portal_flags[portal] = flags & (TXN_CONTROL | TXN_END | MAY_COPY_IN)
+        listens = self.listens
+        if listens is not None and (listens.stmt_ops or listens.portal_ops):
+            listens.bind(portal, stmt)
         self._session_effects(seg, flags, stmts.stmt_sets.get(stmt, ()))
         mapped = stmts.client.get(stmt) if stmt else None
         if not stmt:
@@ -641,6 +644,8 @@ class Frontend:
                  reply: bytearray, seg: Segment, fresh: bool) -> int:
         portal, _ = codec.read_cstring(buf, pos + 5, limit=end)
         flags = self.stmts.portal_flags.get(portal, UNKNOWN_TXN)
+        if self.listens is not None and self.listens.portal_ops:
+            self.listens.execute(portal)
         if flags:
             self.ledger.mark_txn(seg)
         if flags & MAY_COPY_IN:

@@ -43,7 +43,7 @@ from pglast.parser import ParseError
 
 from . import codec
 from .constants import NOTIFICATION_RESPONSE, TXN_FAILED, TXN_IDLE
-from .sql import CLASSIFY_PARSE_MAX, parse
+from .sql import CLASSIFY_PARSE_MAX, NOTIFIES, parse
 
 if TYPE_CHECKING:
     from ..stats import NotifyStats
@@ -70,6 +70,11 @@ HOLD_FOR_REPLIES: Final = b"\x00hold"
 # The encodings a channel or payload may be spelled in beyond ASCII: the proxy reads and
 # writes them as UTF-8 (the listener's session is UTF-8 too).
 _UTF8_LIKE: Final = frozenset({"UTF8", "SQL_ASCII"})
+# What a LISTEN/UNLISTEN given to Parse becomes on the server: a statement with the same
+# replies (ParseComplete, NoData, BindComplete, CommandComplete) that leaves no state (an
+# UNLISTEN by a backend that never listened queues nothing); its tag says UNLISTEN.
+_PLACEHOLDER: Final = b'UNLISTEN "pgtenant_noop"'
+_MAX_STATEMENT_OPS: Final = 1000  # LISTEN statements kept per client (oldest forgotten)
 _pack_i32 = struct.Struct("!i").pack
 _unpack_i32 = struct.Struct("!i").unpack_from
 
@@ -136,7 +141,8 @@ class Listens:
     """One client's LISTEN state; see the module docstring."""
 
     __slots__ = ("_key", "_rolled_back", "_tenant", "_txn_ops", "_txn_sent", "channels",
-                 "deferred", "pid", "queue", "queued_bytes", "registrar", "stats", "waiting")
+                 "deferred", "pid", "portal_ops", "queue", "queued_bytes", "registrar",
+                 "stats", "stmt_ops", "waiting")
 
     def __init__(self, key: bytes, tenant_id: str, tenant_type: str, registrar: Registrar,
                  stats: NotifyStats | None = None):
@@ -153,6 +159,10 @@ class Listens:
         # payload: one notification): (server channel, payload) -> the client's channel.
         self._txn_sent: dict[tuple[str, bytes], str] = {}
         self._rolled_back = False
+        # LISTEN/UNLISTEN through Parse: what each client statement and portal does when
+        # executed (its text on the server is a no-op, ``_PLACEHOLDER``).
+        self.stmt_ops: dict[bytes, tuple[str, str | None]] = {}
+        self.portal_ops: dict[bytes, tuple[str, str | None]] = {}
         self.queue: deque[bytes] = deque()  # NotificationResponses not yet sent
         self.queued_bytes = 0
         self.waiting = False  # a LISTEN's answer waits for the listener (``deferred``)
@@ -182,14 +192,9 @@ class Listens:
             return HOLD_FOR_REPLIES
         if status == TXN_FAILED:
             return None
-        if "ListenStmt" in stmt:
-            channel = str(stmt["ListenStmt"].get("conditionname", ""))
-            op: tuple[str, str | None] = ("listen", channel)
-            tag = "LISTEN"
-        else:
-            name = stmt["UnlistenStmt"].get("conditionname")
-            op = ("unlisten", None if name is None else str(name))
-            tag = "UNLISTEN"
+        op = self._op(stmt)
+        assert op is not None
+        tag = op[0].upper()
         if op[1] is not None and not _spellable(op[1], encoding):
             return None  # the guard refuses it, naming what is supported
         reply = codec.command_complete(tag) + codec.ready_for_query(bytes((status,)))
@@ -201,6 +206,51 @@ class Listens:
         self.waiting = True
         self.deferred = reply
         return b""
+
+    @staticmethod
+    def _op(stmt: dict[str, Any]) -> tuple[str, str | None] | None:
+        if "ListenStmt" in stmt:
+            return ("listen", str(stmt["ListenStmt"].get("conditionname", "")))
+        if "UnlistenStmt" in stmt:
+            name = stmt["UnlistenStmt"].get("conditionname")
+            return ("unlisten", None if name is None else str(name))
+        return None
+
+    def parse(self, name: bytes, sql: bytes, flags: int, encoding: str) -> bytes | None:
+        """A Parse of statement ``name`` (``flags``: its text's classify()). Returns: the
+        text to parse instead: a lone NOTIFY rewritten (see ``rewrite``), or for a lone
+        LISTEN/UNLISTEN a no-op whose execution the proxy turns into that LISTEN at the
+        transaction's commit (``bind``, ``execute``); None to parse ``sql`` as it is."""
+        if self.stmt_ops:
+            self.stmt_ops.pop(name, None)
+        if not flags & NOTIFIES:
+            return None
+        rewritten = self.rewrite(sql, encoding, record=False)
+        if rewritten is not None:
+            return rewritten
+        stmt = _single(sql)
+        op = self._op(stmt) if stmt is not None else None
+        if op is None or (op[1] is not None and not _spellable(op[1], encoding)):
+            return None
+        if len(self.stmt_ops) >= _MAX_STATEMENT_OPS:
+            self.stmt_ops.pop(next(iter(self.stmt_ops)))
+        self.stmt_ops[name] = op
+        return _PLACEHOLDER
+
+    def bind(self, portal: bytes, stmt: bytes) -> None:
+        """A Bind of ``stmt`` to ``portal``: the portal does what the statement does."""
+        op = self.stmt_ops.get(stmt)
+        if op is not None:
+            self.portal_ops[portal] = op
+        else:
+            self.portal_ops.pop(portal, None)
+
+    def execute(self, portal: bytes) -> None:
+        """An Execute of ``portal``: its LISTEN/UNLISTEN takes effect if the transaction
+        commits (``settle``), exactly like one inside a transaction block."""
+        op = self.portal_ops.get(portal)
+        if op is not None:
+            self._txn_ops.append(op)
 
     def rewrite(self, sql: bytes, encoding: str, *, record: bool) -> bytes | None:
         """Returns: a lone ``NOTIFY c[, 'p']`` rewritten to the tenant's server channel, or
@@ -231,19 +281,24 @@ class Listens:
 
     def settle(self, seg: Segment, status: int) -> None:
         """At each ReadyForQuery: at the end of a transaction (status 'I'), apply its
-        LISTEN/UNLISTEN and queue its own notifications when it committed, or drop them."""
+        LISTEN/UNLISTEN and queue its own notifications when it committed, or drop them.
+        Sets ``waiting`` when a channel it now listens to is not heard yet."""
         if seg.failed or seg.rollback or status == TXN_FAILED:
             self._rolled_back = True
         if status != TXN_IDLE or not (self._txn_ops or self._txn_sent or self._rolled_back):
             return
         ops, sent, rolled_back = self._txn_ops, self._txn_sent, self._rolled_back
         self._txn_ops, self._txn_sent, self._rolled_back = [], {}, False
+        self.portal_ops.clear()  # portals end with the transaction
         if rolled_back:
             for mapped, payload in sent:
                 self.registrar.not_notified(mapped, payload)
             return
         for op in ops:
-            self._apply(op)  # not waited for: the client's COMMIT is answered already
+            if not self._apply(op):
+                # The ReadyForQuery that ends this transaction waits for the listener
+                # (backend.py keeps it in ``deferred``), so a NOTIFY right after is heard.
+                self.waiting = True
         for (mapped, payload), channel in sent.items():
             if self.channels.get(channel) == mapped:
                 self.enqueue(notification(self.pid, channel.encode(), payload))
