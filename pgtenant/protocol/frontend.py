@@ -577,20 +577,23 @@ class Frontend:
         sql, tpos = codec.read_cstring(buf, npos, limit=end)
         types = bytes(buf[tpos:end])
         rewritten = None
+        flags = classify(sql)
         if self.listens is not None:  # NOTIFY rewritten, LISTEN a no-op (listen.py)
-            rewritten = self.listens.parse(name, sql, classify(sql), self.settings.encoding)
+            rewritten = self.listens.parse(name, sql, flags, self.settings.encoding)
             if rewritten is not None:
                 if not name:  # the frame itself is rewritten below, like a refusal
                     out += buf[span:pos]
                     span = end
                     out += codec.frame(PARSE, b"\x00" + rewritten + b"\x00" + types)
                 sql = rewritten
+                flags = classify(sql)
         text = sql
         refusal = self.guard(sql) if self.guard is not None and rewritten is None else None
         if refusal is not None:
             self.refused += 1
             text, types = refused_parse(refusal, sql, types)
             sql = b""
+            flags = 0  # classify(b"")
         stmts = self.stmts
         if name:
             # Renamed to a proxy-global statement (prepared.py).
@@ -606,7 +609,6 @@ class Frontend:
             stmts.parsed_unnamed(text, types, seg)
         # What the statement does is noted now and applied at each Bind: a named statement
         # may run again in later transactions, on other servers.
-        flags = classify(sql)
         sets = self.settings.replayable_sets(sql) if flags & SESSION_STATE else None
         stmts.note_statement(name, flags, sets or ())
         return span

@@ -821,11 +821,17 @@ async def test_with_hold_cursor_stays_with_its_session_and_dies_with_it(
         await victim.close()
 
 
-async def test_listen_and_notify_are_refused(solo: ProxyProcess) -> None:
-    """Notification channels are database-wide: a listening tenant would hear every other
-    tenant's payloads, a notifying one could speak into their channels."""
-    for sql in ("LISTEN tenant_news", "NOTIFY tenant_news, 'spoof'",
-                "SELECT pg_notify('tenant_news', 'spoof')"):
+async def test_listen_and_notify_where_channels_cannot_be_mapped_are_refused(
+    solo: ProxyProcess,
+) -> None:
+    """Notification channels are database-wide: a lone LISTEN/NOTIFY is mapped to the
+    tenant's own channels (tests/integration/test_notify.py); where the proxy cannot map it
+    (several statements in one text, raw pg_notify) it is refused."""
+    for sql in ("SELECT 1; LISTEN tenant_news", "SELECT 1; NOTIFY tenant_news, 'spoof'",
+                "SELECT 1; UNLISTEN *"):
+        await refused_everywhere(solo, sql, contains="only statement of")
+    for sql in ("SELECT pg_notify('tenant_news', 'spoof')",
+                "SELECT pg_catalog.pg_notify('tenant_news', 'spoof')"):
         await refused_everywhere(solo, sql, contains="shared by every tenant")
 
 

@@ -19,7 +19,27 @@ from pgtenant.protocol.listen import (
     notification,
     parse_notification,
 )
+from pgtenant.protocol.tracker import HOLD, IDLE, Link
 from pgtenant.stats import NotifyStats
+
+from .links import (
+    BIND_COMPLETE,
+    INJECTED,
+    PARSE_COMPLETE,
+    ROW,
+    ROWDESC,
+    Z_I,
+    Z_T,
+    cc,
+    client_sends,
+    make_link,
+    server_sends,
+    start,
+)
+
+# The replies to the extended context injection (Parse, Bind, Execute, Close of the context).
+INJECTED_EXT = (PARSE_COMPLETE + BIND_COMPLETE + codec.frame(ord("D"), b"\x00\x00")
+                + cc("SELECT 1") + codec.frame(ord("3"), b""))
 
 KEY = b"k" * 32
 ORG = "7d1c6a3e-0000-4000-8000-000000000001"
@@ -173,3 +193,73 @@ def test_close_unsubscribes_every_channel() -> None:
     obj.close()
     assert sorted(c for c in reg.calls if c[0] == "unsubscribe") == sorted(
         [("unsubscribe", obj.mapped("a")), ("unsubscribe", obj.mapped("b"))])
+
+
+# ---------------------------------------------------------------------- through a Link
+
+def linked(confirm: bool = True) -> tuple[Link, Listens, FakeRegistrar]:
+    link = make_link()
+    obj, reg = listens(confirm)
+    link.listens = obj
+    link.notify_stats = obj.stats
+    return link, obj, reg
+
+
+def test_lone_listen_is_answered_without_a_server() -> None:
+    link, obj, _ = linked()
+    out, reply, outcome = client_sends(link, codec.query("LISTEN jobs"))
+    assert (out, outcome) == (b"", IDLE)
+    assert reply == cc("LISTEN") + Z_I
+    assert list(obj.channels) == ["jobs"] and not link.attached
+
+
+def test_listen_waiting_for_the_listener_holds_the_client() -> None:
+    link, obj, _ = linked(confirm=False)
+    out, reply, outcome = client_sends(link, codec.query("LISTEN jobs") + codec.query("SELECT 1"))
+    assert (out, reply, outcome) == (b"", b"", HOLD)
+    assert obj.waiting and link.cbuf == bytearray(codec.query("SELECT 1"))
+    assert obj.confirmed() == cc("LISTEN") + Z_I
+
+
+def test_notify_is_rewritten_and_own_notification_precedes_ready_for_query() -> None:
+    link, obj, _ = linked()
+    client_sends(link, codec.query("LISTEN jobs"))
+    sent = start(link, codec.query("NOTIFY jobs, 'hi'"))
+    assert f'NOTIFY "{obj.mapped("jobs")}", \'hi\''.encode() in sent
+    assert b"NOTIFY jobs" not in sent
+    seen = server_sends(link, INJECTED + cc("NOTIFY") + Z_I)
+    assert seen == cc("NOTIFY") + notification(4242, b"jobs", b"hi") + Z_I
+
+
+def test_notifications_from_a_pooled_server_never_reach_the_client() -> None:
+    link, obj, _ = linked()
+    start(link, codec.query("SELECT 1"))
+    raw = notification(99, b"raw_channel", b"leak")
+    seen = server_sends(link, INJECTED + raw + ROWDESC + raw + ROW + cc("SELECT 1") + raw + Z_I)
+    assert seen == ROWDESC + ROW + cc("SELECT 1") + Z_I
+    assert obj.stats is not None and obj.stats.dropped_pooled == 3
+
+
+def test_listen_through_parse_takes_effect_when_its_transaction_commits() -> None:
+    link, obj, reg = linked()
+    batch = (codec.parse("", "LISTEN jobs") + codec.bind("", "", []) + codec.execute("", 0)
+             + codec.sync())
+    sent = start(link, batch)
+    assert b'UNLISTEN "pgtenant_noop"' in sent and b"LISTEN jobs" not in sent
+    assert obj.channels == {}  # not before the commit
+    server_sends(link, INJECTED_EXT + PARSE_COMPLETE + BIND_COMPLETE + cc("UNLISTEN") + Z_I)
+    assert list(obj.channels) == ["jobs"]
+    assert reg.calls == [("subscribe", obj.mapped("jobs"), "jobs")]
+
+
+def test_queued_notifications_go_out_before_the_next_idle_ready_for_query() -> None:
+    link, obj, _ = linked()
+    start(link, codec.query("BEGIN"))
+    server_sends(link, INJECTED + cc("BEGIN") + Z_T)
+    obj.enqueue(notification(7, b"jobs", b"later"))
+    client_sends(link, codec.query("SELECT 1"))
+    assert server_sends(link, ROWDESC + ROW + cc("SELECT 1") + Z_T) == (
+        ROWDESC + ROW + cc("SELECT 1") + Z_T)  # in the block: kept
+    client_sends(link, codec.query("COMMIT"))
+    assert server_sends(link, cc("COMMIT") + Z_I) == (
+        cc("COMMIT") + notification(7, b"jobs", b"later") + Z_I)
