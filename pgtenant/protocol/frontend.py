@@ -754,6 +754,8 @@ class Frontend:
         else:
             self.stmts.forget_all(portals=True)
             self.settings.discard_all()
+            if self.listens is not None:
+                self.listens.close()  # DISCARD ALL includes UNLISTEN *
             tag = "DISCARD ALL"
         return codec.command_complete(tag) + codec.ready_for_query(b"I")
 

@@ -263,3 +263,11 @@ def test_queued_notifications_go_out_before_the_next_idle_ready_for_query() -> N
     client_sends(link, codec.query("COMMIT"))
     assert server_sends(link, cc("COMMIT") + Z_I) == (
         cc("COMMIT") + notification(7, b"jobs", b"later") + Z_I)
+
+
+def test_discard_all_stops_listening() -> None:
+    link, obj, reg = linked()
+    client_sends(link, codec.query("LISTEN jobs"))
+    _, reply, _ = client_sends(link, codec.query("DISCARD ALL"))
+    assert reply == cc("DISCARD ALL") + Z_I
+    assert obj.channels == {} and reg.calls[-1] == ("unsubscribe", obj.mapped("jobs"))
