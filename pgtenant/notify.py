@@ -13,7 +13,7 @@ tenant) to the client's spelling of it and the subscribers listening to it. The 
 subscriber of a channel makes the listener ``LISTEN`` it, the last one going ``UNLISTEN``s it;
 statements go out one Query each, and ``_inflight`` records, per Query, the channels whose
 LISTEN its ReadyForQuery confirms. A subscribe returns whether the channel is heard already;
-if not, the subscriber's ``listen_confirmed`` is called once it is (or once the listener gave
+if not, the subscriber's ``listener_caught_up`` is called once it is (or once the listener gave
 up trying, so no client waits forever). The connection is made on the first subscribe.
 
 A NotificationResponse is sent to each subscriber of its channel, rewritten with the channel
@@ -53,6 +53,9 @@ _BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # seconds before each reconne
 # Own NOTIFYs remembered until the listener hears them (oldest forgotten first): a NOTIFY
 # nobody hears is never matched, so the table is bounded.
 _EXPECT_MAX: Final = 4096
+# How long a client's COMMIT waits at most for the listener to hear its NOTIFY (a safety
+# net: the listener hears a committed notification on a channel it listens to).
+_ECHO_WAIT: Final = 2.0
 
 
 class Subscriber(Protocol):
@@ -61,8 +64,13 @@ class Subscriber(Protocol):
     @property
     def notify_pid(self) -> int: ...  # its BackendKeyData pid
 
-    def notified(self, frame: bytes) -> None: ...  # a NotificationResponse for it
-    def listen_confirmed(self) -> None: ...  # the channel it waited for is heard
+    # NotificationResponses for it, in order: those one read of the listener brought, so
+    # that notifications Postgres sent together reach the client together (psycopg's
+    # notifies(stop_after=) counts on it)
+    def notified(self, frames: list[bytes]) -> None: ...
+    # what it waited for happened: the channel it listens to is heard, or its NOTIFY was
+    # (or the listener gave up: nobody waits forever)
+    def listener_caught_up(self) -> None: ...
 
 
 class Notifier:
@@ -84,6 +92,10 @@ class Notifier:
         self.server: ServerConnection | None = None  # logged in and ours
         self._task: asyncio.Task[None] | None = None  # connecting (with backoff)
         self._buf = bytearray()
+        self._batch: dict[Subscriber, list[bytes]] = {}  # fan-out of the current read
+        # Own NOTIFYs whose notifier waits until the listener heard them (``await_echo``).
+        self._echo_waiters: dict[tuple[int, str, bytes], Subscriber] = {}
+        self._echoed: list[Subscriber] = []  # heard in the current read: woken after it
         self.closed = False
 
     def __repr__(self) -> str:
@@ -99,7 +111,7 @@ class Notifier:
     def subscribe(self, sub: Subscriber, mapped: str, channel: str) -> bool:
         """``sub`` listens to server channel ``mapped`` (spelled ``channel`` by the client).
 
-        Returns: True when the channel is heard already; else ``sub.listen_confirmed()``
+        Returns: True when the channel is heard already; else ``sub.listener_caught_up()``
         follows once it is (or once the listener could not be reached: no client waits
         forever for it).
         """
@@ -150,6 +162,28 @@ class Notifier:
         """The NOTIFY ``expect`` recorded was rolled back."""
         self._expected.pop((server_pid, mapped, payload), None)
 
+    def await_echo(self, server_pid: int, mapped: str, payload: bytes,
+                   sub: Subscriber) -> bool:
+        """The NOTIFY ``expect`` recorded was committed.
+
+        Returns: True when the listener has yet to hear it and will (it listens to the
+        channel); then ``sub.listener_caught_up()`` follows once it did, after every other
+        listening client was sent it (or after ``_ECHO_WAIT`` seconds at most).
+        """
+        key = (server_pid, mapped, payload)
+        if self.server is None or key not in self._expected or mapped not in self.heard:
+            return False
+        self._echo_waiters[key] = sub
+        asyncio.get_running_loop().call_later(_ECHO_WAIT, self._echo_timeout, key)
+        return True
+
+    def _echo_timeout(self, key: tuple[int, str, bytes]) -> None:
+        sub = self._echo_waiters.pop(key, None)
+        if sub is not None:
+            log.warning("database=%s listener: a committed NOTIFY was not heard within %gs",
+                        self.name, _ECHO_WAIT)
+            sub.listener_caught_up()
+
     # ------------------------------------------------------------------ the connection
 
     def _start(self) -> None:
@@ -193,10 +227,13 @@ class Notifier:
     def _wake(self, channels: list[str]) -> None:
         for mapped in channels:
             for sub in self._waiters.pop(mapped, []):
-                sub.listen_confirmed()
+                sub.listener_caught_up()
 
     def _wake_all(self) -> None:
         self._wake(list(self._waiters))
+        echo_waiters, self._echo_waiters = self._echo_waiters, {}
+        for sub in echo_waiters.values():
+            sub.listener_caught_up()
 
     def _on_lost(self, server: ServerConnection) -> None:
         """ServerConnection's on_lost: the peer callbacks below do the work."""
@@ -216,8 +253,14 @@ class Notifier:
             del buf[:]
             if self.server is not None:
                 self.server.close()
-            return
-        del buf[:pos]
+        else:
+            del buf[:pos]
+        batch, self._batch = self._batch, {}
+        for sub, frames in batch.items():
+            sub.notified(frames)
+        echoed, self._echoed = self._echoed, []
+        for sub in echoed:  # after the others were sent it
+            sub.listener_caught_up()
 
     def _frame(self, t: int, body: bytes) -> None:
         if t == NOTIFICATION_RESPONSE:
@@ -236,15 +279,20 @@ class Notifier:
     def _fan_out(self, pid: int, mapped_bytes: bytes, payload: bytes) -> None:
         mapped = mapped_bytes.decode("utf-8", "replace")
         entry = self.channels.get(mapped)
-        sender = self._expected.pop((pid, mapped, payload), None)
+        key = (pid, mapped, payload)
+        sender = self._expected.pop(key, None)
+        waiter = self._echo_waiters.pop(key, None)
+        if waiter is not None:
+            self._echoed.append(waiter)
         if entry is None:
             return  # unlistened meanwhile
         channel, subs = entry
         frame = notification(sender.notify_pid if sender is not None else 0,
                              channel.encode(), payload)
-        for sub in list(subs):
+        batch = self._batch
+        for sub in subs:
             if sub is not sender:  # it delivered its own (protocol/listen.py)
-                sub.notified(frame)
+                batch.setdefault(sub, []).append(frame)
 
     def server_lost(self, exc: Exception | None) -> None:
         self.server = None

@@ -176,7 +176,7 @@ class Session:
         """Run the client's requests through the Link; a transaction starts here."""
         link = self.link
         if self.listens is not None and self.listens.waiting:
-            return  # a LISTEN's answer waits for the listener (listen_confirmed pumps)
+            return  # a LISTEN's answer waits for the listener (listener_caught_up pumps)
         while True:
             try:
                 to_server, to_client, outcome = link.pump_client()
@@ -458,23 +458,27 @@ class Session:
         return (not self.waiting and not self.client.writing_paused
                 and (self.server is None or (link.can_release and not link.held)))
 
-    def notified(self, frame: bytes) -> None:
-        """notify.Subscriber: a NotificationResponse for this client; sent now when it is
-        between transactions, else queued for its next ReadyForQuery 'I'."""
+    def notified(self, frames: list[bytes]) -> None:
+        """notify.Subscriber: NotificationResponses for this client; sent now (in one
+        write) when it is between transactions, else queued for its next ReadyForQuery
+        'I'."""
         listens = self.listens
         if listens is None or self.closed:
             return
         if not listens.queue and not listens.waiting and self._between_transactions():
             if listens.stats is not None:
-                listens.stats.delivered += 1
-            self._write(frame)
-        elif not listens.enqueue(frame) and not self._notify_drop_logged:
-            self._notify_drop_logged = True  # once per client: a flood must not flood the log
-            log.warning("%r: its notification queue is full (it does not read them): "
-                        "notifications dropped", self)
+                listens.stats.delivered += len(frames)
+            self._write(b"".join(frames))
+            return
+        for frame in frames:
+            if not listens.enqueue(frame) and not self._notify_drop_logged:
+                self._notify_drop_logged = True  # once per client: a flood must not flood
+                log.warning("%r: its notification queue is full (it does not read them): "
+                            "notifications dropped", self)
 
-    def listen_confirmed(self) -> None:
-        """notify.Subscriber: the listener hears the channel of a LISTEN whose answer waits."""
+    def listener_caught_up(self) -> None:
+        """notify.Subscriber: the listener hears the channel of a LISTEN whose answer waits,
+        or heard the NOTIFY whose COMMIT's ReadyForQuery waits."""
         listens = self.listens
         if listens is None or not listens.waiting or self.closed:
             return
@@ -537,3 +541,11 @@ class _Registrar:
         server = session.server
         if server is not None and server.login is not None:
             session.pool.notifier.unexpect(server.login.backend_pid, mapped, payload)
+
+    def committed(self, mapped: str, payload: bytes) -> bool:
+        session = self._session
+        server = session.server
+        if server is None or server.login is None:
+            return False
+        return session.pool.notifier.await_echo(server.login.backend_pid, mapped, payload,
+                                                session)

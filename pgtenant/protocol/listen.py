@@ -119,6 +119,9 @@ class Registrar(Protocol):
     def unsubscribe(self, mapped: str) -> None: ...
     def notifying(self, mapped: str, payload: bytes) -> None: ...  # sent in this txn
     def not_notified(self, mapped: str, payload: bytes) -> None: ...  # ... rolled back
+    # ... committed: True when the listener has yet to hear it (then the client's
+    # ReadyForQuery waits for it: see ``settle``)
+    def committed(self, mapped: str, payload: bytes) -> bool: ...
 
 
 def _single(sql: bytes) -> dict[str, Any] | None:
@@ -302,6 +305,11 @@ class Listens:
         for (mapped, payload), channel in sent.items():
             if self.channels.get(channel) == mapped:
                 self.enqueue(notification(self.pid, channel.encode(), payload))
+        if sent and self.registrar.committed(*next(reversed(sent))):
+            # The ReadyForQuery of its COMMIT waits until the listener heard the last of
+            # them (Postgres sends a transaction's notifications in order): when NOTIFY
+            # returns, every listening client has been sent it (or has it queued).
+            self.waiting = True
 
     def _apply(self, op: tuple[str, str | None]) -> bool:
         """Returns: whether the listener hears the channel already (a LISTEN's answer

@@ -9,6 +9,7 @@ function, on a pooled server) never delivers anything to a client.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 
@@ -310,3 +311,35 @@ async def test_listener_reconnects_after_its_backend_is_terminated(
     finally:
         for conn in (listener, notifier, admin):
             await conn.close()
+
+
+def test_notification_during_a_query_comes_before_its_ready_for_query(
+    proxy: ProxyProcess,
+) -> None:
+    """As from Postgres: a notification that arrives while the client's query runs is sent
+    between that query's replies and its ReadyForQuery, never inside a reply (psycopg's
+    test_notify_query_notify, sleep_on="server")."""
+    with _psycopg(proxy, "acme") as conn, _psycopg(proxy, "acme") as notifier:
+        seen: list[str] = []
+        conn.add_notify_handler(lambda n: seen.append(n.payload))
+        conn.execute("LISTEN during")
+        done = threading.Event()
+
+        def notify_soon() -> None:
+            time.sleep(0.1)
+            notifier.execute("SELECT pgtenant.pg_notify('during', 'mid-query')")
+            done.set()
+
+        worker = threading.Thread(target=notify_soon)
+        worker.start()
+        assert conn.execute("SELECT pg_sleep(0.4), 7").fetchone() == ("", 7)
+        worker.join()
+        assert done.is_set() and seen == ["mid-query"]  # before execute() returned
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+        notifier.execute("SELECT pgtenant.pg_notify('during', 'in a block')")
+        time.sleep(0.2)
+        conn.execute("SELECT 2")
+        assert seen == ["mid-query"]  # kept while the client is in a transaction block
+        conn.execute("COMMIT")
+        assert seen == ["mid-query", "in a block"]

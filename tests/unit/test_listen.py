@@ -63,6 +63,10 @@ class FakeRegistrar:
     def not_notified(self, mapped: str, payload: bytes) -> None:
         self.calls.append(("not_notified", mapped, payload.decode()))
 
+    def committed(self, mapped: str, payload: bytes) -> bool:
+        self.calls.append(("committed", mapped, payload.decode()))
+        return False
+
 
 def listens(confirm: bool = True) -> tuple[Listens, FakeRegistrar]:
     reg = FakeRegistrar(confirm)
