@@ -17,11 +17,11 @@ import asyncpg
 import psycopg
 import pytest
 
-from pgtenant.control.hardening import sign_context
+from pgtenant.control.hardening import check_lockdown, sign_context
 from pgtenant.protocol.listen import channel_name
 
 from .conftest import ProxyProcess, connect, free_port
-from .helpers import metric_value, scrape
+from .helpers import ADMIN, admin_rows, metric_value, scrape
 
 Received = list[tuple[int, str, str]]
 
@@ -283,7 +283,7 @@ async def test_listener_reconnects_after_its_backend_is_terminated(
     start_proxy: Callable[..., ProxyProcess],
 ) -> None:
     port = free_port()
-    proxy = start_proxy(pool_size=2, extra=f'[metrics]\nlisten = "127.0.0.1:{port}"')
+    proxy = start_proxy(pool_size=2, extra=f'{ADMIN}\n[metrics]\nlisten = "127.0.0.1:{port}"')
     listener = await connect(proxy, "acme")
     notifier = await connect(proxy, "acme")
     admin = await asyncpg.connect(proxy.env.admin_dsn)
@@ -308,6 +308,12 @@ async def test_listener_reconnects_after_its_backend_is_terminated(
         assert metric_value(samples, "pgtenant_notify_listeners") == 1
         assert metric_value(samples, "pgtenant_notify_channels") == 1
         assert metric_value(samples, "pgtenant_notifications_delivered_total") >= 2
+        (row,) = admin_rows(proxy, "SHOW LISTENERS")
+        new_pid = (await admin.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN \"pgtenant\\_%'"))
+        assert row["database"] == "app" and row["connected"] == "1"
+        assert row["channels"] == row["subscriptions"] == row["listener_losses"] == "1"
+        assert [r["pid"] for r in new_pid] == [int(row["backend_pid"])] != [pids[0]["pid"]]
     finally:
         for conn in (listener, notifier, admin):
             await conn.close()
@@ -343,3 +349,21 @@ def test_notification_during_a_query_comes_before_its_ready_for_query(
         assert seen == ["mid-query"]  # kept while the client is in a transaction block
         conn.execute("COMMIT")
         assert seen == ["mid-query", "in a block"]
+
+
+async def test_check_lockdown_notices_a_missing_pg_notify(proxy: ProxyProcess) -> None:
+    env = proxy.env
+    admin = await asyncpg.connect(env.admin_dsn)
+    try:
+        assert await check_lockdown(admin, env.proxy_role, []) == []
+        tx = admin.transaction()
+        await tx.start()
+        try:  # an install from before LISTEN/NOTIFY; rolled back
+            await admin.execute("DROP FUNCTION pgtenant.pg_notify(text, text)")
+            problems = await check_lockdown(admin, env.proxy_role, [])
+        finally:
+            await tx.rollback()
+    finally:
+        await admin.close()
+    assert problems == ["pgtenant.pg_notify(text, text) is missing (run pgtenant init): "
+                        "tenants' pg_notify needs it"]
