@@ -367,3 +367,16 @@ async def test_check_lockdown_notices_a_missing_pg_notify(proxy: ProxyProcess) -
         await admin.close()
     assert problems == ["pgtenant.pg_notify(text, text) is missing (run pgtenant init): "
                         "tenants' pg_notify needs it"]
+
+
+def test_without_a_signing_key_listen_and_notify_are_refused(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """No key, no private channel names: refused (fail closed), the session goes on."""
+    proxy = start_proxy(pool_size=1, extra='context_signing = "off"')
+    with _psycopg(proxy, "acme") as conn:
+        for sql in ("LISTEN news", "NOTIFY news, 'x'", "UNLISTEN *"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege,
+                               match="context-signing key"):
+                conn.execute(sql)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
