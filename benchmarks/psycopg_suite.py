@@ -14,8 +14,9 @@ suite creates schemas, tables, types, functions), makes one tenant and a token, 
 
 with ``PSYCOPG_IMPL=python`` and ``PSYCOPG_TEST_DSN`` pointing at the proxy (the token as
 password), psycopg's sources first on ``PYTHONPATH``. psycopg's test dependencies (pytest,
-anyio) must be importable by this interpreter (e.g. ``pip install --target DIR anyio`` and
-``PYTHONPATH=DIR``); when they are not, it says which and exits 0. The junit XML is
+anyio; pproxy for its proxy tests) must be importable by this interpreter (e.g.
+``pip install --target DIR anyio pproxy`` and ``PYTHONPATH=DIR``); when they are not, it
+says which and exits 0. The junit XML is
 summarised (passed, failed, errors, skipped, failures grouped by the first line of their
 message) and stored under the mode's key in ``benchmarks/results/psycopg_suite.json``.
 ``--limit-tests EXPR`` passes ``-k EXPR`` for quick runs.
@@ -108,10 +109,24 @@ def print_summary(mode: str, summary: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- environment
 
-def suite_env(psycopg: Path, dsn: str) -> dict[str, str]:
-    """Returns: the environment for the suite: pure-Python psycopg from the checkout."""
+# pproxy (psycopg's proxy tests start it as a subprocess) uses uvloop when it can import it,
+# and calls asyncio.get_event_loop() with no loop, which uvloop's raises: every proxy test
+# would fail in this virtualenv, direct too. A module that refuses the import hides it
+# (ModuleNotFoundError: the one pproxy catches).
+_NO_UVLOOP = (
+    "raise ModuleNotFoundError('hidden from psycopg\\'s suite: pproxy would pick it, and "
+    "uvloop\\'s get_event_loop() raises where pproxy expects a new loop')\n")
+
+
+def suite_env(psycopg: Path, dsn: str, shim: Path | None = None) -> dict[str, str]:
+    """Returns: the environment for the suite: pure-Python psycopg from the checkout
+    (and, with ``shim``, a directory whose uvloop.py hides uvloop: see _NO_UVLOOP)."""
     env = dict(os.environ)
     paths = [str(psycopg / "psycopg"), str(psycopg / "psycopg_pool"), str(psycopg)]
+    if shim is not None:
+        shim.mkdir(parents=True, exist_ok=True)
+        (shim / "uvloop.py").write_text(_NO_UVLOOP)
+        paths.insert(0, str(shim))
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env.update(PYTHONPATH=os.pathsep.join(paths), PSYCOPG_IMPL="python",
@@ -245,7 +260,7 @@ def run_suite(psycopg: Path, dsn: str, workdir: Path, args: argparse.Namespace,
 
     Returns: ``parse_junit``'s summary plus the exit code, the seconds and the argv.
     """
-    env = suite_env(psycopg, dsn)
+    env = suite_env(psycopg, dsn, workdir / "shim")
     junit = workdir / "junit.xml"
     has_timeout = not required_missing(env, ("pytest_timeout",))
     argv = pytest_argv(psycopg, junit, args.limit_tests,

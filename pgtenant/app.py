@@ -228,7 +228,8 @@ class App:
             if self.config.lockdown_check != "off":
                 roles = sorted({r for t in self.config.tenant_types.values()
                                 if (r := static_role(t)) is not None})
-                problems = await check_lockdown(conn, dsn.user, roles)
+                problems = await check_lockdown(conn, dsn.user, roles,
+                                                self.config.protected_settings)
                 if problems:
                     text = f"database {pool.db.name!r} is not locked down: " + "; ".join(problems)
                     if self.config.lockdown_check == "refuse":

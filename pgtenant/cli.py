@@ -121,6 +121,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     from .control.init import DEFAULT_CONTROL_ROLE, DEFAULT_PROXY_ROLE, init_database
 
     tenant_types = None
+    protected: tuple[str, ...] = ()
     role, password = args.proxy_role, args.proxy_password
     control_role, control_password = args.control_role, args.control_password
     write_to = Path(args.write_config) if args.write_config else None
@@ -131,6 +132,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     if args.config:
         config = _load(args.config)
         tenant_types = config.tenant_types
+        protected = config.protected_settings
         db = next(iter(config.databases.values()))
         role = args.proxy_role or db.dsn.user
         password = password or db.dsn.password
@@ -151,7 +153,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     result = asyncio.run(init_database(
         args.dsn, proxy_role=role or DEFAULT_PROXY_ROLE, proxy_password=password,
         control_role=control_role or DEFAULT_CONTROL_ROLE, control_password=control_password,
-        tenant_types=tenant_types,
+        tenant_types=tenant_types, protected_settings=protected,
     ))
     if write_to is not None:
         from .control.starter import starter_config, write_private

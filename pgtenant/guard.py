@@ -21,7 +21,8 @@ from pglast.parser import ParseError
 from .errors import ProgramLimitExceeded
 from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
 from .protocol.encoding import encoding_key
-from .protocol.refusal import RESERVED_PREFIX, RefusalText
+from .protocol.redirect import CATALOG, redirect_calls
+from .protocol.refusal import RESERVED_PREFIX, RefusalText, Verdict
 from .protocol.sql import ends_transaction, has_word, is_on, parse
 from .protocol.textcache import TextCache
 
@@ -77,6 +78,9 @@ _ANY_WORDS: Final = frozenset(
     b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
     b"call execute deallocate prepared lock explain setseed".split()
 ) | {n.encode() for n in _LO_FUNCS}
+# Built-ins tenants may not execute, and the stand-ins their calls are rewritten to
+# (control/safe_settings.py): Postgres then decides on the values it is given.
+_REDIRECTS: Final = {"set_config": "pgtenant.set_config"}
 # Verdicts kept, by total bytes of their texts (see protocol/textcache.py).
 _CACHE_BYTES = 4 << 20
 RESERVED_NAME_PREFIX: Final = RESERVED_PREFIX.decode()
@@ -106,6 +110,7 @@ class Refusal(Exception):
     """Internal: carries the message of the first rule a statement breaks."""
 
     rule: str | None = None  # metrics label; set to the parse-node kind when not given
+    sqlstate: str = "42501"  # what Postgres raises for it (refusal.RefusalText)
 
 
 class NotInTransaction(Refusal):
@@ -128,17 +133,22 @@ class Guard:
         self._prefixes = tuple(n for n in names if n.endswith("."))
         self.allow = frozenset(allow)
         self.max_parse = max_parse
-        # text -> (message, rule); bounded in bytes, texts above max_parse never parsed.
-        self._cache: TextCache[tuple[str, str] | None] = TextCache(_CACHE_BYTES, max_parse)
+        # text -> (message, rule), or the rewritten text; bounded in bytes, texts above
+        # max_parse never parsed.
+        self._cache: TextCache[tuple[str, str] | bytes | None] = TextCache(_CACHE_BYTES,
+                                                                            max_parse)
         # single statements refused only for NotInTransaction
         self._outside: TextCache[str] = TextCache(_CACHE_BYTES // 16, 64 * 1024)
         self.refusals = 0
         self.refusals_by_rule: dict[str, int] = {}  # pgtenant_guard_refusals_total{rule}
+        self._redirects = 0  # calls to rewrite found by the walk of the text being judged
 
-    def check(self, sql: bytes) -> str | None:
+    def check(self, sql: bytes) -> Verdict:
         """Judge one Query or Parse text.
 
-        Returns: None when the statement may run, else the refusal message (SQLSTATE 42501).
+        Returns: None when the statement may run as sent; the text to run instead when it
+        calls a built-in tenants reach through a stand-in (``set_config``: see
+        protocol/redirect.py); else the refusal message (SQLSTATE 42501).
         Text with a suspect word that pglast cannot parse is refused: pglast's grammar is
         Postgres 18's, and an older backend may accept what it rejects (a word that became
         a reserved keyword since), which would smuggle a ``SET ROLE`` past an unparsed text.
@@ -167,8 +177,8 @@ class Guard:
                     "max_parsed_query_size", ProgramLimitExceeded.sqlstate)
             verdict = self._judge(sql) if suspect else None
             self._cache.put(sql, verdict)
-        if verdict is None:
-            return None
+        if verdict is None or isinstance(verdict, bytes):
+            return verdict
         message, rule = verdict  # type: ignore[misc]
         self.refusals_by_rule[rule] = self.refusals_by_rule.get(rule, 0) + 1
         return message
@@ -193,8 +203,9 @@ class Guard:
 
     # ------------------------------------------------------------------ rules
 
-    def _judge(self, sql: bytes) -> tuple[str, str] | None:
+    def _judge(self, sql: bytes) -> tuple[str, str] | bytes | None:
         stmts: list[dict[str, Any]] = []
+        self._redirects = 0
         try:
             tree = parse(sql)  # shared with the classifier (protocol/sql.py)
             stmts = [item.get("stmt", {}) for item in tree.get("stmts", [])]
@@ -206,7 +217,10 @@ class Guard:
                 self._outside.put(sql, refusal.what)
             return f"pgtenant: {refusal}", "not_in_transaction"
         except Refusal as refusal:
-            return f"pgtenant: {refusal}", refusal.rule or "statement"
+            message = f"pgtenant: {refusal}"
+            if refusal.sqlstate != Refusal.sqlstate:
+                message = RefusalText(message, refusal.sqlstate)
+            return message, refusal.rule or "statement"
         except RecursionError:  # cannot be checked, so it does not run (fail closed)
             return ("pgtenant: statement is nested too deeply for the statement guard",
                     "too_deep")
@@ -216,6 +230,13 @@ class Guard:
         except ValueError:
             return ("pgtenant: the statement guard cannot read this text, so it was not run",
                     "unreadable")
+        if self._redirects:
+            rewritten = redirect_calls(sql, _REDIRECTS, self._redirects)
+            if rewritten is None:
+                return ("pgtenant: the statement guard cannot rewrite this text's set_config() "
+                        "calls to pgtenant.set_config(), so it was not run; call "
+                        "pgtenant.set_config() yourself", "unrewritable")
+            return rewritten
         return None
 
     def _walk(self, node: Any) -> None:
@@ -241,7 +262,14 @@ class Guard:
         kind = stmt.get("kind", "")
         name = str(stmt.get("name", "")).lower()
         if kind == "VAR_RESET_ALL":
-            raise Refusal("RESET ALL is not allowed in tenant sessions")
+            raise Refusal("RESET ALL would also reset the tenant's context here; pgtenant "
+                          "answers it itself when it is sent alone, outside a transaction "
+                          "block (protocol/local.py)")
+        if (name == "search_path" and kind in ("VAR_RESET", "VAR_SET_DEFAULT")
+                and not stmt.get("is_local")):
+            raise Refusal("RESET search_path is answered by pgtenant itself when it is sent "
+                          "as a statement of its own (the search_path is always the "
+                          "tenant's); here it would run on the server and drop it")
         if name in _LEXER_SETTINGS and kind == "VAR_SET_VALUE":
             args = stmt.get("args", [])
             value = _const_text(args[0]) if len(args) == 1 else None
@@ -258,20 +286,24 @@ class Guard:
         parts = [p.get("String", {}).get("sval", "") for p in call.get("funcname", [])]
         name = parts[-1].lower() if parts else ""
         if name == "set_config":
+            if parts == [name] or parts == [CATALOG, name]:
+                self._redirects += 1  # the built-in: rewritten to pgtenant.set_config
             args = call.get("args", [])
             first = args[0] if args else None
             setting = None
             if isinstance(first, dict):
                 setting = first.get("A_Const", {}).get("sval", {}).get("sval")
-            if setting is None:
-                raise Refusal("set_config() with a computed setting name is not allowed in "
-                              "tenant sessions")
-            if self.is_protected(setting):
+            # A computed name or value is judged by pgtenant.set_config on the value
+            # Postgres sees; constants are refused here already, with the guard's message.
+            if setting is not None and setting.lower() == "seed":
+                raise Refusal(_SEED_REFUSAL)
+            if setting is not None and self.is_protected(setting):
                 raise Refusal(f"set_config('{setting}', ...) is not allowed in tenant "
                               "sessions: pgtenant sets it for every transaction")
-            if setting.lower() in _LEXER_SETTINGS:
-                _check_lexer_setting(setting.lower(),
-                                     _const_text(args[1]) if len(args) > 1 else None)
+            if setting is not None and setting.lower() in _LEXER_SETTINGS:
+                value = _const_text(args[1]) if len(args) > 1 else None
+                if value is not None:
+                    _check_lexer_setting(setting.lower(), value)
         elif name in _DYNAMIC_SQL_FUNCS:
             raise Refusal(f"{name}() runs SQL text pgtenant cannot check; it is not allowed "
                           "in tenant sessions")
@@ -292,6 +324,14 @@ class Guard:
                               "object (allow_large_objects)")
             refusal.rule = "large_object"
             raise refusal
+
+    def _discard(self, stmt: dict[str, Any]) -> None:
+        # PLANS, SEQUENCES and TEMP only remove what the session holds; ALL would also
+        # reset the context (RESET ALL, SET SESSION AUTHORIZATION DEFAULT).
+        if stmt.get("target") == "DISCARD_ALL":
+            raise Refusal("DISCARD ALL would also reset the tenant's context here; pgtenant "
+                          "answers it itself when it is sent alone, outside a transaction "
+                          "block (protocol/local.py)")
 
     def _lock(self, _stmt: dict[str, Any]) -> None:
         if "lock_table" not in self.allow:
@@ -397,8 +437,13 @@ def _transaction(_guard: Guard, stmt: dict[str, Any]) -> None:
     if stmt.get("kind") in _TWO_PHASE:
         # A prepared transaction outlives the session and holds its locks; any session of
         # the same role (every tenant of a shared-role type) may COMMIT/ROLLBACK PREPARED it.
-        raise Refusal("two-phase commit (PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED) is "
-                      "not allowed in tenant sessions")
+        refusal = Refusal("prepared transactions (PREPARE TRANSACTION, COMMIT/ROLLBACK "
+                          "PREPARED) are not available through pgtenant: one would outlive "
+                          "the session and could be finished by any session of the same role")
+        # Postgres's own SQLSTATE when prepared transactions are disabled
+        # (max_prepared_transactions = 0), which drivers map to "not supported".
+        refusal.sqlstate = "55000"
+        raise refusal
     if stmt.get("chain"):
         raise Refusal("COMMIT/ROLLBACK AND CHAIN is not allowed in tenant sessions: the chained "
                       "transaction would start without the tenant's context")
@@ -443,7 +488,7 @@ _RULES: Final[dict[str, Any]] = {
     "DeallocateStmt": _statement_name,
     "LockStmt": Guard._lock,
     "ExplainStmt": Guard._explain,
-    "DiscardStmt": _refuse("DISCARD is not allowed in tenant sessions"),
+    "DiscardStmt": Guard._discard,
     # Channels are database-wide: the proxy maps a tenant's channels to its own
     # (protocol/listen.py) where it can see the statement; everywhere else, refused.
     "ListenStmt": _refuse(_LISTEN_REFUSAL.format("LISTEN")),

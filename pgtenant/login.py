@@ -22,6 +22,7 @@ from .identity.context import TenantContext, TenantIdentity
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
 from .protocol.inject import Injection
+from .protocol.refusal import StatementPolicy, Verdict
 from .protocol.sql import pins_server
 from .protocol.tracker import Link
 
@@ -163,25 +164,25 @@ def outside_transaction_check(guard: Guard, tenant_type: TenantTypeConfig
     return lambda sql: kind_of(sql) in allowed
 
 
-def pin_capped(check: Callable[[bytes], str | None], may_pin: Callable[[], bool],
-               limit: Callable[[], int]) -> Callable[[bytes], str | None]:
+def pin_capped(check: StatementPolicy, may_pin: Callable[[], bool],
+               limit: Callable[[], int]) -> StatementPolicy:
     """Returns: the statement guard's ``check``, plus the tenant's cap on pinned servers
     (a statement that would pin one more server than max_pinned_servers, ``limit()``, is
     refused before it runs, so one tenant cannot starve the pool by pinning; ``may_pin()``
     says whether the session may pin: it already does, or its tenant is under the cap; see
     ClientLimits.may_pin)."""
 
-    def policy(sql: bytes) -> str | None:
-        refusal = check(sql)
-        if refusal is not None or may_pin():
-            return refusal
+    def policy(sql: bytes) -> Verdict:
+        verdict = check(sql)
+        if isinstance(verdict, str) or may_pin():
+            return verdict
         if pins_server(sql):
             return (f"pgtenant: this statement would keep a server connection for this "
                     f"session, and this tenant's sessions already keep {limit()} "
                     "(max_pinned_servers); end one of them, or avoid session state "
                     "(use protocol-level prepared statements, transaction-scoped locks "
                     "and cursors)")
-        return None
+        return verdict
 
     return policy
 

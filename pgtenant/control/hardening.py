@@ -28,6 +28,7 @@ from typing import Final
 import asyncpg
 
 from ..identity.context import context_signature, quote_ident
+from .safe_settings import check_safe_settings, install_safe_settings
 
 __all__ = [
     "CONTROL_FUNCTIONS",
@@ -180,8 +181,10 @@ def _padded(key: bytes, pad: int) -> bytes:
 
 
 async def install_hardening(conn: asyncpg.Connection, proxy_role: str,
-                            tenant_roles: Iterable[str] = (), *, control_role: str) -> None:
-    """Install lockdown, ``pgtenant.refuse`` and the signed context (idempotent).
+                            tenant_roles: Iterable[str] = (), *, control_role: str,
+                            protected_settings: Iterable[str] = ()) -> None:
+    """Install lockdown, ``pgtenant.refuse``, the signed context and the tenants'
+    ``pgtenant.set_config`` refusing ``protected_settings`` (idempotent).
 
     Must run inside init's transaction, as the owner of the ``pgtenant`` schema and a
     superuser (only the owner of ``pg_catalog``'s functions may change their ACLs).
@@ -228,6 +231,7 @@ async def install_hardening(conn: asyncpg.Connection, proxy_role: str,
             f"REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) "
             f"FROM {quote_ident(role)}"
         )
+    await install_safe_settings(conn, protected_settings)
     for functions, grantee in ((STATS_FUNCTIONS, _STATS_ROLE), (SIGNAL_FUNCTIONS, _SIGNAL_ROLE)):
         for func in await _existing(conn, functions):
             await conn.execute(f"REVOKE EXECUTE ON FUNCTION {func} FROM PUBLIC")
@@ -321,8 +325,10 @@ SELECT DISTINCT r.rolname, n.nspname
 
 
 async def check_lockdown(conn: asyncpg.Connection, login_role: str,
-                         tenant_roles: Iterable[str]) -> list[str]:
-    """Check the lockdown from the proxy's own connection (catalog reads only).
+                         tenant_roles: Iterable[str],
+                         protected_settings: Iterable[str] = ()) -> list[str]:
+    """Check the lockdown from the proxy's own connection (catalog reads only), including
+    the tenants' ``pgtenant.set_config`` and that it refuses ``protected_settings``.
 
     Includes "the login role is worth nothing": it, and every role it may switch to, must
     not read the signing key, call the registry, see other backends' query text or signal
@@ -389,6 +395,7 @@ async def check_lockdown(conn: asyncpg.Connection, login_role: str,
     if not await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", PG_NOTIFY_SIGNATURE):
         problems.append(f"{PG_NOTIFY_SIGNATURE} is missing (run pgtenant init): tenants' "
                         "pg_notify needs it")
+    problems += await check_safe_settings(conn, protected_settings)
     # One query per question for every tenant role at once (a thousand templated roles
     # must not mean thousands of round trips).
     roles = list(tenant_roles)

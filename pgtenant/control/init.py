@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -173,6 +173,7 @@ async def init_database(
     control_role: str = DEFAULT_CONTROL_ROLE,
     control_password: str | None = None,
     tenant_types: Mapping[str, TenantTypeConfig] | None = None,
+    protected_settings: Iterable[str] = (),
 ) -> InitResult:
     """Install pgtenant's control schema and fail-closed roles into the DSN's database.
 
@@ -247,7 +248,8 @@ async def init_database(
                 await grant_role_to_proxy(conn, role, proxy_role)
             static_roles = [r for t in (tenant_types or {}).values()
                             if (r := static_role(t)) is not None]
-            await install_hardening(conn, proxy_role, static_roles, control_role=control_role)
+            await install_hardening(conn, proxy_role, static_roles, control_role=control_role,
+                                    protected_settings=protected_settings)
     finally:
         await conn.close()
     return InitResult(proxy_role=proxy_role, proxy_password=password_out, created_roles=created,

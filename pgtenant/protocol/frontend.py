@@ -51,7 +51,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
 from ..errors import ClientProtocolError, MessageTooLarge
-from . import codec, frames
+from . import codec, frames, local
 from .constants import (
     BIND,
     CLOSE,
@@ -73,9 +73,17 @@ from .constants import TERMINATE as TERMINATE_MESSAGE
 from .frames import MIN_LENGTH, FrameError
 from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED, Q_DROP
 from .ledger import Ledger, Segment
-from .listen import HOLD_FOR_REPLIES, Listens
+from .listen import Listens
+from .local import WAIT
 from .prepared import UNKNOWN_TXN, PreparedStatements
-from .refusal import FUNCTION_CALL_REFUSAL, check_statement_name, refusal_sql, refused_parse
+from .refusal import (
+    FUNCTION_CALL_REFUSAL,
+    StatementPolicy,
+    Verdict,
+    check_statement_name,
+    refusal_sql,
+    refused_parse,
+)
 from .replay import LIMIT as REPLAY_LIMIT
 from .replay import Replay
 from .replies import (
@@ -141,6 +149,10 @@ _ROLLBACK: Final = re.compile(rb"(?i)\b(rollback|abort)\b")
 # empty): settings, prepared statements (the proxy's too), portals, temp objects, sequence
 # state, LISTEN, advisory locks. Sent in the same write as the new tenant's first request.
 _DISCARD_ALL: Final = codec.query("DISCARD ALL")
+_LOCAL_FLAGS: Final = DROPS_STATEMENTS | SESSION_STATE  # what local_command's texts are
+# A Parse longer than this is not one of them (the longest: DEALLOCATE PREPARE of a quoted
+# 63-byte name, with comments allowed for): not looked at, so other batches pay nothing.
+_LOCAL_PARSE_MAX: Final = 256
 _INJECTION_TAIL: Final = EXECUTE_UNNAMED + CLOSE_UNNAMED_PORTAL
 
 # An extended-protocol message handler: (buf, pos, end, span, out, reply, seg, fresh) ->
@@ -161,13 +173,13 @@ class Frontend:
     """The client side of a link: cuts the client's frames and sends them on, rewritten."""
 
     def __init__(self, ledger: Ledger, stmts: PreparedStatements, settings: SessionSettings,
-                 max_message_size: int, guard: Callable[[bytes], str | None] | None,
+                 max_message_size: int, guard: StatementPolicy | None,
                  outside_txn: Callable[[bytes], bool] | None):
         self.ledger = ledger
         self.stmts = stmts
         self.settings = settings
         self.max_message_size = max_message_size
-        self.guard = guard  # statement policy: None to allow, else the refusal message
+        self.guard = guard  # statement policy (refusal.Verdict)
         # Whether a refused statement may run outside a transaction block for this tenant.
         self.outside_txn = outside_txn
         self.refused = 0
@@ -184,8 +196,7 @@ class Frontend:
         self._plain_text = b""  # a plain Query's text, classified before NEED_SERVER
         self._ended_in_batch = False  # the open batch executed something that may end a txn
         self.replaying = False  # a healed batch (replay.py) is being re-sent: never healed twice
-        # The client's LISTEN/NOTIFY (listen.py); None refuses them (no signing key).
-        self.listens: Listens | None = None
+        self.listens: Listens | None = None  # LISTEN/NOTIFY (listen.py); None: refused
         # One handler per extended-protocol message type, bound once.
         self._dispatch: dict[int, _Handler] = {
             PARSE: self._parse, BIND: self._bind, EXECUTE: self._execute,
@@ -370,9 +381,12 @@ class Frontend:
                 continue
             text = bytes(buf[pos + 5 : end - 1]) if t == QUERY else b""  # without the NUL
             text_flags = classify(text) if t == QUERY else 0
-            # local_command's words (DEALLOCATE, DISCARD) are what DROPS_STATEMENTS flags.
-            if (t == QUERY and text_flags & DROPS_STATEMENTS and not self.open_extended
-                    and not self.settings.pinned and local_command(text) is not None):
+            # local_command's words are flagged DROPS_STATEMENTS (DEALLOCATE, DISCARD) or
+            # SESSION_STATE (RESET, SET); a lone LISTEN/UNLISTEN is answered too (listen.py).
+            if t == QUERY and not self.open_extended and (
+                    (text_flags & _LOCAL_FLAGS and local_command(text) is not None)
+                    or (text_flags & NOTIFIES and self.listens is not None
+                        and self.listens.is_listen(text))):
                 if pending:  # decide (and answer) in order, after the replies owed
                     outcome = HOLD
                     self.held = True
@@ -382,23 +396,8 @@ class Frontend:
                     out += buf[span:pos]
                     span = pos = end
                     reply += answer
-                    continue
-            if (t == QUERY and text_flags & NOTIFIES and self.listens is not None
-                    and not self.open_extended):
-                # A lone LISTEN/UNLISTEN is the proxy's (listen.py); decided in order.
-                answer = self.listens.answer(text, bool(pending), ledger.status
-                                             if self.attached else TXN_IDLE,
-                                             self.settings.encoding)
-                if answer is HOLD_FOR_REPLIES:
-                    outcome = HOLD
-                    self.held = True
-                    break
-                if answer is not None:
-                    out += buf[span:pos]
-                    span = pos = end
-                    reply += answer
-                    if self.listens.waiting:  # answered once the listener hears it
-                        outcome = HOLD
+                    if self.listens is not None and self.listens.waiting:
+                        outcome = HOLD  # answered once the listener hears the channel
                         self.held = True
                         break
                     continue
@@ -438,17 +437,36 @@ class Frontend:
                 seg = pending[-1]
                 seg.replay = None
                 reply += ledger.expect(QUERY_FWD)
-                refusal = self.guard(text) if self.guard is not None else None
-                if refusal is not None:
+                verdict = self.guard(text) if self.guard is not None else None
+                if isinstance(verdict, str):
                     self.refused += 1
                     out += buf[span:pos]
-                    out += codec.query(refusal_sql(refusal))
+                    out += codec.query(refusal_sql(verdict))
                     span = end
                 else:
+                    if verdict is not None:  # run the rewritten text instead
+                        out += buf[span:pos]
+                        out += codec.query(verdict)
+                        span = end
                     self._note_sql(seg, text, text_flags)
                 ledger.mark_txn(seg)
                 pos = end
                 continue
+            if (t == PARSE and buf[pos + 5] == 0 and end - pos <= _LOCAL_PARSE_MAX
+                    and not self.open_extended):
+                # A batch of the unnamed statement: one the proxy answers (local.py)?
+                answered = self._local_batch(buf, pos, end, bool(pending))
+                if answered == WAIT:
+                    break  # the rest of the batch decides: wait for its bytes
+                if isinstance(answered, tuple):
+                    if pending:  # answer in order, after the replies owed
+                        outcome = HOLD
+                        self.held = True
+                        break
+                    out += buf[span:pos]
+                    span = pos = answered[0]
+                    reply += answered[1]
+                    continue
             handler = dispatch.get(t)
             if handler is not None:
                 fresh = False
@@ -514,21 +532,20 @@ class Frontend:
         """A Query or FunctionCall opens a segment of its own: refused, injected or
         forwarded as it is. Writes the frame (rewritten or not) into ``out``."""
         injection = self.settings.injection
-        rewritten = None
+        rewritten = b""
         if text_flags & NOTIFIES and self.listens is not None:
             # NOTIFY c: to the tenant's own channel, in the client's transaction (listen.py).
-            rewritten = self.listens.rewrite(text, self.settings.encoding, record=True)
-            if rewritten is not None:
-                buf, pos, text = bytearray(codec.query(rewritten)), 0, rewritten
-                end = len(buf)
+            rewritten = self.listens.rewrite(text, self.settings.encoding, record=True) or b""
         if t == FUNCTION_CALL:
             refusal: str | None = FUNCTION_CALL_REFUSAL
             if self.stats is not None:
                 self.stats.function_calls_refused += 1
             body = b""
         else:
-            refusal = (self.guard(text) if self.guard is not None and rewritten is None
-                       else None)
+            verdict = self.guard(text) if self.guard is not None and not rewritten else None
+            refusal = verdict if isinstance(verdict, str) else None
+            if isinstance(verdict, bytes):
+                rewritten = verdict
         if (refusal is not None and inject and t == QUERY and self.outside_txn is not None
                 and self.outside_txn(text)):
             # Allowed for this tenant type (VACUUM, CREATE INDEX CONCURRENTLY...): set the
@@ -549,6 +566,8 @@ class Frontend:
             self.refused += 1
             text = b""
             body = refusal_sql(refusal) + b"\x00"
+        elif rewritten:
+            body = rewritten + b"\x00"
         elif inject:
             body = bytes(buf[pos + 5 : end])
         self.stmts.unnamed_here = False  # a simple Query destroys the unnamed statement
@@ -557,7 +576,7 @@ class Frontend:
             out += _pack_header(QUERY, 4 + len(injection.q_prefix) + len(body))
             out += injection.q_prefix
             out += body
-        elif refusal is not None:
+        elif refusal is not None or rewritten:
             seg = Segment(0)
             out += _pack_header(QUERY, 4 + len(body))
             out += body
@@ -576,24 +595,21 @@ class Frontend:
         check_statement_name(name)
         sql, tpos = codec.read_cstring(buf, npos, limit=end)
         types = bytes(buf[tpos:end])
-        rewritten = None
-        flags = classify(sql)
+        flags, rewritten = classify(sql), None
         if self.listens is not None:  # NOTIFY rewritten, LISTEN a no-op (listen.py)
             rewritten = self.listens.parse(name, sql, flags, self.settings.encoding)
-            if rewritten is not None:
-                if not name:  # the frame itself is rewritten below, like a refusal
-                    out += buf[span:pos]
-                    span = end
-                    out += codec.frame(PARSE, b"\x00" + rewritten + b"\x00" + types)
-                sql = rewritten
-                flags = classify(sql)
+            if rewritten is not None:  # it does what the rewritten text does
+                sql, flags = rewritten, classify(rewritten)
         text = sql
-        refusal = self.guard(sql) if self.guard is not None and rewritten is None else None
-        if refusal is not None:
+        verdict: Verdict = (self.guard(sql) if self.guard is not None and rewritten is None
+                            else rewritten)
+        if isinstance(verdict, str):
             self.refused += 1
-            text, types = refused_parse(refusal, sql, types)
+            text, types = refused_parse(verdict, sql, types)
             sql = b""
             flags = 0  # classify(b"")
+        elif verdict is not None:
+            text = verdict  # run the rewritten text instead (what it does: ``sql``'s)
         stmts = self.stmts
         if name:
             # Renamed to a proxy-global statement (prepared.py).
@@ -601,7 +617,7 @@ class Frontend:
             span = end
             reply += stmts.parse_named(out, name, text, types)
         else:
-            if refusal is not None:
+            if verdict is not None:
                 out += buf[span:pos]
                 span = end
                 out += codec.frame(PARSE, b"\x00" + text + b"\x00" + types)
@@ -734,30 +750,33 @@ class Frontend:
                 b"", IDLE)
 
     def _answer_locally(self, sql: bytes) -> bytes | None:
-        """DEALLOCATE of the client's statements and DISCARD ALL concern only the client's
-        own view (renamed statements, replayed settings): the proxy answers them itself.
+        """A session command the proxy answers itself (local.py), sent as a Query.
 
         Returns: CommandComplete + ReadyForQuery to send, or None to send ``sql`` on (then
         nothing was changed). Call it only when no reply is owed, so the answer is in order.
         """
         command = local_command(sql)
-        if command is None or (self.attached and self.ledger.status != TXN_IDLE):
+        status = self.ledger.status if self.attached else TXN_IDLE
+        if command is None and self.listens is not None:  # LISTEN/UNLISTEN (listen.py)
+            return self.listens.answer(sql, status, self.settings.encoding)
+        tag = local.answer(command, self.stmts, self.settings, status) if command else None
+        if tag is None:
             return None
-        kind, name = command
-        if kind == "deallocate":
-            if name is None or not self.stmts.deallocate(name.encode()):
-                return None  # an SQL PREPAREd name, or an unknown one: Postgres answers
-            tag = "DEALLOCATE"
-        elif kind == "deallocate_all":
-            self.stmts.forget_all(portals=False)
-            tag = "DEALLOCATE ALL"
-        else:
-            self.stmts.forget_all(portals=True)
-            self.settings.discard_all()
-            if self.listens is not None:
-                self.listens.close()  # DISCARD ALL includes UNLISTEN *
-            tag = "DISCARD ALL"
-        return codec.command_complete(tag) + codec.ready_for_query(b"I")
+        if tag == "DISCARD ALL" and self.listens is not None:
+            self.listens.close()  # DISCARD ALL includes UNLISTEN *
+        return codec.command_complete(tag) + codec.ready_for_query(bytes((status,)))
+
+    def _local_batch(self, buf: bytearray, pos: int, end: int,
+                     owed: bool) -> tuple[int, bytes] | int | None:
+        """At a Parse of the unnamed statement that starts a batch (see local.batch_answer).
+        Returns: (end of the batch, the replies to send), WAIT, or None (the ordinary way).
+        """
+        status = self.ledger.status if self.attached else TXN_IDLE
+        answer = local.batch_answer(buf, pos, end, owed, self.stmts, self.settings, status,
+                                    self.max_message_size)
+        if isinstance(answer, tuple) and self.listens is not None and b"DISCARD ALL" in answer[1]:
+            self.listens.close()  # DISCARD ALL includes UNLISTEN *
+        return answer
 
     def fail_segment(self, error: bytes) -> bytes:
         """The segment at the head of ``cbuf`` cannot get a server: answer it with ``error``.

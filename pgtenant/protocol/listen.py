@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from .ledger import Segment
 
 __all__ = [
-    "HOLD_FOR_REPLIES",
     "MAPPED_PREFIX",
     "QUEUE_BYTES",
     "Listens",
@@ -65,8 +64,6 @@ _MAPPED_HEX: Final = 40  # 160 bits of HMAC: 9 + 40 = 49 bytes, under NAMEDATALE
 # A client's queued notifications, in bytes, before new ones are dropped (counted, logged):
 # a client that does not read must not grow the proxy without bound.
 QUEUE_BYTES: Final = 1 << 20
-# ``answer``'s "decide after the replies owed": the status that decides is not known yet.
-HOLD_FOR_REPLIES: Final = b"\x00hold"
 # The encodings a channel or payload may be spelled in beyond ASCII: the proxy reads and
 # writes them as UTF-8 (the listener's session is UTF-8 too).
 _UTF8_LIKE: Final = frozenset({"UTF8", "SQL_ASCII"})
@@ -177,22 +174,26 @@ class Listens:
 
     # ------------------------------------------------------------------ client statements
 
-    def answer(self, sql: bytes, pending: bool, status: int, encoding: str) -> bytes | None:
-        """A Query text flagged NOTIFIES, sent outside an extended batch: answer it when it
-        is a lone LISTEN or UNLISTEN.
+    @staticmethod
+    def is_listen(sql: bytes) -> bool:
+        """Returns: whether ``sql`` is a lone LISTEN or UNLISTEN (``answer`` decides it once
+        no reply is owed: the status that decides is known then)."""
+        stmt = _single(sql)
+        return stmt is not None and "NotifyStmt" not in stmt
+
+    def answer(self, sql: bytes, status: int, encoding: str) -> bytes | None:
+        """A Query text sent outside an extended batch, with no reply owed: answer it when
+        it is a lone LISTEN or UNLISTEN.
 
         ``status`` is the transaction status the client is in (TXN_IDLE with no server).
         Returns: CommandComplete + ReadyForQuery to send (b"" when the answer waits for the
-        listener: then ``waiting`` is set and ``deferred`` holds it), HOLD_FOR_REPLIES when
-        replies are owed (the status that decides is not known yet), or None to let the
+        listener: then ``waiting`` is set and ``deferred`` holds it), or None to let the
         statement go on (a NOTIFY, anything else, or a failed transaction block, where the
         server itself answers "current transaction is aborted").
         """
         stmt = _single(sql)
         if stmt is None or "NotifyStmt" in stmt:
             return None
-        if pending:
-            return HOLD_FOR_REPLIES
         if status == TXN_FAILED:
             return None
         op = self._op(stmt)

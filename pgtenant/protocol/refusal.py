@@ -7,7 +7,8 @@ proxy's reserved statement names. No I/O.
 from __future__ import annotations
 
 import re
-from typing import Final
+from collections.abc import Callable
+from typing import Final, TypeAlias
 
 from ..errors import ClientProtocolError
 
@@ -15,6 +16,8 @@ __all__ = [
     "FUNCTION_CALL_REFUSAL",
     "RESERVED_PREFIX",
     "RefusalText",
+    "StatementPolicy",
+    "Verdict",
     "check_statement_name",
     "refusal_sql",
     "refused_parse",
@@ -24,6 +27,11 @@ FUNCTION_CALL_REFUSAL: Final = (
     "pgtenant: the FunctionCall protocol message is not allowed in tenant sessions; call the "
     "function with SELECT instead"
 )
+# A statement policy's answer for one Query or Parse text (guard.py): None to run it as
+# sent, bytes to run that text instead (a call redirected to a safe stand-in: redirect.py),
+# a str to refuse it with that message.
+Verdict: TypeAlias = str | bytes | None
+StatementPolicy: TypeAlias = Callable[[bytes], Verdict]
 _PARAM_REF = re.compile(rb"\$([0-9]+)")
 RESERVED_PREFIX: Final = b"__pgtenant"
 

@@ -283,6 +283,12 @@ def _session_func(call: dict[str, Any]) -> bool:
         return True
     if name == "set_config":
         args = call.get("args", [])
+        first = args[0] if args and isinstance(args[0], dict) else {}
+        if str(first.get("A_Const", {}).get("sval", {}).get("sval", "")).lower() == (
+                "client_encoding"):
+            # The server session's, followed through its ParameterStatus like a SET of it
+            # (settings.py): the proxy switches it back for the next client.
+            return False
         is_local = args[2] if len(args) == 3 else None
         return not (isinstance(is_local, dict)
                     and is_local.get("A_Const", {}).get("boolval", {}).get("boolval") is True)
@@ -328,10 +334,12 @@ def plain_sets(sql: bytes) -> tuple[tuple[str, str | None], ...] | None:
 
 
 def local_command(sql: bytes) -> tuple[str, str | None] | None:
-    """Recognise the session commands the proxy answers itself.
+    """Recognise the session commands the proxy answers itself (protocol/local.py).
 
-    Returns: ("deallocate", name), ("deallocate_all", None) or ("discard_all", None) when
-    the text is exactly one such statement; None otherwise.
+    Returns: ("deallocate", name), ("deallocate_all", None), ("discard_all", None),
+    ("reset_all", None) or ("reset_search_path", tag) when the text is exactly one such
+    statement (``tag``: "RESET", or "SET" for ``SET search_path TO DEFAULT``); None
+    otherwise.
     """
     if not _LOCAL_RE.search(sql):
         return None
@@ -345,7 +353,17 @@ def local_command(sql: bytes) -> tuple[str, str | None] | None:
         return ("deallocate", str(dealloc.get("name", "")))
     if stmt.get("DiscardStmt", {}).get("target") == "DISCARD_ALL":
         return ("discard_all", None)
+    var = stmt.get("VariableSetStmt")
+    if var is not None:
+        kind = var.get("kind")
+        if kind == "VAR_RESET_ALL":
+            return ("reset_all", None)
+        if str(var.get("name", "")).lower() == "search_path" and not var.get("is_local"):
+            if kind == "VAR_RESET":
+                return ("reset_search_path", "RESET")
+            if kind == "VAR_SET_DEFAULT":
+                return ("reset_search_path", "SET")
     return None
 
 
-_LOCAL_RE = re.compile(rb"(?i)\b(deallocate|discard)\b")
+_LOCAL_RE = re.compile(rb"(?i)\b(deallocate|discard|reset|set)\b")

@@ -53,6 +53,7 @@ from .inject import Injection
 from .ledger import Ledger, Segment
 from .listen import Listens
 from .prepared import CTX_NONE, CTX_READY, CTX_UNKNOWN, PreparedStatements
+from .refusal import StatementPolicy
 from .settings import HIDDEN_PARAMETERS, SessionSettings
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class Link:
     """
 
     def __init__(self, injection: Injection, max_message_size: int,
-                 guard: Callable[[bytes], str | None] | None = None,
+                 guard: StatementPolicy | None = None,
                  outside_txn: Callable[[bytes], bool] | None = None,
                  max_prepared: int = 200, client_encoding: str = "UTF8"):
         # Which tenant's state a server carries once this client used it: a server attached
@@ -235,12 +236,12 @@ class Link:
         self._settings.injection = value
 
     @property
-    def guard(self) -> Callable[[bytes], str | None] | None:
+    def guard(self) -> StatementPolicy | None:
         """The statement policy: None to allow, else the refusal message."""
         return self._front.guard
 
     @guard.setter
-    def guard(self, value: Callable[[bytes], str | None] | None) -> None:
+    def guard(self, value: StatementPolicy | None) -> None:
         self._front.guard = value
 
     @property

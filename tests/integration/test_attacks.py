@@ -254,7 +254,7 @@ async def test_reset_session_authorization_is_refused(solo: ProxyProcess) -> Non
     "SELECT set_config('Role', 't_hooli', true)",
     "SELECT set_config('session_authorization', 'pgtenant_proxy', true)",
     "SELECT set_config('ro' || 'le', 't_hooli', true)",
-    "SELECT set_config(name, 't_hooli', true) FROM pg_settings WHERE name = 'role'",
+    "SELECT set_config(name, 't_hooli', true) FROM (VALUES ('role')) AS v(name)",
     "SELECT set_config(/* c */ 'role' /* c */, 't_hooli', true)",
 ], ids=["plain", "session", "pg_catalog", "mixed_case", "quoted_ident", "name_case",
         "session_authorization", "computed_name", "name_from_table", "comments"])
@@ -392,7 +392,7 @@ async def test_replaying_own_signature_with_the_victims_tenant_id_yields_no_rows
     "SET search_path = t_hooli, public",
     "SET LOCAL search_path TO t_hooli",
     "SET SCHEMA 't_hooli'",
-    "RESET search_path",
+    "RESET search_path; SELECT 1",
     "SELECT set_config('search_path', 't_hooli', true)",
     "SELECT set_config('SEARCH_PATH', 'tenant_b', true)",
 ])
@@ -986,17 +986,71 @@ async def test_function_call_message_is_refused(solo: ProxyProcess) -> None:
     "ALTER ROLE tenant_sme SET app.tenant_id = 'x'",
     "ALTER ROLE pgtenant_proxy SET search_path = 't_hooli'",
     "ALTER DATABASE app SET role = 't_hooli'",
-    "DISCARD PLANS",
-    "RESET ALL",
     "SELECT pg_read_file('/etc/passwd')",
     "SELECT lo_import('/etc/passwd')",
 ], ids=["do_plpgsql", "do_sql", "query_to_xml", "query_to_xmlschema", "query_to_xml_and",
         "cursor_to_xml", "cursor_to_xmlschema", "load", "copy_to_file", "copy_to_program",
         "copy_from_program", "copy_from_file", "alter_system", "alter_role_set",
-        "alter_login_role_set", "alter_database_set", "discard_plans",
-        "reset_all", "pg_read_file", "lo_import"])
+        "alter_login_role_set", "alter_database_set", "pg_read_file", "lo_import"])
 async def test_dynamic_sql_and_server_side_paths_are_refused(solo: ProxyProcess, sql: str) -> None:
     await refused_everywhere(solo, sql, victim="hooli")
+
+
+@pytest.mark.parametrize(("sql", "tag", "in_block"), [
+    ("RESET search_path", "RESET", True),
+    ("set search_path to default", "SET", True),
+    ("RESET ALL", "RESET", False),
+    ("DISCARD ALL", "DISCARD ALL", False),
+])
+async def test_reset_commands_are_answered_without_dropping_the_context(
+        solo: ProxyProcess, sql: str, tag: str, in_block: bool) -> None:
+    """RESET search_path, RESET ALL and DISCARD ALL mean "this session's defaults": pgtenant
+    answers them itself (protocol/local.py), in the simple and the extended protocol, so
+    Postgres never resets the injected context. Where the proxy does not answer them (inside
+    a transaction block for RESET ALL / DISCARD ALL, or with other statements in the same
+    text) the guard refuses them, and the attacker's next transaction and the victim's
+    session on the same backend keep their own context."""
+    env = solo.env
+    conn = await connect(solo)
+    try:
+        assert await conn.execute(sql) == tag  # simple Query, outside a block
+        await attacker_view(conn, env)
+        # The extended protocol as asyncpg prepares (Parse/Describe/Sync, then Bind...): not
+        # one batch the proxy answers, so the guard refuses where it would drop the context.
+        if sql.startswith(("RESET ALL", "DISCARD")):
+            assert_refused(await error_of(conn.fetch(sql)))
+        await attacker_view(conn, env)
+        if in_block:
+            async with conn.transaction():
+                assert await conn.execute(sql) == tag
+                await attacker_view(conn, env)
+        else:
+            assert_refused(await attempt_in_same_transaction(conn, env, sql))
+        assert_refused(await error_of(conn.execute(f"{sql}; SELECT 1")))
+        pid = await attacker_view(conn, env)
+    finally:
+        await conn.close()
+    await victim_view(solo, "initech", same_pid=pid)
+
+
+def test_reset_commands_in_psycopg_extended_batches(solo: ProxyProcess) -> None:
+    """psycopg sends each execute() as Parse/Bind/Describe/Execute/Sync of the unnamed
+    statement: the same commands are answered there, with the tags Postgres gives (psycopg
+    forgets its prepared statements on the "DISCARD ALL" tag)."""
+    with psycopg.connect(solo.dsn(ATTACKER), autocommit=True) as conn:
+        for sql, tag in (("RESET search_path", "RESET"), ("RESET ALL", "RESET"),
+                         ("DISCARD ALL", "DISCARD ALL")):
+            cur = conn.execute(sql)
+            assert cur.statusmessage == tag
+            assert conn.execute("SELECT current_setting('app.tenant_id')").fetchone() == (
+                str(solo.env.tenants[ATTACKER].org_id),)
+        conn.autocommit = False
+        cur = conn.execute("reset search_path")  # in psycopg's BEGIN
+        assert cur.statusmessage == "RESET"
+        with pytest.raises(psycopg.ProgrammingError):
+            cur.fetchone()
+        assert conn.execute("SELECT current_user").fetchone() == ("tenant_sme",)
+        conn.rollback()
 
 
 async def test_discard_all_resets_only_the_clients_own_view(solo: ProxyProcess) -> None:

@@ -12,7 +12,6 @@ from pgtenant.protocol import codec
 from pgtenant.protocol.constants import TXN_BLOCK, TXN_FAILED, TXN_IDLE
 from pgtenant.protocol.ledger import Segment
 from pgtenant.protocol.listen import (
-    HOLD_FOR_REPLIES,
     QUEUE_BYTES,
     Listens,
     channel_name,
@@ -102,10 +101,10 @@ def test_notification_round_trip() -> None:
 
 def test_listen_when_idle_subscribes_now_and_answers_listen() -> None:
     obj, reg = listens()
-    reply = obj.answer(b"LISTEN News", False, TXN_IDLE, "UTF8")
+    reply = obj.answer(b"LISTEN News", TXN_IDLE, "UTF8")
     assert reply == codec.command_complete("LISTEN") + z(TXN_IDLE)
     assert reg.calls == [("subscribe", obj.mapped("news"), "news")]  # folded like Postgres
-    assert obj.answer(b'UNLISTEN "news"', False, TXN_IDLE, "UTF8") == (
+    assert obj.answer(b'UNLISTEN "news"', TXN_IDLE, "UTF8") == (
         codec.command_complete("UNLISTEN") + z(TXN_IDLE))
     assert reg.calls[-1] == ("unsubscribe", obj.mapped("news"))
     assert obj.channels == {}
@@ -113,7 +112,7 @@ def test_listen_when_idle_subscribes_now_and_answers_listen() -> None:
 
 def test_listen_waits_for_the_listener_when_the_channel_is_not_heard_yet() -> None:
     obj, _ = listens(confirm=False)
-    assert obj.answer(b"listen jobs", False, TXN_IDLE, "UTF8") == b""
+    assert obj.answer(b"listen jobs", TXN_IDLE, "UTF8") == b""
     assert obj.waiting
     assert obj.confirmed() == codec.command_complete("LISTEN") + z(TXN_IDLE)
     assert not obj.waiting
@@ -121,7 +120,7 @@ def test_listen_waits_for_the_listener_when_the_channel_is_not_heard_yet() -> No
 
 def test_listen_in_a_block_takes_effect_at_commit_only() -> None:
     obj, reg = listens()
-    assert obj.answer(b"LISTEN a", False, TXN_BLOCK, "UTF8") == (
+    assert obj.answer(b"LISTEN a", TXN_BLOCK, "UTF8") == (
         codec.command_complete("LISTEN") + z(TXN_BLOCK))
     assert reg.calls == [] and obj.channels == {}
     obj.settle(Segment(0), TXN_BLOCK)  # a statement in the block
@@ -129,32 +128,32 @@ def test_listen_in_a_block_takes_effect_at_commit_only() -> None:
     obj.settle(Segment(0), TXN_IDLE)  # COMMIT
     assert list(obj.channels) == ["a"]
     # Rolled back: dropped.
-    obj.answer(b"LISTEN b", False, TXN_BLOCK, "UTF8")
+    obj.answer(b"LISTEN b", TXN_BLOCK, "UTF8")
     rollback = Segment(0)
     rollback.rollback = True
     obj.settle(rollback, TXN_IDLE)
     assert list(obj.channels) == ["a"]
     # An error in the block: dropped too (COMMIT of a failed block rolls back).
-    obj.answer(b"UNLISTEN *", False, TXN_BLOCK, "UTF8")
+    obj.answer(b"UNLISTEN *", TXN_BLOCK, "UTF8")
     obj.settle(Segment(0), TXN_FAILED)
     obj.settle(Segment(0), TXN_IDLE)
     assert list(obj.channels) == ["a"]
 
 
-def test_listen_in_a_failed_block_or_with_replies_owed_is_not_answered() -> None:
+def test_listen_in_a_failed_block_or_with_other_statements_is_not_answered() -> None:
     obj, reg = listens()
-    assert obj.answer(b"LISTEN a", False, TXN_FAILED, "UTF8") is None  # the server: 25P02
-    assert obj.answer(b"LISTEN a", True, TXN_IDLE, "UTF8") is HOLD_FOR_REPLIES
-    assert obj.answer(b"LISTEN a; SELECT 1", False, TXN_IDLE, "UTF8") is None  # the guard
-    assert obj.answer(b"NOTIFY a", False, TXN_IDLE, "UTF8") is None  # rewritten instead
-    assert obj.answer("LISTEN café".encode(), False, TXN_IDLE, "LATIN1") is None
+    assert obj.answer(b"LISTEN a", TXN_FAILED, "UTF8") is None  # the server: 25P02
+    assert obj.answer(b"LISTEN a; SELECT 1", TXN_IDLE, "UTF8") is None  # the guard
+    assert obj.answer(b"NOTIFY a", TXN_IDLE, "UTF8") is None  # rewritten instead
+    assert obj.is_listen(b"unlisten *") and not obj.is_listen(b"NOTIFY a")
+    assert obj.answer("LISTEN café".encode(), TXN_IDLE, "LATIN1") is None
     assert reg.calls == []
 
 
 def test_notify_is_rewritten_to_the_mapped_channel_and_own_notifications_come_at_commit(
 ) -> None:
     obj, reg = listens()
-    obj.answer(b"LISTEN news", False, TXN_IDLE, "UTF8")
+    obj.answer(b"LISTEN news", TXN_IDLE, "UTF8")
     mapped = obj.mapped("news")
     assert obj.rewrite(b"NOTIFY news, 'it''s'", "UTF8", record=True) == (
         f"NOTIFY \"{mapped}\", 'it''s'".encode())
@@ -172,7 +171,7 @@ def test_notify_is_rewritten_to_the_mapped_channel_and_own_notifications_come_at
 
 def test_rolled_back_notify_is_not_delivered() -> None:
     obj, reg = listens()
-    obj.answer(b"LISTEN news", False, TXN_IDLE, "UTF8")
+    obj.answer(b"LISTEN news", TXN_IDLE, "UTF8")
     obj.rewrite(b"NOTIFY news, 'x'", "UTF8", record=True)
     failed = Segment(0)
     failed.failed = True
@@ -193,7 +192,7 @@ def test_queue_is_bounded_and_drops_are_counted() -> None:
 def test_close_unsubscribes_every_channel() -> None:
     obj, reg = listens()
     for sql in (b"LISTEN a", b"LISTEN b", b"LISTEN a"):
-        obj.answer(sql, False, TXN_IDLE, "UTF8")
+        obj.answer(sql, TXN_IDLE, "UTF8")
     obj.close()
     assert sorted(c for c in reg.calls if c[0] == "unsubscribe") == sorted(
         [("unsubscribe", obj.mapped("a")), ("unsubscribe", obj.mapped("b"))])

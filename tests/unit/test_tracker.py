@@ -6,6 +6,7 @@ import pytest
 
 from pgtenant.errors import ClientProtocolError, MessageTooLarge
 from pgtenant.protocol import codec
+from pgtenant.protocol.constants import DESCRIBE
 from pgtenant.protocol.inject import (
     CLOSE_UNNAMED_PORTAL,
     CLOSE_UNNAMED_STATEMENT,
@@ -156,10 +157,31 @@ def test_failed_injection_marks_context_statement_unknown_and_reparses() -> None
 
 def test_deallocate_all_makes_the_context_statement_unknown() -> None:
     link = make_link()
-    # (A simple Query "DEALLOCATE ALL" is answered by the proxy; this one reaches Postgres.)
-    start(link, _execute_batch("DEALLOCATE ALL") + codec.sync(), ctx_state=CTX_READY)
+    # (Alone, as a Query or a batch, "DEALLOCATE ALL" is answered by the proxy (local.py);
+    # in a batch with another statement it reaches Postgres.)
+    start(link, _execute_batch("DEALLOCATE ALL", "SELECT 1") + codec.sync(),
+          ctx_state=CTX_READY)
     assert link.session_dirty  # which global statements survive is unknown: retire it
     assert link.detach() == CTX_UNKNOWN
+
+
+@pytest.mark.parametrize(("sql", "tag"), [("DEALLOCATE ALL", "DEALLOCATE ALL"),
+                                          ("DISCARD ALL", "DISCARD ALL"),
+                                          ("RESET ALL", "RESET"),
+                                          ("RESET search_path", "RESET")])
+def test_session_commands_in_one_batch_are_answered_by_the_proxy(sql: str, tag: str) -> None:
+    link = make_link()
+    batch = (codec.parse("", sql) + codec.bind("", "", []) + codec.frame(DESCRIBE, b"P\x00")
+             + codec.execute("", 0) + codec.sync())
+    out, reply, outcome = client_sends(link, batch)
+    assert (out, outcome) == (b"", IDLE)
+    assert reply == PARSE_COMPLETE + BIND_COMPLETE + b"n\x00\x00\x00\x04" + cc(tag) + Z_I
+    # Not all here yet: nothing is decided before the Sync arrives.
+    link = make_link()
+    out, reply, outcome = client_sends(link, batch[:-5])
+    assert (out, reply, outcome) == (b"", b"", IDLE)
+    out, reply, outcome = client_sends(link, batch[-5:])
+    assert reply.endswith(cc(tag) + Z_I)
 
 
 def test_pipelined_queries_without_transaction_control_are_each_injected() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from ..safe_settings import is_safe_set_config
 from .catalog import Function, Relation
 from .checks_tables import reads_tenant
 from .findings import Finding, Severity
@@ -69,7 +70,9 @@ def function_checks(model: Model, tenant_tables: dict[tuple[str, str], Relation]
         who = ", ".join(sorted(model.by_oid[o].label for o in callers))
         sig = fn.signature
         path = fn.search_path
-        if path is None:
+        if path is None and is_safe_set_config(fn.schema, fn.name, fn.source):
+            pass  # a SET clause would undo its SET LOCALs; every name in it is qualified
+        elif path is None:
             findings.append(Finding(
                 "definer_search_path_mutable", Severity.ERROR, sig,
                 f"SECURITY DEFINER {sig} sets no search_path and {who} can call it",
