@@ -165,7 +165,9 @@ class Listens:
         self.portal_ops: dict[bytes, tuple[str, str | None]] = {}
         self.queue: deque[bytes] = deque()  # NotificationResponses not yet sent
         self.queued_bytes = 0
-        self.waiting = False  # a LISTEN's answer waits for the listener (``deferred``)
+        # The client's next reply waits for the listener (``deferred``): to hear a channel
+        # it now listens to, or to hear the NOTIFY it committed (session.py resumes it).
+        self.waiting = False
         self.deferred = b""
 
     def mapped(self, channel: str) -> str:
