@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from pglast.parser import ParseError
 
 from .errors import ProgramLimitExceeded
 from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
 from .protocol.encoding import encoding_key
-from .protocol.redirect import CATALOG, redirect_calls
+from .protocol.redirect import CATALOG, redirect
 from .protocol.refusal import RESERVED_PREFIX, RefusalText, Verdict
 from .protocol.sql import ends_transaction, has_word, is_on, parse
 from .protocol.textcache import TextCache
@@ -62,7 +62,8 @@ _SUSPECT = re.compile(
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
     rb"|listen|unlisten|notify|pg_notify|prepare|prepared|execute|deallocate|setseed"
     rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export"
-    rb"|lock|explain|" + b"|".join(sorted(n.encode() for n in _LO_FUNCS)) + rb")\b"
+    rb"|lock|explain|pg_prepared_statements|"
+    + b"|".join(sorted(n.encode() for n in _LO_FUNCS)) + rb")\b"
 )
 # A transaction end inside a multi-statement text, or AND CHAIN, would leave the statements
 # after it running outside the injected context (as the bare login role).
@@ -76,11 +77,14 @@ _ANY_WORDS: Final = frozenset(
     b"set reset set_config discard load alter copy vacuum database concurrently tablespace "
     b"cluster subscription do listen unlisten notify pg_notify pg_read_file pg_read_binary_file "
     b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
-    b"call execute deallocate prepared lock explain setseed".split()
+    b"call execute deallocate prepared lock explain setseed pg_prepared_statements".split()
 ) | {n.encode() for n in _LO_FUNCS}
 # Built-ins tenants may not execute, and the stand-ins their calls are rewritten to
 # (control/safe_settings.py): Postgres then decides on the values it is given.
 _REDIRECTS: Final = {"set_config": "pgtenant.set_config"}
+# System views that show the server session's state, and the functions that show the
+# client's own instead (given the client's statements: protocol/redirect.py).
+_VIEWS: Final = {"pg_prepared_statements": "pgtenant.prepared_statements"}
 # Verdicts kept, by total bytes of their texts (see protocol/textcache.py).
 _CACHE_BYTES = 4 << 20
 RESERVED_NAME_PREFIX: Final = RESERVED_PREFIX.decode()
@@ -104,6 +108,13 @@ _NOT_IN_TXN_HINT = (
 def _has_inside(sql: bytes) -> bool:
     lowered = sql.lower()  # spelled out, not any(...): this runs once per transaction
     return b"u&" in lowered or b"_to_xml" in lowered or b"dblink" in lowered
+
+
+class _Refused(NamedTuple):
+    """A cached refusal: its message and its metrics rule."""
+
+    message: str
+    rule: str
 
 
 class Refusal(Exception):
@@ -133,22 +144,25 @@ class Guard:
         self._prefixes = tuple(n for n in names if n.endswith("."))
         self.allow = frozenset(allow)
         self.max_parse = max_parse
-        # text -> (message, rule), or the rewritten text; bounded in bytes, texts above
-        # max_parse never parsed.
-        self._cache: TextCache[tuple[str, str] | bytes | None] = TextCache(_CACHE_BYTES,
-                                                                            max_parse)
+        # text -> (message, rule), or the rewritten text (in parts); bounded in bytes,
+        # texts above max_parse never parsed.
+        self._cache: TextCache[_Refused | bytes | tuple[bytes, ...] | None] = (
+            TextCache(_CACHE_BYTES, max_parse))
         # single statements refused only for NotInTransaction
         self._outside: TextCache[str] = TextCache(_CACHE_BYTES // 16, 64 * 1024)
         self.refusals = 0
         self.refusals_by_rule: dict[str, int] = {}  # pgtenant_guard_refusals_total{rule}
         self._redirects = 0  # calls to rewrite found by the walk of the text being judged
+        self._views: list[bool] = []  # views to rewrite found by it: whether each is aliased
 
     def check(self, sql: bytes) -> Verdict:
         """Judge one Query or Parse text.
 
         Returns: None when the statement may run as sent; the text to run instead when it
         calls a built-in tenants reach through a stand-in (``set_config``: see
-        protocol/redirect.py); else the refusal message (SQLSTATE 42501).
+        protocol/redirect.py), in parts to join with the client's statements when it reads
+        a view of the server session's statements; else the refusal message (SQLSTATE
+        42501).
         Text with a suspect word that pglast cannot parse is refused: pglast's grammar is
         Postgres 18's, and an older backend may accept what it rejects (a word that became
         a reserved keyword since), which would smuggle a ``SET ROLE`` past an unparsed text.
@@ -177,9 +191,9 @@ class Guard:
                     "max_parsed_query_size", ProgramLimitExceeded.sqlstate)
             verdict = self._judge(sql) if suspect else None
             self._cache.put(sql, verdict)
-        if verdict is None or isinstance(verdict, bytes):
-            return verdict
-        message, rule = verdict  # type: ignore[misc]
+        if not isinstance(verdict, _Refused):
+            return verdict  # type: ignore[return-value]  # (False: never cached)
+        message, rule = verdict
         self.refusals_by_rule[rule] = self.refusals_by_rule.get(rule, 0) + 1
         return message
 
@@ -203,9 +217,10 @@ class Guard:
 
     # ------------------------------------------------------------------ rules
 
-    def _judge(self, sql: bytes) -> tuple[str, str] | bytes | None:
+    def _judge(self, sql: bytes) -> _Refused | bytes | tuple[bytes, ...] | None:
         stmts: list[dict[str, Any]] = []
         self._redirects = 0
+        self._views = []
         try:
             tree = parse(sql)  # shared with the classifier (protocol/sql.py)
             stmts = [item.get("stmt", {}) for item in tree.get("stmts", [])]
@@ -215,28 +230,30 @@ class Guard:
         except NotInTransaction as refusal:
             if len(stmts) == 1:
                 self._outside.put(sql, refusal.what)
-            return f"pgtenant: {refusal}", "not_in_transaction"
+            return _Refused(f"pgtenant: {refusal}", "not_in_transaction")
         except Refusal as refusal:
             message = f"pgtenant: {refusal}"
             if refusal.sqlstate != Refusal.sqlstate:
                 message = RefusalText(message, refusal.sqlstate)
-            return message, refusal.rule or "statement"
+            return _Refused(message, refusal.rule or "statement")
         except RecursionError:  # cannot be checked, so it does not run (fail closed)
-            return ("pgtenant: statement is nested too deeply for the statement guard",
-                    "too_deep")
+            return _Refused("pgtenant: statement is nested too deeply for the statement guard",
+                            "too_deep")
         except ParseError as exc:
-            return (f"pgtenant: the statement guard cannot parse this text ({exc}), so it was "
-                    "not run", "unparsable")
+            return _Refused(f"pgtenant: the statement guard cannot parse this text ({exc}), so "
+                            "it was not run", "unparsable")
         except ValueError:
-            return ("pgtenant: the statement guard cannot read this text, so it was not run",
-                    "unreadable")
-        if self._redirects:
-            rewritten = redirect_calls(sql, _REDIRECTS, self._redirects)
-            if rewritten is None:
-                return ("pgtenant: the statement guard cannot rewrite this text's set_config() "
-                        "calls to pgtenant.set_config(), so it was not run; call "
-                        "pgtenant.set_config() yourself", "unrewritable")
-            return rewritten
+            return _Refused("pgtenant: the statement guard cannot read this text, so it was "
+                            "not run", "unreadable")
+        if self._redirects or self._views:
+            parts = redirect(sql, _REDIRECTS, self._redirects, _VIEWS, self._views)
+            if parts is None:
+                return _Refused("pgtenant: the statement guard cannot rewrite this text's "
+                                "set_config() calls or pg_prepared_statements references to "
+                                "pgtenant's own, so it was not run; name pgtenant.set_config()"
+                                " or pgtenant.prepared_statements(...) yourself",
+                                "unrewritable")
+            return parts[0] if len(parts) == 1 else parts
         return None
 
     def _walk(self, node: Any) -> None:
@@ -324,6 +341,14 @@ class Guard:
                               "object (allow_large_objects)")
             refusal.rule = "large_object"
             raise refusal
+
+    def _range_var(self, rel: dict[str, Any]) -> None:
+        # pg_prepared_statements shows every statement of the pooled server's session (the
+        # proxy's, other clients'): read through pgtenant.prepared_statements instead, which
+        # shows the client's own under its names (protocol/redirect.py).
+        if (rel.get("relname") in _VIEWS and not rel.get("catalogname")
+                and rel.get("schemaname") in (None, CATALOG)):
+            self._views.append("alias" in rel)
 
     def _discard(self, stmt: dict[str, Any]) -> None:
         # PLANS, SEQUENCES and TEMP only remove what the session holds; ALL would also
@@ -489,6 +514,7 @@ _RULES: Final[dict[str, Any]] = {
     "LockStmt": Guard._lock,
     "ExplainStmt": Guard._explain,
     "DiscardStmt": Guard._discard,
+    "RangeVar": Guard._range_var,
     # Channels are database-wide: the proxy maps a tenant's channels to its own
     # (protocol/listen.py) where it can see the statement; everywhere else, refused.
     "ListenStmt": _refuse(_LISTEN_REFUSAL.format("LISTEN")),

@@ -28,6 +28,7 @@ from typing import Final
 import asyncpg
 
 from ..identity.context import context_signature, quote_ident
+from .client_views import check_client_views, install_client_views
 from .safe_settings import check_safe_settings, install_safe_settings
 
 __all__ = [
@@ -232,6 +233,7 @@ async def install_hardening(conn: asyncpg.Connection, proxy_role: str,
             f"FROM {quote_ident(role)}"
         )
     await install_safe_settings(conn, protected_settings)
+    await install_client_views(conn)
     for functions, grantee in ((STATS_FUNCTIONS, _STATS_ROLE), (SIGNAL_FUNCTIONS, _SIGNAL_ROLE)):
         for func in await _existing(conn, functions):
             await conn.execute(f"REVOKE EXECUTE ON FUNCTION {func} FROM PUBLIC")
@@ -396,6 +398,7 @@ async def check_lockdown(conn: asyncpg.Connection, login_role: str,
         problems.append(f"{PG_NOTIFY_SIGNATURE} is missing (run pgtenant init): tenants' "
                         "pg_notify needs it")
     problems += await check_safe_settings(conn, protected_settings)
+    problems += await check_client_views(conn)
     # One query per question for every tenant role at once (a thousand templated roles
     # must not mean thousands of round trips).
     roles = list(tenant_roles)

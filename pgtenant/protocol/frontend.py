@@ -47,11 +47,10 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable
-from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
 from ..errors import ClientProtocolError, MessageTooLarge
-from . import codec, frames, local
+from . import codec, frames, local, redirect
 from .constants import (
     BIND,
     CLOSE,
@@ -73,9 +72,9 @@ from .constants import TERMINATE as TERMINATE_MESSAGE
 from .frames import MIN_LENGTH, FrameError
 from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED, Q_DROP
 from .ledger import Ledger, Segment
-from .listen import Listens
 from .local import WAIT
 from .prepared import UNKNOWN_TXN, PreparedStatements
+from .pump import HOLD, IDLE, NEED_SERVER, TERMINATE, Pump
 from .refusal import (
     FUNCTION_CALL_REFUSAL,
     StatementPolicy,
@@ -113,23 +112,10 @@ from .sql import (
 
 if TYPE_CHECKING:
     from ..stats import LabelStats
+    from .listen import Listens
 
 __all__ = ["HOLD", "IDLE", "NEED_SERVER", "TERMINATE", "Frontend", "Pump"]
 
-
-class Pump(IntEnum):
-    """What ``Frontend.pump`` stopped on."""
-
-    IDLE = 0  # everything complete was handled
-    NEED_SERVER = 1  # a segment starts and no server is attached
-    HOLD = 2  # waiting for in-flight replies before the next segment can be judged
-    TERMINATE = 3  # the client sent Terminate
-
-
-IDLE: Final = Pump.IDLE
-NEED_SERVER: Final = Pump.NEED_SERVER
-HOLD: Final = Pump.HOLD
-TERMINATE: Final = Pump.TERMINATE
 
 _unpack_i32 = frames.unpack_length
 _frame_end = frames.frame_end
@@ -446,7 +432,7 @@ class Frontend:
                 else:
                     if verdict is not None:  # run the rewritten text instead
                         out += buf[span:pos]
-                        out += codec.query(verdict)
+                        out += codec.query(self._rewritten(verdict))
                         span = end
                     self._note_sql(seg, text, text_flags)
                 ledger.mark_txn(seg)
@@ -532,10 +518,9 @@ class Frontend:
         """A Query or FunctionCall opens a segment of its own: refused, injected or
         forwarded as it is. Writes the frame (rewritten or not) into ``out``."""
         injection = self.settings.injection
-        rewritten = b""
-        if text_flags & NOTIFIES and self.listens is not None:
-            # NOTIFY c: to the tenant's own channel, in the client's transaction (listen.py).
-            rewritten = self.listens.rewrite(text, self.settings.encoding, record=True) or b""
+        rewritten = b""  # NOTIFY c: to the tenant's channel, in the client's transaction
+        if self.listens is not None:
+            rewritten = self.listens.query(text, text_flags, self.settings.encoding)
         if t == FUNCTION_CALL:
             refusal: str | None = FUNCTION_CALL_REFUSAL
             if self.stats is not None:
@@ -544,8 +529,8 @@ class Frontend:
         else:
             verdict = self.guard(text) if self.guard is not None and not rewritten else None
             refusal = verdict if isinstance(verdict, str) else None
-            if isinstance(verdict, bytes):
-                rewritten = verdict
+            rewritten = (self._rewritten(verdict) if verdict is not None
+                         and not isinstance(verdict, str) else rewritten)
         if (refusal is not None and inject and t == QUERY and self.outside_txn is not None
                 and self.outside_txn(text)):
             # Allowed for this tenant type (VACUUM, CREATE INDEX CONCURRENTLY...): set the
@@ -595,36 +580,35 @@ class Frontend:
         check_statement_name(name)
         sql, tpos = codec.read_cstring(buf, npos, limit=end)
         types = bytes(buf[tpos:end])
-        flags, rewritten = classify(sql), None
-        if self.listens is not None:  # NOTIFY rewritten, LISTEN a no-op (listen.py)
-            rewritten = self.listens.parse(name, sql, flags, self.settings.encoding)
-            if rewritten is not None:  # it does what the rewritten text does
-                sql, flags = rewritten, classify(rewritten)
+        rewritten = self.listens.parse(name, sql, self.settings.encoding) if self.listens else None
+        if rewritten:  # NOTIFY rewritten, LISTEN a no-op (listen.py): it does what they do
+            sql = rewritten
         text = sql
-        verdict: Verdict = (self.guard(sql) if self.guard is not None and rewritten is None
-                            else rewritten)
+        verdict: Verdict = rewritten or (self.guard(sql) if self.guard is not None else None)
         if isinstance(verdict, str):
             self.refused += 1
             text, types = refused_parse(verdict, sql, types)
             sql = b""
-            flags = 0  # classify(b"")
-        elif verdict is not None:
-            text = verdict  # run the rewritten text instead (what it does: ``sql``'s)
         stmts = self.stmts
         if name:
             # Renamed to a proxy-global statement (prepared.py).
             out += buf[span:pos]
             span = end
+            if verdict is not None and not isinstance(verdict, str):
+                text = self._rewritten(verdict, out, name)  # (what it does: ``sql``'s)
             reply += stmts.parse_named(out, name, text, types)
         else:
             if verdict is not None:
                 out += buf[span:pos]
                 span = end
+                if not isinstance(verdict, str):
+                    text = self._rewritten(verdict, out)  # (what it does: ``sql``'s)
                 out += codec.frame(PARSE, b"\x00" + text + b"\x00" + types)
             self.ledger.expect(PARSE_FWD)
             stmts.parsed_unnamed(text, types, seg)
         # What the statement does is noted now and applied at each Bind: a named statement
         # may run again in later transactions, on other servers.
+        flags = classify(sql)
         sets = self.settings.replayable_sets(sql) if flags & SESSION_STATE else None
         stmts.note_statement(name, flags, sets or ())
         return span
@@ -637,9 +621,8 @@ class Frontend:
         check_statement_name(stmt)
         flags = stmts.stmt_flags.get(stmt, UNKNOWN_TXN)
         stmts.portal_flags[portal] = flags & (TXN_CONTROL | TXN_END | MAY_COPY_IN)
-        listens = self.listens
-        if listens is not None and (listens.stmt_ops or listens.portal_ops):
-            listens.bind(portal, stmt)
+        if self.listens is not None:
+            self.listens.bind(portal, stmt)
         self._session_effects(seg, flags, stmts.stmt_sets.get(stmt, ()))
         mapped = stmts.client.get(stmt) if stmt else None
         if not stmt:
@@ -749,6 +732,21 @@ class Frontend:
         return (_pack_header(QUERY, 5 + len(prefix) + len(text)) + prefix + text + b"\x00",
                 b"", IDLE)
 
+    def _rewritten(self, verdict: bytes | tuple[bytes, ...], out: bytearray | None = None,
+                   name: bytes | None = None) -> bytes:
+        """The text the guard rewrote, in parts joined with the client's statements when it
+        reads pgtenant.prepared_statements (redirect.py): ``name``, the statement being
+        parsed, is one of them. With ``out`` (an extended batch), every statement of the
+        client is first made sure to be on the attached server (quiet Parses), so that each
+        of them shows with the server's details."""
+        if isinstance(verdict, bytes):
+            return verdict
+        stmts = self.stmts
+        if out is not None:
+            for mapped in list(stmts.client.values()):
+                stmts.use(out, mapped)
+        return redirect.render(verdict, redirect.client_statements(stmts.client, name))
+
     def _answer_locally(self, sql: bytes) -> bytes | None:
         """A session command the proxy answers itself (local.py), sent as a Query.
 
@@ -772,11 +770,8 @@ class Frontend:
         Returns: (end of the batch, the replies to send), WAIT, or None (the ordinary way).
         """
         status = self.ledger.status if self.attached else TXN_IDLE
-        answer = local.batch_answer(buf, pos, end, owed, self.stmts, self.settings, status,
-                                    self.max_message_size)
-        if isinstance(answer, tuple) and self.listens is not None and b"DISCARD ALL" in answer[1]:
-            self.listens.close()  # DISCARD ALL includes UNLISTEN *
-        return answer
+        return local.batch_answer(buf, pos, end, owed, self.stmts, self.settings, status,
+                                  self.max_message_size)
 
     def fail_segment(self, error: bytes) -> bytes:
         """The segment at the head of ``cbuf`` cannot get a server: answer it with ``error``.

@@ -43,7 +43,7 @@ from pglast.parser import ParseError
 
 from . import codec
 from .constants import NOTIFICATION_RESPONSE, TXN_FAILED, TXN_IDLE
-from .sql import CLASSIFY_PARSE_MAX, NOTIFIES, parse
+from .sql import CLASSIFY_PARSE_MAX, NOTIFIES, classify, parse
 
 if TYPE_CHECKING:
     from ..stats import NotifyStats
@@ -222,14 +222,21 @@ class Listens:
             return ("unlisten", None if name is None else str(name))
         return None
 
-    def parse(self, name: bytes, sql: bytes, flags: int, encoding: str) -> bytes | None:
-        """A Parse of statement ``name`` (``flags``: its text's classify()). Returns: the
-        text to parse instead: a lone NOTIFY rewritten (see ``rewrite``), or for a lone
-        LISTEN/UNLISTEN a no-op whose execution the proxy turns into that LISTEN at the
-        transaction's commit (``bind``, ``execute``); None to parse ``sql`` as it is."""
+    def query(self, sql: bytes, flags: int, encoding: str) -> bytes:
+        """A Query text (``flags``: its classify()) about to run. Returns: a lone NOTIFY
+        rewritten (see ``rewrite``; its notification is tracked), else b""."""
+        if not flags & NOTIFIES:
+            return b""
+        return self.rewrite(sql, encoding, record=True) or b""
+
+    def parse(self, name: bytes, sql: bytes, encoding: str) -> bytes | None:
+        """A Parse of statement ``name``. Returns: the text to parse instead: a lone NOTIFY
+        rewritten (see ``rewrite``), or for a lone LISTEN/UNLISTEN a no-op whose execution
+        the proxy turns into that LISTEN at the transaction's commit (``bind``,
+        ``execute``); None to parse ``sql`` as it is."""
         if self.stmt_ops:
             self.stmt_ops.pop(name, None)
-        if not flags & NOTIFIES:
+        if not classify(sql) & NOTIFIES:
             return None
         rewritten = self.rewrite(sql, encoding, record=False)
         if rewritten is not None:
@@ -245,6 +252,8 @@ class Listens:
 
     def bind(self, portal: bytes, stmt: bytes) -> None:
         """A Bind of ``stmt`` to ``portal``: the portal does what the statement does."""
+        if not (self.stmt_ops or self.portal_ops):
+            return  # the common case: no LISTEN was ever given to Parse
         op = self.stmt_ops.get(stmt)
         if op is not None:
             self.portal_ops[portal] = op

@@ -29,8 +29,9 @@ FUNCTION_CALL_REFUSAL: Final = (
 )
 # A statement policy's answer for one Query or Parse text (guard.py): None to run it as
 # sent, bytes to run that text instead (a call redirected to a safe stand-in: redirect.py),
-# a str to refuse it with that message.
-Verdict: TypeAlias = str | bytes | None
+# a tuple of bytes to run those parts joined with the client's statements (a system view
+# redirected to the client's own: redirect.render), a str to refuse it with that message.
+Verdict: TypeAlias = str | bytes | tuple[bytes, ...] | None
 StatementPolicy: TypeAlias = Callable[[bytes], Verdict]
 _PARAM_REF = re.compile(rb"\$([0-9]+)")
 RESERVED_PREFIX: Final = b"__pgtenant"

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgtenant.guard import Guard
+from pgtenant.protocol.redirect import client_statements, render
 
 GUARD = Guard(("app.", "myapp.tenant"))
 
@@ -355,3 +356,43 @@ def test_a_bigger_text_is_parsed_once_for_classifier_and_guard() -> None:
         sql.parse_sql_json = real
     assert len(calls) == 1
     assert text not in sql._TREES  # kept only as the one last big tree
+
+
+@pytest.mark.parametrize(("sql", "expected"), [
+    ("SELECT count(*) FROM pg_prepared_statements",
+     "SELECT count(*) FROM pgtenant.prepared_statements(@) AS pg_prepared_statements"),
+    ("select * from PG_CATALOG.pg_prepared_statements p where p.name <> ''",
+     "select * from pgtenant.prepared_statements(@) p where p.name <> ''"),
+    ("SELECT 1 FROM pg_prepared_statements AS a JOIN pg_catalog.pg_prepared_statements b "
+     "USING (name)",
+     "SELECT 1 FROM pgtenant.prepared_statements(@) AS a JOIN "
+     "pgtenant.prepared_statements(@) b USING (name)"),
+])
+def test_pg_prepared_statements_is_read_through_the_clients_view(sql: str,
+                                                                 expected: str) -> None:
+    verdict = GUARD.check(sql.encode())
+    assert isinstance(verdict, tuple)
+    assert b"@".join(verdict) == expected.encode()
+
+
+def test_the_clients_statement_names_cannot_leave_their_literal() -> None:
+    """Client statement names are the client's bytes: quoted so that the rendered text has
+    exactly one argument, a string constant, whatever the names hold."""
+    import json
+
+    from pglast.parser import parse_sql_json
+
+    parts = GUARD.check(b"SELECT name FROM pg_prepared_statements")
+    assert isinstance(parts, tuple)
+    hostile = [b"x'); SET ROLE postgres; --", b'q"\\', b"\\'", b"ok"]
+    statements = {name: (b"__pgtenant_p%d" % i, b"SELECT 1", b"")
+                  for i, name in enumerate(hostile)}
+    text = render(parts, client_statements(statements, itself=b"self'"))
+    tree = json.loads(parse_sql_json(text.decode()))
+    assert len(tree["stmts"]) == 1
+    call = tree["stmts"][0]["stmt"]["SelectStmt"]["fromClause"][0]["RangeFunction"]
+    func = call["functions"][0]["List"]["items"][0]["FuncCall"]
+    [arg] = func["args"]
+    literal = arg["TypeCast"]["arg"]["A_Const"]["sval"]["sval"]
+    assert literal.startswith('{"__pgtenant_p0","x\'); SET ROLE postgres; --"')
+    assert literal.endswith(',NULL,"self\'"}')
