@@ -176,7 +176,7 @@ class Session:
         """Run the client's requests through the Link; a transaction starts here."""
         link = self.link
         if self.listens is not None and self.listens.waiting:
-            return  # a LISTEN's answer waits for the listener (listener_caught_up pumps)
+            return  # the next reply waits for the listener (listener_caught_up pumps)
         while True:
             try:
                 to_server, to_client, outcome = link.pump_client()
