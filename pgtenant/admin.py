@@ -2,7 +2,8 @@
 
 PgBouncer's commands with PgBouncer's column names, so its tooling and habits carry over:
 ``SHOW POOLS | CLIENTS | SERVERS | STATS | DATABASES | CONFIG | VERSION | HELP``, plus
-``SHOW TENANTS`` (per tenant: clients by state, transactions, wait time), ``PAUSE [db]``,
+``SHOW TENANTS`` (per tenant: clients by state, transactions, wait time), ``SHOW LISTENERS``
+(LISTEN/NOTIFY: each database's listener connection), ``PAUSE [db]``,
 ``RESUME [db]``, ``RELOAD``, ``KILL <tenant>`` and ``SHUTDOWN``. Simple query protocol only
 (psql's); every command is logged with the admin's name and address.
 
@@ -103,7 +104,9 @@ _DATABASES = _cols("ssissiiiissiiiiii",
                    "current_client_connections paused disabled")
 _TENANTS = _cols("sssiiiiii", "database tenant_type tenant cl_active cl_waiting cl_idle "
                  "xact_count total_wait_time avg_wait_time")
-_HELP = ("SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|CONFIG|VERSION|TENANTS|HELP; "
+_LISTENERS = _cols("siiiiiiii", "database connected channels subscriptions delivered "
+                   "dropped_queue_full dropped_pooled_server listener_losses backend_pid")
+_HELP = ("SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|CONFIG|VERSION|TENANTS|LISTENERS|HELP; "
          "PAUSE [db]; RESUME [db]; RELOAD; KILL <tenant>; SHUTDOWN")
 
 
@@ -364,6 +367,19 @@ class AdminConsole:
                          int(avg * 1e6)])
         return _table(_TENANTS, rows)
 
+    def _show_listeners(self) -> bytes:
+        """LISTEN/NOTIFY (notify.py): each database's listener connection and counters."""
+        rows = []
+        for name, pool in sorted(self.app.pools.items()):
+            notifier = pool.notifier
+            st = notifier.stats
+            login = notifier.server.login if notifier.server is not None else None
+            rows.append([name, int(notifier.up), len(notifier.channels),
+                         sum(len(subs) for _, subs in notifier.channels.values()),
+                         st.delivered, st.dropped_queue_full, st.dropped_pooled,
+                         st.listener_losses, login.backend_pid if login is not None else None])
+        return _table(_LISTENERS, rows)
+
     def _show_help(self) -> bytes:
         return codec.notice_response("00000", f"Console usage: {_HELP}") + \
             codec.command_complete("SHOW")
@@ -371,7 +387,8 @@ class AdminConsole:
     _SHOW: Final[dict[str, Callable[[AdminConsole], bytes]]] = {
         "pools": _show_pools, "clients": _show_clients, "servers": _show_servers,
         "stats": _show_stats, "databases": _show_databases, "config": _show_config,
-        "version": _show_version, "tenants": _show_tenants, "help": _show_help,
+        "version": _show_version, "tenants": _show_tenants, "listeners": _show_listeners,
+        "help": _show_help,
     }
 
 

@@ -417,6 +417,7 @@ class ClientConnection(asyncio.Protocol):
                 max_pinned=lambda: services.config.tenant_limits.max_pinned_servers))
         self.cancel_key = services.cancels.register(self)
         self.session.link.client_pid = self.cancel_key[0]
+        self.session.set_notify_pid(self.cancel_key[0])
         self._write(greeting(login, params, self.cancel_key))
         self.state = ClientState.READY
         services.limits.client_logged_in(self)

@@ -36,7 +36,6 @@ _DYNAMIC_SQL_FUNCS: Final = frozenset({
     "cursor_to_xmlschema", "dblink", "dblink_exec", "dblink_open", "dblink_send_query",
 })
 # Server-side file access, even where privileges would allow it.
-_NOTIFY_FUNCS: Final = frozenset({"pg_notify"})
 _FILE_FUNCS: Final = frozenset({
     "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "lo_import",
     "lo_export",
@@ -60,7 +59,7 @@ _LEXER_SETTINGS: Final = frozenset({"client_encoding", "standard_conforming_stri
 _SUSPECT = re.compile(
     rb"(?i)u&|\b(set|reset|set_config|discard|load|alter|copy|vacuum|database|concurrently"
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
-    rb"|listen|notify|pg_notify|prepare|prepared|execute|deallocate|setseed"
+    rb"|listen|unlisten|notify|pg_notify|prepare|prepared|execute|deallocate|setseed"
     rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export"
     rb"|lock|explain|pg_prepared_statements|pg_terminate_backend|"
     + b"|".join(sorted(n.encode() for n in _LO_FUNCS)) + rb")\b"
@@ -75,7 +74,7 @@ _CHAIN = re.compile(rb"(?i)\bchain\b")
 # every text those patterns match passes this filter).
 _ANY_WORDS: Final = frozenset(
     b"set reset set_config discard load alter copy vacuum database concurrently tablespace "
-    b"cluster subscription do listen notify pg_notify pg_read_file pg_read_binary_file "
+    b"cluster subscription do listen unlisten notify pg_notify pg_read_file pg_read_binary_file "
     b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
     b"call execute deallocate prepared lock explain setseed pg_prepared_statements "
     b"pg_terminate_backend".split()
@@ -86,6 +85,8 @@ _REDIRECTS: Final[dict[str, tuple[str, bytes | None]]] = {
     "set_config": ("pgtenant.set_config", None),
     # Its first argument is the pid the client's connection reported (BackendKeyData).
     "pg_terminate_backend": ("pgtenant.pg_terminate_backend", CLIENT_PID),
+    # It maps the channel to the caller's tenant (protocol/listen.py, hardening.py).
+    "pg_notify": ("pgtenant.pg_notify", None),
 }
 # System views that show the server session's state, and the functions that show the
 # client's own instead (given the client's statements: protocol/redirect.py).
@@ -98,6 +99,12 @@ _SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 # one tenant would make random() predictable to it in the next tenant's transactions there.
 _SEED_REFUSAL: Final = ("setseed() and SET seed are not allowed in tenant sessions: the seed "
                         "outlives the transaction on a server other tenants use")
+# What pgtenant supports of LISTEN/NOTIFY (protocol/listen.py); anything else is refused.
+_LISTEN_REFUSAL: Final = (
+    "{} is supported through pgtenant only as the only statement of a Query or a Parse (not "
+    "in a multi-statement text), on a database with a context-signing key, where channel "
+    "names are private to the tenant"
+)
 _NOT_IN_TXN_HINT = (
     "pgtenant runs every tenant transaction inside a transaction block that carries the "
     "tenant's context; run this statement with an admin connection to Postgres instead"
@@ -323,9 +330,6 @@ class Guard:
         elif name in _DYNAMIC_SQL_FUNCS:
             raise Refusal(f"{name}() runs SQL text pgtenant cannot check; it is not allowed "
                           "in tenant sessions")
-        elif name in _NOTIFY_FUNCS:
-            raise Refusal("pg_notify() is not allowed in tenant sessions: notification "
-                          "channels are shared by every tenant of the database")
         elif name == "setseed":
             raise Refusal(_SEED_REFUSAL)
         elif name in _FILE_FUNCS:
@@ -511,12 +515,12 @@ _RULES: Final[dict[str, Any]] = {
     "ExplainStmt": Guard._explain,
     "DiscardStmt": Guard._discard,
     "RangeVar": Guard._range_var,
-    # Channels are database-wide: a listener would hear every tenant's payloads, and a
-    # notifier could speak into every tenant's channels.
-    "ListenStmt": _refuse("LISTEN is not allowed in tenant sessions: notification channels "
-                          "are shared by every tenant of the database"),
-    "NotifyStmt": _refuse("NOTIFY is not allowed in tenant sessions: notification channels "
-                          "are shared by every tenant of the database"),
+    # Channels are database-wide: the proxy maps a tenant's channels to its own
+    # (protocol/listen.py) where it can see the statement; everywhere else, refused.
+    "ListenStmt": _refuse(_LISTEN_REFUSAL.format("LISTEN")),
+    "UnlistenStmt": _refuse(_LISTEN_REFUSAL.format("UNLISTEN")),
+    "NotifyStmt": _refuse(_LISTEN_REFUSAL.format("NOTIFY") + "; elsewhere, call "
+                          "pgtenant.pg_notify(channel, payload)"),
     "LoadStmt": _refuse("LOAD is not allowed in tenant sessions"),
     "AlterSystemStmt": _refuse("ALTER SYSTEM is not allowed in tenant sessions"),
     # Per-role and per-database defaults would apply to every later session of the login role.

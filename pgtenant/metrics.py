@@ -27,7 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector as _CollectorBase
 
 from .pool_state import ServerState
-from .stats import Histogram, Metrics
+from .stats import Histogram, Metrics, NotifyStats
 
 __all__ = ["Collector", "MetricsSource"]
 
@@ -48,7 +48,18 @@ class _ClientView(Protocol):
     def metrics_state(self) -> str: ...
 
 
+class _NotifierView(Protocol):
+    @property
+    def stats(self) -> NotifyStats: ...
+    @property
+    def channels(self) -> Sized: ...
+    @property
+    def up(self) -> bool: ...
+
+
 class _PoolView(Protocol):
+    @property
+    def notifier(self) -> _NotifierView: ...
     @property
     def containers(self) -> Mapping[ServerState, Sized]: ...
     @property
@@ -120,6 +131,7 @@ class Collector(_CollectorBase):
         yield waiting
         yield _histogram("pgtenant_server_connect_seconds",
                          "Time to connect and log in to a backend", ["database"], connect)
+        yield from _notify_families(app.pools)
 
         label_items = sorted(m.by_label.items())
 
@@ -192,3 +204,35 @@ class Collector(_CollectorBase):
             tenant_wait.add_metric(list(tkey), tstats.wait_total)
         yield tenant_txn
         yield tenant_wait
+
+
+def _notify_families(pools: Mapping[str, _PoolView]) -> Iterator[Metric]:
+    """LISTEN/NOTIFY (notify.py): the listener connections, the server channels they
+    listen to, and what became of the notifications."""
+    listeners = GaugeMetricFamily("pgtenant_notify_listeners",
+                                  "Listener connections logged in (0 or 1 per database)",
+                                  labels=["database"])
+    channels = GaugeMetricFamily("pgtenant_notify_channels",
+                                 "Server channels the listener listens to (tenant channels "
+                                 "some client listens to)", labels=["database"])
+    delivered = CounterMetricFamily("pgtenant_notifications_delivered",
+                                    "NotificationResponses sent to clients",
+                                    labels=["database"])
+    dropped = CounterMetricFamily(
+        "pgtenant_notifications_dropped",
+        "Notifications not delivered: a client's queue was full (queue_full), or one arrived "
+        "on a pooled server (pooled_server: a LISTEN the guard could not see)",
+        labels=["database", "reason"])
+    losses = CounterMetricFamily("pgtenant_notify_listener_losses",
+                                 "Listener connections lost (notifications sent until it "
+                                 "reconnected are lost)", labels=["database"])
+    for name, pool in sorted(pools.items()):
+        notifier = pool.notifier
+        stats = notifier.stats
+        listeners.add_metric([name], 1 if notifier.up else 0)
+        channels.add_metric([name], len(notifier.channels))
+        delivered.add_metric([name], stats.delivered)
+        dropped.add_metric([name, "queue_full"], stats.dropped_queue_full)
+        dropped.add_metric([name, "pooled_server"], stats.dropped_pooled)
+        losses.add_metric([name], stats.listener_losses)
+    yield from (listeners, channels, delivered, dropped, losses)

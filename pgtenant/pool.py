@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from .config import Config, DatabaseConfig
 from .errors import ProxyError, ServerUnavailable
+from .notify import Notifier
 from .pool_state import Decisions, Limits, PoolState, Requester, ServerState
 from .protocol.tracker import CTX_NONE
 from .server import ServerConnection, send_cancel
@@ -81,6 +82,9 @@ class Pool:
         # Postgres at no cost per transaction; a dsn that names them makes clients that set
         # none re-apply '' with every transaction instead (client._startup_settings).
         self.names_backends = any(key == "application_name" for key, _ in db.dsn.params)
+        # The database's listener for tenants' LISTEN (connects at the first one).
+        self.notifier = Notifier(db.name, lambda: self._db.dsn, server_tls,
+                                 lambda: self._config.server_connect_timeout)
 
     def __repr__(self) -> str:
         c = {s.value: len(d) for s, d in self.containers.items()}
@@ -371,6 +375,7 @@ class Pool:
 
     async def close(self) -> None:
         """Close every server and fail every waiter."""
+        await self.notifier.close()
         self._apply(self.state.on_close())
         if self._retry_timer is not None:
             self._retry_timer.cancel()

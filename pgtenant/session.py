@@ -38,6 +38,7 @@ from .errors import (
 from .identity.registry import Registry
 from .login import token_revoked
 from .protocol import codec
+from .protocol.listen import Listens
 from .protocol.tracker import HOLD, NEED_SERVER, TERMINATE, Link
 from .server import ServerConnection
 from .stats import LabelStats, TenantStats
@@ -121,6 +122,17 @@ class Session:
         # bytes piling up), "backend" (the server's socket buffer is full). Reading resumes
         # only when no reason is left, so one cause cannot undo another's backpressure.
         self._pause_reasons: set[str] = set()
+        # LISTEN/NOTIFY (protocol/listen.py, notify.py): only where the database has a
+        # signing key, which makes channel names private to a tenant (else refused).
+        self.listens: Listens | None = None
+        self._notify_drop_logged = False
+        notifier = pool.notifier
+        self.link.notify_stats = notifier.stats
+        if pool.signing_key is not None:
+            ident = self.link.injection.context.identity
+            self.listens = Listens(pool.signing_key, str(ident.org_id), ident.tenant_type,
+                                   _Registrar(self), notifier.stats)
+            self.link.listens = self.listens
 
     def __repr__(self) -> str:
         return repr(self.client)
@@ -152,6 +164,8 @@ class Session:
 
     def client_backpressure(self, paused: bool) -> None:
         """The client reads slower than its server writes (or caught up again)."""
+        if not paused:
+            self._flush_notifications()
         if self.server is not None:
             if paused:
                 self.server.pause_reading()
@@ -161,6 +175,8 @@ class Session:
     def pump(self) -> None:
         """Run the client's requests through the Link; a transaction starts here."""
         link = self.link
+        if self.listens is not None and self.listens.waiting:
+            return  # the next reply waits for the listener (listener_caught_up pumps)
         while True:
             try:
                 to_server, to_client, outcome = link.pump_client()
@@ -361,6 +377,7 @@ class Session:
             self.pool.discard(server)
         else:
             after_cancels(server, self.pool.release)
+        self._flush_notifications()
 
     def _transaction_done(self) -> None:
         """The server goes back (or away): one transaction, in PgBouncer's sense, ended."""
@@ -397,6 +414,8 @@ class Session:
         if self.waiting:
             self.pool.cancel_wait(self)
             self.waiting = False
+        if self.listens is not None:
+            self.listens.close()  # its channels go with it
         self._leave_server()
 
     def _leave_server(self) -> None:
@@ -420,6 +439,59 @@ class Session:
             server.client_encoding = ""  # the rollback may revert a SET: switch next time
             after_cancels(server, self.pool.release_dirty)
 
+    # ------------------------------------------------------------------ LISTEN/NOTIFY
+
+    def set_notify_pid(self, pid: int) -> None:
+        """The client's BackendKeyData pid: the pid of its own notifications."""
+        if self.listens is not None:
+            self.listens.pid = pid
+
+    @property
+    def notify_pid(self) -> int:
+        """notify.Subscriber: the pid other clients see on this client's NOTIFYs."""
+        return self.listens.pid if self.listens is not None else 0
+
+    def _between_transactions(self) -> bool:
+        """Whether a notification may go to the client now, as Postgres would send it: no
+        transaction open, no reply owed or coming, and the client reading."""
+        link = self.link
+        return (not self.waiting and not self.client.writing_paused
+                and (self.server is None or (link.can_release and not link.held)))
+
+    def notified(self, frames: list[bytes]) -> None:
+        """notify.Subscriber: NotificationResponses for this client; sent now (in one
+        write) when it is between transactions, else queued for its next ReadyForQuery
+        'I'."""
+        listens = self.listens
+        if listens is None or self.closed:
+            return
+        if not listens.queue and not listens.waiting and self._between_transactions():
+            if listens.stats is not None:
+                listens.stats.delivered += len(frames)
+            self._write(b"".join(frames))
+            return
+        for frame in frames:
+            if not listens.enqueue(frame) and not self._notify_drop_logged:
+                self._notify_drop_logged = True  # once per client: a flood must not flood
+                log.warning("%r: its notification queue is full (it does not read them): "
+                            "notifications dropped", self)
+
+    def listener_caught_up(self) -> None:
+        """notify.Subscriber: the listener hears the channel of a LISTEN whose answer waits,
+        or heard the NOTIFY whose COMMIT's ReadyForQuery waits."""
+        listens = self.listens
+        if listens is None or not listens.waiting or self.closed:
+            return
+        self._write(listens.confirmed())
+        self._flush_notifications()
+        self.pump()
+
+    def _flush_notifications(self) -> None:
+        listens = self.listens
+        if (listens is not None and listens.queue and not listens.waiting and not self.closed
+                and self._between_transactions()):
+            self._write(listens.flush())
+
     # ------------------------------------------------------------------ the client's socket
 
     def _write(self, data: bytes) -> None:
@@ -439,3 +511,41 @@ class Session:
         self._pause_reasons.discard(reason)
         if not self._pause_reasons and not self.transport.is_closing():
             self.transport.resume_reading()
+
+
+class _Registrar:
+    """protocol/listen.py's Registrar for one session: the database's notify.Notifier,
+    with the session as the subscriber and its attached server's pid for its NOTIFYs."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: Session):
+        self._session = session
+
+    def subscribe(self, mapped: str, channel: str) -> bool:
+        session = self._session
+        return session.pool.notifier.subscribe(session, mapped, channel)
+
+    def unsubscribe(self, mapped: str) -> None:
+        session = self._session
+        session.pool.notifier.unsubscribe(session, mapped)
+
+    def notifying(self, mapped: str, payload: bytes) -> None:
+        session = self._session
+        server = session.server
+        if server is not None and server.login is not None:
+            session.pool.notifier.expect(server.login.backend_pid, mapped, payload, session)
+
+    def not_notified(self, mapped: str, payload: bytes) -> None:
+        session = self._session
+        server = session.server
+        if server is not None and server.login is not None:
+            session.pool.notifier.unexpect(server.login.backend_pid, mapped, payload)
+
+    def committed(self, mapped: str, payload: bytes) -> bool:
+        session = self._session
+        server = session.server
+        if server is None or server.login is None:
+            return False
+        return session.pool.notifier.await_echo(server.login.backend_pid, mapped, payload,
+                                                session)

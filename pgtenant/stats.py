@@ -12,7 +12,7 @@ from bisect import bisect_left
 from typing import Final
 
 __all__ = ["CONNECT_BUCKETS", "DURATION_BUCKETS", "WAIT_BUCKETS", "Histogram", "LabelStats",
-           "Metrics", "TenantStats"]
+           "Metrics", "NotifyStats", "TenantStats"]
 
 DURATION_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                            1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -85,6 +85,19 @@ class TenantStats:
         self.transactions = 0
         self.wait_count = 0
         self.wait_total = 0.0
+
+
+class NotifyStats:
+    """Counters of one database's LISTEN/NOTIFY (notify.py, protocol/listen.py)."""
+
+    __slots__ = ("delivered", "dropped_pooled", "dropped_queue_full", "listener_losses")
+
+    def __init__(self) -> None:
+        self.delivered = 0  # NotificationResponses sent to clients
+        self.dropped_queue_full = 0  # a client's queue was full (protocol/listen.py)
+        # NotificationResponses from pooled servers (a LISTEN the guard could not see)
+        self.dropped_pooled = 0
+        self.listener_losses = 0  # the listener connection was lost (notifications lost)
 
 
 class Metrics:

@@ -35,6 +35,8 @@ __all__ = [
     "CONTROL_FUNCTIONS",
     "CURRENT_TENANT_SQL",
     "LOCKED_FUNCTIONS",
+    "PG_NOTIFY_SIGNATURE",
+    "PG_NOTIFY_SQL",
     "SIGNAL_FUNCTIONS",
     "SIGNING_KEY_SIGNATURE",
     "STATS_FUNCTIONS",
@@ -135,6 +137,41 @@ $$
 """
 
 
+PG_NOTIFY_SIGNATURE: Final = "pgtenant.pg_notify(text, text)"
+# pg_notify for tenants: the channel is mapped to the caller's tenant exactly as the proxy
+# maps LISTEN/NOTIFY (protocol/listen.py channel_name: HMAC-SHA256 under the signing key of
+# 'notify|' || tenant || '|' || type || '|' || channel, 40 hex digits), so only that tenant's
+# listeners hear it. The tenant is the *verified* context (current_tenant() checks
+# app.tenant_sig over tenant, type and entity); without one it refuses (42501). A trigger
+# calling it notifies the tenant whose transaction fired it. Postgres's own checks on the
+# channel (empty, too long: 22023) are made on the tenant's spelling, as pg_notify would.
+PG_NOTIFY_SQL: Final = """
+CREATE OR REPLACE FUNCTION pgtenant.pg_notify(channel text, payload text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgtenant, pg_temp AS $$
+DECLARE
+    tenant uuid := pgtenant.current_tenant();
+    k record;
+BEGIN
+    IF tenant IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = 'pgtenant.pg_notify: no verified tenant context in this transaction';
+    END IF;
+    IF channel IS NULL OR channel = '' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'channel name cannot be empty';
+    END IF;
+    IF octet_length(channel) >= 64 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'channel name too long';
+    END IF;
+    SELECT s.k_ipad, s.k_opad INTO STRICT k FROM pgtenant.signing_keys s WHERE s.id = 1;
+    PERFORM pg_catalog.pg_notify('pgtenant_' || pg_catalog.left(pg_catalog.encode(
+        pg_catalog.sha256(k.k_opad || pg_catalog.sha256(k.k_ipad || pg_catalog.convert_to(
+            'notify|' || tenant::text || '|' || pg_catalog.current_setting('app.tenant_type')
+            || '|' || channel, 'UTF8'))), 'hex'), 40), payload);
+END
+$$
+"""
+
+
 def sign_context(key: bytes, org_id: str, tenant_type: str, entity_id: str) -> str:
     """Returns: the hex HMAC-SHA256 ``app.tenant_sig`` for a context (what the proxy sets)."""
     return context_signature(key, org_id, tenant_type, entity_id)
@@ -180,6 +217,8 @@ async def install_hardening(conn: asyncpg.Connection, proxy_role: str,
     await conn.execute(f"GRANT EXECUTE ON FUNCTION {SIGNING_KEY_SIGNATURE} TO {control}")
     await conn.execute(CURRENT_TENANT_SQL)
     await conn.execute("GRANT EXECUTE ON FUNCTION pgtenant.current_tenant() TO PUBLIC")
+    await conn.execute(PG_NOTIFY_SQL)
+    await conn.execute(f"GRANT EXECUTE ON FUNCTION {PG_NOTIFY_SIGNATURE} TO PUBLIC")
     for func in LOCKED_FUNCTIONS:
         await conn.execute(f"REVOKE EXECUTE ON FUNCTION {func} FROM PUBLIC")
     # The proxy's own injection calls set_config before the role switch takes effect.
@@ -355,6 +394,9 @@ async def check_lockdown(conn: asyncpg.Connection, login_role: str,
     if not await conn.fetchval("SELECT to_regprocedure('pgtenant.refuse(text, text[])') "
                                "IS NOT NULL"):
         problems.append("pgtenant.refuse(text, text[]) is missing (run pgtenant init)")
+    if not await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", PG_NOTIFY_SIGNATURE):
+        problems.append(f"{PG_NOTIFY_SIGNATURE} is missing (run pgtenant init): tenants' "
+                        "pg_notify needs it")
     problems += await check_safe_settings(conn, protected_settings)
     problems += await check_client_views(conn)
     # One query per question for every tenant role at once (a thousand templated roles

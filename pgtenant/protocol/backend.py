@@ -47,6 +47,7 @@ from .constants import (
     NOTIFICATION_RESPONSE,
     PARAMETER_STATUS,
     READY_FOR_QUERY,
+    TXN_IDLE,
 )
 from .frames import MIN_LENGTH
 from .ledger import (
@@ -60,11 +61,12 @@ from .ledger import (
     ReplyKind,
     Segment,
 )
+from .listen import Listens
 from .prepared import PreparedStatements
 from .settings import SessionSettings
 
 if TYPE_CHECKING:
-    from ..stats import LabelStats
+    from ..stats import LabelStats, NotifyStats
     from .frontend import Frontend
 
 __all__ = ["Backend"]
@@ -88,6 +90,8 @@ class Backend:
         self.unsolicited_fatal: bytes | None = None
         # A healed batch (replay.py) was put back at the head of cbuf: pump it again.
         self._replay_ready = False
+        self.listens: Listens | None = None  # the client's LISTEN state (listen.py)
+        self.notify_stats: NotifyStats | None = None  # the database's (notify.py)
 
     def feed(self, data: bytes) -> tuple[list[bytes | memoryview], bool]:
         """Handle bytes from the attached server.
@@ -167,6 +171,12 @@ class Backend:
         ledger = self.ledger
         head = ledger.pending[0] if ledger.pending else None
         frame = memoryview(data)[pos:end]
+        if t == NOTIFICATION_RESPONSE:
+            # A pooled server listens to nothing the proxy asked for: a LISTEN the guard
+            # could not see (in a function) must not reach a client. Dropped, counted.
+            if self.notify_stats is not None:
+                self.notify_stats.dropped_pooled += 1
+            return None
         if t == ERROR_RESPONSE:
             return self._error(head, frame)
         if t == PARAMETER_STATUS:
@@ -178,13 +188,13 @@ class Backend:
         # Slow path for ordinary frames: the head segment is dropping or awaiting a reply.
         if head is None:
             if t in SERVER_ASYNC:
-                return frame  # a notice or notification between requests
+                return frame  # a notice between requests
             raise ServerProtocolError(f"message {chr(t)!r} with no request outstanding")
         if head.expect is not None:
             return self._expected(head.expect, t, frame)
         if head.drop:
             if t in SERVER_ASYNC:
-                return frame if t == NOTIFICATION_RESPONSE else None
+                return None
             head.drop -= 1
             ledger.update_pass()
             return None
@@ -218,6 +228,9 @@ class Backend:
             ledger.unsure -= 1
         ledger.status = status
         self.settings.settle(head, status)
+        listens = self.listens
+        if listens is not None:
+            listens.settle(head, status)
         ledger.update_pass()
         # Replies the proxy owes itself (CloseComplete for a client's Close just before the
         # Sync): their turn has come.
@@ -236,10 +249,19 @@ class Backend:
                 front.skip_to_sync = True  # the rest of the client's batch must not run
             return owed or None
         frame = memoryview(data)[pos:end]
+        if not owed and head.await_first and head.drop == 0:
+            owed = codec.empty_query_response()
+        if listens is not None and status == TXN_IDLE:
+            if listens.queue:
+                # Between transactions, before the ReadyForQuery: where Postgres sends them.
+                owed += listens.flush()
+            if listens.waiting and not ledger.pending:
+                # Its LISTEN took effect: the client hears of it once the listener hears
+                # the channel (session.py sends ``deferred``); nothing else is in flight.
+                listens.deferred += owed + bytes(frame)
+                return None
         if owed:
             return owed + bytes(frame)
-        if head.await_first and head.drop == 0:
-            return codec.empty_query_response() + bytes(frame)
         return frame
 
     def _error(self, head: Segment | None, frame: memoryview) -> bytes | memoryview | None:
@@ -319,7 +341,7 @@ class Backend:
             return frame
         forward = entry.action == FWD
         if t in SERVER_ASYNC:
-            return frame if forward or t == NOTIFICATION_RESPONSE else None
+            return frame if forward else None
         if t not in TERMINAL_OF[entry.kind]:
             return frame if forward else None
         expect.popleft()

@@ -47,7 +47,6 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable
-from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
 from ..errors import ClientProtocolError, MessageTooLarge
@@ -75,6 +74,7 @@ from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED, Q_DROP
 from .ledger import Ledger, Segment
 from .local import WAIT
 from .prepared import UNKNOWN_TXN, PreparedStatements
+from .pump import HOLD, IDLE, NEED_SERVER, TERMINATE, Pump
 from .refusal import (
     FUNCTION_CALL_REFUSAL,
     StatementPolicy,
@@ -102,6 +102,7 @@ from .settings import SessionSettings
 from .sql import (
     DROPS_STATEMENTS,
     MAY_COPY_IN,
+    NOTIFIES,
     SESSION_STATE,
     TXN_CONTROL,
     TXN_END,
@@ -111,23 +112,10 @@ from .sql import (
 
 if TYPE_CHECKING:
     from ..stats import LabelStats
+    from .listen import Listens
 
 __all__ = ["HOLD", "IDLE", "NEED_SERVER", "TERMINATE", "Frontend", "Pump"]
 
-
-class Pump(IntEnum):
-    """What ``Frontend.pump`` stopped on."""
-
-    IDLE = 0  # everything complete was handled
-    NEED_SERVER = 1  # a segment starts and no server is attached
-    HOLD = 2  # waiting for in-flight replies before the next segment can be judged
-    TERMINATE = 3  # the client sent Terminate
-
-
-IDLE: Final = Pump.IDLE
-NEED_SERVER: Final = Pump.NEED_SERVER
-HOLD: Final = Pump.HOLD
-TERMINATE: Final = Pump.TERMINATE
 
 _unpack_i32 = frames.unpack_length
 _frame_end = frames.frame_end
@@ -195,6 +183,7 @@ class Frontend:
         self._plain_text = b""  # a plain Query's text, classified before NEED_SERVER
         self._ended_in_batch = False  # the open batch executed something that may end a txn
         self.replaying = False  # a healed batch (replay.py) is being re-sent: never healed twice
+        self.listens: Listens | None = None  # LISTEN/NOTIFY (listen.py); None: refused
         # One handler per extended-protocol message type, bound once.
         self._dispatch: dict[int, _Handler] = {
             PARSE: self._parse, BIND: self._bind, EXECUTE: self._execute,
@@ -380,9 +369,11 @@ class Frontend:
             text = bytes(buf[pos + 5 : end - 1]) if t == QUERY else b""  # without the NUL
             text_flags = classify(text) if t == QUERY else 0
             # local_command's words are flagged DROPS_STATEMENTS (DEALLOCATE, DISCARD) or
-            # SESSION_STATE (RESET, SET).
-            if (t == QUERY and text_flags & _LOCAL_FLAGS and not self.open_extended
-                    and local_command(text) is not None):
+            # SESSION_STATE (RESET, SET); a lone LISTEN/UNLISTEN is answered too (listen.py).
+            if t == QUERY and not self.open_extended and (
+                    (text_flags & _LOCAL_FLAGS and local_command(text) is not None)
+                    or (text_flags & NOTIFIES and self.listens is not None
+                        and self.listens.is_listen(text))):
                 if pending:  # decide (and answer) in order, after the replies owed
                     outcome = HOLD
                     self.held = True
@@ -392,6 +383,10 @@ class Frontend:
                     out += buf[span:pos]
                     span = pos = end
                     reply += answer
+                    if self.listens is not None and self.listens.waiting:
+                        outcome = HOLD  # answered once the listener hears the channel
+                        self.held = True
+                        break
                     continue
             if (t == QUERY or t == FUNCTION_CALL) and not self.open_extended:
                 if not self.attached:
@@ -444,7 +439,7 @@ class Frontend:
                 ledger.mark_txn(seg)
                 pos = end
                 continue
-            if (t == PARSE and buf[pos + 5] == 0 and end - pos <= _LOCAL_PARSE_MAX
+            if (t == PARSE and 5 < end - pos <= _LOCAL_PARSE_MAX and buf[pos + 5] == 0
                     and not self.open_extended):
                 # A batch of the unnamed statement: one the proxy answers (local.py)?
                 answered = self._local_batch(buf, pos, end, bool(pending))
@@ -524,17 +519,19 @@ class Frontend:
         """A Query or FunctionCall opens a segment of its own: refused, injected or
         forwarded as it is. Writes the frame (rewritten or not) into ``out``."""
         injection = self.settings.injection
-        rewritten = b""
+        rewritten = b""  # NOTIFY c: to the tenant's channel, in the client's transaction
+        if self.listens is not None:
+            rewritten = self.listens.query(text, text_flags, self.settings.encoding)
         if t == FUNCTION_CALL:
             refusal: str | None = FUNCTION_CALL_REFUSAL
             if self.stats is not None:
                 self.stats.function_calls_refused += 1
             body = b""
         else:
-            verdict = self.guard(text) if self.guard is not None else None
+            verdict = self.guard(text) if self.guard is not None and not rewritten else None
             refusal = verdict if isinstance(verdict, str) else None
             rewritten = (self._rewritten(verdict) if verdict is not None
-                         and not isinstance(verdict, str) else b"")
+                         and not isinstance(verdict, str) else rewritten)
         if (refusal is not None and inject and t == QUERY and self.outside_txn is not None
                 and self.outside_txn(text)):
             # Allowed for this tenant type (VACUUM, CREATE INDEX CONCURRENTLY...): set the
@@ -584,8 +581,11 @@ class Frontend:
         check_statement_name(name)
         sql, tpos = codec.read_cstring(buf, npos, limit=end)
         types = bytes(buf[tpos:end])
+        rewritten = self.listens.parse(name, sql, self.settings.encoding) if self.listens else None
+        if rewritten:  # NOTIFY rewritten, LISTEN a no-op (listen.py): it does what they do
+            sql = rewritten
         text = sql
-        verdict: Verdict = self.guard(sql) if self.guard is not None else None
+        verdict: Verdict = rewritten or (self.guard(sql) if self.guard is not None else None)
         if isinstance(verdict, str):
             self.refused += 1
             text, types = refused_parse(verdict, sql, types)
@@ -622,6 +622,8 @@ class Frontend:
         check_statement_name(stmt)
         flags = stmts.stmt_flags.get(stmt, UNKNOWN_TXN)
         stmts.portal_flags[portal] = flags & (TXN_CONTROL | TXN_END | MAY_COPY_IN)
+        if self.listens is not None:
+            self.listens.bind(portal, stmt)
         self._session_effects(seg, flags, stmts.stmt_sets.get(stmt, ()))
         mapped = stmts.client.get(stmt) if stmt else None
         if not stmt:
@@ -644,6 +646,8 @@ class Frontend:
                  reply: bytearray, seg: Segment, fresh: bool) -> int:
         portal, _ = codec.read_cstring(buf, pos + 5, limit=end)
         flags = self.stmts.portal_flags.get(portal, UNKNOWN_TXN)
+        if self.listens is not None and self.listens.portal_ops:
+            self.listens.execute(portal)
         if flags:
             self.ledger.mark_txn(seg)
         if flags & MAY_COPY_IN:
@@ -755,9 +759,13 @@ class Frontend:
         """
         command = local_command(sql)
         status = self.ledger.status if self.attached else TXN_IDLE
+        if command is None and self.listens is not None:  # LISTEN/UNLISTEN (listen.py)
+            return self.listens.answer(sql, status, self.settings.encoding)
         tag = local.answer(command, self.stmts, self.settings, status) if command else None
         if tag is None:
             return None
+        if tag == "DISCARD ALL" and self.listens is not None:
+            self.listens.close()  # DISCARD ALL includes UNLISTEN *
         return codec.command_complete(tag) + codec.ready_for_query(bytes((status,)))
 
     def _local_batch(self, buf: bytearray, pos: int, end: int,

@@ -22,6 +22,7 @@ from .textcache import TextCache
 __all__ = [
     "DROPS_STATEMENTS",
     "MAY_COPY_IN",
+    "NOTIFIES",
     "SESSION_STATE",
     "TXN_CONTROL",
     "TXN_END",
@@ -44,6 +45,8 @@ TXN_END: Final = 8  # may end the transaction (COMMIT, ROLLBACK, PREPARE TRANSAC
 # might be one): the tracker waits for its replies before the next request, so that the
 # server's CopyInResponse tells exactly which Syncs it will ignore (see backend.py, _copy_started).
 MAY_COPY_IN: Final = 16
+# May be a LISTEN, UNLISTEN or NOTIFY, which the proxy answers or rewrites (listen.py).
+NOTIFIES: Final = 32
 
 # What may change the transaction status is a closed set of statements in Postgres's
 # grammar: TransactionStmt (BEGIN, START, COMMIT, END, ROLLBACK, ABORT, SAVEPOINT, RELEASE,
@@ -61,6 +64,7 @@ _TXN_RE = re.compile(
 _DROPS_RE = re.compile(rb"(?i)\b(deallocate|discard)\b")
 _END_RE = re.compile(rb"(?i)\b(commit|end|rollback|abort|prepare|call|execute)\b")
 _COPY_RE = re.compile(rb"(?i)\b(copy|execute)\b")
+_NOTIFY_RE = re.compile(rb"(?i)\b(listen|unlisten|notify)\b")
 _ENDING_KINDS = frozenset({"TRANS_STMT_COMMIT", "TRANS_STMT_ROLLBACK", "TRANS_STMT_PREPARE",
                            "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED"})
 _SESSION_RE = re.compile(
@@ -76,7 +80,7 @@ _SESSION_LOCK_FUNCS = frozenset({
 # faster than one search with the combined pattern, which matters once per transaction.
 _ANY_WORDS: Final = frozenset(
     b"begin start commit end rollback abort prepare call do deallocate discard set reset "
-    b"listen hold temp temporary load set_config into execute copy".split())
+    b"listen hold temp temporary load set_config into execute copy unlisten notify".split())
 _WORD_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_")
 # bytes.translate table: ASCII letters lower-cased, digits and '_' kept, all else a space,
 # so split() yields exactly the regex \w+ runs of a bytes pattern, lower-cased.
@@ -129,7 +133,7 @@ def classify(sql: bytes) -> int:
     if len(sql) > CLASSIFY_PARSE_MAX:
         # Too big to parse (see CLASSIFY_PARSE_MAX), and not cached: every flag, without
         # even the four regex passes (some 70 ms per MB each, and asked more than once).
-        return TXN_CONTROL | DROPS_STATEMENTS | SESSION_STATE | TXN_END | MAY_COPY_IN
+        return TXN_CONTROL | DROPS_STATEMENTS | SESSION_STATE | TXN_END | MAY_COPY_IN | NOTIFIES
     flags = 0
     if _TXN_RE.search(sql):
         flags |= TXN_CONTROL
@@ -141,6 +145,8 @@ def classify(sql: bytes) -> int:
         flags |= TXN_END
     if _COPY_RE.search(sql) and _may_copy_in(sql):
         flags |= MAY_COPY_IN
+    if _NOTIFY_RE.search(sql):
+        flags |= NOTIFIES
     _cache.put(sql, flags)
     return flags
 

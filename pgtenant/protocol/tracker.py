@@ -51,12 +51,13 @@ from .constants import TXN_IDLE
 from .frontend import HOLD, IDLE, NEED_SERVER, TERMINATE, Frontend, Pump
 from .inject import Injection
 from .ledger import Ledger, Segment
+from .listen import Listens
 from .prepared import CTX_NONE, CTX_READY, CTX_UNKNOWN, PreparedStatements
 from .refusal import StatementPolicy
 from .settings import HIDDEN_PARAMETERS, SessionSettings
 
 if TYPE_CHECKING:
-    from ..stats import LabelStats
+    from ..stats import LabelStats, NotifyStats
 
 __all__ = [
     "CTX_NONE",
@@ -279,6 +280,24 @@ class Link:
     @stats.setter
     def stats(self, value: LabelStats | None) -> None:
         self._front.stats = self._back.stats = value
+
+    @property
+    def listens(self) -> Listens | None:
+        """The client's LISTEN/NOTIFY state (listen.py); None refuses them."""
+        return self._front.listens
+
+    @listens.setter
+    def listens(self, value: Listens | None) -> None:
+        self._front.listens = self._back.listens = value
+
+    @property
+    def notify_stats(self) -> NotifyStats | None:
+        """The database's LISTEN/NOTIFY counters (notifications dropped on pooled servers)."""
+        return self._back.notify_stats
+
+    @notify_stats.setter
+    def notify_stats(self, value: NotifyStats | None) -> None:
+        self._back.notify_stats = value
 
     @property
     def clock(self) -> Callable[[], float]:

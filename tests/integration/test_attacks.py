@@ -821,12 +821,36 @@ async def test_with_hold_cursor_stays_with_its_session_and_dies_with_it(
         await victim.close()
 
 
-async def test_listen_and_notify_are_refused(solo: ProxyProcess) -> None:
-    """Notification channels are database-wide: a listening tenant would hear every other
-    tenant's payloads, a notifying one could speak into their channels."""
-    for sql in ("LISTEN tenant_news", "NOTIFY tenant_news, 'spoof'",
-                "SELECT pg_notify('tenant_news', 'spoof')"):
-        await refused_everywhere(solo, sql, contains="shared by every tenant")
+async def test_listen_and_notify_where_channels_cannot_be_mapped_are_refused(
+    solo: ProxyProcess,
+) -> None:
+    """Notification channels are database-wide: a lone LISTEN/NOTIFY is mapped to the
+    tenant's own channels (tests/integration/test_notify.py); where the proxy cannot map it
+    (several statements in one text) it is refused; pg_notify() calls become
+    pgtenant.pg_notify(), which notifies the caller's own tenant only."""
+    for sql in ("SELECT 1; LISTEN tenant_news", "SELECT 1; NOTIFY tenant_news, 'spoof'",
+                "SELECT 1; UNLISTEN *"):
+        await refused_everywhere(solo, sql, contains="only statement of")
+    victim = await connect(solo, "initech")
+    attacker = await connect(solo)
+    heard: dict[str, list[str]] = {"victim": [], "attacker": []}
+    try:
+        await victim.add_listener("tenant_news", lambda *a: heard["victim"].append(a[3]))
+        await attacker.add_listener("tenant_news", lambda *a: heard["attacker"].append(a[3]))
+        for sql in ("SELECT pg_notify('tenant_news', 'spoof')",
+                    "SELECT pg_catalog.pg_notify('tenant_news', 'spoof')",
+                    "SELECT pg_notify($1, 'spoof') FROM (VALUES (1)) v"):
+            args = ["tenant_news"] if "$1" in sql else []
+            await attacker.fetch(sql, *args)
+        for _ in range(100):
+            if len(heard["attacker"]) == 3:
+                break
+            await asyncio.sleep(0.02)
+        await victim.fetchval("SELECT 1")  # a round trip: anything owed has arrived
+    finally:
+        await attacker.close()
+        await victim.close()
+    assert heard == {"victim": [], "attacker": ["spoof"] * 3}
 
 
 async def test_session_advisory_lock_does_not_outlive_the_transaction(

@@ -299,9 +299,8 @@ def async_frames(draw: st.DrawFn, dropping: bool) -> tuple[bytes, bytes]:
             stream, seen = stream + f, seen + f
         elif kind == "search_path":
             stream += codec.parameter_status("search_path", "public")
-        else:
-            f = codec.frame(ord("A"), b"\x00\x00\x00\x07jobs\x00x\x00")
-            stream, seen = stream + f, seen + f
+        else:  # a pooled server's notification never reaches a client (notify.py)
+            stream += codec.frame(ord("A"), b"\x00\x00\x00\x07jobs\x00x\x00")
     return stream, seen
 
 

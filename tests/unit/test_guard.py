@@ -74,7 +74,6 @@ GUARD = Guard(("app.", "myapp.tenant"))
         "SET standard_conforming_strings = off",
         "LISTEN tenant_news",
         "NOTIFY tenant_news, 'x'",
-        "SELECT pg_notify('tenant_news', 'x')",
         "SET LOCAL standard_conforming_strings TO false",
         "SELECT U&\"\\0073et_config\"('role', 't_hooli', true)",
     ],
@@ -138,6 +137,8 @@ def test_ordinary_statements_pass(sql: str) -> None:
         # Bytes of another encoding (or UTF-8) before the call keep their offsets.
         ("SELECT '\u00e9\u20ac', set_config('DateStyle', 'ISO', false)",
          "SELECT '\u00e9\u20ac', pgtenant.set_config('DateStyle', 'ISO', false)"),
+        ("SELECT pg_notify('tenant_news', 'x')", "SELECT pgtenant.pg_notify('tenant_news', 'x')"),
+        ("SELECT pg_catalog.pg_notify($1, $2)", "SELECT pgtenant.pg_notify($1, $2)"),
         # Another schema's set_config is the tenant's own function: left alone.
         ("SELECT myschema.set_config('a', 'b', true), pgtenant.set_config('a', 'b', true)",
          None),

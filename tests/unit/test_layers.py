@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("protocol", ("protocol", "protocol.*")),
     ("policy", ("guard", "tls", "metrics", "pool_state")),
     # workers: the supervisor and its control sockets (cancel asks a sibling worker).
-    ("backend", ("server", "pool", "cancel", "workers")),
+    ("backend", ("server", "notify", "pool", "cancel", "workers")),
     ("frontend", ("client", "session", "admin", "login", "limits")),
     # The operator's tools (init, tenants, migrations, audit) work on the database, not on
     # a running proxy; the app uses init's lockdown check at start, so they sit below it.

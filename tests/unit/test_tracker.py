@@ -635,3 +635,13 @@ def test_local_answer_waits_for_replies_still_owed_then_happens_once() -> None:
     out, reply, outcome = link.pump_client()
     assert (out, reply, outcome) == (b"", cc("DEALLOCATE") + Z_I, IDLE)
     assert b"q" not in link.client_statements
+
+
+def test_a_parse_without_a_body_is_the_clients_error_not_the_proxys() -> None:
+    # Found by test_fuzz: the local-batch check read past an empty Parse.
+    link = make_link()
+    out, _, outcome = client_sends(link, b"P\x00\x00\x00\x04")
+    assert (out, outcome) == (b"", NEED_SERVER)
+    link.attach(CTX_NONE)
+    with pytest.raises(ClientProtocolError):
+        link.pump_client()
