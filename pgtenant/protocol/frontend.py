@@ -442,7 +442,9 @@ class Frontend:
             if (t == PARSE and 5 < end - pos <= _LOCAL_PARSE_MAX and buf[pos + 5] == 0
                     and not self.open_extended):
                 # A batch of the unnamed statement: one the proxy answers (local.py)?
-                answered = self._local_batch(buf, pos, end, bool(pending))
+                answered = local.batch_answer(
+                    buf, pos, end, bool(pending), self.stmts, self.settings,
+                    self.ledger.status if self.attached else TXN_IDLE, self.max_message_size)
                 if answered == WAIT:
                     break  # the rest of the batch decides: wait for its bytes
                 if isinstance(answered, tuple):
@@ -735,21 +737,10 @@ class Frontend:
 
     def _rewritten(self, verdict: bytes | tuple[bytes, ...], out: bytearray | None = None,
                    name: bytes | None = None) -> bytes:
-        """The text the guard rewrote, its holes filled (redirect.py): the client's pid, and
-        the client's statements when it reads pgtenant.prepared_statements (``name``, the
-        statement being parsed, is one of them). With ``out`` (an extended batch), every
-        statement of the client is first made sure to be on the attached server (quiet
-        Parses), so that each of them shows with the server's details."""
+        """The text the guard rewrote, its holes filled (redirect.fill)."""
         if isinstance(verdict, bytes):
             return verdict
-        fill = {redirect.CLIENT_PID: b"%d" % self.client_pid}
-        if redirect.STATEMENTS in verdict:
-            stmts = self.stmts
-            if out is not None:
-                for mapped in list(stmts.client.values()):
-                    stmts.use(out, mapped)
-            fill[redirect.STATEMENTS] = redirect.client_statements(stmts.client, name)
-        return redirect.render(verdict, fill)
+        return redirect.fill(verdict, self.stmts, self.client_pid, out, name)
 
     def _answer_locally(self, sql: bytes) -> bytes | None:
         """A session command the proxy answers itself (local.py), sent as a Query.
@@ -767,15 +758,6 @@ class Frontend:
         if tag == "DISCARD ALL" and self.listens is not None:
             self.listens.close()  # DISCARD ALL includes UNLISTEN *
         return codec.command_complete(tag) + codec.ready_for_query(bytes((status,)))
-
-    def _local_batch(self, buf: bytearray, pos: int, end: int,
-                     owed: bool) -> tuple[int, bytes] | int | None:
-        """At a Parse of the unnamed statement that starts a batch (see local.batch_answer).
-        Returns: (end of the batch, the replies to send), WAIT, or None (the ordinary way).
-        """
-        status = self.ledger.status if self.attached else TXN_IDLE
-        return local.batch_answer(buf, pos, end, owed, self.stmts, self.settings, status,
-                                  self.max_message_size)
 
     def fail_segment(self, error: bytes) -> bytes:
         """The segment at the head of ``cbuf`` cannot get a server: answer it with ``error``.

@@ -33,7 +33,10 @@ from typing import Any, Final
 
 from pglast.parser import ParseError, scan
 
-__all__ = ["CATALOG", "CLIENT_PID", "STATEMENTS", "client_statements", "redirect", "render"]
+from .prepared import PreparedStatements
+
+__all__ = ["CATALOG", "CLIENT_PID", "STATEMENTS", "client_statements", "fill", "redirect",
+           "render"]
 
 CATALOG: Final = "pg_catalog"
 # Holes in a rewritten text, filled per use. They start with a NUL byte, which no text a
@@ -163,3 +166,19 @@ def render(parts: tuple[bytes, ...], fill: Mapping[bytes, bytes]) -> bytes:
         out += fill[parts[i]]
         out += parts[i + 1]
     return bytes(out)
+
+
+def fill(parts: tuple[bytes, ...], stmts: PreparedStatements, client_pid: int,
+         out: bytearray | None = None, name: bytes | None = None) -> bytes:
+    """Returns: ``redirect``'s parts with the client's holes filled: its pid, and its
+    statements when the text reads pgtenant.prepared_statements (``name``, the statement
+    being parsed, is one of them). With ``out`` (an extended batch), every statement of the
+    client is first made sure to be on the attached server (quiet Parses written to
+    ``out``), so that each of them shows with the server's details."""
+    values = {CLIENT_PID: b"%d" % client_pid}
+    if STATEMENTS in parts:
+        if out is not None:
+            for mapped in list(stmts.client.values()):
+                stmts.use(out, mapped)
+        values[STATEMENTS] = client_statements(stmts.client, name)
+    return render(parts, values)
