@@ -318,7 +318,7 @@ def test_refused_parse_keeps_name_and_parameters() -> None:
     link = guarded_link()
     parse = codec.parse("s", "SELECT set_config('ROLE', $1, $2)", (25,))
     to_server = start(link, parse + codec.sync(), ctx_state=CTX_READY)
-    refusal = "CALL pgtenant.refuse('pgtenant: no', $1::text, $2::text)"
+    refusal = "CALL pgtenant.refuse('pgtenant: no', $1::pg_catalog.text, $2::pg_catalog.text)"
     global_name = link.client_statements[b"s"][0].decode()
     expected = codec.parse(global_name, refusal, (25,))
     assert to_server == (link.injection.ext_bind + EXECUTE_UNNAMED
