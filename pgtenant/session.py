@@ -365,6 +365,7 @@ class Session:
             # would follow the server to the next tenant: close it instead (fail closed).
             self.pool.discard(server)
         elif temp_made:
+            self.stats.temp_resets += 1
             # The server reported temporary objects (an ON COMMIT DROP table, or one a
             # function made where the classifier could not see): none may reach the next
             # client, of this tenant or another. Emptied first, or closed if that fails.
@@ -430,7 +431,10 @@ class Session:
             server.client_encoding = ""  # the rollback may revert a SET: switch next time
             # Temp objects of earlier transactions never outlive them here (see
             # _maybe_release); ROLLBACK drops this one's, DISCARD TEMP whatever committed.
-            sql = "ROLLBACK; " + _DISCARD_TEMP if link.temp_made else "ROLLBACK"
+            sql = "ROLLBACK"
+            if link.temp_made:
+                self.stats.temp_resets += 1
+                sql += "; " + _DISCARD_TEMP
             after_cancels(server, lambda s: self.pool.release_dirty(s, sql))
 
     # ------------------------------------------------------------------ the client's socket
