@@ -13,6 +13,9 @@ the proxy runs at start (``check_lockdown``) to refuse serving a database withou
   ACLs in ``pg_catalog`` are per database: init must run in every database the proxy serves;
 * ``pgtenant.refuse(msg)``: raises SQLSTATE 42501, so the statement guard's refusals are
   raised by Postgres itself, in order;
+* the ``pgtenant_temp_objects`` event trigger: a NOTICE after every command that created a
+  temporary object, so the proxy empties that server's temp schema before reuse (see
+  TEMP_TRIGGER_SQL);
 * signed context: ``app.tenant_sig`` = HMAC-SHA256 of the context under a key tenants cannot
   read; ``pgtenant.current_tenant()`` returns the tenant only when the signature verifies.
   HMAC is computed with the built-in ``sha256()`` (PG 11+) from stored inner/outer padded
