@@ -29,8 +29,8 @@ from pgtenant.control.init import check_fail_closed, init_database
 from pgtenant.protocol import codec
 from pgtenant.protocol.constants import TEMP_NOTICE
 
-from .conftest import ProxyProcess, connect
-from .helpers import TenantRaw, data_rows
+from .conftest import ProxyProcess, connect, free_port
+from .helpers import TenantRaw, data_rows, metric_value, scrape
 
 # What a victim checks on its server: every relation in its session's temp schema, and
 # whether a table named ``name`` resolves in pg_temp.
@@ -49,12 +49,21 @@ GRANT EXECUTE ON FUNCTION public.temp_scratch() TO PUBLIC;
 """
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def solo(demo_env: DemoEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     proc = ProxyProcess(demo_env, tmp_path_factory.mktemp("temp_tables"), pool_size=1,
-                        extra="auth_failure_delay = 0.0")
+                        extra="auth_failure_delay = 0.0\n"
+                              f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n')
     yield proc
     proc.check_invariants(proc.stop())
+
+
+def temp_resets() -> float:
+    """Returns: how many servers the proxy has emptied with DISCARD TEMP so far."""
+    return metric_value(scrape(METRICS_PORT), "pgtenant_temp_resets_total")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +104,7 @@ async def test_on_commit_drop_inside_a_transaction_works_and_pins_nothing(
     solo: ProxyProcess,
 ) -> None:
     acme = await connect(solo, "acme")
+    resets = temp_resets()
     try:
         seen = marker_notices(acme)
         async with acme.transaction():
@@ -107,6 +117,7 @@ async def test_on_commit_drop_inside_a_transaction_works_and_pins_nothing(
         await acme.execute("BEGIN; CREATE TEMPORARY TABLE s2 ON COMMIT DROP AS SELECT 1 AS x; "
                            "SELECT * FROM s2; COMMIT")
         assert seen == []  # the proxy's notice, not the client's
+        assert temp_resets() == resets + 2  # each transaction's server: DISCARD TEMP
         # Not pinned: with acme still connected, another tenant gets the only server.
         other = await connect(solo, "initech")
         try:
