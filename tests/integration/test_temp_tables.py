@@ -291,3 +291,36 @@ async def test_tenant_types_without_temp_tables_get_no_temp_and_the_lockdown_nee
         assert await conn.fetchval(temp, "tts_no") is False
     finally:
         await conn.close()
+
+
+# A temporary type named like a built-in one: pg_temp is searched before pg_catalog for
+# types unless a search_path lists it, so every unqualified "text" in SQL that runs in the
+# tenant's session would mean this enum, and the implicit cast hands the tenant the values.
+SHADOW_TEXT = (
+    "CREATE TYPE pg_temp.text AS ENUM ('harmless', 'search_path')",
+    "CREATE FUNCTION pg_temp.to_t(pg_catalog.text) RETURNS pg_temp.text LANGUAGE sql "
+    "AS $$ SELECT 'harmless'::pg_temp.text $$",
+    "CREATE CAST (pg_catalog.text AS pg_temp.text) WITH FUNCTION "
+    "pg_temp.to_t(pg_catalog.text) AS IMPLICIT",
+)
+
+
+async def test_a_temp_type_named_text_changes_nothing_the_proxy_or_its_functions_run(
+    solo: ProxyProcess,
+) -> None:
+    acme = await connect(solo, "acme")
+    try:
+        for stmt in SHADOW_TEXT:  # pins the server: the type stays for later transactions
+            await acme.execute(stmt)
+        # pgtenant.set_config (the stand-in the guard rewrites set_config to) still refuses
+        # protected names: its variable is declared pg_catalog.text.
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="search_path"):
+            await acme.execute("SELECT set_config('search_path', 'pg_temp, public', false)")
+        # The proxy's extended-protocol context statement, parsed now, with the type there.
+        assert await acme.fetchval("SELECT $1::int + 1", 1) == 2
+        row = await acme.fetchrow("SELECT current_setting('app.tenant_id') AS t, "
+                                  "current_setting('search_path') AS p, current_user AS u")
+        assert (row["t"], row["p"], row["u"]) == (
+            str(solo.env.tenants["acme"].org_id), "public", "tenant_sme")
+    finally:
+        await acme.close()
