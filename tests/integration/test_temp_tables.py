@@ -297,11 +297,16 @@ async def test_tenant_types_without_temp_tables_get_no_temp_and_the_lockdown_nee
 # types unless a search_path lists it, so every unqualified "text" in SQL that runs in the
 # tenant's session would mean this enum, and the implicit cast hands the tenant the values.
 SHADOW_TEXT = (
-    "CREATE TYPE pg_temp.text AS ENUM ('harmless', 'search_path')",
+    "CREATE TYPE pg_temp.text AS ENUM ('harmless', 'search_path', "
+    "'standard_conforming_strings', 'client_encoding')",
     "CREATE FUNCTION pg_temp.to_t(pg_catalog.text) RETURNS pg_temp.text LANGUAGE sql "
     "AS $$ SELECT 'harmless'::pg_temp.text $$",
     "CREATE CAST (pg_catalog.text AS pg_temp.text) WITH FUNCTION "
     "pg_temp.to_t(pg_catalog.text) AS IMPLICIT",
+    "CREATE FUNCTION pg_temp.from_t(pg_temp.text) RETURNS pg_catalog.text LANGUAGE sql "
+    "AS $$ SELECT 'harmless'::pg_catalog.text $$",
+    "CREATE CAST (pg_temp.text AS pg_catalog.text) WITH FUNCTION "
+    "pg_temp.from_t(pg_temp.text) AS IMPLICIT",
 )
 
 
@@ -313,9 +318,10 @@ async def test_a_temp_type_named_text_changes_nothing_the_proxy_or_its_functions
         for stmt in SHADOW_TEXT:  # pins the server: the type stays for later transactions
             await acme.execute(stmt)
         # pgtenant.set_config (the stand-in the guard rewrites set_config to) still refuses
-        # protected names: its variable is declared pg_catalog.text.
-        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="search_path"):
-            await acme.execute("SELECT set_config('search_path', 'pg_temp, public', false)")
+        # protected names it only sees bound: its variable is declared pg_catalog.text.
+        for name in ("search_path", "app.tenant_id", "standard_conforming_strings"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match=name):
+                await acme.fetchval("SELECT set_config($1, $2, false)", name, "off")
         # The proxy's extended-protocol context statement, parsed now, with the type there.
         assert await acme.fetchval("SELECT $1::int + 1", 1) == 2
         row = await acme.fetchrow("SELECT current_setting('app.tenant_id') AS t, "
