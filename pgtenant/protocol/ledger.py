@@ -92,7 +92,7 @@ __all__ = [
 # Backend frames that always need a look: ReadyForQuery, ErrorResponse, ParameterStatus,
 # CopyInResponse/CopyBothResponse (the server then ignores Syncs: see
 # Backend._copy_started), and NoticeResponse (the temp-object notice must never slip past
-# with a run of rows: see Backend._notice).
+# with a run of rows: see Backend._temp_notice).
 _SERVER_SPECIAL: Final = frozenset((READY_FOR_QUERY, ERROR_RESPONSE, PARAMETER_STATUS,
                                      COPY_IN_RESPONSE, COPY_BOTH_RESPONSE, NOTICE_RESPONSE))
 # Frames that are neither counted nor dropped while dropping injected replies.
