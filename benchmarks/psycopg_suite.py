@@ -5,8 +5,9 @@ Postgres for the baseline).
 ``$PGTENANT_PSYCOPG_SRC``; e.g. ``git clone https://github.com/psycopg/psycopg``). Without
 one it prints one "skipped" line and exits 0. Otherwise it starts a scratch cluster, installs
 pgtenant into a scratch database with one tenant type whose static role may CREATE in
-``public``, in a schema of its own and in the database (schemas), and make TEMP objects (the
-suite creates schemas, tables, types, functions), makes one tenant and a token, starts
+``public``, in a schema of its own and in the database (schemas; TEMP comes from init, as
+for any type with ``temp_tables`` on) (the suite creates schemas, tables, types, functions,
+temp tables), makes one tenant and a token, starts
 ``pgtenant serve`` on a free port and runs
 
     python -m pytest PSYCOPG/tests -m "not slow and not timing and not flakey"
@@ -170,7 +171,7 @@ async def prepare(cluster: PostgresCluster) -> tuple[dict[str, str], str]:
             CREATE SCHEMA {SCHEMA};
             GRANT USAGE, CREATE ON SCHEMA {SCHEMA} TO {ROLE};
             GRANT CREATE ON SCHEMA public TO {ROLE};
-            GRANT TEMPORARY, CREATE ON DATABASE {DBNAME} TO {ROLE};  -- create schema testschema
+            GRANT CREATE ON DATABASE {DBNAME} TO {ROLE};  -- create schema testschema
         """)
     finally:
         await conn.close()

@@ -202,6 +202,14 @@ class TenantTypeConfig:
                       "security hides, a side channel on other tenants' data (unset: refused "
                       "when the role is shared, allowed with a role per tenant)"),
     )
+    temp_tables: bool = field(
+        default=True,
+        metadata=_doc("temporary tables: init and provisioning grant this type's roles TEMP on "
+                      "the database (false: revoke it, and CREATE TEMP fails with permission "
+                      "denied). ON COMMIT DROP tables end with their transaction; other temp "
+                      "objects pin the server to the client; the audit expects TEMP exactly "
+                      "for the types that allow it (and [audit] allow_temp)"),
+    )
 
     @property
     def shared_role(self) -> bool:
@@ -292,8 +300,8 @@ class AuditConfig:
     )
     allow_temp: tuple[str, ...] = field(
         default=(),
-        metadata=_doc("tenant types whose roles may hold TEMP on the database (an error "
-                      "for any other type)"),
+        metadata=_doc("tenant types whose roles may hold TEMP on the database besides "
+                      "those with temp_tables = true (an error for any other type)"),
     )
     baseline: str | None = field(
         default=None,

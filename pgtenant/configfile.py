@@ -41,7 +41,8 @@ __all__ = ["load_config", "parse_config", "parse_listen"]
 # --------------------------------------------------------------------------- validation
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TYPE_SWITCHES = ("allow_lock_table", "allow_large_objects", "allow_explain_analyze")
+_TYPE_SWITCHES = ("allow_lock_table", "allow_large_objects", "allow_explain_analyze",
+                  "temp_tables")
 
 
 class _Errors:

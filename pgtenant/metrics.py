@@ -151,6 +151,9 @@ class Collector(_CollectorBase):
         yield counter("pgtenant_server_resets",
                       "Servers emptied (DISCARD ALL) because another tenant used them last",
                       "server_resets")
+        yield counter("pgtenant_temp_resets",
+                      "Servers whose session reported temporary objects, emptied (DISCARD "
+                      "TEMP) before going back to the pool", "temp_resets")
         yield _histogram("pgtenant_transaction_duration_seconds",
                          "How long a transaction held its server", lbl,
                          ((list(k), s.transaction_seconds) for k, s in label_items))

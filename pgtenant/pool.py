@@ -225,17 +225,19 @@ class Pool:
         server.peer = None
         self._apply(self.state.on_discard(server, self.clock()))
 
-    def release_dirty(self, server: ServerConnection) -> None:
-        """A client left with a transaction open and nothing in flight: roll back, then reuse.
+    def release_dirty(self, server: ServerConnection, sql: str = "ROLLBACK") -> None:
+        """A client left the server with something to clean first: run ``sql`` (ROLLBACK of
+        a transaction left open with nothing in flight, DISCARD TEMP of temporary objects
+        its transaction created), then reuse.
 
         Any failure closes the server; it never returns to the pool unclean (STYLE rule 5).
         """
         server.peer = None
         self.state.on_reset(server)
-        self._spawn(self._rollback(server))
+        self._spawn(self._reset(server, sql))
 
-    async def _rollback(self, server: ServerConnection) -> None:
-        clean = await server.rollback(timeout=self._config.server_connect_timeout)
+    async def _reset(self, server: ServerConnection, sql: str) -> None:
+        clean = await server.reset(sql, timeout=self._config.server_connect_timeout)
         if server.state is not ServerState.RESET:
             return  # lost meanwhile
         if clean and not server.closed:

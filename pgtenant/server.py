@@ -330,16 +330,19 @@ class ServerConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ reset
 
-    async def rollback(self, timeout: float) -> bool:
-        """Roll back whatever transaction a departed client left open.
+    async def reset(self, sql: str, timeout: float) -> bool:
+        """Run the proxy's own clean-up ``sql`` on a server no client holds: ROLLBACK of
+        the transaction a departed client left open, DISCARD TEMP of the temporary objects
+        a client's transaction created (``Link.temp_made``), or both.
 
-        Returns: True when the server answered ReadyForQuery ``I`` (clean), else False.
+        Returns: True when the server answered without an error and ended with
+        ReadyForQuery ``I`` (clean), else False.
         """
         assert self.state is ServerState.RESET
         self._buf.clear()
         self._reset_done = asyncio.get_running_loop().create_future()
         self.resume_reading()
-        self.write(codec.query("ROLLBACK"))
+        self.write(codec.query(sql))
         try:
             async with asyncio.timeout(timeout):
                 return await self._reset_done

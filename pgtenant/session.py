@@ -14,9 +14,11 @@ Where a server is released: ``Session._maybe_release``, after every chunk of ser
 back only when the Link says ``can_release`` (ReadyForQuery 'I', no reply owed, no COPY
 open) and the session is not pinned; if the transaction left session state behind
 (``session_dirty``) the server is closed instead, so nothing follows it to another tenant
-(ARCHITECTURE §4, fail closed). The other ends: ``_leave_server`` (the client goes away:
-release, roll back then reuse, or close) and ``_drop_server`` (a server out of sync, or one
-whose session state ends with the client: closed).
+(ARCHITECTURE §4, fail closed); if the server reported temporary objects (``temp_made``)
+it is emptied with DISCARD TEMP first, or closed when that fails. The other ends:
+``_leave_server`` (the client goes away: release, roll back then reuse, or close) and
+``_drop_server`` (a server out of sync, or one whose session state ends with the client:
+closed).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ if TYPE_CHECKING:
 __all__ = ["CLIENT_BUFFER_HIGH", "Session", "SessionClient", "SessionServices"]
 
 log = logging.getLogger("pgtenant.client")
+# Empties the session's temp schema; not DISCARD ALL: the server keeps its prepared
+# statements and settings for the same tenant's next transaction.
+_DISCARD_TEMP = "DISCARD TEMP"
 # Stop reading from a client whose unhandled bytes pile up while it waits or holds.
 CLIENT_BUFFER_HIGH = 1 << 20
 
@@ -364,7 +369,7 @@ class Session:
         link, server = self.link, self.server
         if server is None or not link.can_release or link.pinned:
             return
-        dirty = link.session_dirty
+        dirty, temp_made = link.session_dirty, link.temp_made
         server.client_encoding = link.server_encoding
         server.ctx_state = link.detach()
         self.server = None
@@ -375,6 +380,12 @@ class Session:
             # Session state (LISTEN, WITH HOLD, temp objects, session SET, named statements...)
             # would follow the server to the next tenant: close it instead (fail closed).
             self.pool.discard(server)
+        elif temp_made:
+            self.stats.temp_resets += 1
+            # The server reported temporary objects (an ON COMMIT DROP table, or one a
+            # function made where the classifier could not see): none may reach the next
+            # client, of this tenant or another. Emptied first, or closed if that fails.
+            after_cancels(server, lambda s: self.pool.release_dirty(s, _DISCARD_TEMP))
         else:
             after_cancels(server, self.pool.release)
         self._flush_notifications()
@@ -437,7 +448,13 @@ class Session:
             server.ctx_state = link.detach()
             self._transaction_done()
             server.client_encoding = ""  # the rollback may revert a SET: switch next time
-            after_cancels(server, self.pool.release_dirty)
+            # Temp objects of earlier transactions never outlive them here (see
+            # _maybe_release); ROLLBACK drops this one's, DISCARD TEMP whatever committed.
+            sql = "ROLLBACK"
+            if link.temp_made:
+                self.stats.temp_resets += 1
+                sql += "; " + _DISCARD_TEMP
+            after_cancels(server, lambda s: self.pool.release_dirty(s, sql))
 
     # ------------------------------------------------------------------ LISTEN/NOTIFY
 

@@ -55,8 +55,8 @@ class LabelStats:
     """Counters of one (database, tenant type)."""
 
     __slots__ = ("bytes_received", "bytes_sent", "errors", "function_calls_refused",
-                 "logins", "queries", "query_seconds", "server_resets", "transaction_seconds",
-                 "transactions", "wait_seconds")
+                 "logins", "queries", "query_seconds", "server_resets", "temp_resets",
+                 "transaction_seconds", "transactions", "wait_seconds")
 
     def __init__(self) -> None:
         self.transactions = 0
@@ -66,6 +66,7 @@ class LabelStats:
         self.bytes_sent = 0  # to clients
         self.function_calls_refused = 0
         self.server_resets = 0  # servers emptied (DISCARD ALL) before this label's use
+        self.temp_resets = 0  # servers whose temp objects were emptied (DISCARD TEMP) after
         self.errors: dict[str, int] = {}  # SQLSTATE class -> ErrorResponses sent to clients
         self.transaction_seconds = Histogram(DURATION_BUCKETS)
         self.query_seconds = Histogram(DURATION_BUCKETS)

@@ -13,6 +13,9 @@ the proxy runs at start (``check_lockdown``) to refuse serving a database withou
   ACLs in ``pg_catalog`` are per database: init must run in every database the proxy serves;
 * ``pgtenant.refuse(msg)``: raises SQLSTATE 42501, so the statement guard's refusals are
   raised by Postgres itself, in order;
+* the ``pgtenant_temp_objects`` event trigger: a NOTICE after every command that created a
+  temporary object, so the proxy empties that server's temp schema before reuse (see
+  TEMP_TRIGGER_SQL);
 * signed context: ``app.tenant_sig`` = HMAC-SHA256 of the context under a key tenants cannot
   read; ``pgtenant.current_tenant()`` returns the tenant only when the signature verifies.
   HMAC is computed with the built-in ``sha256()`` (PG 11+) from stored inner/outer padded
@@ -27,7 +30,8 @@ from typing import Final
 
 import asyncpg
 
-from ..identity.context import context_signature, quote_ident
+from ..identity.context import context_signature, quote_ident, quote_literal
+from ..protocol.constants import TEMP_NOTICE
 from .client_views import check_client_views, install_client_views
 from .safe_settings import check_safe_settings, install_safe_settings
 
@@ -40,6 +44,8 @@ __all__ = [
     "SIGNAL_FUNCTIONS",
     "SIGNING_KEY_SIGNATURE",
     "STATS_FUNCTIONS",
+    "TEMP_TRIGGER",
+    "TEMP_TRIGGER_FUNCTION",
     "check_lockdown",
     "fetch_signing_key",
     "install_hardening",
@@ -136,6 +142,50 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgtenant, pg_
 $$
 """
 
+# Temporary objects: the server reports every one it creates, so the proxy empties the temp
+# schema of a server before anyone else uses it, whether or not it saw the statement (a
+# tenant's SQL function may create them). An event trigger, ENABLE ALWAYS so that even
+# session_replication_role cannot skip it (and that is superuser-only anyway); the function
+# sets client_min_messages itself, so a tenant's SET client_min_messages cannot hide the
+# notice. Only a superuser may create, alter or disable event triggers. Which objects: the
+# rows of pg_event_trigger_ddl_commands() in the session's temp schema (reported as
+# 'pg_temp', whatever kind: table, view, sequence, index, type, function...).
+# The one creation path that fires no event trigger is EXPLAIN ANALYZE of CREATE TABLE AS or
+# SELECT INTO (it runs the query without the utility command): in SQL the proxy sees, the
+# classifier pins the server for it (relpersistence 't' in the tree); a LANGUAGE sql
+# function whose body holds EXPLAIN with CREATE or INTO is refused here, since its body runs
+# where the proxy cannot look (atomic bodies cannot hold EXPLAIN; tenants have no plpgsql).
+TEMP_TRIGGER: Final = "pgtenant_temp_objects"
+TEMP_TRIGGER_FUNCTION: Final = "pgtenant.temp_objects()"
+TEMP_TRIGGER_SQL: Final = (
+    rf"""
+CREATE OR REPLACE FUNCTION {TEMP_TRIGGER_FUNCTION} RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = notice AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_event_trigger_ddl_commands() c
+                WHERE c.schema_name = 'pg_temp' OR c.schema_name LIKE 'pg\_temp\_%') THEN
+        RAISE NOTICE USING MESSAGE = {quote_literal(TEMP_NOTICE)};
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_event_trigger_ddl_commands() c
+                 JOIN pg_catalog.pg_proc p
+                   ON c.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND p.oid = c.objid
+                 JOIN pg_catalog.pg_language l ON l.oid = p.prolang AND l.lanname = 'sql'
+                WHERE p.prosrc OPERATOR(pg_catalog.~*) '\mexplain\M'
+                  AND p.prosrc OPERATOR(pg_catalog.~*) '\m(create|into)\M') THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = 'pgtenant: a LANGUAGE sql '
+            'function may not hold EXPLAIN of CREATE TABLE AS or SELECT INTO (it would make '
+            'a temporary table the proxy cannot see)';
+    END IF;
+END
+$$""",
+    f"ALTER FUNCTION {TEMP_TRIGGER_FUNCTION} OWNER TO CURRENT_USER",
+    f"REVOKE EXECUTE ON FUNCTION {TEMP_TRIGGER_FUNCTION} FROM PUBLIC",
+    f"DROP EVENT TRIGGER IF EXISTS {TEMP_TRIGGER}",
+    f"CREATE EVENT TRIGGER {TEMP_TRIGGER} ON ddl_command_end "
+    f"EXECUTE FUNCTION {TEMP_TRIGGER_FUNCTION}",
+    f"ALTER EVENT TRIGGER {TEMP_TRIGGER} ENABLE ALWAYS",
+)
+
 
 PG_NOTIFY_SIGNATURE: Final = "pgtenant.pg_notify(text, text)"
 # pg_notify for tenants: the channel is mapped to the caller's tenant exactly as the proxy
@@ -216,6 +266,8 @@ async def install_hardening(conn: asyncpg.Connection, proxy_role: str,
     await conn.execute(f"REVOKE EXECUTE ON FUNCTION {SIGNING_KEY_SIGNATURE} FROM {proxy}")
     await conn.execute(f"GRANT EXECUTE ON FUNCTION {SIGNING_KEY_SIGNATURE} TO {control}")
     await conn.execute(CURRENT_TENANT_SQL)
+    for stmt in TEMP_TRIGGER_SQL:
+        await conn.execute(stmt)
     await conn.execute("GRANT EXECUTE ON FUNCTION pgtenant.current_tenant() TO PUBLIC")
     await conn.execute(PG_NOTIFY_SQL)
     await conn.execute(f"GRANT EXECUTE ON FUNCTION {PG_NOTIFY_SIGNATURE} TO PUBLIC")
@@ -399,6 +451,7 @@ async def check_lockdown(conn: asyncpg.Connection, login_role: str,
                         "pg_notify needs it")
     problems += await check_safe_settings(conn, protected_settings)
     problems += await check_client_views(conn)
+    problems += await _check_temp_trigger(conn)
     # One query per question for every tenant role at once (a thousand templated roles
     # must not mean thousands of round trips).
     roles = list(tenant_roles)
@@ -419,4 +472,38 @@ async def check_lockdown(conn: asyncpg.Connection, login_role: str,
             problems.append(f"tenant role {role!r} may execute set_config")
         for schema in creatable.get(role, []):
             problems.append(f"tenant role {role!r} may CREATE in schema {schema!r}")
+    return problems
+
+
+# The event trigger as install_hardening makes it: on every command (no tag filter), enabled
+# ALWAYS, running the function owned by a superuser with the body and settings installed.
+_TEMP_TRIGGER_STATE = """
+SELECT e.evtevent, e.evtenabled::text AS evtenabled, e.evttags IS NULL AS all_tags,
+       e.evtfoid = to_regprocedure($2) AS our_function,
+       coalesce((SELECT rolsuper FROM pg_roles WHERE oid = p.proowner), false) AS super_owned,
+       p.prosrc, p.proconfig
+  FROM pg_event_trigger e LEFT JOIN pg_proc p ON p.oid = e.evtfoid
+ WHERE e.evtname = $1
+"""
+
+
+async def _check_temp_trigger(conn: asyncpg.Connection) -> list[str]:
+    """Returns: what is wrong with the temp-object event trigger (TEMP_TRIGGER_SQL), whose
+    notice is how the proxy learns that a server's temp schema must be emptied."""
+    row = await conn.fetchrow(_TEMP_TRIGGER_STATE, TEMP_TRIGGER, TEMP_TRIGGER_FUNCTION)
+    fix = "(run pgtenant init)"
+    if row is None:
+        return [f"event trigger {TEMP_TRIGGER} is missing {fix}: temporary objects a "
+                "tenant's function creates would go unnoticed"]
+    problems = []
+    if row["evtevent"] != "ddl_command_end" or not row["all_tags"] or not row["our_function"]:
+        problems.append(f"event trigger {TEMP_TRIGGER} is not the one pgtenant init installs "
+                        f"(ddl_command_end, every command, {TEMP_TRIGGER_FUNCTION}) {fix}")
+    if row["evtenabled"] != "A":
+        problems.append(f"event trigger {TEMP_TRIGGER} is not enabled ALWAYS "
+                        f"(evtenabled {row['evtenabled']!r}) {fix}")
+    if not row["super_owned"] or TEMP_NOTICE not in (row["prosrc"] or "") or (
+            "client_min_messages=notice" not in (row["proconfig"] or [])):
+        problems.append(f"function {TEMP_TRIGGER_FUNCTION} is not the one pgtenant init "
+                        f"installs (owned by a superuser, raising its notice) {fix}")
     return problems

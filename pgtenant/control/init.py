@@ -53,6 +53,7 @@ __all__ = [
     "check_fail_closed",
     "ensure_tenant_role",
     "grant_role_to_proxy",
+    "grant_temp",
     "init_database",
     "scram_verifier",
     "static_role",
@@ -159,6 +160,22 @@ async def ensure_tenant_role(conn: asyncpg.Connection, role: str) -> bool:
     return created
 
 
+async def grant_temp(conn: asyncpg.Connection, role: str,
+                     tenant_type: TenantTypeConfig) -> None:
+    """TEMP on the connection's database for a tenant role whose type allows temporary
+    tables (``temp_tables``), revoked from one whose type does not. The proxy keeps temp
+    objects from outliving what the client expects on a pooled server (pinning, DISCARD
+    TEMP: see session.py); the login role itself never gets TEMP (check_fail_closed).
+
+    Raises: asyncpg.PostgresError from the GRANT/REVOKE.
+    """
+    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    if tenant_type.temp_tables:
+        await conn.execute(f"GRANT TEMPORARY ON DATABASE {db} TO {quote_ident(role)}")
+    else:
+        await conn.execute(f"REVOKE TEMPORARY ON DATABASE {db} FROM {quote_ident(role)}")
+
+
 def static_role(tenant_type: TenantTypeConfig) -> str | None:
     """Returns: the tenant type's one shared role, or None when the template is rendered per
     tenant (by create_tenant)."""
@@ -232,8 +249,9 @@ async def init_database(
             await conn.execute(f"GRANT USAGE ON SCHEMA {CONTROL_SCHEMA} TO {proxy}, {control}")
 
             dbname = quote_ident(await conn.fetchval("SELECT current_database()"))
-            # Without PUBLIC's TEMP privilege no tenant role can create temp objects (which
-            # could shadow names in pg_temp) and only explicit grantees may connect.
+            # Without PUBLIC's TEMP privilege only the tenant roles of types that allow
+            # temp objects (temp_tables, granted below) can create them, and only explicit
+            # grantees may connect.
             await conn.execute(f"REVOKE ALL ON DATABASE {dbname} FROM PUBLIC")
             await conn.execute(f"GRANT CONNECT ON DATABASE {dbname} TO {proxy}, {control}")
             await conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
@@ -245,6 +263,7 @@ async def init_database(
                 if await ensure_tenant_role(conn, role):
                     created.append(role)
                 await conn.execute(f"GRANT USAGE ON SCHEMA public TO {quote_ident(role)}")
+                await grant_temp(conn, role, tenant_type)
                 await grant_role_to_proxy(conn, role, proxy_role)
             static_roles = [r for t in (tenant_types or {}).values()
                             if (r := static_role(t)) is not None]

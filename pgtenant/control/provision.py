@@ -60,7 +60,7 @@ from ..identity.context import (
 from . import ControlError
 from .audit.gate import AuditGate, describe
 from .hardening import fetch_signing_key, sign_context
-from .init import grant_role_to_proxy
+from .init import grant_role_to_proxy, grant_temp
 from .migrations.files import Migration
 from .migrations.holds import DEFAULT_DRAIN_TIMEOUT, DEFAULT_HOLD_TTL, Holds
 from .migrations.ledger import ADVISORY_LOCK_KEY, install_ledger, install_local_ledger
@@ -327,6 +327,7 @@ async def provision_tenant(
                     if templated_role:
                         await target.execute(f"GRANT USAGE ON SCHEMA public TO "
                                              f"{quote_ident(role)}")
+                    await grant_temp(target, role, tenant_type)  # TEMP is per database
                     if schema is not None:
                         exists = await target.fetchval(
                             "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema)

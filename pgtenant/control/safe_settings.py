@@ -18,8 +18,10 @@ Why it is safe:
   ``session_authorization`` inside any security-definer function.
 * It has no ``SET`` clause on purpose: with one, Postgres restores every ``SET LOCAL`` made
   inside the function when it returns, so ``set_config(name, value, true)`` would do
-  nothing. Instead every name it uses is schema-qualified, operators included, so the
-  caller's search_path cannot change what it runs.
+  nothing. Instead every name it uses is schema-qualified, operators and the declared
+  variable's type included, so the caller's search_path cannot change what it runs (a
+  tenant with TEMP may create a type ``pg_temp.text`` with casts of its own; an unqualified
+  ``text`` would resolve to it, pg_temp being searched first for types).
 * Protected names are compared lower-cased, exactly (``search_path``) or by prefix (names
   ending in "."), and the lexer settings the guard depends on are held to what the guard
   can read (standard_conforming_strings on, a client_encoding whose characters never hide
@@ -67,7 +69,7 @@ CREATE OR REPLACE FUNCTION pgtenant.set_config(setting_name text, new_value text
                                                is_local boolean)
 RETURNS text LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
 DECLARE
-    lowered text := pg_catalog.lower(setting_name);
+    lowered pg_catalog.text := pg_catalog.lower(setting_name);
 BEGIN
     IF EXISTS (SELECT FROM pgtenant.protected_settings p
                 WHERE lowered OPERATOR(pg_catalog.=) p.name

@@ -23,7 +23,7 @@ from ..identity.context import (
 )
 from ..identity.tokens import generate_token, hash_token
 from . import ControlError
-from .init import ensure_tenant_role, grant_role_to_proxy
+from .init import ensure_tenant_role, grant_role_to_proxy, grant_temp
 from .schema import SLUG_PATTERN
 
 __all__ = [
@@ -114,11 +114,11 @@ async def create_tenant(
                 await _claim_role(conn, role, slug)
                 await grant_role_to_proxy(conn, role, proxy_role)
             if database_dsn is None:
-                await _prepare_database(conn, role, schema, templated_role=templated_role)
+                await _prepare_database(conn, role, schema, tenant_type)
         if database_dsn is not None:
             # The tenant's own database: its schema and grants live there. Not atomic with
             # the row above; on a failure here `tenant drop` removes the row and role.
-            await _prepare_remote(database_dsn, role, schema, templated_role=templated_role)
+            await _prepare_remote(database_dsn, role, schema, tenant_type)
     finally:
         await conn.close()
     return org_id
@@ -129,22 +129,25 @@ async def create_tenant(
 CREATE_LOCK_KEY = (0x7067746E, 0x74637265)
 
 
-async def _prepare_database(conn: asyncpg.Connection, role: str, schema: str | None, *,
-                            templated_role: bool) -> None:
+async def _prepare_database(conn: asyncpg.Connection, role: str, schema: str | None,
+                            tenant_type: TenantTypeConfig) -> None:
     # Inside a transaction holding CREATE_LOCK_KEY (the GRANT below must not race another).
-    if templated_role:
+    if not tenant_type.shared_role:
         await conn.execute(f"GRANT USAGE ON SCHEMA public TO {quote_ident(role)}")
+    # TEMP is per database: a tenant in its own database needs it there (a static role's
+    # in init's database was granted by init, again here harmlessly).
+    await grant_temp(conn, role, tenant_type)
     if schema is not None:
         await _create_schema(conn, schema, role)
 
 
-async def _prepare_remote(database_dsn: str, role: str, schema: str | None, *,
-                          templated_role: bool) -> None:
+async def _prepare_remote(database_dsn: str, role: str, schema: str | None,
+                          tenant_type: TenantTypeConfig) -> None:
     remote = await asyncpg.connect(database_dsn)
     try:
         async with remote.transaction():
             await remote.execute("SELECT pg_advisory_xact_lock($1, $2)", *CREATE_LOCK_KEY)
-            await _prepare_database(remote, role, schema, templated_role=templated_role)
+            await _prepare_database(remote, role, schema, tenant_type)
     finally:
         await remote.close()
 

@@ -19,6 +19,8 @@ through ``_ready`` (``Z``, the commonest) or ``_special``:
   by the simple-Query prefix length. A simple Query whose text held no statement gets the
   EmptyQueryResponse Postgres would have sent, since the prefix made it non-empty.
 * ``S`` (ParameterStatus) for ``search_path`` and for settings the client manages is hidden.
+* ``N``: the temp-object notice (``_temp_notice``) is swallowed and marks the server's temp
+  schema for emptying; other notices pass.
 * ``G``/``W``: the server entered COPY-in mode (``_copy_started``).
 
 Every reply is matched against what was sent (the server is the source of truth, issue #10):
@@ -44,9 +46,11 @@ from .constants import (
     FIELD_SEVERITY,
     FIELD_SEVERITY_NONLOCALIZED,
     FIELD_SQLSTATE,
+    NOTICE_RESPONSE,
     NOTIFICATION_RESPONSE,
     PARAMETER_STATUS,
     READY_FOR_QUERY,
+    TEMP_NOTICE,
     TXN_IDLE,
 )
 from .frames import MIN_LENGTH
@@ -73,6 +77,7 @@ __all__ = ["Backend"]
 
 _unpack_i32 = frames.unpack_length
 _PLAN_CHANGED: Final = b"0A000"  # feature_not_supported: "cached plan must not change ..."
+_TEMP_NOTICE: Final = TEMP_NOTICE.encode()
 
 
 class Backend:
@@ -177,6 +182,8 @@ class Backend:
             if self.notify_stats is not None:
                 self.notify_stats.dropped_pooled += 1
             return None
+        if t == NOTICE_RESPONSE and self._temp_notice(frame):
+            return None
         if t == ERROR_RESPONSE:
             return self._error(head, frame)
         if t == PARAMETER_STATUS:
@@ -202,6 +209,20 @@ class Backend:
             head.await_first = False
             ledger.update_pass()
         return frame
+
+    def _temp_notice(self, frame: memoryview) -> bool:
+        """Whether a NoticeResponse is the database's report that a command created a
+        temporary object (constants.TEMP_NOTICE). Then the session's temp schema must be
+        emptied before the server serves anyone else (``temp_made``); the notice is the
+        proxy's, not the client's. A forged one only costs that reset; a suppressed one
+        cannot happen: the event trigger's function sets its own client_min_messages."""
+        body = bytes(frame[5:])
+        if _TEMP_NOTICE not in body:
+            return False
+        if dict(codec.parse_error_fields(body)).get(FIELD_MESSAGE) != _TEMP_NOTICE:
+            return False
+        self.settings.temp_made = True
+        return True
 
     def _ready(self, data: bytes, pos: int, end: int) -> bytes | memoryview | None:
         """A ReadyForQuery closes the head segment. Returns: what the client gets for it."""

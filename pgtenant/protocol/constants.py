@@ -59,6 +59,7 @@ __all__ = [
     "SYNC",
     "TARGET_PORTAL",
     "TARGET_STATEMENT",
+    "TEMP_NOTICE",
     "TERMINATE",
     "TXN_BLOCK",
     "TXN_FAILED",
@@ -185,3 +186,10 @@ AUTH_SASL_FINAL: Final = 12
 
 # The database name that reaches pgtenant's admin console instead of a tenant's database.
 ADMIN_DATABASE: Final = "pgtenant"
+
+# The message of the NOTICE the database's ``pgtenant_temp_objects`` event trigger raises
+# after a command that created a temporary object (control/hardening.py installs it). The
+# proxy swallows it and has that server's temp schema emptied before anyone else uses it
+# (protocol/backend.py, session.py): the server's word, since SQL the classifier cannot see
+# (a tenant's function) may create temp objects too.
+TEMP_NOTICE: Final = "pgtenant_temp_objects: this command created a temporary object"

@@ -45,6 +45,8 @@ __all__ = [
 # tail, drawn once per process, makes it unguessable, so that even SQL the guard could not
 # see (dynamic SQL in an application's function) cannot name it.
 CTX_STATEMENT: Final = "__pgtenant_ctx_" + secrets.token_hex(8)
+# Every name schema-qualified: a tenant's temporary type shadows unqualified type names
+# (pg_temp is searched before pg_catalog for types unless the search_path lists it).
 # set_config(..., true) is SET LOCAL: it lasts until the end of the (implicit or explicit)
 # transaction, i.e. at least until the client's Sync. 'role' last, so the app.* settings are
 # made by the login role, and the role switch is what the client's statements run under.
@@ -57,7 +59,8 @@ CTX_SQL: Final = (
     "SELECT " + ", ".join(
         f"pg_catalog.set_config('{name}', ${i}, true)" for i, name in enumerate(CTX_NAMES[:4], 1)
     ) + ", (SELECT pg_catalog.count(pg_catalog.set_config(s.n, s.v, true)) "
-    "FROM ROWS FROM (pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[])) AS s(n, v)), "
+    "FROM ROWS FROM (pg_catalog.unnest($5::pg_catalog.text[]), "
+    "pg_catalog.unnest($6::pg_catalog.text[])) AS s(n, v)), "
     "pg_catalog.set_config('search_path', $7, true), pg_catalog.set_config('role', $8, true)"
 )
 _CTX_PARAMS: Final = 8

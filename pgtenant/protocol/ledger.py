@@ -91,19 +91,19 @@ __all__ = [
 
 # Backend frames that always need a look: ReadyForQuery, ErrorResponse, ParameterStatus,
 # CopyInResponse/CopyBothResponse (the server then ignores Syncs: see
-# Backend._copy_started), and NotificationResponse (a pooled server's never reach a client:
-# the proxy's own listener delivers them, see notify.py).
+# Backend._copy_started), NotificationResponse (a pooled server's never reach a client:
+# the proxy's own listener delivers them, see notify.py) and NoticeResponse (the temp-object
+# notice must never slip past with a run of rows: see Backend._temp_notice).
 _SERVER_SPECIAL: Final = frozenset((READY_FOR_QUERY, ERROR_RESPONSE, PARAMETER_STATUS,
                                      COPY_IN_RESPONSE, COPY_BOTH_RESPONSE,
-                                     NOTIFICATION_RESPONSE))
+                                     NOTIFICATION_RESPONSE, NOTICE_RESPONSE))
 # Frames that are neither counted nor dropped while dropping injected replies.
 SERVER_ASYNC: Final = frozenset((NOTICE_RESPONSE, PARAMETER_STATUS, NOTIFICATION_RESPONSE))
 NOT_A_REPLY: Final = frozenset((READY_FOR_QUERY, ERROR_RESPONSE, PARAMETER_STATUS)) | SERVER_ASYNC
 # Frame types forwarded without a look, by state of the head segment.
 PASS_ALL: Final = frozenset(range(256)) - _SERVER_SPECIAL
-# Rows and copy-out data of a forwarded Execute (and notices on the way).
-PASS_EXEC: Final = frozenset((DATA_ROW, COPY_DATA, COPY_DONE, COPY_OUT_RESPONSE,
-                              NOTICE_RESPONSE))
+# Rows and copy-out data of a forwarded Execute (notices and notifications need a look).
+PASS_EXEC: Final = frozenset((DATA_ROW, COPY_DATA, COPY_DONE, COPY_OUT_RESPONSE))
 PASS_NONE: Final[frozenset[int]] = frozenset()
 
 

@@ -84,7 +84,8 @@ def refused_parse(message: str, sql: bytes, param_types: bytes) -> tuple[bytes, 
     """
     count = int.from_bytes(param_types[:2], "big") if len(param_types) >= 2 else 0
     count = max([count, *(int(m) for m in _PARAM_REF.findall(sql) if len(m) < 6)])
-    spread = b"".join(b", $%d::text" % i for i in range(1, count + 1))
+    # pg_catalog.text: a tenant's temporary type named text would shadow a bare "text".
+    spread = b"".join(b", $%d::pg_catalog.text" % i for i in range(1, count + 1))
     text = refusal_sql(message)[:-1] + spread + b")"
     types = param_types if len(param_types) >= 2 else b"\x00\x00"
     return text, types

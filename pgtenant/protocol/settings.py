@@ -4,8 +4,9 @@ Owns the client's own settings (startup parameters and plain SETs, replayed insi
 transaction's injected context), the client's and the attached server session's
 client_encoding, whether the server must be emptied before this client's first request (a
 tenant change), and whether the server's session holds state that keeps it from the pool
-(``session_dirty``) or to this client (``pinned``). It does not own statements (prepared.py)
-nor framing (frontend.py, backend.py). No I/O.
+(``session_dirty``), to this client (``pinned``) or that must be emptied before the pool
+gets it back (``temp_made``: temporary objects the server reported). It does not own
+statements (prepared.py) nor framing (frontend.py, backend.py). No I/O.
 
 Theory of operation
 -------------------
@@ -52,7 +53,7 @@ class SessionSettings:
 
     __slots__ = ("_startup_settings", "_txn_rolled_back", "_txn_sets", "encoding",
                  "injection", "managed", "pinned", "reset_encoding", "reset_pending",
-                 "server_encoding", "session_dirty")
+                 "server_encoding", "session_dirty", "temp_made")
 
     def __init__(self, injection: Injection, client_encoding: str):
         self.injection = injection  # the context, with the client's settings, to inject
@@ -68,6 +69,9 @@ class SessionSettings:
         self.pinned = False  # session state the client relies on: keep the server attached
         self.reset_pending = False  # DISCARD ALL before the next request (tenant change)
         self.reset_encoding = "UTF8"  # the attached server's client_encoding after a reset
+        # The server reported a temporary object created in its session (backend.py): its
+        # temp schema is emptied (DISCARD TEMP) before the server serves anyone else.
+        self.temp_made = False
 
     def attach(self, server_encoding: str, reset: bool, reset_encoding: str) -> None:
         """A server was attached; ``reset``: it last served another tenant."""
@@ -76,6 +80,7 @@ class SessionSettings:
         self.reset_encoding = reset_encoding
         self.session_dirty = False
         self.pinned = False
+        self.temp_made = False
 
     def encoding_switch(self) -> bytes:
         """Before a transaction's first message: give the server's session the client's

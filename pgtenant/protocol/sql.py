@@ -68,7 +68,7 @@ _NOTIFY_RE = re.compile(rb"(?i)\b(listen|unlisten|notify)\b")
 _ENDING_KINDS = frozenset({"TRANS_STMT_COMMIT", "TRANS_STMT_ROLLBACK", "TRANS_STMT_PREPARE",
                            "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED"})
 _SESSION_RE = re.compile(
-    rb"(?i)advisory|\b(set|reset|listen|prepare|hold|temp|temporary|load|set_config|do|call"
+    rb"(?i)advisory|pg_temp|\b(set|reset|listen|prepare|hold|temp|temporary|load|set_config|do|call"
     rb"|into|execute)\b"
 )
 _SESSION_LOCK_FUNCS = frozenset({
@@ -76,11 +76,14 @@ _SESSION_LOCK_FUNCS = frozenset({
     "pg_try_advisory_lock_shared",
 })
 # The words of the four patterns above (and of local_command's): a text with none of them
-# (and no "advisory") has no flag at all. Checked with words() below, about ten times
+# (and none of _SUBWORDS) has no flag at all. Checked with words() below, about ten times
 # faster than one search with the combined pattern, which matters once per transaction.
 _ANY_WORDS: Final = frozenset(
     b"begin start commit end rollback abort prepare call do deallocate discard set reset "
     b"listen hold temp temporary load set_config into execute copy unlisten notify".split())
+# Inside a word: session advisory locks (pg_advisory_lock...) and objects created in the
+# temp schema by name (pg_temp.t, pg_temp_3.t).
+_SUBWORDS: Final = re.compile(rb"(?i)advisory|pg_temp")
 _WORD_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_")
 # bytes.translate table: ASCII letters lower-cased, digits and '_' kept, all else a space,
 # so split() yields exactly the regex \w+ runs of a bytes pattern, lower-cased.
@@ -128,7 +131,7 @@ def classify(sql: bytes) -> int:
     flags = _cache.get(sql)
     if flags is not None:
         return flags
-    if not has_word(sql, _ANY_WORDS) and b"advisory" not in sql.lower():
+    if not has_word(sql, _ANY_WORDS) and not _SUBWORDS.search(sql):
         return 0  # not cached: texts differing only by literals would churn the cache
     if len(sql) > CLASSIFY_PARSE_MAX:
         # Too big to parse (see CLASSIFY_PARSE_MAX), and not cached: every flag, without
@@ -252,12 +255,52 @@ def _leaves_session_state(sql: bytes) -> bool:
         return True
 
 
+# Statements that create a named object: one named in pg_temp (``CREATE TABLE pg_temp.t``,
+# ``CREATE FUNCTION pg_temp.f``) is a temp object although relpersistence says 'p'.
+_CREATING: Final = frozenset({"DefineStmt", "CompositeTypeStmt", "ViewStmt"})
+_PG_TEMP_RE = re.compile(r"(?i)pg_temp(_\d+)?$")
+
+
+def _drop_on_commit(node: dict[str, Any], rel_key: str, on_commit: str) -> dict[str, Any]:
+    """``node`` without the relation it creates when that is an ``ON COMMIT DROP`` temp
+    table (gone at the transaction's end, so not session state); else ``node``."""
+    if node.get(on_commit) == "ONCOMMIT_DROP":
+        return {k: v for k, v in node.items() if k != rel_key}
+    return node
+
+
+def _names_temp(node: Any) -> bool:
+    """Whether a creating statement names the temp schema anywhere (as the schema of what
+    it creates, or of a type it uses: either ties the new object to the session)."""
+    if isinstance(node, list):
+        return any(_names_temp(item) for item in node)
+    if not isinstance(node, dict):
+        return False
+    for key, value in node.items():
+        if key in ("schemaname", "sval") and isinstance(value, str) \
+                and _PG_TEMP_RE.match(value):
+            return True
+        if isinstance(value, (dict, list)) and _names_temp(value):
+            return True
+    return False
+
+
 def _walk(node: Any) -> bool:
     if isinstance(node, list):
         return any(_walk(item) for item in node)
     if not isinstance(node, dict):
         return False
     for key, value in node.items():
+        # ON COMMIT DROP: the temp table ends with the transaction (the client expects no
+        # more), so it neither pins nor closes the server; what else the statement holds is
+        # still walked. The server's own report (the pgtenant_temp_objects notice, see
+        # backend.py) still has the server's temp schema emptied before anyone reuses it.
+        if key == "CreateStmt" and isinstance(value, dict):
+            value = _drop_on_commit(value, "relation", "oncommit")
+        elif key in ("into", "intoClause") and isinstance(value, dict):
+            value = _drop_on_commit(value, "rel", "onCommit")
+        if (key.startswith("Create") or key in _CREATING) and _names_temp(value):
+            return True
         if key == "VariableSetStmt":
             # SET LOCAL and SET TRANSACTION end with the transaction; anything else stays.
             if not value.get("is_local") and value.get("name") != "TRANSACTION":

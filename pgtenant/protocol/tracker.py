@@ -179,6 +179,12 @@ class Link:
         return self._settings.session_dirty
 
     @property
+    def temp_made(self) -> bool:
+        """The server reported a temporary object created in its session: empty its temp
+        schema (DISCARD TEMP) before it serves anyone else."""
+        return self._settings.temp_made
+
+    @property
     def pinned(self) -> bool:
         """Session state the client relies on: keep the server attached."""
         return self._settings.pinned

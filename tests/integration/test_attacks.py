@@ -774,18 +774,43 @@ async def test_commit_then_spying_on_and_cancelling_other_tenants_backends_is_re
 # ------------------------------------------------------------------------------ 5. temp objects
 
 
-@pytest.mark.parametrize("sql", [
-    "CREATE TEMP TABLE campaigns (name text)",
-    "CREATE TEMPORARY VIEW campaigns AS SELECT 'x'::text AS name",
-    "CREATE TABLE pg_temp.campaigns (name text)",
-    "CREATE VIEW pg_temp.campaigns AS SELECT 'x'::text AS name",
-    "SELECT 1 AS name INTO TEMP campaigns",
-    "CREATE TEMP SEQUENCE s",
+@pytest.mark.parametrize(("sql", "pins"), [
+    ("CREATE TEMP TABLE campaigns (name text)", True),
+    ("CREATE TEMPORARY VIEW campaigns AS SELECT 'x'::text AS name", True),
+    ("CREATE TABLE pg_temp.campaigns (name text)", True),
+    ("CREATE VIEW pg_temp.campaigns AS SELECT 'x'::text AS name", True),
+    ("SELECT 1 AS name INTO TEMP campaigns", True),
+    ("CREATE TEMP SEQUENCE s", True),
+    ("CREATE TEMP TABLE campaigns (name text) ON COMMIT DROP", False),
 ])
-async def test_temp_objects_that_could_shadow_shared_tables_are_refused(
-    solo: ProxyProcess, sql: str,
+async def test_temp_objects_shadowing_shared_tables_stay_in_the_attackers_session(
+    solo: ProxyProcess, sql: str, pins: bool,
 ) -> None:
-    await refused_everywhere(solo, sql, contains="permission denied to create temporary")
+    """Tenants may make temp objects (temp_tables): one named like a shared table shadows
+    it for the attacker's own session only. A session object pins the server, which is
+    closed when the attacker leaves; an ON COMMIT DROP one leaves the server emptied for the
+    next client on the same backend."""
+    env = solo.env
+    conn = await connect(solo)
+    try:
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        async with conn.transaction():
+            await conn.execute(sql)
+            # Inside the attacker's session, RLS still holds on what it can reach.
+            assert_no_victim_rows(await conn.fetch("SELECT * FROM public.campaigns"), env)
+    finally:
+        await conn.close()
+    if pins:
+        await victim_view(solo, "initech", other_pid=pid)
+    else:
+        await victim_view(solo, "initech", same_pid=pid)
+    again = await connect(solo)
+    try:
+        await attacker_view(again, env)  # its next session: the shared table again
+        assert await again.fetchval("SELECT pg_catalog.to_regclass('pg_temp.campaigns')") \
+            is None
+    finally:
+        await again.close()
 
 
 async def test_pg_temp_qualified_names_resolve_to_nothing(solo: ProxyProcess) -> None:

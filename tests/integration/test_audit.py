@@ -38,6 +38,7 @@ dsn = "postgresql://{p}_control:unused-here@127.0.0.1:5432/{db}"
 [tenant_types.alpha]
 role = "{p}_alpha"
 search_path = ["public"]
+temp_tables = false
 [tenant_types.gamma]
 role = "{p}_gamma"
 search_path = ["{p}_g", "public"]

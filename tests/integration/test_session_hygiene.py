@@ -43,6 +43,7 @@ async def run_then_next_tenant(proxy: ProxyProcess, sql: str) -> tuple[int, asyn
         "BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT",
         "SELECT pg_advisory_lock(7)",
         "SELECT pg_advisory_lock_shared(9)",
+        "CREATE TEMP TABLE mine (x int)",
     ],
 )
 async def test_session_state_is_not_inherited_by_the_next_tenant(
@@ -65,16 +66,33 @@ async def test_clean_transactions_reuse_the_same_server(
     assert row["proto_stmts"] == 1  # only the proxy's own context statement
 
 
-async def test_tenants_cannot_create_temp_tables_that_could_shadow_shared_ones(
+async def test_a_temp_table_shadowing_a_shared_one_stays_in_its_own_session(
     start_proxy: Callable[..., ProxyProcess],
 ) -> None:
-    proxy = start_proxy(pool_size=1)
+    """Tenants may create temp tables (temp_tables, on by default); one named like a shared
+    table shadows it for its creator only, and ends with its creator's session."""
+    proxy = start_proxy(pool_size=2)
+    rows = proxy.env.tenants["initech"].rows["public.campaigns"]
     conn = await connect(proxy, "acme")
+    other = await connect(proxy, "initech")
     try:
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await conn.execute("CREATE TEMP TABLE campaigns(name text)")
+        await conn.execute("CREATE TEMP TABLE campaigns(name text)")
+        assert await conn.fetchval("SELECT count(*) FROM campaigns") == 0
+        assert sorted(r["name"] for r in await other.fetch("SELECT name FROM campaigns")) \
+            == rows
     finally:
         await conn.close()
+    try:
+        again = await connect(proxy, "acme")
+        try:
+            assert await again.fetchval("SELECT count(*) FROM campaigns") == len(
+                proxy.env.tenants["acme"].rows["public.campaigns"])
+        finally:
+            await again.close()
+        assert sorted(r["name"] for r in await other.fetch("SELECT name FROM campaigns")) \
+            == rows
+    finally:
+        await other.close()
 
 
 async def test_vacuum_is_refused_unless_the_tenant_type_allows_it(

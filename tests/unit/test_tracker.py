@@ -6,7 +6,7 @@ import pytest
 
 from pgtenant.errors import ClientProtocolError, MessageTooLarge
 from pgtenant.protocol import codec
-from pgtenant.protocol.constants import DESCRIBE
+from pgtenant.protocol.constants import DESCRIBE, TEMP_NOTICE
 from pgtenant.protocol.inject import (
     CLOSE_UNNAMED_PORTAL,
     CLOSE_UNNAMED_STATEMENT,
@@ -318,7 +318,7 @@ def test_refused_parse_keeps_name_and_parameters() -> None:
     link = guarded_link()
     parse = codec.parse("s", "SELECT set_config('ROLE', $1, $2)", (25,))
     to_server = start(link, parse + codec.sync(), ctx_state=CTX_READY)
-    refusal = "CALL pgtenant.refuse('pgtenant: no', $1::text, $2::text)"
+    refusal = "CALL pgtenant.refuse('pgtenant: no', $1::pg_catalog.text, $2::pg_catalog.text)"
     global_name = link.client_statements[b"s"][0].decode()
     expected = codec.parse(global_name, refusal, (25,))
     assert to_server == (link.injection.ext_bind + EXECUTE_UNNAMED
@@ -645,3 +645,44 @@ def test_a_parse_without_a_body_is_the_clients_error_not_the_proxys() -> None:
     link.attach(CTX_NONE)
     with pytest.raises(ClientProtocolError):
         link.pump_client()
+
+
+TEMP_MARK = codec.notice_response("00000", TEMP_NOTICE)
+OTHER_NOTICE = codec.notice_response("00000", "table t does not exist, skipping",
+                                     detail=TEMP_NOTICE)  # the marker, but not as message
+
+
+def test_the_temp_notice_is_swallowed_and_marks_the_server_wherever_it_comes() -> None:
+    """The event trigger's notice may arrive among rows, cut by reads at any byte: the
+    client never gets it and the link always learns of it (another notice passes)."""
+    link = make_link()
+    start(link, codec.query("SELECT make_temp(); SELECT 1"))
+    stream = (INJECTED + ROWDESC + ROW + TEMP_MARK + ROW + OTHER_NOTICE + cc("SELECT 2")
+              + ROWDESC + ROW + cc("SELECT 1") + Z_I)
+    seen = b"".join(server_sends(link, stream[i : i + 1]) for i in range(len(stream)))
+    assert seen == (ROWDESC + ROW + ROW + OTHER_NOTICE + cc("SELECT 2") + ROWDESC + ROW
+                    + cc("SELECT 1") + Z_I)
+    assert link.temp_made and link.can_release
+    assert not link.session_dirty and not link.pinned  # emptied and pooled, not closed
+    link.detach()
+    link.attach(CTX_READY)
+    assert not link.temp_made  # per attachment: the pool emptied that server
+
+
+def test_a_notice_with_the_marker_elsewhere_marks_nothing() -> None:
+    link = make_link()
+    start(link, codec.query("SELECT 1"))
+    assert server_sends(link, INJECTED + OTHER_NOTICE + cc("SELECT 1") + Z_I) == (
+        OTHER_NOTICE + cc("SELECT 1") + Z_I)
+    assert not link.temp_made
+
+
+def test_the_temp_notice_during_an_extended_execute_is_swallowed() -> None:
+    link = make_link()
+    start(link, extended_batch(), ctx_state=CTX_READY)
+    injected = BIND_COMPLETE + ROW + cc("SELECT 1") + CLOSE_COMPLETE
+    replies = PARSE_COMPLETE + BIND_COMPLETE + ROWDESC + ROW
+    tail = cc("SELECT 1") + Z_I
+    assert server_sends(link, injected + replies + TEMP_MARK + ROW + tail) == (
+        replies + ROW + tail)
+    assert link.temp_made

@@ -248,7 +248,10 @@ class _Access:
                      "(a tenant's own role)", kind="role")
 
     def temp(self) -> None:
-        allowed = set(self.model.config.audit.allow_temp)
+        # What init and provisioning grant (temp_tables), or what the operator accepts.
+        config = self.model.config
+        allowed = set(config.audit.allow_temp) | {
+            name for name, t in config.tenant_types.items() if t.temp_tables}
         by_type: dict[str, list[TenantRole]] = defaultdict(list)
         for oid in self.model.holding(self.snapshot.database_grants,
                                       frozenset({"TEMPORARY"})):
@@ -263,8 +266,8 @@ class _Access:
             self.add("tenant_temp", Severity.ERROR, f"database {self.snapshot.database}",
                      f"tenant type {type_name}'s roles ({names}) may create temporary tables",
                      f"REVOKE TEMPORARY ON DATABASE {self.snapshot.database} FROM "
-                     f"{', '.join(via)};\n-- or allow it: [audit] allow_temp = "
-                     f"[\"{type_name}\"]", type_name, "database")
+                     f"{', '.join(via)};\n-- or allow it: temp_tables = true in "
+                     f"[tenant_types.{type_name}]", type_name, "database")
 
 
 def access_checks(model: Model, sound: set[int]) -> list[Finding]:

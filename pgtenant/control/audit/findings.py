@@ -134,8 +134,9 @@ CHECKS: Final[dict[str, Check]] = _checks(
           "An object a tenant creates in a schema on another tenant's search_path (a "
           "function or table shadowing a name) runs or is read by that other tenant."),
     Check("tenant_temp", "A tenant role may create temporary tables",
-          "The config does not allow this tenant type temporary tables; temporary objects "
-          "shadow names through pg_temp and live on a pooled server after the transaction."),
+          "The config does not allow this tenant type temporary tables (temp_tables = "
+          "false, and not in [audit] allow_temp); a temporary table or type shadows "
+          "the names a function resolves through a search_path without pg_temp last."),
     Check("lockdown", "The lockdown of pgtenant init is not in place",
           "pgtenant refuses to serve a database without it: the login role must be worth "
           "nothing, tenants must have no dynamic-SQL paths and only the control role may read "
