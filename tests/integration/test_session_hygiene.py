@@ -26,8 +26,9 @@ async def run_then_next_tenant(proxy: ProxyProcess, sql: str) -> tuple[int, asyn
             "current_setting('app.tenant_id') AS t, "
             "(SELECT count(*) FROM pg_listening_channels()) AS listening, "
             "(SELECT count(*) FROM pg_cursors WHERE is_holdable) AS cursors, "
-            "(SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql) AS proto_stmts, "
-            "(SELECT count(*) FROM pg_prepared_statements WHERE from_sql) AS sql_stmts, "
+            # (The function under the view: the view shows the client's own statements.)
+            "(SELECT count(*) FROM pg_prepared_statement() WHERE NOT from_sql) AS proto_stmts, "
+            "(SELECT count(*) FROM pg_prepared_statement() WHERE from_sql) AS sql_stmts, "
             "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory') AS advisory"
         )
     finally:
