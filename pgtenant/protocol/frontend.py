@@ -170,6 +170,7 @@ class Frontend:
         self.outside_txn = outside_txn
         self.refused = 0
         self.client_pid = 0  # the pid the client's BackendKeyData reported (its own)
+        self.local_named: dict[bytes, bytes] = {}  # named statements local.py answers
         # The client's (database, tenant type) counters (metrics.py), set by its owner.
         self.stats: LabelStats | None = None
         self.cbuf = bytearray()  # client bytes not yet handled
@@ -439,12 +440,13 @@ class Frontend:
                 ledger.mark_txn(seg)
                 pos = end
                 continue
-            if (t == PARSE and 5 < end - pos <= _LOCAL_PARSE_MAX and buf[pos + 5] == 0
-                    and not self.open_extended):
-                # A batch of the unnamed statement: one the proxy answers (local.py)?
+            if ((t == PARSE or (t == BIND and self.local_named)) and not self.open_extended
+                    and 5 < end - pos <= _LOCAL_PARSE_MAX):
+                # A batch of a session command the proxy answers (local.py)?
                 answered = local.batch_answer(
                     buf, pos, end, bool(pending), self.stmts, self.settings,
-                    self.ledger.status if self.attached else TXN_IDLE, self.max_message_size)
+                    self.ledger.status if self.attached else TXN_IDLE, self.max_message_size,
+                    self.local_named)
                 if answered == WAIT:
                     break  # the rest of the batch decides: wait for its bytes
                 if isinstance(answered, tuple):
@@ -581,6 +583,8 @@ class Frontend:
                reply: bytearray, seg: Segment, fresh: bool) -> int:
         name, npos = codec.read_cstring(buf, pos + 5, limit=end)
         check_statement_name(name)
+        if self.local_named:
+            self.local_named.pop(name, None)  # the name now holds another statement
         sql, tpos = codec.read_cstring(buf, npos, limit=end)
         types = bytes(buf[tpos:end])
         rewritten = self.listens.parse(name, sql, self.settings.encoding) if self.listens else None
@@ -675,6 +679,7 @@ class Frontend:
             # others. Postgres answers CloseComplete even for a name that does not exist, and
             # so do we.
             stmts.close(name)
+            self.local_named.pop(name, None)
             out += buf[span:pos]
             reply += self.ledger.expect(_CLOSE_SYNTH)
             return end
@@ -755,6 +760,8 @@ class Frontend:
         tag = local.answer(command, self.stmts, self.settings, status) if command else None
         if tag is None:
             return None
+        if tag in ("DISCARD ALL", "DEALLOCATE ALL"):
+            self.local_named.clear()
         if tag == "DISCARD ALL" and self.listens is not None:
             self.listens.close()  # DISCARD ALL includes UNLISTEN *
         return codec.command_complete(tag) + codec.ready_for_query(bytes((status,)))

@@ -24,7 +24,7 @@ that would drop the context, with a message saying how to send them.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, NamedTuple
 
 from . import codec
 from .constants import (
@@ -42,7 +42,7 @@ from .prepared import PreparedStatements
 from .settings import SessionSettings
 from .sql import DROPS_STATEMENTS, SESSION_STATE, classify, local_command
 
-__all__ = ["WAIT", "answer", "batch_answer", "batch_reply", "match_batch"]
+__all__ = ["WAIT", "Batch", "answer", "batch_answer", "batch_reply", "match_batch"]
 
 WAIT: Final = -1  # match_batch: the batch is not all here yet
 _PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
@@ -90,14 +90,33 @@ def answer(command: tuple[str, str | None], stmts: PreparedStatements,
     return None
 
 
-def match_batch(buf: bytearray, pos: int, limit: int) -> tuple[int, bytes, int] | int | None:
-    """At a Parse that starts an extended batch: is the batch exactly Parse (unnamed, no
-    parameter types), Bind (unnamed portal of the unnamed statement, no parameters),
-    optionally a Describe of either, Execute (unnamed portal), Sync?
+class Batch(NamedTuple):
+    """A batch ``match_batch`` recognised."""
 
-    Returns: (end of the Sync, the statement text, what was described) when it is; WAIT
-    when the bytes end before its Sync; None when it is anything else (a Flush, more
-    messages, parameters...), which then goes the ordinary way.
+    end: int  # after its Sync
+    text: bytes  # the Parse's text (b"" for a Bind batch)
+    describe: int  # what its Describe asks: _NO_DESCRIBE, _DESCRIBE_PORTAL, _STATEMENT
+    prepared: bytes  # the statement name a prepare-only batch parses (else b"")
+    bound: bytes  # the statement name a Bind batch runs (else b"")
+
+
+def _cstring(buf: bytearray, at: int, end: int) -> tuple[bytes, int] | None:
+    nul = buf.find(0, at, end)
+    return (bytes(buf[at:nul]), nul + 1) if nul >= 0 else None
+
+
+def match_batch(buf: bytearray, pos: int, limit: int) -> Batch | int | None:
+    """At a Parse or Bind that starts an extended batch: is it one of the shapes clients
+    send a session command in?
+
+    * Parse (unnamed, no parameter types), Bind (unnamed portal of it, no parameters),
+      optionally a Describe of either, Execute (unnamed portal), Sync: psycopg, PQexecParams;
+    * Parse (named, no parameter types), optionally a Describe of it, Sync: PQprepare;
+    * Bind (unnamed portal of a named statement, no parameters), optionally a Describe of
+      the portal, Execute, Sync: PQexecPrepared.
+
+    Returns: the Batch; WAIT when the bytes end before its Sync; None when it is anything
+    else (a Flush, more messages, parameters...), which then goes the ordinary way.
     """
     n = len(buf)
     frames: list[tuple[int, int, int]] = []
@@ -115,65 +134,98 @@ def match_batch(buf: bytearray, pos: int, limit: int) -> tuple[int, bytes, int] 
         at = end
         if t == SYNC or t == FLUSH:
             break
-    kinds = [t for t, _, _ in frames]
+    kinds = bytes(t for t, _, _ in frames)
+    text = prepared = bound = b""
     describe = _NO_DESCRIBE
-    if kinds == [PARSE, BIND, DESCRIBE, EXECUTE, SYNC]:
-        d_at, d_end = frames[2][1], frames[2][2]
-        if bytes(buf[d_at + 6:d_end]) != b"\x00":
-            return None
-        describe = _DESCRIBE_STATEMENT if buf[d_at + 5] == TARGET_STATEMENT else (
-            _DESCRIBE_PORTAL)
-    elif kinds != [PARSE, BIND, EXECUTE, SYNC]:
-        return None
-    p_at, p_end = frames[0][1], frames[0][2]
-    text_end = buf.index(0, p_at + 6, p_end)  # the name is empty (checked by the caller)
-    if bytes(buf[text_end + 1:p_end]) != b"\x00\x00":
-        return None  # parameter types declared
-    b_at, b_end = frames[1][1], frames[1][2]
-    body = bytes(buf[b_at + 5:b_end])
-    if not body.startswith(b"\x00\x00"):
-        return None  # a named portal or statement
-    formats = int.from_bytes(body[2:4], "big")
-    after = 4 + 2 * formats
-    if body[after:after + 2] != b"\x00\x00":
-        return None  # parameter values
-    if buf[frames[-2][1] + 5] != 0:
-        return None  # a named portal
-    return frames[-1][2], bytes(buf[p_at + 6:text_end]), describe
+    for t, start, end in frames:
+        if t == PARSE:
+            name = _cstring(buf, start + 5, end)
+            sql = _cstring(buf, name[1], end) if name is not None else None
+            if name is None or sql is None or bytes(buf[sql[1]:end]) != b"\x00\x00":
+                return None  # parameter types declared (or a bad frame)
+            text, prepared = sql[0], name[0]
+        elif t == BIND:
+            portal = _cstring(buf, start + 5, end)
+            stmt = _cstring(buf, portal[1], end) if portal is not None else None
+            if portal is None or stmt is None or portal[0]:
+                return None  # a named portal
+            body = bytes(buf[stmt[1]:end])
+            after = 2 + 2 * int.from_bytes(body[0:2], "big")
+            if body[after:after + 2] != b"\x00\x00":
+                return None  # parameter values
+            bound = stmt[0]
+        elif t == DESCRIBE:
+            target = _cstring(buf, start + 6, end)
+            if target is None:
+                return None
+            describe = _DESCRIBE_STATEMENT if buf[start + 5] == TARGET_STATEMENT else (
+                _DESCRIBE_PORTAL)
+            if target[0] != (prepared if describe == _DESCRIBE_STATEMENT else b""):
+                return None
+        elif t == EXECUTE and buf[start + 5] != 0:
+            return None  # a named portal
+    last = frames[-1][2]
+    if kinds.replace(b"D", b"", 1) == b"PBES" and not prepared and not bound:
+        return Batch(last, text, describe, b"", b"")
+    if kinds in (b"PS", b"PDS") and prepared:
+        return Batch(last, text, describe, prepared, b"")
+    if kinds.replace(b"D", b"", 1) == b"BES" and bound and describe != _DESCRIBE_STATEMENT:
+        return Batch(last, b"", describe, b"", bound)
+    return None
 
 
-def batch_reply(tag: str, describe: int, status: int) -> bytes:
-    """Returns: the replies Postgres sends to a matched batch running ``tag``'s command."""
-    out = _PARSE_COMPLETE + _BIND_COMPLETE
-    if describe == _DESCRIBE_STATEMENT:
+def batch_reply(tag: str, batch: Batch, status: int) -> bytes:
+    """Returns: the replies Postgres sends to ``batch`` running ``tag``'s command (or, for a
+    prepare-only batch, parsing it)."""
+    out = b"" if batch.bound else _PARSE_COMPLETE
+    if not batch.prepared:
+        out += _BIND_COMPLETE
+    if batch.describe == _DESCRIBE_STATEMENT:
         out += _NO_PARAMETERS + _NO_DATA
-    elif describe == _DESCRIBE_PORTAL:
+    elif batch.describe == _DESCRIBE_PORTAL:
         out += _NO_DATA
-    return out + codec.command_complete(tag) + codec.ready_for_query(bytes((status,)))
+    if not batch.prepared:
+        out += codec.command_complete(tag)
+    return out + codec.ready_for_query(bytes((status,)))
 
 
 def batch_answer(buf: bytearray, pos: int, end: int, owed: bool, stmts: PreparedStatements,
-                 settings: SessionSettings, status: int,
-                 limit: int) -> tuple[int, bytes] | int | None:
-    """At a Parse of the unnamed statement ending at ``end`` that starts a batch: the
-    commands ``answer`` takes, sent as Parse/Bind/[Describe]/Execute/Sync.
+                 settings: SessionSettings, status: int, limit: int,
+                 named: dict[bytes, bytes]) -> tuple[int, bytes] | int | None:
+    """At a Parse (ending at ``end``) or a Bind that starts a batch: the commands ``answer``
+    takes, in one of the batch shapes of ``match_batch``. ``named``: the client's named
+    statements holding such a command (prepared here, never on a server).
 
     Returns: (end of the batch, the replies to send), WAIT, or None (the ordinary way).
     With replies ``owed`` nothing is changed yet: a match is answered after them.
     """
-    nul = buf.find(0, pos + 6, end)
-    text = bytes(buf[pos + 6:nul]) if nul > 0 else b""
+    if buf[pos] == PARSE:
+        name = _cstring(buf, pos + 5, end)
+        sql = _cstring(buf, name[1], end) if name is not None else None
+        text = sql[0] if sql is not None else b""
+    else:
+        portal = _cstring(buf, pos + 5, end)
+        stmt = _cstring(buf, portal[1], end) if portal is not None else None
+        text = named.get(stmt[0], b"") if stmt is not None else b""
     if not classify(text) & (DROPS_STATEMENTS | SESSION_STATE) or local_command(text) is None:
         return None
     matched = match_batch(buf, pos, limit)
-    if not isinstance(matched, tuple):
+    if not isinstance(matched, Batch):
         return matched
     if owed:
-        return matched[0], b""
-    batch_end, text, describe = matched
+        return matched.end, b""
+    if matched.prepared:
+        if status == TXN_FAILED:
+            return None  # Postgres refuses the Parse: let it say so
+        named[matched.prepared] = matched.text
+        stmts.close(matched.prepared)  # the name no longer runs what it ran before
+        return matched.end, batch_reply("", matched, status)
     command = local_command(text)
     tag = answer(command, stmts, settings, status) if command else None
     if tag is None:
         return None
-    stmts.unnamed = None  # the client's unnamed statement is not on any server
-    return batch_end, batch_reply(tag, describe, status)
+    if not matched.bound:
+        stmts.unnamed = None  # the client's unnamed statement is not on any server
+    if tag in ("DISCARD ALL", "DEALLOCATE ALL"):
+        named.clear()
+    return matched.end, batch_reply(tag, matched, status)

@@ -686,3 +686,21 @@ def test_the_temp_notice_during_an_extended_execute_is_swallowed() -> None:
     assert server_sends(link, injected + replies + TEMP_MARK + ROW + tail) == (
         replies + ROW + tail)
     assert link.temp_made
+
+
+@pytest.mark.parametrize(("sql", "tag"), [("DISCARD ALL", "DISCARD ALL"),
+                                          ("RESET ALL", "RESET")])
+def test_session_commands_prepared_by_name_are_answered_by_the_proxy(sql: str,
+                                                                     tag: str) -> None:
+    """PQprepare then PQexecPrepared (psycopg with prepare_threshold=0)."""
+    link = make_link()
+    out, reply, outcome = client_sends(link, codec.parse("s1", sql) + codec.sync())
+    assert (out, reply, outcome) == (b"", PARSE_COMPLETE + Z_I, IDLE)
+    out, reply, outcome = client_sends(
+        link, codec.bind("", "s1", []) + codec.frame(DESCRIBE, b"P\x00") + codec.execute()
+        + codec.sync())
+    assert (out, outcome) == (b"", IDLE)
+    assert reply == BIND_COMPLETE + b"n\x00\x00\x00\x04" + cc(tag) + Z_I
+    # Parsed again with another text, the name is an ordinary statement again.
+    out, _, outcome = client_sends(link, codec.parse("s1", "SELECT 1") + codec.sync())
+    assert outcome == NEED_SERVER
