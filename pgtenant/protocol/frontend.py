@@ -100,6 +100,7 @@ from .replies import (
 )
 from .settings import SessionSettings
 from .sql import (
+    CATALOG,
     DROPS_STATEMENTS,
     MAY_COPY_IN,
     NOTIFIES,
@@ -270,6 +271,8 @@ class Frontend:
         if flags & DROPS_STATEMENTS:
             self.stmts.statements_dropped()
             self.settings.session_dirty = True
+        if flags & CATALOG:
+            seg.catalog = True  # statements parsed before may be stale after it (backend.py)
         if flags & SESSION_STATE:
             self.settings.session_dirty = True
             seg.sets += sets
@@ -593,6 +596,11 @@ class Frontend:
             text, types = refused_parse(verdict, sql, types)
             sql = b""
         stmts = self.stmts
+        flags = classify(sql)
+        rewritten = stmts.dealloc_text(name, sql, flags)
+        if rewritten is not sql:  # DEALLOCATE of a renamed statement names the global one
+            text = rewritten
+            flags &= ~DROPS_STATEMENTS  # it drops exactly that statement (prepared.py)
         if name:
             # Renamed to a proxy-global statement (prepared.py).
             out += buf[span:pos]
@@ -601,7 +609,7 @@ class Frontend:
                 text = self._rewritten(verdict, out, name)  # (what it does: ``sql``'s)
             reply += stmts.parse_named(out, name, text, types)
         else:
-            if verdict is not None:
+            if text is not sql:
                 out += buf[span:pos]
                 span = end
                 if not isinstance(verdict, str):
@@ -611,7 +619,6 @@ class Frontend:
             stmts.parsed_unnamed(text, types, seg)
         # What the statement does is noted now and applied at each Bind: a named statement
         # may run again in later transactions, on other servers.
-        flags = classify(sql)
         sets = self.settings.replayable_sets(sql) if flags & SESSION_STATE else None
         stmts.note_statement(name, flags, sets or ())
         return span
@@ -632,6 +639,10 @@ class Frontend:
             out += buf[span:pos]
             span = pos
             stmts.ensure_unnamed(out)
+        if stmts.deallocs:  # an SQL DEALLOCATE's Bind: its statement must be there
+            out += buf[span:pos]
+            span = pos
+            stmts.bind_dealloc(out, stmt)
         if mapped is None:
             self.ledger.expect(BIND_FWD)
             return span
@@ -745,8 +756,8 @@ class Frontend:
     def _answer_locally(self, sql: bytes) -> bytes | None:
         """A session command the proxy answers itself (local.py), sent as a Query.
 
-        Returns: CommandComplete + ReadyForQuery to send, or None to send ``sql`` on (then
-        nothing was changed). Call it only when no reply is owed, so the answer is in order.
+        Returns: the replies to send, or None to send ``sql`` on. Call it only when no reply
+        is owed, so the answer is in order and the transaction status known.
         """
         command = local_command(sql)
         status = self.ledger.status if self.attached else TXN_IDLE

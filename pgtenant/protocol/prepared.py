@@ -11,11 +11,20 @@ Theory of operation
 -------------------
 Named prepared statements (issue #4): a client's ``Parse "s1"`` is renamed to a proxy-global
 name, a keyed hash of (text, parameter types, search_path), and prepared lazily on each
-server. A server's LRU (``server``: name -> True when prepared there, False when stale: it
-may or may not exist, so Close first) is capped at ``max_prepared``; evicting sends a Close
-whose CloseComplete is the proxy's (DROP). A Parse of a statement already on the server is
-answered by the proxy (SYNTH ParseComplete); a Bind or Describe of one that is not there (an
-earlier transaction ran on another server, or it was evicted) first re-prepares it quietly.
+server. A server's LRU (``server``: name -> the generation it was prepared at there, see
+freshness.py; False when stale: it may or may not exist, so Close first) is capped at
+``max_prepared``; evicting sends a Close whose CloseComplete is the proxy's (DROP). A Parse of
+a statement already on the server, and fresh, is answered by the proxy (SYNTH ParseComplete);
+a Bind or Describe of one that is not there (an earlier transaction ran on another server, or
+it was evicted) or is not fresh first re-prepares it quietly.
+
+A copy is not fresh once its global name was invalidated (freshness.py): the client
+deallocated or closed the statement (it expects its next Parse to be a real one: psycopg
+DEALLOCATEs ALL after DDL and ROLLBACK), or the server failed a Bind of it (a parameter type
+dropped, a result type changed). DEALLOCATE of a renamed statement is answered by the proxy
+(local.py) as a simple Query or a lone batch; inside any other extended batch its text is
+rewritten to name the global statement (``dealloc_text``), which the Bind then makes sure
+exists (``bind_dealloc``).
 
 The client's unnamed statement outlives Sync in Postgres, but a later transaction may land on
 another server (or after a Query, which destroys it): it is re-parsed quietly before the
@@ -36,7 +45,8 @@ from collections import OrderedDict, deque
 from typing import Final
 
 from . import codec
-from .constants import CLOSE, PARSE, PARSE_COMPLETE, TARGET_STATEMENT
+from .constants import CLOSE, PARSE, PARSE_COMPLETE, TARGET_STATEMENT, TXN_IDLE
+from .freshness import FRESHNESS, Freshness
 from .inject import CLOSE_UNNAMED_STATEMENT, CTX_CLOSE, CTX_PARSE
 from .ledger import Ledger, Segment
 from .replies import (
@@ -48,7 +58,7 @@ from .replies import (
     ReplyAction,
     ReplyKind,
 )
-from .sql import TXN_CONTROL
+from .sql import DROPS_STATEMENTS, TXN_CONTROL, local_command
 
 __all__ = ["CTX_NONE", "CTX_READY", "CTX_UNKNOWN", "UNKNOWN_TXN", "PreparedStatements"]
 
@@ -72,23 +82,34 @@ _PARSE_SYNTH: Final = Expected(ReplyKind.PARSE, ReplyAction.SYNTH, _PARSE_COMPLE
 # The extended-protocol injection's replies once the context statement is ready:
 # Bind, Execute, Close of the unnamed portal, all the proxy's own.
 _INJECTED: Final = (BIND_DROP, EXEC_DROP, CLOSE_DROP)
+# What a Bind error of a renamed statement says about the statement itself: its copy is
+# stale (XX000 "cache lookup failed for type", 0A000 "cached plan must not change result
+# type", class 42 errors of the re-analysis: a datatype mismatch, a column gone). Any other
+# Bind error (a bad parameter value) marks only that server's copy stale.
+_STALE_CLASSES: Final = (b"XX", b"0A", b"42")
+# A client's statement that is an SQL DEALLOCATE [ALL] or DISCARD ALL (by statement name):
+# ("name", the client's name it drops, (global name, text, types)), ("all", b"", None) or
+# ("discard", b"", None).
+_Dealloc = tuple[str, bytes, tuple[bytes, bytes, bytes] | None]
 
 
 class PreparedStatements:
     """The client's prepared statements and portals, and the attached server's."""
 
-    __slots__ = ("_global_names", "_ledger", "_search_path", "client", "ctx_state",
-                 "drops_statements", "max_prepared", "portal_flags", "quiet_parses",
-                 "scrub_unnamed", "server", "stmt_flags", "stmt_sets", "unnamed",
-                 "unnamed_here", "unnamed_seg")
+    __slots__ = ("_fresh", "_global_names", "_ledger", "_search_path", "catalog_txn",
+                 "client", "ctx_state", "deallocs", "drops_statements", "max_prepared",
+                 "portal_flags", "quiet_parses", "scrub_unnamed", "server", "stmt_flags",
+                 "stmt_sets", "unnamed", "unnamed_here", "unnamed_seg")
 
-    def __init__(self, ledger: Ledger, max_prepared: int, search_path: bytes):
+    def __init__(self, ledger: Ledger, max_prepared: int, search_path: bytes,
+                 freshness: Freshness = FRESHNESS):
         self._ledger = ledger
+        self._fresh = freshness
         self._search_path = search_path  # keys the global names: schemas never share a plan
         self.max_prepared = max_prepared
-        # The attached server's LRU: True when prepared there, False when stale (see
-        # ServerConnection.prepared).
-        self.server: OrderedDict[bytes, bool] = OrderedDict()
+        # The attached server's LRU: the generation each was prepared at, False when stale
+        # (see ServerConnection.prepared and freshness.py).
+        self.server: OrderedDict[bytes, int] = OrderedDict()
         self.client: dict[bytes, tuple[bytes, bytes, bytes]] = {}  # name->(G, sql, types)
         self._global_names: dict[tuple[bytes, bytes], bytes] = {}
         # The client's unnamed statement (see the module docstring).
@@ -102,12 +123,15 @@ class PreparedStatements:
         self.stmt_flags: dict[bytes, int] = {}
         self.stmt_sets: dict[bytes, tuple[tuple[str, str | None], ...]] = {}
         self.portal_flags: dict[bytes, int] = {}
+        # The client's statements that are SQL DEALLOCATE/DISCARD (extended protocol).
+        self.deallocs: dict[bytes, _Dealloc] = {}
         self.ctx_state = CTX_NONE
         self.drops_statements = False  # a segment may have deallocated our statement
+        self.catalog_txn = False  # the open transaction block may have changed the catalog
 
     # ------------------------------------------------------------------ attachment
 
-    def attach(self, server: OrderedDict[bytes, bool] | None, ctx_state: int) -> None:
+    def attach(self, server: OrderedDict[bytes, int] | None, ctx_state: int) -> None:
         """A server was attached, with its LRU and its context-statement state."""
         self.server = server if server is not None else OrderedDict()
         self.ctx_state = ctx_state
@@ -119,6 +143,9 @@ class PreparedStatements:
         """The server goes away. Returns: its context-statement state."""
         state = CTX_UNKNOWN if self.drops_statements and self.ctx_state else self.ctx_state
         self.ctx_state = CTX_NONE
+        if self.catalog_txn:  # left mid-transaction: rolled back, what it created is gone
+            self.catalog_txn = False
+            self._fresh.invalidate_all()
         return state
 
     def server_reset(self) -> None:
@@ -177,24 +204,28 @@ class PreparedStatements:
         """
         global_name = self.global_name(text, types)
         self.client[name] = (global_name, text, types)
-        server = self.server
-        if server.get(global_name):
-            server.move_to_end(global_name)
+        if self._ready(global_name):
+            self.server.move_to_end(global_name)
             return self._ledger.expect(_PARSE_SYNTH)
         self._prepare(out, global_name, text, types, ReplyAction.FWD)
         return b""
+
+    def _ready(self, name: bytes) -> bool:
+        """Returns: whether global statement ``name`` is on the attached server, fresh."""
+        stamp = self.server.get(name)
+        return stamp is not None and self._fresh.fresh(name, stamp)
 
     def _prepare(self, out: bytearray, name: bytes, sql: bytes, types: bytes,
                  action: ReplyAction) -> None:
         """Parse global statement ``name`` on the attached server (evicting LRU-wise)."""
         expect = self._ledger.expect
         server = self.server
-        if server.get(name) is False:  # may still exist: Close (never fails) first
+        if name in server:  # stale, and may still exist: Close (never fails) first
             out += codec.frame(CLOSE, _CLOSE_STATEMENT + name + b"\x00")
             expect(CLOSE_DROP)
         out += codec.frame(PARSE, name + b"\x00" + sql + b"\x00" + types)
         expect(Expected(ReplyKind.PARSE, action, name))
-        server[name] = True
+        server[name] = self._fresh.generation
         server.move_to_end(name)
         while len(server) > self.max_prepared:
             old, _ = server.popitem(last=False)
@@ -207,7 +238,7 @@ class PreparedStatements:
         Returns: its global name.
         """
         global_name, text, types = mapped
-        if self.server.get(global_name):
+        if self._ready(global_name):
             self.server.move_to_end(global_name)
         else:  # parsed on another server, or evicted here: prepare it again, quietly
             self._prepare(out, global_name, text, types, ReplyAction.DROP)
@@ -222,10 +253,15 @@ class PreparedStatements:
 
     def close(self, name: bytes) -> None:
         """The client closes statement ``name``: only the client's name goes away; the
-        global statement stays on the server for others."""
+        global statement stays on the server for others, but its copies made so far are no
+        longer fresh: the client's next Parse of the text must be a real one (freshness.py).
+        """
         self.stmt_flags.pop(name, None)
         self.stmt_sets.pop(name, None)
-        self.client.pop(name, None)
+        self.deallocs.pop(name, None)
+        mapped = self.client.pop(name, None)
+        if mapped is not None:
+            self._fresh.invalidate(mapped[0])
 
     def deallocate(self, name: bytes) -> bool:
         """DEALLOCATE ``name`` of the client's view. Returns: False for a name not renamed
@@ -237,9 +273,76 @@ class PreparedStatements:
 
     def forget_all(self, *, portals: bool) -> None:
         """DEALLOCATE ALL (``portals`` False) or DISCARD ALL of the client's own view."""
+        for global_name, _, _ in self.client.values():
+            self._fresh.invalidate(global_name)
         self.client.clear()
+        self.deallocs.clear()
         if portals:
             self.portal_flags.clear()
+
+    def bind_failed(self, name: bytes, code: bytes) -> None:
+        """The server failed a Bind of global statement ``name`` with SQLSTATE ``code``:
+        its copy here is stale; on every server too when the error says the statement
+        itself went stale (the client will parse it again and must get a fresh one)."""
+        if name in self.server:
+            self.server[name] = False
+        if code[:2] in _STALE_CLASSES:
+            self._fresh.invalidate(name)
+
+    def catalog_settled(self, changed: bool, status: int) -> None:
+        """A ReadyForQuery (``status``) for a segment that may have changed the catalog
+        (``changed``), or in a transaction block that may have: every statement copy made
+        before is stale (freshness.py), once when the DDL ran (this session's later Parses
+        must see it) and again when its block ends (a commit shows it to every server, a
+        rollback takes back what it created)."""
+        if changed or status == TXN_IDLE:
+            self._fresh.invalidate_all()
+        self.catalog_txn = status != TXN_IDLE
+
+    # ------------------------------------------------------------------ SQL DEALLOCATE
+
+    def dealloc_text(self, name: bytes, sql: bytes, flags: int) -> bytes:
+        """The client parses statement ``name`` (b"": unnamed) with text ``sql``. An SQL
+        DEALLOCATE of a renamed statement cannot reach Postgres as it is (the server knows
+        only the global name): it is rewritten to drop the global statement, which its Bind
+        first makes sure exists (``bind_dealloc``); DEALLOCATE ALL and DISCARD ALL go as
+        they are and clear the client's view at their Bind.
+
+        ``flags``: classify(sql). Returns: the text to parse.
+        """
+        if self.deallocs:
+            self.deallocs.pop(name, None)  # a statement of that name is replaced
+        command = local_command(sql) if flags & DROPS_STATEMENTS else None
+        if command is None:
+            return sql
+        kind, target = command
+        if kind == "deallocate":
+            client_name = (target or "").encode()
+            mapped = self.client.get(client_name)
+            if mapped is None:
+                return sql  # an SQL PREPAREd name, or an unknown one: Postgres answers
+            self.deallocs[name] = ("name", client_name, mapped)
+            return b"DEALLOCATE " + mapped[0]
+        self.deallocs[name] = ("all" if kind == "deallocate_all" else "discard", b"", None)
+        return sql
+
+    def bind_dealloc(self, out: bytearray, stmt: bytes) -> None:
+        """Before the client's Bind of statement ``stmt`` when it is an SQL DEALLOCATE (see
+        ``dealloc_text``): the global statement it drops is made to exist (a quiet Parse),
+        and is stale from now on; the client's view forgets what it deallocates."""
+        what = self.deallocs.get(stmt)
+        if what is None:
+            return
+        kind, target, mapped = what
+        if mapped is None:
+            self.forget_all(portals=kind == "discard")
+            return
+        global_name = self.use(out, mapped)  # each time: the Execute must find it
+        self.server[global_name] = False  # the Execute drops it (if it runs): Close first
+        if self.client.get(target) == mapped:
+            self.close(target)
+        else:
+            self._fresh.invalidate(global_name)
 
     def statements_dropped(self) -> None:
         """DEALLOCATE [ALL] may drop the proxy's statements too: which ones survive is
