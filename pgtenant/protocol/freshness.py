@@ -19,9 +19,14 @@ the very copy the client meant to drop, on that server or on the next one.
 
 So each copy is stamped with the generation it was prepared at (its value in the server's
 LRU; 0/False: stale, may exist). A client's DEALLOCATE or Close of a statement, and a
-server's error at the Bind of one, invalidate the global name: every copy stamped before is
-stale on every server of this process, re-established (Close, then Parse) before it is
-relied on again, so the client's next Parse is a real one, as on a direct connection.
+server's error at the Bind of one, invalidate the global name; DDL a client ran through the
+proxy (sql.CATALOG) invalidates every name. A client's Parse then asks for a copy at least
+as new as the last invalidation (``required``), so it is a real one, as on a direct
+connection, and the client's statement keeps that requirement on every server it is bound
+on later. A copy older than that is re-established (Close, then Parse) before it is relied
+on; an invalidation after the client's Parse does not touch its statement, which then
+behaves as on a direct connection (Postgres re-plans it, or fails the Bind as it would; the
+statement is invalidated and the client's next Parse is a real one).
 """
 
 from __future__ import annotations
@@ -60,9 +65,9 @@ class Freshness:
         self._floor = self.generation
         self._since.clear()  # all below the floor now
 
-    def fresh(self, name: bytes, stamp: int) -> bool:
-        """Returns: whether a copy of ``name`` stamped ``stamp`` may be relied on."""
-        return bool(stamp) and stamp >= self._floor and stamp >= self._since.get(name, 0)
+    def required(self, name: bytes) -> int:
+        """Returns: the oldest stamp a copy of ``name`` parsed for a client now may have."""
+        return max(1, self._floor, self._since.get(name, 0))
 
 
 # One for the process: the global names and the servers' LRUs are shared process-wide too.

@@ -271,8 +271,8 @@ class Frontend:
         if flags & DROPS_STATEMENTS:
             self.stmts.statements_dropped()
             self.settings.session_dirty = True
-        if flags & CATALOG:
-            seg.catalog = True  # statements parsed before may be stale after it (backend.py)
+        if flags & CATALOG:  # statements parsed before may be stale after it
+            self.stmts.catalog_sent(seg)
         if flags & SESSION_STATE:
             self.settings.session_dirty = True
             seg.sets += sets

@@ -88,9 +88,12 @@ _INJECTED: Final = (BIND_DROP, EXEC_DROP, CLOSE_DROP)
 # Bind error (a bad parameter value) marks only that server's copy stale.
 _STALE_CLASSES: Final = (b"XX", b"0A", b"42")
 # A client's statement that is an SQL DEALLOCATE [ALL] or DISCARD ALL (by statement name):
-# ("name", the client's name it drops, (global name, text, types)), ("all", b"", None) or
+# ("name", the client's name it drops, its _Mapped), ("all", b"", None) or
 # ("discard", b"", None).
-_Dealloc = tuple[str, bytes, tuple[bytes, bytes, bytes] | None]
+# A client's named statement: (global name, text, types, the oldest stamp a copy of it may
+# have on a server: freshness.py ``required`` at its Parse).
+_Mapped = tuple[bytes, bytes, bytes, int]
+_Dealloc = tuple[str, bytes, _Mapped | None]
 
 
 class PreparedStatements:
@@ -110,7 +113,7 @@ class PreparedStatements:
         # The attached server's LRU: the generation each was prepared at, False when stale
         # (see ServerConnection.prepared and freshness.py).
         self.server: OrderedDict[bytes, int] = OrderedDict()
-        self.client: dict[bytes, tuple[bytes, bytes, bytes]] = {}  # name->(G, sql, types)
+        self.client: dict[bytes, _Mapped] = {}  # name -> (G, sql, types, required stamp)
         self._global_names: dict[tuple[bytes, bytes], bytes] = {}
         # The client's unnamed statement (see the module docstring).
         self.unnamed: tuple[bytes, bytes] | None = None  # (text, types) of the last Parse ""
@@ -203,17 +206,19 @@ class PreparedStatements:
         Returns: bytes for the client now (a ParseComplete whose turn has come).
         """
         global_name = self.global_name(text, types)
-        self.client[name] = (global_name, text, types)
-        if self._ready(global_name):
+        required = self._fresh.required(global_name)
+        self.client[name] = (global_name, text, types, required)
+        if self._ready(global_name, required):
             self.server.move_to_end(global_name)
             return self._ledger.expect(_PARSE_SYNTH)
         self._prepare(out, global_name, text, types, ReplyAction.FWD)
         return b""
 
-    def _ready(self, name: bytes) -> bool:
-        """Returns: whether global statement ``name`` is on the attached server, fresh."""
+    def _ready(self, name: bytes, required: int) -> bool:
+        """Returns: whether global statement ``name`` is on the attached server, prepared
+        at generation ``required`` or later (freshness.py)."""
         stamp = self.server.get(name)
-        return stamp is not None and self._fresh.fresh(name, stamp)
+        return stamp is not None and stamp >= required
 
     def _prepare(self, out: bytearray, name: bytes, sql: bytes, types: bytes,
                  action: ReplyAction) -> None:
@@ -232,13 +237,14 @@ class PreparedStatements:
             out += codec.frame(CLOSE, _CLOSE_STATEMENT + old + b"\x00")
             expect(CLOSE_DROP)
 
-    def use(self, out: bytearray, mapped: tuple[bytes, bytes, bytes]) -> bytes:
-        """Make sure a client's renamed statement exists on the attached server.
+    def use(self, out: bytearray, mapped: _Mapped) -> bytes:
+        """Make sure a client's renamed statement exists on the attached server, as fresh as
+        it was when the client parsed it.
 
         Returns: its global name.
         """
-        global_name, text, types = mapped
-        if self._ready(global_name):
+        global_name, text, types, required = mapped
+        if self._ready(global_name, required):
             self.server.move_to_end(global_name)
         else:  # parsed on another server, or evicted here: prepare it again, quietly
             self._prepare(out, global_name, text, types, ReplyAction.DROP)
@@ -273,7 +279,7 @@ class PreparedStatements:
 
     def forget_all(self, *, portals: bool) -> None:
         """DEALLOCATE ALL (``portals`` False) or DISCARD ALL of the client's own view."""
-        for global_name, _, _ in self.client.values():
+        for global_name, _, _, _ in self.client.values():
             self._fresh.invalidate(global_name)
         self.client.clear()
         self.deallocs.clear()
@@ -288,6 +294,13 @@ class PreparedStatements:
             self.server[name] = False
         if code[:2] in _STALE_CLASSES:
             self._fresh.invalidate(name)
+
+    def catalog_sent(self, seg: Segment) -> None:
+        """A request that may change the catalog goes in ``seg``: what the client parses
+        after it (even in the same batch) must be parsed for real; its ReadyForQuery
+        invalidates again (``catalog_settled``)."""
+        seg.catalog = True
+        self._fresh.invalidate_all()
 
     def catalog_settled(self, changed: bool, status: int) -> None:
         """A ReadyForQuery (``status``) for a segment that may have changed the catalog

@@ -217,8 +217,9 @@ class Link:
         return self._stmts.quiet_parses
 
     @property
-    def client_statements(self) -> dict[bytes, tuple[bytes, bytes, bytes]]:
-        """The client's named prepared statements (name -> global name, text, types)."""
+    def client_statements(self) -> dict[bytes, tuple[bytes, bytes, bytes, int]]:
+        """The client's named prepared statements (name -> global name, text, types, the
+        oldest copy they may use: protocol/freshness.py)."""
         return self._stmts.client
 
     @property
