@@ -54,6 +54,14 @@ NOTIFIES: Final = 32
 # re-established before they are relied on (protocol/freshness.py).
 CATALOG: Final = 64
 _CATALOG_WORDS: Final = frozenset(b"create drop alter import do call".split())
+# Statements that cannot change the catalog, read on the parse tree of a text with one of the
+# words above (INSERT ... ON CONFLICT DO UPDATE is no DDL); any other statement may.
+_NOT_CATALOG: Final = frozenset((
+    "SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "TransactionStmt",
+    "VariableSetStmt", "VariableShowStmt", "ExplainStmt", "CopyStmt", "PrepareStmt",
+    "ExecuteStmt", "DeallocateStmt", "ListenStmt", "UnlistenStmt", "NotifyStmt", "LockStmt",
+    "DeclareCursorStmt", "FetchStmt", "ClosePortalStmt", "DiscardStmt", "TruncateStmt",
+))
 
 # What may change the transaction status is a closed set of statements in Postgres's
 # grammar: TransactionStmt (BEGIN, START, COMMIT, END, ROLLBACK, ABORT, SAVEPOINT, RELEASE,
@@ -146,7 +154,7 @@ def classify(sql: bytes) -> int:
         # even the four regex passes (some 70 ms per MB each, and asked more than once).
         return (TXN_CONTROL | DROPS_STATEMENTS | SESSION_STATE | TXN_END | MAY_COPY_IN | NOTIFIES
                 | CATALOG)
-    flags = CATALOG if has_word(sql, _CATALOG_WORDS) else 0
+    flags = CATALOG if has_word(sql, _CATALOG_WORDS) and _may_change_catalog(sql) else 0
     if _TXN_RE.search(sql):
         flags |= TXN_CONTROL
     if _DROPS_RE.search(sql):
@@ -225,6 +233,14 @@ def _may_end_transaction(sql: bytes) -> bool:
     if tree is None:
         return True  # cannot tell: assume it may (it only costs a round trip)
     return any(ends_transaction(item.get("stmt", {})) for item in tree.get("stmts", []))
+
+
+def _may_change_catalog(sql: bytes) -> bool:
+    tree = _tree(sql)
+    if tree is None:
+        return True  # cannot tell: assume it may (it only costs fresh Parses)
+    return any(not _NOT_CATALOG.issuperset(item.get("stmt", {}))
+               for item in tree.get("stmts", []))
 
 
 def ends_transaction(stmt: dict[str, Any]) -> bool:
