@@ -104,6 +104,12 @@ FORMS: dict[str, tuple[bytes, int, str, list[str | None]]] = {
                   "DEALLOCATE", []),
     "extended": (_ext("DEALLOCATE s"), 1, "DEALLOCATE", []),
     "extended_named": (_ext("DEALLOCATE s", "d"), 1, "DEALLOCATE", []),
+    "extended_pipeline": (  # psycopg's pipeline mode: several statements, one Sync
+        rawpg.parse("", "DEALLOCATE s") + rawpg.bind("", "", []) + rawpg.execute()
+        + _ext("SELECT 2"), 1, "DEALLOCATE", []),
+    "extended_pipeline_in_block": (
+        query("BEGIN") + rawpg.parse("", "DEALLOCATE s") + rawpg.bind("", "", [])
+        + rawpg.execute() + _ext("SELECT 2") + query("COMMIT"), 3, "DEALLOCATE", []),
     "extended_all": (_ext("DEALLOCATE ALL"), 1, "DEALLOCATE ALL", []),
     "extended_in_block": (query("BEGIN") + _ext("deallocate prepare s") + query("COMMIT"), 3,
                           "DEALLOCATE", []),
