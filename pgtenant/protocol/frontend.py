@@ -596,11 +596,8 @@ class Frontend:
             text, types = refused_parse(verdict, sql, types)
             sql = b""
         stmts = self.stmts
-        flags = classify(sql)
-        rewritten = stmts.dealloc_text(name, sql, flags)
-        if rewritten is not sql:  # DEALLOCATE of a renamed statement names the global one
-            text = rewritten
-            flags &= ~DROPS_STATEMENTS  # it drops exactly that statement (prepared.py)
+        # DEALLOCATE of a renamed statement names the global one (prepared.py).
+        text, flags = stmts.dealloc_text(name, sql, text, classify(sql))
         if name:
             # Renamed to a proxy-global statement (prepared.py).
             out += buf[span:pos]
@@ -609,10 +606,10 @@ class Frontend:
                 text = self._rewritten(verdict, out, name)  # (what it does: ``sql``'s)
             reply += stmts.parse_named(out, name, text, types)
         else:
-            if text is not sql:
+            if verdict is not None or text is not sql:
                 out += buf[span:pos]
                 span = end
-                if not isinstance(verdict, str):
+                if verdict is not None and not isinstance(verdict, str):
                     text = self._rewritten(verdict, out)  # (what it does: ``sql``'s)
                 out += codec.frame(PARSE, b"\x00" + text + b"\x00" + types)
             self.ledger.expect(PARSE_FWD)

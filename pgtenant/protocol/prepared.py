@@ -90,19 +90,17 @@ _STALE_CLASSES: Final = (b"XX", b"0A", b"42")
 # A client's statement that is an SQL DEALLOCATE [ALL] or DISCARD ALL (by statement name):
 # ("name", the client's name it drops, its _Mapped), ("all", b"", None) or
 # ("discard", b"", None).
-# A client's named statement: (global name, text, types, the oldest stamp a copy of it may
-# have on a server: freshness.py ``required`` at its Parse).
-_Mapped = tuple[bytes, bytes, bytes, int]
+_Mapped = tuple[bytes, bytes, bytes]  # a client's named statement: (global name, text, types)
 _Dealloc = tuple[str, bytes, _Mapped | None]
 
 
 class PreparedStatements:
     """The client's prepared statements and portals, and the attached server's."""
 
-    __slots__ = ("_fresh", "_global_names", "_ledger", "_search_path", "catalog_txn",
-                 "client", "ctx_state", "deallocs", "drops_statements", "max_prepared",
-                 "portal_flags", "quiet_parses", "scrub_unnamed", "server", "stmt_flags",
-                 "stmt_sets", "unnamed", "unnamed_here", "unnamed_seg")
+    __slots__ = ("_fresh", "_global_names", "_ledger", "_required", "_search_path",
+                 "catalog_txn", "client", "ctx_state", "deallocs", "drops_statements",
+                 "max_prepared", "portal_flags", "quiet_parses", "scrub_unnamed", "server",
+                 "stmt_flags", "stmt_sets", "unnamed", "unnamed_here", "unnamed_seg")
 
     def __init__(self, ledger: Ledger, max_prepared: int, search_path: bytes,
                  freshness: Freshness = FRESHNESS):
@@ -113,7 +111,10 @@ class PreparedStatements:
         # The attached server's LRU: the generation each was prepared at, False when stale
         # (see ServerConnection.prepared and freshness.py).
         self.server: OrderedDict[bytes, int] = OrderedDict()
-        self.client: dict[bytes, _Mapped] = {}  # name -> (G, sql, types, required stamp)
+        self.client: dict[bytes, _Mapped] = {}  # name -> (G, sql, types)
+        # The oldest stamp a server's copy of a global statement the client parsed may have:
+        # freshness.py ``required`` at its latest Parse of it.
+        self._required: dict[bytes, int] = {}
         self._global_names: dict[tuple[bytes, bytes], bytes] = {}
         # The client's unnamed statement (see the module docstring).
         self.unnamed: tuple[bytes, bytes] | None = None  # (text, types) of the last Parse ""
@@ -207,7 +208,10 @@ class PreparedStatements:
         """
         global_name = self.global_name(text, types)
         required = self._fresh.required(global_name)
-        self.client[name] = (global_name, text, types, required)
+        self.client[name] = (global_name, text, types)
+        self._required[global_name] = required
+        if len(self._required) > 2 * len(self.client) + 64:  # names closed since: forget
+            self._required = {g: self._required.get(g, 1) for g, _, _ in self.client.values()}
         if self._ready(global_name, required):
             self.server.move_to_end(global_name)
             return self._ledger.expect(_PARSE_SYNTH)
@@ -243,8 +247,8 @@ class PreparedStatements:
 
         Returns: its global name.
         """
-        global_name, text, types, required = mapped
-        if self._ready(global_name, required):
+        global_name, text, types = mapped
+        if self._ready(global_name, self._required.get(global_name, 1)):
             self.server.move_to_end(global_name)
         else:  # parsed on another server, or evicted here: prepare it again, quietly
             self._prepare(out, global_name, text, types, ReplyAction.DROP)
@@ -279,7 +283,7 @@ class PreparedStatements:
 
     def forget_all(self, *, portals: bool) -> None:
         """DEALLOCATE ALL (``portals`` False) or DISCARD ALL of the client's own view."""
-        for global_name, _, _, _ in self.client.values():
+        for global_name, _, _ in self.client.values():
             self._fresh.invalidate(global_name)
         self.client.clear()
         self.deallocs.clear()
@@ -314,30 +318,33 @@ class PreparedStatements:
 
     # ------------------------------------------------------------------ SQL DEALLOCATE
 
-    def dealloc_text(self, name: bytes, sql: bytes, flags: int) -> bytes:
+    def dealloc_text(self, name: bytes, sql: bytes, text: bytes,
+                     flags: int) -> tuple[bytes, int]:
         """The client parses statement ``name`` (b"": unnamed) with text ``sql``. An SQL
         DEALLOCATE of a renamed statement cannot reach Postgres as it is (the server knows
         only the global name): it is rewritten to drop the global statement, which its Bind
         first makes sure exists (``bind_dealloc``); DEALLOCATE ALL and DISCARD ALL go as
         they are and clear the client's view at their Bind.
 
-        ``flags``: classify(sql). Returns: the text to parse.
+        ``text``: what is parsed so far (``sql`` or the guard's refusal); ``flags``:
+        classify(sql). Returns: the text to parse and the statement's flags (a rewritten one
+        drops exactly the global statement, not every statement: no DROPS_STATEMENTS).
         """
         if self.deallocs:
             self.deallocs.pop(name, None)  # a statement of that name is replaced
         command = local_command(sql) if flags & DROPS_STATEMENTS else None
         if command is None:
-            return sql
+            return text, flags
         kind, target = command
         if kind == "deallocate":
             client_name = (target or "").encode()
             mapped = self.client.get(client_name)
             if mapped is None:
-                return sql  # an SQL PREPAREd name, or an unknown one: Postgres answers
+                return text, flags  # an SQL PREPAREd name, or an unknown one: Postgres's
             self.deallocs[name] = ("name", client_name, mapped)
-            return b"DEALLOCATE " + mapped[0]
+            return b"DEALLOCATE " + mapped[0], flags & ~DROPS_STATEMENTS
         self.deallocs[name] = ("all" if kind == "deallocate_all" else "discard", b"", None)
-        return sql
+        return text, flags
 
     def bind_dealloc(self, out: bytearray, stmt: bytes) -> None:
         """Before the client's Bind of statement ``stmt`` when it is an SQL DEALLOCATE (see

@@ -217,9 +217,8 @@ class Link:
         return self._stmts.quiet_parses
 
     @property
-    def client_statements(self) -> dict[bytes, tuple[bytes, bytes, bytes, int]]:
-        """The client's named prepared statements (name -> global name, text, types, the
-        oldest copy they may use: protocol/freshness.py)."""
+    def client_statements(self) -> dict[bytes, tuple[bytes, bytes, bytes]]:
+        """The client's named prepared statements (name -> global name, text, types)."""
         return self._stmts.client
 
     @property
