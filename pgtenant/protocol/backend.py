@@ -307,10 +307,10 @@ class Backend:
         if head.expect is not None:
             entry = head.expect[0] if head.expect else None
             if entry is not None and entry.kind == ReplyKind.BIND and entry.data is not None:
-                # A Bind of a renamed statement failed: its copy here may be stale (after
-                # DDL, "cached plan must not change result type", "cache lookup failed for
-                # type"...), so the next Parse or Bind prepares it again; on every server
-                # when the error says the statement went stale (prepared.py, freshness.py).
+                # A Bind of a renamed statement failed: when the error says its copy went
+                # stale (after DDL, "cached plan must not change result type", "cache lookup
+                # failed for type"...), the next Parse or Bind prepares it again, on every
+                # server (prepared.py, freshness.py).
                 self.stmts.bind_failed(entry.data, code)
             if (entry is not None and entry.kind == ReplyKind.BIND and entry.data is not None
                     and code == _PLAN_CHANGED):

@@ -82,10 +82,10 @@ _PARSE_SYNTH: Final = Expected(ReplyKind.PARSE, ReplyAction.SYNTH, _PARSE_COMPLE
 # The extended-protocol injection's replies once the context statement is ready:
 # Bind, Execute, Close of the unnamed portal, all the proxy's own.
 _INJECTED: Final = (BIND_DROP, EXEC_DROP, CLOSE_DROP)
-# What a Bind error of a renamed statement says about the statement itself: its copy is
-# stale (XX000 "cache lookup failed for type", 0A000 "cached plan must not change result
-# type", class 42 errors of the re-analysis: a datatype mismatch, a column gone). Any other
-# Bind error (a bad parameter value) marks only that server's copy stale.
+# The Bind errors of a renamed statement that say its copy is stale: XX000 "cache lookup
+# failed for type", 0A000 "cached plan must not change result type", class 42 errors of the
+# re-analysis (a datatype mismatch, a column gone). Others (a bad parameter value) say
+# nothing about the statement.
 _STALE_CLASSES: Final = (b"XX", b"0A", b"42")
 # A client's statement that is an SQL DEALLOCATE [ALL] or DISCARD ALL (by statement name):
 # ("name", the client's name it drops, its _Mapped), ("all", b"", None) or
@@ -291,13 +291,14 @@ class PreparedStatements:
             self.portal_flags.clear()
 
     def bind_failed(self, name: bytes, code: bytes) -> None:
-        """The server failed a Bind of global statement ``name`` with SQLSTATE ``code``:
-        its copy here is stale; on every server too when the error says the statement
-        itself went stale (the client will parse it again and must get a fresh one)."""
+        """The server failed a Bind of global statement ``name`` with SQLSTATE ``code``.
+        When the error says the statement went stale, its copy here is stale, and every
+        copy made so far too (the client will parse it again and must get a fresh one)."""
+        if code[:2] not in _STALE_CLASSES:
+            return
         if name in self.server:
             self.server[name] = False
-        if code[:2] in _STALE_CLASSES:
-            self._fresh.invalidate(name)
+        self._fresh.invalidate(name)
 
     def catalog_sent(self, seg: Segment) -> None:
         """A request that may change the catalog goes in ``seg``: what the client parses

@@ -186,6 +186,25 @@ async def test_type_recreated_between_executions(
         await b.close()
 
 
+async def test_ddl_behind_the_proxys_back_is_learnt_from_the_failed_bind(
+        solo: ProxyProcess, admin: asyncpg.Connection) -> None:
+    """A type re-created straight on Postgres (a migration, another worker): the proxy does
+    not see it. The statement parsed before fails as on Postgres; from that error on, the
+    client's next Parse of the text (another name, or the other client's) is a fresh one."""
+    await recreate_type(admin)
+    a = await RawPg.tenant(solo, T)
+    b = await RawPg.tenant(solo, T)
+    try:
+        ok(await a.request(rawpg.parse("s", CAST), run("s", b"a")))
+        await recreate_type(admin)
+        assert sqlstates(await a.request(run("s", b"a"))) == ["XX000"]  # as on Postgres
+        assert ok(await a.request(rawpg.parse("s2", CAST), run("s2", b"b"))) == [["b"]]
+        assert ok(await b.request(rawpg.parse("v", CAST), run("v", b"a"))) == [["a"]]
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_alter_column_type_between_executions(
         solo: ProxyProcess, admin: asyncpg.Connection) -> None:
     """ALTER TABLE ... ALTER COLUMN TYPE by another client: statements parsed after it run
