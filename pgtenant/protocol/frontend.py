@@ -100,7 +100,6 @@ from .replies import (
 )
 from .settings import SessionSettings
 from .sql import (
-    CATALOG,
     DROPS_STATEMENTS,
     MAY_COPY_IN,
     NOTIFIES,
@@ -271,8 +270,7 @@ class Frontend:
         if flags & DROPS_STATEMENTS:
             self.stmts.statements_dropped()
             self.settings.session_dirty = True
-        if flags & CATALOG:  # statements parsed before may be stale after it
-            self.stmts.catalog_sent(seg)
+        self.stmts.catalog_sent(seg, flags)  # DDL: statements parsed before may be stale
         if flags & SESSION_STATE:
             self.settings.session_dirty = True
             seg.sets += sets
@@ -596,8 +594,7 @@ class Frontend:
             text, types = refused_parse(verdict, sql, types)
             sql = b""
         stmts = self.stmts
-        # DEALLOCATE of a renamed statement names the global one (prepared.py).
-        text, flags = stmts.dealloc_text(name, sql, text, classify(sql))
+        text, flags = stmts.dealloc_text(name, sql, text, classify(sql))  # renamed DEALLOCATE
         if name:
             # Renamed to a proxy-global statement (prepared.py).
             out += buf[span:pos]
@@ -632,14 +629,10 @@ class Frontend:
             self.listens.bind(portal, stmt)
         self._session_effects(seg, flags, stmts.stmt_sets.get(stmt, ()))
         mapped = stmts.client.get(stmt) if stmt else None
-        if not stmt:
+        if not stmt or stmts.deallocs:  # what the statement needs on the server first
             out += buf[span:pos]
             span = pos
-            stmts.ensure_unnamed(out)
-        if stmts.deallocs:  # an SQL DEALLOCATE's Bind: its statement must be there
-            out += buf[span:pos]
-            span = pos
-            stmts.bind_dealloc(out, stmt)
+            stmts.before_bind(out, stmt)
         if mapped is None:
             self.ledger.expect(BIND_FWD)
             return span

@@ -58,7 +58,7 @@ from .replies import (
     ReplyAction,
     ReplyKind,
 )
-from .sql import DROPS_STATEMENTS, TXN_CONTROL, local_command
+from .sql import CATALOG, DROPS_STATEMENTS, TXN_CONTROL, local_command
 
 __all__ = ["CTX_NONE", "CTX_READY", "CTX_UNKNOWN", "UNKNOWN_TXN", "PreparedStatements"]
 
@@ -300,12 +300,14 @@ class PreparedStatements:
             self.server[name] = False
         self._fresh.invalidate(name)
 
-    def catalog_sent(self, seg: Segment) -> None:
-        """A request that may change the catalog goes in ``seg``: what the client parses
-        after it (even in the same batch) must be parsed for real; its ReadyForQuery
-        invalidates again (``catalog_settled``)."""
-        seg.catalog = True
-        self._fresh.invalidate_all()
+    def catalog_sent(self, seg: Segment, flags: int) -> None:
+        """A request with classify() ``flags`` goes in ``seg``. When it may change the
+        catalog (sql.CATALOG), what the client parses after it (even in the same batch)
+        must be parsed for real; its ReadyForQuery invalidates again (``catalog_settled``).
+        """
+        if flags & CATALOG:
+            seg.catalog = True
+            self._fresh.invalidate_all()
 
     def catalog_settled(self, changed: bool, status: int) -> None:
         """A ReadyForQuery (``status``) for a segment that may have changed the catalog
@@ -346,6 +348,15 @@ class PreparedStatements:
             return b"DEALLOCATE " + mapped[0], flags & ~DROPS_STATEMENTS
         self.deallocs[name] = ("all" if kind == "deallocate_all" else "discard", b"", None)
         return text, flags
+
+    def before_bind(self, out: bytearray, stmt: bytes) -> None:
+        """Before the client's Bind of statement ``stmt``: the unnamed statement is made
+        the client's (``ensure_unnamed``), an SQL DEALLOCATE's target made to exist
+        (``bind_dealloc``)."""
+        if not stmt:
+            self.ensure_unnamed(out)
+        if self.deallocs:
+            self.bind_dealloc(out, stmt)
 
     def bind_dealloc(self, out: bytearray, stmt: bytes) -> None:
         """Before the client's Bind of statement ``stmt`` when it is an SQL DEALLOCATE (see
