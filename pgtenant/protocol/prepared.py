@@ -18,10 +18,12 @@ a statement already on the server, and fresh, is answered by the proxy (SYNTH Pa
 a Bind or Describe of one that is not there (an earlier transaction ran on another server, or
 it was evicted) or is not fresh first re-prepares it quietly.
 
-A copy is not fresh once its global name was invalidated (freshness.py): the client
-deallocated or closed the statement (it expects its next Parse to be a real one: psycopg
-DEALLOCATEs ALL after DDL and ROLLBACK), or the server failed a Bind of it (a parameter type
-dropped, a result type changed). DEALLOCATE of a renamed statement is answered by the proxy
+Fresh (freshness.py): a client's Parse takes no copy made before the last invalidation of
+its global name, which comes when a client deallocated or closed the statement (it expects
+its next Parse to be a real one: psycopg DEALLOCATEs ALL after DDL and ROLLBACK), when the
+server failed a Bind of it (a parameter type dropped, a result type changed), and for every
+name when DDL ran through the proxy; its later Binds, on any server, take no copy older than
+that Parse asked for (``_required``). DEALLOCATE of a renamed statement is answered by the proxy
 (local.py) as a simple Query or a lone batch; inside any other extended batch its text is
 rewritten to name the global statement (``dealloc_text``), which the Bind then makes sure
 exists (``bind_dealloc``).
