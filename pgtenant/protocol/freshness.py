@@ -20,7 +20,7 @@ the very copy the client meant to drop, on that server or on the next one.
 So each copy is stamped with the generation it was prepared at (its value in the server's
 LRU; 0/False: stale, may exist). A client's DEALLOCATE or Close of a statement, and a
 server's error at the Bind of one, invalidate the global name; DDL a client ran through the
-proxy (sql.CATALOG) invalidates every name. A client's Parse then asks for a copy at least
+proxy (sql.DDL) invalidates every name. A client's Parse then asks for a copy at least
 as new as the last invalidation (``required``), so it is a real one, as on a direct
 connection, and the client's statement keeps that requirement on every server it is bound
 on later. A copy older than that is re-established (Close, then Parse) before it is relied

@@ -130,7 +130,7 @@ class Segment:
         self.pins = False  # it may create session state the client relies on (LISTEN...)
         self.may_copy = False  # it may start a COPY FROM STDIN: later requests wait for it
         self.unnamed_parse = False  # it parses the client's unnamed statement
-        self.catalog = False  # it may change the catalog (sql.CATALOG): see freshness.py
+        self.catalog = False  # it may change the catalog (sql.DDL): see freshness.py
         # Extended segments: one Expected per request, in reply order.
         self.expect: deque[Expected] | None = None
         # A batch that may be re-sent once if its prepared statement's plan changed

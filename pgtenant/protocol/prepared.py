@@ -60,7 +60,7 @@ from .replies import (
     ReplyAction,
     ReplyKind,
 )
-from .sql import CATALOG, DROPS_STATEMENTS, TXN_CONTROL, local_command
+from .sql import DDL, DROPS_STATEMENTS, TXN_CONTROL, local_command
 
 __all__ = ["CTX_NONE", "CTX_READY", "CTX_UNKNOWN", "UNKNOWN_TXN", "PreparedStatements"]
 
@@ -304,10 +304,10 @@ class PreparedStatements:
 
     def catalog_sent(self, seg: Segment, flags: int) -> None:
         """A request with classify() ``flags`` goes in ``seg``. When it may change the
-        catalog (sql.CATALOG), what the client parses after it (even in the same batch)
+        catalog (sql.DDL), what the client parses after it (even in the same batch)
         must be parsed for real; its ReadyForQuery invalidates again (``catalog_settled``).
         """
-        if flags & CATALOG:
+        if flags & DDL:
             seg.catalog = True
             self._fresh.invalidate_all()
 

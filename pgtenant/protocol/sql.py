@@ -20,7 +20,7 @@ from pglast.parser import ParseError, parse_sql_json
 from .textcache import TextCache
 
 __all__ = [
-    "CATALOG",
+    "DDL",
     "DROPS_STATEMENTS",
     "MAY_COPY_IN",
     "NOTIFIES",
@@ -52,11 +52,11 @@ NOTIFIES: Final = 32
 # may be stale after it (a parameter type dropped, a column's type altered, objects created
 # in a transaction that rolls back). The proxy-global statements' copies are then
 # re-established before they are relied on (protocol/freshness.py).
-CATALOG: Final = 64
-_CATALOG_WORDS: Final = frozenset(b"create drop alter import do call".split())
+DDL: Final = 64
+_DDL_WORDS: Final = frozenset(b"create drop alter import do call".split())
 # Statements that cannot change the catalog, read on the parse tree of a text with one of the
 # words above (INSERT ... ON CONFLICT DO UPDATE is no DDL); any other statement may.
-_NOT_CATALOG: Final = frozenset((
+_NOT_DDL: Final = frozenset((
     "SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "TransactionStmt",
     "VariableSetStmt", "VariableShowStmt", "ExplainStmt", "CopyStmt", "PrepareStmt",
     "ExecuteStmt", "DeallocateStmt", "ListenStmt", "UnlistenStmt", "NotifyStmt", "LockStmt",
@@ -96,7 +96,7 @@ _SESSION_LOCK_FUNCS = frozenset({
 _ANY_WORDS: Final = frozenset(
     b"begin start commit end rollback abort prepare call do deallocate discard set reset "
     b"listen hold temp temporary load set_config into execute copy unlisten notify".split()
-) | _CATALOG_WORDS
+) | _DDL_WORDS
 # Inside a word: session advisory locks (pg_advisory_lock...) and objects created in the
 # temp schema by name (pg_temp.t, pg_temp_3.t).
 _SUBWORDS: Final = re.compile(rb"(?i)advisory|pg_temp")
@@ -153,8 +153,8 @@ def classify(sql: bytes) -> int:
         # Too big to parse (see CLASSIFY_PARSE_MAX), and not cached: every flag, without
         # even the four regex passes (some 70 ms per MB each, and asked more than once).
         return (TXN_CONTROL | DROPS_STATEMENTS | SESSION_STATE | TXN_END | MAY_COPY_IN | NOTIFIES
-                | CATALOG)
-    flags = CATALOG if has_word(sql, _CATALOG_WORDS) and _may_change_catalog(sql) else 0
+                | DDL)
+    flags = DDL if has_word(sql, _DDL_WORDS) and _may_change_catalog(sql) else 0
     if _TXN_RE.search(sql):
         flags |= TXN_CONTROL
     if _DROPS_RE.search(sql):
@@ -239,7 +239,7 @@ def _may_change_catalog(sql: bytes) -> bool:
     tree = _tree(sql)
     if tree is None:
         return True  # cannot tell: assume it may (it only costs fresh Parses)
-    return any(not _NOT_CATALOG.issuperset(item.get("stmt", {}))
+    return any(not _NOT_DDL.issuperset(item.get("stmt", {}))
                for item in tree.get("stmts", []))
 
 
