@@ -75,8 +75,9 @@ class ServerConnection(asyncio.Protocol):
         self.ctx_state = CTX_NONE
         # Proxy-global prepared statements that exist on this backend, least recently used
         # first (the tracker adds, evicts and forgets; see issue #4).
-        # (True: prepared; False: stale, may or may not exist: Close before the next Parse.)
-        self.prepared: OrderedDict[bytes, bool] = OrderedDict()
+        # (The generation it was prepared at, see protocol/freshness.py; False: stale, may or
+        # may not exist: Close before the next Parse.)
+        self.prepared: OrderedDict[bytes, int] = OrderedDict()
         # The session's client_encoding, as the last client left it (the tracker switches
         # it to the next client's before that client's first message; see Link.encoding).
         self.client_encoding = "UTF8"

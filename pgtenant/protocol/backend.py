@@ -248,6 +248,8 @@ class Backend:
         if head.txn_control:
             ledger.unsure -= 1
         ledger.status = status
+        if head.catalog or self.stmts.catalog_txn:  # DDL: statement copies may be stale
+            self.stmts.catalog_settled(head.catalog, status)
         self.settings.settle(head, status)
         listens = self.listens
         if listens is not None:
@@ -304,11 +306,14 @@ class Backend:
         head.failed = True
         if head.expect is not None:
             entry = head.expect[0] if head.expect else None
+            if entry is not None and entry.kind == ReplyKind.BIND and entry.data is not None:
+                # A Bind of a renamed statement failed: when the error says its copy went
+                # stale (after DDL, "cached plan must not change result type", "cache lookup
+                # failed for type"...), the next Parse or Bind prepares it again, on every
+                # server (prepared.py, freshness.py).
+                self.stmts.bind_failed(entry.data, code)
             if (entry is not None and entry.kind == ReplyKind.BIND and entry.data is not None
                     and code == _PLAN_CHANGED):
-                # "cached plan must not change result type" after DDL: the statement is
-                # stale here, so the next Parse or Bind prepares it again.
-                self.stmts.server[entry.data] = False
                 replay = head.replay
                 if (replay is not None and replay.entry is entry and replay.complete
                         and len(self.ledger.pending) == 1):

@@ -271,6 +271,7 @@ class Frontend:
         if flags & DROPS_STATEMENTS:
             self.stmts.statements_dropped()
             self.settings.session_dirty = True
+        self.stmts.catalog_sent(seg, flags)  # DDL: statements parsed before may be stale
         if flags & SESSION_STATE:
             self.settings.session_dirty = True
             seg.sets += sets
@@ -597,6 +598,7 @@ class Frontend:
             text, types = refused_parse(verdict, sql, types)
             sql = b""
         stmts = self.stmts
+        text, flags = stmts.dealloc_text(name, sql, text, classify(sql))  # renamed DEALLOCATE
         if name:
             # Renamed to a proxy-global statement (prepared.py).
             out += buf[span:pos]
@@ -605,17 +607,16 @@ class Frontend:
                 text = self._rewritten(verdict, out, name)  # (what it does: ``sql``'s)
             reply += stmts.parse_named(out, name, text, types)
         else:
-            if verdict is not None:
+            if verdict is not None or text is not sql:
                 out += buf[span:pos]
                 span = end
-                if not isinstance(verdict, str):
+                if verdict is not None and not isinstance(verdict, str):
                     text = self._rewritten(verdict, out)  # (what it does: ``sql``'s)
                 out += codec.frame(PARSE, b"\x00" + text + b"\x00" + types)
             self.ledger.expect(PARSE_FWD)
             stmts.parsed_unnamed(text, types, seg)
         # What the statement does is noted now and applied at each Bind: a named statement
         # may run again in later transactions, on other servers.
-        flags = classify(sql)
         sets = self.settings.replayable_sets(sql) if flags & SESSION_STATE else None
         stmts.note_statement(name, flags, sets or ())
         return span
@@ -632,10 +633,10 @@ class Frontend:
             self.listens.bind(portal, stmt)
         self._session_effects(seg, flags, stmts.stmt_sets.get(stmt, ()))
         mapped = stmts.client.get(stmt) if stmt else None
-        if not stmt:
+        if not stmt or stmts.deallocs:  # what the statement needs on the server first
             out += buf[span:pos]
             span = pos
-            stmts.ensure_unnamed(out)
+            stmts.before_bind(out, stmt)
         if mapped is None:
             self.ledger.expect(BIND_FWD)
             return span
@@ -750,8 +751,8 @@ class Frontend:
     def _answer_locally(self, sql: bytes) -> bytes | None:
         """A session command the proxy answers itself (local.py), sent as a Query.
 
-        Returns: CommandComplete + ReadyForQuery to send, or None to send ``sql`` on (then
-        nothing was changed). Call it only when no reply is owed, so the answer is in order.
+        Returns: the replies to send, or None to send ``sql`` on. Call it only when no reply
+        is owed, so the answer is in order and the transaction status known.
         """
         command = local_command(sql)
         status = self.ledger.status if self.attached else TXN_IDLE

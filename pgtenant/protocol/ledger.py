@@ -110,9 +110,9 @@ PASS_NONE: Final[frozenset[int]] = frozenset()
 class Segment:
     """One request the server will close with one ReadyForQuery."""
 
-    __slots__ = ("await_first", "drop", "expect", "extended", "failed", "heal", "hide_z",
-                 "may_copy", "ours", "pins", "replay", "rollback", "sets", "shift", "split",
-                 "synced", "t0", "txn_control", "unnamed_parse")
+    __slots__ = ("await_first", "catalog", "drop", "expect", "extended", "failed", "heal",
+                 "hide_z", "may_copy", "ours", "pins", "replay", "rollback", "sets", "shift",
+                 "split", "synced", "t0", "txn_control", "unnamed_parse")
 
     def __init__(self, drop: int, shift: int = 0, await_first: bool = False):
         self.drop = drop  # leading injected replies still to drop
@@ -130,6 +130,7 @@ class Segment:
         self.pins = False  # it may create session state the client relies on (LISTEN...)
         self.may_copy = False  # it may start a COPY FROM STDIN: later requests wait for it
         self.unnamed_parse = False  # it parses the client's unnamed statement
+        self.catalog = False  # it may change the catalog (sql.DDL): see freshness.py
         # Extended segments: one Expected per request, in reply order.
         self.expect: deque[Expected] | None = None
         # A batch that may be re-sent once if its prepared statement's plan changed

@@ -13,13 +13,14 @@ transaction); ``RESET search_path`` means "the tenant's own search_path", which 
 every transaction has. Answered here, the client sees what Postgres would answer, and the
 server never runs a statement that would drop the tenant's context mid-transaction.
 
-When: ``RESET search_path`` (or ``SET search_path TO DEFAULT``) outside a failed
-transaction (it changes nothing); ``RESET ALL`` and ``DISCARD ALL`` outside a transaction
-block, as Postgres requires for DISCARD ALL. A session that keeps its server for session
-state (a WITH HOLD cursor, a session temp table...) is not answered for ``RESET ALL`` (its
-server's settings would stay), and its server is closed after ``DISCARD ALL`` (its state
-goes with it). Anything else is sent on, and the statement guard refuses the statements
-that would drop the context, with a message saying how to send them.
+When: ``RESET search_path`` (or ``SET search_path TO DEFAULT``) and ``DEALLOCATE`` of the
+client's statements outside a failed transaction (``_deallocate``); ``RESET ALL`` and
+``DISCARD ALL`` outside a transaction block, as Postgres requires for DISCARD ALL. A session
+that keeps its server for session state (a WITH HOLD cursor, a session temp table...) is not
+answered for ``RESET ALL`` (its server's settings would stay), and its server is closed
+after ``DISCARD ALL`` (its state goes with it). Anything else is sent on, and the statement
+guard refuses the statements that would drop the context, with a message saying how to send
+them.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def answer(command: tuple[str, str | None], stmts: PreparedStatements,
     kind, arg = command
     if kind == "reset_search_path":
         return arg if status != TXN_FAILED else None
+    if kind == "deallocate" or kind == "deallocate_all":
+        return _deallocate(arg if kind == "deallocate" else None, stmts, settings, status)
     if status != TXN_IDLE:
         return None
     if kind == "reset_all":
@@ -78,16 +81,28 @@ def answer(command: tuple[str, str | None], stmts: PreparedStatements,
             settings.pinned = False
             settings.session_dirty = True
         return "DISCARD ALL"
-    if settings.pinned:
+    return None
+
+
+def _deallocate(name: str | None, stmts: PreparedStatements, settings: SessionSettings,
+                status: int) -> str | None:
+    """DEALLOCATE [PREPARE] ``name`` (None: ALL). The server knows the client's renamed
+    statements by their global names only: deallocating them concerns the client's view,
+    inside a transaction block too (DEALLOCATE is not transactional; psycopg evicts and
+    clears its statements mid-transaction). In a failed block Postgres refuses it: sent on,
+    the server says so. A pinned session's server also holds SQL-PREPAREd statements, which
+    DEALLOCATE ALL drops: sent on, and the client's view goes with them.
+
+    Returns: the CommandComplete tag, or None to send the text on.
+    """
+    if status == TXN_FAILED:
         return None
-    if kind == "deallocate":
-        if arg is None or not stmts.deallocate(arg.encode()):
+    if name is not None:
+        if not stmts.deallocate(name.encode()):
             return None  # an SQL PREPAREd name, or an unknown one: Postgres answers
         return "DEALLOCATE"
-    if kind == "deallocate_all":
-        stmts.forget_all(portals=False)
-        return "DEALLOCATE ALL"
-    return None
+    stmts.forget_all(portals=False)
+    return None if settings.pinned else "DEALLOCATE ALL"
 
 
 class Batch(NamedTuple):

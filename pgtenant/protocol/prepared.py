@@ -11,11 +11,22 @@ Theory of operation
 -------------------
 Named prepared statements (issue #4): a client's ``Parse "s1"`` is renamed to a proxy-global
 name, a keyed hash of (text, parameter types, search_path), and prepared lazily on each
-server. A server's LRU (``server``: name -> True when prepared there, False when stale: it
-may or may not exist, so Close first) is capped at ``max_prepared``; evicting sends a Close
-whose CloseComplete is the proxy's (DROP). A Parse of a statement already on the server is
-answered by the proxy (SYNTH ParseComplete); a Bind or Describe of one that is not there (an
-earlier transaction ran on another server, or it was evicted) first re-prepares it quietly.
+server. A server's LRU (``server``: name -> the generation it was prepared at there, see
+freshness.py; False when stale: it may or may not exist, so Close first) is capped at
+``max_prepared``; evicting sends a Close whose CloseComplete is the proxy's (DROP). A Parse of
+a statement already on the server, and fresh, is answered by the proxy (SYNTH ParseComplete);
+a Bind or Describe of one that is not there (an earlier transaction ran on another server, or
+it was evicted) or is not fresh first re-prepares it quietly.
+
+Fresh (freshness.py): a client's Parse takes no copy made before the last invalidation of
+its global name, which comes when a client deallocated or closed the statement (it expects
+its next Parse to be a real one: psycopg DEALLOCATEs ALL after DDL and ROLLBACK), when the
+server failed a Bind of it (a parameter type dropped, a result type changed), and for every
+name when DDL ran through the proxy; its later Binds, on any server, take no copy older than
+that Parse asked for (``_required``). DEALLOCATE of a renamed statement is answered by the proxy
+(local.py) as a simple Query or a lone batch; inside any other extended batch its text is
+rewritten to name the global statement (``dealloc_text``), which the Bind then makes sure
+exists (``bind_dealloc``).
 
 The client's unnamed statement outlives Sync in Postgres, but a later transaction may land on
 another server (or after a Query, which destroys it): it is re-parsed quietly before the
@@ -36,7 +47,8 @@ from collections import OrderedDict, deque
 from typing import Final
 
 from . import codec
-from .constants import CLOSE, PARSE, PARSE_COMPLETE, TARGET_STATEMENT
+from .constants import CLOSE, PARSE, PARSE_COMPLETE, TARGET_STATEMENT, TXN_IDLE
+from .freshness import FRESHNESS, Freshness
 from .inject import CLOSE_UNNAMED_STATEMENT, CTX_CLOSE, CTX_PARSE
 from .ledger import Ledger, Segment
 from .replies import (
@@ -48,7 +60,7 @@ from .replies import (
     ReplyAction,
     ReplyKind,
 )
-from .sql import TXN_CONTROL
+from .sql import DDL, DROPS_STATEMENTS, TXN_CONTROL, local_command
 
 __all__ = ["CTX_NONE", "CTX_READY", "CTX_UNKNOWN", "UNKNOWN_TXN", "PreparedStatements"]
 
@@ -72,24 +84,39 @@ _PARSE_SYNTH: Final = Expected(ReplyKind.PARSE, ReplyAction.SYNTH, _PARSE_COMPLE
 # The extended-protocol injection's replies once the context statement is ready:
 # Bind, Execute, Close of the unnamed portal, all the proxy's own.
 _INJECTED: Final = (BIND_DROP, EXEC_DROP, CLOSE_DROP)
+# The Bind errors of a renamed statement that say its copy is stale: XX000 "cache lookup
+# failed for type", 0A000 "cached plan must not change result type", class 42 errors of the
+# re-analysis (a datatype mismatch, a column gone). Others (a bad parameter value) say
+# nothing about the statement.
+_STALE_CLASSES: Final = (b"XX", b"0A", b"42")
+# A client's statement that is an SQL DEALLOCATE [ALL] or DISCARD ALL (by statement name):
+# ("name", the client's name it drops, its _Mapped), ("all", b"", None) or
+# ("discard", b"", None).
+_Mapped = tuple[bytes, bytes, bytes]  # a client's named statement: (global name, text, types)
+_Dealloc = tuple[str, bytes, _Mapped | None]
 
 
 class PreparedStatements:
     """The client's prepared statements and portals, and the attached server's."""
 
-    __slots__ = ("_global_names", "_ledger", "_search_path", "client", "ctx_state",
-                 "drops_statements", "max_prepared", "portal_flags", "quiet_parses",
-                 "scrub_unnamed", "server", "stmt_flags", "stmt_sets", "unnamed",
-                 "unnamed_here", "unnamed_seg")
+    __slots__ = ("_fresh", "_global_names", "_ledger", "_required", "_search_path",
+                 "catalog_txn", "client", "ctx_state", "deallocs", "drops_statements",
+                 "max_prepared", "portal_flags", "quiet_parses", "scrub_unnamed", "server",
+                 "stmt_flags", "stmt_sets", "unnamed", "unnamed_here", "unnamed_seg")
 
-    def __init__(self, ledger: Ledger, max_prepared: int, search_path: bytes):
+    def __init__(self, ledger: Ledger, max_prepared: int, search_path: bytes,
+                 freshness: Freshness = FRESHNESS):
         self._ledger = ledger
+        self._fresh = freshness
         self._search_path = search_path  # keys the global names: schemas never share a plan
         self.max_prepared = max_prepared
-        # The attached server's LRU: True when prepared there, False when stale (see
-        # ServerConnection.prepared).
-        self.server: OrderedDict[bytes, bool] = OrderedDict()
-        self.client: dict[bytes, tuple[bytes, bytes, bytes]] = {}  # name->(G, sql, types)
+        # The attached server's LRU: the generation each was prepared at, False when stale
+        # (see ServerConnection.prepared and freshness.py).
+        self.server: OrderedDict[bytes, int] = OrderedDict()
+        self.client: dict[bytes, _Mapped] = {}  # name -> (G, sql, types)
+        # The oldest stamp a server's copy of a global statement the client parsed may have:
+        # freshness.py ``required`` at its latest Parse of it.
+        self._required: dict[bytes, int] = {}
         self._global_names: dict[tuple[bytes, bytes], bytes] = {}
         # The client's unnamed statement (see the module docstring).
         self.unnamed: tuple[bytes, bytes] | None = None  # (text, types) of the last Parse ""
@@ -102,12 +129,15 @@ class PreparedStatements:
         self.stmt_flags: dict[bytes, int] = {}
         self.stmt_sets: dict[bytes, tuple[tuple[str, str | None], ...]] = {}
         self.portal_flags: dict[bytes, int] = {}
+        # The client's statements that are SQL DEALLOCATE/DISCARD (extended protocol).
+        self.deallocs: dict[bytes, _Dealloc] = {}
         self.ctx_state = CTX_NONE
         self.drops_statements = False  # a segment may have deallocated our statement
+        self.catalog_txn = False  # the open transaction block may have changed the catalog
 
     # ------------------------------------------------------------------ attachment
 
-    def attach(self, server: OrderedDict[bytes, bool] | None, ctx_state: int) -> None:
+    def attach(self, server: OrderedDict[bytes, int] | None, ctx_state: int) -> None:
         """A server was attached, with its LRU and its context-statement state."""
         self.server = server if server is not None else OrderedDict()
         self.ctx_state = ctx_state
@@ -119,6 +149,9 @@ class PreparedStatements:
         """The server goes away. Returns: its context-statement state."""
         state = CTX_UNKNOWN if self.drops_statements and self.ctx_state else self.ctx_state
         self.ctx_state = CTX_NONE
+        if self.catalog_txn:  # left mid-transaction: rolled back, what it created is gone
+            self.catalog_txn = False
+            self._fresh.invalidate_all()
         return state
 
     def server_reset(self) -> None:
@@ -176,38 +209,48 @@ class PreparedStatements:
         Returns: bytes for the client now (a ParseComplete whose turn has come).
         """
         global_name = self.global_name(text, types)
+        required = self._fresh.required(global_name)
         self.client[name] = (global_name, text, types)
-        server = self.server
-        if server.get(global_name):
-            server.move_to_end(global_name)
+        self._required[global_name] = required
+        if len(self._required) > 2 * len(self.client) + 64:  # names closed since: forget
+            self._required = {g: self._required.get(g, 1) for g, _, _ in self.client.values()}
+        if self._ready(global_name, required):
+            self.server.move_to_end(global_name)
             return self._ledger.expect(_PARSE_SYNTH)
         self._prepare(out, global_name, text, types, ReplyAction.FWD)
         return b""
+
+    def _ready(self, name: bytes, required: int) -> bool:
+        """Returns: whether global statement ``name`` is on the attached server, prepared
+        at generation ``required`` or later (freshness.py)."""
+        stamp = self.server.get(name)
+        return stamp is not None and stamp >= required
 
     def _prepare(self, out: bytearray, name: bytes, sql: bytes, types: bytes,
                  action: ReplyAction) -> None:
         """Parse global statement ``name`` on the attached server (evicting LRU-wise)."""
         expect = self._ledger.expect
         server = self.server
-        if server.get(name) is False:  # may still exist: Close (never fails) first
+        if name in server:  # stale, and may still exist: Close (never fails) first
             out += codec.frame(CLOSE, _CLOSE_STATEMENT + name + b"\x00")
             expect(CLOSE_DROP)
         out += codec.frame(PARSE, name + b"\x00" + sql + b"\x00" + types)
         expect(Expected(ReplyKind.PARSE, action, name))
-        server[name] = True
+        server[name] = self._fresh.generation
         server.move_to_end(name)
         while len(server) > self.max_prepared:
             old, _ = server.popitem(last=False)
             out += codec.frame(CLOSE, _CLOSE_STATEMENT + old + b"\x00")
             expect(CLOSE_DROP)
 
-    def use(self, out: bytearray, mapped: tuple[bytes, bytes, bytes]) -> bytes:
-        """Make sure a client's renamed statement exists on the attached server.
+    def use(self, out: bytearray, mapped: _Mapped) -> bytes:
+        """Make sure a client's renamed statement exists on the attached server, as fresh as
+        it was when the client parsed it.
 
         Returns: its global name.
         """
         global_name, text, types = mapped
-        if self.server.get(global_name):
+        if self._ready(global_name, self._required.get(global_name, 1)):
             self.server.move_to_end(global_name)
         else:  # parsed on another server, or evicted here: prepare it again, quietly
             self._prepare(out, global_name, text, types, ReplyAction.DROP)
@@ -222,10 +265,15 @@ class PreparedStatements:
 
     def close(self, name: bytes) -> None:
         """The client closes statement ``name``: only the client's name goes away; the
-        global statement stays on the server for others."""
+        global statement stays on the server for others, but its copies made so far are no
+        longer fresh: the client's next Parse of the text must be a real one (freshness.py).
+        """
         self.stmt_flags.pop(name, None)
         self.stmt_sets.pop(name, None)
-        self.client.pop(name, None)
+        self.deallocs.pop(name, None)
+        mapped = self.client.pop(name, None)
+        if mapped is not None:
+            self._fresh.invalidate(mapped[0])
 
     def deallocate(self, name: bytes) -> bool:
         """DEALLOCATE ``name`` of the client's view. Returns: False for a name not renamed
@@ -237,9 +285,98 @@ class PreparedStatements:
 
     def forget_all(self, *, portals: bool) -> None:
         """DEALLOCATE ALL (``portals`` False) or DISCARD ALL of the client's own view."""
+        for global_name, _, _ in self.client.values():
+            self._fresh.invalidate(global_name)
         self.client.clear()
+        self.deallocs.clear()
         if portals:
             self.portal_flags.clear()
+
+    def bind_failed(self, name: bytes, code: bytes) -> None:
+        """The server failed a Bind of global statement ``name`` with SQLSTATE ``code``.
+        When the error says the statement went stale, its copy here is stale, and every
+        copy made so far too (the client will parse it again and must get a fresh one)."""
+        if code[:2] not in _STALE_CLASSES:
+            return
+        if name in self.server:
+            self.server[name] = False
+        self._fresh.invalidate(name)
+
+    def catalog_sent(self, seg: Segment, flags: int) -> None:
+        """A request with classify() ``flags`` goes in ``seg``. When it may change the
+        catalog (sql.DDL), what the client parses after it (even in the same batch)
+        must be parsed for real; its ReadyForQuery invalidates again (``catalog_settled``).
+        """
+        if flags & DDL:
+            seg.catalog = True
+            self._fresh.invalidate_all()
+
+    def catalog_settled(self, changed: bool, status: int) -> None:
+        """A ReadyForQuery (``status``) for a segment that may have changed the catalog
+        (``changed``), or in a transaction block that may have: every statement copy made
+        before is stale (freshness.py), once when the DDL ran (this session's later Parses
+        must see it) and again when its block ends (a commit shows it to every server, a
+        rollback takes back what it created)."""
+        if changed or status == TXN_IDLE:
+            self._fresh.invalidate_all()
+        self.catalog_txn = status != TXN_IDLE
+
+    # ------------------------------------------------------------------ SQL DEALLOCATE
+
+    def dealloc_text(self, name: bytes, sql: bytes, text: bytes,
+                     flags: int) -> tuple[bytes, int]:
+        """The client parses statement ``name`` (b"": unnamed) with text ``sql``. An SQL
+        DEALLOCATE of a renamed statement cannot reach Postgres as it is (the server knows
+        only the global name): it is rewritten to drop the global statement, which its Bind
+        first makes sure exists (``bind_dealloc``); DEALLOCATE ALL and DISCARD ALL go as
+        they are and clear the client's view at their Bind.
+
+        ``text``: what is parsed so far (``sql`` or the guard's refusal); ``flags``:
+        classify(sql). Returns: the text to parse and the statement's flags (a rewritten one
+        drops exactly the global statement, not every statement: no DROPS_STATEMENTS).
+        """
+        if self.deallocs:
+            self.deallocs.pop(name, None)  # a statement of that name is replaced
+        command = local_command(sql) if flags & DROPS_STATEMENTS else None
+        if command is None:
+            return text, flags
+        kind, target = command
+        if kind == "deallocate":
+            client_name = (target or "").encode()
+            mapped = self.client.get(client_name)
+            if mapped is None:
+                return text, flags  # an SQL PREPAREd name, or an unknown one: Postgres's
+            self.deallocs[name] = ("name", client_name, mapped)
+            return b"DEALLOCATE " + mapped[0], flags & ~DROPS_STATEMENTS
+        self.deallocs[name] = ("all" if kind == "deallocate_all" else "discard", b"", None)
+        return text, flags
+
+    def before_bind(self, out: bytearray, stmt: bytes) -> None:
+        """Before the client's Bind of statement ``stmt``: the unnamed statement is made
+        the client's (``ensure_unnamed``), an SQL DEALLOCATE's target made to exist
+        (``bind_dealloc``)."""
+        if not stmt:
+            self.ensure_unnamed(out)
+        if self.deallocs:
+            self.bind_dealloc(out, stmt)
+
+    def bind_dealloc(self, out: bytearray, stmt: bytes) -> None:
+        """Before the client's Bind of statement ``stmt`` when it is an SQL DEALLOCATE (see
+        ``dealloc_text``): the global statement it drops is made to exist (a quiet Parse),
+        and is stale from now on; the client's view forgets what it deallocates."""
+        what = self.deallocs.get(stmt)
+        if what is None:
+            return
+        kind, target, mapped = what
+        if mapped is None:
+            self.forget_all(portals=kind == "discard")
+            return
+        global_name = self.use(out, mapped)  # each time: the Execute must find it
+        self.server[global_name] = False  # the Execute drops it (if it runs): Close first
+        if self.client.get(target) == mapped:
+            self.close(target)
+        else:
+            self._fresh.invalidate(global_name)
 
     def statements_dropped(self) -> None:
         """DEALLOCATE [ALL] may drop the proxy's statements too: which ones survive is

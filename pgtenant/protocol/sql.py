@@ -20,6 +20,7 @@ from pglast.parser import ParseError, parse_sql_json
 from .textcache import TextCache
 
 __all__ = [
+    "DDL",
     "DROPS_STATEMENTS",
     "MAY_COPY_IN",
     "NOTIFIES",
@@ -47,6 +48,20 @@ TXN_END: Final = 8  # may end the transaction (COMMIT, ROLLBACK, PREPARE TRANSAC
 MAY_COPY_IN: Final = 16
 # May be a LISTEN, UNLISTEN or NOTIFY, which the proxy answers or rewrites (listen.py).
 NOTIFIES: Final = 32
+# May change the catalog (DDL; DO and CALL may run some): a prepared statement parsed before
+# may be stale after it (a parameter type dropped, a column's type altered, objects created
+# in a transaction that rolls back). The proxy-global statements' copies are then
+# re-established before they are relied on (protocol/freshness.py).
+DDL: Final = 64
+_DDL_WORDS: Final = frozenset(b"create drop alter import do call".split())
+# Statements that cannot change the catalog, read on the parse tree of a text with one of the
+# words above (INSERT ... ON CONFLICT DO UPDATE is no DDL); any other statement may.
+_NOT_DDL: Final = frozenset((
+    "SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "TransactionStmt",
+    "VariableSetStmt", "VariableShowStmt", "ExplainStmt", "CopyStmt", "PrepareStmt",
+    "ExecuteStmt", "DeallocateStmt", "ListenStmt", "UnlistenStmt", "NotifyStmt", "LockStmt",
+    "DeclareCursorStmt", "FetchStmt", "ClosePortalStmt", "DiscardStmt", "TruncateStmt",
+))
 
 # What may change the transaction status is a closed set of statements in Postgres's
 # grammar: TransactionStmt (BEGIN, START, COMMIT, END, ROLLBACK, ABORT, SAVEPOINT, RELEASE,
@@ -80,7 +95,8 @@ _SESSION_LOCK_FUNCS = frozenset({
 # faster than one search with the combined pattern, which matters once per transaction.
 _ANY_WORDS: Final = frozenset(
     b"begin start commit end rollback abort prepare call do deallocate discard set reset "
-    b"listen hold temp temporary load set_config into execute copy unlisten notify".split())
+    b"listen hold temp temporary load set_config into execute copy unlisten notify".split()
+) | _DDL_WORDS
 # Inside a word: session advisory locks (pg_advisory_lock...) and objects created in the
 # temp schema by name (pg_temp.t, pg_temp_3.t).
 _SUBWORDS: Final = re.compile(rb"(?i)advisory|pg_temp")
@@ -136,8 +152,9 @@ def classify(sql: bytes) -> int:
     if len(sql) > CLASSIFY_PARSE_MAX:
         # Too big to parse (see CLASSIFY_PARSE_MAX), and not cached: every flag, without
         # even the four regex passes (some 70 ms per MB each, and asked more than once).
-        return TXN_CONTROL | DROPS_STATEMENTS | SESSION_STATE | TXN_END | MAY_COPY_IN | NOTIFIES
-    flags = 0
+        return (TXN_CONTROL | DROPS_STATEMENTS | SESSION_STATE | TXN_END | MAY_COPY_IN | NOTIFIES
+                | DDL)
+    flags = DDL if has_word(sql, _DDL_WORDS) and _may_change_catalog(sql) else 0
     if _TXN_RE.search(sql):
         flags |= TXN_CONTROL
     if _DROPS_RE.search(sql):
@@ -216,6 +233,14 @@ def _may_end_transaction(sql: bytes) -> bool:
     if tree is None:
         return True  # cannot tell: assume it may (it only costs a round trip)
     return any(ends_transaction(item.get("stmt", {})) for item in tree.get("stmts", []))
+
+
+def _may_change_catalog(sql: bytes) -> bool:
+    tree = _tree(sql)
+    if tree is None:
+        return True  # cannot tell: assume it may (it only costs fresh Parses)
+    return any(not _NOT_DDL.issuperset(item.get("stmt", {}))
+               for item in tree.get("stmts", []))
 
 
 def ends_transaction(stmt: dict[str, Any]) -> bool:

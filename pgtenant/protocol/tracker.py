@@ -110,7 +110,7 @@ class Link:
 
     # ------------------------------------------------------------------ attachment
 
-    def attach(self, ctx_state: int, prepared: OrderedDict[bytes, bool] | None = None,
+    def attach(self, ctx_state: int, prepared: OrderedDict[bytes, int] | None = None,
                server_encoding: str = "UTF8", *, reset: bool = False,
                reset_encoding: str = "UTF8") -> None:
         """A server was attached; it is idle (pool invariant).
@@ -205,8 +205,9 @@ class Link:
         return self._stmts.ctx_state
 
     @property
-    def prepared(self) -> OrderedDict[bytes, bool]:
-        """The attached server's LRU of global statements (True: prepared, False: stale)."""
+    def prepared(self) -> OrderedDict[bytes, int]:
+        """The attached server's LRU of global statements (the generation each was prepared
+        at, protocol/freshness.py; False: stale)."""
         return self._stmts.server
 
     @property
