@@ -105,10 +105,11 @@ async def attacker_still_itself(raw: RawPg, env: DemoEnv, slug: str = A) -> None
 
 
 async def global_name_or_none(raw: RawPg, statement: str) -> str | None:
-    """The proxy's server-side name for a statement this client parsed (a tenant can list
-    pg_prepared_statements of the session it runs on), if the server has one by that text."""
+    """The proxy's server-side name for a statement this client parsed (the view shows a
+    client its own statements under its names, but the function under it lists the session
+    it runs on), if the server has one by that text."""
     got = await raw.request(query(
-        "SELECT name FROM pg_prepared_statements WHERE statement = "
+        "SELECT name FROM pg_prepared_statement() WHERE statement = "
         f"'{statement.replace(chr(39), chr(39) * 2)}'"))
     names = [r[0] for r in rows(got) if r[0] and r[0].startswith("__pgtenant_p")]
     return names[0] if names else None
@@ -583,7 +584,8 @@ async def test_pg_prepared_statements_show_the_victim_nothing_of_the_attackers(
     try:
         got = await victim.request(
             query("SELECT name, statement FROM pg_prepared_statements"),
-            ext("SELECT name, statement FROM pg_prepared_statements"), sync(), n=2)
+            ext("SELECT name, statement FROM pg_prepared_statements"), sync(),
+            query("SELECT name, statement FROM pg_prepared_statement()"), n=3)
     finally:
         await victim.close()
     assert "A-secret" not in repr(got), f"the victim sees A's statements: {rows(got)}"

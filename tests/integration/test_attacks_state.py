@@ -90,13 +90,13 @@ def assert_never_without_context(proxy: ProxyProcess, rows: list[list[str]]) -> 
 
 async def test_sql_execute_of_a_proxy_statement_is_refused(solo: ProxyProcess) -> None:
     """The attacker prepares COMMIT with the protocol, finds the proxy's global name for it
-    in pg_prepared_statements and EXECUTEs it by SQL between BEGIN and a statement that would
+    in pg_prepared_statement() and EXECUTEs it by SQL between BEGIN and a statement that would
     then run as the login role: the EXECUTE is refused, nothing runs without context."""
     raw = await Raw.login(solo, ATTACKER)
     try:
         await raw.request(codec.parse("c", "COMMIT"), codec.sync())
         listed = await raw.request(codec.query(
-            "SELECT name FROM pg_prepared_statements WHERE statement = 'COMMIT'"))
+            "SELECT name FROM pg_prepared_statement() WHERE statement = 'COMMIT'"))
         names = [r[0] for r in rows_text(listed)]
         assert names and all(n.startswith("__pgtenant_p") for n in names), names
         # Unguessable: not the plain hash of the text that a tenant could compute.
@@ -239,6 +239,7 @@ async def test_prepared_statements_of_one_tenant_are_invisible_to_the_next(
     victim = await asyncpg.connect(solo.dsn(VICTIM), statement_cache_size=0, timeout=30)
     try:
         seen = await victim.fetch("SELECT statement FROM pg_prepared_statements")
+        seen += await victim.fetch("SELECT statement FROM pg_prepared_statement()")
         assert "acme-secret-literal" not in str(seen)
     finally:
         await victim.close()
