@@ -51,6 +51,10 @@ _BIND_COMPLETE: Final = b"2\x00\x00\x00\x04"
 _NO_DATA: Final = b"n\x00\x00\x00\x04"
 _NO_PARAMETERS: Final = b"t\x00\x00\x00\x06\x00\x00"
 _NO_DESCRIBE, _DESCRIBE_PORTAL, _DESCRIBE_STATEMENT = 0, 1, 2
+# How the texts local_command recognises begin (DEALLOCATE, DISCARD, RESET, SET), or a
+# comment before them: every other batch (SELECT..., once per extended transaction) is
+# let through at the cost of one slice.
+_FIRST_WORDS: Final = frozenset({b"dea", b"dis", b"res", b"set", b"/*", b"--"})
 
 
 def answer(command: tuple[str, str | None], stmts: PreparedStatements,
@@ -222,7 +226,10 @@ def batch_answer(buf: bytearray, pos: int, end: int, owed: bool, stmts: Prepared
         portal = _cstring(buf, pos + 5, end)
         stmt = _cstring(buf, portal[1], end) if portal is not None else None
         text = named.get(stmt[0], b"") if stmt is not None else b""
-    if not classify(text) & (DROPS_STATEMENTS | SESSION_STATE) or local_command(text) is None:
+    head = text.lstrip()[:3].lower()
+    if ((head not in _FIRST_WORDS and head[:2] not in _FIRST_WORDS)
+            or not classify(text) & (DROPS_STATEMENTS | SESSION_STATE)
+            or local_command(text) is None):
         return None
     matched = match_batch(buf, pos, limit)
     if not isinstance(matched, Batch):

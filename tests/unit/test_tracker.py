@@ -704,3 +704,12 @@ def test_session_commands_prepared_by_name_are_answered_by_the_proxy(sql: str,
     # Parsed again with another text, the name is an ordinary statement again.
     out, _, outcome = client_sends(link, codec.parse("s1", "SELECT 1") + codec.sync())
     assert outcome == NEED_SERVER
+
+
+def test_a_commented_session_command_in_a_batch_is_answered_too() -> None:
+    link = make_link()
+    batch = (codec.parse("", "/* pool reset */ DISCARD ALL") + codec.bind("", "", [])
+             + codec.execute() + codec.sync())
+    out, reply, outcome = client_sends(link, batch)
+    assert (out, outcome) == (b"", IDLE)
+    assert reply.endswith(cc("DISCARD ALL") + Z_I)
