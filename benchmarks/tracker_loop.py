@@ -49,7 +49,8 @@ class _Server:
 
     def __init__(self) -> None:
         self.ctx_state = CTX_NONE
-        self.prepared: OrderedDict[bytes, bool] = OrderedDict()
+        # name -> the generation it was prepared at (protocol/freshness.py)
+        self.prepared: OrderedDict[bytes, int] = OrderedDict()
         self.client_encoding = "UTF8"
 
 

@@ -442,7 +442,10 @@ class Frontend:
                 pos = end
                 continue
             if ((t == PARSE or (t == BIND and self.local_named)) and not self.open_extended
-                    and 5 < end - pos <= _LOCAL_PARSE_MAX):
+                    and 5 < end - pos <= _LOCAL_PARSE_MAX and (t == BIND or (
+                        head := bytes(buf[buf.find(0, pos + 5, end) + 1:end].lstrip()[:3]
+                                      ).lower())
+                        in local.FIRST_WORDS or head[:2] in local.FIRST_WORDS)):
                 # A batch of a session command the proxy answers (local.py)?
                 answered = local.batch_answer(
                     buf, pos, end, bool(pending), self.stmts, self.settings,

@@ -43,7 +43,8 @@ from .prepared import PreparedStatements
 from .settings import SessionSettings
 from .sql import DROPS_STATEMENTS, SESSION_STATE, classify, local_command
 
-__all__ = ["WAIT", "Batch", "answer", "batch_answer", "batch_reply", "match_batch"]
+__all__ = ["FIRST_WORDS", "WAIT", "Batch", "answer", "batch_answer", "batch_reply",
+           "match_batch"]
 
 WAIT: Final = -1  # match_batch: the batch is not all here yet
 _PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
@@ -52,9 +53,9 @@ _NO_DATA: Final = b"n\x00\x00\x00\x04"
 _NO_PARAMETERS: Final = b"t\x00\x00\x00\x06\x00\x00"
 _NO_DESCRIBE, _DESCRIBE_PORTAL, _DESCRIBE_STATEMENT = 0, 1, 2
 # How the texts local_command recognises begin (DEALLOCATE, DISCARD, RESET, SET), or a
-# comment before them: every other batch (SELECT..., once per extended transaction) is
-# let through at the cost of one slice.
-_FIRST_WORDS: Final = frozenset({b"dea", b"dis", b"res", b"set", b"/*", b"--"})
+# comment before them: every other batch (SELECT..., once per extended transaction) is let
+# through by the frontend at the cost of a slice, before any call.
+FIRST_WORDS: Final = frozenset({b"dea", b"dis", b"res", b"set", b"/*", b"--"})
 
 
 def answer(command: tuple[str, str | None], stmts: PreparedStatements,
@@ -227,7 +228,7 @@ def batch_answer(buf: bytearray, pos: int, end: int, owed: bool, stmts: Prepared
         stmt = _cstring(buf, portal[1], end) if portal is not None else None
         text = named.get(stmt[0], b"") if stmt is not None else b""
     head = text.lstrip()[:3].lower()
-    if ((head not in _FIRST_WORDS and head[:2] not in _FIRST_WORDS)
+    if ((head not in FIRST_WORDS and head[:2] not in FIRST_WORDS)
             or not classify(text) & (DROPS_STATEMENTS | SESSION_STATE)
             or local_command(text) is None):
         return None
