@@ -4,12 +4,13 @@ values Postgres sees; pg_prepared_statements showing the client's own statements
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import asyncpg
 import psycopg
 import pytest
 
+from pgtenant.control.demo import DemoEnv
 from pgtenant.control.hardening import check_lockdown
 from pgtenant.control.init import DEFAULT_PROXY_ROLE
 
@@ -18,6 +19,16 @@ from .conftest import ProxyProcess
 WHO = ("SELECT current_user, current_setting('app.tenant_id'), "
        "current_setting('search_path'), pg_backend_pid()")
 STATEMENTS = "SELECT name, statement FROM pg_prepared_statements ORDER BY name"
+
+
+@pytest.fixture(scope="module")
+def solo(demo_env: DemoEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """One proxy with ONE server, for the module: attacker and victim share the backend
+    (each test leaves it idle and clean, or retired, which the next victim checks)."""
+    proc = ProxyProcess(demo_env, tmp_path_factory.mktemp("client_view"), pool_size=1,
+                        extra="auth_failure_delay = 0.0")
+    yield proc
+    proc.check_invariants(proc.stop())
 
 
 def _who(conn: psycopg.Connection) -> tuple[str, str, str, int]:
@@ -41,11 +52,10 @@ def _context(conn: psycopg.Connection) -> tuple[str, str, str]:
 @pytest.mark.parametrize("prepare", [False, True])
 @pytest.mark.parametrize("is_local", [True, False])
 def test_bound_set_config_of_what_pgtenant_owns_is_refused_by_postgres(
-        start_proxy: Callable[..., ProxyProcess], name: str, value: str, prepare: bool,
-        is_local: bool) -> None:
+        solo: ProxyProcess, name: str, value: str, prepare: bool, is_local: bool) -> None:
     """The text is set_config(%s, %s, ...): the guard sees no name, pgtenant.set_config sees
     the bound values. The attacker stays itself; the victim on the same server too."""
-    proxy = start_proxy(pool_size=1)
+    proxy = solo
     with psycopg.connect(proxy.dsn("acme"), autocommit=True) as conn:
         before = _context(conn)
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgtenant"):
