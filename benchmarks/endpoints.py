@@ -143,7 +143,8 @@ class Pgtenant(Endpoint):
 
     def __init__(self, cluster: PostgresCluster, database: str, workdir: Path, pool_size: int,
                  extra: str = "", routes: dict[str, str] | None = None,
-                 module: str = "pgtenant", env: dict[str, str] | None = None):
+                 module: str = "pgtenant", env: dict[str, str] | None = None,
+                 startup_timeout: float = 30):
         """``routes``: more [databases.<name>] (name -> Postgres database) for tenants
         routed to a database of their own; ``database`` then holds the control schema.
         ``module``/``env``: what runs ``serve`` (idle_memory.py runs it under tracemalloc)."""
@@ -180,7 +181,7 @@ pool_size = {pool_size}
                 [sys.executable, "-m", module, "serve", "--config", str(config)],
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                 env={**os.environ, **(env or {})})
-        _wait_port(self.port, self.proc, self.log)
+        _wait_port(self.port, self.proc, self.log, startup_timeout)
 
 
 class Splice(Endpoint):

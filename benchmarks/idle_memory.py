@@ -39,6 +39,8 @@ def _request(folder: Path, name: str) -> tuple[tracemalloc.Snapshot, dict[str, A
     (folder / f"{name}.req").write_text("")
     deadline = time.monotonic() + 120
     while not (folder / f"{name}.snap").exists():
+        if (folder / f"{name}.err").exists():
+            raise RuntimeError((folder / f"{name}.err").read_text())
         if time.monotonic() > deadline:
             raise RuntimeError("the traced proxy wrote no snapshot")
         time.sleep(0.1)
@@ -70,10 +72,13 @@ def trace(cluster: PostgresCluster, db: Any, workdir: Path, count: int, top: int
     folder.mkdir()
     tenant = db.tenant("filtered", 0)
     pgt = Pgtenant(cluster, db.name, workdir / "traced", pool_size=4,
-                   module="benchmarks.traced_serve", env={"PGTENANT_TRACE_DIR": str(folder)})
+                   module="benchmarks.traced_serve", env={"PGTENANT_TRACE_DIR": str(folder)},
+                   startup_timeout=120)
     try:
         # One client first, gone again: caches filled by the first login (the tenant's
-        # registry entry, the guard, imports) are not charged to the idle clients.
+        # registry entry, the guard, imports) are not charged to the idle clients. The
+        # first request starts tracing, so "before" is the second.
+        _request(folder, "start")
         loop = asyncio.new_event_loop()
         for writer in loop.run_until_complete(_hold(pgt.port, tenant.slug, tenant.token,
                                                     db.name, 1)):

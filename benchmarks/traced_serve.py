@@ -3,8 +3,9 @@ tracemalloc, for ``idle_memory.py --trace`` (issue 16: where an idle client's by
 
 A thread polls ``$PGTENANT_TRACE_DIR`` for request files: ``NAME.req`` makes it write
 ``NAME.snap`` (a tracemalloc snapshot) and ``NAME.objs.json`` (live pgtenant objects by
-class: count, shallow size, and the size of their ``__dict__`` and container attributes).
-A thread, not a signal handler: it works whatever the event loop does with signals.
+class: count, shallow size, and the size of their ``__dict__`` and container attributes);
+the first request starts tracing. A thread, not a signal handler: it works whatever the
+event loop does with signals.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _objects() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for obj in gc.get_objects():
         cls = type(obj)
-        if not cls.__module__.startswith("pgtenant"):
+        module = cls.__dict__.get("__module__")
+        if not isinstance(module, str) or not module.startswith("pgtenant"):
             continue
         row = out.setdefault(f"{cls.__module__}.{cls.__qualname__}", {
             "count": 0, "object": 0, "dict": 0, "attributes": {}})
@@ -56,16 +58,23 @@ def _watch(folder: Path) -> None:
     while True:
         for req in folder.glob("*.req"):
             name = req.stem
-            gc.collect()
-            tracemalloc.take_snapshot().dump(str(folder / f"{name}.snap.tmp"))
-            (folder / f"{name}.objs.json").write_text(json.dumps(_objects()))
-            os.replace(folder / f"{name}.snap.tmp", folder / f"{name}.snap")
+            try:
+                # Tracing starts with the first request, not at start: the imports under
+                # tracemalloc take minutes, and blocks allocated before it are in neither
+                # snapshot of the difference anyway.
+                if not tracemalloc.is_tracing():
+                    tracemalloc.start(FRAMES)
+                gc.collect()
+                tracemalloc.take_snapshot().dump(str(folder / f"{name}.snap.tmp"))
+                (folder / f"{name}.objs.json").write_text(json.dumps(_objects()))
+                os.replace(folder / f"{name}.snap.tmp", folder / f"{name}.snap")
+            except Exception as exc:  # the requester reads it instead of waiting in vain
+                (folder / f"{name}.err").write_text(repr(exc))
             req.unlink()
         time.sleep(0.1)
 
 
 if __name__ == "__main__":
-    tracemalloc.start(FRAMES)
     threading.Thread(target=_watch, args=(Path(os.environ["PGTENANT_TRACE_DIR"]),),
                      daemon=True).start()
     sys.exit(main(sys.argv[1:]))

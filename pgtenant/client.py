@@ -112,6 +112,10 @@ class ClientServices:
     admin_console: Callable[[ClientConnection], Console]
     stopping: bool = False  # draining: no new transaction starts
 
+    def max_pinned_servers(self) -> int:
+        """The cap on a tenant's pinned servers, read when used (a reload applies)."""
+        return self.config.tenant_limits.max_pinned_servers
+
 
 class ClientState(Enum):
     STARTUP = "startup"  # the startup generator runs (startup packets, then the password)
@@ -122,6 +126,13 @@ class ClientState(Enum):
 
 class ClientConnection(asyncio.Protocol):
     """A client of the proxy; see the module docstring."""
+
+    # One per client, idle or not: no __dict__ (issue 16; asyncio.Protocol has empty slots).
+    __slots__ = ("_auth_task", "_buf", "_op", "_startup", "admin", "cancel_key",
+                 "client_encoding", "connected_at", "context", "database", "last_request",
+                 "max_servers", "peer_host", "pool", "services", "session", "settings",
+                 "state", "stats", "tenant_key", "tenant_stats", "tenant_type", "tls",
+                 "transport", "user", "writing_paused")
 
     def __init__(self, services: ClientServices):
         self.services = services
@@ -402,6 +413,9 @@ class ClientConnection(asyncio.Protocol):
         services = self.services
         pool, context = self.pool, self.context
         assert pool is not None and context is not None and self.transport is not None
+        # This runs at the end of the login's task: a finished Task kept for the whole
+        # session would cost every idle client about 700 bytes (issue 16).
+        self._auth_task = None
         ident = context.identity
         self.tenant_type = ident.tenant_type
         self.stats = services.metrics.labels(self.database, ident.tenant_type)
@@ -414,7 +428,7 @@ class ClientConnection(asyncio.Protocol):
             link=lambda may_pin: new_link(
                 config, context, pool.signing_key, self.settings, self.client_encoding,
                 guard=guard, tenant_type=tenant_type, may_pin=may_pin,
-                max_pinned=lambda: services.config.tenant_limits.max_pinned_servers))
+                max_pinned=services.max_pinned_servers))
         self.cancel_key = services.cancels.register(self)
         self.session.link.client_pid = self.cancel_key[0]
         self.session.set_notify_pid(self.cancel_key[0])
