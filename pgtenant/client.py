@@ -16,6 +16,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -176,7 +177,8 @@ class ClientConnection(asyncio.Protocol):
         # uvloop transports are not asyncio.Transport subclasses, but speak its interface.
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.peer_host = peer[0] if isinstance(peer, tuple) else "unix"
+        # Interned, like user and database: one string for the many clients of one host.
+        self.peer_host = sys.intern(peer[0]) if isinstance(peer, tuple) else "unix"
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -315,7 +317,7 @@ class ClientConnection(asyncio.Protocol):
         self._startup = self._op = None
         if isinstance(decision, Authenticate):
             self._buf += decision.rest
-            self.user, self.database = decision.user, decision.database
+            self.user, self.database = sys.intern(decision.user), sys.intern(decision.database)
             self.settings, self.client_encoding = decision.settings, decision.client_encoding
             if not decision.admin:  # else ADMIN_DATABASE
                 self.pool = self.services.pools[decision.database]
@@ -429,6 +431,9 @@ class ClientConnection(asyncio.Protocol):
                 config, context, pool.signing_key, self.settings, self.client_encoding,
                 guard=guard, tenant_type=tenant_type, may_pin=may_pin,
                 max_pinned=services.max_pinned_servers))
+        # The startup settings as the Injection keeps them: one tuple for the clients that
+        # share it (protocol/inject.py), not one per client.
+        self.settings = self.session.link.injection.settings
         self.cancel_key = services.cancels.register(self)
         self.session.link.client_pid = self.cancel_key[0]
         self.session.set_notify_pid(self.cancel_key[0])
