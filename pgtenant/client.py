@@ -35,7 +35,7 @@ from .errors import (
     TooManyConnections,
 )
 from .guard import Guard
-from .identity.context import TenantContext, build_context
+from .identity.context import TenantContext, shared_context
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
 from .limits import ClientLimits, login_timeout, session_timeout
@@ -382,7 +382,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             identity, tenant_type = await resolve_tenant(services.registry, services.throttle,
                                                          services.config, attempt)
-            self.context = build_context(identity, tenant_type)
+            self.context = shared_context(identity, tenant_type)
             database = served_from(identity.database or tenant_type.database, self.database,
                                    identity.slug, services.pools)
             self.pool, self.database = services.pools[database], database

@@ -109,7 +109,8 @@ class Injection:
     """
 
     __slots__ = ("_signing_key", "context", "ext_bind", "managed", "q_drop", "q_prefix",
-                 "q_reply", "q_session", "q_shift", "set_local", "settings", "signature")
+                 "q_reply", "q_session", "q_shift", "set_local", "settings", "signature",
+                 "tenant_key")
 
     def __init__(self, context: TenantContext, signing_key: bytes | None = None,
                  settings: tuple[tuple[str, str], ...] = (), *, set_local: bool = True):
@@ -117,6 +118,11 @@ class Injection:
         self.set_local = set_local  # SET LOCAL statements, else one set_config SELECT
         self.settings = settings  # the client's own (name, value) settings, applied each time
         self.managed = frozenset(name.lower() for name, _ in settings)
+        # Which tenant's state a server carries once a client of this context used it (see
+        # Link.tenant_key); here, so that the clients sharing this Injection share it too.
+        self.tenant_key: tuple[object, ...] = (
+            context.identity.org_id, context.identity.tenant_type, context.identity.entity_id,
+            context.role, context.search_path)
         self._signing_key = signing_key
         tenant_id, tenant_type, entity_id = (v for _, v in context.gucs)
         self.signature = (

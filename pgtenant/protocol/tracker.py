@@ -93,10 +93,8 @@ class Link:
                  max_prepared: int = 200, client_encoding: str = "UTF8"):
         # Which tenant's state a server carries once this client used it: a server attached
         # with another tenant's key is reset first (attach(reset=True)).
+        self.tenant_key = injection.tenant_key
         ctx = injection.context
-        self.tenant_key: tuple[object, ...] = (
-            ctx.identity.org_id, ctx.identity.tenant_type, ctx.identity.entity_id, ctx.role,
-            ctx.search_path)
         self._ledger = ledger = Ledger()
         self._stmts = PreparedStatements(ledger, max_prepared,
                                          ctx.search_path_value.encode())

@@ -14,7 +14,13 @@ import pytest
 
 from pgtenant.client import ClientConnection
 from pgtenant.config import TenantTypeConfig
-from pgtenant.identity.context import TenantContext, TenantIdentity, build_context
+from pgtenant.identity.context import (
+    TenantContext,
+    TenantIdentity,
+    build_context,
+    shared_context,
+)
+from pgtenant.login import _PinCapped
 from pgtenant.protocol import codec
 from pgtenant.protocol.backend import Backend
 from pgtenant.protocol.frontend import Frontend
@@ -32,7 +38,7 @@ from .links import INJECTED, ROW, ROWDESC, Z_I, cc, make_link, server_sends, sta
 # One of each per logged-in client (LabelStats: per label set, but small and slotted too).
 PER_CLIENT = [ClientConnection, Session, _Registrar, Link, Frontend, Backend, Ledger,
               Segment, PreparedStatements, SessionSettings, Injection, Listens, LabelStats,
-              TenantStats]
+              TenantStats, _PinCapped]
 
 
 @pytest.mark.parametrize("cls", PER_CLIENT, ids=lambda c: c.__name__)
@@ -107,6 +113,27 @@ def test_injection_is_shared_only_between_identical_contexts_and_settings() -> N
     assert all(o is not first for o in others)
     assert len({id(o) for o in others}) == len(others)
     assert first.managed == frozenset({"application_name"})
+
+
+def test_contexts_are_shared_only_between_equal_identities_and_types() -> None:
+    sme = TenantTypeConfig(name="sme", role="tenant_sme", search_path=("public",))
+    token = uuid.uuid4()
+
+    def ident(token_id: uuid.UUID) -> TenantIdentity:
+        return TenantIdentity(org_id=uuid.UUID(int=9), slug="acme", tenant_type="sme",
+                              token_id=token_id)
+
+    first = shared_context(ident(token), sme)
+    assert shared_context(ident(token), sme) is first
+    assert first == build_context(ident(token), sme)
+    other_token = shared_context(ident(uuid.uuid4()), sme)
+    other_type = shared_context(ident(token), TenantTypeConfig(
+        name="sme", role="tenant_other", search_path=("public",)))
+    assert other_token is not first and other_token.identity.token_id != token
+    assert other_type is not first and other_type.role == "tenant_other"
+    # The Link's tenant key (which servers need a reset) follows the context, not sharing.
+    assert injection(first).tenant_key != injection(other_type).tenant_key
+    assert make_link().tenant_key == injection(make_link().injection.context).tenant_key
 
 
 def test_a_listen_queue_is_no_deque() -> None:
