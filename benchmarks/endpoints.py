@@ -142,9 +142,12 @@ class Pgtenant(Endpoint):
     name = "pgtenant"
 
     def __init__(self, cluster: PostgresCluster, database: str, workdir: Path, pool_size: int,
-                 extra: str = "", routes: dict[str, str] | None = None):
+                 extra: str = "", routes: dict[str, str] | None = None,
+                 module: str = "pgtenant", env: dict[str, str] | None = None,
+                 startup_timeout: float = 30):
         """``routes``: more [databases.<name>] (name -> Postgres database) for tenants
-        routed to a database of their own; ``database`` then holds the control schema."""
+        routed to a database of their own; ``database`` then holds the control schema.
+        ``module``/``env``: what runs ``serve`` (idle_memory.py runs it under tracemalloc)."""
         super().__init__(free_port())
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / f"pgtenant-{database}-{self.port}.toml"
@@ -175,9 +178,10 @@ pool_size = {pool_size}
         self.log = workdir / f"pgtenant-{self.port}.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pgtenant", "serve", "--config", str(config)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _wait_port(self.port, self.proc, self.log)
+                [sys.executable, "-m", module, "serve", "--config", str(config)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                env={**os.environ, **(env or {})})
+        _wait_port(self.port, self.proc, self.log, startup_timeout)
 
 
 class Splice(Endpoint):

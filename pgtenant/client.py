@@ -16,6 +16,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from .errors import (
     TooManyConnections,
 )
 from .guard import Guard
-from .identity.context import TenantContext, build_context
+from .identity.context import TenantContext, shared_context
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
 from .limits import ClientLimits, login_timeout, session_timeout
@@ -112,6 +113,10 @@ class ClientServices:
     admin_console: Callable[[ClientConnection], Console]
     stopping: bool = False  # draining: no new transaction starts
 
+    def max_pinned_servers(self) -> int:
+        """The cap on a tenant's pinned servers, read when used (a reload applies)."""
+        return self.config.tenant_limits.max_pinned_servers
+
 
 class ClientState(Enum):
     STARTUP = "startup"  # the startup generator runs (startup packets, then the password)
@@ -122,6 +127,13 @@ class ClientState(Enum):
 
 class ClientConnection(asyncio.Protocol):
     """A client of the proxy; see the module docstring."""
+
+    # One per client, idle or not: no __dict__ (issue 16; asyncio.Protocol has empty slots).
+    __slots__ = ("_auth_task", "_buf", "_op", "_startup", "admin", "cancel_key",
+                 "client_encoding", "connected_at", "context", "database", "last_request",
+                 "max_servers", "peer_host", "pool", "services", "session", "settings",
+                 "state", "stats", "tenant_key", "tenant_stats", "tenant_type", "tls",
+                 "transport", "user", "writing_paused")
 
     def __init__(self, services: ClientServices):
         self.services = services
@@ -165,7 +177,8 @@ class ClientConnection(asyncio.Protocol):
         # uvloop transports are not asyncio.Transport subclasses, but speak its interface.
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.peer_host = peer[0] if isinstance(peer, tuple) else "unix"
+        # Interned, like user and database: one string for the many clients of one host.
+        self.peer_host = sys.intern(peer[0]) if isinstance(peer, tuple) else "unix"
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -304,7 +317,7 @@ class ClientConnection(asyncio.Protocol):
         self._startup = self._op = None
         if isinstance(decision, Authenticate):
             self._buf += decision.rest
-            self.user, self.database = decision.user, decision.database
+            self.user, self.database = sys.intern(decision.user), sys.intern(decision.database)
             self.settings, self.client_encoding = decision.settings, decision.client_encoding
             if not decision.admin:  # else ADMIN_DATABASE
                 self.pool = self.services.pools[decision.database]
@@ -369,7 +382,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             identity, tenant_type = await resolve_tenant(services.registry, services.throttle,
                                                          services.config, attempt)
-            self.context = build_context(identity, tenant_type)
+            self.context = shared_context(identity, tenant_type)
             database = served_from(identity.database or tenant_type.database, self.database,
                                    identity.slug, services.pools)
             self.pool, self.database = services.pools[database], database
@@ -402,6 +415,9 @@ class ClientConnection(asyncio.Protocol):
         services = self.services
         pool, context = self.pool, self.context
         assert pool is not None and context is not None and self.transport is not None
+        # This runs at the end of the login's task: a finished Task kept for the whole
+        # session would cost every idle client about 700 bytes (issue 16).
+        self._auth_task = None
         ident = context.identity
         self.tenant_type = ident.tenant_type
         self.stats = services.metrics.labels(self.database, ident.tenant_type)
@@ -414,7 +430,10 @@ class ClientConnection(asyncio.Protocol):
             link=lambda may_pin: new_link(
                 config, context, pool.signing_key, self.settings, self.client_encoding,
                 guard=guard, tenant_type=tenant_type, may_pin=may_pin,
-                max_pinned=lambda: services.config.tenant_limits.max_pinned_servers))
+                max_pinned=services.max_pinned_servers))
+        # The startup settings as the Injection keeps them: one tuple for the clients that
+        # share it (protocol/inject.py), not one per client.
+        self.settings = self.session.link.injection.settings
         self.cancel_key = services.cancels.register(self)
         self.session.link.client_pid = self.cancel_key[0]
         self.session.set_notify_pid(self.cancel_key[0])

@@ -21,7 +21,7 @@ from .guard import Guard
 from .identity.context import TenantContext, TenantIdentity
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
-from .protocol.inject import Injection
+from .protocol.inject import injection
 from .protocol.refusal import StatementPolicy, Verdict
 from .protocol.sql import pins_server
 from .protocol.tracker import Link
@@ -171,20 +171,30 @@ def pin_capped(check: StatementPolicy, may_pin: Callable[[], bool],
     refused before it runs, so one tenant cannot starve the pool by pinning; ``may_pin()``
     says whether the session may pin: it already does, or its tenant is under the cap; see
     ClientLimits.may_pin)."""
+    return _PinCapped(check, may_pin, limit)
 
-    def policy(sql: bytes) -> Verdict:
-        verdict = check(sql)
-        if isinstance(verdict, str) or may_pin():
+
+class _PinCapped:
+    """``pin_capped``'s policy: an object with slots, not a closure, since every session
+    keeps one (a closure and its cells cost an idle client about 250 bytes more)."""
+
+    __slots__ = ("check", "limit", "may_pin")
+
+    def __init__(self, check: StatementPolicy, may_pin: Callable[[], bool],
+                 limit: Callable[[], int]):
+        self.check, self.may_pin, self.limit = check, may_pin, limit
+
+    def __call__(self, sql: bytes) -> Verdict:
+        verdict = self.check(sql)
+        if isinstance(verdict, str) or self.may_pin():
             return verdict
         if pins_server(sql):
             return (f"pgtenant: this statement would keep a server connection for this "
-                    f"session, and this tenant's sessions already keep {limit()} "
+                    f"session, and this tenant's sessions already keep {self.limit()} "
                     "(max_pinned_servers); end one of them, or avoid session state "
                     "(use protocol-level prepared statements, transaction-scoped locks "
                     "and cursors)")
         return verdict
-
-    return policy
 
 
 def new_link(config: Config, context: TenantContext, signing_key: bytes | None,
@@ -194,7 +204,7 @@ def new_link(config: Config, context: TenantContext, signing_key: bytes | None,
     """Returns: the Link (protocol/tracker.py) of a tenant's session: its context injection
     and the statement policies of its tenant type (``guard``), with the cap on pinned
     servers (``max_pinned()``: read when a statement is refused, so a reload applies)."""
-    return Link(Injection(context, signing_key, settings,
+    return Link(injection(context, signing_key, settings,
                           set_local=config.context_statements == "set_local"),
                 config.max_message_size,
                 guard=pin_capped(guard.check, may_pin, max_pinned),

@@ -100,6 +100,12 @@ class Session:
     It is the pool's ``Waiter`` and the attached server's ``ServerPeer``.
     """
 
+    # One per logged-in client, idle or not: no __dict__ (issue 16).
+    __slots__ = ("_attached_at", "_notify_drop_logged", "_pause_reasons", "_pin_counted",
+                 "client", "closed", "last_server_data", "link", "listens", "max_servers",
+                 "pool", "server", "services", "stats", "tenant_key", "tenant_stats",
+                 "transport", "wait_started", "waiting")
+
     def __init__(self, client: SessionClient, services: SessionServices,
                  transport: asyncio.Transport, *, pool: Pool,
                  link: Callable[[Callable[[], bool]], Link], tenant_key: object,
@@ -125,8 +131,9 @@ class Session:
         self._pin_counted = False  # its server is pinned and counted in limits.tenant_pinned
         # Why reading from the client is paused: "wait" (for a server), "buffer" (unhandled
         # bytes piling up), "backend" (the server's socket buffer is full). Reading resumes
-        # only when no reason is left, so one cause cannot undo another's backpressure.
-        self._pause_reasons: set[str] = set()
+        # only when no reason is left, so one cause cannot undo another's backpressure. A
+        # tuple of at most three: an empty set would cost every idle client 216 bytes.
+        self._pause_reasons: tuple[str, ...] = ()
         # LISTEN/NOTIFY (protocol/listen.py, notify.py): only where the database has a
         # signing key, which makes channel names private to a tenant (else refused).
         self.listens: Listens | None = None
@@ -518,14 +525,15 @@ class Session:
 
     def _pause_reading(self, reason: str) -> None:
         paused = bool(self._pause_reasons)
-        self._pause_reasons.add(reason)
+        if reason not in self._pause_reasons:
+            self._pause_reasons += (reason,)
         if not paused and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def _resume_reading(self, reason: str) -> None:
         if reason not in self._pause_reasons:
             return
-        self._pause_reasons.discard(reason)
+        self._pause_reasons = tuple(r for r in self._pause_reasons if r != reason)
         if not self._pause_reasons and not self.transport.is_closing():
             self.transport.resume_reading()
 

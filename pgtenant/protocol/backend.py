@@ -83,6 +83,9 @@ _TEMP_NOTICE: Final = TEMP_NOTICE.encode()
 class Backend:
     """The server side of a link: checks each reply, forwards the client's ones."""
 
+    __slots__ = ("_replay_ready", "front", "ledger", "listens", "notify_stats", "settings",
+                 "stats", "stmts", "unsolicited_fatal")  # no __dict__ per client (issue 16)
+
     def __init__(self, ledger: Ledger, stmts: PreparedStatements, settings: SessionSettings,
                  front: Frontend):
         self.ledger = ledger

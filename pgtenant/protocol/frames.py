@@ -28,7 +28,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from ..errors import ProtocolError
+from ..errors import ClientProtocolError, MessageTooLarge, ProtocolError
 
 __all__ = [
     "ADMIN_LIMIT",
@@ -42,6 +42,7 @@ __all__ = [
     "STARTUP_HEADER_SIZE",
     "STARTUP_LIMIT",
     "FrameError",
+    "client_frame_error",
     "frame_at",
     "frame_end",
     "startup_at",
@@ -138,3 +139,13 @@ def startup_at(buf: bytes | bytearray, pos: int = 0, limit: int = STARTUP_LIMIT)
         raise FrameError(length, limit)
     end = pos + length
     return end if end <= len(buf) else -1
+
+
+def client_frame_error(exc: FrameError) -> ClientProtocolError:
+    """Returns: the client's error for a bad frame length, worded as it always was (the
+    client pump's, frontend.py)."""
+    t = chr(exc.msg_type or 0)
+    if exc.too_large:
+        return MessageTooLarge(
+            f"message {t!r} of {exc.length} bytes exceeds max_message_size ({exc.limit})")
+    return ClientProtocolError(f"invalid length {exc.length} in message {t!r}")

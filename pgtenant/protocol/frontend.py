@@ -29,7 +29,7 @@ statements become ``CALL pgtenant.refuse(...)``; named statements are renamed to
 DISCARD ALL of the client's own view are answered locally; plain SETs are noted and replayed
 with every later context (settings.py); statements that leave session state pin the server
 to the client once they succeeded. Extended-protocol messages are handled by one method per
-message type (``_dispatch``), bound once per link.
+message type (``_DISPATCH``), one table for all links.
 
 The server is the source of truth (issue #10); SQL text may only make the tracker more
 careful: the context is skipped only on a status the server reported with nothing in flight
@@ -49,7 +49,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from ..errors import ClientProtocolError, MessageTooLarge
+from ..errors import ClientProtocolError
 from . import codec, frames, local, redirect
 from .constants import (
     BIND,
@@ -69,7 +69,7 @@ from .constants import (
     TXN_IDLE,
 )
 from .constants import TERMINATE as TERMINATE_MESSAGE
-from .frames import MIN_LENGTH, FrameError
+from .frames import MIN_LENGTH, FrameError, client_frame_error
 from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED, Q_DROP
 from .ledger import Ledger, Segment
 from .local import WAIT
@@ -141,22 +141,20 @@ _LOCAL_FLAGS: Final = DROPS_STATEMENTS | SESSION_STATE  # what local_command's t
 _LOCAL_PARSE_MAX: Final = 256
 _INJECTION_TAIL: Final = EXECUTE_UNNAMED + CLOSE_UNNAMED_PORTAL
 
-# An extended-protocol message handler: (buf, pos, end, span, out, reply, seg, fresh) ->
-# the new start of the bytes not yet copied to ``out``.
-_Handler = Callable[[bytearray, int, int, int, bytearray, bytearray, Segment, bool], int]
-
-
-def _client_frame_error(exc: FrameError) -> ClientProtocolError:
-    """Returns: the client's error for a bad frame length, worded as it always was."""
-    t = chr(exc.msg_type or 0)
-    if exc.too_large:
-        return MessageTooLarge(
-            f"message {t!r} of {exc.length} bytes exceeds max_message_size ({exc.limit})")
-    return ClientProtocolError(f"invalid length {exc.length} in message {t!r}")
+# An extended-protocol message handler: (frontend, buf, pos, end, span, out, reply, seg,
+# fresh) -> the new start of the bytes not yet copied to ``out``.
+_Handler = Callable[["Frontend", bytearray, int, int, int, bytearray, bytearray, Segment, bool],
+                    int]
 
 
 class Frontend:
     """The client side of a link: cuts the client's frames and sends them on, rewritten."""
+
+    # issue 16: no __dict__ per client
+    __slots__ = ("_ended_in_batch", "_plain_text", "attached", "cbuf", "client_pid", "copy_in",
+                 "guard", "held", "ledger", "listens", "local_named", "max_message_size",
+                 "open_extended", "outside_txn", "refused", "replaying", "settings",
+                 "skip_to_sync", "stats", "stmts")
 
     def __init__(self, ledger: Ledger, stmts: PreparedStatements, settings: SessionSettings,
                  max_message_size: int, guard: StatementPolicy | None,
@@ -185,12 +183,6 @@ class Frontend:
         self._ended_in_batch = False  # the open batch executed something that may end a txn
         self.replaying = False  # a healed batch (replay.py) is being re-sent: never healed twice
         self.listens: Listens | None = None  # LISTEN/NOTIFY (listen.py); None: refused
-        # One handler per extended-protocol message type, bound once.
-        self._dispatch: dict[int, _Handler] = {
-            PARSE: self._parse, BIND: self._bind, EXECUTE: self._execute,
-            CLOSE: self._close_or_describe, DESCRIBE: self._close_or_describe,
-            FLUSH: self._flush,
-        }
 
     def attach(self) -> None:
         """A server was attached: it is idle, outside COPY, and owes nothing."""
@@ -307,7 +299,7 @@ class Frontend:
         out = bytearray()
         reply = bytearray()
         outcome: Pump = IDLE
-        dispatch = self._dispatch
+        dispatch = _DISPATCH
         limit = self.max_message_size
         while n - pos >= 1:
             t = buf[pos]
@@ -320,7 +312,7 @@ class Frontend:
             # frames.frame_end inline: a call per frame costs 3 % of a transaction here.
             (length,) = _unpack_i32(buf, pos + 1)
             if length < MIN_LENGTH or length > limit:
-                raise _client_frame_error(FrameError(length, limit, t))
+                raise client_frame_error(FrameError(length, limit, t))
             end = pos + 1 + length
             if end > n:
                 break
@@ -493,7 +485,7 @@ class Frontend:
                 seg = pending[-1]
                 if seg.replay is not None and not seg.replay.note(t, buf[pos:end]):
                     seg.replay = None
-                span = handler(buf, pos, end, span, out, reply, seg, fresh)
+                span = handler(self, buf, pos, end, span, out, reply, seg, fresh)
                 pos = end
                 continue
             if t == SYNC:
@@ -784,8 +776,15 @@ class Frontend:
             try:  # the pump framed it already: this cannot fail
                 end = _frame_end(self.cbuf, 0, self.max_message_size)
             except FrameError as exc:
-                raise _client_frame_error(exc) from None
+                raise client_frame_error(exc) from None
             del self.cbuf[:end]
             return error + codec.ready_for_query(b"I")
         self.skip_to_sync = True
         return error
+
+
+# One handler per extended-protocol message type, for all links (bound per link: 700 bytes).
+_DISPATCH: Final[dict[int, _Handler]] = {
+    PARSE: Frontend._parse, BIND: Frontend._bind, EXECUTE: Frontend._execute,
+    CLOSE: Frontend._close_or_describe, DESCRIBE: Frontend._close_or_describe,
+    FLUSH: Frontend._flush}

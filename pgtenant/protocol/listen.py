@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from pglast.parser import ParseError
@@ -163,7 +162,9 @@ class Listens:
         # executed (its text on the server is a no-op, ``_PLACEHOLDER``).
         self.stmt_ops: dict[bytes, tuple[str, str | None]] = {}
         self.portal_ops: dict[bytes, tuple[str, str | None]] = {}
-        self.queue: deque[bytes] = deque()  # NotificationResponses not yet sent
+        # NotificationResponses not yet sent: appended, then all sent at once, so a list (an
+        # empty deque costs every idle client 600 bytes; issue 16).
+        self.queue: list[bytes] = []
         self.queued_bytes = 0
         # The client's next reply waits for the listener (``deferred``): to hear a channel
         # it now listens to, or to hear the NOTIFY it committed (session.py resumes it).

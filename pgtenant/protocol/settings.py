@@ -61,7 +61,7 @@ class SessionSettings:
         self.server_encoding = "UTF8"  # the attached server session's
         # The client's own settings (startup parameters, plain SETs): re-applied with every
         # transaction's context; the servers' reports of them are the proxy's business.
-        self.managed = {name.lower() for name, _ in injection.settings}
+        self.managed = injection.managed
         self._startup_settings = injection.settings
         self._txn_sets: list[tuple[str, str | None]] = []  # SETs inside an open block
         self._txn_rolled_back = False
@@ -120,12 +120,12 @@ class SessionSettings:
             else:
                 current[name.lower()] = (name, value)
         self.injection = self.injection.with_settings(tuple(current.values()))
-        self.managed = set(current)
+        self.managed = self.injection.managed
 
     def discard_all(self) -> None:
         """The client's DISCARD ALL: back to the settings it logged in with."""
         self.injection = self.injection.with_settings(self._startup_settings)
-        self.managed = {n.lower() for n, _ in self._startup_settings}
+        self.managed = self.injection.managed
 
     def reported(self, name: str, value: str, head: Segment | None) -> bool:
         """The server reported ParameterStatus ``name`` = ``value`` while ``head`` runs.

@@ -84,16 +84,17 @@ class Link:
     instance so that the hot path pays no extra call.
     """
 
+    __slots__ = ("_back", "_front", "_ledger", "_settings", "_stmts", "cbuf", "fail_segment",
+                 "feed_server", "pending", "pump_client", "tenant_key")  # issue 16: no __dict__
+
     def __init__(self, injection: Injection, max_message_size: int,
                  guard: StatementPolicy | None = None,
                  outside_txn: Callable[[bytes], bool] | None = None,
                  max_prepared: int = 200, client_encoding: str = "UTF8"):
         # Which tenant's state a server carries once this client used it: a server attached
         # with another tenant's key is reset first (attach(reset=True)).
+        self.tenant_key = injection.tenant_key
         ctx = injection.context
-        self.tenant_key: tuple[object, ...] = (
-            ctx.identity.org_id, ctx.identity.tenant_type, ctx.identity.entity_id, ctx.role,
-            ctx.search_path)
         self._ledger = ledger = Ledger()
         self._stmts = PreparedStatements(ledger, max_prepared,
                                          ctx.search_path_value.encode())
@@ -102,7 +103,9 @@ class Link:
                                outside_txn)
         self._back = Backend(ledger, self._stmts, self._settings, self._front)
         self.cbuf = self._front.cbuf  # client bytes not yet handled (never rebound)
-        self.pending = ledger.pending  # segments in flight (never rebound)
+        ledger.release()  # no server yet: no FIFO of its own (issue 16)
+        # Segments in flight: the ledger's, rebound with it at attach and detach only.
+        self.pending = ledger.pending
         self.pump_client: Callable[[], tuple[bytes, bytes, Pump]] = self._front.pump
         self.feed_server: Callable[[bytes], tuple[list[bytes | memoryview], bool]] = (
             self._back.feed)
@@ -119,6 +122,7 @@ class Link:
         before this client's first request; ``reset_encoding`` is its client_encoding then.
         """
         self._ledger.reset()
+        self.pending = self._ledger.pending
         self._stmts.attach(prepared, ctx_state)
         self._settings.attach(server_encoding, reset, reset_encoding)
         self._front.attach()
@@ -126,6 +130,8 @@ class Link:
     def detach(self) -> int:
         """The server goes away (released or closed). Returns: its context-statement state."""
         self._front.attached = False
+        self._ledger.release()
+        self.pending = self._ledger.pending
         return self._stmts.detach()
 
     @property
