@@ -8,7 +8,7 @@ DEMO_STAMP := $(VENV)/.demo-stamp
 # The proxy's port for `make demo PORT=7432` (default 6432).
 PORT ?=
 
-.PHONY: install install-demo demo test lint unit bench bench-quick clean
+.PHONY: install install-demo demo test lint unit unit-pure bench bench-quick clean
 
 # No system Postgres? Use the embedded one from the pgserver wheel.
 define need_postgres
@@ -22,16 +22,21 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(DEMO_STAMP): pyproject.toml | $(VENV)/bin/python
+# setup.py compiles the protocol core with mypyc when a C compiler works (pure Python when
+# not): an edited protocol module is compiled again by the next make install / make test.
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard pgtenant/protocol/*.py)
+
+$(DEMO_STAMP): $(BUILD_INPUTS) | $(VENV)/bin/python
 	@echo "==> installing pgtenant and its runtime dependencies into $(VENV)"
 	$(PY) -m pip install --progress-bar on -e .
 	$(need_postgres)
 	touch $(DEMO_STAMP)
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+$(STAMP): $(BUILD_INPUTS) | $(VENV)/bin/python
 	@echo "==> installing pgtenant with the test and lint tools into $(VENV)"
 	$(PY) -m pip install --progress-bar on -e '.[test]'
 	$(need_postgres)
+	@$(PY) -c 'import pgtenant; print("==> protocol core:", pgtenant.build_kind())'
 	touch $(STAMP) $(DEMO_STAMP)
 
 install: $(STAMP)
@@ -48,8 +53,17 @@ lint: install
 unit: install
 	$(PY) -m pytest -q tests/unit
 
+# The unit tests once more on the pure-Python protocol core (PGTENANT_PURE=1 makes the
+# process import the .py modules even where compiled ones exist): the fallback build for
+# machines without a compiler must keep working.
+unit-pure: install
+	PGTENANT_PURE=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+# The whole suite on what install built (compiled when a compiler worked), then unit-pure.
 test: lint
+	@$(PY) -c 'import pgtenant; print("==> protocol core:", pgtenant.build_kind())'
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory unit-pure
 
 # Benchmarks (issue #6): results in benchmarks/results/. QUICK=1 (or bench-quick): < 2 min.
 bench: install
@@ -60,4 +74,5 @@ bench-quick:
 	$(MAKE) bench QUICK=1
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache build
+	find pgtenant -name '*.so' -delete

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from . import __version__
+from . import __version__, build_kind
 from .config import Config
 from .errors import ConfigError, ProxyError
 from .protocol import codec
@@ -346,7 +346,9 @@ class AdminConsole:
                       config_rows(self.app.config))
 
     def _show_version(self) -> bytes:
-        return _table([("version", False)], [[f"pgtenant {__version__}"]])
+        # PgBouncer's one column, then which protocol core runs (compiled or pure: issue 16).
+        return _table([("version", False), ("build", False)],
+                      [[f"pgtenant {__version__}", build_kind()]])
 
     def _show_tenants(self) -> bytes:
         counts: dict[tuple[str, str, str], list[int]] = {}

@@ -19,6 +19,7 @@ import asyncpg
 import uvloop
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
+from . import __version__, build_kind
 from .admin import AdminConsole
 from .cancel import CancelTable
 from .client import ClientConnection, ClientServices
@@ -474,6 +475,7 @@ def serve(config: Config, config_path: str | Path | None = None,
           worker: WorkerInfo | None = None) -> None:
     """Run the proxy on uvloop until SIGINT/SIGTERM or SHUTDOWN; SIGHUP reloads
     ``config_path``."""
+    log.info("pgtenant %s: protocol core %s", __version__, build_kind())
 
     async def main() -> None:
         app = App(config, config_path, worker)

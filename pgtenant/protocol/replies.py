@@ -80,17 +80,19 @@ class Expected:
     data: bytes | None = None
 
 
-_new_object = object.__new__
 # The slots' own setters: what the frozen dataclass's __init__ does through
 # object.__setattr__, at half the cost (a Bind of a renamed statement makes one per request).
-_set_kind = Expected.__dict__["kind"].__set__
-_set_action = Expected.__dict__["action"].__set__
-_set_data = Expected.__dict__["data"].__set__
+# Read through the class's own __new__ and vars() so that the same lines work compiled by
+# mypyc, whose native class refuses object.__new__ and has getset descriptors, not slots.
+_new_entry = Expected.__new__
+_set_kind = vars(Expected)["kind"].__set__
+_set_action = vars(Expected)["action"].__set__
+_set_data = vars(Expected)["data"].__set__
 
 
 def expected(kind: ReplyKind, action: ReplyAction, data: bytes | None) -> Expected:
     """Returns: a new ``Expected`` (the hot-path form of ``Expected(kind, action, data)``)."""
-    entry: Expected = _new_object(Expected)
+    entry = _new_entry(Expected)
     _set_kind(entry, kind)
     _set_action(entry, action)
     _set_data(entry, data)

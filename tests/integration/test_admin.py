@@ -13,6 +13,8 @@ import asyncpg
 import psycopg
 import pytest
 
+import pgtenant
+
 from .conftest import ProxyProcess, connect
 from .helpers import ADMIN
 from .helpers import ADMIN_TOKEN as TOKEN
@@ -44,7 +46,9 @@ def test_admin_needs_its_own_configured_credential(
     unconfigured = start_proxy()
     out = psql(unconfigured, "SHOW VERSION", check=False)
     assert "the admin console is not configured" in out.stderr
-    assert rows(admin_proxy, "SHOW VERSION") == [{"version": "pgtenant 0.1.0"}]
+    # The proxy runs in this test's environment: the same build (compiled or pure, issue 16).
+    assert rows(admin_proxy, "SHOW VERSION") == [{"version": "pgtenant 0.1.0",
+                                                  "build": pgtenant.build_kind()}]
     log = admin_proxy.log_path.read_text()
     assert "admin: login refused: user=admin" in log
     assert "admin: user=admin client=127.0.0.1 command='SHOW VERSION'" in log
@@ -89,7 +93,8 @@ def test_admin_console_refuses_the_extended_protocol_clearly(admin_proxy: ProxyP
         with pytest.raises(psycopg.errors.FeatureNotSupported, match="simple query protocol"):
             conn.execute("SHOW %s", ["VERSION"])  # parameters: psycopg uses PQexecParams
         # Without parameters psycopg sends a simple Query, and the console goes on.
-        assert conn.execute("SHOW VERSION").fetchone() == ("pgtenant 0.1.0",)
+        assert conn.execute("SHOW VERSION").fetchone() == ("pgtenant 0.1.0",
+                                                           pgtenant.build_kind())
 
 
 def test_pause_holds_new_transactions_until_resume(admin_proxy: ProxyProcess) -> None:

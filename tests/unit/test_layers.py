@@ -22,7 +22,7 @@ MAX_LINES = 800
 
 # Lowest first. A name ending in ".*" is a package prefix.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("", "errors", "logs", "http", "holds", "stats", "identity",
+    ("foundation", ("", "compiled", "errors", "logs", "http", "holds", "stats", "identity",
                     "identity.tokens",
                     "identity.throttle", "protocol.constants", "protocol.encoding",
                     "protocol.textcache")),

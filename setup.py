@@ -1,0 +1,94 @@
+"""Build: the protocol core compiled with mypyc when this machine can, pure Python otherwise.
+
+Everything else about the package is in pyproject.toml; this file only adds the compiled
+modules (issue 16). ``pip install .`` and ``pip install -e .`` (``make install``) compile the
+modules in ``COMPILED`` with mypyc (shipped with mypy, a build requirement) when a C compiler
+and the Python headers work. When compiling fails, the same install goes on without them and
+says so: the pure ``.py`` modules are the fallback, always installed next to the compiled
+ones. ``PGTENANT_PURE=1`` skips compiling; at run time it makes the process import the pure
+modules even where compiled ones exist (``pgtenant/compiled.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+# The sans-I/O core, per transaction first. Left out: protocol/__init__.py (a docstring) and
+# protocol/refusal.py (``RefusalText`` subclasses ``str``, which mypyc refuses for native
+# classes; refusals are rare, nothing is gained). pgtenant/compiled.py reads this list.
+COMPILED = [
+    f"pgtenant/protocol/{name}.py"
+    for name in (
+        "backend", "codec", "constants", "encoding", "frames", "freshness", "frontend",
+        "handshake", "inject", "ledger", "listen", "local", "prepared", "pump", "redirect",
+        "replay", "replies", "settings", "sql", "startup", "textcache", "tracker",
+    )
+]
+
+
+class BuildFailed(Exception):
+    """Compiling the extensions failed: install the pure modules instead."""
+
+
+class _BuildExt(build_ext):
+    """build_ext whose failure to compile falls back instead of failing the install."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # no compiler found, no headers: setuptools' own errors
+            raise BuildFailed(str(exc)) from exc
+
+    def build_extension(self, ext: Any) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # the compiler or the linker failed on this extension
+            raise BuildFailed(str(exc)) from exc
+
+
+def _say(text: str) -> None:
+    # pip shows a build's output only with -v; stderr lines also surface in its error report,
+    # and make install runs pip with its progress output, which shows them.
+    print(f"pgtenant: {text}", file=sys.stderr, flush=True)
+
+
+def _ext_modules() -> list[Any]:
+    if os.environ.get("PGTENANT_PURE"):
+        _say("PGTENANT_PURE is set: installing the pure-Python protocol core")
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        _say("mypyc is not available: installing the pure-Python protocol core")
+        return []
+    # One group: the modules call each other natively through one shared library, named
+    # inside the package (pgtenant/_compiled__mypyc.*.so) so that editable installs, whose
+    # import path is the package directory, find it.
+    try:
+        return list(mypycify(COMPILED, opt_level="3", group_name="pgtenant._compiled"))
+    except (Exception, SystemExit) as exc:  # mypyc exits on a type error it finds
+        _say(f"mypyc could not translate the protocol core ({exc!r}): installing the "
+             "pure-Python modules")
+        return []
+
+
+def _setup(ext_modules: list[Any]) -> None:
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": _BuildExt})
+
+
+extensions = _ext_modules()
+try:
+    _setup(extensions)
+except BuildFailed as exc:
+    if not extensions:
+        raise
+    _say(f"compiling the protocol core failed ({exc}); installing the pure-Python modules")
+    _setup([])
+else:
+    if extensions:
+        _say("protocol core compiled with mypyc")
