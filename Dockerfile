@@ -8,8 +8,11 @@
 
 # ---- build: a wheel of pgtenant and of every dependency (compilers stay in this stage)
 FROM python:3.11-slim AS build
+# gcc: setup.py compiles the protocol core with mypyc (pure Python without it, issue 16).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY pgtenant ./pgtenant
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
