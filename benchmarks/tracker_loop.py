@@ -15,7 +15,8 @@ The server's replies are computed once from what the tracker sent (a small reply
 Postgres) and then replayed as fixed bytes, so the loop times the tracker only.
 
 Usage: ``python -m benchmarks.tracker_loop [-n ITERATIONS] [--repeat 5]``; prints
-µs per transaction, best of ``--repeat`` runs, for each transaction.
+which protocol core runs (``PGTENANT_PURE=1`` for the pure one) and µs per transaction,
+best of ``--repeat`` runs, for each transaction.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 
+from pgtenant import build_kind
 from pgtenant.config import TenantTypeConfig
 from pgtenant.identity.context import TenantIdentity, build_context
 from pgtenant.protocol import codec
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=20_000, help="transactions per run")
     parser.add_argument("--repeat", type=int, default=5, help="runs; the best one counts")
     args = parser.parse_args(argv)
+    # Compiled or pure (PGTENANT_PURE=1) makes a 2x difference: say which one was timed.
+    print(f"protocol core: {build_kind()}")
     for name, make in (("simple", _simple_case), ("extended", _extended_case)):
         run = make()
         run(min(args.n, 2000))  # warm caches
