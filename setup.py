@@ -39,6 +39,10 @@ class _BuildExt(build_ext):
     """build_ext whose failure to compile falls back instead of failing the install."""
 
     def run(self) -> None:
+        # Always compile: mypyc rewrites a C file only when it changes, so after an edit that
+        # leaves the C as it was (a comment), build_ext would keep the old .so, older than
+        # its source, which pgtenant/compiled.py then takes for stale and does not use.
+        self.force = True
         try:
             super().run()
         except Exception as exc:  # no compiler found, no headers: setuptools' own errors
