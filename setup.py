@@ -20,7 +20,8 @@ from setuptools.command.build_ext import build_ext
 
 # The sans-I/O core, per transaction first. Left out: protocol/__init__.py (a docstring) and
 # protocol/refusal.py (``RefusalText`` subclasses ``str``, which mypyc refuses for native
-# classes; refusals are rare, nothing is gained). pgtenant/compiled.py reads this list.
+# classes; refusals are rare, nothing is gained). A module that tests monkeypatch would
+# stay out too (a compiled module's functions call each other directly): there is none.
 COMPILED = [
     f"pgtenant/protocol/{name}.py"
     for name in (
@@ -56,13 +57,13 @@ class _BuildExt(build_ext):
 
 
 def _say(text: str) -> None:
-    # pip shows a build's output only with -v; stderr lines also surface in its error report,
-    # and make install runs pip with its progress output, which shows them.
+    # pip shows a build's output only with -v (or when the build fails), so `make install`
+    # also prints pgtenant.build_kind() once installed; SHOW VERSION and the log say it too.
     print(f"pgtenant: {text}", file=sys.stderr, flush=True)
 
 
 def _ext_modules() -> list[Any]:
-    if os.environ.get("PGTENANT_PURE"):
+    if os.environ.get("PGTENANT_PURE", "") not in ("", "0"):  # as pgtenant/compiled.py reads it
         _say("PGTENANT_PURE is set: installing the pure-Python protocol core")
         return []
     try:
