@@ -52,6 +52,7 @@ def test_admin_needs_its_own_configured_credential(
     log = admin_proxy.log_path.read_text()
     assert "admin: login refused: user=admin" in log
     assert "admin: user=admin client=127.0.0.1 command='SHOW VERSION'" in log
+    assert f"pgtenant 0.1.0: protocol core {pgtenant.build_kind()}" in log  # the start line
 
 
 def test_show_commands_have_pgbouncer_columns_and_see_tenants(admin_proxy: ProxyProcess) -> None:
