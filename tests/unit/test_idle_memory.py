@@ -43,10 +43,26 @@ PER_CLIENT = [ClientConnection, Session, _Registrar, Link, Frontend, Backend, Le
 
 @pytest.mark.parametrize("cls", PER_CLIENT, ids=lambda c: c.__name__)
 def test_per_client_classes_have_no_instance_dict(cls: type) -> None:
-    # An instance has a __dict__ unless every class of its MRO declares __slots__.
+    # CPython records in a type's __dictoffset__ whether its instances have a __dict__ (0:
+    # none). Interpreted, that takes __slots__ on every class of the MRO, without "__dict__";
+    # compiled by mypyc (pgtenant/compiled.py), the protocol's classes are native, with a
+    # fixed layout and no __slots__ to declare: the offset is the one check true of both.
     missing = [k.__qualname__ for k in cls.__mro__[:-1] if "__slots__" not in vars(k)]
-    assert missing == [], f"{cls.__qualname__}: no __slots__ in {missing}"
-    assert "__dict__" not in {name for k in cls.__mro__ for name in getattr(k, "__slots__", ())}
+    assert cls.__dictoffset__ == 0, f"{cls.__qualname__}: a __dict__ (no __slots__ in {missing})"
+
+
+def test_the_instance_dict_check_sees_a_dict() -> None:
+    class Slotted:
+        __slots__ = ("x",)
+
+    class Loose(Slotted):  # no __slots__ of its own: a __dict__ again
+        pass
+
+    class Opened(Slotted):
+        __slots__ = ("__dict__",)
+
+    assert Slotted.__dictoffset__ == 0
+    assert Loose.__dictoffset__ != 0 and Opened.__dictoffset__ != 0
 
 
 def test_an_idle_link_holds_no_fifo_before_or_after_a_transaction() -> None:
