@@ -36,6 +36,8 @@ from typing import Final
 
 import asyncpg
 
+from .safe_settings import body_of
+
 __all__ = ["CLIENT_PREPARED_STATEMENTS", "SIGNAL_OWNER", "TERMINATE_OWN",
            "check_client_views", "install_client_views"]
 
@@ -106,7 +108,7 @@ async def check_client_views(conn: asyncpg.Connection) -> list[str]:
         "SELECT p.prosrc, r.rolname, r.rolcanlogin, r.rolsuper FROM pg_proc p "
         "JOIN pg_roles r ON r.oid = p.proowner WHERE p.oid = to_regprocedure($1)",
         TERMINATE_OWN)
-    if row is not None and (row["prosrc"] != _TERMINATE_SQL.split("$$")[1]
+    if row is not None and (row["prosrc"] != body_of(_TERMINATE_SQL)
                             or row["rolcanlogin"] or row["rolsuper"]):
         problems.append(f"{TERMINATE_OWN} is not the one this pgtenant installs, or its owner "
                         f"{row['rolname']!r} can log in or is a superuser (run pgtenant init)")

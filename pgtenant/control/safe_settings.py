@@ -41,6 +41,7 @@ __all__ = [
     "BUILTIN_PROTECTED",
     "SAFE_SET_CONFIG",
     "SETTINGS_OWNER",
+    "body_of",
     "check_safe_settings",
     "install_safe_settings",
     "is_safe_set_config",
@@ -102,9 +103,14 @@ def _function_sql() -> str:
     return _FUNCTION_SQL.replace("@UNSAFE@", unsafe)
 
 
+def body_of(create_sql: str) -> str:
+    """Returns: the source of the function ``create_sql`` creates, as pg_proc.prosrc holds
+    it (between its $$), for the checks that a function is the one pgtenant installs."""
+    return create_sql.split("$$")[1]
+
+
 def _body() -> str:
-    """Returns: the function's source as pg_proc.prosrc holds it (between the $$)."""
-    return _function_sql().split("$$")[1]
+    return body_of(_function_sql())
 
 
 def is_safe_set_config(schema: str, name: str, source: str) -> bool:

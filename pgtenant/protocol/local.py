@@ -227,10 +227,10 @@ def batch_answer(buf: bytearray, pos: int, end: int, owed: bool, stmts: Prepared
         portal = _cstring(buf, pos + 5, end)
         stmt = _cstring(buf, portal[1], end) if portal is not None else None
         text = named.get(stmt[0], b"") if stmt is not None else b""
-    head = text.lstrip()[:3].lower()
-    if ((head not in FIRST_WORDS and head[:2] not in FIRST_WORDS)
-            or not classify(text) & (DROPS_STATEMENTS | SESSION_STATE)
-            or local_command(text) is None):
+    # (The frontend let a Parse through FIRST_WORDS already; a Bind's text is one of these.)
+    command = (local_command(text) if classify(text) & (DROPS_STATEMENTS | SESSION_STATE)
+               else None)
+    if command is None:
         return None
     matched = match_batch(buf, pos, limit)
     if not isinstance(matched, Batch):
@@ -243,8 +243,7 @@ def batch_answer(buf: bytearray, pos: int, end: int, owed: bool, stmts: Prepared
         named[matched.prepared] = matched.text
         stmts.close(matched.prepared)  # the name no longer runs what it ran before
         return matched.end, batch_reply("", matched, status)
-    command = local_command(text)
-    tag = answer(command, stmts, settings, status) if command else None
+    tag = answer(command, stmts, settings, status)
     if tag is None:
         return None
     if not matched.bound:
