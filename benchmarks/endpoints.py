@@ -144,11 +144,14 @@ class Pgtenant(Endpoint):
     def __init__(self, cluster: PostgresCluster, database: str, workdir: Path, pool_size: int,
                  extra: str = "", routes: dict[str, str] | None = None,
                  module: str = "pgtenant", env: dict[str, str] | None = None,
-                 startup_timeout: float = 30):
+                 startup_timeout: float = 30, checkout: Path = ROOT):
         """``routes``: more [databases.<name>] (name -> Postgres database) for tenants
         routed to a database of their own; ``database`` then holds the control schema.
-        ``module``/``env``: what runs ``serve`` (idle_memory.py runs it under tracemalloc)."""
+        ``module``/``env``: what runs ``serve`` (idle_memory.py runs it under tracemalloc).
+        ``checkout``: the pgtenant checkout whose ``.venv`` runs it (goals.py compares a
+        baseline checkout with this one in the same run)."""
         super().__init__(free_port())
+        self.checkout = checkout
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / f"pgtenant-{database}-{self.port}.toml"
         def dsn(dbname: str) -> str:
@@ -177,9 +180,11 @@ pool_size = {pool_size}
 """)
         self.log = workdir / f"pgtenant-{self.port}.log"
         with self.log.open("wb") as out:
+            python = (sys.executable if checkout == ROOT
+                      else str(checkout / ".venv" / "bin" / "python"))
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, "serve", "--config", str(config)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                [python, "-m", module, "serve", "--config", str(config)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=checkout,
                 env={**os.environ, **(env or {})})
         _wait_port(self.port, self.proc, self.log, startup_timeout)
 
