@@ -235,3 +235,31 @@ async def test_a_tenant_cannot_leave_app_values_for_the_next_transaction_on_its_
         assert rows_text(got)[0][0] == pid  # the same server all along
     finally:
         await raw.close()
+
+
+async def test_an_application_function_setting_app_values_reaches_no_other_tenant(
+        start_proxy: Callable[..., ProxyProcess], demo_env: DemoEnv) -> None:
+    """The one path left to a session-wide app.* value is the application's own code (a
+    function the admin created, which the guard never sees). Another tenant's transaction
+    on that server still reads '' (DISCARD ALL restores the login role's defaults)."""
+    proxy = start_proxy(pool_size=1, extra='context_signing = "off"')
+    admin = await asyncpg.connect(demo_env.admin_dsn)
+    try:
+        await admin.execute(
+            "CREATE OR REPLACE FUNCTION public.app_set_entity() RETURNS text LANGUAGE sql "
+            "SECURITY DEFINER SET search_path = pg_catalog AS "
+            "$$ SELECT set_config('app.entity_id', 'forged', false) $$")
+        await admin.execute("GRANT EXECUTE ON FUNCTION public.app_set_entity() TO tenant_sme")
+        raw = await _raw_login(proxy, ATTACKER, demo_env.tenants[ATTACKER].token)
+        try:
+            got = await raw.request(codec.query("SELECT public.app_set_entity()"))
+            assert not errors(got), errors(got)
+        finally:
+            await raw.close()
+        for form in ("simple", "extended"):
+            victim = await _values(proxy, VICTIM, demo_env.tenants[VICTIM].token, form)
+            assert victim[0] == str(demo_env.tenants[VICTIM].org_id)
+            assert victim[2:4] == ["", ""], victim
+    finally:
+        await admin.execute("DROP FUNCTION IF EXISTS public.app_set_entity()")
+        await admin.close()
