@@ -156,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--transactions", type=int, default=40000, help="per variant and round")
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="run only the variants whose name contains TEXT (repeatable; "
+                             "the bare query and the full prefix always run)")
     args = parser.parse_args(argv)
     cluster = PostgresCluster()  # a fresh directory the server's user may enter
     cluster.start()
@@ -169,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pgbench = cluster.tool("pgbench")
         assert pgbench is not None
         postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
-        names = list(table)
+        always = ("bare query", "pgtenant: six SET LOCAL; q")
+        names = [n for n in table if n in always or not args.only
+                 or any(text in n for text in args.only)]
         results = {name: Figures() for name in names}
         per_client = max(1, args.transactions // args.clients)
         for round_no in range(args.rounds):
@@ -199,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {name.strip()} | {_range(fig.tps, '.0f')} | {_range(fig.user_us, '.1f')} "
               f"| {_range(fig.sys_us, '.1f')} | {delta:+.1f} |")
     bare = results["bare query"]
+    if not any(name.startswith(f"{AMPLIFY} x ") for name in names):
+        return 0
     print(f"\nOne statement's own cost: (the {AMPLIFY}-fold variant - the bare query) / "
           f"{AMPLIFY}, user + system, from each round's pair (range) and medians")
     print("| statement | Postgres CPU µs per statement (range) | median |")
