@@ -81,6 +81,19 @@ async def test_a_function_body_cannot_switch_role_or_context(solo: ProxyProcess,
                       attacker_pid]
 
 
+
+async def test_a_function_body_is_judged_in_a_parse_too(solo: ProxyProcess) -> None:
+    raw = await Raw.login(solo, ATTACKER)
+    try:
+        got = await raw.request(extended(
+            "CREATE FUNCTION pg_temp.g() RETURNS text LANGUAGE sql AS "
+            "$$ SET ROLE t_hooli; SELECT current_user::text $$"), codec.sync())
+        assert [e["C"] for e in errors(got)] == ["42501"], errors(got)
+        got = await raw.request(codec.query(f"SELECT pg_temp.g(); {READ_HOOLI}"))
+        assert errors(got) and "hooli" not in str(rows_text(got))
+    finally:
+        await raw.close()
+
 # ------------------------------------------------------------------ the values policies read
 
 VALUES = ("SELECT current_setting('app.tenant_id', true), current_setting('app.tenant_type', "
