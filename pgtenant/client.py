@@ -19,7 +19,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Final, Protocol
 from uuid import UUID
@@ -112,6 +112,9 @@ class ClientServices:
     cancels: CancelTable
     admin_console: Callable[[ClientConnection], Console]
     stopping: bool = False  # draining: no new transaction starts
+    # Database name -> the app.* names every server's session holds as '' (read by the app
+    # when it verifies the database): their SET LOCAL to '' is omitted (protocol/inject.py).
+    omit: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def max_pinned_servers(self) -> int:
         """The cap on a tenant's pinned servers, read when used (a reload applies)."""
@@ -430,7 +433,8 @@ class ClientConnection(asyncio.Protocol):
             link=lambda may_pin: new_link(
                 config, context, pool.signing_key, self.settings, self.client_encoding,
                 guard=guard, tenant_type=tenant_type, may_pin=may_pin,
-                max_pinned=services.max_pinned_servers))
+                max_pinned=services.max_pinned_servers,
+                omit=self._omit(pool.db.name)))
         # The startup settings as the Injection keeps them: one tuple for the clients that
         # share it (protocol/inject.py), not one per client.
         self.settings = self.session.link.injection.settings
@@ -616,6 +620,14 @@ class ClientConnection(asyncio.Protocol):
             self.fail(error)
 
     # ------------------------------------------------------------------ I/O helpers
+
+    def _omit(self, database: str) -> frozenset[str]:
+        """Returns: the app.* names whose SET LOCAL to '' this session's transactions leave
+        out: those every server of ``database`` holds as '' (checked at start), and only
+        while the guard refuses tenants' SET of them (protected_settings can be changed)."""
+        guard = self.services.guard
+        return frozenset(n for n in self.services.omit.get(database, ())
+                         if guard.is_protected(n))
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

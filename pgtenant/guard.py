@@ -61,7 +61,7 @@ _SUSPECT = re.compile(
     rb"|tablespace|cluster|subscription|do|\w*_to_xml\w*|\w*_to_xmlschema|dblink\w*"
     rb"|listen|unlisten|notify|pg_notify|prepare|prepared|execute|deallocate|setseed"
     rb"|pg_read_file|pg_read_binary_file|pg_ls_dir|pg_stat_file|lo_import|lo_export"
-    rb"|lock|explain|pg_prepared_statements|pg_terminate_backend|"
+    rb"|lock|explain|pg_prepared_statements|pg_terminate_backend|function|procedure|"
     + b"|".join(sorted(n.encode() for n in _LO_FUNCS)) + rb")\b"
 )
 # A transaction end inside a multi-statement text, or AND CHAIN, would leave the statements
@@ -77,7 +77,7 @@ _ANY_WORDS: Final = frozenset(
     b"cluster subscription do listen unlisten notify pg_notify pg_read_file pg_read_binary_file "
     b"pg_ls_dir pg_stat_file lo_import lo_export chain commit rollback end abort prepare "
     b"call execute deallocate prepared lock explain setseed pg_prepared_statements "
-    b"pg_terminate_backend".split()
+    b"pg_terminate_backend function procedure".split()
 ) | {n.encode() for n in _LO_FUNCS}
 # Built-ins tenants may not execute, and the stand-ins their calls are rewritten to
 # (control/safe_settings.py): Postgres then decides on the values it is given.
@@ -409,6 +409,39 @@ class Guard:
         if not stmt.get("relation"):
             raise _not_in_txn("CLUSTER without a table")
 
+    def _create_function(self, stmt: dict[str, Any]) -> None:
+        """A function's body runs later, where the guard cannot look: a tenant's LANGUAGE sql
+        function (pg_temp, for types with temp_tables) ran ``SET ROLE`` to another tenant's
+        role, or set ``app.*`` for the session (issue 16). So the body is judged now, by
+        the same rules as the text it is in. A BEGIN ATOMIC body is part of the tree, walked
+        like any node; a string body is parsed here; a body in any other language (SQL
+        through SPI, which no parse can see) is refused."""
+        language, bodies = None, None
+        for option in stmt.get("options", []):
+            elem = option.get("DefElem", {}) if isinstance(option, dict) else {}
+            if elem.get("defname") == "language":
+                language = str(elem.get("arg", {}).get("String", {}).get("sval", "")).lower()
+            elif elem.get("defname") == "as":
+                items = elem.get("arg", {}).get("List", {}).get("items", [])
+                bodies = [item.get("String", {}).get("sval") for item in items]
+        if bodies is None:
+            return  # no string body: BEGIN ATOMIC (walked), or Postgres refuses it
+        if language != "sql":
+            raise Refusal(f"functions in language {language or '(none)'} run SQL the statement "
+                          "guard cannot check; only LANGUAGE sql functions may be created in "
+                          "tenant sessions")
+        if len(bodies) != 1 or not isinstance(bodies[0], str):
+            raise Refusal("a LANGUAGE sql function has exactly one body string")
+        redirects, views = self._redirects, len(self._views)
+        self._walk(parse(bodies[0].encode()))  # ParseError: refused as unparsable (_judge)
+        if self._redirects != redirects or len(self._views) != views:
+            # The stand-ins are reached by rewriting the client's text, and a body is one
+            # string literal in it: inside it, the call would reach the locked built-in.
+            raise Refusal("a function body may not call set_config(), pg_terminate_backend() "
+                          "or pg_notify(), nor read pg_prepared_statements, in tenant "
+                          "sessions: pgtenant reaches their tenant-safe versions by "
+                          "rewriting statements it sees, and it cannot rewrite a body")
+
 
 def _const_text(node: Any) -> str | None:
     """Returns: the text of a string/number/boolean constant, or None for anything else."""
@@ -508,6 +541,7 @@ _RULES: Final[dict[str, Any]] = {
     "DropStmt": Guard._drop,
     "ReindexStmt": Guard._reindex,
     "ClusterStmt": Guard._cluster,
+    "CreateFunctionStmt": Guard._create_function,
     "PrepareStmt": _statement_name,
     "ExecuteStmt": _statement_name,
     "DeallocateStmt": _statement_name,

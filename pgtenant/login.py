@@ -200,12 +200,13 @@ class _PinCapped:
 def new_link(config: Config, context: TenantContext, signing_key: bytes | None,
              settings: tuple[tuple[str, str], ...], client_encoding: str, *, guard: Guard,
              tenant_type: TenantTypeConfig, may_pin: Callable[[], bool],
-             max_pinned: Callable[[], int]) -> Link:
+             max_pinned: Callable[[], int], omit: frozenset[str] = frozenset()) -> Link:
     """Returns: the Link (protocol/tracker.py) of a tenant's session: its context injection
     and the statement policies of its tenant type (``guard``), with the cap on pinned
-    servers (``max_pinned()``: read when a statement is refused, so a reload applies)."""
+    servers (``max_pinned()``: read when a statement is refused, so a reload applies);
+    ``omit``: the app.* names every server's session holds as '' (protocol/inject.py)."""
     return Link(injection(context, signing_key, settings,
-                          set_local=config.context_statements == "set_local"),
+                          set_local=config.context_statements == "set_local", omit=omit),
                 config.max_message_size,
                 guard=pin_capped(guard.check, may_pin, max_pinned),
                 outside_txn=outside_transaction_check(guard, tenant_type),

@@ -27,6 +27,7 @@ from .schema import (
     CONTROL_SCHEMA,
     HOLDS_TABLE_DDL,
     PROXY_ROLE_DEFAULTS,
+    PROXY_ROLE_OPTIONAL_DEFAULTS,
     RESOLVE_ORG_SIGNATURE,
     RESOLVE_TOKEN_SIGNATURE,
     TOKEN_REVOCATION_DDL,
@@ -237,7 +238,7 @@ async def init_database(
                                                            control_password)
             if is_new:
                 created.append(control_role)
-            for guc, value in PROXY_ROLE_DEFAULTS:
+            for guc, value in (*PROXY_ROLE_DEFAULTS, *PROXY_ROLE_OPTIONAL_DEFAULTS):
                 # Role-wide (all databases): a session that escapes injection sees no tenant.
                 await conn.execute(f"ALTER ROLE {proxy} SET {guc} = {quote_literal(value)}")
 

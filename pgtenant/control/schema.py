@@ -18,6 +18,7 @@ __all__ = [
     "ORG_STATUSES",
     "ORG_STATUS_DDL",
     "PROXY_ROLE_DEFAULTS",
+    "PROXY_ROLE_OPTIONAL_DEFAULTS",
     "RESOLVE_ORG_SIGNATURE",
     "RESOLVE_TOKEN_SIGNATURE",
     "SLUG_PATTERN",
@@ -49,6 +50,10 @@ PROXY_ROLE_DEFAULTS: tuple[tuple[str, str], ...] = (
     ("app.entity_id", ""),
     ("search_path", ""),
 )
+# Set by init too, but not required by the lockdown check (installs from before it lack it):
+# with it, a proxy without signing need not send SET LOCAL app.tenant_sig = '' with every
+# transaction (protocol/inject.py, OMITTABLE; the proxy reads it at start).
+PROXY_ROLE_OPTIONAL_DEFAULTS: tuple[tuple[str, str], ...] = (("app.tenant_sig", ""),)
 
 # The organization lifecycle: 'provisioning' (being built by ``tenant provision``; logins
 # refused), 'ready', 'dropping' (``tenant drop`` started; logins refused).

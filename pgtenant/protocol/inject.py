@@ -15,6 +15,19 @@ planned and executed, and answers with a RowDescription and a DataRow carrying t
 The fixed replies also let the proxy drop them with one comparison (``q_reply``). Inside the
 one Query they run in its implicit transaction block, so they last until the Query ends (and
 into a ``BEGIN`` it contains), exactly like ``set_config(name, value, true)``.
+
+Fewer statements (``omit``, issue 16): ``SET LOCAL app.entity_id = ''`` (a tenant without an
+entity) and ``SET LOCAL app.tenant_sig = ''`` (no signing) are left out of the simple-query
+prefix when every server's session already holds '' for them: the login role's defaults
+(``pgtenant init``), read by the app on a fresh login session before any client is served
+(app.py). No tenant can change that session value: the guard refuses SET/RESET/set_config of
+app.* in what it sees, function bodies included (since issue 16), the built-in set_config is
+locked and pgtenant's stand-in refuses app.*; a server that served another tenant gets
+DISCARD ALL, which restores the role defaults; the session-wide context a statement outside
+a transaction block gets (``q_session``) retires its server. So what policies read inside the
+transaction (``current_setting``, ``pgtenant.current_tenant()``'s HMAC over it) is the same
+text. The extended form keeps its eight parameters, values '' included: a set_config call in
+one SELECT costs far less than a statement, and its Bind bytes stay what they were.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ __all__ = [
     "CTX_STATEMENT",
     "EXECUTE_UNNAMED",
     "EXT_DROP",
+    "OMITTABLE",
     "Q_DROP",
     "SET_COMPLETE",
     "Injection",
@@ -90,6 +104,9 @@ Q_DROP: Final = 3  # of a SELECT set_config(...): RowDescription, DataRow, Comma
 SET_COMPLETE: Final = codec.frame(COMMAND_COMPLETE, b"SET\x00")  # the reply to each SET LOCAL
 # BindComplete, DataRow, CommandComplete, CloseComplete (+1 ParseComplete, +1 CloseComplete)
 EXT_DROP: Final = 4
+# The app.* settings whose SET LOCAL to '' may be omitted (see the module docstring): never
+# app.tenant_id or app.tenant_type, which every transaction sets to a non-empty value.
+OMITTABLE: Final = frozenset({"app.entity_id", "app.tenant_sig"})
 
 
 class Injection:
@@ -108,13 +125,17 @@ class Injection:
     Never changed once built: ``injection`` shares one between clients.
     """
 
-    __slots__ = ("_signing_key", "context", "ext_bind", "managed", "q_drop", "q_prefix",
-                 "q_reply", "q_session", "q_shift", "set_local", "settings", "signature",
-                 "tenant_key")
+    __slots__ = ("_omit", "_signing_key", "context", "ext_bind", "managed", "q_drop",
+                 "q_prefix", "q_reply", "q_session", "q_shift", "set_local", "settings",
+                 "signature", "tenant_key")
 
     def __init__(self, context: TenantContext, signing_key: bytes | None = None,
-                 settings: tuple[tuple[str, str], ...] = (), *, set_local: bool = True):
+                 settings: tuple[tuple[str, str], ...] = (), *, set_local: bool = True,
+                 omit: frozenset[str] = frozenset()):
+        """``omit``: the OMITTABLE names every server's session holds as '' (checked by the
+        app at start): a SET LOCAL of '' to them is left out of the simple-query forms."""
         self.context = context
+        self._omit = omit & OMITTABLE
         self.set_local = set_local  # SET LOCAL statements, else one set_config SELECT
         self.settings = settings  # the client's own (name, value) settings, applied each time
         self.managed = frozenset(name.lower() for name, _ in settings)
@@ -133,10 +154,12 @@ class Injection:
                       strict=True),
                  *settings,
                  ("search_path", context.search_path_value), ("role", context.role)]
+        app = [(n, v) for n, v in pairs[:4] if v or n not in self._omit]
         if set_local:
-            prefix, self.q_drop, fixed = _set_local_prefix(pairs[:4], settings, context)
+            prefix, self.q_drop, fixed = _set_local_prefix(app, settings, context)
         else:
-            prefix, self.q_drop, fixed = _select_set_config(pairs, is_local=True), Q_DROP, False
+            prefix, self.q_drop, fixed = (_select_set_config([*app, *pairs[4:]], is_local=True),
+                                          Q_DROP, False)
         self.q_prefix: bytes = prefix.encode()
         self.q_reply: bytes = SET_COMPLETE * self.q_drop if fixed else b""
         # The same context for the whole session, for a statement allowed to run outside a
@@ -150,7 +173,8 @@ class Injection:
 
     def with_settings(self, settings: tuple[tuple[str, str], ...]) -> Injection:
         """Returns: the same context with the client's settings replaced by ``settings``."""
-        return injection(self.context, self._signing_key, settings, set_local=self.set_local)
+        return injection(self.context, self._signing_key, settings, set_local=self.set_local,
+                         omit=self._omit)
 
 
 # Injections by everything they are made of (the whole context, token id included, since
@@ -158,20 +182,21 @@ class Injection:
 # same settings shares the same bytes: about 1.3 kB and an HMAC less per client (issue 16).
 # Bounded (settings come from clients): the oldest entry goes first; a client keeps its own.
 _CACHE_SIZE: Final = 1024
-_cache: dict[tuple[TenantContext, bytes | None, tuple[tuple[str, str], ...], bool],
-             Injection] = {}
+_cache: dict[tuple[TenantContext, bytes | None, tuple[tuple[str, str], ...], bool,
+                   frozenset[str]], Injection] = {}
 
 
 def injection(context: TenantContext, signing_key: bytes | None = None,
-              settings: tuple[tuple[str, str], ...] = (), *, set_local: bool = True
-              ) -> Injection:
+              settings: tuple[tuple[str, str], ...] = (), *, set_local: bool = True,
+              omit: frozenset[str] = frozenset()) -> Injection:
     """Returns: the Injection of these values, shared with every client that has them."""
-    key = (context, signing_key, settings, set_local)
+    key = (context, signing_key, settings, set_local, omit)
     found = _cache.get(key)
     if found is None:
         if len(_cache) >= _CACHE_SIZE:
             del _cache[next(iter(_cache))]
-        found = _cache[key] = Injection(context, signing_key, settings, set_local=set_local)
+        found = _cache[key] = Injection(context, signing_key, settings, set_local=set_local,
+                                        omit=omit)
     return found
 
 

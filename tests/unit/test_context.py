@@ -27,8 +27,10 @@ from pgtenant.protocol.inject import (
     CTX_SQL,
     CTX_STATEMENT,
     EXECUTE_UNNAMED,
+    OMITTABLE,
     Q_DROP,
     Injection,
+    injection,
 )
 
 ORG = uuid.UUID("11111111-2222-3333-4444-555555555555")
@@ -284,6 +286,66 @@ def test_list_quoted_and_extension_settings_go_through_set_config() -> None:
     assert (b"SELECT pg_catalog.set_config('temp_tablespaces', 'a, b', true); "
             b"SELECT pg_catalog.set_config('ext.list', 'x', true); ") in inj.q_prefix
     assert inj.q_drop == 6 + 2 * Q_DROP and inj.q_reply == b""  # their DataRows vary
+
+
+KEY = b"k" * 32
+
+
+def test_omitted_empty_values_leave_four_set_locals() -> None:
+    """Issue 16: with the login role's '' defaults in force, a tenant without entity and a
+    proxy without signing send 4 statements; their replies are 4 fixed SET completes."""
+    inj = Injection(build_context(identity(), tenant_type("tenant_sme")), omit=OMITTABLE)
+    expected = (
+        "SET LOCAL app.tenant_id = '11111111-2222-3333-4444-555555555555'; "
+        "SET LOCAL app.tenant_type = 'sme'; "
+        "SET LOCAL search_path = public; "
+        "SET LOCAL ROLE 'tenant_sme';"
+    )
+    assert inj.q_prefix == expected.encode()
+    assert (inj.q_drop, inj.q_shift) == (4, len(expected))
+    assert inj.q_reply == b"C\x00\x00\x00\x08SET\x00" * 4
+
+
+@pytest.mark.parametrize(("entity_id", "key", "kept"), [
+    (ENTITY, None, [b"app.entity_id = 'aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee'"]),
+    (None, KEY, [b"app.tenant_sig = '"]),
+    (ENTITY, KEY, [b"app.entity_id = 'aaaa", b"app.tenant_sig = '"]),
+], ids=["entity", "signed", "both"])
+def test_only_empty_values_are_omitted(entity_id: uuid.UUID | None, key: bytes | None,
+                                       kept: list[bytes]) -> None:
+    ctx = build_context(identity(entity_id=entity_id), tenant_type("tenant_sme"))
+    inj = Injection(ctx, key, omit=OMITTABLE)
+    assert inj.q_prefix.count(b"SET LOCAL ") == inj.q_drop == 4 + len(kept)
+    for part in kept:
+        assert b"SET LOCAL " + part in inj.q_prefix
+    full = Injection(ctx, key)
+    assert (inj.ext_bind, inj.q_session, inj.signature) == (
+        full.ext_bind, full.q_session, full.signature)
+
+
+def test_omit_never_drops_other_names_nor_changes_the_extended_or_session_forms() -> None:
+    ctx = build_context(identity(), tenant_type("tenant_sme"))
+    full = Injection(ctx)
+    inj = Injection(ctx, omit=frozenset({"app.tenant_id", "app.tenant_type", "search_path",
+                                         "app.entity_id"}))
+    assert inj.q_prefix == full.q_prefix.replace(b"SET LOCAL app.entity_id = ''; ", b"")
+    # The extended form keeps its eight parameters ('' included): the same Bind bytes.
+    assert inj.ext_bind == full.ext_bind and inj.q_session == full.q_session
+    assert b"pg_catalog.set_config('app.entity_id', '', false)" in inj.q_session
+
+
+def test_omit_applies_to_the_set_config_form_and_survives_with_settings() -> None:
+    ctx = build_context(identity(), tenant_type("tenant_sme"))
+    inj = injection(ctx, set_local=False, omit=OMITTABLE).with_settings((("TimeZone", "UTC"),))
+    assert inj.q_prefix == (
+        b"SELECT pg_catalog.set_config('app.tenant_id', "
+        b"'11111111-2222-3333-4444-555555555555', true), "
+        b"pg_catalog.set_config('app.tenant_type', 'sme', true), "
+        b"pg_catalog.set_config('TimeZone', 'UTC', true), "
+        b"pg_catalog.set_config('search_path', 'public', true), "
+        b"pg_catalog.set_config('role', 'tenant_sme', true);")
+    assert injection(ctx, omit=OMITTABLE) is injection(ctx, omit=OMITTABLE)
+    assert injection(ctx, omit=OMITTABLE) is not injection(ctx)
 
 
 def decode_bind(msg: bytes) -> tuple[str, str, list[int], list[bytes | None], list[int]]:

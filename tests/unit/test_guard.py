@@ -201,7 +201,8 @@ _FRAGMENTS = [b"set", b"SeT", b"reset", b"set_config", b"commit", b"END", b"chai
               b"u&", b"U&", b"query_to_xml", b"xx_to_xmlschema", b"dblink_exec", b"copy",
               b"listen", b"select", b"x", b"_", b"1", b" ", b";", b"(", b"'", b'"', b".",
               b"\xc3\xa9", b"\t", b"pg_notify", b"lo_export", b"call", b"rollback", b"lock",
-              b"explain", b"lo_open", b"loread", b"lo_from_bytea"]
+              b"explain", b"lo_open", b"loread", b"lo_from_bytea", b"function",
+              b"PROCEDURE"]
 
 
 def _guard_pairs() -> list[list[bytes]]:
@@ -413,3 +414,50 @@ def test_pg_terminate_backend_is_given_the_clients_pid(sql: str, expected: str) 
     verdict = GUARD.check(sql.encode())
     assert isinstance(verdict, tuple)
     assert render(verdict, {CLIENT_PID: b"@", STATEMENTS: b"#"}) == expected.encode()
+
+
+# A function body runs later, where the guard cannot look, so it is judged when the function
+# is created (issue 16: a tenant's pg_temp function ran SET ROLE to another tenant's role).
+@pytest.mark.parametrize(
+    ("sql", "contains"),
+    [
+        ("CREATE FUNCTION pg_temp.g() RETURNS text LANGUAGE sql AS "
+         "$$ SET ROLE t_hooli; SELECT current_user::text $$", "SET role"),
+        # No suspect word in the text itself: the body is an escaped string.
+        ("CREATE FUNCTION pg_temp.g() RETURNS int LANGUAGE sql AS E'\\x53ET ROLE x; SELECT 1'",
+         "SET role"),
+        ("create or replace function pg_temp.g() returns text language SQL as "
+         "'set app.entity_id = ''forged''; select ''x'''", "SET app.entity_id"),
+        ("CREATE FUNCTION pg_temp.g() RETURNS text LANGUAGE sql AS "
+         "$$ SELECT set_config('app.tenant_sig', 'x', false) $$", "set_config('app.tenant_sig'"),
+        ("CREATE FUNCTION pg_temp.g() RETURNS text LANGUAGE sql AS "
+         "$$ SELECT set_config('work_mem', '1MB', false) $$", "function body may not call"),
+        ("CREATE FUNCTION pg_temp.g() RETURNS int LANGUAGE sql AS $b$ CREATE FUNCTION "
+         "pg_temp.h() RETURNS int LANGUAGE sql AS 'SET search_path = x; SELECT 1'; "
+         "SELECT 1 $b$", "SET search_path"),
+        ("CREATE PROCEDURE pg_temp.p() LANGUAGE sql AS $$ RESET ROLE $$", "RESET role"),
+        ("CREATE FUNCTION pg_temp.g() RETURNS int LANGUAGE plpgsql AS "
+         "$$ BEGIN RETURN 1; END $$", "language plpgsql"),
+        ("CREATE FUNCTION pg_temp.g() RETURNS int LANGUAGE sql AS $$ SELEC 1 $$",
+         "cannot parse"),
+        ("CREATE FUNCTION pg_temp.g() RETURNS int LANGUAGE sql AS $$ DISCARD ALL $$",
+         "DISCARD"),
+    ],
+)
+def test_function_bodies_are_judged_when_created(sql: str, contains: str) -> None:
+    verdict = GUARD.check(sql.encode())
+    assert isinstance(verdict, str) and contains in verdict, verdict
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE FUNCTION pg_temp.g() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "CREATE FUNCTION pg_temp.g() RETURNS int LANGUAGE sql AS "
+        "$$ SET LOCAL statement_timeout = 5; SELECT 1 $$",
+        "CREATE FUNCTION pg_temp.g() RETURNS int BEGIN ATOMIC SELECT 1; END",
+        "SELECT 'function' AS kind",
+    ],
+)
+def test_harmless_function_bodies_pass(sql: str) -> None:
+    assert GUARD.check(sql.encode()) is None
