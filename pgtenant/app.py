@@ -36,14 +36,12 @@ from .errors import (
 from .guard import SWITCHES, Guard
 from .holds import TenantHolds
 from .http import HttpEndpoint
-from .identity.context import quote_literal
 from .identity.jwt import build_verifier
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
 from .limits import ClientLimits
 from .metrics import Collector
 from .pool import Pool
-from .protocol.inject import OMITTABLE
 from .stats import Metrics
 from .tls import backend_tls, client_context
 from .workers import ControlServer, WorkerInfo
@@ -228,16 +226,6 @@ class App:
         dsn = pool.db.dsn
         conn = await self._connect(dsn, pool.db.name)
         try:
-            # First, while the session is as every server's starts: which app.* settings it
-            # holds as '' (the login role's defaults), so that transactions need not set
-            # them to '' again (protocol/inject.py, OMITTABLE).
-            row = await conn.fetchrow(
-                "SELECT " + ", ".join(f"current_setting({quote_literal(name)}, true)"
-                                      for name in sorted(OMITTABLE)))
-            assert row is not None
-            self.services.omit[pool.db.name] = frozenset(
-                name for name, value in zip(sorted(OMITTABLE), row, strict=True)
-                if value == "")
             if self.config.lockdown_check != "off":
                 roles = sorted({r for t in self.config.tenant_types.values()
                                 if (r := static_role(t)) is not None})

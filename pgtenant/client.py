@@ -19,7 +19,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Final, Protocol
 from uuid import UUID
@@ -51,6 +51,7 @@ from .login import (
 from .logs import fields
 from .protocol import codec
 from .protocol.handshake import Recv, Send
+from .protocol.inject import OMITTABLE
 from .protocol.startup import (
     MAX_STARTUP,
     Authenticate,
@@ -112,9 +113,6 @@ class ClientServices:
     cancels: CancelTable
     admin_console: Callable[[ClientConnection], Console]
     stopping: bool = False  # draining: no new transaction starts
-    # Database name -> the app.* names every server's session holds as '' (read by the app
-    # when it verifies the database): their SET LOCAL to '' is omitted (protocol/inject.py).
-    omit: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def max_pinned_servers(self) -> int:
         """The cap on a tenant's pinned servers, read when used (a reload applies)."""
@@ -434,7 +432,7 @@ class ClientConnection(asyncio.Protocol):
                 config, context, pool.signing_key, self.settings, self.client_encoding,
                 guard=guard, tenant_type=tenant_type, may_pin=may_pin,
                 max_pinned=services.max_pinned_servers,
-                omit=self._omit(pool.db.name)))
+                omit=self._omit()))
         # The startup settings as the Injection keeps them: one tuple for the clients that
         # share it (protocol/inject.py), not one per client.
         self.settings = self.session.link.injection.settings
@@ -621,13 +619,13 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ I/O helpers
 
-    def _omit(self, database: str) -> frozenset[str]:
+    def _omit(self) -> frozenset[str]:
         """Returns: the app.* names whose SET LOCAL to '' this session's transactions leave
-        out: those every server of ``database`` holds as '' (checked at start), and only
-        while the guard refuses tenants' SET of them (protected_settings can be changed)."""
+        out: every server's session holds '' for them (its startup parameters, see
+        protocol/inject.py SERVER_SESSION), as long as the guard refuses tenants' SET of them
+        (protected_settings can be changed)."""
         guard = self.services.guard
-        return frozenset(n for n in self.services.omit.get(database, ())
-                         if guard.is_protected(n))
+        return frozenset(n for n in OMITTABLE if guard.is_protected(n))
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -17,6 +17,7 @@ from .config import Config, DatabaseConfig
 from .errors import ProxyError, ServerUnavailable
 from .notify import Notifier
 from .pool_state import Decisions, Limits, PoolState, Requester, ServerState
+from .protocol.inject import SERVER_SESSION
 from .protocol.tracker import CTX_NONE
 from .server import ServerConnection, send_cancel
 from .stats import CONNECT_BUCKETS, Histogram
@@ -281,7 +282,7 @@ class Pool:
     async def _connect(self, server: ServerConnection) -> None:
         started = self.clock()
         try:
-            await server.connect(self._config.server_connect_timeout)
+            await server.connect(self._config.server_connect_timeout, SERVER_SESSION)
             self.connect_seconds.observe(self.clock() - started)
         except asyncio.CancelledError:
             self.state.on_connect_cancelled(server)  # the pool is closing

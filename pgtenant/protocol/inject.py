@@ -18,12 +18,13 @@ into a ``BEGIN`` it contains), exactly like ``set_config(name, value, true)``.
 
 Fewer statements (``omit``, issue 16): ``SET LOCAL app.entity_id = ''`` (a tenant without an
 entity) and ``SET LOCAL app.tenant_sig = ''`` (no signing) are left out of the simple-query
-prefix when every server's session already holds '' for them: the login role's defaults
-(``pgtenant init``), read by the app on a fresh login session before any client is served
-(app.py). No tenant can change that session value: the guard refuses SET/RESET/set_config of
-app.* in what it sees, function bodies included (since issue 16), the built-in set_config is
-locked and pgtenant's stand-in refuses app.*; a server that served another tenant gets
-DISCARD ALL, which restores the role defaults; the session-wide context a statement outside
+prefix, because every server's session already holds '' for them: each pooled server logs in
+with them as startup parameters (``SERVER_SESSION``), which override the login role's
+defaults and are what RESET ALL returns to. No tenant can change that session value: the
+guard refuses SET/RESET/set_config of app.* in what it sees, function bodies included (since
+issue 16), the built-in set_config is locked and pgtenant's stand-in refuses app.* (a name
+the operator unprotects is sent again: client.py); a server that served another tenant gets
+DISCARD ALL, which restores the startup values; the session-wide context a statement outside
 a transaction block gets (``q_session``) retires its server. So what policies read inside the
 transaction (``current_setting``, ``pgtenant.current_tenant()``'s HMAC over it) is the same
 text. The extended form keeps its eight parameters, values '' included: a set_config call in
@@ -51,6 +52,7 @@ __all__ = [
     "EXT_DROP",
     "OMITTABLE",
     "Q_DROP",
+    "SERVER_SESSION",
     "SET_COMPLETE",
     "Injection",
     "injection",
@@ -107,6 +109,10 @@ EXT_DROP: Final = 4
 # The app.* settings whose SET LOCAL to '' may be omitted (see the module docstring): never
 # app.tenant_id or app.tenant_type, which every transaction sets to a non-empty value.
 OMITTABLE: Final = frozenset({"app.entity_id", "app.tenant_sig"})
+# The startup parameters every pooled server logs in with (pool.py): its session then holds
+# '' for the OMITTABLE names, whatever the login role's defaults say (a startup parameter
+# overrides ALTER ROLE ... SET), and DISCARD ALL / RESET ALL return them to ''.
+SERVER_SESSION: Final = tuple((name, "") for name in sorted(OMITTABLE))
 
 
 class Injection:

@@ -154,7 +154,7 @@ async def test_policies_read_the_same_values_in_every_tenant_type_and_form(
         start_proxy: Callable[..., ProxyProcess], demo_env: DemoEnv, signing: str) -> None:
     """With and without entity, with and without signing, simple and extended: what a
     transaction reads is the tenant's own context, the signature verifies exactly when the
-    proxy signs, and an omitted SET LOCAL leaves '' (the login role's default) in force."""
+    proxy signs, and an omitted SET LOCAL leaves '' (the server's startup value) in force."""
     proxy = start_proxy(pool_size=1, extra=f'context_signing = "{signing}"')
     key = await _signing_key(demo_env) if signing == "auto" else None
     for slug, entity, role, path in CASES:
@@ -221,7 +221,7 @@ LEAVE_BEHIND = [
 
 async def test_a_tenant_cannot_leave_app_values_for_the_next_transaction_on_its_server(
         start_proxy: Callable[..., ProxyProcess], demo_env: DemoEnv) -> None:
-    """The omitted statements rely on the session value being the login role's ''. The
+    """The omitted statements rely on the session value being ''. The
     victim is a client of the SAME tenant and token (no DISCARD ALL between them): every
     way to set app.* for the session is refused, and the victim's next transaction, on the
     same server, reads ''."""
@@ -254,7 +254,7 @@ async def test_an_application_function_setting_app_values_reaches_no_other_tenan
         start_proxy: Callable[..., ProxyProcess], demo_env: DemoEnv) -> None:
     """The one path left to a session-wide app.* value is the application's own code (a
     function the admin created, which the guard never sees). Another tenant's transaction
-    on that server still reads '' (DISCARD ALL restores the login role's defaults)."""
+    on that server still reads '' (DISCARD ALL restores the servers' startup values)."""
     proxy = start_proxy(pool_size=1, extra='context_signing = "off"')
     admin = await asyncpg.connect(demo_env.admin_dsn)
     try:
@@ -275,4 +275,36 @@ async def test_an_application_function_setting_app_values_reaches_no_other_tenan
             assert victim[2:4] == ["", ""], victim
     finally:
         await admin.execute("DROP FUNCTION IF EXISTS public.app_set_entity()")
+        await admin.close()
+
+
+async def test_omitted_values_are_empty_whatever_the_login_role_defaults_say(
+        start_proxy: Callable[..., ProxyProcess], demo_env: DemoEnv) -> None:
+    """The omitted SET LOCALs rely on every server's session holding '': the pool logs its
+    servers in with those values as startup parameters, which override a default an
+    operator sets on the login role (ALTER ROLE ... SET), before or after the proxy starts,
+    and survive the DISCARD ALL between tenants."""
+    admin = await asyncpg.connect(demo_env.admin_dsn)
+    role = f'"{demo_env.proxy_role}"'
+    database = await admin.fetchval("SELECT current_database()")
+    try:
+        await admin.execute(f"ALTER ROLE {role} IN DATABASE \"{database}\" "
+                            "SET app.entity_id = 'operator'")
+        proxy = start_proxy(pool_size=1, extra='context_signing = "off"')
+        await admin.execute(f"ALTER ROLE {role} IN DATABASE \"{database}\" "
+                            "SET app.tenant_sig = 'operator'")
+        for slug in (VICTIM, ATTACKER, VICTIM):  # a tenant change: DISCARD ALL between
+            for form in ("simple", "extended"):
+                got = await _values(proxy, slug, demo_env.tenants[slug].token, form)
+                assert got[0] == str(demo_env.tenants[slug].org_id)
+                assert got[2:4] == ["", ""], (slug, form, got)
+        # Without the startup parameters, a session of the login role would read the
+        # operator's values (so the test above could fail).
+        direct = await asyncpg.connect(demo_env.proxy_dsn)
+        try:
+            assert await direct.fetchval("SELECT current_setting('app.entity_id')") == "operator"
+        finally:
+            await direct.close()
+    finally:
+        await admin.execute(f"ALTER ROLE {role} IN DATABASE \"{database}\" RESET ALL")
         await admin.close()
