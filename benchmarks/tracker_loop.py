@@ -9,12 +9,14 @@ server on NEED_SERVER, pump again, feed the server's replies, release when
   injected context prefix whose replies the tracker drops;
 * ``extended``: Parse/Bind/Describe/Execute of the unnamed statement, then Bind/Describe/
   Execute of a named one prepared earlier (pgbench -M prepared's shape), and Sync, behind the
-  extended-protocol context injection.
+  extended-protocol context injection;
+* ``unnamed``: ``pgbench -M extended``'s batch, Parse/Bind/Describe/Execute/Sync of "";
+* ``prepared``: ``pgbench -M prepared``'s batch, Bind/Describe/Execute/Sync of a named one.
 
 The server's replies are computed once from what the tracker sent (a small reply model of
 Postgres) and then replayed as fixed bytes, so the loop times the tracker only.
 
-Usage: ``python -m benchmarks.tracker_loop [-n ITERATIONS] [--repeat 5]``; prints
+Usage: ``python -m benchmarks.tracker_loop [-n ITERATIONS] [--repeat 5] [--cases a,b]``; prints
 which protocol core runs (``PGTENANT_PURE=1`` for the pure one) and µs per transaction,
 best of ``--repeat`` runs, for each transaction.
 """
@@ -153,15 +155,56 @@ def _extended_case() -> Callable[[int], float]:
     return run
 
 
+def _batch_case(batches: list[bytes]) -> Callable[[int], float]:
+    """One shape of extended batch, steady state (the named statement ``s1`` prepared)."""
+    link, server = _make_link(), _Server()
+    _transaction(link, server, codec.parse("s1", _SELECT_P) + codec.sync(), None)
+    sent = _transaction(link, server, batches[0], None)
+    reply = _replies(link, sent)
+    again = _transaction(link, server, batches[0], None)
+    assert again == sent, (again, sent)
+
+    def run(n: int) -> float:
+        step = _transaction
+        t0 = time.process_time()
+        for i in range(n):
+            step(link, server, batches[i % 1000], reply)
+        return time.process_time() - t0
+    return run
+
+
+def _unnamed_case() -> Callable[[int], float]:
+    """``pgbench -S -M extended``: Parse/Bind/Describe/Execute/Sync of the unnamed statement."""
+    return _batch_case([
+        codec.parse("", _SELECT_P) + codec.bind("", "", [str(aid).encode()])
+        + codec.frame(ord("D"), b"P\x00") + codec.execute() + codec.sync()
+        for aid in range(1, 1001)])
+
+
+def _prepared_case() -> Callable[[int], float]:
+    """``pgbench -S -M prepared``: Bind/Describe/Execute/Sync of a named statement."""
+    return _batch_case([
+        codec.bind("", "s1", [str(aid).encode()])
+        + codec.frame(ord("D"), b"P\x00") + codec.execute() + codec.sync()
+        for aid in range(1, 1001)])
+
+
+_CASES: dict[str, Callable[[], Callable[[int], float]]] = {
+    "simple": _simple_case, "extended": _extended_case, "unnamed": _unnamed_case,
+    "prepared": _prepared_case}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=20_000, help="transactions per run")
     parser.add_argument("--repeat", type=int, default=5, help="runs; the best one counts")
+    parser.add_argument("--cases", default=",".join(_CASES),
+                        help="comma-separated: " + ", ".join(_CASES))
     args = parser.parse_args(argv)
     # Compiled or pure (PGTENANT_PURE=1) makes a 2x difference: say which one was timed.
     print(f"protocol core: {build_kind()}")
-    for name, make in (("simple", _simple_case), ("extended", _extended_case)):
-        run = make()
+    for name in args.cases.split(","):
+        run = _CASES[name]()
         run(min(args.n, 2000))  # warm caches
         best = min(run(args.n) for _ in range(args.repeat))
         print(f"{name:9s} {best / args.n * 1e6:7.2f} µs/transaction "
