@@ -67,9 +67,21 @@ def _make_link() -> Link:
                 max_message_size=1 << 20, guard=lambda sql: None)
 
 
+def _ctx_row(link: Link) -> bytes:
+    """The row Postgres answers to the Execute of the context statement (inject.CTX_SQL):
+    each ``set_config`` gives back the value it set, and the count of the client's settings."""
+    inj = link.injection
+    ctx = inj.context
+    tenant_id, tenant_type, entity_id = (v for _, v in ctx.gucs)
+    return codec.data_row([tenant_id, tenant_type, entity_id, inj.signature,
+                           len(inj.settings), ctx.search_path_value, ctx.role])
+
+
 def _replies(link: Link, sent: bytes) -> bytes:
-    """What Postgres answers to ``sent`` (one successful round; rows of one int)."""
+    """What Postgres answers to ``sent`` (one successful round; rows of one int, the
+    context statement's row as Postgres sends it)."""
     out = bytearray()
+    ctx_portal = False
     pos = 0
     while pos < len(sent):
         t = sent[pos]
@@ -83,12 +95,13 @@ def _replies(link: Link, sent: bytes) -> bytes:
             out += codec.frame(ord("1"), b"")
         elif t == ord("B"):
             out += codec.frame(ord("2"), b"")
+            ctx_portal = body.split(b"\x00", 2)[1].startswith(b"__pgtenant_ctx_")
         elif t == ord("D"):
             if body[:1] == b"S":
                 out += codec.frame(ord("t"), b"\x00\x01\x00\x00\x00\x17")
             out += _ROWDESC
         elif t == ord("E"):
-            out += _ROW + codec.command_complete("SELECT 1")
+            out += (_ctx_row(link) if ctx_portal else _ROW) + codec.command_complete("SELECT 1")
         elif t == ord("C"):
             out += codec.frame(ord("3"), b"")
         elif t == ord("S"):

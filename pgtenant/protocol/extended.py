@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from . import codec, redirect
+from . import codec, frames, local, redirect
 from .constants import (
     BIND,
     CLOSE,
@@ -22,10 +22,15 @@ from .constants import (
     EXECUTE,
     FLUSH,
     PARSE,
+    SYNC,
+    TARGET_PORTAL,
     TARGET_STATEMENT,
+    TXN_IDLE,
 )
+from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED
 from .ledger import Ledger, Segment
 from .prepared import UNKNOWN_TXN, PreparedStatements
+from .pump import IDLE, NEED_SERVER, Pump
 from .refusal import StatementPolicy, Verdict, check_statement_name, refused_parse
 from .replay import LIMIT as REPLAY_LIMIT
 from .replay import Replay
@@ -47,10 +52,33 @@ from .sql import DROPS_STATEMENTS, MAY_COPY_IN, SESSION_STATE, TXN_CONTROL, TXN_
 if TYPE_CHECKING:
     from .listen import Listens
 
-__all__ = ["DISPATCH", "ExtendedMessages", "Handler"]
+__all__ = ["DISPATCH", "ExtendedMessages", "Handler", "local_head"]
 
+_unpack_i32 = frames.unpack_length
+_pack_header = codec.HEADER.pack
 _CLOSE_COMPLETE: Final = codec.frame(CLOSE_COMPLETE, b"")
 _CLOSE_SYNTH: Final = Expected(ReplyKind.CLOSE, ReplyAction.SYNTH, _CLOSE_COMPLETE)
+
+
+# The fixed frames of the common batch's tail: a Describe of portal "", an Execute of portal
+# "" (its int32 row limit follows), and Sync.
+_DESCRIBE_PORTAL: Final = codec.frame(DESCRIBE, bytes((TARGET_PORTAL, 0)))
+_EXECUTE_HEAD: Final = codec.frame(EXECUTE, b"\x00\x00\x00\x00\x00")[:6]
+_EXECUTE_SIZE: Final = 10
+_SYNC_FRAME: Final = codec.sync()
+_INJECTION_TAIL: Final = EXECUTE_UNNAMED + CLOSE_UNNAMED_PORTAL
+# A Parse longer than this is not a session command local.py answers (frontend.py's
+# _LOCAL_PARSE_MAX, the same bound).
+LOCAL_PARSE_MAX: Final = 256
+
+
+def local_head(buf: bytearray, pos: int, end: int) -> bool:
+    """Whether the Parse frame at ``pos`` may hold a session command local.py answers: its
+    text begins with one of ``local.FIRST_WORDS`` (the frontend then asks local.py)."""
+    if not 5 < end - pos <= LOCAL_PARSE_MAX:
+        return False
+    head = bytes(buf[buf.find(0, pos + 5, end) + 1:end].lstrip()[:3]).lower()
+    return head in local.FIRST_WORDS or head[:2] in local.FIRST_WORDS
 
 
 class ExtendedMessages:
@@ -72,7 +100,7 @@ class ExtendedMessages:
         self.local_named: dict[bytes, bytes] = {}  # named statements local.py answers
         self.cbuf = bytearray()  # client bytes not yet handled
         self.attached = False
-        self.plain_text = b""  # a text classify() found flag-less, before NEED_SERVER
+        self.plain_text = b""  # a plain Query's text, classified before NEED_SERVER
         self.ended_in_batch = False  # the open batch executed something that may end a txn
         self.replaying = False  # a healed batch (replay.py) is being re-sent: never healed twice
         self.listens: Listens | None = None  # LISTEN/NOTIFY (listen.py); None: refused
@@ -99,6 +127,140 @@ class ExtendedMessages:
         if isinstance(verdict, bytes):
             return verdict
         return redirect.fill(verdict, self.stmts, self.client_pid, out, name)
+
+    # ------------------------------------------------------------------ the common batch
+
+    def one_batch(self) -> tuple[bytes, bytes, Pump] | None:
+        """The common extended batch, decided in one pass (issue 16, lever 2).
+
+        ``cbuf`` holds exactly one complete batch of the commonest shapes, with nothing in
+        flight and no special state (the caller checked ``pending``, COPY, skip, open batch,
+        replay, local names): Parse/Bind/[Describe]/Execute/Sync of the unnamed statement and
+        portal (``pgbench -M extended``, libpq's PQexecParams, psycopg), or Bind/[Describe]/
+        Execute/Sync of a client's named statement to the unnamed portal (``-M prepared``,
+        PQexecPrepared). The batch gets the context (the server is outside a transaction
+        block), the guard's verdict on the Parse text is None and the statement has no
+        classify() flag: then every handler's rule reduces to what is done here, and the bytes
+        sent and the ledger's entries are exactly the general path's (tests/unit/
+        test_ext_fast_path.py holds both to it). Anything else returns None before any state
+        changed, and the general path decides (the same, only slower).
+
+        Returns: what ``Frontend.pump`` returns, or None to take the general path.
+        """
+        buf = self.cbuf
+        n = len(buf)
+        limit = self.max_message_size
+        if n < 5:
+            return None
+        (length,) = _unpack_i32(buf, 1)
+        first_end = 1 + length
+        if length < 6 or length > limit or first_end > n:
+            return None  # incomplete, or a bad length (the general path words the error)
+        parse = buf[0] == PARSE
+        if parse and local_head(buf, 0, first_end):
+            return None  # may be a session command local.py answers
+        if not self.attached:
+            # What the general loop does with a first Parse/Bind that is no local command:
+            # ask for a server. The batch is judged in the pass after attach.
+            return b"", b"", NEED_SERVER
+        sql: bytes | None = None
+        types = b""
+        bpos = 0
+        if parse:
+            bpos = first_end
+            if buf[5] != 0:
+                return None  # a named Parse
+            q = buf.find(0, 6, bpos)
+            if q < 0:
+                return None
+            sql = bytes(buf[6:q])
+            types = bytes(buf[q + 1:bpos])
+        if n - bpos < 5 or buf[bpos] != BIND:
+            return None
+        (length,) = _unpack_i32(buf, bpos + 1)
+        bend = bpos + 1 + length
+        if length < 6 or length > limit or bend > n or buf[bpos + 5] != 0:
+            return None  # a named portal
+        s = buf.find(0, bpos + 6, bend)
+        if s < 0:
+            return None
+        stmt = bytes(buf[bpos + 6:s])
+        if (sql is None) == (not stmt):
+            return None  # Bind of "" without Parse (ensure_unnamed), or of another statement
+        tail = bend
+        described = buf.startswith(_DESCRIBE_PORTAL, tail)
+        if described:
+            tail += len(_DESCRIBE_PORTAL)
+        if (n != tail + _EXECUTE_SIZE + len(_SYNC_FRAME) or not buf.startswith(_EXECUTE_HEAD, tail)
+                or not buf.endswith(_SYNC_FRAME)):
+            return None
+        ledger = self.ledger
+        settings = self.settings
+        stmts = self.stmts
+        if (ledger.status != TXN_IDLE or ledger.unsure or settings.reset_pending
+                or settings.encoding != settings.server_encoding or stmts.deallocs):
+            return None  # no context, a prelude, or an SQL DEALLOCATE: the general path
+        mapped = None
+        if sql is not None:
+            if classify(sql):
+                return None
+            if self.guard is not None and self.guard(sql) is not None:
+                return None  # refused or rewritten: the general path has the rules
+        else:
+            check_statement_name(stmt)
+            mapped = stmts.client.get(stmt)
+            if mapped is None or stmts.stmt_flags.get(stmt, UNKNOWN_TXN):
+                return None
+        # Decided: from here on, nothing returns None.
+        out = bytearray()
+        seg = stmts.ext_injection(out, settings.injection.ext_bind, _INJECTION_TAIL)
+        seg.extended = True
+        ledger.push(seg)
+        expect = seg.expect
+        assert expect is not None
+        listens = self.listens
+        stmts.portal_flags[b""] = 0
+        if mapped is None:
+            assert sql is not None
+            expect.append(PARSE_FWD)
+            stmts.parsed_unnamed(sql, types, seg)
+            stmts.note_statement(b"", 0, ())
+            if listens is not None:
+                listens.parse(b"", sql, settings.encoding)  # (flag-less: nothing to rewrite)
+                listens.bind(b"", b"")
+            expect.append(BIND_FWD)
+            out += buf
+        else:
+            if listens is not None:
+                listens.bind(b"", stmt)
+            global_name = stmts.use(out, mapped)
+            out += _pack_header(BIND, 4 + 2 + len(global_name) + bend - s - 1)
+            out += b"\x00"
+            out += global_name
+            out += buf[s:]  # the statement name's NUL, the parameters, and the rest
+            entry = expected(ReplyKind.BIND, ReplyAction.FWD, global_name)  # its own: replay.py
+            expect.append(entry)
+            if bend - bpos <= REPLAY_LIMIT:
+                replay: Replay | None = Replay(entry, buf[bpos:bend])
+                pos = bend
+                if described and replay is not None:
+                    if not replay.note(DESCRIBE, buf[pos:tail]):
+                        replay = None
+                if replay is not None and not replay.note(EXECUTE, buf[tail:n - 5]):
+                    replay = None
+                if replay is not None and not replay.note(SYNC, buf[n - 5:]):
+                    replay = None
+                seg.replay = replay
+        if described:
+            expect.append(DESC_P_FWD)
+        if listens is not None and listens.portal_ops:
+            listens.execute(b"")
+        expect.append(EXEC_FWD)
+        seg.synced = True
+        self.replaying = False
+        self.ended_in_batch = False
+        del buf[:]
+        return bytes(out), b"", IDLE
 
     # ------------------------------------------------------------------ handlers
 

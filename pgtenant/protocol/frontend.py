@@ -232,6 +232,24 @@ class Frontend(ExtendedMessages):
             fast = self._one_plain_query()
             if fast is not None:
                 return fast
+        elif buf and (buf[0] == PARSE or buf[0] == BIND) and not (
+                pending or self.skip_to_sync or self.open_extended or self.copy_in
+                or self.replaying or self.local_named or self.ended_in_batch):
+            # The common extended batch (extended.py): one pass, or None and the loop below.
+            fast = self.one_batch()
+            if fast is not None:
+                return fast
+        return self.pump_frames()
+
+    def pump_frames(self) -> tuple[bytes, bytes, Pump]:
+        """``pump`` without its fast paths: every frame through the general loop (the
+        reference the fast paths are tested against, tests/unit/test_ext_fast_path.py).
+
+        Returns / Raises: as ``pump``.
+        """
+        buf = self.cbuf
+        ledger = self.ledger
+        pending = ledger.pending
         n = len(buf)
         pos = 0
         span = 0
