@@ -25,6 +25,7 @@ from pgtenant.protocol import codec
 from pgtenant.protocol.constants import TXN_IDLE
 from pgtenant.protocol.freshness import Freshness
 from pgtenant.protocol.inject import SET_COMPLETE, Injection
+from pgtenant.protocol.listen import Listens
 from pgtenant.protocol.tracker import CTX_NONE, IDLE, NEED_SERVER, Link
 
 _ORG = uuid.UUID("11111111-2222-3333-4444-555555555555")
@@ -145,18 +146,39 @@ class _Server:
             self.status = b"E"
 
 
-def _link(*, reference: bool) -> Link:
+class _Registrar:
+    """The database's listener, as a client's Listens sees it: hears every channel."""
+
+    def subscribe(self, mapped: str, channel: str) -> bool:
+        return True
+
+    def unsubscribe(self, mapped: str) -> None:
+        pass
+
+    def notifying(self, mapped: str, payload: bytes) -> None:
+        pass
+
+    def not_notified(self, mapped: str, payload: bytes) -> None:
+        pass
+
+
+def _link(*, reference: bool, listens: bool = False) -> Link:
     inj = _injection()
     if reference:
         inj.ext_reply = b""  # the injected replies matched one by one
     link = Link(inj, max_message_size=1 << 20, guard=_guard)
     link._stmts._fresh = Freshness()  # each link its own generations (no shared counter)
+    if listens:  # LISTEN/NOTIFY allowed (a database with a listener): the hooks run too
+        link.listens = Listens(b"k" * 32, str(_ORG), "sme", _Registrar())
     return link
 
 
 def _state(link: Link) -> tuple[object, ...]:
     stmts = link._stmts
-    return (link.attached, link.can_release, link.status, len(link.pending),
+    listens = link.listens
+    heard = ((dict(listens.channels), dict(listens.portal_ops), dict(listens.stmt_ops),
+              listens.waiting, listens.deferred) if listens is not None else None)
+    return (heard, link.attached, link.can_release, link.status, len(link.pending),
             link.open_extended, link._front.skip_to_sync, link.refused, link.pinned,
             link.session_dirty, dict(stmts.client), dict(stmts.portal_flags),
             dict(stmts.stmt_flags), stmts.unnamed, stmts.unnamed_here, stmts.ctx_state,
@@ -167,9 +189,10 @@ def _pump(link: Link, reference: bool) -> tuple[bytes, bytes, object]:
     return link._front.pump_frames() if reference else link.pump_client()
 
 
-def _run(batches: list[bytes], cuts: list[int]) -> None:
+def _run(batches: list[bytes], cuts: list[int], listens: bool = False) -> None:
     """Drive both links through ``batches``; every output and the final states must match."""
-    links = {False: _link(reference=False), True: _link(reference=True)}
+    links = {False: _link(reference=False, listens=listens),
+             True: _link(reference=True, listens=listens)}
     servers = {False: _Server(), True: _Server()}
     for i, batch in enumerate(batches):
         traces: dict[bool, list[object]] = {}
@@ -217,7 +240,7 @@ def _run(batches: list[bytes], cuts: list[int]) -> None:
 
 _TEXTS = [_SELECT_P, "select 1", "  SELECT $1::int", "/* c */ SELECT 1", "BEGIN", "COMMIT",
           "SET work_mem = '64kB'", "DEALLOCATE ALL", "SELECT boom", "SELECT forbidden",
-          "LISTEN x", "CREATE TABLE t (a int)", "SELECT 'é'"]
+          "LISTEN x", "NOTIFY x", "CREATE TABLE t (a int)", "SELECT 'é'"]
 
 
 def _describe_p(portal: str = "") -> bytes:
@@ -258,10 +281,11 @@ _batch = st.one_of(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_batch, min_size=1, max_size=12),
-       st.lists(st.integers(min_value=0, max_value=400), min_size=1, max_size=4))
+       st.lists(st.integers(min_value=0, max_value=400), min_size=1, max_size=4),
+       st.booleans())
 def test_fast_paths_send_and_answer_exactly_what_the_general_path_does(
-        batches: list[bytes], cuts: list[int]) -> None:
-    _run([codec.parse("s1", _SELECT_P) + codec.sync(), *batches], cuts)
+        batches: list[bytes], cuts: list[int], listens: bool) -> None:
+    _run([codec.parse("s1", _SELECT_P) + codec.sync(), *batches], cuts, listens)
 
 
 # ---------------------------------------------------------------------- examples
