@@ -22,7 +22,6 @@ from .constants import (
     EXECUTE,
     FLUSH,
     PARSE,
-    SYNC,
     TARGET_PORTAL,
     TARGET_STATEMENT,
     TXN_IDLE,
@@ -240,16 +239,13 @@ class ExtendedMessages:
             out += buf[s:]  # the statement name's NUL, the parameters, and the rest
             entry = expected(ReplyKind.BIND, ReplyAction.FWD, global_name)  # its own: replay.py
             expect.append(entry)
-            if bend - bpos <= REPLAY_LIMIT:
-                replay: Replay | None = Replay(entry, buf[bpos:bend])
-                pos = bend
-                if described and replay is not None:
-                    if not replay.note(DESCRIBE, buf[pos:tail]):
-                        replay = None
-                if replay is not None and not replay.note(EXECUTE, buf[tail:n - 5]):
-                    replay = None
-                if replay is not None and not replay.note(SYNC, buf[n - 5:]):
-                    replay = None
+            if described and n <= REPLAY_LIMIT:
+                # What Replay.note makes of Bind, Describe, Execute of portal "" and Sync: the
+                # whole batch, healable (its rows are described); an Execute not described
+                # first (no Describe) makes none (replay.py).
+                replay = Replay(entry, buf)
+                replay.described.add(b"")
+                replay.complete = True
                 seg.replay = replay
         if described:
             expect.append(DESC_P_FWD)
