@@ -16,7 +16,8 @@ server on NEED_SERVER, pump again, feed the server's replies, release when
 The server's replies are computed once from what the tracker sent (a small reply model of
 Postgres) and then replayed as fixed bytes, so the loop times the tracker only.
 
-Usage: ``python -m benchmarks.tracker_loop [-n ITERATIONS] [--repeat 5] [--cases a,b]``; prints
+Usage: ``python -m benchmarks.tracker_loop [-n ITERATIONS] [--repeat 5] [--cases a,b]
+[--calls]``; prints
 which protocol core runs (``PGTENANT_PURE=1`` for the pure one) and µs per transaction,
 best of ``--repeat`` runs, for each transaction.
 """
@@ -24,6 +25,8 @@ best of ``--repeat`` runs, for each transaction.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import struct
 import time
 import uuid
@@ -213,12 +216,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs; the best one counts")
     parser.add_argument("--cases", default=",".join(_CASES),
                         help="comma-separated: " + ", ".join(_CASES))
+    parser.add_argument("--calls", action="store_true",
+                        help="print Python-level calls per transaction (cProfile; use the "
+                             "pure core, PGTENANT_PURE=1, to see the protocol's own calls)")
     args = parser.parse_args(argv)
     # Compiled or pure (PGTENANT_PURE=1) makes a 2x difference: say which one was timed.
     print(f"protocol core: {build_kind()}")
     for name in args.cases.split(","):
         run = _CASES[name]()
         run(min(args.n, 2000))  # warm caches
+        if args.calls:
+            profile = cProfile.Profile()
+            profile.enable()
+            run(args.n)
+            profile.disable()
+            stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+            calls = sum(entry[1] for entry in stats.values())
+            print(f"{name:9s} {calls / args.n:7.1f} calls/transaction (cProfile, builtins "
+                  f"included, {args.n} transactions)")
+            continue
         best = min(run(args.n) for _ in range(args.repeat))
         print(f"{name:9s} {best / args.n * 1e6:7.2f} µs/transaction "
               f"(best of {args.repeat} x {args.n})")
