@@ -1,15 +1,21 @@
-"""``Injection.ext_reply`` against a real server (issue 16, lever 2).
+"""The extended batch fast path (issue 16, lever 2) against a real server and proxy.
 
-The backend drops the extended injection's replies with one comparison against bytes
-computed once per context (inject.py ``_ext_reply``). A wrong guess would be safe (the
-replies are then matched one by one) but slow: this checks, on the real server, that the
-guess is what Postgres sends, so a change of ``CTX_SQL`` that changes its row shows up here.
+``Injection.ext_reply``: the backend drops the extended injection's replies with one
+comparison against bytes computed once per context (inject.py ``_ext_reply``). A wrong
+guess would be safe (the replies are then matched one by one) but slow: this checks, on the
+real server, that the guess is what Postgres sends, so a change of ``CTX_SQL`` that changes
+its row shows up here.
+Then two tenants take turns on ONE pooled server with exactly the batch shapes the fast
+path takes (P/B/D/E/S of "", B/D/E/S of a named statement), one of them also sending the
+same shape with a statement the guard refuses: each victim's next transaction must see its
+own context, rows and role.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -23,6 +29,9 @@ from pgtenant.protocol.inject import (
     EXECUTE_UNNAMED,
     Injection,
 )
+
+from .conftest import ProxyProcess
+from .rawpg import RawPg, describe_portal, errors, rows, sqlstates
 
 
 async def _exchange(cluster: PostgresCluster, frames: bytes) -> bytes:
@@ -69,3 +78,54 @@ async def test_ext_reply_is_what_postgres_answers_to_the_injection(
                           + CLOSE_UNNAMED_PORTAL + codec.sync())
     parse_complete = codec.frame(ord("1"), b"")
     assert got == parse_complete + inj.ext_reply + codec.ready_for_query(b"I"), got
+
+
+_WHO = "SELECT current_setting('app.tenant_id'), current_user, $1::text"
+
+
+def _unnamed_batch(sql: str, param: bytes) -> bytes:
+    """pgbench -M extended's shape: the one the fast path takes."""
+    return (codec.parse("", sql) + codec.bind("", "", [param]) + describe_portal()
+            + codec.execute() + codec.sync())
+
+
+def _named_batch(stmt: str, param: bytes) -> bytes:
+    """pgbench -M prepared's shape."""
+    return codec.bind("", stmt, [param]) + describe_portal() + codec.execute() + codec.sync()
+
+
+async def test_tenants_alternating_on_one_server_through_the_fast_path_keep_their_context(
+        start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(pool_size=1)
+    env = proxy.env
+    slugs = ("initech", "umbrella")
+    raws = {slug: await RawPg.tenant(proxy, slug) for slug in slugs}
+    try:
+        for raw in raws.values():  # a named statement each (renamed to a global one)
+            msgs = await raw.request(codec.parse("who", _WHO) + codec.sync())
+            assert not errors(msgs), msgs
+        for i in range(12):
+            for slug, raw in raws.items():
+                tenant = env.tenants[slug]
+                param = f"{slug}-{i}".encode()
+                batch = _unnamed_batch(_WHO, param) if i % 2 else _named_batch("who", param)
+                msgs = await raw.request(batch)
+                assert [m.type for m in msgs] == (["1", "2", "T", "D", "C", "Z"] if i % 2
+                                                  else ["2", "T", "D", "C", "Z"]), msgs
+                assert rows(msgs) == [[str(tenant.org_id), tenant.role, param.decode()]]
+                assert msgs[-1].body == b"I"
+            # The attacker's turn, same shape: the guard still judges the Parse text.
+            attacker, victim = raws["initech"], raws["umbrella"]
+            forged = str(env.tenants["initech"].org_id)  # left in the session, if it could
+            msgs = await attacker.request(_unnamed_batch(
+                f"SELECT set_config('app.tenant_id', '{forged}', false), $1::text", b"x"))
+            assert sqlstates(msgs) and not rows(msgs), msgs
+            msgs = await victim.request(_unnamed_batch(_WHO, b"v"))
+            assert rows(msgs) == [[str(env.tenants["umbrella"].org_id),
+                                   env.tenants["umbrella"].role, "v"]], msgs
+            msgs = await attacker.request(_named_batch("who", b"a"))
+            assert rows(msgs) == [[str(env.tenants["initech"].org_id),
+                                   env.tenants["initech"].role, "a"]], msgs
+    finally:
+        for raw in raws.values():
+            raw.abort()
