@@ -28,6 +28,7 @@ COMPILED = [
         "backend", "codec", "constants", "encoding", "frames", "freshness", "frontend",
         "handshake", "inject", "ledger", "listen", "local", "prepared", "pump", "redirect",
         "replay", "replies", "settings", "sql", "startup", "textcache", "tracker",
+        "extended",  # frontend.py's extended-protocol handlers (split off, issue 16)
     )
 ]
 

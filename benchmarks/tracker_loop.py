@@ -9,12 +9,15 @@ server on NEED_SERVER, pump again, feed the server's replies, release when
   injected context prefix whose replies the tracker drops;
 * ``extended``: Parse/Bind/Describe/Execute of the unnamed statement, then Bind/Describe/
   Execute of a named one prepared earlier (pgbench -M prepared's shape), and Sync, behind the
-  extended-protocol context injection.
+  extended-protocol context injection;
+* ``unnamed``: ``pgbench -M extended``'s batch, Parse/Bind/Describe/Execute/Sync of "";
+* ``prepared``: ``pgbench -M prepared``'s batch, Bind/Describe/Execute/Sync of a named one.
 
 The server's replies are computed once from what the tracker sent (a small reply model of
 Postgres) and then replayed as fixed bytes, so the loop times the tracker only.
 
-Usage: ``python -m benchmarks.tracker_loop [-n ITERATIONS] [--repeat 5]``; prints
+Usage: ``python -m benchmarks.tracker_loop [-n ITERATIONS] [--repeat 5] [--cases a,b]
+[--calls]``; prints
 which protocol core runs (``PGTENANT_PURE=1`` for the pure one) and µs per transaction,
 best of ``--repeat`` runs, for each transaction.
 """
@@ -22,6 +25,8 @@ best of ``--repeat`` runs, for each transaction.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import struct
 import time
 import uuid
@@ -65,9 +70,21 @@ def _make_link() -> Link:
                 max_message_size=1 << 20, guard=lambda sql: None)
 
 
+def _ctx_row(link: Link) -> bytes:
+    """The row Postgres answers to the Execute of the context statement (inject.CTX_SQL):
+    each ``set_config`` gives back the value it set, and the count of the client's settings."""
+    inj = link.injection
+    ctx = inj.context
+    tenant_id, tenant_type, entity_id = (v for _, v in ctx.gucs)
+    return codec.data_row([tenant_id, tenant_type, entity_id, inj.signature,
+                           len(inj.settings), ctx.search_path_value, ctx.role])
+
+
 def _replies(link: Link, sent: bytes) -> bytes:
-    """What Postgres answers to ``sent`` (one successful round; rows of one int)."""
+    """What Postgres answers to ``sent`` (one successful round; rows of one int, the
+    context statement's row as Postgres sends it)."""
     out = bytearray()
+    ctx_portal = False
     pos = 0
     while pos < len(sent):
         t = sent[pos]
@@ -81,12 +98,13 @@ def _replies(link: Link, sent: bytes) -> bytes:
             out += codec.frame(ord("1"), b"")
         elif t == ord("B"):
             out += codec.frame(ord("2"), b"")
+            ctx_portal = body.split(b"\x00", 2)[1].startswith(b"__pgtenant_ctx_")
         elif t == ord("D"):
             if body[:1] == b"S":
                 out += codec.frame(ord("t"), b"\x00\x01\x00\x00\x00\x17")
             out += _ROWDESC
         elif t == ord("E"):
-            out += _ROW + codec.command_complete("SELECT 1")
+            out += (_ctx_row(link) if ctx_portal else _ROW) + codec.command_complete("SELECT 1")
         elif t == ord("C"):
             out += codec.frame(ord("3"), b"")
         elif t == ord("S"):
@@ -153,16 +171,70 @@ def _extended_case() -> Callable[[int], float]:
     return run
 
 
+def _batch_case(batches: list[bytes]) -> Callable[[int], float]:
+    """One shape of extended batch, steady state (the named statement ``s1`` prepared)."""
+    link, server = _make_link(), _Server()
+    _transaction(link, server, codec.parse("s1", _SELECT_P) + codec.sync(), None)
+    sent = _transaction(link, server, batches[0], None)
+    reply = _replies(link, sent)
+    again = _transaction(link, server, batches[0], None)
+    assert again == sent, (again, sent)
+
+    def run(n: int) -> float:
+        step = _transaction
+        t0 = time.process_time()
+        for i in range(n):
+            step(link, server, batches[i % 1000], reply)
+        return time.process_time() - t0
+    return run
+
+
+def _unnamed_case() -> Callable[[int], float]:
+    """``pgbench -S -M extended``: Parse/Bind/Describe/Execute/Sync of the unnamed statement."""
+    return _batch_case([
+        codec.parse("", _SELECT_P) + codec.bind("", "", [str(aid).encode()])
+        + codec.frame(ord("D"), b"P\x00") + codec.execute() + codec.sync()
+        for aid in range(1, 1001)])
+
+
+def _prepared_case() -> Callable[[int], float]:
+    """``pgbench -S -M prepared``: Bind/Describe/Execute/Sync of a named statement."""
+    return _batch_case([
+        codec.bind("", "s1", [str(aid).encode()])
+        + codec.frame(ord("D"), b"P\x00") + codec.execute() + codec.sync()
+        for aid in range(1, 1001)])
+
+
+_CASES: dict[str, Callable[[], Callable[[int], float]]] = {
+    "simple": _simple_case, "extended": _extended_case, "unnamed": _unnamed_case,
+    "prepared": _prepared_case}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=20_000, help="transactions per run")
     parser.add_argument("--repeat", type=int, default=5, help="runs; the best one counts")
+    parser.add_argument("--cases", default=",".join(_CASES),
+                        help="comma-separated: " + ", ".join(_CASES))
+    parser.add_argument("--calls", action="store_true",
+                        help="print Python-level calls per transaction (cProfile; use the "
+                             "pure core, PGTENANT_PURE=1, to see the protocol's own calls)")
     args = parser.parse_args(argv)
     # Compiled or pure (PGTENANT_PURE=1) makes a 2x difference: say which one was timed.
     print(f"protocol core: {build_kind()}")
-    for name, make in (("simple", _simple_case), ("extended", _extended_case)):
-        run = make()
+    for name in args.cases.split(","):
+        run = _CASES[name]()
         run(min(args.n, 2000))  # warm caches
+        if args.calls:
+            profile = cProfile.Profile()
+            profile.enable()
+            run(args.n)
+            profile.disable()
+            stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+            calls = sum(entry[1] for entry in stats.values())
+            print(f"{name:9s} {calls / args.n:7.1f} calls/transaction (cProfile, builtins "
+                  f"included, {args.n} transactions)")
+            continue
         best = min(run(args.n) for _ in range(args.repeat))
         print(f"{name:9s} {best / args.n * 1e6:7.2f} µs/transaction "
               f"(best of {args.repeat} x {args.n})")

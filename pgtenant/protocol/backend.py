@@ -23,6 +23,11 @@ through ``_ready`` (``Z``, the commonest) or ``_special``:
   schema for emptying; other notices pass.
 * ``G``/``W``: the server entered COPY-in mode (``_copy_started``).
 
+The injected context's replies are dropped with one comparison when they arrived whole:
+``Injection.q_reply`` for the simple-query prefix, ``Injection.ext_reply`` for the extended
+injection (``_injection_dropped``, which also forwards the client's Parse/BindComplete that
+follow unlooked-at). A miss costs only the frame-by-frame path below.
+
 Every reply is matched against what was sent (the server is the source of truth, issue #10):
 a ReadyForQuery before what a segment owes, a frame with nothing outstanding, or a COPY the
 model cannot place raise ServerProtocolError, and the owner closes that server and ends the
@@ -38,6 +43,7 @@ from typing import TYPE_CHECKING, Final
 from ..errors import ServerProtocolError
 from . import codec, frames
 from .constants import (
+    BIND_COMPLETE,
     COPY_BOTH_RESPONSE,
     COPY_IN_RESPONSE,
     ERROR_RESPONSE,
@@ -49,6 +55,7 @@ from .constants import (
     NOTICE_RESPONSE,
     NOTIFICATION_RESPONSE,
     PARAMETER_STATUS,
+    PARSE_COMPLETE,
     READY_FOR_QUERY,
     TEMP_NOTICE,
     TXN_IDLE,
@@ -67,6 +74,7 @@ from .ledger import (
 )
 from .listen import Listens
 from .prepared import PreparedStatements
+from .replies import BIND_DROP, CLOSE_DROP, EXEC_DROP
 from .settings import SessionSettings
 
 if TYPE_CHECKING:
@@ -78,6 +86,8 @@ __all__ = ["Backend"]
 _unpack_i32 = frames.unpack_length
 _PLAN_CHANGED: Final = b"0A000"  # feature_not_supported: "cached plan must not change ..."
 _TEMP_NOTICE: Final = TEMP_NOTICE.encode()
+_PARSE_COMPLETE: Final = codec.frame(PARSE_COMPLETE, b"")
+_BIND_COMPLETE: Final = codec.frame(BIND_COMPLETE, b"")
 
 
 class Backend:
@@ -132,6 +142,12 @@ class Backend:
             if n > pos and data[pos] not in NOT_A_REPLY:
                 head.await_first = False  # the client's first reply is here already
             ledger.update_pass()
+        elif (head is not None and pos == 0 and head.expect and head.expect[0] is BIND_DROP
+                and injection.ext_reply and data.startswith(injection.ext_reply)):
+            # The common case of an extended injection: its replies, fixed per context
+            # (Injection.ext_reply), all arrived in one piece; dropped with one comparison.
+            pos = self._injection_dropped(head, head.expect, data, len(injection.ext_reply))
+            span = len(injection.ext_reply) if pos else 0
         front = self.front
         while n - pos >= 5:
             t = data[pos]
@@ -383,6 +399,46 @@ class Backend:
         if owed:
             return (bytes(frame) if forward else b"") + owed
         return frame if forward else None
+
+    def _injection_dropped(self, head: Segment, expect: deque[Expected], data: bytes,
+                           pos: int) -> int:
+        """The extended injection's replies (``_INJECTED``: Bind, Execute, Close, all DROP)
+        are the first ``pos`` bytes of ``data``: they are dropped. The client's own
+        ParseComplete and BindComplete that follow are forwarded as they are, without a
+        look each (an answered Bind cannot fail any more: no replay, no stale mark), and the
+        rest of a synced batch is passed through (``_forward_rest``).
+
+        Returns: where the frames still to be looked at start (those before are forwarded).
+        A SYNTH reply right behind the injection (the general path emits it there) or
+        anything unexpected: nothing is done and 0 is returned, so the loop matches all.
+        """
+        if (len(expect) < 3 or expect[1] is not EXEC_DROP or expect[2] is not CLOSE_DROP
+                or (len(expect) > 3 and expect[3].action == SYNTH)):
+            return 0
+        expect.popleft()
+        expect.popleft()
+        expect.popleft()
+        n = len(data)
+        while len(expect) > 1 and n - pos >= 5:
+            entry = expect[0]
+            if entry.action != FWD or expect[1].action == SYNTH:
+                break  # the proxy's own, or a SYNTH reply due right after it
+            if entry.kind == ReplyKind.PARSE:
+                frame = _PARSE_COMPLETE
+            elif entry.kind == ReplyKind.BIND:
+                frame = _BIND_COMPLETE
+            else:
+                break
+            if not data.startswith(frame, pos):
+                break
+            expect.popleft()
+            pos += 5
+            if head.replay is not None and head.replay.entry is entry:
+                head.replay = None  # only a failed Bind of this entry could be healed
+        if expect and expect[0].action == FWD:
+            self._forward_rest(expect)
+        self.ledger.update_pass()
+        return pos
 
     def _forward_rest(self, expect: deque[Expected]) -> None:
         """After the proxy's own replies of a synced batch: when everything still owed is

@@ -29,7 +29,8 @@ statements become ``CALL pgtenant.refuse(...)``; named statements are renamed to
 DISCARD ALL of the client's own view are answered locally; plain SETs are noted and replayed
 with every later context (settings.py); statements that leave session state pin the server
 to the client once they succeeded. Extended-protocol messages are handled by one method per
-message type (``_DISPATCH``), one table for all links.
+message type of the ``ExtendedMessages`` base (extended.py, ``DISPATCH``), one table for all
+links.
 
 The server is the source of truth (issue #10); SQL text may only make the tracker more
 careful: the context is skipped only on a status the server reported with nothing in flight
@@ -50,11 +51,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from ..errors import ClientProtocolError
-from . import codec, frames, local, redirect
+from . import codec, frames, local
 from .constants import (
     BIND,
     CLOSE,
-    CLOSE_COMPLETE,
     COPY_DATA,
     COPY_DONE,
     COPY_FAIL,
@@ -65,39 +65,18 @@ from .constants import (
     PARSE,
     QUERY,
     SYNC,
-    TARGET_STATEMENT,
     TXN_IDLE,
 )
 from .constants import TERMINATE as TERMINATE_MESSAGE
+from .extended import DISPATCH, ExtendedMessages
 from .frames import MIN_LENGTH, FrameError, client_frame_error
 from .inject import CLOSE_UNNAMED_PORTAL, EXECUTE_UNNAMED, Q_DROP
 from .ledger import Ledger, Segment
 from .local import WAIT
-from .prepared import UNKNOWN_TXN, PreparedStatements
+from .prepared import PreparedStatements
 from .pump import HOLD, IDLE, NEED_SERVER, TERMINATE, Pump
-from .refusal import (
-    FUNCTION_CALL_REFUSAL,
-    StatementPolicy,
-    Verdict,
-    check_statement_name,
-    refusal_sql,
-    refused_parse,
-)
-from .replay import LIMIT as REPLAY_LIMIT
-from .replay import Replay
-from .replies import (
-    BIND_FWD,
-    CLOSE_FWD,
-    DESC_P_FWD,
-    DESC_S_FWD,
-    EXEC_FWD,
-    PARSE_FWD,
-    QUERY_FWD,
-    Expected,
-    ReplyAction,
-    ReplyKind,
-    expected,
-)
+from .refusal import FUNCTION_CALL_REFUSAL, StatementPolicy, refusal_sql
+from .replies import QUERY_FWD
 from .settings import SessionSettings
 from .sql import (
     DROPS_STATEMENTS,
@@ -112,7 +91,6 @@ from .sql import (
 
 if TYPE_CHECKING:
     from ..stats import LabelStats
-    from .listen import Listens
 
 __all__ = ["HOLD", "IDLE", "NEED_SERVER", "TERMINATE", "Frontend", "Pump"]
 
@@ -128,8 +106,6 @@ _CLIENT_TYPES: Final = _CLIENT_EXTENDED | _CLIENT_COPY | frozenset(
     (QUERY, SYNC, TERMINATE_MESSAGE, FUNCTION_CALL))
 _QUERY_BYTE: Final = bytes((QUERY,))
 _SYNC_FRAME: Final = codec.sync()
-_CLOSE_COMPLETE: Final = codec.frame(CLOSE_COMPLETE, b"")
-_CLOSE_SYNTH: Final = Expected(ReplyKind.CLOSE, ReplyAction.SYNTH, _CLOSE_COMPLETE)
 _ROLLBACK: Final = re.compile(rb"(?i)\b(rollback|abort)\b")
 # The reset of a server that changes tenant (ARCHITECTURE §5: a server changes tenant
 # empty): settings, prepared statements (the proxy's too), portals, temp objects, sequence
@@ -141,53 +117,32 @@ _LOCAL_FLAGS: Final = DROPS_STATEMENTS | SESSION_STATE  # what local_command's t
 _LOCAL_PARSE_MAX: Final = 256
 _INJECTION_TAIL: Final = EXECUTE_UNNAMED + CLOSE_UNNAMED_PORTAL
 
-# An extended-protocol message handler: (frontend, buf, pos, end, span, out, reply, seg,
-# fresh) -> the new start of the bytes not yet copied to ``out``.
-_Handler = Callable[["Frontend", bytearray, int, int, int, bytearray, bytearray, Segment, bool],
-                    int]
 
-
-class Frontend:
+class Frontend(ExtendedMessages):
     """The client side of a link: cuts the client's frames and sends them on, rewritten."""
 
     # issue 16: no __dict__ per client
-    __slots__ = ("_ended_in_batch", "_plain_text", "attached", "cbuf", "client_pid", "copy_in",
-                 "guard", "held", "ledger", "listens", "local_named", "max_message_size",
-                 "open_extended", "outside_txn", "refused", "replaying", "settings",
-                 "skip_to_sync", "stats", "stmts")
+    __slots__ = ("copy_in", "held", "open_extended", "outside_txn", "skip_to_sync", "stats")
 
     def __init__(self, ledger: Ledger, stmts: PreparedStatements, settings: SessionSettings,
                  max_message_size: int, guard: StatementPolicy | None,
                  outside_txn: Callable[[bytes], bool] | None):
-        self.ledger = ledger
-        self.stmts = stmts
-        self.settings = settings
-        self.max_message_size = max_message_size
-        self.guard = guard  # statement policy (refusal.Verdict)
+        super().__init__(ledger, stmts, settings, max_message_size, guard)
         # Whether a refused statement may run outside a transaction block for this tenant.
         self.outside_txn = outside_txn
-        self.refused = 0
-        self.client_pid = 0  # the pid the client's BackendKeyData reported (its own)
-        self.local_named: dict[bytes, bytes] = {}  # named statements local.py answers
         # The client's (database, tenant type) counters (metrics.py), set by its owner.
         self.stats: LabelStats | None = None
-        self.cbuf = bytearray()  # client bytes not yet handled
-        self.attached = False
         self.open_extended = False  # an extended batch was started and not yet synced
         self.held = False  # pump stopped with HOLD
         self.skip_to_sync = False  # a failed extended batch: discard until Sync, as Postgres does
         # The server is in COPY-in mode: from its CopyInResponse until the client's
         # CopyDone/CopyFail or the server's ErrorResponse (see Backend._copy_started).
         self.copy_in = False
-        self._plain_text = b""  # a plain Query's text, classified before NEED_SERVER
-        self._ended_in_batch = False  # the open batch executed something that may end a txn
-        self.replaying = False  # a healed batch (replay.py) is being re-sent: never healed twice
-        self.listens: Listens | None = None  # LISTEN/NOTIFY (listen.py); None: refused
 
     def attach(self) -> None:
         """A server was attached: it is idle, outside COPY, and owes nothing."""
         self.attached = True
-        self._ended_in_batch = False
+        self.ended_in_batch = False
         self.copy_in = False
 
     # ------------------------------------------------------------------ segments
@@ -254,24 +209,8 @@ class Frontend:
         if flags & MAY_COPY_IN:
             seg.may_copy = True
         sets = self.settings.replayable_sets(sql) if flags & SESSION_STATE else None
-        self._session_effects(seg, flags, sets or ())
+        self.session_effects(seg, flags, sets or ())
         return flags
-
-    def _session_effects(self, seg: Segment, flags: int,
-                         sets: tuple[tuple[str, str | None], ...]) -> None:
-        """What running a statement with ``flags`` does to the server's session."""
-        if flags & DROPS_STATEMENTS:
-            self.stmts.statements_dropped()
-            self.settings.session_dirty = True
-        self.stmts.catalog_sent(seg, flags)  # DDL: statements parsed before may be stale
-        if flags & SESSION_STATE:
-            self.settings.session_dirty = True
-            seg.sets += sets
-            if not sets:
-                # LISTEN, WITH HOLD cursors, session advisory locks, SQL PREPARE, temp
-                # objects...: once it succeeded, the client keeps this server for the rest
-                # of its session, as session mode would (plain SETs are replayed instead).
-                seg.pins = True
 
     # ------------------------------------------------------------------ the pump
 
@@ -288,18 +227,36 @@ class Frontend:
         self.held = False
         if buf[:1] == _QUERY_BYTE and not (
                 self.skip_to_sync or self.open_extended or ledger.unsure
-                or self._ended_in_batch or self.copy_in
+                or self.ended_in_batch or self.copy_in
                 or (pending and pending[-1].may_copy)):
             fast = self._one_plain_query()
             if fast is not None:
                 return fast
+        elif buf and (buf[0] == PARSE or buf[0] == BIND) and not (
+                pending or self.skip_to_sync or self.open_extended or self.copy_in
+                or self.replaying or self.local_named or self.ended_in_batch):
+            # The common extended batch (extended.py): one pass, or None and the loop below.
+            fast = self.one_batch()
+            if fast is not None:
+                return fast
+        return self.pump_frames()
+
+    def pump_frames(self) -> tuple[bytes, bytes, Pump]:
+        """``pump`` without its fast paths: every frame through the general loop (the
+        reference the fast paths are tested against, tests/unit/test_ext_fast_path.py).
+
+        Returns / Raises: as ``pump``.
+        """
+        buf = self.cbuf
+        ledger = self.ledger
+        pending = ledger.pending
         n = len(buf)
         pos = 0
         span = 0
         out = bytearray()
         reply = bytearray()
         outcome: Pump = IDLE
-        dispatch = _DISPATCH
+        dispatch = DISPATCH
         limit = self.max_message_size
         while n - pos >= 1:
             t = buf[pos]
@@ -395,7 +352,7 @@ class Frontend:
                 self._simple(buf, pos, end, out, t, text, text_flags, inject)
                 span = pos = end
                 continue
-            if self._ended_in_batch and (t == QUERY or (t in _CLIENT_EXTENDED and t != FLUSH)):
+            if self.ended_in_batch and (t == QUERY or (t in _CLIENT_EXTENDED and t != FLUSH)):
                 # The batch executed COMMIT/ROLLBACK/CALL and goes on: what follows would run
                 # in a new transaction without the tenant's context. Close this part with a
                 # Sync of our own (its ReadyForQuery is hidden) and judge the rest as a new
@@ -410,7 +367,7 @@ class Frontend:
                 last.replay = None
                 ledger.mark_txn(last)
                 self.open_extended = False
-                self._ended_in_batch = False
+                self.ended_in_batch = False
                 continue
             if t == QUERY:  # a Query inside an unsynced extended batch shares its ReadyForQuery
                 self.open_extended = False
@@ -427,7 +384,7 @@ class Frontend:
                 else:
                     if verdict is not None:  # run the rewritten text instead
                         out += buf[span:pos]
-                        out += codec.query(self._rewritten(verdict))
+                        out += codec.query(self.rewritten(verdict))
                         span = end
                     self._note_sql(seg, text, text_flags)
                 ledger.mark_txn(seg)
@@ -489,7 +446,7 @@ class Frontend:
                 pos = end
                 continue
             if t == SYNC:
-                self._ended_in_batch = False
+                self.ended_in_batch = False
                 if self.open_extended:
                     self.open_extended = False
                     last = pending[-1]
@@ -530,7 +487,7 @@ class Frontend:
         else:
             verdict = self.guard(text) if self.guard is not None and not rewritten else None
             refusal = verdict if isinstance(verdict, str) else None
-            rewritten = (self._rewritten(verdict) if verdict is not None
+            rewritten = (self.rewritten(verdict) if verdict is not None
                          and not isinstance(verdict, str) else rewritten)
         if (refusal is not None and inject and t == QUERY and self.outside_txn is not None
                 and self.outside_txn(text)):
@@ -573,133 +530,6 @@ class Frontend:
         if text:
             self._note_sql(seg, text, text_flags)
 
-    # ------------------------------------------------------------------ extended messages
-
-    def _parse(self, buf: bytearray, pos: int, end: int, span: int, out: bytearray,
-               reply: bytearray, seg: Segment, fresh: bool) -> int:
-        name, npos = codec.read_cstring(buf, pos + 5, limit=end)
-        check_statement_name(name)
-        if self.local_named:
-            self.local_named.pop(name, None)  # the name now holds another statement
-        sql, tpos = codec.read_cstring(buf, npos, limit=end)
-        types = bytes(buf[tpos:end])
-        rewritten = self.listens.parse(name, sql, self.settings.encoding) if self.listens else None
-        if rewritten:  # NOTIFY rewritten, LISTEN a no-op (listen.py): it does what they do
-            sql = rewritten
-        text = sql
-        verdict: Verdict = rewritten or (self.guard(sql) if self.guard is not None else None)
-        if isinstance(verdict, str):
-            self.refused += 1
-            text, types = refused_parse(verdict, sql, types)
-            sql = b""
-        stmts = self.stmts
-        text, flags = stmts.dealloc_text(name, sql, text, classify(sql))  # renamed DEALLOCATE
-        if name:
-            # Renamed to a proxy-global statement (prepared.py).
-            out += buf[span:pos]
-            span = end
-            if verdict is not None and not isinstance(verdict, str):
-                text = self._rewritten(verdict, out, name)  # (what it does: ``sql``'s)
-            reply += stmts.parse_named(out, name, text, types)
-        else:
-            if verdict is not None or text is not sql:
-                out += buf[span:pos]
-                span = end
-                if verdict is not None and not isinstance(verdict, str):
-                    text = self._rewritten(verdict, out)  # (what it does: ``sql``'s)
-                out += codec.frame(PARSE, b"\x00" + text + b"\x00" + types)
-            self.ledger.expect(PARSE_FWD)
-            stmts.parsed_unnamed(text, types, seg)
-        # What the statement does is noted now and applied at each Bind: a named statement
-        # may run again in later transactions, on other servers.
-        sets = self.settings.replayable_sets(sql) if flags & SESSION_STATE else None
-        stmts.note_statement(name, flags, sets or ())
-        return span
-
-    def _bind(self, buf: bytearray, pos: int, end: int, span: int, out: bytearray,
-              reply: bytearray, seg: Segment, fresh: bool) -> int:
-        stmts = self.stmts
-        portal, npos = codec.read_cstring(buf, pos + 5, limit=end)
-        stmt, rest = codec.read_cstring(buf, npos, limit=end)
-        check_statement_name(stmt)
-        flags = stmts.stmt_flags.get(stmt, UNKNOWN_TXN)
-        stmts.portal_flags[portal] = flags & (TXN_CONTROL | TXN_END | MAY_COPY_IN)
-        if self.listens is not None:
-            self.listens.bind(portal, stmt)
-        self._session_effects(seg, flags, stmts.stmt_sets.get(stmt, ()))
-        mapped = stmts.client.get(stmt) if stmt else None
-        if not stmt or stmts.deallocs:  # what the statement needs on the server first
-            out += buf[span:pos]
-            span = pos
-            stmts.before_bind(out, stmt)
-        if mapped is None:
-            self.ledger.expect(BIND_FWD)
-            return span
-        out += buf[span:pos]
-        global_name = stmts.use(out, mapped)
-        out += codec.frame(BIND, portal + b"\x00" + global_name + b"\x00" + bytes(buf[rest:end]))
-        entry = expected(ReplyKind.BIND, ReplyAction.FWD, global_name)  # its own: replay.py
-        self.ledger.expect(entry)
-        if fresh and end - pos <= REPLAY_LIMIT:
-            seg.replay = Replay(entry, buf[pos:end])
-        return end
-
-    def _execute(self, buf: bytearray, pos: int, end: int, span: int, out: bytearray,
-                 reply: bytearray, seg: Segment, fresh: bool) -> int:
-        portal, _ = codec.read_cstring(buf, pos + 5, limit=end)
-        flags = self.stmts.portal_flags.get(portal, UNKNOWN_TXN)
-        if self.listens is not None and self.listens.portal_ops:
-            self.listens.execute(portal)
-        if flags:
-            self.ledger.mark_txn(seg)
-        if flags & MAY_COPY_IN:
-            seg.may_copy = True
-        if flags & TXN_END:
-            self._ended_in_batch = True
-        self.ledger.expect(EXEC_FWD)
-        return span
-
-    def _close_or_describe(self, buf: bytearray, pos: int, end: int, span: int,
-                           out: bytearray, reply: bytearray, seg: Segment,
-                           fresh: bool) -> int:
-        t = buf[pos]
-        stmts = self.stmts
-        what = buf[pos + 5] if end - pos > 5 else 0
-        name = b""
-        if what == TARGET_STATEMENT:
-            name, _ = codec.read_cstring(buf, pos + 6, limit=end)
-            check_statement_name(name)
-        mapped = stmts.client.get(name) if name else None
-        if t == CLOSE and name:
-            # Only the client's name goes away; the global statement stays on the server for
-            # others. Postgres answers CloseComplete even for a name that does not exist, and
-            # so do we.
-            stmts.close(name)
-            self.local_named.pop(name, None)
-            out += buf[span:pos]
-            reply += self.ledger.expect(_CLOSE_SYNTH)
-            return end
-        if t == CLOSE:
-            self.ledger.expect(CLOSE_FWD)
-        elif mapped is not None:
-            out += buf[span:pos]
-            global_name = stmts.use(out, mapped)
-            out += codec.frame(DESCRIBE, bytes((TARGET_STATEMENT,)) + global_name + b"\x00")
-            self.ledger.expect(DESC_S_FWD)
-            return end
-        elif what == TARGET_STATEMENT and not name:
-            out += buf[span:pos]
-            span = pos
-            stmts.ensure_unnamed(out)
-            self.ledger.expect(DESC_S_FWD)
-        else:
-            self.ledger.expect(DESC_S_FWD if what == TARGET_STATEMENT else DESC_P_FWD)
-        return span
-
-    def _flush(self, buf: bytearray, pos: int, end: int, span: int, out: bytearray,
-               reply: bytearray, seg: Segment, fresh: bool) -> int:
-        return span  # forwarded as it is: it asks the server for what it owes so far
-
     # ------------------------------------------------------------------ answered locally
 
     def _one_plain_query(self) -> tuple[bytes, bytes, Pump] | None:
@@ -717,12 +547,12 @@ class Frontend:
             return None  # a bad length included: the general path words the error
         text = bytes(buf[5 : n - 1])
         # The pass before a server was attached (NEED_SERVER) classified this same text.
-        if text != self._plain_text and classify(text):
+        if text != self.plain_text and classify(text):
             return None
         if not self.attached:
-            self._plain_text = text
+            self.plain_text = text
             return b"", b"", NEED_SERVER
-        self._plain_text = b""
+        self.plain_text = b""
         settings = self.settings
         if settings.encoding != settings.server_encoding or settings.reset_pending:
             return None
@@ -735,13 +565,6 @@ class Frontend:
         prefix = injection.q_prefix
         return (_pack_header(QUERY, 5 + len(prefix) + len(text)) + prefix + text + b"\x00",
                 b"", IDLE)
-
-    def _rewritten(self, verdict: bytes | tuple[bytes, ...], out: bytearray | None = None,
-                   name: bytes | None = None) -> bytes:
-        """The text the guard rewrote, its holes filled (redirect.fill)."""
-        if isinstance(verdict, bytes):
-            return verdict
-        return redirect.fill(verdict, self.stmts, self.client_pid, out, name)
 
     def _answer_locally(self, sql: bytes) -> bytes | None:
         """A session command the proxy answers itself (local.py), sent as a Query.
@@ -782,9 +605,3 @@ class Frontend:
         self.skip_to_sync = True
         return error
 
-
-# One handler per extended-protocol message type, for all links (bound per link: 700 bytes).
-_DISPATCH: Final[dict[int, _Handler]] = {
-    PARSE: Frontend._parse, BIND: Frontend._bind, EXECUTE: Frontend._execute,
-    CLOSE: Frontend._close_or_describe, DESCRIBE: Frontend._close_or_describe,
-    FLUSH: Frontend._flush}

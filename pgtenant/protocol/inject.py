@@ -39,7 +39,14 @@ from typing import Final
 
 from ..identity.context import TenantContext, context_signature, quote_ident, quote_literal
 from . import codec
-from .constants import CLOSE, COMMAND_COMPLETE, TARGET_PORTAL, TARGET_STATEMENT
+from .constants import (
+    BIND_COMPLETE,
+    CLOSE,
+    CLOSE_COMPLETE,
+    COMMAND_COMPLETE,
+    TARGET_PORTAL,
+    TARGET_STATEMENT,
+)
 
 __all__ = [
     "CLOSE_UNNAMED_PORTAL",
@@ -125,21 +132,25 @@ class Injection:
             case is dropped with one ``startswith``; else b"".
         q_shift: characters the prefix adds, to shift ErrorResponse positions back.
         ext_bind: the Bind of ``CTX_STATEMENT`` to the unnamed portal with this context.
+        ext_reply: the exact replies to ``ext_bind`` + Execute + Close of the portal in a
+            UTF-8 session (``_ext_reply``), so the common case is dropped with one
+            ``startswith``; anything else is matched reply by reply.
         signature: ``app.tenant_sig`` ('' when the database has no signing key).
         managed: the lower-case names of ``settings`` (their ParameterStatus is the proxy's).
 
     Never changed once built: ``injection`` shares one between clients.
     """
 
-    __slots__ = ("_omit", "_signing_key", "context", "ext_bind", "managed", "q_drop",
-                 "q_prefix", "q_reply", "q_session", "q_shift", "set_local", "settings",
-                 "signature", "tenant_key")
+    __slots__ = ("_omit", "_signing_key", "context", "ext_bind", "ext_reply", "managed",
+                 "q_drop", "q_prefix", "q_reply", "q_session", "q_shift", "set_local",
+                 "settings", "signature", "tenant_key")
 
     def __init__(self, context: TenantContext, signing_key: bytes | None = None,
                  settings: tuple[tuple[str, str], ...] = (), *, set_local: bool = True,
                  omit: frozenset[str] = frozenset()):
-        """``omit``: the OMITTABLE names every server's session holds as '' (checked by the
-        app at start): a SET LOCAL of '' to them is left out of the simple-query forms."""
+        """``omit``: the OMITTABLE names every server's session holds as '' (its startup
+        parameters, ``SERVER_SESSION``): a SET LOCAL of '' to them is left out of the
+        simple-query forms."""
         self.context = context
         self._omit = omit & OMITTABLE
         self.set_local = set_local  # SET LOCAL statements, else one set_config SELECT
@@ -176,6 +187,9 @@ class Injection:
                   _text_array(n for n, _ in settings), _text_array(v for _, v in settings),
                   context.search_path_value, context.role]
         self.ext_bind: bytes = codec.bind("", CTX_STATEMENT, [v.encode() for v in values])
+        self.ext_reply: bytes = _ext_reply(
+            (tenant_id, tenant_type, entity_id, self.signature, str(len(settings)),
+             context.search_path_value, context.role))
 
     def with_settings(self, settings: tuple[tuple[str, str], ...]) -> Injection:
         """Returns: the same context with the client's settings replaced by ``settings``."""
@@ -204,6 +218,22 @@ def injection(context: TenantContext, signing_key: bytes | None = None,
         found = _cache[key] = Injection(context, signing_key, settings, set_local=set_local,
                                         omit=omit)
     return found
+
+
+def _ext_reply(columns: tuple[str, ...]) -> bytes:
+    """Returns: what Postgres answers to the extended injection (Bind, Execute of
+    ``CTX_SQL``, Close of the unnamed portal) when the context statement is ready:
+    BindComplete, one DataRow, CommandComplete "SELECT 1", CloseComplete.
+
+    ``columns``: the row ``CTX_SQL`` returns: ``set_config`` gives back the value it set, as
+    text (the app.* values, search_path, role), and the count of the client's settings. The
+    bytes assume a UTF-8 session; when the server's differ (another client_encoding, a
+    changed ``CTX_SQL``, an error), the comparison misses and the replies are matched one by
+    one, so a wrong guess costs speed, never a reply dropped that should not be. A test
+    checks them against a real server (tests/integration/test_ext_fast_path.py).
+    """
+    return (codec.frame(BIND_COMPLETE, b"") + codec.data_row(columns)
+            + codec.command_complete("SELECT 1") + codec.frame(CLOSE_COMPLETE, b""))
 
 
 def _set_local_prefix(app: list[tuple[str, str]], settings: tuple[tuple[str, str], ...],

@@ -81,7 +81,7 @@ def test_protocol_package_has_the_expected_modules() -> None:
 # The link tracker's parts, in dependency order: a module may import only those of earlier
 # layers (tracker.py composes the rest). Keeps the split acyclic (a DAG, not a knot).
 TRACKER_LAYERS: tuple[tuple[str, ...], ...] = (
-    ("ledger",), ("prepared", "settings"), ("frontend",), ("backend",), ("tracker",))
+    ("ledger",), ("prepared", "settings"), ("extended",), ("frontend",), ("backend",), ("tracker",))
 TRACKER_LAYERS_FLAT = tuple(name for layer in TRACKER_LAYERS for name in layer)
 
 
