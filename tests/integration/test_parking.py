@@ -83,15 +83,20 @@ def test_a_parked_server_shows_as_idle_and_goes_back_to_its_client(
     proxy = start_proxy(pool_size=3, extra=ADMIN)
     with psycopg.connect(**proxy.conninfo("acme"), autocommit=True) as acme, \
             psycopg.connect(**proxy.conninfo("initech"), autocommit=True) as initech:
-        first = acme.execute("SELECT pg_backend_pid()").fetchone()
+        # Two servers; acme's is given back last, so it is the warmest idle one (LIFO would
+        # hand it to the next client who asks).
+        with acme.transaction():
+            first = acme.execute("SELECT pg_backend_pid()").fetchone()
+            with initech.transaction():
+                initech.execute("SELECT 1")
         pool = _pool(proxy)
         assert (pool["sv_active"], pool["cl_active"], pool["cl_waiting"]) == ("0", "2", "0")
         assert int(pool["sv_idle"]) >= 1
         servers = rows(proxy, "SHOW SERVERS")
         assert {s["state"] for s in servers} == {"idle"} and all(not s["tenant"]
                                                                   for s in servers)
-        # Another client takes a server while acme's is parked: an unparked one (LIFO would
-        # hand it acme's, the warmest), so acme gets its own back.
+        # Another client takes a server while acme's is parked: not acme's, and acme gets
+        # its own back.
         for _ in range(5):
             with initech.transaction():
                 other = initech.execute("SELECT pg_backend_pid()").fetchone()
