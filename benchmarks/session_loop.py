@@ -19,7 +19,6 @@ import argparse
 import cProfile
 import pstats
 import time
-import uuid
 from typing import Any
 
 from pgtenant import build_kind
@@ -151,7 +150,7 @@ def _profile(session: Session, wire: _Transport, queries: list[bytes], reply: by
     stats = pstats.Stats(prof)
     rows = []
     total_calls = 0
-    for (file, line, name), (_, ncalls, tottime, _cum, _) in stats.stats.items():  # type: ignore[attr-defined]
+    for (file, _line, name), (_, ncalls, tottime, _cum, _) in stats.stats.items():  # type: ignore[attr-defined]
         total_calls += ncalls
         if file.endswith(_WATCHED):
             rows.append((file.rsplit("/", 1)[-1], name, ncalls / n, tottime / n * 1e6))

@@ -554,11 +554,11 @@ class PoolState(Generic[S, W]):
             if waiter is None:
                 break  # everyone waiting is at their tenant's cap
             self._dequeue(waiter)
-            server = self._parked_by.get(waiter)  # its own (after a hold, say), else any
-            if server is None:
-                server = self._pick_idle()
-            self._assign(server, waiter.tenant_key, now)
-            d.assign.append((waiter, server))
+            got = self._parked_by.get(waiter)  # its own (after a hold, say), else any
+            if got is None:
+                got = self._pick_idle()
+            self._assign(got, waiter.tenant_key, now)
+            d.assign.append((waiter, got))
         if self.closed or not self.waiting or now < self.retry_at:
             return  # after a failure, the retry waits for the backoff (on_retry, on_tick)
         demand, oldest = self._demand()

@@ -9,13 +9,15 @@ import random
 import pytest
 
 from pgtenant.config import DatabaseConfig, Dsn
+from pgtenant.pool import Pool
 from pgtenant.pool_state import Decisions
 from pgtenant.server import ServerConnection, ServerState
 
 from .test_pool import Clock, FakeWaiter, check_containers, make_pool
 
 
-def _parked(pool_size: int, clock: Clock | None = None):  # type: ignore[no-untyped-def]
+def _parked(pool_size: int, clock: Clock | None = None
+            ) -> tuple[Pool, list[ServerConnection], FakeWaiter, ServerConnection]:
     """Returns: (pool, servers, owner, its parked server)."""
     pool, servers = make_pool(pool_size, clock=clock)
     owner = FakeWaiter("owner", tenant="a")
@@ -108,7 +110,7 @@ def test_pause_closes_a_parked_server_and_the_owner_waits() -> None:
 
 
 def test_a_closed_pool_refuses_the_owner_of_a_parked_server() -> None:
-    pool, servers, owner, server = _parked(2)
+    pool, _, owner, _ = _parked(2)
     pool.closed = True
     with pytest.raises(Exception, match="shutting down"):
         pool.acquire(owner)
