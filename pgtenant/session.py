@@ -15,7 +15,12 @@ back only when the Link says ``can_release`` (ReadyForQuery 'I', no reply owed, 
 open) and the session is not pinned; if the transaction left session state behind
 (``session_dirty``) the server is closed instead, so nothing follows it to another tenant
 (ARCHITECTURE §4, fail closed); if the server reported temporary objects (``temp_made``)
-it is emptied with DISCARD TEMP first, or closed when that fails. The other ends:
+it is emptied with DISCARD TEMP first, or closed when that fails. A clean server given back
+while nobody waits is parked (``Pool.park``, issue 16): an idle server like any other, that
+this session's next ``_request_server`` takes back first, after the same checks (draining,
+revocation, then the pool's: pause, holds, caps); the Link is detached all the same, so
+between transactions the session holds no server whether its last one is parked or not.
+The other ends:
 ``_leave_server`` (the client goes away: release, roll back then reuse, or close) and
 ``_drop_server`` (a server out of sync, or one whose session state ends with the client:
 closed).
