@@ -263,10 +263,12 @@ class PoolState(Generic[S, W]):
         Returns: the server (now ACTIVE), or None: call ``on_request``.
         """
         server = self._parked_by.get(waiter)
-        if (server is None or self.closed or self.paused or waiter.tenant_key in self.holds
-                or not self._under_cap(waiter.tenant_key, waiter.max_servers)):
+        if server is None or self.closed or self.paused:
             return None
-        self._assign(server, waiter.tenant_key, now)  # unparks it (_set_state)
+        key, cap = waiter.tenant_key, waiter.max_servers
+        if key in self.holds or (cap > 0 and self.held.get(key, 0) >= cap):  # _under_cap
+            return None
+        self._assign(server, key, now)  # unparks it (_set_state)
         return server
 
     def on_unpark(self, waiter: W) -> None:
@@ -361,10 +363,11 @@ class PoolState(Generic[S, W]):
 
         Returns: None when parked (nothing to do), else ``on_release``'s decisions.
         """
-        lifetime = self.limits.server_lifetime
+        limits = self.limits
+        lifetime = limits.server_lifetime
         if (self.waiting or self.paused or self.closed or server.closed
                 or (lifetime > 0 and now - server.created_at >= lifetime)
-                or self.total > self.max_servers):
+                or self.total > limits.pool_size + limits.reserve_pool):  # max_servers
             return self.on_release(server, now)
         self._unassign(server)
         server.last_used = now
