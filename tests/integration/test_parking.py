@@ -206,3 +206,35 @@ async def test_a_revoked_token_ends_a_client_whose_server_is_parked(
     finally:
         await other.close()
     assert _pool(proxy)["sv_idle"] == "1"
+
+
+def test_state_left_by_the_tenant_that_reclaimed_a_parked_server_never_reaches_its_owner(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """One server: acme parks it, initech reclaims it and tries to leave session state
+    behind (refused, pinned then closed with its client, or reset); acme's next
+    transaction, on that server or a new one, sees none of it."""
+    proxy = start_proxy(pool_size=1, extra="query_wait_timeout = 3.0\n" + ADMIN)
+    env = proxy.env
+    attempts = ("PREPARE leak AS SELECT 1", "CREATE TEMP TABLE leak(x int)",
+                "SET work_mem = '9MB'", "DECLARE leak CURSOR WITH HOLD FOR SELECT 1",
+                "SELECT pg_advisory_lock(4242)")
+    with psycopg.connect(**proxy.conninfo("acme"), autocommit=True) as acme:
+        for attempt in attempts:
+            acme.execute("SELECT 1")  # parks the one server
+            # A client of its own per attempt: what pins a server to it (PREPARE, WITH HOLD,
+            # temp table, session lock) keeps it until it goes, then closes it.
+            with psycopg.connect(**proxy.conninfo("initech"), autocommit=True) as initech:
+                try:
+                    initech.execute(attempt)  # reclaims it
+                except psycopg.Error:
+                    pass
+            row = acme.execute(
+                "SELECT current_setting('app.tenant_id'), current_setting('work_mem'), "
+                "(SELECT count(*) FROM pg_prepared_statements), "
+                "(SELECT count(*) FROM pg_cursors), "
+                "to_regclass('pg_temp.leak') IS NULL, "
+                "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                " AND pid = pg_backend_pid())").fetchone()
+            assert row == (str(env.tenants["acme"].org_id), "4MB", 0, 0, True, 0), attempt
+            assert _foreign_rows(acme, "acme") == 0
