@@ -180,7 +180,12 @@ class Pool:
         Returns: the server (now ACTIVE), or None when the waiter was queued.
         Raises: PoolClosed when the pool is shutting down.
         """
-        d = self.state.on_request(waiter, self.clock())
+        now = self.clock()
+        # The server it parked, when the same checks let it have one: no Decisions to apply.
+        server = self.state.take_parked(waiter, now)
+        if server is not None:
+            return server
+        d = self.state.on_request(waiter, now)
         mine: ServerConnection | None = None
         for i, (who, server) in enumerate(d.assign):
             if who is waiter:
@@ -213,6 +218,18 @@ class Pool:
         """An attached client is done with a provably idle server."""
         server.peer = None
         self._apply(self.state.on_release(server, self.clock()))
+
+    def park(self, server: ServerConnection, owner: Waiter) -> None:
+        """Like ``release``, but ``owner`` gets this server back first at its next request
+        while nobody else needs it (pool_state's "Parking")."""
+        server.peer = None
+        d = self.state.on_park(server, owner, self.clock())
+        if d is not None:
+            self._apply(d)
+
+    def unpark(self, owner: Waiter) -> None:
+        """``owner`` went away: a server it parked stays idle for anyone."""
+        self.state.on_unpark(owner)
 
     def discard(self, server: ServerConnection, *, out_of_sync: bool = False) -> None:
         """Close a server and forget it."""

@@ -17,6 +17,15 @@ moving between lists"), and only ``_set_state`` moves it::
 CLOSED is no container: a closed server is forgotten. ``SHOW POOLS`` numbers are the
 containers' lengths, so they cannot drift.
 
+Parking (issue 16): a client that gives back a clean server while nobody waits "parks" it
+(``on_park``): the server goes to IDLE exactly as a release would put it there, and the pool
+remembers whose it was. That client's next request takes it back first (``take_parked``,
+O(1), after the very checks ``on_request`` makes); anyone else takes an unparked idle server
+first and reclaims a parked one (least recently used) only when no other is idle. A parked
+server is an idle server in every other respect (SHOW POOLS, idle timeout, lifetime, PAUSE,
+trimming, handing to waiters), and it stops being parked whenever it leaves IDLE
+(``_set_state``), so no other path needs to know about parking.
+
 Waiters queue per tenant (FIFO within a tenant). A free server goes to the head of the
 eligible tenant holding the fewest servers, the longest wait on ties (issue #5); a tenant is
 eligible when it is not held (migration) and under its ``max_servers`` cap. Invariant: an idle
@@ -149,6 +158,9 @@ class PoolState(Generic[S, W]):
         # were full; others are served as usual.
         self.holds: set[object] = set()
         self.closed = False
+        # Parked servers (see the module docstring): every one is in IDLE; both directions.
+        self._parked: dict[S, W] = {}
+        self._parked_by: dict[W, S] = {}
 
     def __repr__(self) -> str:
         c = {s.value: len(d) for s, d in self.containers.items()}
@@ -165,6 +177,10 @@ class PoolState(Generic[S, W]):
     def _set_state(self, server: S, new: ServerState) -> None:
         """The only place that moves a server between containers."""
         old = server.state
+        if old is ServerState.IDLE and self._parked:
+            owner = self._parked.pop(server, None)  # parked only while idle
+            if owner is not None:
+                del self._parked_by[owner]
         if old is not ServerState.CLOSED:
             self.containers[old].pop(server, None)
         server.state = new
@@ -177,7 +193,7 @@ class PoolState(Generic[S, W]):
 
     @property
     def total(self) -> int:
-        return sum(len(c) for c in self.containers.values())
+        return sum(map(len, self.containers.values()))  # no generator: once per release
 
     @property
     def max_servers(self) -> int:
@@ -191,6 +207,21 @@ class PoolState(Generic[S, W]):
         """Returns: whether a server is handed out, being reset or logging in."""
         return any(self.containers[s] for s in (ServerState.ACTIVE, ServerState.RESET,
                                                  ServerState.LOGIN))
+
+    def parked_with(self, waiter: W) -> S | None:
+        """Returns: the idle server parked by ``waiter``, if any."""
+        return self._parked_by.get(waiter)
+
+    def _pick_idle(self) -> S:
+        """Returns: the idle server to hand to a waiter that has none parked: the most
+        recently used unparked one, else the parked one idle longest (reclaimed)."""
+        idle = self.containers[ServerState.IDLE]
+        parked = self._parked
+        if len(idle) > len(parked):
+            for server in reversed(idle):
+                if server not in parked:
+                    return server
+        return next(iter(idle))
 
     def servers_held_by(self, key: object) -> list[S]:
         """Returns: the servers handed to tenant ``key`` and not released yet."""
@@ -212,7 +243,9 @@ class PoolState(Generic[S, W]):
         # else's turn.
         if (idle and not self.paused and waiter.tenant_key not in self.holds
                 and self._under_cap(waiter.tenant_key, waiter.max_servers)):
-            server = next(reversed(idle))  # LIFO: the warmest connection
+            server = self._parked_by.get(waiter)  # its own, else the warmest unparked
+            if server is None:
+                server = self._pick_idle()
             self._assign(server, waiter.tenant_key, now)
             d.assign.append((waiter, server))
             return d
@@ -221,6 +254,28 @@ class PoolState(Generic[S, W]):
         self._queues.setdefault(waiter.tenant_key, deque()).append(waiter)
         self._dispatch(d, now)
         return d
+
+    def take_parked(self, waiter: W, now: float) -> S | None:
+        """The fast path of ``on_request``: ``waiter`` takes back the server it parked, when
+        ``on_request`` would hand it an idle server now (same checks: pool open and not
+        paused, tenant not held, under its cap).
+
+        Returns: the server (now ACTIVE), or None: call ``on_request``.
+        """
+        server = self._parked_by.get(waiter)
+        if server is None or self.closed or self.paused:
+            return None
+        key, cap = waiter.tenant_key, waiter.max_servers
+        if key in self.holds or (cap > 0 and self.held.get(key, 0) >= cap):  # _under_cap
+            return None
+        self._assign(server, key, now)  # unparks it (_set_state)
+        return server
+
+    def on_unpark(self, waiter: W) -> None:
+        """The client that parked a server went away: it stays idle, anyone's."""
+        server = self._parked_by.pop(waiter, None)
+        if server is not None:
+            del self._parked[server]
 
     def on_cancel(self, waiter: W) -> None:
         """The waiter went away before being served (harmless when it is not queued)."""
@@ -300,6 +355,29 @@ class PoolState(Generic[S, W]):
         if self.waiting or self.paused:  # else _dispatch has nothing to do
             self._dispatch(d, now)
         return d
+
+    def on_park(self, server: S, owner: W, now: float) -> Decisions[S, W] | None:
+        """``owner`` is done with a provably idle server and keeps first claim on it: like
+        ``on_release``, and the server is parked with ``owner`` when it goes to IDLE with
+        nobody waiting (else it is released: a waiter needs it now).
+
+        Returns: None when parked (nothing to do), else ``on_release``'s decisions.
+        """
+        limits = self.limits
+        lifetime = limits.server_lifetime
+        if (self.waiting or self.paused or self.closed or server.closed
+                or (lifetime > 0 and now - server.created_at >= lifetime)
+                or self.total > limits.pool_size + limits.reserve_pool):  # max_servers
+            return self.on_release(server, now)
+        self._unassign(server)
+        server.last_used = now
+        self._set_state(server, ServerState.IDLE)
+        previous = self._parked_by.get(owner)
+        if previous is not None:  # one parked server per client: the older one is anyone's
+            del self._parked[previous]
+        self._parked[server] = owner
+        self._parked_by[owner] = server
+        return None
 
     def on_discard(self, server: S, now: float) -> Decisions[S, W]:
         """Close a server and forget it (dirty session, out of sync, failed reset)."""
@@ -479,9 +557,11 @@ class PoolState(Generic[S, W]):
             if waiter is None:
                 break  # everyone waiting is at their tenant's cap
             self._dequeue(waiter)
-            server = next(reversed(idle))
-            self._assign(server, waiter.tenant_key, now)
-            d.assign.append((waiter, server))
+            got = self._parked_by.get(waiter)  # its own (after a hold, say), else any
+            if got is None:
+                got = self._pick_idle()
+            self._assign(got, waiter.tenant_key, now)
+            d.assign.append((waiter, got))
         if self.closed or not self.waiting or now < self.retry_at:
             return  # after a failure, the retry waits for the backoff (on_retry, on_tick)
         demand, oldest = self._demand()

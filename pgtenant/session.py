@@ -15,7 +15,12 @@ back only when the Link says ``can_release`` (ReadyForQuery 'I', no reply owed, 
 open) and the session is not pinned; if the transaction left session state behind
 (``session_dirty``) the server is closed instead, so nothing follows it to another tenant
 (ARCHITECTURE §4, fail closed); if the server reported temporary objects (``temp_made``)
-it is emptied with DISCARD TEMP first, or closed when that fails. The other ends:
+it is emptied with DISCARD TEMP first, or closed when that fails. A clean server given back
+while nobody waits is parked (``Pool.park``, issue 16): an idle server like any other, that
+this session's next ``_request_server`` takes back first, after the same checks (draining,
+revocation, then the pool's: pause, holds, caps); the Link is detached all the same, so
+between transactions the session holds no server whether its last one is parked or not.
+The other ends:
 ``_leave_server`` (the client goes away: release, roll back then reuse, or close) and
 ``_drop_server`` (a server out of sync, or one whose session state ends with the client:
 closed).
@@ -393,9 +398,20 @@ class Session:
             # function made where the classifier could not see): none may reach the next
             # client, of this tenant or another. Emptied first, or closed if that fails.
             after_cancels(server, lambda s: self.pool.release_dirty(s, _DISCARD_TEMP))
-        else:
-            after_cancels(server, self.pool.release)
+        elif server.cancels_in_flight:
+            after_cancels(server, self._park)
+        else:  # after_cancels's own test, inline: two calls fewer per transaction
+            self.pool.park(server, self)
         self._flush_notifications()
+
+    def _park(self, server: ServerConnection) -> None:
+        """Give back a clean server, first claim kept while nobody else needs it (issue 16:
+        the next transaction takes it back in O(1) after the same admission checks; see
+        pool_state's "Parking"). A client gone meanwhile (cancels in flight) keeps none."""
+        if self.closed:
+            self.pool.release(server)
+        else:
+            self.pool.park(server, self)
 
     def _transaction_done(self) -> None:
         """The server goes back (or away): one transaction, in PgBouncer's sense, ended."""
@@ -435,6 +451,7 @@ class Session:
         if self.listens is not None:
             self.listens.close()  # its channels go with it
         self._leave_server()
+        self.pool.unpark(self)  # a server it parked is anyone's now
 
     def _leave_server(self) -> None:
         """Apply the release rule for a client that is going away (ARCHITECTURE §4)."""
