@@ -250,3 +250,21 @@ def test_the_except_name_check_sees_one() -> None:
     tree = ast.parse("def f():\n try: pass\n except KeyError as e: pass\n"
                      " except Exception as e: pass\n")
     assert _except_names_of_two_types(tree) == ["f(): e ['Exception', 'KeyError']"]
+
+
+def test_the_counters_a_login_creates_build_and_count() -> None:
+    # Compiled, stats.py's bucket tuples were once native constants never set at import:
+    # the first login failed with NameError in the proxy while every other unit test passed.
+    from pgtenant.stats import CONNECT_BUCKETS, WAIT_BUCKETS, Histogram, Metrics
+
+    metrics = Metrics()
+    labels = metrics.labels("app", "tenant")
+    assert metrics.labels("app", "tenant") is labels
+    labels.transaction_seconds.observe(0.003)
+    labels.query_seconds.observe(100.0)
+    assert labels.transaction_seconds.total == 0.003
+    metrics.tenant("app", "tenant", "acme").transactions += 1
+    for bounds in (CONNECT_BUCKETS, WAIT_BUCKETS):
+        histogram = Histogram(bounds)
+        histogram.observe(bounds[0])
+        assert sum(histogram.counts) == 1
