@@ -22,9 +22,12 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# setup.py compiles the protocol core with mypyc when a C compiler works (pure Python when
-# not): an edited protocol module is compiled again by the next make install / make test.
-BUILD_INPUTS := pyproject.toml setup.py $(wildcard pgtenant/protocol/*.py)
+# setup.py compiles the protocol core and the data path with mypyc when a C compiler works
+# (pure Python when not): an edited compiled module is compiled again by the next make
+# install / make test (the list is setup.py's DATA_PATH).
+DATA_PATH := session server pool pool_state guard stats holds
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard pgtenant/protocol/*.py) \
+	$(DATA_PATH:%=pgtenant/%.py)
 
 $(DEMO_STAMP): $(BUILD_INPUTS) | $(VENV)/bin/python
 	@echo "==> installing pgtenant and its runtime dependencies into $(VENV)"

@@ -20,9 +20,8 @@ from setuptools.command.build_ext import build_ext
 
 # The sans-I/O core, per transaction first. Left out: protocol/__init__.py (a docstring) and
 # protocol/refusal.py (``RefusalText`` subclasses ``str``, which mypyc refuses for native
-# classes; refusals are rare, nothing is gained). A module that tests monkeypatch would
-# stay out too (a compiled module's functions call each other directly): there is none.
-COMPILED = [
+# classes; refusals are rare, nothing is gained).
+PROTOCOL = [
     f"pgtenant/protocol/{name}.py"
     for name in (
         "backend", "codec", "constants", "encoding", "frames", "freshness", "frontend",
@@ -31,6 +30,17 @@ COMPILED = [
         "extended",  # frontend.py's extended-protocol handlers (split off, issue 16)
     )
 ]
+# The per-transaction data path around it (issue 16, lever 1 continued); their classes are
+# native. Left out: client.py. mypyc compiles it, but a native class with a Python base
+# (ClientConnection subclasses asyncio.Protocol) gets an instance __dict__ slot, and a
+# client's object must have none (issue 16, tests/unit/test_idle_memory.py); one per server,
+# ServerConnection may. A module that tests monkeypatch stays out too (a compiled module's
+# functions call each other directly, past the patch): none of these is patched.
+DATA_PATH = [
+    f"pgtenant/{name}.py"
+    for name in ("session", "server", "pool", "pool_state", "guard", "stats", "holds")
+]
+COMPILED = PROTOCOL + DATA_PATH
 
 
 class BuildFailed(Exception):
@@ -63,9 +73,23 @@ def _say(text: str) -> None:
     print(f"pgtenant: {text}", file=sys.stderr, flush=True)
 
 
+# The commands pip runs this file for before it builds (PEP 517's requirements and metadata
+# hooks): they read the metadata only, so translating the modules for them (about 20 s of
+# CPU each) would be wasted. The build itself (editable_wheel, bdist_wheel, build_ext)
+# translates them once.
+_METADATA_ONLY = {"egg_info", "dist_info"}
+
+
+def _metadata_only(argv: list[str]) -> bool:
+    commands = [arg for arg in argv[1:] if not arg.startswith("-")]
+    return bool(commands) and commands[0] in _METADATA_ONLY
+
+
 def _ext_modules() -> list[Any]:
     if os.environ.get("PGTENANT_PURE", "") not in ("", "0"):  # as pgtenant/compiled.py reads it
         _say("PGTENANT_PURE is set: installing the pure-Python protocol core")
+        return []
+    if _metadata_only(sys.argv):
         return []
     try:
         from mypyc.build import mypycify
@@ -97,4 +121,4 @@ except BuildFailed as exc:
     _setup([])
 else:
     if extensions:
-        _say("protocol core compiled with mypyc")
+        _say("protocol core and data path compiled with mypyc")

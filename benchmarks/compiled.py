@@ -1,17 +1,22 @@
-"""The compiled protocol core against the pure one, through real proxies (issue 16).
+"""The compiled hot path against the pure one, through real proxies (issue 16).
 
-``python -m benchmarks.compiled [--seconds 3] [--rounds 3]``: the quick benchmark's scratch
-cluster and tenants, PgBouncer, and two pgtenant processes on the same database, one started
-with ``PGTENANT_PURE=1``; then ``pgbench -S -c 16`` (simple, then ``-M extended``) through
-each, interleaved round by round (rotating order, median round by tps). Each proxy's build
-is checked from its memory map (the compiled one has mypyc's shared library loaded), so a
-figure cannot be credited to the wrong build. Prints a Markdown table; writes nothing.
+``python -m benchmarks.compiled [--seconds 3] [--rounds 3] [--baseline DIR] [--no-pure]``:
+the quick benchmark's scratch cluster and tenants, PgBouncer, and pgtenant processes on the
+same database: the install as built, one started with ``PGTENANT_PURE=1``, and with
+``--baseline DIR`` one running the ``pgtenant`` package of another checkout built in place
+(``python setup.py build_ext --inplace`` there: an older set of compiled modules, to tell
+what a change to that set gains). Then ``pgbench -S -c 16 -j 2`` (simple, then ``-M
+extended``) through each, interleaved round by round (rotating order). Each proxy's build is
+checked from its memory map (mypyc's shared library, and from which directory), so a figure
+cannot be credited to the wrong build. Prints every round's proxy CPU per transaction and a
+Markdown table of medians and ranges; writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 from collections.abc import Callable
 from functools import partial
@@ -19,7 +24,7 @@ from pathlib import Path
 
 from pgtenant.compiled import PURE_ENV
 
-from .endpoints import Pgtenant
+from .endpoints import ROOT, Pgtenant
 from .measure import Result
 from .run import Bench
 
@@ -28,73 +33,87 @@ __all__ = ["main"]
 _SHARED_LIB = "_compiled__mypyc"
 
 
-def _runs_compiled(proxy: Pgtenant) -> bool:
-    """Returns: whether the proxy process has the compiled core loaded."""
-    return _SHARED_LIB in Path(f"/proc/{proxy.pid}/maps").read_text()
+def _loaded_from(proxy: Pgtenant) -> str | None:
+    """Returns: the directory of the compiled shared library the proxy loaded, if any."""
+    for line in Path(f"/proc/{proxy.pid}/maps").read_text().splitlines():
+        if _SHARED_LIB in line:
+            return str(Path(line.split()[-1]).parent.parent)
+    return None
 
 
-def _pure_proxy(bench: Bench) -> Pgtenant:
+def _proxy(bench: Bench, name: str, env: dict[str, str]) -> Pgtenant:
     db = bench.dbs[bench.counts[0]]
-    before = os.environ.get(PURE_ENV)
-    os.environ[PURE_ENV] = "1"  # inherited by the proxy process only
-    try:
-        return Pgtenant(bench.cluster, db.name, bench.workdir / "pgtenant-pure", pool_size=20)
-    finally:
-        if before is None:
-            del os.environ[PURE_ENV]
-        else:
-            os.environ[PURE_ENV] = before
+    return Pgtenant(bench.cluster, db.name, bench.workdir / f"pgtenant-{name}", pool_size=20,
+                    env=env)
+
+
+def _span(values: list[float]) -> str:
+    return f"{statistics.median(values):,.1f} ({min(values):,.1f}-{max(values):,.1f})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per pgbench run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--baseline", type=Path, help="a checkout whose pgtenant/ was built "
+                        "in place: its build runs as a third proxy")
+    parser.add_argument("--no-pure", action="store_true", help="leave the pure build out")
+    parser.add_argument("--protocols", default="simple,extended")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pgtenant-bench-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)
         bench = Bench(True, workdir)
-        bench.rounds = args.rounds
         bench.setup()
-        pure = _pure_proxy(bench)
+        db = bench.dbs[bench.counts[0]]
+        proxies = {"compiled": bench.tenant_proxies[db.count]}
+        expected: dict[str, str | None] = {"compiled": str(ROOT)}
         try:
-            db = bench.dbs[bench.counts[0]]
-            compiled = bench.tenant_proxies[db.count]
-            builds = {"compiled": _runs_compiled(compiled), "pure": _runs_compiled(pure)}
-            print(f"compiled core loaded: {builds}")
-            if builds != {"compiled": True, "pure": False}:
-                raise SystemExit("the two proxies do not run the two builds: "
+            if not args.no_pure:
+                proxies["pure"] = _proxy(bench, "pure", {PURE_ENV: "1"})
+                expected["pure"] = None
+            if args.baseline is not None:
+                # PYTHONSAFEPATH: `-m` would put the working directory (this checkout) first.
+                base = str(args.baseline.resolve())
+                proxies["baseline"] = _proxy(bench, "baseline",
+                                             {"PYTHONSAFEPATH": "1", "PYTHONPATH": base})
+                expected["baseline"] = base
+            loaded = {name: _loaded_from(p) for name, p in proxies.items()}
+            print(f"compiled library loaded from: {loaded}")
+            if loaded != expected:
+                raise SystemExit(f"the proxies do not run the expected builds {expected}: "
                                  "is the install compiled (make install)?")
             rows = []
-            for protocol in ("simple", "extended"):
+            for protocol in args.protocols.split(","):
                 variants: dict[str, Callable[[], Result]] = {
-                    "pgtenant compiled": partial(bench._select_as_tenant, compiled, db, 16,
-                                                 args.seconds, protocol),
-                    "pgtenant pure": partial(bench._select_as_tenant, pure, db, 16,
-                                             args.seconds, protocol),
-                }
+                    f"pgtenant {name}": partial(bench._select_as_tenant, p, db, 16,
+                                                args.seconds, protocol)
+                    for name, p in proxies.items()}
                 if bench.pgbouncer is not None:
                     variants["pgbouncer"] = partial(bench._app_run, bench.pgbouncer, db, 16,
                                                     args.seconds, protocol)
-                res: dict[str, Result] = bench._interleave(variants)
-                for name, r in res.items():
-                    rows.append((protocol, name, r))
-                if bench.pgbouncer is not None:
-                    base = res["pgbouncer"].tps
-                    for name in ("pgtenant compiled", "pgtenant pure"):
-                        print(f"{protocol}: {name} / pgbouncer = {res[name].tps / base:.3f}")
-                print(f"{protocol}: compiled / pure = "
-                      f"{res['pgtenant compiled'].tps / res['pgtenant pure'].tps:.3f}")
+                runs: dict[str, list[Result]] = {name: [] for name in variants}
+                names = list(variants)
+                for r in range(args.rounds):
+                    for name in names[r % len(names):] + names[:r % len(names)]:
+                        result = variants[name]()
+                        runs[name].append(result)
+                        print(f"{protocol} round {r + 1} {name}: {result.tps:,.0f} tps, "
+                              f"{result.cpu_us_per_txn:.1f} µs CPU/txn", flush=True)
+                for name, rs in runs.items():
+                    rows.append((protocol, name, [x.tps for x in rs],
+                                 [x.cpu_us_per_txn for x in rs]))
         finally:
-            pure.stop()
+            for name, p in proxies.items():
+                if name != "compiled":
+                    p.stop()
             bench.stop()
-    print(f"\n`pgbench -S -c 16 -j 2`, {args.seconds:g} s per run, median of "
-          f"{args.rounds} interleaved rounds ({bench.pgbouncer_note or 'no PgBouncer'})\n")
-    print("| protocol | endpoint | tps | p99 ms | endpoint CPU µs/txn |")
-    print("|---|---|---|---|---|")
-    for protocol, name, r in rows:
-        print(f"| {protocol} | {name} | {r.tps:,.0f} | {r.p99:.2f} | {r.cpu_us_per_txn:.1f} |")
+    print(f"\n`pgbench -S -c 16 -j 2`, {args.seconds:g} s per run, {args.rounds} interleaved "
+          f"rounds, median (range) ({bench.pgbouncer_note or 'no PgBouncer'})\n")
+    print("| protocol | endpoint | tps | endpoint CPU µs/txn |")
+    print("|---|---|---|---|")
+    for protocol, name, tps, cpu in rows:
+        print(f"| {protocol} | {name} | {_span(tps)} | {_span(cpu)} |")
     return 0
 
 

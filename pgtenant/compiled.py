@@ -1,16 +1,18 @@
-"""Which build of the protocol core this process runs: compiled by mypyc, or pure Python.
+"""Which build of the hot path this process runs: compiled by mypyc, or pure Python.
 
-``setup.py`` compiles the modules of ``pgtenant/protocol/`` with mypyc when the installing
+``setup.py`` compiles the modules of ``pgtenant/protocol/`` and the per-transaction data path
+(``pgtenant/session.py``, ``server.py``, ``pool.py``...) with mypyc when the installing
 machine can (issue 16); their ``.py`` sources are always installed next to the ``.so`` files,
 and Python's own import order prefers the ``.so``. ``pgtenant/__init__.py`` calls
-``install()`` before anything can import the protocol package, which puts a finder in front
-of the others that loads every protocol module from its ``.py`` source instead when:
+``install()`` before anything else of the package is imported, which puts finders in front
+of the others that load every protocol module, and every top-level module that has a
+compiled file, from its ``.py`` source instead when:
 
 * ``PGTENANT_PURE`` is set (not empty, not ``0``): the pure build, on demand;
 * a compiled module is older than its source (an editable install whose sources were edited
   or checked out after the build): it would run the old code, and because compiled modules
-  call each other inside one shared library, the whole core goes back to source, not only
-  the edited module;
+  call each other inside one shared library, every compiled module goes back to source, not
+  only the edited one;
 * the shared library does not load (a wheel built for another interpreter, say).
 
 ``build_kind()`` says which it is, for the start-up log line and ``SHOW VERSION``.
@@ -33,10 +35,14 @@ PURE_ENV = "PGTENANT_PURE"
 COMPILED = "compiled (mypyc)"
 PURE = "pure Python"
 
-_PROTOCOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocol")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PROTOCOL = os.path.join(_PACKAGE, "protocol")
 _PREFIX = "pgtenant.protocol."
-# The shared library of the compiled group (setup.py: group_name "pgtenant._compiled").
+_TOP = "pgtenant."
+# The shared library of the compiled group (setup.py: group_name "pgtenant._compiled"). It
+# sits in the package directory, next to the compiled top-level modules, and is no module.
 _SHARED_LIB = "pgtenant._compiled__mypyc"
+_SHARED_LIB_FILE = _SHARED_LIB[len(_TOP):]
 # A wheel is unpacked file by file, a module's .py possibly a moment after its .so; an edit
 # after a build comes seconds or more later.
 _STALE_AFTER = 2.0
@@ -77,30 +83,51 @@ def stale_modules(compiled: dict[str, str], directory: str = _PROTOCOL) -> list[
 
 
 class SourceFinder(MetaPathFinder):
-    """Finds ``pgtenant.protocol.<module>`` at its ``.py`` source, ignoring compiled files."""
+    """Finds ``<prefix><module>`` at its ``.py`` source in ``directory``, ignoring compiled
+    files; only the modules in ``only`` when given (the top-level package holds modules that
+    are never compiled, which the ordinary finders keep loading)."""
 
-    def __init__(self, directory: str = _PROTOCOL) -> None:
+    def __init__(self, directory: str = _PROTOCOL, prefix: str = _PREFIX,
+                 only: frozenset[str] | None = None) -> None:
         self.directory = directory
+        self.prefix = prefix
+        self.only = only
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> ModuleSpec | None:
-        if not fullname.startswith(_PREFIX):
+        if not fullname.startswith(self.prefix):
             return None
-        module = fullname[len(_PREFIX):]
+        module = fullname[len(self.prefix):]
+        if "." in module or (self.only is not None and module not in self.only):
+            return None
         source = os.path.join(self.directory, module + ".py")
-        if "." in module or not os.path.isfile(source):
+        if not os.path.isfile(source):
             return None
         return spec_from_file_location(fullname, source)
 
 
+def _top_level_compiled() -> dict[str, str]:
+    """Returns: the compiled top-level modules (``session``...) -> their compiled files."""
+    found = compiled_modules(_PACKAGE)
+    found.pop(_SHARED_LIB_FILE, None)
+    return found
+
+
+def _finders() -> list[SourceFinder]:
+    """Returns: the finders that send every compiled module back to its source."""
+    return [SourceFinder(),
+            SourceFinder(_PACKAGE, _TOP, frozenset(_top_level_compiled()))]
+
+
 def _decide() -> tuple[str, bool]:
-    """Returns: (the build kind, whether protocol modules must come from source)."""
-    compiled = compiled_modules()
+    """Returns: (the build kind, whether compiled modules must come from source)."""
+    protocol, top = compiled_modules(), _top_level_compiled()
+    compiled = bool(protocol or top)
     if pure_forced():
-        return f"{PURE} ({PURE_ENV})", bool(compiled)
+        return f"{PURE} ({PURE_ENV})", compiled
     if not compiled:
         return PURE, False
-    stale = stale_modules(compiled)
+    stale = stale_modules(protocol) + [f"pgtenant/{m}" for m in stale_modules(top, _PACKAGE)]
     if stale:
         return (f"{PURE} (compiled modules older than their sources: {', '.join(stale)}; "
                 "reinstall to compile them again)"), True
@@ -115,13 +142,13 @@ _kind: str | None = None
 
 
 def install() -> None:
-    """Decides the build once per process; puts the source finder first when it is pure."""
+    """Decides the build once per process; puts the source finders first when it is pure."""
     global _kind
     if _kind is not None:
         return
     _kind, from_source = _decide()
     if from_source:
-        sys.meta_path.insert(0, SourceFinder())
+        sys.meta_path[:0] = _finders()
 
 
 def build_kind() -> str:

@@ -123,11 +123,19 @@ class _Refused(NamedTuple):
     rule: str
 
 
+# A refusal's SQLSTATE unless a rule sets another (insufficient_privilege).
+_REFUSAL_SQLSTATE: Final = "42501"
+
+
 class Refusal(Exception):
     """Internal: carries the message of the first rule a statement breaks."""
 
-    rule: str | None = None  # metrics label; set to the parse-node kind when not given
-    sqlstate: str = "42501"  # what Postgres raises for it (refusal.RefusalText)
+    # Set in __init__, not as class defaults: compiled by mypyc (setup.py), an exception
+    # class's defaults are not given to its instances.
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.rule: str | None = None  # metrics label; set to the parse-node kind when not given
+        self.sqlstate = _REFUSAL_SQLSTATE  # what Postgres raises for it (refusal.RefusalText)
 
 
 class NotInTransaction(Refusal):
@@ -233,13 +241,15 @@ class Guard:
             for stmt in stmts[:-1]:
                 _no_statements_after_transaction_end(stmt)
             self._walk(tree)
-        except NotInTransaction as refusal:
+        # A name of its own: compiled by mypyc, a name bound by two except clauses keeps the
+        # first one's type (a Refusal would fail the NotInTransaction check below).
+        except NotInTransaction as outside:
             if len(stmts) == 1:
-                self._outside.put(sql, refusal.what)
-            return _Refused(f"pgtenant: {refusal}", "not_in_transaction")
+                self._outside.put(sql, outside.what)
+            return _Refused(f"pgtenant: {outside}", "not_in_transaction")
         except Refusal as refusal:
             message = f"pgtenant: {refusal}"
-            if refusal.sqlstate != Refusal.sqlstate:
+            if refusal.sqlstate != _REFUSAL_SQLSTATE:
                 message = RefusalText(message, refusal.sqlstate)
             return _Refused(message, refusal.rule or "statement")
         except RecursionError:  # cannot be checked, so it does not run (fail closed)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, Protocol, TypeVar
 
@@ -94,7 +94,9 @@ S = TypeVar("S", bound=Conn)
 W = TypeVar("W", bound=Requester)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+# No slots=True: mypyc compiles this module, and a dataclass with slots (a class made anew)
+# cannot be a native class. One per pool.
+@dataclass(frozen=True, kw_only=True)
 class Limits:
     """The settings the decisions follow (``[databases.x]`` and the global timeouts)."""
 
@@ -108,7 +110,6 @@ class Limits:
     server_lifetime: float = 3600.0
 
 
-@dataclass(slots=True)
 class Decisions(Generic[S, W]):
     """What the async pool must do after an event, in this order.
 
@@ -120,12 +121,15 @@ class Decisions(Generic[S, W]):
     ``drained``: paused, and no server is busy any more.
     """
 
-    close: list[tuple[S, str]] = field(default_factory=list)
-    fail: list[tuple[W, ProxyError]] = field(default_factory=list)
-    assign: list[tuple[W, S]] = field(default_factory=list)
-    open: list[S] = field(default_factory=list)
-    retry_in: float | None = None
-    drained: bool = False
+    # Not a dataclass: mypyc (setup.py) compiles this module and cannot make a generic
+    # dataclass a native class (it fails at import). Built empty, filled by PoolState.
+    def __init__(self) -> None:
+        self.close: list[tuple[S, str]] = []
+        self.fail: list[tuple[W, ProxyError]] = []
+        self.assign: list[tuple[W, S]] = []
+        self.open: list[S] = []
+        self.retry_in: float | None = None
+        self.drained = False
 
 
 class PoolState(Generic[S, W]):

@@ -15,7 +15,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from .config import Dsn
 from .errors import ServerLoginFailed, ServerProtocolError, ServerUnavailable, connect_failure
@@ -60,7 +60,8 @@ class ServerPeer(Protocol):
 class ServerConnection(asyncio.Protocol):
     """A logged-in backend connection; the pool moves it between containers."""
 
-    _next_id = 0
+    # A ClassVar: the only attribute mypyc's native classes let code assign through the class.
+    _next_id: ClassVar[int] = 0
 
     def __init__(self, dsn: Dsn, on_lost: Callable[[ServerConnection], None],
                  tls: BackendTls | None = None):
@@ -126,12 +127,12 @@ class ServerConnection(asyncio.Protocol):
                 self.client_encoding = dict(self.login.parameters).get("client_encoding",
                                                                        "UTF8")
                 self.login_encoding = self.client_encoding
-        except TimeoutError as exc:
+        except TimeoutError as timed_out:  # not `exc`: see test_compiled.py's except names
             self.close()
             raise ServerUnavailable(
                 f"backend {self.dsn.host}:{self.dsn.port} did not accept a login within "
                 f"{timeout:g}s (server_connect_timeout)"
-            ) from exc
+            ) from timed_out
         except OSError as exc:
             self.close()
             raise ServerUnavailable(

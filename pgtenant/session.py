@@ -200,9 +200,9 @@ class Session:
             except ProxyError as exc:
                 self.client.fail(exc)
                 return
-            except Exception as exc:  # a bug must cost one client, never the proxy
+            except Exception as bug:  # a bug must cost one client, never the proxy
                 log.exception("%r: internal error handling client data", self)
-                self.client.fail(ProxyError(f"pgtenant internal error: {exc!r}"))
+                self.client.fail(ProxyError(f"pgtenant internal error: {bug!r}"))
                 return
             if to_server:
                 assert self.server is not None
@@ -336,10 +336,10 @@ class Session:
             self._drop_server(out_of_sync=True)
             self.client.fail(ServerUnavailable(f"server connection lost: {exc.message}"))
             return
-        except Exception as exc:  # a bug: cost one client only
+        except Exception as bug:  # a bug: cost one client only
             log.exception("%r: error handling backend data", self)
             self._drop_server(out_of_sync=True)
-            self.client.fail(ServerUnavailable(f"server connection lost: {exc}"))
+            self.client.fail(ServerUnavailable(f"server connection lost: {bug}"))
             return
         if link.pinned and not self._pin_counted:
             self._pin_counted = True

@@ -14,12 +14,15 @@ from typing import Final
 __all__ = ["CONNECT_BUCKETS", "DURATION_BUCKETS", "WAIT_BUCKETS", "Histogram", "LabelStats",
            "Metrics", "NotifyStats", "TenantStats"]
 
-DURATION_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                           1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-WAIT_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
-                       30.0, 60.0, 120.0)
-CONNECT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                          5.0, 10.0, 15.0)
+# Typed tuple[float, ...], not left to inference: compiled by mypyc (setup.py), an inferred
+# fixed-length tuple of floats became a native constant that was never set at import.
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0)
+WAIT_BUCKETS: Final[tuple[float, ...]] = (
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+CONNECT_BUCKETS: Final[tuple[float, ...]] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0)
 
 
 class Histogram:

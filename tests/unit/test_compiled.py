@@ -7,6 +7,7 @@ process reports is the one whose modules it actually imported, in both runs.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import struct
@@ -31,12 +32,16 @@ from pgtenant.compiled import (
 
 REPO = Path(__file__).resolve().parents[2]
 PROTOCOL = REPO / "pgtenant" / "protocol"
-# Modules of each kind the hot path runs through; their files say which build was imported.
-PROBES = ("tracker", "frontend", "backend", "ledger", "replies", "codec", "sql")
+# Modules of each kind the hot path runs through, the protocol core's and the data path's
+# around it; their files say which build was imported.
+PROBES = tuple(f"pgtenant.protocol.{m}" for m in (
+    "tracker", "frontend", "backend", "ledger", "replies", "codec", "sql")) + tuple(
+    f"pgtenant.{m}" for m in (
+        "session", "server", "pool", "pool_state", "guard", "stats", "holds"))
 
 _PROBE = """
 import importlib, json, sys, pgtenant
-files = {m: importlib.import_module("pgtenant.protocol." + m).__file__ for m in sys.argv[1:]}
+files = {m: importlib.import_module(m).__file__ for m in sys.argv[1:]}
 print(json.dumps({"kind": pgtenant.build_kind(), "files": files}))
 """
 
@@ -57,10 +62,12 @@ def _is_compiled_file(path: str) -> bool:
 
 def test_the_reported_build_is_the_one_this_process_imported() -> None:
     import pgtenant.protocol.tracker as tracker
+    import pgtenant.session as session
 
     kind = pgtenant.build_kind()
-    assert tracker.__file__ is not None
-    assert _is_compiled_file(tracker.__file__) == (kind == COMPILED), (kind, tracker.__file__)
+    for module in (tracker, session):
+        assert module.__file__ is not None
+        assert _is_compiled_file(module.__file__) == (kind == COMPILED), (kind, module.__file__)
     if pure_forced():
         assert kind == f"{PURE} ({PURE_ENV})"
 
@@ -105,6 +112,20 @@ def test_source_finder_finds_protocol_modules_at_their_source_only(tmp_path: Pat
     assert finder.find_spec("pgtenant.protocol.tracker.x", None) is None
     assert finder.find_spec("pgtenant.server", None) is None
     assert finder.find_spec("tracker", None) is None
+
+
+def test_source_finder_finds_top_level_modules_that_were_compiled_only(tmp_path: Path) -> None:
+    # The package directory also holds modules never compiled (app, config...): the ordinary
+    # finders keep them, and the shared library has no source to be sent back to.
+    for name in ("session", "config"):
+        (tmp_path / f"{name}.py").write_text("X = 1\n")
+    finder = SourceFinder(str(tmp_path), "pgtenant.", frozenset({"session", "_compiled__mypyc"}))
+    spec = finder.find_spec("pgtenant.session", None)
+    assert spec is not None and spec.origin == str(tmp_path / "session.py")
+    assert finder.find_spec("pgtenant.config", None) is None
+    assert finder.find_spec("pgtenant._compiled__mypyc", None) is None
+    assert finder.find_spec("pgtenant.protocol", None) is None
+    assert finder.find_spec("pgtenant.protocol.tracker", None) is None
 
 
 def test_compiled_modules_older_than_their_sources_are_stale(tmp_path: Path) -> None:
@@ -185,3 +206,65 @@ def test_serve_logs_the_build_at_start(caplog: pytest.LogCaptureFixture,
         app.serve(None, None)  # type: ignore[arg-type]  # main() never runs: no config read
     assert f"pgtenant {pgtenant.__version__}: protocol core {pgtenant.build_kind()}" in [
         r.getMessage() for r in caplog.records]
+
+
+def _setup_names(variable: str) -> list[str]:
+    """Returns: the module names of ``variable = [f"..." for name in (...)]`` in setup.py."""
+    for node in ast.parse((REPO / "setup.py").read_text()).body:
+        if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id == variable and isinstance(node.value, ast.ListComp)):
+            names = ast.literal_eval(node.value.generators[0].iter)
+            assert isinstance(names, tuple)
+            return [str(n) for n in names]
+    raise AssertionError(f"no {variable} in setup.py")
+
+
+def _except_names_of_two_types(tree: ast.AST) -> list[str]:
+    out = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            seen: dict[str, set[str]] = {}
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ExceptHandler) and node.name:
+                    kind = ast.unparse(node.type) if node.type else "BaseException"
+                    seen.setdefault(node.name, set()).add(kind)
+            out += [f"{fn.name}(): {name} {sorted(kinds)}"
+                    for name, kinds in seen.items() if len(kinds) > 1]
+    return out
+
+
+def test_no_compiled_function_binds_one_except_name_to_two_exception_types() -> None:
+    # mypyc gives `except A as exc: ... except B as exc:` one variable of the first type:
+    # when B is broader (`except ProxyError as exc` then `except Exception as exc`), the
+    # compiled handler raises TypeError instead of running, so the error path a bug or a
+    # refusal takes is lost (it happened to guard.py's refusals and session.py's bug path).
+    paths = [PROTOCOL / f"{name}.py" for name in _setup_names("PROTOCOL")]
+    paths += [REPO / "pgtenant" / f"{name}.py" for name in _setup_names("DATA_PATH")]
+    assert len(paths) >= 29
+    found = [f"{path.name}: {hit}" for path in paths
+             for hit in _except_names_of_two_types(ast.parse(path.read_text()))]
+    assert found == []
+
+
+def test_the_except_name_check_sees_one() -> None:
+    tree = ast.parse("def f():\n try: pass\n except KeyError as e: pass\n"
+                     " except Exception as e: pass\n")
+    assert _except_names_of_two_types(tree) == ["f(): e ['Exception', 'KeyError']"]
+
+
+def test_the_counters_a_login_creates_build_and_count() -> None:
+    # Compiled, stats.py's bucket tuples were once native constants never set at import:
+    # the first login failed with NameError in the proxy while every other unit test passed.
+    from pgtenant.stats import CONNECT_BUCKETS, WAIT_BUCKETS, Histogram, Metrics
+
+    metrics = Metrics()
+    labels = metrics.labels("app", "tenant")
+    assert metrics.labels("app", "tenant") is labels
+    labels.transaction_seconds.observe(0.003)
+    labels.query_seconds.observe(100.0)
+    assert labels.transaction_seconds.total == 0.003
+    metrics.tenant("app", "tenant", "acme").transactions += 1
+    for bounds in (CONNECT_BUCKETS, WAIT_BUCKETS):
+        histogram = Histogram(bounds)
+        histogram.observe(bounds[0])
+        assert sum(histogram.counts) == 1

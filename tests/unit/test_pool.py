@@ -7,7 +7,11 @@ to open (and connect) a new one. Everything here is synchronous except ``close``
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -390,11 +394,26 @@ def test_tenant_at_its_server_cap_waits_while_others_are_served() -> None:
     check_containers(pool, servers)
 
 
+@pytest.fixture
+def unscheduled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's connects (``Pool._spawn``) are closed, never run: the test decides their
+    outcome. Patched in asyncio, not on the pool: the methods of a Pool compiled by mypyc
+    (setup.py) cannot be replaced on the instance. These tests run no event loop."""
+
+    def ensure_future(coro: Coroutine[Any, Any, None]) -> Future[None]:
+        coro.close()
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    monkeypatch.setattr(asyncio, "ensure_future", ensure_future)
+
+
+@pytest.mark.usefixtures("unscheduled")
 def test_reserve_pool_opens_after_reserve_pool_timeout() -> None:
     clock = Clock()
     pool, _ = make_pool(1, clock=clock)
     pool.db = DatabaseConfig(name="app", dsn=Dsn(), pool_size=1, reserve_pool=1)
-    pool._spawn = lambda coro: coro.close()  # type: ignore[method-assign]
     pool.acquire(FakeWaiter("holder"))
     pool.acquire(FakeWaiter("w"))
     assert len(pool.containers[ServerState.LOGIN]) == 0  # pool_size reached
@@ -434,10 +453,10 @@ def test_server_older_than_server_lifetime_is_closed_on_release() -> None:
 
 def _connecting_pool(pool_size: int, clock: Clock) -> tuple[Pool, list[ServerConnection]]:
     """Returns: an empty pool whose connects never run: the test decides their outcome
-    (``_connect_failed`` / ``_connect_succeeded``), and the list of servers it opened."""
+    (``_connect_failed`` / ``_connect_succeeded``; the test uses the ``unscheduled``
+    fixture), and the list of servers it opened."""
     db = DatabaseConfig(name="app", dsn=Dsn(), pool_size=pool_size)
     pool = Pool(db, Config(query_wait_timeout=QUERY_WAIT, databases={"app": db}), clock=clock)
-    pool._spawn = lambda coro: coro.close()  # type: ignore[method-assign]
     opened: list[ServerConnection] = []
     real_new = pool.state.new_server
 
@@ -455,6 +474,7 @@ def _fail_all(pool: Pool, servers: list[ServerConnection]) -> list[float | None]
     return [pool._connect_failed(s, down) for s in servers if s.state is ServerState.LOGIN]
 
 
+@pytest.mark.usefixtures("unscheduled")
 def test_connects_failing_together_grow_the_backoff_once() -> None:
     """50 waiters open 50 connects; the outage makes them all fail: that is one failed
     round (one 0.25 s delay, then 0.5 s), not 50 (which reached the 5 s cap at once)."""
@@ -485,6 +505,7 @@ def test_connects_failing_together_grow_the_backoff_once() -> None:
     check_containers(pool, opened)
 
 
+@pytest.mark.usefixtures("unscheduled")
 def test_a_late_failure_of_an_earlier_round_does_not_grow_the_backoff() -> None:
     clock = Clock()
     pool, opened = _connecting_pool(2, clock)
