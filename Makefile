@@ -63,9 +63,14 @@ unit-pure: install
 	PGTENANT_PURE=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 # The whole suite on what install built (compiled when a compiler worked), then unit-pure.
+# With a C compiler on the machine the build must have compiled: a silent fallback to pure
+# Python would test the wrong build (PGTENANT_PURE=1 make test tests the pure one on purpose).
 test: lint
 	@$(PY) -c 'import pgtenant; print("==> protocol core:", pgtenant.build_kind())'
-	$(PY) -m pytest -q -p no:cacheprovider
+	@if [ -z "$$PGTENANT_PURE" ] && command -v cc >/dev/null 2>&1; then \
+	  $(PY) -c 'import sys, pgtenant; sys.exit(0 if pgtenant.build_kind().startswith("compiled") else "a C compiler is here but the build is pure Python: pip install -v -e . says why")'; \
+	fi
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20
 	$(MAKE) --no-print-directory unit-pure
 
 # Benchmarks (issue #6): results in benchmarks/results/. QUICK=1 (or bench-quick): < 2 min.
