@@ -130,63 +130,50 @@ def _transaction(link: Link, server: _Server, client: bytes, reply: bytes | None
     return to_server
 
 
-def _simple_case() -> Callable[[int], float]:
-    link, server = _make_link(), _Server()
-    queries = [codec.query(_SELECT.format(aid)) for aid in range(1, 1001)]
-    sent = _transaction(link, server, queries[0], None)
-    reply = _replies(link, sent)
+def _timed(link: Link, server: _Server, inputs: list[bytes], reply: bytes
+           ) -> Callable[[int], float]:
+    """Returns: a loop of ``n`` transactions over ``inputs`` (each answered by ``reply``),
+    giving the CPU seconds they took."""
+    size = len(inputs)
 
     def run(n: int) -> float:
         step = _transaction
         t0 = time.process_time()
         for i in range(n):
-            step(link, server, queries[i % 1000], reply)
+            step(link, server, inputs[i % size], reply)
         return time.process_time() - t0
     return run
 
 
-def _extended_case() -> Callable[[int], float]:
+def _simple_case() -> Callable[[int], float]:
     link, server = _make_link(), _Server()
-    # Once per client: the named statement is prepared (pgbench -M prepared does it first).
-    _transaction(link, server, codec.parse("s1", _SELECT_P) + codec.sync(), None)
-    batches = [
+    queries = [codec.query(_SELECT.format(aid)) for aid in range(1, 1001)]
+    sent = _transaction(link, server, queries[0], None)
+    return _timed(link, server, queries, _replies(link, sent))
+
+
+def _extended_case() -> Callable[[int], float]:
+    """The mixed batch: the unnamed statement, then the named ``s1``, in one Sync."""
+    return _batch_case([
         codec.parse("", _SELECT_P) + codec.bind("", "", [str(aid).encode()])
         + codec.frame(ord("D"), b"P\x00") + codec.execute()
         + codec.bind("", "s1", [str(aid).encode()])
         + codec.frame(ord("D"), b"P\x00") + codec.execute() + codec.sync()
         for aid in range(1, 1001)
-    ]
-    sent = _transaction(link, server, batches[0], None)
-    reply = _replies(link, sent)
-    # Steady state: what reaches the server is the same every time (modulo the aid).
-    again = _transaction(link, server, batches[0], None)
-    assert again == sent, (again, sent)
-
-    def run(n: int) -> float:
-        step = _transaction
-        t0 = time.process_time()
-        for i in range(n):
-            step(link, server, batches[i % 1000], reply)
-        return time.process_time() - t0
-    return run
+    ])
 
 
 def _batch_case(batches: list[bytes]) -> Callable[[int], float]:
     """One shape of extended batch, steady state (the named statement ``s1`` prepared)."""
     link, server = _make_link(), _Server()
+    # Once per client: the named statement is prepared (pgbench -M prepared does it first).
     _transaction(link, server, codec.parse("s1", _SELECT_P) + codec.sync(), None)
     sent = _transaction(link, server, batches[0], None)
     reply = _replies(link, sent)
+    # Steady state: what reaches the server is the same every time (modulo the aid).
     again = _transaction(link, server, batches[0], None)
     assert again == sent, (again, sent)
-
-    def run(n: int) -> float:
-        step = _transaction
-        t0 = time.process_time()
-        for i in range(n):
-            step(link, server, batches[i % 1000], reply)
-        return time.process_time() - t0
-    return run
+    return _timed(link, server, batches, reply)
 
 
 def _unnamed_case() -> Callable[[int], float]:
