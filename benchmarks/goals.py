@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from typing import Any
 from .endpoints import Endpoint, PgBouncer, Pgtenant, find_pgbouncer
 from .fixture import APP_PASSWORD, APP_ROLE, BenchDb
 from .measure import Load, Result, idle_clients_memory, run_loads
-from .run import RESULTS, Bench, machine, tenant_loads
+from .run import RESULTS, Bench, machine, raise_fd_limit, tenant_loads
 
 __all__ = ["GOALS", "figures", "main", "ratio", "report"]
 
@@ -206,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seconds < 2:
         parser.error("--seconds: at least 2 (1,000 clients take seconds to connect)")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
-                                                else max(soft, 65536), hard))
+    raise_fd_limit()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pgtenant-goals-") as tmp:
         workdir = Path(tmp)

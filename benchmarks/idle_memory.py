@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import tempfile
 import time
 import tracemalloc
@@ -31,6 +30,7 @@ from pgtenant.control.cluster import PostgresCluster
 from .endpoints import Pgtenant
 from .fixture import build_database
 from .measure import _open_idle, idle_clients_memory
+from .run import raise_fd_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,9 +128,7 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="also the tracemalloc breakdown")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
-                                                else max(soft, 65536), hard))
+    raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="pgtenant-idle-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)

@@ -37,7 +37,7 @@ from .fixture import (
 from .measure import Load, Result, idle_clients_memory, percentile, run_loads
 from .report import write_report
 
-__all__ = ["main", "tenant_loads"]
+__all__ = ["main", "raise_fd_limit", "tenant_loads"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -370,16 +370,20 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "kernel": platform.release()}
 
 
+def raise_fd_limit() -> None:
+    """Every process started from here (proxies, pgbench) inherits as many descriptors as
+    this machine allows: the idle-client runs hold up to 10,000 connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                else max(soft, 65536), hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller run, under 2 minutes")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    # Every process started from here (proxies, pgbench) inherits as many descriptors as
-    # this machine allows: the idle-client test holds 10,000 connections.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
-                                                else max(soft, 65536), hard))
+    raise_fd_limit()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pgtenant-bench-") as tmp:
         workdir = Path(tmp)
