@@ -167,22 +167,26 @@ def report(runs: dict[str, list[Result]], proxies: list[str], memory: dict[str, 
         data["tps"][name] = [round(r.tps, 1) for r in results]
         data["cpu_us_per_txn"][name] = [round(r.cpu_us_per_txn, 2) for r in results]
     head = ["figure", *(f"{p} (median; range)" for p in proxies), "goal", ""]
+    per_proxy = {proxy: figures(runs, proxy) for proxy in proxies}
     rows = []
     for key, op, goal, what in GOALS:
         cells = []
-        last = 0.0
+        judged: float | None = None  # the first proxy's (this checkout's), not a baseline's
         for proxy in proxies:
             if key == "idle_bytes":
-                last = memory[proxy]
-                cells.append(f"{last:,.0f} (PgBouncer {memory['pgbouncer']:,.0f})")
-                data["figures"].setdefault(proxy, {})[key] = round(last)
-                continue
-            values = figures(runs, proxy)[key]
-            last = statistics.median(values)
-            data["figures"].setdefault(proxy, {})[key] = [round(v, 3) for v in values]
-            cells.append(f"{last:.3f} ({min(values):.3f}-{max(values):.3f})")
+                value = memory[proxy]
+                cells.append(f"{value:,.0f} (PgBouncer {memory['pgbouncer']:,.0f})")
+                data["figures"].setdefault(proxy, {})[key] = round(value)
+            else:
+                values = per_proxy[proxy][key]
+                value = statistics.median(values)
+                data["figures"].setdefault(proxy, {})[key] = [round(v, 3) for v in values]
+                cells.append(f"{value:.3f} ({min(values):.3f}-{max(values):.3f})")
+            if judged is None:
+                judged = value
+        assert judged is not None
         bound = f"{op} {goal:,.0f}" if key == "idle_bytes" else f"{op} {goal:.2f}"
-        rows.append([what, *cells, bound, _judge(op, last, goal)])
+        rows.append([what, *cells, bound, _judge(op, judged, goal)])
     bouncer = ratio(runs, "c1000/pgbouncer", "c50/pgbouncer")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

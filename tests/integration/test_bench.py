@@ -218,3 +218,16 @@ def test_goals_report_takes_the_median_of_ratios_within_rounds() -> None:
     assert "(PgBouncer 900) | <= 5,000 | met |" in table
     assert "PgBouncer's own 1,000 ÷ 50 clients: 0.700" in table
     assert data["figures"]["pgtenant"]["one_packet"] == [1.111] * 3
+
+
+def test_goals_are_judged_on_this_checkout_not_on_the_baseline() -> None:
+    """With --baseline, the verdict column is this checkout's (the first proxy's) figure."""
+    ones = [_result(1000, 1)] * 3
+    runs = {f"{k}/{p}": ones for k in ("S", "X", "scoped", "c50", "c1000")
+            for p in ("pgtenant", "baseline", "pgbouncer")}
+    runs["S/pgtenant"] = [_result(500, 1)] * 3  # 0.5: not met; the baseline's 1.0 is
+    table, _ = goals.report(runs, ["pgtenant", "baseline"],
+                            {"pgtenant": 9000.0, "baseline": 100.0, "pgbouncer": 900.0})
+    assert "| `pgbench -S`: pgtenant ÷ PgBouncer | 0.500 (0.500-0.500) | 1.000 (1.000-1.000) " \
+        "| >= 0.80 | **not met** |" in table
+    assert "| <= 5,000 | **not met** |" in table
