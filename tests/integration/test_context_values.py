@@ -91,8 +91,14 @@ async def test_a_function_body_is_judged_in_a_parse_too(solo: ProxyProcess) -> N
         assert [e["C"] for e in errors(got)] == ["42501"], errors(got)
         got = await raw.request(codec.query(f"SELECT pg_temp.g(); {READ_HOOLI}"))
         assert errors(got) and "hooli" not in str(rows_text(got))
+        got = await raw.request(codec.query(CONTEXT))
+        assert not errors(got), errors(got)
+        attacker_pid = rows_text(got)[0][4]
     finally:
         await raw.close()
+    victim = await _context(solo, VICTIM)  # the next transaction on the same server
+    assert victim == ["tenant_sme", str(solo.env.tenants[VICTIM].org_id), "", "public",
+                      attacker_pid]
 
 # ------------------------------------------------------------------ the values policies read
 
