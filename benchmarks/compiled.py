@@ -30,7 +30,7 @@ from .run import Bench
 
 __all__ = ["main"]
 
-_SHARED_LIB = "_compiled__mypyc"
+_SHARED_LIB = "__mypyc."  # pgtenant/_protocol__mypyc.*.so and its sibling (setup.py GROUPS)
 
 
 def _loaded_from(proxy: Pgtenant) -> str | None:

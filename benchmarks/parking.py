@@ -36,7 +36,7 @@ def _cpu(pid: int) -> tuple[float, float]:
 def _tree(proxy: Pgtenant) -> str:
     """Returns: the directory of the compiled library the proxy loaded."""
     for line in Path(f"/proc/{proxy.pid}/maps").read_text().splitlines():
-        if "_compiled__mypyc" in line:
+        if "__mypyc." in line:  # setup.py's GROUPS: pgtenant/<group>__mypyc.*.so
             return line.split()[-1].rsplit("/", 2)[0]
     return "(no compiled core)"
 

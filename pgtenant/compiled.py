@@ -29,7 +29,7 @@ from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec
 from importlib.util import spec_from_file_location
 from types import ModuleType
 
-__all__ = ["COMPILED", "PURE", "PURE_ENV", "build_kind", "install"]
+__all__ = ["COMPILED", "PURE", "PURE_ENV", "SHARED_LIBS", "build_kind", "install"]
 
 PURE_ENV = "PGTENANT_PURE"
 COMPILED = "compiled (mypyc)"
@@ -39,10 +39,9 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _PROTOCOL = os.path.join(_PACKAGE, "protocol")
 _PREFIX = "pgtenant.protocol."
 _TOP = "pgtenant."
-# The shared library of the compiled group (setup.py: group_name "pgtenant._compiled"). It
-# sits in the package directory, next to the compiled top-level modules, and is no module.
-_SHARED_LIB = "pgtenant._compiled__mypyc"
-_SHARED_LIB_FILE = _SHARED_LIB[len(_TOP):]
+# The shared libraries of the compiled groups (setup.py's GROUPS, "<name>__mypyc"). They sit
+# in the package directory, next to the compiled top-level modules, and are no modules.
+SHARED_LIBS = ("pgtenant._protocol__mypyc", "pgtenant._data_path__mypyc")
 # A wheel is unpacked file by file, a module's .py possibly a moment after its .so; an edit
 # after a build comes seconds or more later.
 _STALE_AFTER = 2.0
@@ -109,7 +108,8 @@ class SourceFinder(MetaPathFinder):
 def _top_level_compiled() -> dict[str, str]:
     """Returns: the compiled top-level modules (``session``...) -> their compiled files."""
     found = compiled_modules(_PACKAGE)
-    found.pop(_SHARED_LIB_FILE, None)
+    for lib in SHARED_LIBS:
+        found.pop(lib[len(_TOP):], None)
     return found
 
 
@@ -132,7 +132,8 @@ def _decide() -> tuple[str, bool]:
         return (f"{PURE} (compiled modules older than their sources: {', '.join(stale)}; "
                 "reinstall to compile them again)"), True
     try:
-        importlib.import_module(_SHARED_LIB)
+        for lib in SHARED_LIBS:
+            importlib.import_module(lib)
     except ImportError as exc:
         return f"{PURE} (the compiled modules do not load: {exc})", True
     return COMPILED, False

@@ -24,6 +24,7 @@ from pgtenant.compiled import (
     COMPILED,
     PURE,
     PURE_ENV,
+    SHARED_LIBS,
     SourceFinder,
     compiled_modules,
     pure_forced,
@@ -119,11 +120,11 @@ def test_source_finder_finds_top_level_modules_that_were_compiled_only(tmp_path:
     # finders keep them, and the shared library has no source to be sent back to.
     for name in ("session", "config"):
         (tmp_path / f"{name}.py").write_text("X = 1\n")
-    finder = SourceFinder(str(tmp_path), "pgtenant.", frozenset({"session", "_compiled__mypyc"}))
+    finder = SourceFinder(str(tmp_path), "pgtenant.", frozenset({"session", "_protocol__mypyc"}))
     spec = finder.find_spec("pgtenant.session", None)
     assert spec is not None and spec.origin == str(tmp_path / "session.py")
     assert finder.find_spec("pgtenant.config", None) is None
-    assert finder.find_spec("pgtenant._compiled__mypyc", None) is None
+    assert finder.find_spec("pgtenant._protocol__mypyc", None) is None
     assert finder.find_spec("pgtenant.protocol", None) is None
     assert finder.find_spec("pgtenant.protocol.tracker", None) is None
 
@@ -217,6 +218,23 @@ def _setup_names(variable: str) -> list[str]:
             assert isinstance(names, tuple)
             return [str(n) for n in names]
     raise AssertionError(f"no {variable} in setup.py")
+
+
+def test_the_shared_libraries_checked_at_start_are_the_ones_setup_builds() -> None:
+    # compiled.py imports each group's library to decide whether the compiled modules load;
+    # a group missing from its list would let a broken build pass for compiled.
+    for node in ast.parse((REPO / "setup.py").read_text()).body:
+        if isinstance(node, ast.AnnAssign) and ast.unparse(node.target) == "GROUPS":
+            assert isinstance(node.value, ast.List)
+            groups = [ast.literal_eval(g.elts[1]) for g in node.value.elts
+                      if isinstance(g, ast.Tuple)]
+            break
+    else:
+        raise AssertionError("no GROUPS in setup.py")
+    assert [f"{g}__mypyc" for g in groups] == list(SHARED_LIBS)
+    built = [lib for lib in SHARED_LIBS
+             if compiled_modules(str(REPO / "pgtenant")).get(lib.split(".")[1])]
+    assert built in ([], list(SHARED_LIBS))  # both built, or neither (a pure install)
 
 
 def _except_names_of_two_types(tree: ast.AST) -> list[str]:
