@@ -113,7 +113,11 @@ _NOT_IN_TXN_HINT = (
 
 def _has_inside(sql: bytes) -> bool:
     lowered = sql.lower()  # spelled out, not any(...): this runs once per transaction
-    return b"u&" in lowered or b"_to_xml" in lowered or b"dblink" in lowered
+    # find, not in: ``bytes in bytes`` first tries the needle as an int and formats (then
+    # clears) a TypeError, three times per transaction (1.4-1.8 % of the proxy's CPU,
+    # issue 16).
+    return (lowered.find(b"u&") >= 0 or lowered.find(b"_to_xml") >= 0
+            or lowered.find(b"dblink") >= 0)
 
 
 class _Refused(NamedTuple):

@@ -261,7 +261,9 @@ class Session:
             self.wait_started = time.monotonic()
             self._pause_reading("wait")
             return False
-        self._waited(0.0)
+        # _waited(0.0), spelled out: no wait, so no sum to add to (the count stays exact)
+        self.stats.wait_seconds.observe_zero()
+        self.tenant_stats.wait_count += 1
         self._attach(server)
         return True
 
@@ -397,12 +399,19 @@ class Session:
             # The server reported temporary objects (an ON COMMIT DROP table, or one a
             # function made where the classifier could not see): none may reach the next
             # client, of this tenant or another. Emptied first, or closed if that fails.
-            after_cancels(server, lambda s: self.pool.release_dirty(s, _DISCARD_TEMP))
+            after_cancels(server, self._discard_temp)
         elif server.cancels_in_flight:
             after_cancels(server, self._park)
         else:  # after_cancels's own test, inline: two calls fewer per transaction
             self.pool.park(server, self)
         self._flush_notifications()
+
+    def _discard_temp(self, server: ServerConnection) -> None:
+        """Empty the server's temp schema, then give it back (closed if that fails).
+
+        A method, not a lambda in _maybe_release: compiled (mypyc), a nested function makes
+        its caller build a closure environment on every call, used or not."""
+        self.pool.release_dirty(server, _DISCARD_TEMP)
 
     def _park(self, server: ServerConnection) -> None:
         """Give back a clean server, first claim kept while nobody else needs it (issue 16:

@@ -150,13 +150,21 @@ def _no_clock() -> float:
 # ``push`` adds to a ledger, and it refuses this one: one client's segment can never land
 # where another's ledger would see it.
 NO_SEGMENTS: Final[deque[Segment]] = deque()
+# The FIFOs ``release`` gave up, empty, for the next ``reset`` to take instead of allocating
+# one per transaction (0.5 % of the proxy's CPU under pgbench -S). A FIFO goes here only
+# empty and from the one ledger that held it, which holds NO_SEGMENTS from then on; there
+# are about as many as servers were ever attached at once (one FIFO per attached link), and
+# never more than _SPARE_MAX, so idle clients still hold none.
+_SPARE: Final[list[deque[Segment]]] = []
+_SPARE_MAX: Final = 256
 
 
 class Ledger:
     """The segments in flight on the attached server and the status it last reported.
 
     A new ledger has a FIFO of its own (as if attached); ``release`` gives it up when the
-    server goes with nothing in flight, ``reset`` takes a new one at the next attach.
+    server goes with nothing in flight, ``reset`` takes one (a spare, else a new one) at the
+    next attach.
     """
 
     __slots__ = ("clock", "leftover", "pass_", "pending", "remaining", "status", "unsure")
@@ -176,7 +184,7 @@ class Ledger:
         """A server was attached: it is idle and owes nothing (pool invariant)."""
         self.pass_ = PASS_NONE
         if self.pending is NO_SEGMENTS:
-            self.pending = deque()
+            self.pending = _SPARE.pop() if _SPARE else deque()
         else:
             self.pending.clear()
         self.status = TXN_IDLE
@@ -185,9 +193,13 @@ class Ledger:
         self.remaining = 0
 
     def release(self) -> None:
-        """The server goes: with nothing in flight, the FIFO goes too (NO_SEGMENTS)."""
-        if not self.pending:
+        """The server goes: with nothing in flight, the FIFO goes too (NO_SEGMENTS), to the
+        spares (``_SPARE``) unless it is the shared one."""
+        pending = self.pending
+        if not pending and pending is not NO_SEGMENTS:
             self.pending = NO_SEGMENTS
+            if len(_SPARE) < _SPARE_MAX:
+                _SPARE.append(pending)
 
     def push(self, seg: Segment) -> None:
         """``seg`` was sent: its replies come after those of every segment before it."""

@@ -91,6 +91,41 @@ def test_the_shared_fifo_takes_no_segment() -> None:
     assert len(ledger.pending) == 1 and not NO_SEGMENTS
 
 
+def test_a_released_fifo_is_reused_empty_by_one_ledger_only() -> None:
+    # release gives an emptied FIFO to the spares and reset takes one back: no allocation
+    # per transaction, and never the shared FIFO nor one that another ledger holds.
+    from pgtenant.protocol import ledger as ledger_module
+
+    spare = ledger_module._SPARE
+    spare.clear()
+    first, second = Ledger(), Ledger()
+    first_fifo, second_fifo = first.pending, second.pending
+    first.release()
+    first.release()  # released twice: the shared FIFO never becomes a spare
+    second.release()
+    assert spare == [first_fifo, second_fifo] and all(f is not NO_SEGMENTS for f in spare)
+    assert first.pending is NO_SEGMENTS and second.pending is NO_SEGMENTS
+    first.reset()
+    second.reset()
+    assert first.pending is second_fifo and second.pending is first_fifo  # reused
+    assert not first.pending and not second.pending and not spare
+    first.push(Segment(0))
+    assert not second.pending and not NO_SEGMENTS
+    first.release()  # replies owed: it keeps its FIFO, which is no spare
+    assert not spare and len(first.pending) == 1
+
+
+def test_the_spare_fifos_are_bounded() -> None:
+    from pgtenant.protocol import ledger as ledger_module
+
+    spare = ledger_module._SPARE
+    spare.clear()
+    for _ in range(ledger_module._SPARE_MAX + 5):
+        Ledger().release()
+    assert len(spare) == ledger_module._SPARE_MAX
+    spare.clear()
+
+
 def test_a_ledger_keeps_its_fifo_while_replies_are_owed() -> None:
     ledger = Ledger()
     ledger.push(Segment(0))

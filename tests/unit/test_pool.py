@@ -81,6 +81,9 @@ def check_containers(pool: Pool, servers: list[ServerConnection]) -> None:
     known = set(servers)
     for state, container in pool.containers.items():
         assert set(container) <= known, f"unknown server in {state}"
+    # pool.total is a count kept as servers move (pool_state._set_state): it must equal the
+    # containers' lengths recomputed, after every step of the random walks too.
+    assert pool.total == sum(map(len, pool.containers.values()))
     assert pool.total == sum(s.state is not ServerState.CLOSED for s in servers)
 
 

@@ -151,6 +151,29 @@ def test_classify_prefilter_passes_every_text_the_patterns_match(parts: list[byt
                 or sql._SUBWORDS.search(text)), text
 
 
+@given(st.lists(st.sampled_from([
+    *_SQL_FRAGMENTS, b"ADVISORY", b"Advis", b"ory", b"pg_", b"TeMp", b"pg", b"\xc1", b"\x00",
+    b"-", b"P"]), max_size=12))
+def test_classify_prefilter_finds_exactly_the_words_and_the_subword_regex(
+        parts: list[bytes]) -> None:
+    # _flagless translates a text once for the words and the inside-a-word matches that the
+    # regex _SUBWORDS looked for: it must say no flag exactly where the two tests did.
+    from pgtenant.protocol import sql
+
+    text = b"".join(parts)
+    expected = not sql.has_word(text, sql._ANY_WORDS) and not sql._SUBWORDS.search(text)
+    assert sql._flagless(text) == expected, text
+
+
+@pytest.mark.parametrize("text", [b"SELECT pg_advisory_lock(1)", b"select 1 from PG_TEMP_3.t",
+                                  b"SELECT AdViSoRy", b"SELECT x FROM pg_Temp.t"])
+def test_classify_prefilter_passes_subwords_in_any_case(text: bytes) -> None:
+    from pgtenant.protocol import sql
+
+    assert not sql._flagless(text)
+    assert not sql._flagless(text * (sql._WORDS_CHUNK // len(text) + 1))  # chunked path
+
+
 @given(st.lists(st.sampled_from([b"set", b"SeT", b"x", b"se", b"t", b" ", b"\n", b"(", b"_",
                                  b"\xc3\xa9", b"commit", b"1"]), max_size=40),
        st.integers(min_value=1, max_value=12))
