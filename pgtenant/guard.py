@@ -13,7 +13,7 @@ itself raises the error, keeping replies in order and transaction state exact).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, NamedTuple
 
 from pglast.parser import ParseError
@@ -22,11 +22,11 @@ from .errors import ProgramLimitExceeded
 from .protocol.encoding import UNSAFE as _UNSAFE_ENCODINGS
 from .protocol.encoding import encoding_key
 from .protocol.redirect import CATALOG, CLIENT_PID, redirect
-from .protocol.refusal import RESERVED_PREFIX, RefusalText, Verdict
-from .protocol.sql import ends_transaction, has_word, is_on, parse
+from .protocol.refusal import RESERVED_PREFIX, RefusalText, StatementPolicy, Verdict
+from .protocol.sql import ends_transaction, has_word, is_on, parse, pins_server
 from .protocol.textcache import TextCache
 
-__all__ = ["ALWAYS_PROTECTED", "SWITCHES", "Guard"]
+__all__ = ["ALWAYS_PROTECTED", "SWITCHES", "Guard", "PinCapped"]
 
 # Settings no tenant may change, whatever the config says.
 ALWAYS_PROTECTED: Final = ("role", "session_authorization", "search_path")
@@ -584,3 +584,30 @@ _RULES: Final[dict[str, Any]] = {
     "AlterSubscriptionStmt": _refuse("subscriptions are not allowed in tenant sessions"),
     "DropSubscriptionStmt": _refuse("subscriptions are not allowed in tenant sessions"),
 }
+
+
+class PinCapped:
+    """A session's statement policy: the guard's ``check`` plus its tenant's cap on pinned
+    servers (login.pin_capped). Here, compiled with the guard, and not in login.py: it runs
+    for every Query and Parse, and interpreted it cost about 5 % of the proxy's CPU per
+    ``pgbench -S`` transaction (issue 16). An object with slots, not a closure: every
+    session keeps one (a closure and its cells cost an idle client about 250 bytes more)."""
+
+    __slots__ = ("check", "limit", "may_pin")
+
+    def __init__(self, check: StatementPolicy, may_pin: Callable[[], bool],
+                 limit: Callable[[], int]):
+        self.check, self.may_pin, self.limit = check, may_pin, limit
+
+    def __call__(self, sql: bytes) -> Verdict:
+        verdict = self.check(sql)
+        # pins_server before may_pin: both are free of side effects, and pins_server is
+        # compiled and settles almost every statement (nothing pins) where may_pin() is the
+        # interpreted lookup of the tenant's pinned count.
+        if isinstance(verdict, str) or not pins_server(sql) or self.may_pin():
+            return verdict
+        return (f"pgtenant: this statement would keep a server connection for this "
+                f"session, and this tenant's sessions already keep {self.limit()} "
+                "(max_pinned_servers); end one of them, or avoid session state "
+                "(use protocol-level prepared statements, transaction-scoped locks "
+                "and cursors)")

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 
 from .config import Config, TenantLimitsConfig, TenantTypeConfig
 from .errors import AuthFailed, AuthRefused, UnknownDatabase, WrongUser
-from .guard import Guard
+from .guard import Guard, PinCapped
 from .identity.context import TenantContext, TenantIdentity
 from .identity.registry import Registry
 from .identity.throttle import AuthThrottle
 from .protocol.inject import injection
-from .protocol.refusal import StatementPolicy, Verdict
-from .protocol.sql import pins_server
+from .protocol.refusal import StatementPolicy
 from .protocol.tracker import Link
 
 __all__ = [
@@ -171,30 +170,7 @@ def pin_capped(check: StatementPolicy, may_pin: Callable[[], bool],
     refused before it runs, so one tenant cannot starve the pool by pinning; ``may_pin()``
     says whether the session may pin: it already does, or its tenant is under the cap; see
     ClientLimits.may_pin)."""
-    return _PinCapped(check, may_pin, limit)
-
-
-class _PinCapped:
-    """``pin_capped``'s policy: an object with slots, not a closure, since every session
-    keeps one (a closure and its cells cost an idle client about 250 bytes more)."""
-
-    __slots__ = ("check", "limit", "may_pin")
-
-    def __init__(self, check: StatementPolicy, may_pin: Callable[[], bool],
-                 limit: Callable[[], int]):
-        self.check, self.may_pin, self.limit = check, may_pin, limit
-
-    def __call__(self, sql: bytes) -> Verdict:
-        verdict = self.check(sql)
-        if isinstance(verdict, str) or self.may_pin():
-            return verdict
-        if pins_server(sql):
-            return (f"pgtenant: this statement would keep a server connection for this "
-                    f"session, and this tenant's sessions already keep {self.limit()} "
-                    "(max_pinned_servers); end one of them, or avoid session state "
-                    "(use protocol-level prepared statements, transaction-scoped locks "
-                    "and cursors)")
-        return verdict
+    return PinCapped(check, may_pin, limit)
 
 
 def new_link(config: Config, context: TenantContext, signing_key: bytes | None,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgtenant.guard import Guard
+from pgtenant.guard import Guard, PinCapped
 from pgtenant.protocol.redirect import CLIENT_PID, STATEMENTS, client_statements, render
 
 GUARD = Guard(("app.", "myapp.tenant"))
@@ -461,3 +461,35 @@ def test_function_bodies_are_judged_when_created(sql: str, contains: str) -> Non
 )
 def test_harmless_function_bodies_pass(sql: str) -> None:
     assert GUARD.check(sql.encode()) is None
+
+
+@pytest.mark.parametrize("sql, pins", [
+    (b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", True), (b"PREPARE q AS SELECT 1", True),
+    (b"SELECT pg_advisory_lock(1)", True), (b"CREATE TEMP TABLE t (x int)", True),
+    (b"SELECT 1", False), (b"SET work_mem = '8MB'", False),  # a plain SET is replayed
+])
+def test_pin_capped_refuses_only_statements_that_pin_and_only_at_the_cap(
+        sql: bytes, pins: bool) -> None:
+    asked: list[bool] = []
+
+    def may_pin(answer: bool) -> bool:
+        asked.append(answer)
+        return answer
+
+    guard = Guard()
+    under = PinCapped(guard.check, lambda: may_pin(True), lambda: 2)
+    at_cap = PinCapped(guard.check, lambda: may_pin(False), lambda: 2)
+    assert under(sql) == guard.check(sql)
+    verdict = at_cap(sql)
+    if pins:
+        assert isinstance(verdict, str) and "already keep 2 (max_pinned_servers)" in verdict
+    else:
+        assert verdict == guard.check(sql)
+        assert not asked  # the tenant's count is looked up only for statements that pin
+
+
+def test_pin_capped_passes_the_guards_refusal_through() -> None:
+    guard = Guard()
+    capped = PinCapped(guard.check, lambda: False, lambda: 1)
+    assert capped(b"SET ROLE postgres") == guard.check(b"SET ROLE postgres")
+    assert isinstance(capped(b"SET ROLE postgres"), str)

@@ -14,13 +14,13 @@ import pytest
 
 from pgtenant.client import ClientConnection
 from pgtenant.config import TenantTypeConfig
+from pgtenant.guard import PinCapped
 from pgtenant.identity.context import (
     TenantContext,
     TenantIdentity,
     build_context,
     shared_context,
 )
-from pgtenant.login import _PinCapped
 from pgtenant.protocol import codec
 from pgtenant.protocol.backend import Backend
 from pgtenant.protocol.frontend import Frontend
@@ -38,7 +38,7 @@ from .links import INJECTED, ROW, ROWDESC, Z_I, cc, make_link, server_sends, sta
 # One of each per logged-in client (LabelStats: per label set, but small and slotted too).
 PER_CLIENT = [ClientConnection, Session, _Registrar, Link, Frontend, Backend, Ledger,
               Segment, PreparedStatements, SessionSettings, Injection, Listens, LabelStats,
-              TenantStats, _PinCapped]
+              TenantStats, PinCapped]
 
 
 @pytest.mark.parametrize("cls", PER_CLIENT, ids=lambda c: c.__name__)
