@@ -154,9 +154,12 @@ NO_SEGMENTS: Final[deque[Segment]] = deque()
 # one per transaction (0.5 % of the proxy's CPU under pgbench -S). A FIFO goes here only
 # empty and from the one ledger that held it, which holds NO_SEGMENTS from then on; there
 # are about as many as servers were ever attached at once (one FIFO per attached link), and
-# never more than _SPARE_MAX, so idle clients still hold none.
+# never more than _SPARE_MAX, so idle clients still hold none. A small cap: every new
+# ledger's own FIFO comes here when its link is set up unattached, so the spares are full
+# at once, and each is some 760 bytes kept for good (256 of them made memory per idle
+# client 100 bytes worse over 2,000 clients); a pool's attach/release churn needs few.
 _SPARE: Final[list[deque[Segment]]] = []
-_SPARE_MAX: Final = 256
+_SPARE_MAX: Final = 32
 
 
 class Ledger:
