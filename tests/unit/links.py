@@ -61,3 +61,29 @@ def start(link: Link, data: bytes, ctx_state: int = CTX_NONE) -> bytes:
     out, reply, outcome = link.pump_client()
     assert outcome in (IDLE, HOLD) and reply == b""
     return out
+
+
+class Registrar:
+    """The database's listener, as a client's Listens sees it (session._Registrar's part):
+    confirms every subscription when ``confirm``, and records each call."""
+
+    def __init__(self, confirm: bool = True):
+        self.confirm = confirm
+        self.calls: list[tuple[str, ...]] = []
+
+    def subscribe(self, mapped: str, channel: str) -> bool:
+        self.calls.append(("subscribe", mapped, channel))
+        return self.confirm
+
+    def unsubscribe(self, mapped: str) -> None:
+        self.calls.append(("unsubscribe", mapped))
+
+    def notifying(self, mapped: str, payload: bytes) -> None:
+        self.calls.append(("notifying", mapped, payload.decode()))
+
+    def not_notified(self, mapped: str, payload: bytes) -> None:
+        self.calls.append(("not_notified", mapped, payload.decode()))
+
+    def committed(self, mapped: str, payload: bytes) -> bool:
+        self.calls.append(("committed", mapped, payload.decode()))
+        return False

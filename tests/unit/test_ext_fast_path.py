@@ -28,6 +28,8 @@ from pgtenant.protocol.inject import SET_COMPLETE, Injection
 from pgtenant.protocol.listen import Listens
 from pgtenant.protocol.tracker import CTX_NONE, IDLE, NEED_SERVER, Link
 
+from .links import Registrar
+
 _ORG = uuid.UUID("11111111-2222-3333-4444-555555555555")
 _SELECT_P = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 _ROWDESC = codec.row_description([("abalance", False)])
@@ -146,22 +148,6 @@ class _Server:
             self.status = b"E"
 
 
-class _Registrar:
-    """The database's listener, as a client's Listens sees it: hears every channel."""
-
-    def subscribe(self, mapped: str, channel: str) -> bool:
-        return True
-
-    def unsubscribe(self, mapped: str) -> None:
-        pass
-
-    def notifying(self, mapped: str, payload: bytes) -> None:
-        pass
-
-    def not_notified(self, mapped: str, payload: bytes) -> None:
-        pass
-
-
 def _link(*, reference: bool, listens: bool = False) -> Link:
     inj = _injection()
     if reference:
@@ -169,7 +155,7 @@ def _link(*, reference: bool, listens: bool = False) -> Link:
     link = Link(inj, max_message_size=1 << 20, guard=_guard)
     link._stmts._fresh = Freshness()  # each link its own generations (no shared counter)
     if listens:  # LISTEN/NOTIFY allowed (a database with a listener): the hooks run too
-        link.listens = Listens(b"k" * 32, str(_ORG), "sme", _Registrar())
+        link.listens = Listens(b"k" * 32, str(_ORG), "sme", Registrar())
     return link
 
 

@@ -33,7 +33,17 @@ from pgtenant.protocol.tracker import Link
 from pgtenant.session import Session, _Registrar
 from pgtenant.stats import LabelStats, TenantStats
 
-from .links import INJECTED, ROW, ROWDESC, Z_I, cc, make_link, server_sends, start
+from .links import (
+    INJECTED,
+    ROW,
+    ROWDESC,
+    Z_I,
+    Registrar,
+    cc,
+    make_link,
+    server_sends,
+    start,
+)
 
 # One of each per logged-in client (LabelStats: per label set, but small and slotted too).
 PER_CLIENT = [ClientConnection, Session, _Registrar, Link, Frontend, Backend, Ledger,
@@ -188,24 +198,7 @@ def test_contexts_are_shared_only_between_equal_identities_and_types() -> None:
 
 
 def test_a_listen_queue_is_no_deque() -> None:
-    listens = Listens(b"k" * 32, str(uuid.UUID(int=7)), "sme", _NoRegistrar())
+    listens = Listens(b"k" * 32, str(uuid.UUID(int=7)), "sme", Registrar())
     assert isinstance(listens.queue, list) and not listens.queue
     assert listens.enqueue(b"frame")
     assert listens.flush() == b"frame" and not listens.queue
-
-
-class _NoRegistrar:
-    def subscribe(self, mapped: str, channel: str) -> bool:
-        return True
-
-    def unsubscribe(self, mapped: str) -> None:
-        pass
-
-    def notifying(self, mapped: str, payload: bytes) -> None:
-        pass
-
-    def not_notified(self, mapped: str, payload: bytes) -> None:
-        pass
-
-    def committed(self, mapped: str, payload: bytes) -> bool:
-        return True

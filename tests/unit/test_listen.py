@@ -29,6 +29,7 @@ from .links import (
     ROWDESC,
     Z_I,
     Z_T,
+    Registrar,
     cc,
     client_sends,
     make_link,
@@ -44,31 +45,8 @@ KEY = b"k" * 32
 ORG = "7d1c6a3e-0000-4000-8000-000000000001"
 
 
-class FakeRegistrar:
-    def __init__(self, confirm: bool = True):
-        self.confirm = confirm
-        self.calls: list[tuple[str, ...]] = []
-
-    def subscribe(self, mapped: str, channel: str) -> bool:
-        self.calls.append(("subscribe", mapped, channel))
-        return self.confirm
-
-    def unsubscribe(self, mapped: str) -> None:
-        self.calls.append(("unsubscribe", mapped))
-
-    def notifying(self, mapped: str, payload: bytes) -> None:
-        self.calls.append(("notifying", mapped, payload.decode()))
-
-    def not_notified(self, mapped: str, payload: bytes) -> None:
-        self.calls.append(("not_notified", mapped, payload.decode()))
-
-    def committed(self, mapped: str, payload: bytes) -> bool:
-        self.calls.append(("committed", mapped, payload.decode()))
-        return False
-
-
-def listens(confirm: bool = True) -> tuple[Listens, FakeRegistrar]:
-    reg = FakeRegistrar(confirm)
+def listens(confirm: bool = True) -> tuple[Listens, Registrar]:
+    reg = Registrar(confirm)
     obj = Listens(KEY, ORG, "sme", reg, NotifyStats())
     obj.pid = 4242
     return obj, reg
@@ -200,7 +178,7 @@ def test_close_unsubscribes_every_channel() -> None:
 
 # ---------------------------------------------------------------------- through a Link
 
-def linked(confirm: bool = True) -> tuple[Link, Listens, FakeRegistrar]:
+def linked(confirm: bool = True) -> tuple[Link, Listens, Registrar]:
     link = make_link()
     obj, reg = listens(confirm)
     link.listens = obj
