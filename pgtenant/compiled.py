@@ -11,9 +11,9 @@ compiled file, from its ``.py`` source instead when:
 * ``PGTENANT_PURE`` is set (not empty, not ``0``): the pure build, on demand;
 * a compiled module is older than its source (an editable install whose sources were edited
   or checked out after the build): it would run the old code, and because compiled modules
-  call each other inside one shared library, every compiled module goes back to source, not
-  only the edited one;
-* the shared library does not load (a wheel built for another interpreter, say).
+  call each other inside their groups' shared libraries (and across them), every compiled
+  module goes back to source, not only the edited one;
+* a shared library does not load (a wheel built for another interpreter, say).
 
 ``build_kind()`` says which it is, for the start-up log line and ``SHOW VERSION``.
 """
