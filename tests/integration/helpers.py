@@ -14,12 +14,15 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgtenant.control.cluster import find_bindir
@@ -323,3 +326,18 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
+
+
+def execute_in_thread(conn: psycopg.Connection[Any], sql: str
+                      ) -> tuple[threading.Thread, threading.Event]:
+    """Runs ``sql`` on ``conn`` in a thread, for a statement the proxy is expected to hold
+    (PAUSE, a full pool): returns the thread, started, and the event set once it returned."""
+    done = threading.Event()
+
+    def run() -> None:
+        conn.execute(sql)
+        done.set()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    return worker, done

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import threading
 import time
 from collections.abc import Callable
 
@@ -16,7 +15,7 @@ import pytest
 import pgtenant
 
 from .conftest import ProxyProcess, connect
-from .helpers import ADMIN
+from .helpers import ADMIN, execute_in_thread
 from .helpers import ADMIN_TOKEN as TOKEN
 from .helpers import admin_psql as psql
 from .helpers import admin_rows as rows
@@ -104,14 +103,7 @@ def test_pause_holds_new_transactions_until_resume(admin_proxy: ProxyProcess) ->
         psql(admin_proxy, "PAUSE")
         (pool,) = rows(admin_proxy, "SHOW DATABASES")
         assert pool["paused"] == "1"
-        done = threading.Event()
-
-        def query() -> None:
-            acme.execute("SELECT 2")
-            done.set()
-
-        worker = threading.Thread(target=query)
-        worker.start()
+        worker, done = execute_in_thread(acme, "SELECT 2")
         assert not done.wait(0.7)  # waits, as under PgBouncer's PAUSE
         assert rows(admin_proxy, "SHOW POOLS")[0]["cl_waiting"] == "1"
         psql(admin_proxy, "RESUME")

@@ -9,7 +9,6 @@ context, and that a parked server is an idle server to everything else.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 
@@ -20,7 +19,7 @@ from pgtenant.control.migrations.holds import Holds
 from pgtenant.control.tenants import issue_token, revoke_token
 
 from .conftest import ProxyProcess
-from .helpers import ADMIN
+from .helpers import ADMIN, execute_in_thread
 from .helpers import admin_psql as psql
 from .helpers import admin_rows as rows
 
@@ -126,14 +125,7 @@ def test_pause_closes_a_parked_server_and_holds_its_clients_next_transaction(
         acme.execute("SELECT 1")
         psql(proxy, "PAUSE")
         assert int(_pool(proxy)["sv_idle"]) == 0  # the parked server was closed too
-        done = threading.Event()
-
-        def query() -> None:
-            acme.execute("SELECT 2")
-            done.set()
-
-        worker = threading.Thread(target=query)
-        worker.start()
+        worker, done = execute_in_thread(acme, "SELECT 2")
         assert not done.wait(0.7)
         assert _pool(proxy)["cl_waiting"] == "1"
         psql(proxy, "RESUME")
