@@ -121,6 +121,21 @@ def start_proxy(demo_env: DemoEnv, tmp_path: Path) -> Iterator[Callable[..., Pro
 
 
 @pytest.fixture(scope="module")
+def solo(demo_env: DemoEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """One proxy with ONE server, for the module: attacker and victim transactions share the
+    same backend.
+
+    Module-scoped to keep a module fast; every test leaves the server idle and clean (or
+    retired), which the victim checks of the next test verify again. A module that needs
+    more of it (test_temp_tables: metrics) defines its own ``solo``.
+    """
+    proc = ProxyProcess(demo_env, tmp_path_factory.mktemp("solo"), pool_size=1,
+                        extra="auth_failure_delay = 0.0")
+    yield proc
+    proc.check_invariants(proc.stop())
+
+
+@pytest.fixture(scope="module")
 def proxy(demo_env: DemoEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     """One shared proxy (pool_size 4) for a module of tests that do not reconfigure it."""
     proc = ProxyProcess(demo_env, tmp_path_factory.mktemp("proxy"), pool_size=4,

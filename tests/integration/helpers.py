@@ -167,13 +167,16 @@ class TenantRaw:
         self.key = (0, 0)  # BackendKeyData: (pid, secret) for a CancelRequest
 
     @classmethod
-    async def login(cls, proxy: ProxyProcess, slug: str = "acme") -> TenantRaw:
+    async def login(cls, proxy: ProxyProcess, slug: str = "acme", *,
+                    token: str | None = None) -> TenantRaw:
+        """Logs in as ``slug`` with ``token`` (default: the demo's token of that tenant)."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", proxy.port), READ_TIMEOUT)
         raw = cls(reader, writer)
         raw.writer.write(codec.startup_message([("user", slug), ("database", "app")]))
         assert await raw.read() == ("R", struct.pack("!i", 3))
-        raw.writer.write(codec.password_message(proxy.env.tenants[slug].token.encode()))
+        token = proxy.env.tenants[slug].token if token is None else token
+        raw.writer.write(codec.password_message(token.encode()))
         seen = await raw.until()
         assert seen[-1] == ("Z", b"I")
         for kind, body in seen:

@@ -24,7 +24,7 @@ import asyncio
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -57,22 +57,6 @@ VICTIMS: dict[str, tuple[str, str, str]] = {
     "umbrella": ("tenant_agency",
                  "SELECT content->>'name' FROM entity_data ORDER BY 1", "tenant_b.entity_data"),
 }
-
-
-# ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def solo(demo_env: DemoEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    """One proxy with ONE server: attacker and victim transactions share the same backend.
-
-    Module-scoped to keep the module fast; every test leaves the server idle and clean (or
-    retired), which the victim checks of the next test verify again.
-    """
-    proc = ProxyProcess(demo_env, tmp_path_factory.mktemp("attacks"), pool_size=1,
-                        extra="auth_failure_delay = 0.0")
-    yield proc
-    proc.check_invariants(proc.stop())
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import asyncpg
 import pytest
 
-from pgtenant.control.demo import DemoEnv
 from pgtenant.protocol import codec
 
 from .conftest import ProxyProcess
@@ -31,14 +30,6 @@ ATTACKER = "acme"  # sme: role tenant_sme, RLS on the shared tables
 VICTIM = "initech"  # the same tenant type and role: only the signed context separates them
 LOGIN_ROLE = "pgtenant_proxy"
 WHO = "SELECT current_user, current_setting('app.tenant_id', true)"
-
-
-@pytest.fixture(scope="module")
-def solo(demo_env: DemoEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    proc = ProxyProcess(demo_env, tmp_path_factory.mktemp("attacks_state"), pool_size=1,
-                        extra="auth_failure_delay = 0.0")
-    yield proc
-    proc.check_invariants(proc.stop())
 
 
 def org(proxy: ProxyProcess, slug: str) -> str:

@@ -4,13 +4,12 @@ values Postgres sees; pg_prepared_statements showing the client's own statements
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import asyncpg
 import psycopg
 import pytest
 
-from pgtenant.control.demo import DemoEnv
 from pgtenant.control.hardening import check_lockdown
 from pgtenant.control.init import DEFAULT_PROXY_ROLE
 
@@ -19,16 +18,6 @@ from .conftest import ProxyProcess
 WHO = ("SELECT current_user, current_setting('app.tenant_id'), "
        "current_setting('search_path'), pg_backend_pid()")
 STATEMENTS = "SELECT name, statement FROM pg_prepared_statements ORDER BY name"
-
-
-@pytest.fixture(scope="module")
-def solo(demo_env: DemoEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    """One proxy with ONE server, for the module: attacker and victim share the backend
-    (each test leaves it idle and clean, or retired, which the next victim checks)."""
-    proc = ProxyProcess(demo_env, tmp_path_factory.mktemp("client_view"), pool_size=1,
-                        extra="auth_failure_delay = 0.0")
-    yield proc
-    proc.check_invariants(proc.stop())
 
 
 def _who(conn: psycopg.Connection) -> tuple[str, str, str, int]:

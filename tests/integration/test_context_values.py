@@ -12,8 +12,7 @@ tenant role) and read that tenant's schema in the same transaction.
 from __future__ import annotations
 
 import asyncio
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -35,22 +34,21 @@ CONTEXT = ("SELECT current_user, current_setting('app.tenant_id', true), "
            "pg_backend_pid()")
 
 
-@pytest.fixture(scope="module")
-def solo(demo_env: DemoEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    proc = ProxyProcess(demo_env, tmp_path_factory.mktemp("context_values"), pool_size=1,
-                        extra="auth_failure_delay = 0.0")
-    yield proc
-    proc.check_invariants(proc.stop())
-
-
-async def _context(proxy: ProxyProcess, slug: str) -> list[str]:
-    raw = await Raw.login(proxy, slug)
+async def _row(proxy: ProxyProcess, slug: str, sql: str, token: str | None = None
+               ) -> list[str]:
+    """Returns: the first row of ``sql`` (a simple Query, which must not fail) in a session
+    of its own, as ``slug`` with ``token`` (default: the demo's token)."""
+    raw = await Raw.login(proxy, slug, token=token)
     try:
-        got = await raw.request(codec.query(CONTEXT))
+        got = await raw.request(codec.query(sql))
         assert not errors(got), errors(got)
         return rows_text(got)[0]
     finally:
         await raw.close()
+
+
+async def _context(proxy: ProxyProcess, slug: str) -> list[str]:
+    return await _row(proxy, slug, CONTEXT)
 
 
 @pytest.mark.parametrize("body", [
@@ -108,16 +106,6 @@ VALUES = ("SELECT current_setting('app.tenant_id', true), current_setting('app.t
           "current_setting('search_path')")
 
 
-async def _raw_login(proxy: ProxyProcess, slug: str, token: str) -> Raw:
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    raw = Raw(reader, writer)
-    writer.write(codec.startup_message([("user", slug), ("database", "app")]))
-    assert await raw.read() == ("R", struct.pack("!i", 3))
-    writer.write(codec.password_message(token.encode()))
-    assert (await raw.until())[-1] == ("Z", b"I")
-    return raw
-
-
 async def _values(proxy: ProxyProcess, slug: str, token: str, form: str) -> list[str]:
     """Returns: VALUES as the tenant's transaction reads them, in a simple Query (the SET
     LOCAL prefix) or through asyncpg's extended protocol (the context statement)."""
@@ -130,13 +118,7 @@ async def _values(proxy: ProxyProcess, slug: str, token: str, form: str) -> list
             return list(row)
         finally:
             await conn.close()
-    raw = await _raw_login(proxy, slug, token)
-    try:
-        got = await raw.request(codec.query(VALUES))
-        assert not errors(got), errors(got)
-        return rows_text(got)[0]
-    finally:
-        await raw.close()
+    return await _row(proxy, slug, VALUES, token)
 
 
 async def _signing_key(env: DemoEnv) -> bytes:
@@ -178,7 +160,7 @@ async def test_policies_read_the_same_values_in_every_tenant_type_and_form(
 
 async def _query_text_seen_by_postgres(proxy: ProxyProcess, env: DemoEnv, slug: str,
                                        token: str) -> str:
-    raw = await _raw_login(proxy, slug, token)
+    raw = await Raw.login(proxy, slug, token=token)
     admin = await asyncpg.connect(env.admin_dsn)
     try:
         raw.writer.write(codec.query("SELECT pg_sleep(0.8) AS context_text_probe"))
@@ -233,7 +215,7 @@ async def test_a_tenant_cannot_leave_app_values_for_the_next_transaction_on_its_
     same server, reads ''."""
     proxy = start_proxy(pool_size=1, extra='context_signing = "off"')
     acme = demo_env.tenants["acme"]
-    raw = await _raw_login(proxy, "acme", acme.token)
+    raw = await Raw.login(proxy, "acme")
     try:
         for sql in LEAVE_BEHIND:
             got = await raw.request(codec.query(sql))
@@ -248,12 +230,7 @@ async def test_a_tenant_cannot_leave_app_values_for_the_next_transaction_on_its_
     for form in ("simple", "extended"):
         victim = await _values(proxy, "acme", acme.token, form)
         assert victim[2:4] == ["", ""], victim
-    raw = await _raw_login(proxy, "acme", acme.token)
-    try:
-        got = await raw.request(codec.query("SELECT pg_backend_pid()"))
-        assert rows_text(got)[0][0] == pid  # the same server all along
-    finally:
-        await raw.close()
+    assert (await _row(proxy, "acme", "SELECT pg_backend_pid()"))[0] == pid  # the same server
 
 
 async def test_an_application_function_setting_app_values_reaches_no_other_tenant(
@@ -269,7 +246,7 @@ async def test_an_application_function_setting_app_values_reaches_no_other_tenan
             "SECURITY DEFINER SET search_path = pg_catalog AS "
             "$$ SELECT set_config('app.entity_id', 'forged', false) $$")
         await admin.execute("GRANT EXECUTE ON FUNCTION public.app_set_entity() TO tenant_sme")
-        raw = await _raw_login(proxy, ATTACKER, demo_env.tenants[ATTACKER].token)
+        raw = await Raw.login(proxy, ATTACKER)
         try:
             got = await raw.request(codec.query("SELECT public.app_set_entity()"))
             assert not errors(got), errors(got)
