@@ -261,16 +261,19 @@ class Session:
             self.wait_started = time.monotonic()
             self._pause_reading("wait")
             return False
-        # _waited(0.0), spelled out: no wait, so no sum to add to (the count stays exact)
-        self.stats.wait_seconds.observe_zero()
-        self.tenant_stats.wait_count += 1
+        self._waited()
         self._attach(server)
         return True
 
-    def _waited(self, seconds: float) -> None:
-        self.stats.wait_seconds.observe(seconds)
+    def _waited(self, seconds: float = 0.0) -> None:
+        """Counts a request's wait for a server (0: it had one at once, the common case:
+        no sum to add to, and no bucket to look for)."""
+        if seconds:
+            self.stats.wait_seconds.observe(seconds)
+            self.tenant_stats.wait_total += seconds
+        else:
+            self.stats.wait_seconds.observe_zero()
         self.tenant_stats.wait_count += 1
-        self.tenant_stats.wait_total += seconds
 
     def _attach(self, server: ServerConnection) -> None:
         self.server = server
